@@ -1,0 +1,5 @@
+"""Allow ``python -m ggo_cli``."""
+
+from .cli import app
+
+app()

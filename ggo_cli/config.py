@@ -1,0 +1,101 @@
+"""Run configuration: one frozen :class:`RunConfig`, built once in ``cli.py``.
+
+Precedence: command-line option > environment variable (``GGO_MODEL``, ``GGO_DEVICE``) > the
+defaults below. Nothing here reads or writes ``os.environ``; Typer resolves the variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+ENV_MODEL = "GGO_MODEL"
+ENV_DEVICE = "GGO_DEVICE"
+
+DEFAULT_MODEL_NAME = "ggo-resnet50-unet"
+DEFAULT_MODEL_RELPATH = Path("exported_models") / DEFAULT_MODEL_NAME / "model.onnx"
+
+MIN_SLICES = 10
+"""Fewest slices a series needs to be analysed (thin slabs and scouts are not chest CTs)."""
+AXIAL_TOLERANCE_DEG = 10.0
+"""Largest angle between the slice normal and the patient's feet-head axis accepted as axial."""
+SPACING_TOLERANCE = 0.05
+"""Largest relative deviation of any slice gap from the median gap (5 %)."""
+SPACING_ABS_TOLERANCE_MM = 0.01
+"""Gaps may always differ by this much (positions are stored as decimal strings)."""
+
+SEG_SERIES_NUMBER = 9901
+SEG_SERIES_DESCRIPTION = "GGO AI segmentation - research use only"
+CSV_NAME = "ggo_volumes.csv"
+MANIFEST_NAME = "run_manifest.json"
+SEG_NAME = "ggo.seg.dcm"
+OVERLAY_NAME = "overlay.png"
+
+CPU_BATCH_SIZE = 4
+CUDA_BATCH_SIZE = 16
+
+
+class PngMode(str, Enum):
+    """Which PNGs ``segment`` writes per series."""
+
+    OVERLAY = "overlay"
+    ALL = "all"
+    NONE = "none"
+
+
+def default_model_path() -> Path:
+    """Return where the shipped default model lives in a checkout (or editable install).
+
+    Returns:
+        ``<checkout>/exported_models/ggo-resnet50-unet/model.onnx``; the file may not exist.
+    """
+    return Path(__file__).resolve().parent.parent / DEFAULT_MODEL_RELPATH
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionRules:
+    """The explicit rules that decide which series are chest CT volumes to analyse.
+
+    Attributes:
+        min_slices: fewest distinct instances a series needs.
+        axial_tolerance_deg: largest tilt of the slice normal from the patient z axis.
+        spacing_tolerance: largest relative deviation of a slice gap from the median gap.
+        series_uids: when not empty, only these SeriesInstanceUIDs are considered.
+    """
+
+    min_slices: int = MIN_SLICES
+    axial_tolerance_deg: float = AXIAL_TOLERANCE_DEG
+    spacing_tolerance: float = SPACING_TOLERANCE
+    series_uids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RunConfig:
+    """Everything one ``segment`` run needs; immutable once built.
+
+    Attributes:
+        inputs: files or folders to search for DICOM.
+        out_dir: the output folder (created if missing; never inside an input).
+        model_path: the ONNX model file.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per inference batch; ``None`` picks a per-device default.
+        threshold: probability threshold; ``None`` takes the model's.
+        selection: the series selection rules.
+        png_mode: which PNGs to write.
+        include_patient_id: write PatientID into the CSV (off by default).
+        seg_series_number: SeriesNumber of every SEG written.
+        seg_series_description: SeriesDescription of every SEG written.
+    """
+
+    inputs: tuple[Path, ...]
+    out_dir: Path
+    model_path: Path
+    device: str = "auto"
+    batch_size: int | None = None
+    threshold: float | None = None
+    selection: SelectionRules = SelectionRules()
+    png_mode: PngMode = PngMode.OVERLAY
+    include_patient_id: bool = False
+    seg_series_number: int = SEG_SERIES_NUMBER
+    seg_series_description: str = SEG_SERIES_DESCRIPTION

@@ -1,0 +1,153 @@
+"""Typed values passed between the pipeline stages (discover, load, infer, measure, write).
+
+Arrays are ``(slice, row, col)``, highdicom's order; slices are sorted along the slice normal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+
+
+class SeriesStatus(str, Enum):
+    """Final state of one series in a run (the CSV ``status`` column)."""
+
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesInfo:
+    """One series found by discovery, with the files of its distinct instances.
+
+    Attributes:
+        study_instance_uid: StudyInstanceUID.
+        series_instance_uid: SeriesInstanceUID.
+        files: one file per distinct SOPInstanceUID (exact duplicates dropped).
+        location: the series' folder relative to the input it was found in (for messages).
+        modality: Modality.
+        study_date: StudyDate (``YYYYMMDD``) or ``""``.
+        series_description: SeriesDescription or ``""``.
+        series_number: SeriesNumber or ``None``.
+        skip_reason: why the series is not analysed; ``None`` when it is eligible.
+        patient_id: PatientID, only ever written to the CSV on request; never logged.
+    """
+
+    study_instance_uid: str
+    series_instance_uid: str
+    files: tuple[Path, ...]
+    location: str
+    modality: str = "CT"
+    study_date: str = ""
+    series_description: str = ""
+    series_number: int | None = None
+    skip_reason: str | None = None
+    patient_id: str = field(default="", repr=False)
+
+    @property
+    def eligible(self) -> bool:
+        """Whether the series passed every selection rule."""
+        return self.skip_reason is None
+
+
+@dataclass(frozen=True, slots=True)
+class CtVolume:
+    """A CT series as a Hounsfield-unit volume in DICOM patient space.
+
+    Attributes:
+        series: the series this volume was loaded from.
+        hu: float32 Hounsfield units. Shape: ``(slices, rows, cols)``.
+        datasets: the sorted source headers (no pixel data), one per slice.
+        slice_spacing_mm: distance between slice centres along the normal, from positions.
+        pixel_spacing_mm: ``(row spacing, column spacing)`` in mm (PixelSpacing).
+    """
+
+    series: SeriesInfo
+    hu: npt.NDArray[np.float32]
+    datasets: tuple[Dataset, ...]
+    slice_spacing_mm: float
+    pixel_spacing_mm: tuple[float, float]
+
+    @property
+    def sop_instance_uids(self) -> tuple[str, ...]:
+        """SOPInstanceUID of each slice index."""
+        return tuple(str(ds.SOPInstanceUID) for ds in self.datasets)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in millilitres (1 mL = 1000 mm^3)."""
+        row_mm, col_mm = self.pixel_spacing_mm
+        return row_mm * col_mm * self.slice_spacing_mm / 1000.0
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """Binary masks predicted for a volume, on the source pixel grid.
+
+    Attributes:
+        masks: one boolean mask per model channel. Shape: ``(slices, rows, cols, channels)``;
+            channel 0 is GGO.
+        threshold: the probability threshold applied.
+    """
+
+    masks: npt.NDArray[np.bool_]
+    threshold: float
+
+    @property
+    def ggo(self) -> npt.NDArray[np.bool_]:
+        """The GGO mask. Shape: ``(slices, rows, cols)``."""
+        return self.masks[..., 0]
+
+
+@dataclass(frozen=True, slots=True)
+class GgoMeasurement:
+    """GGO volumetry of one series.
+
+    Attributes:
+        voxel_volume_ml: volume of one voxel in mL.
+        ggo_voxels: number of GGO voxels.
+        ggo_volume_ml: ``ggo_voxels * voxel_volume_ml``.
+        ggo_slice_count: slices with at least one GGO voxel.
+    """
+
+    voxel_volume_ml: float
+    ggo_voxels: int
+    ggo_volume_ml: float
+    ggo_slice_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesOutcome:
+    """What became of one series (one CSV row).
+
+    Attributes:
+        series: the series.
+        status: ok, skipped or failed.
+        message: the reason for skipped or failed; ``""`` when ok.
+        n_slices: slices analysed (or instances found when not loaded).
+        slice_spacing_mm: slice spacing from positions, when loaded.
+        pixel_spacing_mm: PixelSpacing, when loaded.
+        measurement: GGO volumetry, when ok.
+        seg_path: the SEG written, when ok.
+        png_paths: PNGs written.
+        seconds: wall time spent on the series.
+        processed_at: ISO 8601 UTC time the series finished.
+    """
+
+    series: SeriesInfo
+    status: SeriesStatus
+    message: str = ""
+    n_slices: int = 0
+    slice_spacing_mm: float | None = None
+    pixel_spacing_mm: tuple[float, float] | None = None
+    measurement: GgoMeasurement | None = None
+    seg_path: Path | None = None
+    png_paths: tuple[Path, ...] = ()
+    seconds: float = 0.0
+    processed_at: str = ""
