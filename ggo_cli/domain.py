@@ -13,6 +13,8 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 
+ML_PER_MM3 = 1e-3
+
 
 class SeriesStatus(str, Enum):
     """Final state of one series in a run (the CSV ``status`` column)."""
@@ -83,7 +85,7 @@ class CtVolume:
     def voxel_volume_ml(self) -> float:
         """Volume of one voxel in millilitres (1 mL = 1000 mm^3)."""
         row_mm, col_mm = self.pixel_spacing_mm
-        return row_mm * col_mm * self.slice_spacing_mm / 1000.0
+        return row_mm * col_mm * self.slice_spacing_mm * ML_PER_MM3
 
 
 @dataclass(frozen=True, slots=True)

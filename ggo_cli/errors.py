@@ -57,6 +57,16 @@ class DeviceError(ModelError):
 
 
 class OutputError(GgoError):
-    """An output (SEG, CSV, PNG, manifest) cannot be written or fails its read-back check."""
+    """An output (SEG, CSV, PNG, manifest) cannot be written or fails its read-back check.
+
+    Args:
+        message: what failed, where, and the fix.
+        fatal: the output folder itself is unusable (disk full, read-only, no permission), so
+            the run stops instead of failing one series after another.
+    """
 
     exit_code = 6
+
+    def __init__(self, message: str, *, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.fatal = fatal

@@ -1,0 +1,368 @@
+"""The ``ggo-cli`` command line: options -> RunConfig, progress, errors -> exit codes.
+
+This is the only module that catches :class:`~ggo_cli.errors.GgoError`, prints to stdout or
+exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible series; 4 every
+eligible series failed; 5 model or device error; 6 output error; 7 some series failed while
+others succeeded; 1 an unexpected error (a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from . import __version__
+from .config import (
+    AXIAL_TOLERANCE_DEG,
+    ENV_DEVICE,
+    ENV_MODEL,
+    MIN_SLICES,
+    SEG_SERIES_DESCRIPTION,
+    SEG_SERIES_NUMBER,
+    SPACING_TOLERANCE,
+    PngMode,
+    RunConfig,
+    SelectionRules,
+    default_model_path,
+)
+from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from .errors import (
+    EXIT_BUG,
+    EXIT_PARTIAL,
+    GgoError,
+    ModelError,
+    NoEligibleSeriesError,
+    SeriesError,
+)
+from .logs import configure_logging, level_from_flags
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="ggo-cli",
+    help=(
+        "Ground-glass opacity (GGO) segmentation and volumetry for chest CT.\n\n"
+        "Research use only: outputs are not a diagnosis."
+    ),
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_stderr = Console(stderr=True)
+
+
+class _State:
+    debug: bool = False
+
+
+_state = _State()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ggo-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+    ] = False,
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv).")] = 0,
+    quiet: Annotated[int, typer.Option("--quiet", "-q", count=True, help="Only warnings (-qq: errors).")] = 0,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also log to this file (rotated at 10 MiB).")
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+) -> None:
+    """Ground-glass opacity segmentation for chest CT (research use only)."""
+    import pydicom
+
+    configure_logging(level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file)
+    # Malformed values are reported by pydicom with their content (dates, names): keep them out.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    _state.debug = debug
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run a command body at the error boundary: GgoError -> its exit code, anything else -> 1."""
+    try:
+        return action()
+    except GgoError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(exc.exit_code) from None
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        log.error("unexpected %s: %s (a bug; rerun with --debug for the traceback)", type(exc).__name__, exc)
+        if _state.debug:
+            log.exception("traceback")
+        raise typer.Exit(EXIT_BUG) from None
+
+
+class _RichProgress:
+    """A two-bar rich progress display (series, slices) on stderr."""
+
+    def __init__(self, progress: Progress, n_series: int) -> None:
+        self._progress = progress
+        self._series = progress.add_task("series", total=n_series)
+        self._slices = progress.add_task("slices", total=0)
+
+    def series_started(self, series: SeriesInfo, n_slices: int) -> None:
+        self._progress.reset(self._slices, total=n_slices, description=f"series …{series.series_instance_uid[-12:]}")
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._slices, n)
+
+    def series_finished(self, outcome: SeriesOutcome) -> None:
+        self._progress.advance(self._series, 1)
+
+
+@contextmanager
+def _progress(enabled: bool, n_series: int) -> Iterator[_RichProgress | None]:
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=_stderr, transient=True) as progress:
+        yield _RichProgress(progress, n_series)
+
+
+def _resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    path = default_model_path()
+    if not path.is_file():
+        raise ModelError(
+            f"no --model given and the default model {path} is not present; pass --model PATH "
+            f"or set {ENV_MODEL}"
+        )
+    return path
+
+
+def _summary_table(outcomes: list[SeriesOutcome]) -> Table:
+    table = Table(title="ggo-cli segment", show_lines=False)
+    for name in ("series", "slices", "GGO mL", "status", "message"):
+        table.add_column(name, overflow="fold")
+    for o in outcomes:
+        volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
+        table.add_row(o.series.series_instance_uid, str(o.n_slices), volume, o.status.value, o.message)
+    return table
+
+
+def _exit_code(outcomes: list[SeriesOutcome]) -> int:
+    ok = sum(o.status is SeriesStatus.OK for o in outcomes)
+    failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
+    if ok == 0 and failed == 0:
+        return NoEligibleSeriesError.exit_code
+    if failed == 0:
+        return 0
+    return EXIT_PARTIAL if ok else SeriesError.exit_code
+
+
+def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
+    from .pipeline import run_segment, summary_json
+
+    n_guess = 0
+    with _progress(show_progress, n_guess) as sink:
+        result = run_segment(cfg, progress=sink)
+    if sys.stderr.isatty():
+        _stderr.print(_summary_table(result.outcomes))
+    if as_json:
+        typer.echo(json.dumps(summary_json(result), indent=2))
+    else:
+        typer.echo(str(result.csv_path))
+    code = _exit_code(result.outcomes)
+    if code == NoEligibleSeriesError.exit_code:
+        log.error(
+            "no eligible CT series among %d found (%d files); see %s for the reasons",
+            len(result.outcomes),
+            result.discovery.n_files,
+            result.csv_path,
+        )
+    elif code != 0:
+        log.error("%d of %d series failed; see %s", sum(o.status is SeriesStatus.FAILED for o in result.outcomes), len(result.outcomes), result.csv_path)
+    return code
+
+
+InputsArg = Annotated[
+    list[Path],
+    typer.Argument(help="DICOM files or folders, searched recursively (any layout, any names)."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (outside the input).")]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option("--model", "-m", envvar=ENV_MODEL, help="ONNX model (default: the shipped ResNet-50U-Net)."),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", envvar=ENV_DEVICE, help="auto, cpu, cuda or cuda:N.")
+]
+BatchOpt = Annotated[
+    int | None, typer.Option("--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU).")
+]
+ThresholdOpt = Annotated[
+    float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ggo-cli segment /data/studies --out results\n\n"
+        "  ggo-cli segment study1 study2 --out results --device cuda --batch-size 32 --json\n\n"
+        "  ggo-cli -v --log-file ggo.log segment /data/studies -o results --png all"
+    )
+)
+def segment(
+    inputs: InputsArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    threshold: ThresholdOpt = None,
+    png: Annotated[PngMode, typer.Option("--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none.")] = PngMode.OVERLAY,
+    series: Annotated[list[str] | None, typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable).")] = None,
+    min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="Fewest slices for a series to be analysed.")] = MIN_SLICES,
+    axial_tolerance: Annotated[float, typer.Option("--axial-tolerance", min=0.0, max=90.0, help="Largest tilt (degrees) of the slice normal from the patient z axis.")] = AXIAL_TOLERANCE_DEG,
+    spacing_tolerance: Annotated[float, typer.Option("--spacing-tolerance", min=0.0, max=1.0, help="Largest relative deviation of a slice gap from the median gap.")] = SPACING_TOLERANCE,
+    include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default).")] = False,
+    series_number: Annotated[int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")] = SEG_SERIES_NUMBER,
+    series_description: Annotated[str, typer.Option("--seg-series-description", help="SeriesDescription of the SEG objects (max 64 characters).")] = SEG_SERIES_DESCRIPTION,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment GGO in every chest CT series found below INPUTS.
+
+    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/ggo.seg.dcm (DICOM-SEG) and
+    overlay.png, plus <out>/ggo_volumes.csv (one row per CT series) and <out>/run_manifest.json.
+    """
+
+    def body() -> int:
+        cfg = RunConfig(
+            inputs=tuple(inputs),
+            out_dir=out,
+            model_path=_resolve_model(model),
+            device=device,
+            batch_size=batch_size,
+            threshold=threshold,
+            selection=SelectionRules(
+                min_slices=min_slices,
+                axial_tolerance_deg=axial_tolerance,
+                spacing_tolerance=spacing_tolerance,
+                series_uids=tuple(series or ()),
+            ),
+            png_mode=png,
+            include_patient_id=include_patient_id,
+            seg_series_number=series_number,
+            seg_series_description=_check_description(series_description),
+        )
+        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+def _check_description(text: str) -> str:
+    from .errors import InputError
+
+    if len(text) > 64 or "\\" in text:
+        raise InputError(
+            f"--seg-series-description is {len(text)} characters; DICOM allows at most 64 and no backslash"
+        )
+    return text
+
+
+@app.command(
+    epilog="Example:\n\n  ggo-cli demo --out demo-results"
+)
+def demo(
+    out: OutOpt = Path("ggo-demo-results"),
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    slices: Annotated[int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")] = 48,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic study.")] = 0,
+    study_dir: Annotated[Path | None, typer.Option("--study-dir", help="Keep the synthetic DICOM study here (default: a temporary folder).")] = None,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a synthetic chest CT study (with GGO of known volume) as DICOM and segment it.
+
+    Needs no data and no network: a quick check that an installation works end to end.
+    """
+
+    def body() -> int:
+        from .phantom import make_chest_phantom, write_ct_series
+
+        model_path = _resolve_model(model)
+        with tempfile.TemporaryDirectory(prefix="ggo-demo-") as tmp:
+            folder = study_dir or Path(tmp) / "study"
+            phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
+            write_ct_series(phantom, folder, seed=seed)
+            log.info(
+                "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
+            )
+            cfg = RunConfig(inputs=(folder,), out_dir=out, model_path=model_path, device=device)
+            code = _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+        return code
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show versions, ONNX Runtime providers, DICOM decoders and the model's integrity."""
+
+    def body() -> int:
+        from .diagnostics import collect_info
+
+        report: dict[str, Any] = collect_info(model or default_model_path())
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            for key, value in report.items():
+                typer.echo(f"{key}: {json.dumps(value)}")
+        return 0 if report["model"].get("ok") or model is None else ModelError.exit_code
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)

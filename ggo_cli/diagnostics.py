@@ -1,0 +1,92 @@
+"""``ggo-cli info``: what this installation can do (providers, decoders, model integrity)."""
+
+from __future__ import annotations
+
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import GgoError
+
+TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+}
+_PACKAGES = (
+    "ggo-cli", "numpy", "pydicom", "highdicom", "SimpleITK", "onnx", "onnxruntime-gpu",
+    "onnxruntime", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
+    "pyjpegls", "python-gdcm", "pillow", "typer", "rich",
+)
+
+
+def decoder_status() -> dict[str, list[str]]:
+    """Map each transfer syntax name to the pydicom decoding plugins available for it."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    status: dict[str, list[str]] = {}
+    for uid, name in TRANSFER_SYNTAXES.items():
+        decoder = get_decoder(UID(uid))
+        status[f"{name} ({uid})"] = sorted(decoder.available_plugins) if decoder.is_encapsulated else ["native"]
+    return status
+
+
+def model_status(path: Path) -> dict[str, Any]:
+    """Validate a model file; report its identity or the contract violation."""
+    from .model_info import load_model_info
+
+    try:
+        info = load_model_info(path)
+    except GgoError as exc:
+        return {"path": str(path), "ok": False, "error": str(exc)}
+    return {
+        "path": str(path),
+        "ok": True,
+        "name": info.name,
+        "version": info.version,
+        "architecture": info.architecture,
+        "graph_sha256_verified": info.recorded_sha256,
+        "file_sha256": info.file_sha256,
+        "input_size": info.input_size,
+        "threshold": info.threshold,
+        "training_data": info.metadata.get("training_data"),
+    }
+
+
+def collect_info(model_path: Path) -> dict[str, Any]:
+    """Everything ``ggo-cli info`` reports.
+
+    Args:
+        model_path: the model to check.
+
+    Returns:
+        A JSON-serialisable report.
+    """
+    import onnxruntime as ort
+
+    from .inference import _nvidia_gpu_visible
+
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "onnxruntime_providers": ort.get_available_providers(),
+        "nvidia_gpu_visible": _nvidia_gpu_visible(),
+        "decoders": decoder_status(),
+        "model": model_status(model_path),
+    }

@@ -1,0 +1,248 @@
+"""ONNX Runtime inference: one session per run, batches of slices, CPU or NVIDIA GPU.
+
+onnxruntime-gpu silently falls back to the CPU when CUDA cannot be used, so the providers in
+use are read back with ``session.get_providers()`` and logged; an explicit ``--device cuda``
+that ends up on the CPU is an error. On CUDA, inputs and outputs are bound to device buffers
+of a fixed batch shape (IO binding), and an out-of-memory error halves the batch and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+from .domain import CtVolume, Prediction
+from .errors import DeviceError, InputError, ModelError
+from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from .postprocessing import threshold_probabilities
+from .preprocessing import preprocess_hu, sigmoid, to_source_grid
+
+log = logging.getLogger(__name__)
+
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+_OOM_MARKERS = ("out of memory", "failed to allocate", "cudaerrormemoryallocation", "bfc_arena")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRequest:
+    """A parsed ``--device`` value.
+
+    Attributes:
+        kind: ``auto``, ``cpu`` or ``cuda``.
+        index: CUDA device ordinal.
+    """
+
+    kind: str
+    index: int = 0
+
+
+def parse_device(value: str) -> DeviceRequest:
+    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Raises:
+        InputError: for anything else.
+    """
+    match = _DEVICE_PATTERN.match(value.strip().lower())
+    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
+        raise InputError(f"invalid --device {value!r}; use auto, cpu, cuda or cuda:N")
+    return DeviceRequest(match.group(1), int(match.group(2) or 0))
+
+
+def _nvidia_gpu_visible() -> bool:
+    """Cheap check for an NVIDIA driver, so ``auto`` never makes ORT try (and log) CUDA in vain."""
+    if sys.platform.startswith("linux"):
+        gpus = Path("/proc/driver/nvidia/gpus")
+        return gpus.is_dir() and any(gpus.iterdir())
+    return True  # elsewhere let ONNX Runtime decide; its choice is read back anyway
+
+
+def _is_oom(exc: Exception) -> bool:
+    text = str(exc).lower()
+    return any(marker in text for marker in _OOM_MARKERS)
+
+
+class OnnxSegmenter:
+    """Runs a contract-checked ONNX model over CT volumes.
+
+    Args:
+        model: the validated model description.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        batch_size: slices per batch; ``None`` picks 16 on CUDA and 4 on CPU.
+        threshold: probability threshold; ``None`` takes the model's.
+
+    Raises:
+        DeviceError: CUDA requested but not usable.
+        ModelError: the session cannot be created.
+    """
+
+    def __init__(
+        self,
+        model: ModelInfo,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        threshold: float | None = None,
+    ) -> None:
+        import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
+
+        self._ort = ort
+        self.model = model
+        request = parse_device(device)
+        if threshold is not None and not 0.0 < threshold < 1.0:
+            raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
+        self.threshold = model.threshold if threshold is None else threshold
+        self.session = self._create_session(request)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.on_cuda = self.providers[0] == CUDA_PROVIDER
+        self.device_label = f"cuda:{request.index}" if self.on_cuda else "cpu"
+        self.device_index = request.index
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
+        self._bound: tuple[int, Any, Any, Any] | None = None
+        log.info(
+            "model %s %s on %s (providers %s), batch %d, threshold %.3g",
+            model.name,
+            model.version,
+            self.device_label,
+            ",".join(self.providers),
+            self.batch_size,
+            self.threshold,
+        )
+
+    def _create_session(self, request: DeviceRequest) -> Any:
+        ort = self._ort
+        available = ort.get_available_providers()
+        want_cuda = request.kind == "cuda" or (
+            request.kind == "auto" and CUDA_PROVIDER in available and _nvidia_gpu_visible()
+        )
+        if request.kind == "cuda" and CUDA_PROVIDER not in available:
+            raise DeviceError(
+                f"--device {request.kind} requested but this ONNX Runtime build has no CUDA "
+                f"provider (available: {', '.join(available)}); install onnxruntime-gpu or use "
+                "--device cpu"
+            )
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers: list[Any] = [CPU_PROVIDER]
+        if want_cuda:
+            if hasattr(ort, "preload_dlls"):
+                ort.preload_dlls()  # finds CUDA/cuDNN shipped with pip packages (ORT >= 1.21)
+            cuda_options = {"device_id": request.index, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+            providers = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]
+        try:
+            session = ort.InferenceSession(
+                str(self.model.path), sess_options=options, providers=providers
+            )
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped exceptions
+            raise ModelError(f"ONNX Runtime cannot load {self.model.path.name}: {exc}") from exc
+        in_use = session.get_providers()
+        if want_cuda and in_use[0] != CUDA_PROVIDER:
+            if request.kind == "cuda":
+                raise DeviceError(
+                    f"--device {request.kind}:{request.index} requested but ONNX Runtime fell "
+                    "back to the CPU (no usable GPU, driver, CUDA or cuDNN); use --device cpu "
+                    "or fix the GPU setup (`ggo-cli info` lists providers)"
+                )
+            log.warning("CUDA is not usable here; running on the CPU")
+        return session
+
+    def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Run one batch through device buffers of a fixed shape (padded with zeros)."""
+        ort = self._ort
+        n = batch.shape[0]
+        size = self.model.input_size
+        if self._bound is None or self._bound[0] != self.batch_size:
+            shape_in = (self.batch_size, 1, size, size)
+            shape_out = (self.batch_size, self.model.n_channels, size, size)
+            x = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape_in, np.float32, "cuda", self.device_index
+            )
+            y = ort.OrtValue.ortvalue_from_shape_and_type(
+                shape_out, np.float32, "cuda", self.device_index
+            )
+            binding = self.session.io_binding()
+            binding.bind_ortvalue_input(INPUT_NAME, x)
+            binding.bind_ortvalue_output(OUTPUT_NAME, y)
+            self._bound = (self.batch_size, x, y, binding)
+        _, x, y, binding = self._bound
+        if n < self.batch_size:
+            padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=np.float32)
+            padded[:n] = batch
+            batch = padded
+        x.update_inplace(np.ascontiguousarray(batch))
+        self.session.run_with_iobinding(binding)
+        return np.asarray(y.numpy()[:n], dtype=np.float32)
+
+    def predict_logits(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Run the model on a preprocessed batch, halving the batch on GPU out-of-memory.
+
+        Args:
+            batch: model input. Shape: ``(n, 1, S, S)``.
+
+        Returns:
+            Logits. Shape: ``(n, C, S, S)``.
+
+        Raises:
+            ModelError: inference failed for a reason other than memory, or at batch size 1.
+        """
+        results = []
+        start = 0
+        while start < batch.shape[0]:
+            chunk = batch[start : start + self.batch_size]
+            try:
+                results.append(self._run_cuda(chunk) if self.on_cuda else self._run_cpu(chunk))
+            except Exception as exc:  # noqa: BLE001 - ORT raises untyped RuntimeExceptions
+                if self.on_cuda and _is_oom(exc) and self.batch_size > 1:
+                    self.batch_size = max(1, self.batch_size // 2)
+                    self._bound = None
+                    log.warning("GPU out of memory; retrying with batch size %d", self.batch_size)
+                    continue
+                raise ModelError(f"inference failed: {str(exc).splitlines()[0]}") from exc
+            start += chunk.shape[0]
+        return np.concatenate(results) if len(results) > 1 else results[0]
+
+    def predict(
+        self, volume: CtVolume, *, on_slices: Callable[[int], None] | None = None
+    ) -> Prediction:
+        """Segment every slice of a volume.
+
+        Args:
+            volume: the CT volume.
+            on_slices: optional callback with the number of slices just finished.
+
+        Returns:
+            Masks on the source grid. Shape: ``(slices, rows, cols, channels)``.
+        """
+        n, rows, cols = volume.hu.shape
+        masks = np.zeros((n, rows, cols, self.model.n_channels), dtype=bool)
+        step = max(self.batch_size, 1)
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            batch = preprocess_hu(
+                volume.hu[start:stop],
+                size=self.model.input_size,
+                center_hu=self.model.window_center_hu,
+                width_hu=self.model.window_width_hu,
+            )
+            probabilities = sigmoid(self.predict_logits(batch))
+            on_grid = to_source_grid(probabilities, rows, cols)
+            masks[start:stop] = np.moveaxis(threshold_probabilities(on_grid, self.threshold), 1, -1)
+            if on_slices is not None:
+                on_slices(stop - start)
+        return Prediction(masks=masks, threshold=self.threshold)

@@ -1,0 +1,206 @@
+"""Load an eligible CT series as a Hounsfield-unit volume in DICOM patient space.
+
+Slices are ordered by their position along the slice normal (the cross product of the row
+and column direction cosines), never by file name or InstanceNumber. Slice spacing comes from
+the positions, not from SliceThickness. Gaps, uneven spacing, duplicate positions and sheared
+stacks are errors: a measurement in mL is only honest on a regular grid. Nothing is flipped or
+resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import numpy.typing as npt
+import pydicom
+from pydicom.dataset import Dataset
+
+from .config import SPACING_ABS_TOLERANCE_MM, SelectionRules
+from .domain import CtVolume, SeriesInfo
+from .errors import SeriesGeometryError, UnsupportedSeriesError
+
+log = logging.getLogger(__name__)
+
+SHEAR_TOLERANCE_PIXELS = 0.5
+"""Largest in-plane drift of slice origins (in pixels) accepted for a straight stack."""
+
+
+def slice_normal(orientation: Sequence[float]) -> npt.NDArray[np.float64]:
+    """Return the unit slice normal for an ImageOrientationPatient value.
+
+    Args:
+        orientation: six direction cosines (row direction, then column direction).
+
+    Returns:
+        The unit normal ``row x column``. Shape: ``(3,)``.
+    """
+    values = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(values[:3], values[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def sort_by_position(
+    datasets: Sequence[Dataset],
+) -> tuple[list[Dataset], npt.NDArray[np.float64]]:
+    """Sort slices along the slice normal.
+
+    Args:
+        datasets: headers of one series (ImagePositionPatient and ImageOrientationPatient set).
+
+    Returns:
+        The sorted datasets and their positions along the normal in mm, ascending.
+    """
+    normal = slice_normal([float(v) for v in datasets[0].ImageOrientationPatient])
+    distances = np.array(
+        [float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in datasets]
+    )
+    order = np.argsort(distances, kind="stable")
+    return [datasets[i] for i in order], distances[order]
+
+
+def check_spacing(
+    distances: npt.NDArray[np.float64], *, tolerance: float, series_uid: str
+) -> float:
+    """Check that slices are evenly spaced and return the spacing in mm.
+
+    Args:
+        distances: sorted slice positions along the normal in mm. Shape: ``(n,)``.
+        tolerance: largest relative deviation of a gap from the median gap.
+        series_uid: for messages.
+
+    Returns:
+        The median gap in mm.
+
+    Raises:
+        SeriesGeometryError: on duplicate positions, gaps or uneven spacing.
+    """
+    gaps = np.diff(distances)
+    if gaps.size == 0:
+        raise SeriesGeometryError(f"series {series_uid}: a volume needs at least two slices")
+    if float(gaps.min()) <= SPACING_ABS_TOLERANCE_MM:
+        raise SeriesGeometryError(
+            f"series {series_uid}: two slices share a position (duplicate or overlapping "
+            "acquisitions); one slice per position is required (use --series to choose another)"
+        )
+    spacing = float(np.median(gaps))
+    allowed = max(SPACING_ABS_TOLERANCE_MM, tolerance * spacing)
+    if float(np.abs(gaps - spacing).max()) > allowed:
+        raise SeriesGeometryError(
+            f"series {series_uid}: slice spacing varies {gaps.min():.3g}-{gaps.max():.3g} mm "
+            f"(median {spacing:.3g} mm, tolerance {100 * tolerance:g} %); evenly spaced slices "
+            "without gaps are required (see --spacing-tolerance)"
+        )
+    return spacing
+
+
+def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) -> None:
+    """Reject stacks whose slice origins drift in-plane (gantry tilt, stitched series)."""
+    orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient])
+    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    in_plane = positions @ np.stack([orientation[:3], orientation[3:]]).T
+    drift = float(np.abs(in_plane - in_plane[0]).max())
+    if drift > SHEAR_TOLERANCE_PIXELS * pixel_mm:
+        raise SeriesGeometryError(
+            f"series {series_uid}: slice origins drift {drift:.2f} mm in-plane (gantry tilt or "
+            "a stitched series); a straight stack of slices is required"
+        )
+
+
+def _hu_slice(ds: Dataset, series_uid: str) -> npt.NDArray[np.float32]:
+    """Decode one slice and apply the modality transform (Rescale Slope/Intercept)."""
+    if "ModalityLUTSequence" not in ds and (
+        ds.get("RescaleIntercept") is None or ds.get("RescaleSlope") is None
+    ):
+        raise UnsupportedSeriesError(
+            f"series {series_uid}: instance without RescaleIntercept/RescaleSlope; Hounsfield "
+            "units cannot be derived (the CT Image module requires both)"
+        )
+    try:
+        pixels = pydicom.pixels.pixel_array(ds)
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = getattr(syntax, "name", str(syntax))
+        raise UnsupportedSeriesError(
+            f"series {series_uid}: pixel data cannot be decoded (transfer syntax {name}): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(pydicom.pixels.apply_modality_lut(pixels, ds), dtype=np.float32)
+    hu = pixels.astype(np.float32)
+    slope = float(ds.RescaleSlope)
+    intercept = float(ds.RescaleIntercept)
+    if slope != 1.0:
+        hu *= np.float32(slope)
+    if intercept != 0.0:
+        hu += np.float32(intercept)
+    return hu
+
+
+def load_volume(
+    series: SeriesInfo,
+    rules: SelectionRules | None = None,
+    *,
+    on_slice: Callable[[int], None] | None = None,
+) -> CtVolume:
+    """Read, decode and stack an eligible series.
+
+    Args:
+        series: an eligible series from discovery.
+        rules: selection rules (the spacing tolerance is used).
+        on_slice: optional callback, called with 1 after each decoded slice.
+
+    Returns:
+        The :class:`CtVolume`; its datasets keep every header attribute but no pixel data.
+
+    Raises:
+        SeriesGeometryError: irregular spacing, duplicate positions, sheared stack, or
+            slices that differ in size.
+        UnsupportedSeriesError: unreadable files, missing rescale attributes, undecodable
+            pixel data.
+    """
+    rules = rules or SelectionRules()
+    uid = series.series_instance_uid
+    headers = []
+    for path in series.files:
+        try:
+            headers.append(pydicom.dcmread(path, defer_size="1 KB"))
+        except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails, run goes on
+            raise UnsupportedSeriesError(
+                f"series {uid}: file {path.name} cannot be read ({type(exc).__name__}: {exc})"
+            ) from exc
+    ordered, distances = sort_by_position(headers)
+    spacing = check_spacing(distances, tolerance=rules.spacing_tolerance, series_uid=uid)
+    pixel_spacing = (float(ordered[0].PixelSpacing[0]), float(ordered[0].PixelSpacing[1]))
+    _check_stack(ordered, min(pixel_spacing), uid)
+    rows, cols = int(ordered[0].Rows), int(ordered[0].Columns)
+    hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
+    for index, ds in enumerate(ordered):
+        slice_hu = _hu_slice(ds, uid)
+        if slice_hu.shape != (rows, cols):
+            raise SeriesGeometryError(
+                f"series {uid}: slice {index + 1} decodes to {slice_hu.shape}, expected "
+                f"{(rows, cols)}; all slices must have the same size"
+            )
+        hu[index] = slice_hu
+        # Keep the header for the SEG's references, drop the (large) pixel bytes.
+        del ds.PixelData
+        if on_slice is not None:
+            on_slice(1)
+    log.debug(
+        "series %s: %d slices %dx%d, spacing %.4g mm, pixels %.4g x %.4g mm",
+        uid,
+        len(ordered),
+        rows,
+        cols,
+        spacing,
+        *pixel_spacing,
+    )
+    return CtVolume(
+        series=series,
+        hu=hu,
+        datasets=tuple(ordered),
+        slice_spacing_mm=spacing,
+        pixel_spacing_mm=pixel_spacing,
+    )

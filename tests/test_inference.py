@@ -1,0 +1,114 @@
+"""ONNX Runtime inference: exact masks from the band model, devices, batching, OOM retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from ggo_cli.domain import CtVolume, SeriesInfo
+from ggo_cli.errors import DeviceError, InputError
+from ggo_cli.inference import OnnxSegmenter, parse_device
+from ggo_cli.model_info import load_model_info
+
+
+def _volume(hu: npt.NDArray[np.float32]) -> CtVolume:
+    series = SeriesInfo("1.2.3", "1.2.3.4", (), "x")
+    return CtVolume(series, hu, (), 2.0, (0.5, 0.5))
+
+
+def _band_truth(hu: npt.NDArray[np.float32]) -> npt.NDArray[np.bool_]:
+    return (hu > -750) & (hu < -300)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_band_model_marks_exactly_the_band(band_model_path: Path, batch_size: int) -> None:
+    rng = np.random.default_rng(1)
+    hu = rng.choice([-1000.0, -850.0, -500.0, -400.0, 40.0], size=(7, 64, 64)).astype(np.float32)
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu", batch_size=batch_size)
+    prediction = seg.predict(_volume(hu))
+    assert prediction.masks.shape == (7, 64, 64, 1)
+    np.testing.assert_array_equal(prediction.ggo, _band_truth(hu))
+    assert seg.providers == ["CPUExecutionProvider"]
+
+
+def test_resized_grid_maps_back_onto_source_pixels(band_model_path: Path) -> None:
+    # 96 x 80 slices through a 64 x 64 model: a 30 x 24 block must come back in place.
+    hu = np.full((2, 96, 80), -1000.0, dtype=np.float32)
+    hu[:, 30:60, 20:44] = -500.0
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu")
+    mask = seg.predict(_volume(hu)).ggo
+    truth = hu > -750
+    dice = 2 * (mask & truth).sum() / (mask.sum() + truth.sum())
+    assert dice > 0.95
+    assert not mask[:, :25].any() and not mask[:, 65:].any()
+
+
+def test_threshold_override_changes_the_mask(band_model_path: Path) -> None:
+    # The band model's probability at -700 HU is sigmoid(50 * (0.433 - 0.4)) = 0.84.
+    hu = np.full((1, 64, 64), -700.0, dtype=np.float32)
+    model = load_model_info(band_model_path)
+    assert OnnxSegmenter(model, device="cpu").predict(_volume(hu)).ggo.all()
+    assert not OnnxSegmenter(model, device="cpu", threshold=0.9).predict(_volume(hu)).ggo.any()
+
+
+@pytest.mark.parametrize("value", ["gpu", "cuda:x", "cpu:1", ""])
+def test_invalid_device_is_an_input_error(value: str) -> None:
+    with pytest.raises(InputError, match="invalid --device"):
+        parse_device(value)
+
+
+def test_cuda_parses_its_index() -> None:
+    assert parse_device("CUDA:2").index == 2
+    assert parse_device("auto").kind == "auto"
+
+
+def test_explicit_cuda_without_gpu_is_an_error(band_model_path: Path) -> None:
+    if Path("/proc/driver/nvidia/gpus").is_dir():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="requested but"):
+        OnnxSegmenter(load_model_info(band_model_path), device="cuda")
+
+
+def test_auto_without_gpu_runs_on_cpu(band_model_path: Path) -> None:
+    if Path("/proc/driver/nvidia/gpus").is_dir():
+        pytest.skip("a GPU is present")
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="auto")
+    assert seg.device_label == "cpu" and seg.batch_size == 4
+
+
+def test_out_of_memory_halves_the_batch_and_finishes(
+    band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu", batch_size=8)
+    calls: list[int] = []
+
+    def fake_cuda(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        calls.append(batch.shape[0])
+        if batch.shape[0] > 2:
+            raise RuntimeError("CUDA failure 2: out of memory ; GPU=0")
+        return seg._run_cpu(batch)
+
+    monkeypatch.setattr(seg, "on_cuda", True)
+    monkeypatch.setattr(seg, "_run_cuda", fake_cuda)
+    hu = np.full((9, 64, 64), -500.0, dtype=np.float32)
+    assert seg.predict(_volume(hu)).ggo.all()
+    assert seg.batch_size == 2
+    assert calls[:3] == [8, 4, 2]
+
+
+def test_non_memory_failure_is_a_model_error(
+    band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ggo_cli.errors import ModelError
+
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu")
+
+    def broken(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        raise RuntimeError("Non-zero status code returned while running Conv node")
+
+    monkeypatch.setattr(seg, "_run_cpu", broken)
+    with pytest.raises(ModelError, match="inference failed: Non-zero status"):
+        seg.predict(_volume(np.zeros((2, 64, 64), dtype=np.float32)))
