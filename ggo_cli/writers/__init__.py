@@ -1,0 +1,22 @@
+"""Output writers: DICOM-SEG (highdicom), the CSV of GGO volumes and overlay PNGs (Pillow).
+
+Every writer is atomic (:mod:`ggo_cli.fsutil`) and raises :class:`ggo_cli.errors.OutputError`
+when its output cannot be written or fails its read-back check.
+"""
+
+from __future__ import annotations
+
+from .dicom_seg import build_seg, verify_seg, write_seg
+from .overlay_png import write_overlay, write_slice_pngs
+from .report_csv import CSV_COLUMNS, read_csv, write_csv
+
+__all__ = [
+    "CSV_COLUMNS",
+    "build_seg",
+    "read_csv",
+    "verify_seg",
+    "write_csv",
+    "write_overlay",
+    "write_seg",
+    "write_slice_pngs",
+]

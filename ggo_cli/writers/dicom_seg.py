@@ -1,0 +1,450 @@
+"""DICOM Segmentation (SEG) output with highdicom: build, write atomically, read back and check.
+
+What the SEG holds (issue 2 part 7, STYLE.md section 8):
+
+- ``BINARY`` segmentation, one segment per model channel, segment ``i + 1`` = channel ``i``;
+  labels and coded property category/type come from the model's metadata. The GGO segment
+  (channel 0) also carries the anatomic region Lung (39607008, SCT). Every segment is
+  ``AUTOMATIC`` with an Algorithm Identification (model name and version, family
+  Artificial Intelligence (123110, DCM), source ``ggo-cli``, the threshold as parameter).
+- One frame per source slice and segment, empty frames included (``omit_empty_frames=False``),
+  so a GGO-free series still yields a SEG that says "analysed, nothing found". Each frame
+  references its source CT instance (Derivation Image Sequence); the Referenced Series
+  Sequence lists every source instance. Geometry (positions, orientation, pixel spacing) is
+  copied from the source headers; no pixel data of the source is needed.
+- Patient, study and specimen attributes are copied from the first source header by
+  highdicom; nothing is invented. A source lacking a Type 2 attribute highdicom copies is
+  refused with :class:`UnsupportedSeriesError` rather than filled in.
+- Equipment: Manufacturer ``ggo-cli``, Manufacturer's Model Name = model name, Software
+  Versions = ggo-cli version, Device Serial Number = the first 16 hex digits of the model's
+  graph digest (identifies the weights, not a machine or person). A Contributing Equipment
+  item (purpose Processing Equipment) records the algorithm as IHE AI Results (AIR) asks;
+  highdicom adds the source's acquisition equipment and itself.
+- Deterministic UIDs: SeriesInstanceUID and SOPInstanceUID are derived (``generate_uid`` with
+  entropy sources) from the source SeriesInstanceUID, the model digest, the threshold and the
+  SEG series number and description, so a rerun writes the same UIDs while any change in
+  content or series identity gets new ones.
+- Transfer syntax Explicit VR Little Endian. BINARY pixels are always bit-packed (1 bit per
+  pixel, about 32 KiB per 512 x 512 frame), so compression gains little; the only
+  encapsulated syntax highdicom allows for BINARY is JPEG 2000, which many PACS and viewers
+  do not decode for 1-bit data. Explicit VR (rather than the Implicit default) keeps value
+  representations in the file, as dcmqi and DICOM PS3.5 recommend for new objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .. import __version__
+from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
+from ..domain import CtVolume, Prediction
+from ..errors import InputError, OutputError, UnsupportedSeriesError
+from ..fsutil import atomic_write_path
+from ..model_info import ModelInfo
+from .seg_verify import verify_seg
+
+__all__ = [
+    "build_seg",
+    "check_seg_series_options",
+    "check_source_headers",
+    "derive_seg_uids",
+    "verify_seg",
+    "write_seg",
+]
+
+log = logging.getLogger(__name__)
+
+SEG_MANUFACTURER = "ggo-cli"
+SEG_CONTENT_LABEL = "GGO"
+SEG_CONTENT_DESCRIPTION = "AI ground-glass opacity segmentation - research use only"
+SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
+SEG_INSTANCE_NUMBER = 1
+
+GGO_PROPERTY_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
+GGO_PROPERTY_TYPE = codes.DCM.GroundGlassOpacity
+GGO_ANATOMIC_REGION = codes.SCT.Lung
+ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
+ALGORITHM_SOURCE = "ggo-cli"
+
+SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0),  # GGO: red, as in the overlay PNGs
+    (0, 160, 255),
+    (255, 200, 0),
+    (0, 200, 80),
+    (200, 0, 255),
+    (255, 128, 0),
+)
+"""Recommended display colours per segment, cycled; fixed so reruns look the same."""
+
+REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    # Type 2 attributes highdicom copies by attribute access (present, possibly empty):
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+"""Attributes every source header must have for a SEG to be built (values may be empty for
+the Type 2 ones; they are copied, never filled in)."""
+
+MAX_LO_CHARS = 64
+MAX_IS_VALUE = 2**31 - 1
+_UID_NAMESPACE = "ggo-cli/seg/v1"
+_MIN_REDACT_CHARS = 2
+_PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "InstitutionName",
+)
+_BUILD_ERRORS = (ValueError, TypeError)
+
+
+def check_seg_series_options(series_number: int, series_description: str) -> None:
+    """Check the configurable SEG SeriesNumber and SeriesDescription before any work is done.
+
+    Args:
+        series_number: SeriesNumber (IS): 1 to 2**31 - 1.
+        series_description: SeriesDescription (LO): up to 64 characters, no backslash or
+            control characters.
+
+    Raises:
+        InputError: naming the bad value and the limits.
+    """
+    if isinstance(series_number, bool) or not 1 <= series_number <= MAX_IS_VALUE:
+        raise InputError(
+            f"SEG series number must be an integer from 1 to {MAX_IS_VALUE}, got {series_number}"
+        )
+    if (
+        len(series_description) > MAX_LO_CHARS
+        or "\\" in series_description
+        or any(ord(ch) < 32 for ch in series_description)
+    ):
+        raise InputError(
+            f"SEG series description {series_description!r} must be at most {MAX_LO_CHARS} "
+            "characters without backslash or control characters"
+        )
+
+
+def check_source_headers(datasets: Sequence[Dataset], series_uid: str) -> None:
+    """Check that source headers carry every attribute a SEG needs (values not inspected).
+
+    Discovery or loading may call this early, so a series fails before inference.
+
+    Args:
+        datasets: the series' headers.
+        series_uid: SeriesInstanceUID, for the message.
+
+    Raises:
+        UnsupportedSeriesError: naming the missing keywords (never their values).
+    """
+    if not datasets:
+        raise UnsupportedSeriesError(f"series {series_uid}: no source headers to reference")
+    missing = sorted({kw for ds in datasets for kw in REQUIRED_SOURCE_KEYWORDS if kw not in ds})
+    if missing:
+        raise UnsupportedSeriesError(
+            f"series {series_uid}: source headers lack {', '.join(missing)}, required to write a "
+            "DICOM-SEG (Type 2 attributes may be empty but must be present); ggo-cli does not "
+            "fill in missing attributes"
+        )
+
+
+def derive_seg_uids(
+    source_series_uid: str,
+    model_sha256: str,
+    *,
+    threshold: float,
+    series_number: int,
+    series_description: str,
+) -> tuple[str, str]:
+    """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
+
+    Each UID is ``pydicom.uid.generate_uid`` (pydicom's root) over a SHA-512 of its entropy
+    sources: the source series, the model digest and everything else that changes the SEG's
+    content or series identity. Reruns therefore reproduce the UIDs, and PACS never receives two
+    different objects under one UID.
+
+    Args:
+        source_series_uid: SeriesInstanceUID of the CT.
+        model_sha256: the model's recorded graph digest.
+        threshold: probability threshold applied.
+        series_number: the SEG's SeriesNumber.
+        series_description: the SEG's SeriesDescription.
+
+    Returns:
+        ``(series_instance_uid, sop_instance_uid)``.
+    """
+    common = [
+        _UID_NAMESPACE,
+        source_series_uid,
+        model_sha256,
+        repr(float(threshold)),
+        str(series_number),
+        series_description,
+    ]
+    series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
+    sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
+    return str(series_uid), str(sop_uid)
+
+
+def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) -> None:
+    """Raise ``ValueError`` (a pipeline bug, not a user error) when arrays do not line up."""
+    masks = prediction.masks
+    n_slices = len(volume.datasets)
+    rows, cols = int(volume.datasets[0].Rows), int(volume.datasets[0].Columns)
+    expected = (n_slices, rows, cols, model.n_channels)
+    if masks.dtype != np.bool_ or masks.shape != expected:
+        raise ValueError(
+            f"prediction masks must be bool {expected} (slices, rows, cols, channels), got "
+            f"{masks.dtype} {masks.shape}"
+        )
+    if volume.hu.shape != expected[:3]:
+        raise ValueError(f"volume has {volume.hu.shape} voxels but {n_slices} headers")
+
+
+def _segment_descriptions(model: ModelInfo, threshold: float) -> list[hd.seg.SegmentDescription]:
+    """One SegmentDescription per model channel (segment number = channel + 1)."""
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=model.name,
+        version=model.version,
+        family=ALGORITHM_FAMILY,
+        source=ALGORITHM_SOURCE,
+        parameters={"threshold": f"{threshold:g}"},
+    )
+    descriptions = []
+    for index, spec in enumerate(model.segments):
+        rgb = SEGMENT_COLORS_RGB[index % len(SEGMENT_COLORS_RGB)]
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=index + 1,
+                segment_label=spec.label,
+                segmented_property_category=spec.property_category,
+                segmented_property_type=spec.property_type,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                # Channel 0 is GGO by the model contract; GGO is a finding in the lung.
+                anatomic_regions=[GGO_ANATOMIC_REGION] if index == 0 else None,
+                display_color=hd.color.CIELabColor.from_rgb(*rgb),
+            )
+        )
+    return descriptions
+
+
+def _algorithm_equipment(model: ModelInfo) -> hd.ContributingEquipment:
+    """The AI algorithm as Contributing Equipment (IHE AIR: processing equipment)."""
+    return hd.ContributingEquipment(
+        manufacturer=SEG_MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        device_serial_number=model.recorded_sha256[:16],
+        contribution_datetime=datetime.now(),
+        contribution_description=(
+            f"AI segmentation by model {model.name} {model.version} "
+            f"(architecture {model.architecture}, graph sha256 {model.recorded_sha256[:16]})"
+        ),
+    )
+
+
+def _redact(text: str, source: Dataset) -> str:
+    """Replace any patient-identifying source value quoted in ``text`` by ``***``."""
+    for keyword in _PHI_KEYWORDS:
+        value = source.get(keyword)
+        if value is None:
+            continue
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        for item in values:
+            whole = str(item).strip()
+            # a person name may also be quoted by component (family, given, ...)
+            parts = [whole, *re.split(r"[\^=]", whole)] if "^" in whole else [whole]
+            for part in sorted(parts, key=len, reverse=True):
+                if len(part.strip()) >= _MIN_REDACT_CHARS:
+                    text = text.replace(part.strip(), "***")
+    return text
+
+
+def _character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set in a form highdicom accepts, meaning unchanged.
+
+    An empty value is the default repertoire, the same as no value at all; an empty first value
+    of several is ``ISO 2022 IR 6`` (DICOM PS3.3 C.12.1.1.2). highdicom rejects both empty
+    forms, which some scanners write.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    values = [str(item).strip() for item in value]
+    if values and not values[0]:
+        values[0] = "ISO 2022 IR 6"
+    return values
+
+
+def build_seg(
+    volume: CtVolume,
+    prediction: Prediction,
+    model: ModelInfo,
+    *,
+    series_number: int = SEG_SERIES_NUMBER,
+    series_description: str = SEG_SERIES_DESCRIPTION,
+    software_version: str = __version__,
+) -> hd.seg.Segmentation:
+    """Build the DICOM-SEG of a prediction over its source CT series (in memory).
+
+    Args:
+        volume: the CT volume; ``volume.datasets`` are the sorted headers (pixel data not
+            needed) and slice ``i`` of the masks belongs to ``volume.datasets[i]``.
+        prediction: the binary masks. Shape: ``(slices, rows, cols, channels)``, bool.
+        model: the model that made the prediction (segments, name, version, digest).
+        series_number: SeriesNumber of the SEG.
+        series_description: SeriesDescription of the SEG (mark it as AI research output).
+        software_version: ggo-cli's version (Software Versions).
+
+    Returns:
+        The Segmentation: BINARY, ``slices x channels`` frames, deterministic UIDs.
+
+    Raises:
+        InputError: series number or description out of range.
+        UnsupportedSeriesError: the source headers lack attributes the SEG needs.
+        OutputError: highdicom refused to build the SEG (the message says why).
+        ValueError: masks and volume do not line up (a bug in the caller).
+    """
+    series_uid = volume.series.series_instance_uid
+    check_seg_series_options(series_number, series_description)
+    check_source_headers(volume.datasets, series_uid)
+    _check_shapes(volume, prediction, model)
+    seg_series_uid, seg_sop_uid = derive_seg_uids(
+        series_uid,
+        model.recorded_sha256,
+        threshold=prediction.threshold,
+        series_number=series_number,
+        series_description=series_description,
+    )
+    # highdicom warns about source values (e.g. a PatientName without '^' components) and
+    # quotes them; record the warnings so they never reach the console unredacted.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            seg = hd.seg.Segmentation(
+                source_images=list(volume.datasets),
+                pixel_array=prediction.masks,
+                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+                segment_descriptions=_segment_descriptions(model, prediction.threshold),
+                series_instance_uid=seg_series_uid,
+                series_number=series_number,
+                sop_instance_uid=seg_sop_uid,
+                instance_number=SEG_INSTANCE_NUMBER,
+                manufacturer=SEG_MANUFACTURER,
+                manufacturer_model_name=model.name,
+                software_versions=software_version,
+                device_serial_number=model.recorded_sha256[:16],
+                content_label=SEG_CONTENT_LABEL,
+                content_description=SEG_CONTENT_DESCRIPTION,
+                transfer_syntax_uid=SEG_TRANSFER_SYNTAX_UID,
+                omit_empty_frames=False,
+                contributing_equipment=[_algorithm_equipment(model)],
+                series_description=series_description,
+                specific_character_set=_character_set(volume.datasets[0]),
+            )
+        except _BUILD_ERRORS as exc:
+            raise OutputError(
+                f"series {series_uid}: cannot build the DICOM-SEG: "
+                f"{_redact(str(exc), volume.datasets[0])}"
+            ) from exc
+    for warning in caught:
+        log.debug(
+            "series %s: highdicom %s: %s",
+            series_uid,
+            warning.category.__name__,
+            _redact(str(warning.message), volume.datasets[0]),
+        )
+    log.debug(
+        "series %s: SEG %s built, %d frames, %d segments",
+        series_uid,
+        seg_sop_uid,
+        int(seg.NumberOfFrames),
+        model.n_channels,
+    )
+    return seg
+
+
+def write_seg(
+    volume: CtVolume,
+    prediction: Prediction,
+    model: ModelInfo,
+    path: Path,
+    *,
+    series_number: int = SEG_SERIES_NUMBER,
+    series_description: str = SEG_SERIES_DESCRIPTION,
+    software_version: str = __version__,
+    verify: bool = True,
+) -> Path:
+    """Build the SEG, write it atomically and (by default) verify it before it appears.
+
+    The SEG is written to a hidden temporary file beside ``path``, read back and checked with
+    :func:`verify_seg`, and only then renamed to ``path``; a SEG that fails its check is never
+    left at ``path`` (an older file there stays as it was).
+
+    Args:
+        volume: the source CT volume.
+        prediction: the binary masks. Shape: ``(slices, rows, cols, channels)``.
+        model: the model that made the prediction.
+        path: the destination file (parents are created).
+        series_number: SeriesNumber of the SEG.
+        series_description: SeriesDescription of the SEG.
+        software_version: ggo-cli's version.
+        verify: read the file back and check it before renaming it into place.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        InputError: series number or description out of range.
+        UnsupportedSeriesError: the source headers lack attributes the SEG needs.
+        OutputError: the SEG cannot be built, written, or fails its read-back check.
+    """
+    seg = build_seg(
+        volume,
+        prediction,
+        model,
+        series_number=series_number,
+        series_description=series_description,
+        software_version=software_version,
+    )
+    with atomic_write_path(path) as temp:
+        dcmwrite(temp, seg, enforce_file_format=True)
+        if verify:
+            verify_seg(temp, volume, prediction, model=model, shown=path)
+    log.debug("series %s: SEG written to %s", volume.series.series_instance_uid, path)
+    return path

@@ -1,0 +1,270 @@
+"""Overlay PNGs: lung-window CT with GGO in red, for a quick visual check of a series.
+
+``overlay.png`` is a montage of up to ``max_tiles`` slices with the most GGO voxels (shown in
+slice order), or, when the series has no GGO, evenly spaced slices under a "no GGO found"
+caption. Each tile shows the slice in a lung window, GGO blended in semi-transparent red with
+an opaque red outline, and a label bar "slice k/n" (1-based along the sorted volume, i.e. the
+slice normal) with the slice's GGO volume. ``--png all`` adds one full-resolution PNG per
+slice with GGO (``slice_NNNN.png``, same 1-based k).
+
+Images are drawn as stored (row 0 at the top, column 0 at the left), i.e. in DICOM patient
+space without flips. Nothing identifying is drawn: no names, IDs, dates or UIDs. Pillow's
+default font is used so no font file is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from ..domain import CtVolume
+from ..fsutil import atomic_write_path, ensure_folder
+from ..preprocessing import window_hu
+
+log = logging.getLogger(__name__)
+
+MAX_TILES = 9
+TILE_PX = 256
+"""Longest side of a montage tile; slices are downscaled (never upscaled) to fit."""
+LABEL_PX = 16
+"""Height of the label bar above each tile (and above each per-slice PNG)."""
+CAPTION_PX = 20
+"""Height of the caption strip at the top of the montage."""
+GAP_PX = 4
+"""Black gap between tiles and around the montage."""
+GGO_RGB = (255, 0, 0)
+GGO_ALPHA = 0.45
+"""Opacity of the red fill over GGO; the outline is opaque."""
+TEXT_RGB = (255, 255, 255)
+BACKGROUND_RGB = (0, 0, 0)
+CAPTION_GGO = "GGO in red - AI research output, not for diagnosis"
+CAPTION_NO_GGO = "no GGO found - AI research output, not for diagnosis"
+SLICE_PNG_PATTERN = "slice_{index:0{width}d}.png"
+
+BoolMask = npt.NDArray[np.bool_]
+Rgb = npt.NDArray[np.uint8]
+
+
+def select_overlay_slices(ggo: BoolMask, *, max_tiles: int = MAX_TILES) -> tuple[int, ...]:
+    """Choose the slices a montage shows.
+
+    Args:
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        max_tiles: most slices to show (at least 1).
+
+    Returns:
+        0-based slice indices in increasing order: the (up to) ``max_tiles`` slices with the
+        most GGO voxels (ties go to the lower index); when there is no GGO at all, up to
+        ``max_tiles`` evenly spaced slices including the first and the last.
+
+    Raises:
+        ValueError: ``max_tiles`` < 1 or the mask is not 3-D.
+    """
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be at least 1, got {max_tiles}")
+    if ggo.ndim != 3:
+        raise ValueError(f"GGO mask must be (slices, rows, cols), got shape {ggo.shape}")
+    counts = ggo.reshape(ggo.shape[0], -1).sum(axis=1)
+    positive = np.flatnonzero(counts)
+    if positive.size:
+        order = sorted(positive.tolist(), key=lambda i: (-int(counts[i]), i))
+        return tuple(sorted(order[:max_tiles]))
+    n_slices = ggo.shape[0]
+    count = min(max_tiles, n_slices)
+    return tuple(sorted({round(x) for x in np.linspace(0, n_slices - 1, count).tolist()}))
+
+
+def _outline(mask: BoolMask) -> BoolMask:
+    """Mask pixels with at least one 4-neighbour outside the mask (the inner boundary)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:] & mask
+    result: BoolMask = mask & ~interior
+    return result
+
+
+def render_slice(
+    hu: npt.NDArray[np.float32],
+    ggo: BoolMask,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Rgb:
+    """Render one slice: lung-window grey, GGO in semi-transparent red with a red outline.
+
+    Args:
+        hu: Hounsfield units. Shape: ``(rows, cols)``.
+        ggo: GGO mask. Shape: ``(rows, cols)``.
+        window_center_hu: window centre in HU.
+        window_width_hu: window width in HU.
+
+    Returns:
+        uint8 RGB image. Shape: ``(rows, cols, 3)``.
+    """
+    grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    colour = np.asarray(GGO_RGB, dtype=np.float32)
+    rgb[ggo] = (1.0 - GGO_ALPHA) * rgb[ggo] + GGO_ALPHA * colour
+    rgb[_outline(ggo)] = colour
+    result: Rgb = np.rint(rgb).astype(np.uint8)
+    return result
+
+
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in default font (no font file needed)."""
+    return ImageFont.load_default()
+
+
+def _slice_label(index: int, n_slices: int, voxels: int, voxel_volume_ml: float) -> str:
+    """Label text of a slice: 1-based position and its GGO volume."""
+    return f"slice {index + 1}/{n_slices}  GGO {voxels * voxel_volume_ml:.2f} mL"
+
+
+def _tile_size(rows: int, cols: int, tile_px: int) -> tuple[int, int]:
+    """(width, height) of a tile: the slice scaled so its longer side is at most ``tile_px``."""
+    scale = min(1.0, tile_px / max(rows, cols))
+    return max(1, round(cols * scale)), max(1, round(rows * scale))
+
+
+def _check_inputs(volume: CtVolume, ggo: BoolMask) -> None:
+    """Raise ``ValueError`` when the mask does not match the volume."""
+    if ggo.dtype != np.bool_ or ggo.shape != volume.hu.shape:
+        raise ValueError(
+            f"GGO mask must be bool with the volume's shape {volume.hu.shape}, "
+            f"got {ggo.dtype} {ggo.shape}"
+        )
+
+
+def write_overlay(
+    volume: CtVolume,
+    ggo: BoolMask,
+    path: Path,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+    max_tiles: int = MAX_TILES,
+    tile_px: int = TILE_PX,
+) -> Path:
+    """Write the montage PNG of a series atomically.
+
+    Layout: a caption strip of ``CAPTION_PX``, then a grid of ``ceil(sqrt(k))`` columns; each
+    cell is a ``LABEL_PX`` label bar over the tile, cells separated by ``GAP_PX``.
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        path: the PNG file.
+        window_center_hu: display window centre in HU (the model's lung window).
+        window_width_hu: display window width in HU.
+        max_tiles: most slices shown.
+        tile_px: longest side of a tile in pixels.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OutputError: the file cannot be written.
+        ValueError: the mask does not match the volume, or ``max_tiles`` < 1.
+    """
+    _check_inputs(volume, ggo)
+    indices = select_overlay_slices(ggo, max_tiles=max_tiles)
+    has_ggo = bool(ggo.any())
+    n_slices, rows, cols = ggo.shape
+    tile_w, tile_h = _tile_size(rows, cols, tile_px)
+    grid_cols = math.ceil(math.sqrt(len(indices)))
+    grid_rows = math.ceil(len(indices) / grid_cols)
+    cell_w, cell_h = tile_w, LABEL_PX + tile_h
+    width = GAP_PX + grid_cols * (cell_w + GAP_PX)
+    height = CAPTION_PX + grid_rows * (cell_h + GAP_PX)
+    montage = Image.new("RGB", (width, height), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(montage)
+    font = _font()
+    draw.text((GAP_PX, 4), CAPTION_GGO if has_ggo else CAPTION_NO_GGO, fill=TEXT_RGB, font=font)
+    for position, index in enumerate(indices):
+        left = GAP_PX + (position % grid_cols) * (cell_w + GAP_PX)
+        top = CAPTION_PX + (position // grid_cols) * (cell_h + GAP_PX)
+        tile = Image.fromarray(
+            render_slice(
+                volume.hu[index],
+                ggo[index],
+                window_center_hu=window_center_hu,
+                window_width_hu=window_width_hu,
+            ),
+            mode="RGB",
+        )
+        if tile.size != (tile_w, tile_h):
+            tile = tile.resize((tile_w, tile_h), Image.Resampling.BOX)
+        montage.paste(tile, (left, top + LABEL_PX))
+        label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
+        draw.text((left + 2, top + 2), label, fill=TEXT_RGB, font=font)
+    with atomic_write_path(path) as temp:
+        montage.save(temp, format="PNG", optimize=False)
+    log.debug("overlay with %d tiles written to %s", len(indices), path)
+    return path
+
+
+def slice_png_name(index: int, n_slices: int) -> str:
+    """File name of slice ``index`` (0-based) for ``--png all``: ``slice_NNNN.png``, 1-based."""
+    return SLICE_PNG_PATTERN.format(index=index + 1, width=max(4, len(str(n_slices))))
+
+
+def write_slice_pngs(
+    volume: CtVolume,
+    ggo: BoolMask,
+    folder: Path,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> list[Path]:
+    """Write one full-resolution PNG per slice with GGO (``--png all``), each atomically.
+
+    Each PNG is a ``LABEL_PX`` label bar ("slice k/n", GGO volume) over the slice at its
+    native size. Slices without GGO get no file.
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        folder: where to write (created if missing).
+        window_center_hu: display window centre in HU.
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The PNGs written, in slice order (empty when there is no GGO).
+
+    Raises:
+        OutputError: a file or the folder cannot be written.
+        ValueError: the mask does not match the volume.
+    """
+    _check_inputs(volume, ggo)
+    n_slices, rows, cols = ggo.shape
+    counts = ggo.reshape(n_slices, -1).sum(axis=1)
+    font = _font()
+    written: list[Path] = []
+    if counts.any():
+        ensure_folder(folder)
+    for index in np.flatnonzero(counts).tolist():
+        image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
+        image.paste(
+            Image.fromarray(
+                render_slice(
+                    volume.hu[index],
+                    ggo[index],
+                    window_center_hu=window_center_hu,
+                    window_width_hu=window_width_hu,
+                ),
+                mode="RGB",
+            ),
+            (0, LABEL_PX),
+        )
+        label = _slice_label(index, n_slices, int(counts[index]), volume.voxel_volume_ml)
+        ImageDraw.Draw(image).text((2, 2), label, fill=TEXT_RGB, font=font)
+        path = folder / slice_png_name(index, n_slices)
+        with atomic_write_path(path) as temp:
+            image.save(temp, format="PNG")
+        written.append(path)
+    log.debug("%d slice PNGs written to %s", len(written), folder)
+    return written

@@ -1,0 +1,222 @@
+"""The run's CSV of GGO volumes (``ggo_volumes.csv``): one row per series found.
+
+Format: RFC 4180 (comma separated, ``"``-quoted where needed, CRLF line ends), UTF-8 without a
+byte-order mark, a header row of :data:`CSV_COLUMNS` (plus ``patient_id`` last, only when asked).
+Missing values are empty cells. Numbers are written the same way on every run and machine:
+
+- ``voxel_volume_ml``: the float used for the volume, as its shortest round-trip decimal
+  (Python ``repr``), so ``ggo_voxels x voxel_volume_ml`` recomputes ``ggo_volume_ml``;
+- ``ggo_volume_ml``: fixed, 6 decimals (1e-6 mL = 0.001 mm^3), so that check holds to
+  5e-7 mL;
+- ``slice_spacing_mm``: 6 significant digits;
+- ``pixel_spacing_mm``: ``"<row> x <col>"`` (PixelSpacing order: row spacing first), each to
+  6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
+  an escape character;
+- ``study_date``: ISO 8601 ``YYYY-MM-DD`` (from DICOM ``YYYYMMDD``; other values as found).
+
+Text cells from DICOM headers or messages that begin with ``= + - @`` (or a tab/CR) are
+prefixed with ``'`` so spreadsheet programs do not run them as formulas (CSV injection).
+``seg_path`` is relative to the CSV's folder (the ``--out`` folder), with ``/`` separators.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..domain import SeriesOutcome
+from ..fsutil import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS: tuple[str, ...] = (
+    "study_instance_uid",
+    "series_instance_uid",
+    "study_date",
+    "series_description",
+    "n_slices",
+    "slice_spacing_mm",
+    "pixel_spacing_mm",
+    "voxel_volume_ml",
+    "ggo_voxels",
+    "ggo_volume_ml",
+    "ggo_slice_count",
+    "status",
+    "message",
+    "model_name",
+    "model_version",
+    "seg_path",
+    "processed_at",
+)
+"""Columns in order; ``patient_id`` is appended only with ``include_patient_id``."""
+
+PATIENT_ID_COLUMN = "patient_id"
+CSV_ENCODING = "utf-8"
+VOLUME_DECIMALS = 6
+SPACING_SIGNIFICANT_DIGITS = 6
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def _number(value: float | None, spec: str) -> str:
+    """Format a finite number with a format spec; ``None`` or non-finite give ``""``."""
+    if value is None or not math.isfinite(value):
+        return ""
+    return format(value, spec)
+
+
+def _exact(value: float | None) -> str:
+    """Shortest decimal that reads back as the same float; ``""`` when missing."""
+    if value is None or not math.isfinite(value):
+        return ""
+    return repr(float(value))
+
+
+def _spacing(value: float | None) -> str:
+    """A spacing in mm to 6 significant digits."""
+    return _number(value, f".{SPACING_SIGNIFICANT_DIGITS}g")
+
+
+def _text(value: str) -> str:
+    """One-line text, neutralised against spreadsheet formula injection."""
+    text = _WHITESPACE.sub(" ", value).strip()
+    if text.startswith(_FORMULA_PREFIXES):
+        text = "'" + text
+    return text
+
+
+def _iso_date(dicom_date: str) -> str:
+    """``YYYYMMDD`` to ``YYYY-MM-DD``; anything else is kept as found (never guessed)."""
+    date = dicom_date.strip()
+    if len(date) == 8 and date.isdigit():
+        return f"{date[:4]}-{date[4:6]}-{date[6:]}"
+    return _text(date)
+
+
+def _relative(path: Path | None, base: Path) -> str:
+    """``path`` relative to ``base`` with ``/`` separators (absolute if on another drive)."""
+    if path is None:
+        return ""
+    try:
+        return Path(os.path.relpath(path.resolve(), base.resolve())).as_posix()
+    except ValueError:  # Windows: different drives have no relative path
+        return path.resolve().as_posix()
+
+
+def outcome_row(
+    outcome: SeriesOutcome,
+    out_dir: Path,
+    *,
+    model_name: str,
+    model_version: str,
+    include_patient_id: bool = False,
+) -> dict[str, str]:
+    """Format one series outcome as a CSV row.
+
+    Args:
+        outcome: the series outcome.
+        out_dir: the folder ``seg_path`` is made relative to.
+        model_name: model name for the row.
+        model_version: model version for the row.
+        include_patient_id: add the ``patient_id`` cell.
+
+    Returns:
+        Cell text per column name (all of :data:`CSV_COLUMNS`, plus ``patient_id`` on request).
+    """
+    series = outcome.series
+    measurement = outcome.measurement
+    pixel_spacing = ""
+    if outcome.pixel_spacing_mm is not None:
+        row_mm, col_mm = outcome.pixel_spacing_mm
+        pixel_spacing = f"{_spacing(row_mm)} x {_spacing(col_mm)}"
+    row = {
+        "study_instance_uid": series.study_instance_uid,
+        "series_instance_uid": series.series_instance_uid,
+        "study_date": _iso_date(series.study_date),
+        "series_description": _text(series.series_description),
+        "n_slices": str(outcome.n_slices),
+        "slice_spacing_mm": _spacing(outcome.slice_spacing_mm),
+        "pixel_spacing_mm": pixel_spacing,
+        "voxel_volume_ml": _exact(measurement.voxel_volume_ml if measurement else None),
+        "ggo_voxels": str(measurement.ggo_voxels) if measurement else "",
+        "ggo_volume_ml": _number(
+            measurement.ggo_volume_ml if measurement else None, f".{VOLUME_DECIMALS}f"
+        ),
+        "ggo_slice_count": str(measurement.ggo_slice_count) if measurement else "",
+        "status": outcome.status.value,
+        "message": _text(outcome.message),
+        "model_name": _text(model_name),
+        "model_version": _text(model_version),
+        "seg_path": _relative(outcome.seg_path, out_dir),
+        "processed_at": outcome.processed_at,
+    }
+    if include_patient_id:
+        row[PATIENT_ID_COLUMN] = _text(series.patient_id)
+    return row
+
+
+def write_csv(
+    outcomes: Sequence[SeriesOutcome],
+    path: Path,
+    *,
+    model_name: str,
+    model_version: str,
+    include_patient_id: bool = False,
+    out_dir: Path | None = None,
+) -> Path:
+    """Write the CSV of GGO volumes atomically, one row per outcome, in the given order.
+
+    Args:
+        outcomes: one outcome per series found (ok, skipped or failed).
+        path: the CSV file.
+        model_name: model name written in every row.
+        model_version: model version written in every row.
+        include_patient_id: add a ``patient_id`` column (last); off by default, because the
+            CSV otherwise holds no patient identifiers.
+        out_dir: the folder ``seg_path`` cells are relative to; defaults to the CSV's folder.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    columns = [*CSV_COLUMNS, PATIENT_ID_COLUMN] if include_patient_id else list(CSV_COLUMNS)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
+    writer.writeheader()
+    for outcome in outcomes:
+        writer.writerow(
+            outcome_row(
+                outcome,
+                path.parent if out_dir is None else out_dir,
+                model_name=model_name,
+                model_version=model_version,
+                include_patient_id=include_patient_id,
+            )
+        )
+    atomic_write_text(path, buffer.getvalue(), encoding=CSV_ENCODING)
+    log.debug("CSV with %d rows written to %s", len(outcomes), path)
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    """Read a CSV written by :func:`write_csv` back as rows of cell text.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        One dict per data row, keyed by column name, in file order.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    with path.open(newline="", encoding=CSV_ENCODING) as fh:
+        return [dict(row) for row in csv.DictReader(fh)]

@@ -1,0 +1,1 @@
+"""Tests of the output writers (DICOM-SEG, CSV, PNG)."""

@@ -1,0 +1,118 @@
+"""Test data for the writer tests: real CT series as CtVolumes, a tiny ModelInfo, masks.
+
+The volumes are loaded with pydicom alone (headers without pixel data, slices sorted by
+position along the slice normal, HU = stored value x slope + intercept), so the writer tests
+do not depend on ``ggo_cli.volume``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.sr.codedict import codes
+
+from ggo_cli.domain import CtVolume, SeriesInfo
+from ggo_cli.model_info import ModelInfo, SegmentSpec
+
+CT_DATA = Path("/work/shared/data/ct-dicom")
+LUNG_SERIES = CT_DATA / "lung-pet-ct-dx-a0002" / "dicom"
+DCMQI_CT = CT_DATA / "dcmqi-ct-3slice" / "ct"
+DCMQI_SEG = CT_DATA / "dcmqi-ct-3slice" / "seg" / "liver_seg.dcm"
+MODEL_SHA256 = "0123456789abcdef" * 4
+
+
+def _position_along_normal(ds: pydicom.Dataset) -> float:
+    """Slice position along the normal of its orientation (row x column cosines)."""
+    cosines = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(cosines[:3], cosines[3:])
+    return float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64)))
+
+
+def load_ct_volume(folder: Path) -> CtVolume:
+    """Load a single-series CT folder as a CtVolume (tests only; no checks beyond sorting)."""
+    files = sorted(folder.glob("*.dcm"))
+    if not files:
+        pytest.skip(f"shared CT data missing: {folder}")
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    order = sorted(range(len(files)), key=lambda i: _position_along_normal(headers[i]))
+    headers = [headers[i] for i in order]
+    files = [files[i] for i in order]
+    hu = np.stack(
+        [
+            pydicom.dcmread(f).pixel_array.astype(np.float32) * float(h.RescaleSlope)
+            + float(h.RescaleIntercept)
+            for f, h in zip(files, headers, strict=True)
+        ]
+    ).astype(np.float32)
+    positions = [_position_along_normal(h) for h in headers]
+    spacing = float(np.median(np.diff(positions))) if len(positions) > 1 else 1.0
+    first = headers[0]
+    series = SeriesInfo(
+        study_instance_uid=str(first.StudyInstanceUID),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        files=tuple(files),
+        location=folder.name,
+        study_date=str(first.get("StudyDate", "")),
+        series_description=str(first.get("SeriesDescription", "")),
+        patient_id=str(first.get("PatientID", "")),
+    )
+    row_mm, col_mm = (float(v) for v in first.PixelSpacing)
+    return CtVolume(
+        series=series,
+        hu=hu,
+        datasets=tuple(headers),
+        slice_spacing_mm=spacing,
+        pixel_spacing_mm=(row_mm, col_mm),
+    )
+
+
+def make_model(n_channels: int = 1, *, sha256: str = MODEL_SHA256) -> ModelInfo:
+    """A ModelInfo built directly (no ONNX file): channel 0 GGO, further channels lung."""
+    specs = [
+        SegmentSpec(
+            label="GGO",
+            property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            property_type=codes.DCM.GroundGlassOpacity,
+        )
+    ]
+    specs += [
+        SegmentSpec(
+            label=f"Lung {i}",
+            property_category=codes.SCT.Organ,
+            property_type=codes.SCT.Lung,
+        )
+        for i in range(1, n_channels)
+    ]
+    return ModelInfo(
+        path=Path("tiny.onnx"),
+        name="tiny-ggo",
+        version="0.0.1",
+        architecture="threshold",
+        input_size=64,
+        window_center_hu=-600.0,
+        window_width_hu=1500.0,
+        threshold=0.5,
+        segments=tuple(specs),
+        recorded_sha256=sha256,
+        file_sha256="f" * 64,
+        metadata={},
+    )
+
+
+def blob_masks(volume: CtVolume, n_channels: int = 1) -> np.ndarray:
+    """Boolean masks with a box of GGO on a few slices (and shifted boxes for more channels).
+
+    Shape: ``(slices, rows, cols, channels)``.
+    """
+    n, rows, cols = volume.hu.shape
+    masks = np.zeros((n, rows, cols, n_channels), dtype=bool)
+    first = max(0, n // 2 - 2)
+    for channel in range(n_channels):
+        top, left = rows // 3, cols // 4 + 30 * channel
+        masks[first : first + 4, top : top + 40, left : left + 50, channel] = True
+    # an irregular edge so orientation errors would show
+    masks[first, rows // 3, cols // 4, 0] = False
+    return masks

@@ -1,0 +1,490 @@
+"""DICOM-SEG writer: round trip through highdicom, references, codes, UIDs, dciodvfy, dcmqi."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from numpy.testing import assert_array_equal
+from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
+
+from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
+from ggo_cli.domain import CtVolume, Prediction
+from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
+from ggo_cli.model_info import ModelInfo
+from ggo_cli.writers import dicom_seg
+from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
+from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
+from tests.writers.ct_data import DCMQI_SEG, blob_masks, make_model
+
+SOFTWARE_VERSION = "9.9.9-test"
+COPIED_ATTRIBUTES = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "PatientAge",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
+    "FrameOfReferenceUID",
+)
+
+
+def _write(volume: CtVolume, prediction: Prediction, model: ModelInfo, path: Path) -> Path:
+    return write_seg(volume, prediction, model, path=path, software_version=SOFTWARE_VERSION)
+
+
+@pytest.fixture(scope="module")
+def lung_seg_path(
+    tmp_path_factory: pytest.TempPathFactory,
+    lung_volume: CtVolume,
+    lung_prediction: Prediction,
+    model: ModelInfo,
+) -> Path:
+    """The 30-slice series' SEG, written once for the module."""
+    return _write(
+        lung_volume, lung_prediction, model, tmp_path_factory.mktemp("seg") / "ggo.seg.dcm"
+    )
+
+
+def test_source_headers_have_no_pixel_data(lung_volume: CtVolume) -> None:
+    """The SEG is built from header-only datasets (stop_before_pixels)."""
+    assert all("PixelData" not in ds for ds in lung_volume.datasets)
+
+
+def test_round_trip_pixels_equal_mask_per_source_instance(
+    lung_seg_path: Path, lung_volume: CtVolume, lung_prediction: Prediction
+) -> None:
+    """highdicom reads back, per source instance, exactly the masks written."""
+    seg = hd.seg.segread(lung_seg_path)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(lung_volume.sop_instance_uids), segment_numbers=[1]
+    )
+    assert_array_equal(pixels.astype(bool), lung_prediction.masks)
+    assert seg.SegmentationType == "BINARY"
+    assert seg.SOPClassUID == SegmentationStorage
+    assert seg.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert int(seg.BitsAllocated) == 1
+
+
+def test_every_frame_present_and_references_its_source(
+    lung_seg_path: Path, lung_volume: CtVolume
+) -> None:
+    """One frame per slice, each deriving from one distinct source CT instance."""
+    seg = pydicom.dcmread(lung_seg_path)
+    assert int(seg.NumberOfFrames) == len(lung_volume.datasets)
+    frame_sources = [
+        item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        for item in seg.PerFrameFunctionalGroupsSequence
+    ]
+    assert sorted(frame_sources) == sorted(lung_volume.sop_instance_uids)
+    (series_item,) = seg.ReferencedSeriesSequence
+    assert series_item.SeriesInstanceUID == lung_volume.series.series_instance_uid
+    referenced = {ref.ReferencedSOPInstanceUID for ref in series_item.ReferencedInstanceSequence}
+    assert referenced == set(lung_volume.sop_instance_uids)
+    assert seg.FrameOfReferenceUID == lung_volume.datasets[0].FrameOfReferenceUID
+
+
+def test_frame_positions_match_source_positions(lung_seg_path: Path, lung_volume: CtVolume) -> None:
+    """Each frame's ImagePositionPatient equals its source slice's (no flips, no shifts)."""
+    seg = pydicom.dcmread(lung_seg_path)
+    by_uid = {ds.SOPInstanceUID: ds for ds in lung_volume.datasets}
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        uid = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        expected = [float(v) for v in by_uid[uid].ImagePositionPatient]
+        assert position == pytest.approx(expected, abs=1e-4)
+
+
+def test_patient_and_study_attributes_are_copied_not_invented(
+    lung_seg_path: Path, lung_volume: CtVolume
+) -> None:
+    """Patient/study attributes equal the source's, including empty Type 2 values."""
+    seg = pydicom.dcmread(lung_seg_path, stop_before_pixels=True)
+    source = lung_volume.datasets[0]
+    for keyword in COPIED_ATTRIBUTES:
+        if keyword in source:
+            assert keyword in seg, keyword
+            assert seg[keyword].value == source[keyword].value, keyword
+    assert seg.Modality == "SEG"
+
+
+def test_codes_algorithm_and_equipment(lung_seg_path: Path, model: ModelInfo) -> None:
+    """GGO segment codes, AUTOMATIC with AI algorithm identification, equipment and labels."""
+    seg = hd.seg.segread(lung_seg_path)
+    (segment,) = seg.SegmentSequence
+    assert segment.SegmentNumber == 1
+    assert segment.SegmentLabel == "GGO"
+    category = segment.SegmentedPropertyCategoryCodeSequence[0]
+    prop_type = segment.SegmentedPropertyTypeCodeSequence[0]
+    region = segment.AnatomicRegionSequence[0]
+    assert (category.CodeValue, category.CodingSchemeDesignator) == ("49755003", "SCT")
+    assert (prop_type.CodeValue, prop_type.CodingSchemeDesignator) == ("112120", "DCM")
+    assert prop_type.CodeMeaning == "Ground glass opacity"
+    assert (region.CodeValue, region.CodingSchemeDesignator) == ("39607008", "SCT")
+    assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+    assert algorithm.AlgorithmName == model.name
+    assert algorithm.AlgorithmVersion == model.version
+    family = algorithm.AlgorithmFamilyCodeSequence[0]
+    assert (family.CodeValue, family.CodingSchemeDesignator) == ("123110", "DCM")
+    assert seg.Manufacturer == "ggo-cli"
+    assert seg.ManufacturerModelName == model.name
+    assert seg.SoftwareVersions == SOFTWARE_VERSION
+    assert seg.DeviceSerialNumber == model.recorded_sha256[:16]
+    assert seg.SeriesNumber == SEG_SERIES_NUMBER
+    assert seg.SeriesDescription == SEG_SERIES_DESCRIPTION
+    assert seg.ContentLabel == "GGO"
+    assert "research use only" in seg.ContentDescription
+    processing = [
+        item
+        for item in seg.ContributingEquipmentSequence
+        if item.Manufacturer == "ggo-cli"
+        and item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.ProcessingEquipment.value
+    ]
+    assert len(processing) == 1
+    assert processing[0].ManufacturerModelName == model.name
+    assert processing[0].SoftwareVersions == model.version
+
+
+def test_empty_mask_still_writes_every_frame_empty(
+    tmp_path: Path, lung_volume: CtVolume, model: ModelInfo
+) -> None:
+    """A GGO-free series gives a SEG with all frames present and empty."""
+    empty = Prediction(masks=np.zeros((*lung_volume.hu.shape, 1), dtype=bool), threshold=0.5)
+    path = _write(lung_volume, empty, model, tmp_path / "empty.seg.dcm")
+    seg = hd.seg.segread(path)
+    assert int(seg.NumberOfFrames) == len(lung_volume.datasets)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(lung_volume.sop_instance_uids), segment_numbers=[1]
+    )
+    assert pixels.shape == (*lung_volume.hu.shape, 1)
+    assert not pixels.any()
+    assert dciodvfy_errors(path) == []
+
+
+def test_one_segment_per_model_channel(tmp_path: Path, dcmqi_volume: CtVolume) -> None:
+    """A two-channel model gives two segments and slices x 2 frames, each channel intact."""
+    model2 = make_model(2)
+    masks = blob_masks(dcmqi_volume, n_channels=2)
+    prediction = Prediction(masks=masks, threshold=0.4)
+    path = _write(dcmqi_volume, prediction, model2, tmp_path / "two.seg.dcm")
+    seg = hd.seg.segread(path)
+    assert int(seg.NumberOfFrames) == 3 * 2
+    assert [item.SegmentLabel for item in seg.SegmentSequence] == ["GGO", "Lung 1"]
+    second = seg.SegmentSequence[1]
+    assert second.SegmentedPropertyTypeCodeSequence[0].CodeValue == codes.SCT.Lung.value
+    assert "AnatomicRegionSequence" not in second
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(dcmqi_volume.sop_instance_uids), segment_numbers=[1, 2]
+    )
+    assert_array_equal(pixels.astype(bool), masks)
+    verify_seg(path, dcmqi_volume, prediction, model=model2)
+    assert dciodvfy_errors(path) == []
+
+
+def test_uids_are_deterministic_across_reruns(
+    lung_volume: CtVolume, lung_prediction: Prediction, model: ModelInfo
+) -> None:
+    """Two builds of the same inputs share Series and SOP Instance UIDs."""
+    first = build_seg(lung_volume, lung_prediction, model, software_version=SOFTWARE_VERSION)
+    second = build_seg(lung_volume, lung_prediction, model, software_version=SOFTWARE_VERSION)
+    assert first.SeriesInstanceUID == second.SeriesInstanceUID
+    assert first.SOPInstanceUID == second.SOPInstanceUID
+    assert first.SeriesInstanceUID != first.SOPInstanceUID
+    assert pydicom.uid.UID(first.SOPInstanceUID).is_valid
+
+
+def test_uids_change_with_model_threshold_and_series_identity(lung_volume: CtVolume) -> None:
+    """Another model, threshold, series number or description gives other UIDs."""
+    series_uid = lung_volume.series.series_instance_uid
+    base = derive_seg_uids(
+        series_uid, "a" * 64, threshold=0.5, series_number=1, series_description="d"
+    )
+    variants = [
+        derive_seg_uids(
+            series_uid, "b" * 64, threshold=0.5, series_number=1, series_description="d"
+        ),
+        derive_seg_uids(
+            series_uid, "a" * 64, threshold=0.6, series_number=1, series_description="d"
+        ),
+        derive_seg_uids(
+            series_uid, "a" * 64, threshold=0.5, series_number=2, series_description="d"
+        ),
+        derive_seg_uids(
+            series_uid, "a" * 64, threshold=0.5, series_number=1, series_description="e"
+        ),
+        derive_seg_uids("1.2.3", "a" * 64, threshold=0.5, series_number=1, series_description="d"),
+    ]
+    for uids in variants:
+        assert uids[0] != base[0]
+        assert uids[1] != base[1]
+
+
+def test_series_number_and_description_are_configurable(
+    tmp_path: Path, dcmqi_volume: CtVolume, model: ModelInfo
+) -> None:
+    """SeriesNumber and SeriesDescription follow the options."""
+    prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+    path = write_seg(
+        dcmqi_volume,
+        prediction,
+        model,
+        path=tmp_path / "custom.seg.dcm",
+        series_number=42,
+        series_description="My AI GGO (research)",
+    )
+    seg = pydicom.dcmread(path, stop_before_pixels=True)
+    assert seg.SeriesNumber == 42
+    assert seg.SeriesDescription == "My AI GGO (research)"
+
+
+@pytest.mark.parametrize(
+    ("number", "description", "match"),
+    [
+        (0, "ok", "series number must be an integer from 1"),
+        (1, "x" * 65, "at most 64 characters"),
+        (1, "back\\slash", "without backslash"),
+    ],
+)
+def test_bad_series_options_raise_input_error(
+    dcmqi_volume: CtVolume, model: ModelInfo, number: int, description: str, match: str
+) -> None:
+    """Out-of-range SeriesNumber or SeriesDescription is a usage error."""
+    prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+    with pytest.raises(InputError, match=match):
+        build_seg(
+            dcmqi_volume,
+            prediction,
+            model,
+            series_number=number,
+            series_description=description,
+        )
+
+
+def test_missing_type2_attribute_is_refused_not_invented(
+    dcmqi_volume: CtVolume, model: ModelInfo
+) -> None:
+    """A source without PatientBirthDate fails with UnsupportedSeriesError, naming it."""
+    headers = [copy.deepcopy(ds) for ds in dcmqi_volume.datasets]
+    del headers[1].PatientBirthDate
+    volume = dataclasses.replace(dcmqi_volume, datasets=tuple(headers))
+    prediction = Prediction(masks=blob_masks(volume), threshold=0.5)
+    with pytest.raises(UnsupportedSeriesError, match="lack PatientBirthDate"):
+        build_seg(volume, prediction, model)
+
+
+def test_misaligned_masks_are_a_bug(dcmqi_volume: CtVolume, model: ModelInfo) -> None:
+    """Masks that do not match the volume's shape raise ValueError."""
+    prediction = Prediction(masks=np.zeros((2, 512, 512, 1), dtype=bool), threshold=0.5)
+    with pytest.raises(ValueError, match="prediction masks must be bool"):
+        build_seg(dcmqi_volume, prediction, model)
+
+
+def test_verify_detects_pixel_mismatch(
+    lung_seg_path: Path, lung_volume: CtVolume, lung_prediction: Prediction
+) -> None:
+    """A SEG whose pixels differ from the masks fails the read-back check."""
+    other = lung_prediction.masks.copy()
+    other[0, 0, 0, 0] = True
+    with pytest.raises(OutputError, match="1 pixels differ"):
+        verify_seg(lung_seg_path, lung_volume, Prediction(masks=other, threshold=0.5))
+
+
+def test_verify_detects_unreferenced_source_instance(
+    lung_seg_path: Path, lung_volume: CtVolume, lung_prediction: Prediction
+) -> None:
+    """A source instance missing from the references fails the read-back check."""
+    headers = [copy.deepcopy(ds) for ds in lung_volume.datasets]
+    headers[3].SOPInstanceUID = pydicom.uid.generate_uid()
+    volume = dataclasses.replace(lung_volume, datasets=tuple(headers))
+    with pytest.raises(OutputError, match="1 source instances not referenced"):
+        verify_seg(lung_seg_path, volume, lung_prediction)
+
+
+def test_verify_detects_other_codes(
+    lung_seg_path: Path, lung_volume: CtVolume, lung_prediction: Prediction
+) -> None:
+    """A model whose codes differ from the SEG's fails the read-back check."""
+    other = dataclasses.replace(make_model(), version="2.0")
+    with pytest.raises(OutputError, match="label, codes or algorithm differ"):
+        verify_seg(lung_seg_path, lung_volume, lung_prediction, model=other)
+
+
+def test_verify_rejects_a_non_seg_file(lung_volume: CtVolume, lung_prediction: Prediction) -> None:
+    """A CT image is not accepted as the SEG."""
+    ct_file = lung_volume.series.files[0]
+    with pytest.raises(OutputError, match="failed its read-back check"):
+        verify_seg(ct_file, lung_volume, lung_prediction)
+
+
+def test_failed_verification_leaves_no_file(
+    tmp_path: Path,
+    dcmqi_volume: CtVolume,
+    model: ModelInfo,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the read-back check fails, neither the SEG nor a temp file is left behind."""
+    target = tmp_path / "ggo.seg.dcm"
+    target.write_bytes(b"old")
+
+    def failing_check(*args: object, **kwargs: object) -> None:
+        raise OutputError("DICOM-SEG failed its read-back check: forced")
+
+    monkeypatch.setattr(dicom_seg, "verify_seg", failing_check)
+    prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+    with pytest.raises(OutputError, match="forced"):
+        write_seg(dcmqi_volume, prediction, model, path=target)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ggo.seg.dcm"]
+
+
+def test_no_patient_data_in_logs(
+    caplog: pytest.LogCaptureFixture,
+    dcmqi_volume: CtVolume,
+    model: ModelInfo,
+) -> None:
+    """Debug logs (including highdicom's warnings, which quote names) carry no patient data."""
+    prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+    with caplog.at_level(logging.DEBUG):
+        build_seg(dcmqi_volume, prediction, model)
+    source = dcmqi_volume.datasets[0]
+    for keyword in ("PatientName", "PatientID"):
+        value = str(source[keyword].value)
+        assert value
+        assert value not in caplog.text
+
+
+@pytest.mark.parametrize("which", ["lung", "dcmqi"])
+def test_dciodvfy_reports_no_errors(
+    which: str,
+    lung_seg_path: Path,
+    tmp_path: Path,
+    dcmqi_volume: CtVolume,
+    model: ModelInfo,
+) -> None:
+    """dicom3tools' validator finds no Error in our SEGs (warnings are source quirks)."""
+    if which == "lung":
+        path = lung_seg_path
+    else:
+        prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+        path = _write(dcmqi_volume, prediction, model, tmp_path / "dcmqi-ct.seg.dcm")
+    assert dciodvfy_errors(path) == []
+    # Only warnings inherited from the source headers are expected.
+    for line in dciodvfy_warnings(path):
+        assert "Patient's Name" in line or "Study ID" in line, line
+
+
+def _frame_keywords(seg: pydicom.Dataset) -> set[str]:
+    """Functional group macros present per frame or shared."""
+    shared = set(seg.SharedFunctionalGroupsSequence[0].dir())
+    per_frame = set(seg.PerFrameFunctionalGroupsSequence[0].dir())
+    return shared | per_frame
+
+
+def test_structure_matches_dcmqi_seg(tmp_path: Path, dcmqi_volume: CtVolume) -> None:
+    """Over dcmqi's CT with dcmqi's mask, our SEG has dcmqi's structure and pixels."""
+    reference = hd.seg.segread(DCMQI_SEG)
+    uids = list(dcmqi_volume.sop_instance_uids)
+    # dcmqi does not state SpatialLocationsPreserved, so highdicom wants this override.
+    reference_pixels = reference.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1], ignore_spatial_locations=True
+    ).astype(bool)
+    assert reference_pixels.any()
+    prediction = Prediction(masks=reference_pixels, threshold=0.5)
+    model = make_model()
+    path = _write(dcmqi_volume, prediction, model, tmp_path / "liver-like.seg.dcm")
+    ours = hd.seg.segread(path)
+
+    assert ours.SOPClassUID == reference.SOPClassUID
+    assert ours.file_meta.TransferSyntaxUID == reference.file_meta.TransferSyntaxUID
+    for keyword in (
+        "SegmentationType",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PhotometricInterpretation",
+        "SamplesPerPixel",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "StudyInstanceUID",
+        "FrameOfReferenceUID",
+    ):
+        assert ours[keyword].value == reference[keyword].value, keyword
+    assert list(ours.ImageType) == list(reference.ImageType)
+    # Referenced series: the same source series and instances.
+    assert [s.SeriesInstanceUID for s in ours.ReferencedSeriesSequence] == [
+        s.SeriesInstanceUID for s in reference.ReferencedSeriesSequence
+    ]
+    assert {
+        r.ReferencedSOPInstanceUID
+        for r in ours.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    } == {
+        r.ReferencedSOPInstanceUID
+        for r in reference.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
+    # Dimension index: segment number, then image position (as dcmqi).
+    assert [item.DimensionIndexPointer for item in ours.DimensionIndexSequence] == [
+        item.DimensionIndexPointer for item in reference.DimensionIndexSequence
+    ]
+    # Functional groups: dcmqi's macros are all present in ours (shared or per frame).
+    assert _frame_keywords(reference) <= _frame_keywords(ours)
+    for ours_item, ref_item in zip(
+        ours.PerFrameFunctionalGroupsSequence,
+        reference.PerFrameFunctionalGroupsSequence,
+        strict=True,
+    ):
+        ours_source = ours_item.DerivationImageSequence[0].SourceImageSequence[0]
+        ref_source = ref_item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (
+            ours_source.PurposeOfReferenceCodeSequence[0].CodeValue
+            == ref_source.PurposeOfReferenceCodeSequence[0].CodeValue
+            == "121322"
+        )
+        assert (
+            ours_item.DerivationImageSequence[0].DerivationCodeSequence[0].CodeValue
+            == ref_item.DerivationImageSequence[0].DerivationCodeSequence[0].CodeValue
+            == "113076"
+        )
+    # Segment description: every attribute dcmqi writes, we write too.
+    assert set(reference.SegmentSequence[0].dir()) <= set(ours.SegmentSequence[0].dir())
+    # Pixels per source instance are dcmqi's.
+    ours_pixels = ours.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1]
+    ).astype(bool)
+    assert_array_equal(ours_pixels, reference_pixels)
+
+
+def test_redaction_hides_patient_values_and_name_components() -> None:
+    """Warnings quoting a name, its components or the patient ID are redacted."""
+    source = pydicom.Dataset()
+    source.PatientName = "Doe^John"
+    source.PatientID = "12345"
+    text = dicom_seg._redact('name "Doe^John", or Doe, John; id 12345', source)
+    assert text == 'name "***", or ***, ***; id ***'
+
+
+def test_empty_specific_character_set_means_default_repertoire(
+    tmp_path: Path, dcmqi_volume: CtVolume, model: ModelInfo
+) -> None:
+    """An empty source SpecificCharacterSet (dcmqi's CT) is left out, not rejected."""
+    assert dcmqi_volume.datasets[0].SpecificCharacterSet == ""
+    prediction = Prediction(masks=blob_masks(dcmqi_volume), threshold=0.5)
+    seg = build_seg(dcmqi_volume, prediction, model)
+    assert "SpecificCharacterSet" not in seg
+    source = pydicom.Dataset()
+    source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    assert dicom_seg._character_set(source) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
