@@ -28,7 +28,7 @@ from .inference import OnnxSegmenter
 from .measurements import measure_ggo
 from .model_info import ModelInfo, load_model_info
 from .volume import load_volume
-from .writers.dicom_seg import write_seg
+from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.overlay_png import write_overlay, write_slice_pngs
 from .writers.report_csv import write_csv
 
@@ -166,6 +166,7 @@ def process_series(
     volume: CtVolume | None = None
     try:
         volume = load_volume(series, cfg.selection, on_slice=advance)
+        check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         seg_path, pngs = _write_outputs(
