@@ -228,6 +228,8 @@ def process_series(
 def _check_output_location(cfg: RunConfig) -> None:
     out = cfg.out_dir.resolve()
     for source in cfg.inputs:
+        if not source.exists():
+            raise InputError(f"input not found: {source} (give an existing file or folder)")
         root = source.resolve()
         root = root if root.is_dir() else root.parent
         if out == root or root in out.parents:

@@ -1,0 +1,109 @@
+"""End to end on the real shared chest CT, uncompressed and as JPEG Lossless, with junk around."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEGLosslessSV1
+from typer.testing import CliRunner
+
+from ggo_cli.cli import app
+from ggo_cli.phantom import transcode_file
+from tests.conftest import DCMQI_DIR
+from tests.dciodvfy import dciodvfy_errors
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def jpeg_lossless_study(real_ct_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 30-slice series transcoded to JPEG Lossless SV1, the dcmqi CT and junk files."""
+    root = tmp_path_factory.mktemp("hospital")
+    series = root / "patient_a" / "ct"
+    series.mkdir(parents=True)
+    for k, src in enumerate(sorted(real_ct_dir.glob("*.dcm"))):
+        transcode_file(src, series / f"IMG{(k * 7919) % 1000:04d}", JPEGLosslessSV1)
+    other = root / "patient_b"
+    other.mkdir()
+    for src in sorted((DCMQI_DIR / "ct").glob("*.dcm")):
+        (other / src.name).write_bytes(src.read_bytes())
+    (root / "README.txt").write_text("export from PACS")
+    (root / "empty.dcm").write_bytes(b"")
+    (root / "seg.dcm").write_bytes((DCMQI_DIR / "seg" / "liver_seg.dcm").read_bytes())
+    return root
+
+
+def _run(inputs: Path, out: Path, model: Path) -> list[dict[str, str]]:
+    result = runner.invoke(app, ["segment", str(inputs), "-o", str(out), "-m", str(model), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with (out / "ggo_volumes.csv").open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _check_seg(seg_path: Path, source_dir: Path, row: dict[str, str]) -> int:
+    seg = hd.seg.segread(seg_path)
+    sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(source_dir.iterdir())]
+    uids = [str(ds.SOPInstanceUID) for ds in sources]
+    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    assert referenced == set(uids)
+    assert seg.NumberOfFrames == len(uids)
+    segment = seg.SegmentSequence[0]
+    prop = segment.SegmentedPropertyTypeCodeSequence[0]
+    assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("112120", "DCM")
+    assert segment.SegmentAlgorithmType == "AUTOMATIC"
+    assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
+    voxels = int(np.count_nonzero(pixels))
+    assert float(row["ggo_volume_ml"]) == pytest.approx(voxels * float(row["voxel_volume_ml"]), abs=1e-6)
+    assert dciodvfy_errors(seg_path) == []
+    return voxels
+
+
+def test_real_series_end_to_end(real_ct_dir: Path, tmp_path: Path, band_model_path: Path) -> None:
+    (row,) = _run(real_ct_dir, tmp_path / "out", band_model_path)
+    assert row["status"] == "ok" and row["n_slices"] == "30"
+    assert float(row["slice_spacing_mm"]) == pytest.approx(8.0)
+    voxels = _check_seg(tmp_path / "out" / row["seg_path"], real_ct_dir, row)
+    assert voxels > 0  # the HU band marks partial-volume lung edges and vessels in this series
+
+
+def test_jpeg_lossless_copy_gives_the_same_result(
+    real_ct_dir: Path, jpeg_lossless_study: Path, tmp_path: Path, band_model_path: Path
+) -> None:
+    rows = _run(jpeg_lossless_study, tmp_path / "jpeg", band_model_path)
+    by_status = {r["status"] for r in rows}
+    assert by_status == {"ok", "skipped"}  # the 3-slice dcmqi CT is skipped, junk ignored
+    (ok,) = [r for r in rows if r["status"] == "ok"]
+    _check_seg(tmp_path / "jpeg" / ok["seg_path"], jpeg_lossless_study / "patient_a" / "ct", ok)
+    (plain,) = _run(real_ct_dir, tmp_path / "plain", band_model_path)
+    assert ok["ggo_voxels"] == plain["ggo_voxels"]
+
+
+def test_seg_structure_matches_dcmqi(real_ct_dir: Path, tmp_path: Path, band_model_path: Path) -> None:
+    """Our SEG carries the same modules and references as the known-good dcmqi SEG."""
+    (row,) = _run(real_ct_dir, tmp_path / "out", band_model_path)
+    ours = pydicom.dcmread(tmp_path / "out" / row["seg_path"])
+    theirs = pydicom.dcmread(DCMQI_DIR / "seg" / "liver_seg.dcm")
+    assert ours.SOPClassUID == theirs.SOPClassUID
+    assert ours.SegmentationType == theirs.SegmentationType == "BINARY"
+    for keyword in (
+        "ReferencedSeriesSequence",
+        "SharedFunctionalGroupsSequence",
+        "PerFrameFunctionalGroupsSequence",
+        "DimensionIndexSequence",
+        "SegmentSequence",
+        "FrameOfReferenceUID",
+    ):
+        assert keyword in ours and keyword in theirs, keyword
+    frame = ours.PerFrameFunctionalGroupsSequence[0]
+    for keyword in ("DerivationImageSequence", "FrameContentSequence", "PlanePositionSequence"):
+        assert keyword in frame and keyword in theirs.PerFrameFunctionalGroupsSequence[0], keyword
+    # one segment: highdicom states it once in the shared groups, dcmqi per frame (both valid)
+    shared = ours.SharedFunctionalGroupsSequence[0]
+    assert "SegmentIdentificationSequence" in shared or "SegmentIdentificationSequence" in frame

@@ -1,0 +1,109 @@
+"""Volume loading: HU, ordering along the normal, spacing from positions, geometry errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+from ggo_cli.discovery import discover_series
+from ggo_cli.config import SelectionRules
+from ggo_cli.errors import SeriesGeometryError, UnsupportedSeriesError
+from ggo_cli.volume import load_volume
+from tests.dicom_factory import FactorySeries, make_ct_series
+
+
+def _load(fs: FactorySeries, rules: SelectionRules | None = None):  # type: ignore[no-untyped-def]
+    (series,) = [s for s in discover_series([fs.root]).series if s.series_instance_uid == fs.series_instance_uid]
+    return load_volume(series, rules)
+
+
+@pytest.mark.parametrize(
+    "traps",
+    [
+        {},
+        {"shuffle_names": True},
+        {"descending_z": True, "shuffle_names": True},
+        {"flip_columns": True},
+        {"flip_rows": True, "descending_z": True},
+    ],
+    ids=["plain", "shuffled", "descending", "flip-columns", "flip-rows-descending"],
+)
+def test_slices_land_on_their_instances(tmp_path: Path, traps: dict[str, bool]) -> None:
+    fs = make_ct_series(tmp_path, **traps)
+    volume = _load(fs)
+    assert volume.sop_instance_uids == fs.sop_instance_uids
+    np.testing.assert_array_equal(volume.hu, fs.hu)
+    assert volume.slice_spacing_mm == pytest.approx(fs.spacing_mm[0])
+    assert volume.pixel_spacing_mm == pytest.approx(fs.spacing_mm[1:])
+
+
+@pytest.mark.parametrize(
+    "syntax", [RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLosslessSV1], ids=str
+)
+def test_compressed_series_decode_to_the_same_hu(tmp_path: Path, syntax: str) -> None:
+    fs = make_ct_series(tmp_path, shape=(10, 48, 48), transfer_syntax=syntax)
+    assert pydicom.dcmread(fs.paths[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(_load(fs).hu, fs.hu)
+
+
+def test_uneven_spacing_is_a_geometry_error(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, uneven_spacing=True)
+    with pytest.raises(SeriesGeometryError, match=r"slice spacing varies 2\.5-3\.75 mm"):
+        _load(fs)
+
+
+def test_missing_rescale_intercept_is_unsupported(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, missing_rescale_intercept=True)
+    with pytest.raises(UnsupportedSeriesError, match="without RescaleIntercept/RescaleSlope"):
+        _load(fs)
+
+
+def test_duplicate_position_is_a_geometry_error(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path)
+    ds = pydicom.dcmread(fs.paths[3])
+    ds.ImagePositionPatient = pydicom.dcmread(fs.paths[2]).ImagePositionPatient
+    ds.save_as(fs.paths[3])
+    with pytest.raises(SeriesGeometryError, match="two slices share a position"):
+        _load(fs)
+
+
+def test_sheared_stack_is_a_geometry_error(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path)
+    for k, path in enumerate(fs.paths):
+        ds = pydicom.dcmread(path)
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y + 0.5 * k, z]  # gantry-tilt-like drift
+        ds.save_as(path)
+    with pytest.raises(SeriesGeometryError, match="drift"):
+        _load(fs)
+
+
+def test_pydicom_uneven_ct_series_is_refused() -> None:
+    # pydicom's 4-slice CT2 series: z = -99.5, 103.0, 104.3, 105.5 (a ready-made negative case).
+    first = get_testdata_file("dicomdirtests/77654033/CT2/17136", download=False)
+    if first is None:
+        pytest.skip("pydicom test data not installed")
+    folder = Path(first).parent
+    found = discover_series([folder], SelectionRules(min_slices=2))
+    (series,) = found.eligible
+    with pytest.raises(SeriesGeometryError, match="slice spacing varies"):
+        load_volume(series)
+
+
+def test_real_series_loads_in_hu(real_ct_dir: Path) -> None:
+    (series,) = discover_series([real_ct_dir]).eligible
+    volume = load_volume(series)
+    assert volume.hu.shape == (30, 512, 512)
+    assert volume.slice_spacing_mm == pytest.approx(8.0)
+    assert volume.pixel_spacing_mm == pytest.approx((0.646484375, 0.646484375))
+    assert volume.hu.min() == pytest.approx(-1024.0)
+    # lungs: a large share of voxels inside the body in the -950..-700 HU range
+    assert ((volume.hu > -950) & (volume.hu < -700)).mean() > 0.05
+    positions = [float(ds.ImagePositionPatient[2]) for ds in volume.datasets]
+    assert positions == sorted(positions)
+    assert "PixelData" not in volume.datasets[0]
