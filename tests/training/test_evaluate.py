@@ -145,3 +145,13 @@ def test_threshold_outside_unit_interval_exits_5(
         main(["evaluate", "--model", str(model), "--data", str(data), "--threshold", "1.5", "-q"])
         == 5
     )
+
+
+def test_threshold_moves_from_half_only_for_a_real_gain() -> None:
+    from training.evaluate import choose_threshold
+    from training.metrics import Confusion
+
+    flat = {0.5: [Confusion(tp=100, fp=10, fn=10)], 0.9: [Confusion(tp=100, fp=9, fn=10)]}
+    assert choose_threshold(flat) == 0.5
+    clear = {0.5: [Confusion(tp=100, fp=50, fn=10)], 0.7: [Confusion(tp=100, fp=5, fn=12)]}
+    assert choose_threshold(clear) == 0.7

@@ -1,0 +1,345 @@
+"""Evaluate an ONNX model or a training checkpoint exactly as inference runs it.
+
+Per slice: the windowed image (``pixel / 255`` for display images, ``window_hu`` for DICOM and
+NIfTI, with the model's window) is letterboxed and resized bilinearly to the model's input size
+(:func:`ggo_cli.preprocessing.to_model_grid`), the network gives logits, ``sigmoid`` gives
+probabilities, which go back bilinearly onto the slice's own pixel grid
+(:func:`~ggo_cli.preprocessing.to_source_grid`), and ``probability > threshold`` is compared with
+the ground truth there. Metrics are defined in :mod:`training.metrics`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ggo_cli.errors import InputError, ModelError
+from ggo_cli.preprocessing import sigmoid, to_model_grid, to_source_grid
+
+from .data import SourceSlice, load_slices
+from .metrics import Confusion, SegMetrics, confusion, summarize
+from .splits import SPLIT_NAMES, Split, load_split
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+THRESHOLD_GRID = tuple(round(0.20 + 0.05 * i, 2) for i in range(15))
+"""Thresholds searched on the validation split: 0.20, 0.25, ..., 0.90."""
+DEFAULT_THRESHOLD = 0.5
+THRESHOLD_MIN_GAIN = 0.005
+"""Validation pooled Dice a threshold must gain over 0.5 to be chosen."""
+BATCH = 4
+
+
+class Predictor(Protocol):
+    """Anything that maps model-grid batches to logits, with the model's preprocessing facts."""
+
+    input_size: int
+    threshold: float
+    window_center: float
+    window_width: float
+
+    def logits(self, batch: FloatArray) -> FloatArray:
+        """Shape: ``(n, 1, S, S) -> (n, C, S, S)``, float32."""
+        ...
+
+
+class OnnxPredictor:
+    """ONNX Runtime predictor.
+
+    Args:
+        session: an ``onnxruntime.InferenceSession`` with input ``image``, output ``logits``.
+        input_size: S.
+        threshold: probability threshold.
+        window_center: lung window centre in HU.
+        window_width: lung window width in HU.
+        metadata: the model's ``ggo_cli`` metadata, when read from a file.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        *,
+        input_size: int,
+        threshold: float,
+        window_center: float,
+        window_width: float,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.session = session
+        self.metadata: Mapping[str, Any] = metadata or {}
+        self.input_size = input_size
+        self.threshold = threshold
+        self.window_center = window_center
+        self.window_width = window_width
+
+    @classmethod
+    def from_file(
+        cls, path: Path, providers: Sequence[str] = ("CPUExecutionProvider",)
+    ) -> OnnxPredictor:
+        """Open an exported model, its metadata checked by ``load_model_info``.
+
+        Raises:
+            ModelError: the file breaks the model contract.
+        """
+        import onnxruntime as ort
+
+        from ggo_cli.model_info import load_model_info  # deferred: imports pydicom
+
+        info = load_model_info(path)
+        session = ort.InferenceSession(str(path), providers=list(providers))
+        log.info("ONNX Runtime providers: %s", session.get_providers())
+        return cls(
+            session,
+            input_size=info.input_size,
+            threshold=info.threshold,
+            window_center=info.window_center_hu,
+            window_width=info.window_width_hu,
+            metadata=info.metadata,
+        )
+
+    def logits(self, batch: FloatArray) -> FloatArray:
+        """Run the session. Shape: ``(n, 1, S, S) -> (n, C, S, S)``."""
+        out = self.session.run(["logits"], {"image": np.ascontiguousarray(batch, np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+class TorchPredictor:
+    """Predictor for a training checkpoint (float32, no autocast).
+
+    Args:
+        checkpoint: a ``.pt`` file or a run folder.
+        device: ``auto``, ``cpu`` or ``cuda[:N]``.
+    """
+
+    def __init__(self, checkpoint: Path, device: str = "cpu") -> None:
+        from .checkpoints import load_checkpoint, model_from_checkpoint
+        from .loop import select_device
+
+        ckpt = load_checkpoint(checkpoint)
+        self.device = select_device(device)
+        self.model, self.config = model_from_checkpoint(ckpt, self.device)
+        self.checkpoint = ckpt
+        self.input_size = self.config.size
+        threshold = ckpt.get("threshold")
+        self.threshold = float(threshold) if threshold is not None else DEFAULT_THRESHOLD
+        self.window_center = self.config.window_center
+        self.window_width = self.config.window_width
+
+    def logits(self, batch: FloatArray) -> FloatArray:
+        """Run the network. Shape: ``(n, 1, S, S) -> (n, C, S, S)``."""
+        import torch
+
+        with torch.no_grad():
+            out = self.model(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))
+        result: FloatArray = out.float().cpu().numpy()
+        return result
+
+
+def make_predictor(model: Path, device: str = "cpu") -> Predictor:
+    """An :class:`OnnxPredictor` for ``.onnx``, else a :class:`TorchPredictor`.
+
+    Raises:
+        InputError: the model path does not exist.
+        ModelError: the ONNX file breaks the model contract.
+    """
+    if not model.exists():
+        raise InputError(f"model not found: {model}")
+    if model.suffix == ".onnx":
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            providers.insert(0, "CUDAExecutionProvider")
+        return OnnxPredictor.from_file(model, providers)
+    return TorchPredictor(model, device)
+
+
+def predict_probabilities(
+    predictor: Predictor, slices: Sequence[SourceSlice]
+) -> Iterable[FloatArray]:
+    """Yield each slice's GGO probabilities on its own pixel grid.
+
+    Args:
+        predictor: the model.
+        slices: the slices.
+
+    Yields:
+        float32 probabilities. Shape: ``(rows, cols)`` of each slice.
+    """
+    size = predictor.input_size
+    for start in range(0, len(slices), BATCH):
+        chunk = slices[start : start + BATCH]
+        batch = np.stack([to_model_grid(s.image_float(), size) for s in chunk])[:, None]
+        probs = sigmoid(predictor.logits(batch)[:, 0])
+        for s, p in zip(chunk, probs, strict=True):
+            yield to_source_grid(p, s.mask.shape[0], s.mask.shape[1])
+
+
+def evaluate_thresholds(
+    predictor: Predictor, slices: Sequence[SourceSlice], thresholds: Sequence[float]
+) -> dict[float, list[Confusion]]:
+    """Per-slice confusion counts at several thresholds from one pass of the model.
+
+    Args:
+        predictor: the model.
+        slices: the slices.
+        thresholds: probability thresholds (a pixel is GGO when probability > threshold).
+
+    Returns:
+        ``threshold -> one Confusion per slice``.
+    """
+    result: dict[float, list[Confusion]] = {t: [] for t in thresholds}
+    for s, prob in zip(slices, predict_probabilities(predictor, slices), strict=True):
+        for t in thresholds:
+            result[t].append(confusion(prob > t, s.mask))
+    return result
+
+
+def choose_threshold(per_threshold: dict[float, list[Confusion]]) -> float:
+    """The threshold with the best pooled Dice, if it beats 0.5 by a margin; else 0.5.
+
+    With few validation slices, differences of a fraction of a Dice point are noise (trained
+    models give saturated probabilities, so the Dice curve is nearly flat); moving away from
+    0.5 needs a gain of at least :data:`THRESHOLD_MIN_GAIN`.
+    """
+    dice = {t: summarize(c).dice for t, c in per_threshold.items()}
+    best = max(dice, key=lambda t: (dice[t], -abs(t - DEFAULT_THRESHOLD)))
+    if DEFAULT_THRESHOLD in dice and dice[best] - dice[DEFAULT_THRESHOLD] < THRESHOLD_MIN_GAIN:
+        return DEFAULT_THRESHOLD
+    return best
+
+
+@dataclass(frozen=True, slots=True)
+class SplitEvaluation:
+    """Metrics of a model on every split, with the threshold chosen on validation.
+
+    Attributes:
+        threshold: the chosen (or given) threshold.
+        metrics: split name -> metrics at that threshold.
+        val_search: threshold -> validation pooled Dice (empty when the threshold was given).
+    """
+
+    threshold: float
+    metrics: dict[str, SegMetrics]
+    val_search: dict[float, float]
+
+
+def evaluate_splits(
+    predictor: Predictor,
+    slices: Sequence[SourceSlice],
+    split: Split,
+    *,
+    threshold: float | None = None,
+) -> SplitEvaluation:
+    """Evaluate train/val/test; choose the threshold on val unless one is given.
+
+    Args:
+        predictor: the model.
+        slices: all slices named by the split.
+        split: the split.
+        threshold: a fixed threshold, or None to search :data:`THRESHOLD_GRID` on val.
+
+    Returns:
+        The evaluation.
+
+    Raises:
+        InputError: the split names slices the data lacks.
+    """
+    by_id = {s.id: s for s in slices}
+    thresholds = list(THRESHOLD_GRID) if threshold is None else [threshold]
+    per_split: dict[str, dict[float, list[Confusion]]] = {}
+    for name in SPLIT_NAMES:
+        ids = split.ids(name)
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise InputError(
+                f"split {name} names {len(missing)} slices not in the data (e.g. {missing[:3]})"
+            )
+        per_split[name] = evaluate_thresholds(predictor, [by_id[i] for i in ids], thresholds)
+    search: dict[float, float] = {}
+    if threshold is None:
+        if split.val:
+            search = {t: summarize(c).dice for t, c in per_split["val"].items()}
+            threshold = choose_threshold(per_split["val"])
+        else:
+            threshold = DEFAULT_THRESHOLD
+    metrics: dict[str, SegMetrics] = {
+        name: summarize(per_split[name][threshold]) for name in SPLIT_NAMES
+    }
+    return SplitEvaluation(threshold=threshold, metrics=metrics, val_search=search)
+
+
+def select_slices(
+    slices: Sequence[SourceSlice], split_name: str | None, split_file: Path | None
+) -> list[SourceSlice]:
+    """Keep only the slices of one split (all when ``split_name`` is None).
+
+    Raises:
+        InputError: a split name without a split file, or ids missing from the data.
+    """
+    if split_name is None:
+        return list(slices)
+    if split_file is None:
+        raise InputError(f"--split {split_name} needs --split-file (a run's split.json)")
+    wanted = load_split(split_file).ids(split_name)
+    by_id = {s.id: s for s in slices}
+    missing = [i for i in wanted if i not in by_id]
+    if missing:
+        raise InputError(
+            f"split {split_name} of {split_file} names {len(missing)} slices not in the data "
+            f"(e.g. {missing[:3]}); evaluate on the data the split was drawn from"
+        )
+    return [by_id[i] for i in wanted]
+
+
+def evaluate_model(
+    model: Path,
+    data: Path,
+    *,
+    label: int = 1,
+    split_name: str | None = None,
+    split_file: Path | None = None,
+    threshold: float | None = None,
+    device: str = "cpu",
+) -> SegMetrics:
+    """Evaluate a model file on a data set (the ``evaluate`` command).
+
+    Args:
+        model: ``model.onnx`` or a checkpoint / run folder.
+        data: a folder in a supported layout or a packed ``.npz``.
+        label: the GGO label value in the masks.
+        split_name: evaluate only this split (``train``, ``val``, ``test``).
+        split_file: the split.json that defines it.
+        threshold: override the model's threshold.
+        device: ``cpu`` or ``cuda[:N]``.
+
+    Returns:
+        The metrics.
+
+    Raises:
+        InputError: bad paths, split or data.
+        ModelError: a model that breaks the contract, or a threshold outside (0, 1).
+    """
+    predictor = make_predictor(model, device)
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ModelError(f"--threshold must be in (0, 1), got {threshold}")
+    slices = load_slices(
+        data,
+        label=label,
+        window_center=predictor.window_center,
+        window_width=predictor.window_width,
+    )
+    chosen = select_slices(slices, split_name, split_file)
+    t = predictor.threshold if threshold is None else threshold
+    counts = evaluate_thresholds(predictor, chosen, [t])[t]
+    return summarize(counts)
+
+
+def metrics_json(metrics: SegMetrics) -> dict[str, Any]:
+    """The ``--json`` object: dice (pooled), dice_mean, precision, recall, accuracy, n_images."""
+    return metrics.to_dict()
