@@ -89,14 +89,22 @@ def _version_callback(value: bool) -> None:
 def main(
     version: Annotated[
         bool,
-        typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version."),
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
     ] = False,
-    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv).")] = 0,
-    quiet: Annotated[int, typer.Option("--quiet", "-q", count=True, help="Only warnings (-qq: errors).")] = 0,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv).")
+    ] = 0,
+    quiet: Annotated[
+        int, typer.Option("--quiet", "-q", count=True, help="Only warnings (-qq: errors).")
+    ] = 0,
     log_file: Annotated[
         Path | None, typer.Option("--log-file", help="Also log to this file (rotated at 10 MiB).")
     ] = None,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")
+    ] = False,
 ) -> None:
     """Ground-glass opacity segmentation for chest CT (research use only)."""
     import pydicom
@@ -120,7 +128,11 @@ def _guarded(action: Callable[[], T]) -> T:
         log.error("interrupted")
         raise typer.Exit(130) from None
     except Exception as exc:
-        log.error("unexpected %s: %s (a bug; rerun with --debug for the traceback)", type(exc).__name__, exc)
+        log.error(
+            "unexpected %s: %s (a bug; rerun with --debug for the traceback)",
+            type(exc).__name__,
+            exc,
+        )
         if _state.debug:
             log.exception("traceback")
         raise typer.Exit(EXIT_BUG) from None
@@ -135,7 +147,9 @@ class _RichProgress:
         self._slices = progress.add_task("slices", total=0)
 
     def series_started(self, series: SeriesInfo, n_slices: int) -> None:
-        self._progress.reset(self._slices, total=n_slices, description=f"series …{series.series_instance_uid[-12:]}")
+        self._progress.reset(
+            self._slices, total=n_slices, description=f"series …{series.series_instance_uid[-12:]}"
+        )
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._slices, n)
@@ -178,7 +192,9 @@ def _summary_table(outcomes: list[SeriesOutcome]) -> Table:
         table.add_column(name, overflow="fold")
     for o in outcomes:
         volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
-        table.add_row(o.series.series_instance_uid, str(o.n_slices), volume, o.status.value, o.message)
+        table.add_row(
+            o.series.series_instance_uid, str(o.n_slices), volume, o.status.value, o.message
+        )
     return table
 
 
@@ -213,7 +229,12 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
             result.csv_path,
         )
     elif code != 0:
-        log.error("%d of %d series failed; see %s", sum(o.status is SeriesStatus.FAILED for o in result.outcomes), len(result.outcomes), result.csv_path)
+        log.error(
+            "%d of %d series failed; see %s",
+            sum(o.status is SeriesStatus.FAILED for o in result.outcomes),
+            len(result.outcomes),
+            result.csv_path,
+        )
     return code
 
 
@@ -224,16 +245,24 @@ InputsArg = Annotated[
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (outside the input).")]
 ModelOpt = Annotated[
     Path | None,
-    typer.Option("--model", "-m", envvar=ENV_MODEL, help="ONNX model (default: the shipped ResNet-50U-Net)."),
+    typer.Option(
+        "--model", "-m", envvar=ENV_MODEL, help="ONNX model (default: the shipped ResNet-50U-Net)."
+    ),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", "-d", envvar=ENV_DEVICE, help="auto, cpu, cuda or cuda:N.")
 ]
 BatchOpt = Annotated[
-    int | None, typer.Option("--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU).")
+    int | None,
+    typer.Option(
+        "--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU)."
+    ),
 ]
 ThresholdOpt = Annotated[
-    float | None, typer.Option("--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's).")
+    float | None,
+    typer.Option(
+        "--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's)."
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
@@ -254,14 +283,51 @@ def segment(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     threshold: ThresholdOpt = None,
-    png: Annotated[PngMode, typer.Option("--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none.")] = PngMode.OVERLAY,
-    series: Annotated[list[str] | None, typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable).")] = None,
-    min_slices: Annotated[int, typer.Option("--min-slices", min=2, help="Fewest slices for a series to be analysed.")] = MIN_SLICES,
-    axial_tolerance: Annotated[float, typer.Option("--axial-tolerance", min=0.0, max=90.0, help="Largest tilt (degrees) of the slice normal from the patient z axis.")] = AXIAL_TOLERANCE_DEG,
-    spacing_tolerance: Annotated[float, typer.Option("--spacing-tolerance", min=0.0, max=1.0, help="Largest relative deviation of a slice gap from the median gap.")] = SPACING_TOLERANCE,
-    include_patient_id: Annotated[bool, typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default).")] = False,
-    series_number: Annotated[int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")] = SEG_SERIES_NUMBER,
-    series_description: Annotated[str, typer.Option("--seg-series-description", help="SeriesDescription of the SEG objects (max 64 characters).")] = SEG_SERIES_DESCRIPTION,
+    png: Annotated[
+        PngMode,
+        typer.Option(
+            "--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none."
+        ),
+    ] = PngMode.OVERLAY,
+    series: Annotated[
+        list[str] | None,
+        typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable)."),
+    ] = None,
+    min_slices: Annotated[
+        int, typer.Option("--min-slices", min=2, help="Fewest slices for a series to be analysed.")
+    ] = MIN_SLICES,
+    axial_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--axial-tolerance",
+            min=0.0,
+            max=90.0,
+            help="Largest tilt (degrees) of the slice normal from the patient z axis.",
+        ),
+    ] = AXIAL_TOLERANCE_DEG,
+    spacing_tolerance: Annotated[
+        float,
+        typer.Option(
+            "--spacing-tolerance",
+            min=0.0,
+            max=1.0,
+            help="Largest relative deviation of a slice gap from the median gap.",
+        ),
+    ] = SPACING_TOLERANCE,
+    include_patient_id: Annotated[
+        bool,
+        typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default)."),
+    ] = False,
+    series_number: Annotated[
+        int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")
+    ] = SEG_SERIES_NUMBER,
+    series_description: Annotated[
+        str,
+        typer.Option(
+            "--seg-series-description",
+            help="SeriesDescription of the SEG objects (max 64 characters).",
+        ),
+    ] = SEG_SERIES_DESCRIPTION,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -307,16 +373,21 @@ def _check_description(text: str) -> str:
     return text
 
 
-@app.command(
-    epilog="Example:\n\n  ggo-cli demo --out demo-results"
-)
+@app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results")
 def demo(
     out: OutOpt = Path("ggo-demo-results"),
     model: ModelOpt = None,
     device: DeviceOpt = "auto",
-    slices: Annotated[int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")] = 48,
+    slices: Annotated[
+        int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")
+    ] = 48,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic study.")] = 0,
-    study_dir: Annotated[Path | None, typer.Option("--study-dir", help="Keep the synthetic DICOM study here (default: a temporary folder).")] = None,
+    study_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--study-dir", help="Keep the synthetic DICOM study here (default: a temporary folder)."
+        ),
+    ] = None,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -326,18 +397,48 @@ def demo(
     """
 
     def body() -> int:
+        from .demo import compare_with_truth
         from .phantom import make_chest_phantom, write_ct_series
+        from .pipeline import run_segment, summary_json
 
         model_path = _resolve_model(model)
         with tempfile.TemporaryDirectory(prefix="ggo-demo-") as tmp:
             folder = study_dir or Path(tmp) / "study"
             phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
-            write_ct_series(phantom, folder, seed=seed)
+            paths = write_ct_series(phantom, folder, seed=seed)
             log.info(
                 "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
             )
             cfg = RunConfig(inputs=(folder,), out_dir=out, model_path=model_path, device=device)
-            code = _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+            with _progress(not no_progress, 1) as sink:
+                result = run_segment(cfg, progress=sink)
+            code = _exit_code(result.outcomes)
+            (outcome,) = result.outcomes
+            check = None
+            if outcome.seg_path is not None:
+                check = compare_with_truth(phantom, paths, outcome.seg_path)
+                log.info(
+                    "demo: true GGO %.2f mL, measured %.2f mL, Dice %.3f (a synthetic phantom; "
+                    "the model was trained on real COVID-19 CT)",
+                    check.true_ggo_ml,
+                    check.measured_ggo_ml,
+                    check.dice,
+                )
+        if sys.stderr.isatty():
+            _stderr.print(_summary_table(result.outcomes))
+        if as_json:
+            summary = summary_json(result)
+            if check is not None:
+                summary["demo"] = {
+                    "true_ggo_ml": round(check.true_ggo_ml, 3),
+                    "measured_ggo_ml": round(check.measured_ggo_ml, 3),
+                    "dice": round(check.dice, 4),
+                }
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            typer.echo(str(result.csv_path))
+        if code:
+            log.error("demo failed: %s", outcome.message or outcome.status.value)
         return code
 
     code = _guarded(body)

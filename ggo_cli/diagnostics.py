@@ -23,9 +23,23 @@ TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2.4.91": "JPEG 2000",
 }
 _PACKAGES = (
-    "ggo-cli", "numpy", "pydicom", "highdicom", "SimpleITK", "onnx", "onnxruntime-gpu",
-    "onnxruntime", "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pylibjpeg-rle",
-    "pyjpegls", "python-gdcm", "pillow", "typer", "rich",
+    "ggo-cli",
+    "numpy",
+    "pydicom",
+    "highdicom",
+    "SimpleITK",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "python-gdcm",
+    "pillow",
+    "typer",
+    "rich",
 )
 
 
@@ -37,7 +51,9 @@ def decoder_status() -> dict[str, list[str]]:
     status: dict[str, list[str]] = {}
     for uid, name in TRANSFER_SYNTAXES.items():
         decoder = get_decoder(UID(uid))
-        status[f"{name} ({uid})"] = sorted(decoder.available_plugins) if decoder.is_encapsulated else ["native"]
+        status[f"{name} ({uid})"] = (
+            sorted(decoder.available_plugins) if decoder.is_encapsulated else ["native"]
+        )
     return status
 
 

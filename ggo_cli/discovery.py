@@ -64,7 +64,9 @@ _HEADER_TAGS = (
     "SeriesNumber",
     "PatientID",
 )
-CT_IMAGE_CLASSES = frozenset({CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_STORAGE})
+CT_IMAGE_CLASSES = frozenset(
+    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_STORAGE}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +116,9 @@ def iter_files(inputs: Sequence[Path]) -> Iterator[tuple[Path, Path]]:
             try:
                 stat = os.stat(folder)
             except OSError as exc:
-                log.warning("cannot read folder %s: %s", _relative(Path(folder), root), exc.strerror)
+                log.warning(
+                    "cannot read folder %s: %s", _relative(Path(folder), root), exc.strerror
+                )
                 dirnames[:] = []
                 continue
             key = (stat.st_dev, stat.st_ino)
@@ -165,7 +169,9 @@ def read_header(path: Path) -> Dataset | None:
         log.debug("ignored unreadable file %s (%s: %s)", path.name, type(exc).__name__, exc)
         return None
     try:
-        sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", ""))
+        sop_class = str(
+            ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")
+        )
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             log.debug("ignored DICOMDIR %s", path.name)
             return None
@@ -279,7 +285,10 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         if ds is None:
             n_ignored += 1
             continue
-        if _text(ds, "Modality").upper() != "CT" or _text(ds, "SOPClassUID") not in CT_IMAGE_CLASSES:
+        if (
+            _text(ds, "Modality").upper() != "CT"
+            or _text(ds, "SOPClassUID") not in CT_IMAGE_CLASSES
+        ):
             # SR, PR, SEG, RT, KO and images of other modalities are not CT series to analyse.
             log.debug(
                 "ignored %s: modality %s, SOP class %s",
@@ -312,7 +321,9 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
             study_instance_uid=_text(first, "StudyInstanceUID"),
             series_instance_uid=series_uid,
             files=files,
-            location=_relative(Path(os.path.commonpath([str(p.parent) for p in files])), roots[series_uid]),
+            location=_relative(
+                Path(os.path.commonpath([str(p.parent) for p in files])), roots[series_uid]
+            ),
             modality="CT",
             study_date=_text(first, "StudyDate"),
             series_description=_text(first, "SeriesDescription"),

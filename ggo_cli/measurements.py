@@ -7,6 +7,7 @@ import numpy.typing as npt
 
 from .domain import GgoMeasurement
 
+
 def measure_ggo(ggo: npt.NDArray[np.bool_], voxel_ml: float) -> GgoMeasurement:
     """Measure a GGO mask.
 

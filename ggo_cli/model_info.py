@@ -175,7 +175,9 @@ def _check_io(graph: Any, input_size: int, n_segments: int, path: Path) -> None:
 def _number(meta: Mapping[str, Any], key: str, path: Path) -> float:
     value = meta[key]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ModelError(f"model {path.name}: metadata {key} must be a finite number, got {value!r}")
+        raise ModelError(
+            f"model {path.name}: metadata {key} must be a finite number, got {value!r}"
+        )
     return float(value)
 
 
@@ -200,10 +202,14 @@ def parse_metadata(meta: Mapping[str, Any], path: Path) -> dict[str, Any]:
             raise ModelError(f"model {path.name}: metadata {key} must be a non-empty string")
     size = meta["input_size"]
     if isinstance(size, bool) or not isinstance(size, int) or size < 16:
-        raise ModelError(f"model {path.name}: metadata input_size must be an integer >= 16, got {size!r}")
+        raise ModelError(
+            f"model {path.name}: metadata input_size must be an integer >= 16, got {size!r}"
+        )
     threshold = _number(meta, "threshold", path)
     if not 0.0 < threshold < 1.0:
-        raise ModelError(f"model {path.name}: metadata threshold must be in (0, 1), got {threshold}")
+        raise ModelError(
+            f"model {path.name}: metadata threshold must be in (0, 1), got {threshold}"
+        )
     width = _number(meta, "window_width", path)
     if width <= 0:
         raise ModelError(f"model {path.name}: metadata window_width must be positive, got {width}")
@@ -220,7 +226,9 @@ def parse_metadata(meta: Mapping[str, Any], path: Path) -> dict[str, Any]:
                 property_category=_code_from_json(
                     seg.get("property_category"), f"segments[{i}].property_category"
                 ),
-                property_type=_code_from_json(seg.get("property_type"), f"segments[{i}].property_type"),
+                property_type=_code_from_json(
+                    seg.get("property_type"), f"segments[{i}].property_type"
+                ),
             )
         )
     return {
@@ -267,7 +275,9 @@ def load_model_info(path: Path) -> ModelInfo:
     try:
         meta = json.loads(props[METADATA_KEY])
     except json.JSONDecodeError as exc:
-        raise ModelError(f"model {path.name}: {METADATA_KEY!r} metadata is not JSON: {exc}") from exc
+        raise ModelError(
+            f"model {path.name}: {METADATA_KEY!r} metadata is not JSON: {exc}"
+        ) from exc
     if not isinstance(meta, dict):
         raise ModelError(f"model {path.name}: {METADATA_KEY!r} metadata must be a JSON object")
     fields = parse_metadata(meta, path)

@@ -408,4 +408,3 @@ def summary_json(result: RunResult) -> dict[str, Any]:
             for o in result.outcomes
         ],
     }
-
