@@ -79,7 +79,11 @@ def main() -> int:
         ort.preload_dlls()
     model = load_model_info(args.model)
     report: dict[str, Any] = {
-        "model": {"name": model.name, "architecture": model.architecture, "sha256": model.file_sha256},
+        "model": {
+            "name": model.name,
+            "architecture": model.architecture,
+            "sha256": model.file_sha256,
+        },
         "onnxruntime": ort.__version__,
         "providers_available": ort.get_available_providers(),
         "host": {"platform": platform.platform(), "processor": platform.processor()},

@@ -368,7 +368,8 @@ def _check_description(text: str) -> str:
 
     if len(text) > 64 or "\\" in text:
         raise InputError(
-            f"--seg-series-description is {len(text)} characters; DICOM allows at most 64 and no backslash"
+            f"--seg-series-description is {len(text)} characters; "
+            "DICOM allows at most 64 and no backslash"
         )
     return text
 

@@ -7,7 +7,7 @@ defaults below. Nothing here reads or writes ``os.environ``; Typer resolves the 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 ENV_MODEL = "GGO_MODEL"
@@ -36,7 +36,7 @@ CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 16
 
 
-class PngMode(str, Enum):
+class PngMode(StrEnum):
     """Which PNGs ``segment`` writes per series."""
 
     OVERLAY = "overlay"

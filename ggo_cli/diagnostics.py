@@ -45,7 +45,7 @@ _PACKAGES = (
 
 def decoder_status() -> dict[str, list[str]]:
     """Map each transfer syntax name to the pydicom decoding plugins available for it."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # type: ignore[attr-defined]
     from pydicom.uid import UID
 
     status: dict[str, list[str]] = {}

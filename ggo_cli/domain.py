@@ -6,7 +6,7 @@ Arrays are ``(slice, row, col)``, highdicom's order; slices are sorted along the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 ML_PER_MM3 = 1e-3
 
 
-class SeriesStatus(str, Enum):
+class SeriesStatus(StrEnum):
     """Final state of one series in a run (the CSV ``status`` column)."""
 
     OK = "ok"

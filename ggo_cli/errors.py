@@ -53,7 +53,10 @@ class ModelError(GgoError):
 
 
 class DeviceError(ModelError):
-    """The requested execution device is not usable (for example ``--device cuda`` without a GPU)."""
+    """The requested execution device is not usable.
+
+    For example ``--device cuda`` without a GPU.
+    """
 
 
 class OutputError(GgoError):

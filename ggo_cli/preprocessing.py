@@ -125,14 +125,20 @@ class GridMapping:
         return self.rows == self.size and self.cols == self.size
 
     def forward_matrices(self) -> tuple[FloatArray, FloatArray]:
-        """Matrices ``(R, C)`` with ``model = R @ slice @ C.T``. Shapes: ``(size, rows)``, ``(size, cols)``."""
+        """Matrices ``(R, C)`` with ``model = R @ slice @ C.T``.
+
+        Shapes: ``(size, rows)``, ``(size, cols)``.
+        """
         full = bilinear_matrix(self.side, self.size)
         r = full[:, self.row_offset : self.row_offset + self.rows]
         c = full[:, self.col_offset : self.col_offset + self.cols]
         return np.ascontiguousarray(r), np.ascontiguousarray(c)
 
     def inverse_matrices(self) -> tuple[FloatArray, FloatArray]:
-        """Matrices ``(R, C)`` with ``slice = R @ model @ C.T``. Shapes: ``(rows, size)``, ``(cols, size)``."""
+        """Matrices ``(R, C)`` with ``slice = R @ model @ C.T``.
+
+        Shapes: ``(rows, size)``, ``(cols, size)``.
+        """
         full = bilinear_matrix(self.size, self.side)
         r = full[self.row_offset : self.row_offset + self.rows, :]
         c = full[self.col_offset : self.col_offset + self.cols, :]

@@ -118,7 +118,8 @@ def _hu_slice(ds: Dataset, series_uid: str) -> npt.NDArray[np.float32]:
             "units cannot be derived (the CT Image module requires both)"
         )
     try:
-        pixels = pydicom.pixels.pixel_array(ds)
+        # pydicom.pixels re-exports without __all__, so mypy sees no explicit export.
+        pixels = pydicom.pixels.pixel_array(ds)  # type: ignore[attr-defined]
     except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as exc:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
@@ -127,7 +128,8 @@ def _hu_slice(ds: Dataset, series_uid: str) -> npt.NDArray[np.float32]:
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
     if "ModalityLUTSequence" in ds:
-        return np.asarray(pydicom.pixels.apply_modality_lut(pixels, ds), dtype=np.float32)
+        hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]
+        return np.asarray(hu_lut, dtype=np.float32)
     hu = pixels.astype(np.float32)
     slope = float(ds.RescaleSlope)
     intercept = float(ds.RescaleIntercept)

@@ -13,9 +13,9 @@ from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
+from pydicom.sr.codedict import codes
 
 from ggo_cli.model_info import code_to_json, stamp_metadata
-from pydicom.sr.codedict import codes
 
 WINDOW_CENTER = -600.0
 WINDOW_WIDTH = 1500.0
@@ -87,7 +87,9 @@ def band_model(
     return model
 
 
-def write_band_model(path: Path, size: int = 64, *, metadata: dict[str, Any] | None = None, **kw: Any) -> Path:
+def write_band_model(
+    path: Path, size: int = 64, *, metadata: dict[str, Any] | None = None, **kw: Any
+) -> Path:
     """Write a contract-conforming band model to ``path``."""
     model = band_model(size, **kw)
     meta = metadata if metadata is not None else base_metadata(size)

@@ -113,7 +113,9 @@ def test_png_all_writes_one_png_per_ggo_slice(
     out = tmp_path / "out"
     result = _segment(cube.root, "--out", out, "--model", band_model_path, "--png", "all")
     assert result.exit_code == 0, result.output
-    slices = list((out / cube.study_instance_uid / cube.series_instance_uid / "slices").glob("*.png"))
+    slices = list(
+        (out / cube.study_instance_uid / cube.series_instance_uid / "slices").glob("*.png")
+    )
     assert len(slices) == 6
 
 
@@ -212,8 +214,19 @@ def test_logs_never_contain_patient_identifiers(
     out = tmp_path / "out"
     result = runner.invoke(
         app,
-        ["-vv", "--log-file", str(log_file), "segment", str(cube.root), "-o", str(out),
-         "-m", str(band_model_path), "--no-progress", "--json"],
+        [
+            "-vv",
+            "--log-file",
+            str(log_file),
+            "segment",
+            str(cube.root),
+            "-o",
+            str(out),
+            "-m",
+            str(band_model_path),
+            "--no-progress",
+            "--json",
+        ],
     )
     assert result.exit_code == 0, result.output
     logged = log_file.read_text() + result.stderr + result.stdout
@@ -232,7 +245,9 @@ def test_patient_id_column_only_on_request(
     assert {r["patient_id"] for r in _rows(out)} == {"PHANTOM-001"}
 
 
-def test_rerun_reproduces_the_seg_uids(tmp_path: Path, cube: FactorySeries, band_model_path: Path) -> None:
+def test_rerun_reproduces_the_seg_uids(
+    tmp_path: Path, cube: FactorySeries, band_model_path: Path
+) -> None:
     out = tmp_path / "out"
     uids = []
     for _ in range(2):

@@ -64,7 +64,9 @@ def test_sagittal_series_is_not_axial(tmp_path: Path) -> None:
     fs = make_ct_series(tmp_path)
     _rewrite(fs.paths, ImageOrientationPatient=[0, 1, 0, 0, 0, -1])
     (series,) = discover_series([fs.root]).series
-    assert series.skip_reason is not None and series.skip_reason.startswith("not axial: slice normal is 90.0")
+    assert series.skip_reason is not None and series.skip_reason.startswith(
+        "not axial: slice normal is 90.0"
+    )
 
 
 def test_small_tilt_is_accepted_within_tolerance(tmp_path: Path) -> None:

@@ -49,7 +49,10 @@ def test_model_without_metadata_is_refused(tmp_path: Path) -> None:
         ({"window_width": 0}, "window_width must be positive"),
         ({"input_size": "512"}, "input_size must be an integer"),
         ({"segments": []}, "segments must be a non-empty list"),
-        ({"segments": [{"label": "GGO", "property_category": {"value": "1"}}]}, "property_category"),
+        (
+            {"segments": [{"label": "GGO", "property_category": {"value": "1"}}]},
+            "property_category",
+        ),
     ],
 )
 def test_malformed_metadata_names_the_key(tmp_path: Path, override: dict, message: str) -> None:

@@ -39,7 +39,9 @@ def jpeg_lossless_study(real_ct_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def _run(inputs: Path, out: Path, model: Path) -> list[dict[str, str]]:
-    result = runner.invoke(app, ["segment", str(inputs), "-o", str(out), "-m", str(model), "--no-progress"])
+    result = runner.invoke(
+        app, ["segment", str(inputs), "-o", str(out), "-m", str(model), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
     with (out / "ggo_volumes.csv").open(newline="") as fh:
         return list(csv.DictReader(fh))
@@ -49,18 +51,26 @@ def _check_seg(seg_path: Path, source_dir: Path, row: dict[str, str]) -> int:
     seg = hd.seg.segread(seg_path)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(source_dir.iterdir())]
     uids = [str(ds.SOPInstanceUID) for ds in sources]
-    referenced = {i.ReferencedSOPInstanceUID for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+    referenced = {
+        i.ReferencedSOPInstanceUID
+        for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
+    }
     assert referenced == set(uids)
     assert seg.NumberOfFrames == len(uids)
     segment = seg.SegmentSequence[0]
     prop = segment.SegmentedPropertyTypeCodeSequence[0]
     assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("112120", "DCM")
     assert segment.SegmentAlgorithmType == "AUTOMATIC"
-    assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert (
+        seg.PatientID == sources[0].PatientID
+        and seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    )
     assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[1])
     voxels = int(np.count_nonzero(pixels))
-    assert float(row["ggo_volume_ml"]) == pytest.approx(voxels * float(row["voxel_volume_ml"]), abs=1e-6)
+    assert float(row["ggo_volume_ml"]) == pytest.approx(
+        voxels * float(row["voxel_volume_ml"]), abs=1e-6
+    )
     assert dciodvfy_errors(seg_path) == []
     return voxels
 
@@ -85,7 +95,9 @@ def test_jpeg_lossless_copy_gives_the_same_result(
     assert ok["ggo_voxels"] == plain["ggo_voxels"]
 
 
-def test_seg_structure_matches_dcmqi(real_ct_dir: Path, tmp_path: Path, band_model_path: Path) -> None:
+def test_seg_structure_matches_dcmqi(
+    real_ct_dir: Path, tmp_path: Path, band_model_path: Path
+) -> None:
     """Our SEG carries the same modules and references as the known-good dcmqi SEG."""
     (row,) = _run(real_ct_dir, tmp_path / "out", band_model_path)
     ours = pydicom.dcmread(tmp_path / "out" / row["seg_path"])

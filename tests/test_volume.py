@@ -10,15 +10,19 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from ggo_cli.discovery import discover_series
 from ggo_cli.config import SelectionRules
+from ggo_cli.discovery import discover_series
 from ggo_cli.errors import SeriesGeometryError, UnsupportedSeriesError
 from ggo_cli.volume import load_volume
 from tests.dicom_factory import FactorySeries, make_ct_series
 
 
 def _load(fs: FactorySeries, rules: SelectionRules | None = None):  # type: ignore[no-untyped-def]
-    (series,) = [s for s in discover_series([fs.root]).series if s.series_instance_uid == fs.series_instance_uid]
+    (series,) = [
+        s
+        for s in discover_series([fs.root]).series
+        if s.series_instance_uid == fs.series_instance_uid
+    ]
     return load_volume(series, rules)
 
 

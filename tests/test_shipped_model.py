@@ -1,0 +1,50 @@
+"""The shipped default model: it meets the contract, says its licence, and segments real CT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ggo_cli.cli import app
+from ggo_cli.config import default_model_path
+from ggo_cli.model_info import load_model_info
+
+
+def test_default_model_meets_the_contract() -> None:
+    info = load_model_info(default_model_path())
+    assert info.name == "ggo-resnet50-unet"
+    assert info.input_size == 512
+    assert (info.window_center_hu, info.window_width_hu) == (-600.0, 1500.0)
+    ggo = info.segments[0].property_type
+    assert (ggo.value, ggo.scheme_designator) == ("112120", "DCM")
+    assert "non-commercial" in info.metadata["training_data"]["licence"]
+    assert info.metadata["metrics"]["test"]["dice"] >= 0.65
+
+
+def test_model_card_states_the_licence_and_matches_the_file() -> None:
+    card = json.loads((default_model_path().parent / "model.json").read_text())
+    assert "non-commercial" in card["training_data"]["licence"]
+    assert card["sha256_file"] == load_model_info(default_model_path()).file_sha256
+
+
+@pytest.mark.slow
+def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["demo", "--out", str(tmp_path / "demo"), "--slices", "12", "--json", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    demo = json.loads(result.stdout)["demo"]
+    assert demo["true_ggo_ml"] > 0
+
+
+@pytest.mark.slow
+def test_real_series_with_the_default_model(real_ct_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["segment", str(real_ct_dir), "--out", str(tmp_path / "out"), "--json", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    (series,) = json.loads(result.stdout)["series"]
+    assert series["status"] == "ok"
