@@ -146,6 +146,9 @@ class _RichProgress:
         self._series = progress.add_task("series", total=n_series)
         self._slices = progress.add_task("slices", total=0)
 
+    def discovered(self, n_series: int) -> None:
+        self._progress.update(self._series, total=n_series)
+
     def series_started(self, series: SeriesInfo, n_slices: int) -> None:
         self._progress.reset(
             self._slices, total=n_slices, description=f"series …{series.series_instance_uid[-12:]}"
@@ -211,8 +214,7 @@ def _exit_code(outcomes: list[SeriesOutcome]) -> int:
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
     from .pipeline import run_segment, summary_json
 
-    n_guess = 0
-    with _progress(show_progress, n_guess) as sink:
+    with _progress(show_progress, 0) as sink:
         result = run_segment(cfg, progress=sink)
     if sys.stderr.isatty():
         _stderr.print(_summary_table(result.outcomes))

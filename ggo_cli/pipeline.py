@@ -40,6 +40,9 @@ _VERSIONED_PACKAGES = ("numpy", "pydicom", "highdicom", "onnxruntime-gpu", "onnx
 class ProgressSink(Protocol):
     """Receives progress events (implemented by ``cli.py`` with rich)."""
 
+    def discovered(self, n_series: int) -> None:
+        """Discovery found ``n_series`` CT series (eligible or not)."""
+
     def series_started(self, series: SeriesInfo, n_slices: int) -> None:
         """A series starts; ``n_slices`` units of work follow."""
 
@@ -344,6 +347,8 @@ def run_segment(
     discovery = discover_series(cfg.inputs, cfg.selection)
     result = RunResult(outcomes=[], discovery=discovery, model=model)
     result.timings_s["discovery"] = time.perf_counter() - t0
+    if progress is not None:
+        progress.discovered(len(discovery.series))
     segmenter: OnnxSegmenter | None = None
     if discovery.eligible:
         t_model = time.perf_counter()

@@ -291,3 +291,19 @@ def test_read_only_output_exits_6(tmp_path: Path, band_model_path: Path) -> None
     finally:
         out.chmod(0o700)
     assert result.exit_code == 6, result.output
+
+
+def test_unexpected_error_exits_1_with_one_line(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ggo_cli.pipeline
+
+    def boom(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(ggo_cli.pipeline, "run_segment", boom)
+    fs = make_ct_series(tmp_path)
+    result = _segment(fs.root, "--out", tmp_path / "out", "--model", band_model_path)
+    assert result.exit_code == 1, result.output
+    assert "unexpected RuntimeError: simulated bug" in result.stderr
+    assert "Traceback" not in result.stderr
