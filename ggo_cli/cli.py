@@ -400,8 +400,9 @@ def demo(
     """
 
     def body() -> int:
+        from .ct_writer import write_ct_series
         from .demo import compare_with_truth
-        from .phantom import make_chest_phantom, write_ct_series
+        from .phantom import make_chest_phantom
         from .pipeline import run_segment, summary_json
 
         model_path = _resolve_model(model)

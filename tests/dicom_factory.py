@@ -26,13 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ggo_cli.phantom import (
-    Phantom,
-    SeriesAttributes,
-    make_chest_phantom,
-    make_cube_phantom,
-    write_ct_series,
-)
+from ggo_cli.ct_writer import SeriesAttributes, write_ct_series
+from ggo_cli.phantom import Phantom, make_chest_phantom, make_cube_phantom
 
 UNEVEN_GAP_FACTOR = 1.5
 """With ``uneven_spacing`` the gap before the middle slice is this many slice spacings."""

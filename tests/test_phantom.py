@@ -12,6 +12,12 @@ import pytest
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
+from ggo_cli.ct_writer import (
+    SUPPORTED_TRANSFER_SYNTAXES,
+    SeriesAttributes,
+    transcode_file,
+    write_ct_series,
+)
 from ggo_cli.errors import OutputError
 from ggo_cli.phantom import (
     AIR_HU,
@@ -19,14 +25,10 @@ from ggo_cli.phantom import (
     FAT_HU,
     GGO_HU_RANGE,
     LUNG_HU,
-    SUPPORTED_TRANSFER_SYNTAXES,
     GgoLesion,
     Phantom,
-    SeriesAttributes,
     make_chest_phantom,
     make_cube_phantom,
-    transcode_file,
-    write_ct_series,
 )
 from tests.dciodvfy import dciodvfy_errors
 

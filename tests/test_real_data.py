@@ -13,7 +13,7 @@ from pydicom.uid import JPEGLosslessSV1
 from typer.testing import CliRunner
 
 from ggo_cli.cli import app
-from ggo_cli.phantom import transcode_file
+from ggo_cli.ct_writer import transcode_file
 from tests.conftest import DCMQI_DIR
 from tests.dciodvfy import dciodvfy_errors
 

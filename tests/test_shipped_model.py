@@ -43,7 +43,8 @@ def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_real_series_with_the_default_model(real_ct_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        app, ["segment", str(real_ct_dir), "--out", str(tmp_path / "out"), "--json", "--no-progress"]
+        app,
+        ["segment", str(real_ct_dir), "--out", str(tmp_path / "out"), "--json", "--no-progress"],
     )
     assert result.exit_code == 0, result.output
     (series,) = json.loads(result.stdout)["series"]
