@@ -3,13 +3,14 @@
 This is the only module that catches :class:`~ggo_cli.errors.GgoError`, prints to stdout or
 exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible series; 4 every
 eligible series failed; 5 model or device error; 6 output error; 7 some series failed while
-others succeeded; 1 an unexpected error (a bug).
+others succeeded; 8 another run holds the output folder; 1 an unexpected error (a bug).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -34,9 +35,11 @@ from .config import (
     AXIAL_TOLERANCE_DEG,
     ENV_DEVICE,
     ENV_MODEL,
+    ENV_PSEUDONYM_SALT,
     MIN_SLICES,
     SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
+    SETTLE_MINUTES,
     SPACING_TOLERANCE,
     PngMode,
     RunConfig,
@@ -56,6 +59,7 @@ from .logs import configure_logging, level_from_flags
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+MIN_SALT_CHARS = 16
 
 app = typer.Typer(
     name="ggo-cli",
@@ -204,7 +208,8 @@ def _summary_table(outcomes: list[SeriesOutcome]) -> Table:
 def _exit_code(outcomes: list[SeriesOutcome]) -> int:
     ok = sum(o.status is SeriesStatus.OK for o in outcomes)
     failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
-    if ok == 0 and failed == 0:
+    pending = sum(o.status is SeriesStatus.PENDING for o in outcomes)
+    if ok == 0 and failed == 0 and pending == 0:
         return NoEligibleSeriesError.exit_code
     if failed == 0:
         return 0
@@ -212,7 +217,8 @@ def _exit_code(outcomes: list[SeriesOutcome]) -> int:
 
 
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
-    from .pipeline import run_segment, summary_json
+    from .manifest import summary_json
+    from .pipeline import run_segment
 
     with _progress(show_progress, 0) as sink:
         result = run_segment(cfg, progress=sink)
@@ -330,6 +336,25 @@ def segment(
             help="SeriesDescription of the SEG objects (max 64 characters).",
         ),
     ] = SEG_SERIES_DESCRIPTION,
+    settle: Annotated[
+        float,
+        typer.Option(
+            "--settle",
+            min=0.0,
+            help="Leave series with a file modified in the last N minutes for a later run.",
+        ),
+    ] = SETTLE_MINUTES,
+    force: Annotated[
+        bool, typer.Option("--force", help="Reprocess every series, even unchanged ones.")
+    ] = False,
+    pseudonymize: Annotated[
+        bool,
+        typer.Option(
+            "--pseudonymize",
+            help=f"Add a salted SHA-256 pseudonym of PatientID to the CSV (salt from "
+            f"{ENV_PSEUDONYM_SALT}).",
+        ),
+    ] = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -357,12 +382,31 @@ def segment(
             include_patient_id=include_patient_id,
             seg_series_number=series_number,
             seg_series_description=_check_description(series_description),
+            settle_minutes=settle,
+            force=force,
+            pseudonym_salt=_pseudonym_salt(pseudonymize, include_patient_id),
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
     code = _guarded(body)
     if code:
         raise typer.Exit(code)
+
+
+def _pseudonym_salt(pseudonymize: bool, include_patient_id: bool) -> str | None:
+    from .errors import InputError
+
+    if not pseudonymize:
+        return None
+    if include_patient_id:
+        raise InputError("--pseudonymize and --include-patient-id exclude each other; pick one")
+    salt = os.environ.get(ENV_PSEUDONYM_SALT, "")
+    if len(salt) < MIN_SALT_CHARS:
+        raise InputError(
+            f"--pseudonymize needs a secret salt of at least {MIN_SALT_CHARS} characters in "
+            f"{ENV_PSEUDONYM_SALT} (keep it the same across runs to keep pseudonyms stable)"
+        )
+    return salt
 
 
 def _check_description(text: str) -> str:
@@ -402,8 +446,9 @@ def demo(
     def body() -> int:
         from .ct_writer import write_ct_series
         from .demo import compare_with_truth
+        from .manifest import summary_json
         from .phantom import make_chest_phantom
-        from .pipeline import run_segment, summary_json
+        from .pipeline import run_segment
 
         model_path = _resolve_model(model)
         with tempfile.TemporaryDirectory(prefix="ggo-demo-") as tmp:

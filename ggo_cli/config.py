@@ -27,6 +27,9 @@ SPACING_ABS_TOLERANCE_MM = 0.01
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "GGO AI segmentation - research use only"
+SETTLE_MINUTES = 5.0
+"""Default of ``segment --settle``: files this fresh may still be arriving from PACS."""
+ENV_PSEUDONYM_SALT = "GGO_PSEUDONYM_SALT"
 CSV_NAME = "ggo_volumes.csv"
 MANIFEST_NAME = "run_manifest.json"
 SEG_NAME = "ggo.seg.dcm"
@@ -86,6 +89,9 @@ class RunConfig:
         include_patient_id: write PatientID into the CSV (off by default).
         seg_series_number: SeriesNumber of every SEG written.
         seg_series_description: SeriesDescription of every SEG written.
+        settle_minutes: series with a file modified this recently are left for a later run.
+        force: reprocess every series even when the state store shows it done.
+        pseudonym_salt: when set, the CSV gets a salted SHA-256 pseudonym of PatientID.
     """
 
     inputs: tuple[Path, ...]
@@ -99,3 +105,13 @@ class RunConfig:
     include_patient_id: bool = False
     seg_series_number: int = SEG_SERIES_NUMBER
     seg_series_description: str = SEG_SERIES_DESCRIPTION
+    settle_minutes: float = 0.0
+    force: bool = False
+    pseudonym_salt: str | None = None
+
+    @property
+    def patient_column(self) -> str | None:
+        """Which patient column the CSV gets: ``patient_id``, ``patient_pseudonym`` or none."""
+        if self.pseudonym_salt is not None:
+            return "patient_pseudonym"
+        return "patient_id" if self.include_patient_id else None

@@ -22,6 +22,8 @@ class SeriesStatus(StrEnum):
     OK = "ok"
     SKIPPED = "skipped"
     FAILED = "failed"
+    PENDING = "pending"
+    """Files still arriving (modified within ``--settle`` minutes): left for a later run."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,7 @@ class SeriesOutcome:
         png_paths: PNGs written.
         seconds: wall time spent on the series.
         processed_at: ISO 8601 UTC time the series finished.
+        reused: taken unchanged from the state store of an earlier run (nothing recomputed).
     """
 
     series: SeriesInfo
@@ -153,3 +156,4 @@ class SeriesOutcome:
     png_paths: tuple[Path, ...] = ()
     seconds: float = 0.0
     processed_at: str = ""
+    reused: bool = False

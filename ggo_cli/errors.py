@@ -59,6 +59,12 @@ class DeviceError(ModelError):
     """
 
 
+class RunLockedError(GgoError):
+    """Another ggo-cli run holds the output folder's lock."""
+
+    exit_code = 8
+
+
 class OutputError(GgoError):
     """An output (SEG, CSV, PNG, manifest) cannot be written or fails its read-back check.
 

@@ -10,31 +10,34 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
+import os
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
 
 from . import __version__
 from .config import CSV_NAME, MANIFEST_NAME, OVERLAY_NAME, SEG_NAME, PngMode, RunConfig
 from .discovery import Discovery, discover_series
-from .domain import CtVolume, SeriesInfo, SeriesOutcome, SeriesStatus
+from .domain import CtVolume, GgoMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
 from .errors import InputError, OutputError, SeriesError
-from .fsutil import atomic_write_text, ensure_writable_dir
+from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
 from .inference import OnnxSegmenter
+from .manifest import build_manifest
 from .measurements import measure_ggo
 from .model_info import ModelInfo, load_model_info
+from .runlock import RunLock
+from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
 from .volume import load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.overlay_png import write_overlay, write_slice_pngs
-from .writers.report_csv import write_csv
+from .writers.report_csv import outcome_row, write_rows
 
 log = logging.getLogger(__name__)
 
-_VERSIONED_PACKAGES = ("numpy", "pydicom", "highdicom", "onnxruntime-gpu", "onnxruntime", "pillow")
+_TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 
 class ProgressSink(Protocol):
@@ -58,7 +61,8 @@ class RunResult:
     """Everything a run produced, for the summary, the manifest and the exit code.
 
     Attributes:
-        outcomes: one per CT series found, in discovery order.
+        outcomes: one per CT series found, in discovery order (unchanged series from the state
+            store included, marked ``reused``).
         discovery: what the walk found.
         model: the model used.
         device: ``cpu`` or ``cuda:N`` (``""`` when no series needed the model).
@@ -67,6 +71,7 @@ class RunResult:
         csv_path: the CSV written.
         manifest_path: the manifest written.
         timings_s: named wall times in seconds.
+        n_unchanged: series skipped because the state store showed them already done.
     """
 
     outcomes: list[SeriesOutcome]
@@ -78,6 +83,7 @@ class RunResult:
     csv_path: Path | None = None
     manifest_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)
+    n_unchanged: int = 0
 
     def count(self, status: SeriesStatus) -> int:
         """Number of series with the given status."""
@@ -242,80 +248,160 @@ def _check_output_location(cfg: RunConfig) -> None:
             )
 
 
-def _versions() -> dict[str, str]:
-    versions = {"ggo-cli": __version__, "python": platform.python_version()}
-    for name in _VERSIONED_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Delete temporary files a killed run left (only ours: ``.<name>.<12 hex>.tmp``)."""
+    removed = 0
+    for path in out_dir.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if _TEMP_PATTERN.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
 
 
-def _manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[str, Any]:
-    """The run manifest: versions, model, device, counts, timings; no patient data."""
-    model = result.model
+def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
+    """The options that change a series' outputs (a change reprocesses the series)."""
     return {
-        "tool": "ggo-cli",
-        "started_at": started_at,
-        "finished_at": _now(),
-        "versions": _versions(),
-        "host": {"platform": platform.platform(), "machine": platform.machine()},
-        "options": {
-            "device": cfg.device,
-            "batch_size": cfg.batch_size,
-            "threshold": cfg.threshold,
-            "png": cfg.png_mode.value,
-            "min_slices": cfg.selection.min_slices,
-            "axial_tolerance_deg": cfg.selection.axial_tolerance_deg,
-            "spacing_tolerance": cfg.selection.spacing_tolerance,
-            "include_patient_id": cfg.include_patient_id,
-            "seg_series_number": cfg.seg_series_number,
-        },
-        "model": {
-            "name": model.name,
-            "version": model.version,
-            "architecture": model.architecture,
-            "path": str(model.path),
-            "file_sha256": model.file_sha256,
-            "graph_sha256": model.recorded_sha256,
-            "threshold": model.threshold,
-            "window_center_hu": model.window_center_hu,
-            "window_width_hu": model.window_width_hu,
-        },
-        "device": {
-            "requested": cfg.device,
-            "used": result.device,
-            "providers": result.providers,
-            "batch_size": result.batch_size,
-        },
-        "counts": {
-            "files": result.discovery.n_files,
-            "ct_instances": result.discovery.n_dicom_images,
-            "ignored_files": result.discovery.n_ignored,
-            "duplicate_instances": result.discovery.n_duplicates,
-            "series": len(result.outcomes),
-            "ok": result.count(SeriesStatus.OK),
-            "skipped": result.count(SeriesStatus.SKIPPED),
-            "failed": result.count(SeriesStatus.FAILED),
-            "slices_segmented": sum(
-                o.n_slices for o in result.outcomes if o.status is SeriesStatus.OK
-            ),
-        },
-        "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
-        "series": [
-            {
-                "study_instance_uid": o.series.study_instance_uid,
-                "series_instance_uid": o.series.series_instance_uid,
-                "status": o.status.value,
-                "message": o.message,
-                "n_slices": o.n_slices,
-                "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
-                "seconds": round(o.seconds, 3),
-            }
-            for o in result.outcomes
-        ],
+        "ggo_cli": __version__,
+        "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
+        "png": cfg.png_mode.value,
+        "seg_series_number": cfg.seg_series_number,
+        "seg_series_description": cfg.seg_series_description,
+        "spacing_tolerance": cfg.selection.spacing_tolerance,
     }
+
+
+def _still_arriving(series: SeriesInfo, settle_minutes: float) -> bool:
+    """Whether a file of the series was modified within the last ``settle_minutes``."""
+    if settle_minutes <= 0:
+        return False
+    newest = 0.0
+    for path in series.files:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return time.time() - newest < settle_minutes * 60
+
+
+def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
+    """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
+    row = stored.row
+    measurement = None
+    if row.get("ggo_voxels"):
+        measurement = GgoMeasurement(
+            voxel_volume_ml=float(row["voxel_volume_ml"]),
+            ggo_voxels=int(row["ggo_voxels"]),
+            ggo_volume_ml=float(row["ggo_volume_ml"]),
+            ggo_slice_count=int(row["ggo_slice_count"] or 0),
+        )
+    return SeriesOutcome(
+        series=series,
+        status=SeriesStatus(stored.status),
+        message=row.get("message", ""),
+        n_slices=int(row.get("n_slices") or 0),
+        measurement=measurement,
+        processed_at=row.get("processed_at", ""),
+        reused=True,
+    )
+
+
+def _reusable(
+    stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
+) -> bool:
+    """Whether an earlier run's result still stands (same files, model, options; SEG present)."""
+    if cfg.force:
+        return False
+    if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
+        fingerprint,
+        model.file_sha256,
+        options,
+    ):
+        return False
+    if stored.status == SeriesStatus.OK.value:
+        return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
+    return stored.status == SeriesStatus.FAILED.value
+
+
+class _Run:
+    """One locked run over an output folder: decides per series, records, rebuilds the CSV."""
+
+    def __init__(self, cfg: RunConfig, model: ModelInfo, store: StateStore) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.store = store
+        self.options = options_digest(_output_options(cfg, model))
+        self.segmenter: OnnxSegmenter | None = None
+
+    def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
+        row = outcome_row(
+            outcome,
+            self.cfg.out_dir,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            include_patient_id=True,
+        )
+        self.store.put(
+            outcome.series,
+            fingerprint=fingerprint,
+            model_sha256=self.model.file_sha256,
+            options=self.options,
+            row=row,
+            updated_at=_now(),
+        )
+        self.write_csv()
+
+    def write_csv(self) -> Path:
+        return write_rows(
+            self.store.rows(),
+            self.cfg.out_dir / CSV_NAME,
+            patient_column=self.cfg.patient_column,
+            pseudonym_salt=self.cfg.pseudonym_salt,
+        )
+
+    def session(self) -> OnnxSegmenter:
+        if self.segmenter is None:
+            self.segmenter = OnnxSegmenter(
+                self.model,
+                device=self.cfg.device,
+                batch_size=self.cfg.batch_size,
+                threshold=self.cfg.threshold,
+            )
+        return self.segmenter
+
+    def one(self, series: SeriesInfo, progress: ProgressSink | None) -> SeriesOutcome:
+        fingerprint = series_fingerprint(series)
+        if not series.eligible:
+            outcome = _skipped(series)
+        elif _still_arriving(series, self.cfg.settle_minutes):
+            outcome = SeriesOutcome(
+                series=series,
+                status=SeriesStatus.PENDING,
+                message=f"files modified within the last {self.cfg.settle_minutes:g} minutes "
+                "(still arriving?); left for a later run (see --settle)",
+                n_slices=len(series.files),
+                processed_at=_now(),
+            )
+            log.info(
+                "series %s (%s) pending: %s",
+                series.series_instance_uid,
+                series.location,
+                outcome.message,
+            )
+        else:
+            stored = self.store.get(series.series_instance_uid)
+            if stored is not None and _reusable(
+                stored, self.cfg, fingerprint, self.model, self.options
+            ):
+                log.debug(
+                    "series %s unchanged since %s",
+                    series.series_instance_uid,
+                    stored.row.get("processed_at", "?"),
+                )
+                return _outcome_from_row(series, stored)
+            outcome = process_series(self.cfg, series, self.session(), progress=progress)
+        self.record(outcome, fingerprint)
+        return outcome
 
 
 def run_segment(
@@ -324,7 +410,7 @@ def run_segment(
     progress: ProgressSink | None = None,
     model: ModelInfo | None = None,
 ) -> RunResult:
-    """Run ``segment`` over the configured inputs and write CSV and manifest.
+    """Run ``segment`` over the configured inputs: locked, resumable, one CSV row per series.
 
     Args:
         cfg: the run configuration.
@@ -338,78 +424,39 @@ def run_segment(
         InputError: bad inputs or output location.
         ModelError: model missing, corrupt or off contract; device unusable.
         OutputError: the output folder cannot be written.
+        RunLockedError: another run holds the output folder.
     """
     started_at = _now()
     t0 = time.perf_counter()
     _check_output_location(cfg)
     model = model or load_model_info(cfg.model_path)
     ensure_writable_dir(cfg.out_dir)
-    discovery = discover_series(cfg.inputs, cfg.selection)
-    result = RunResult(outcomes=[], discovery=discovery, model=model)
-    result.timings_s["discovery"] = time.perf_counter() - t0
-    if progress is not None:
-        progress.discovered(len(discovery.series))
-    segmenter: OnnxSegmenter | None = None
-    if discovery.eligible:
-        t_model = time.perf_counter()
-        segmenter = OnnxSegmenter(
-            model, device=cfg.device, batch_size=cfg.batch_size, threshold=cfg.threshold
-        )
-        result.device, result.providers = segmenter.device_label, segmenter.providers
-        result.timings_s["session"] = time.perf_counter() - t_model
-    t_series = time.perf_counter()
-    for series in discovery.series:
-        if not series.eligible or segmenter is None:
-            outcome = _skipped(series)
+    with RunLock(cfg.out_dir), StateStore(cfg.out_dir) as store:
+        _remove_stale_temps(cfg.out_dir)
+        discovery = discover_series(cfg.inputs, cfg.selection)
+        result = RunResult(outcomes=[], discovery=discovery, model=model)
+        result.timings_s["discovery"] = time.perf_counter() - t0
+        if progress is not None:
+            progress.discovered(len(discovery.series))
+        run = _Run(cfg, model, store)
+        t_series = time.perf_counter()
+        for series in discovery.series:
+            outcome = run.one(series, progress)
+            result.n_unchanged += outcome.reused
             if progress is not None:
                 progress.series_finished(outcome)
             result.outcomes.append(outcome)
-            continue
-        outcome = process_series(cfg, series, segmenter, progress=progress)
-        if progress is not None:
-            progress.series_finished(outcome)
-        result.outcomes.append(outcome)
-    result.timings_s["series"] = time.perf_counter() - t_series
-    if segmenter is not None:
-        result.batch_size = segmenter.batch_size
-    result.csv_path = write_csv(
-        result.outcomes,
-        cfg.out_dir / CSV_NAME,
-        out_dir=cfg.out_dir,
-        model_name=model.name,
-        model_version=model.version,
-        include_patient_id=cfg.include_patient_id,
-    )
-    result.timings_s["total"] = time.perf_counter() - t0
-    manifest_path = cfg.out_dir / MANIFEST_NAME
-    atomic_write_text(
-        manifest_path, json.dumps(_manifest(cfg, result, started_at), indent=2) + "\n"
-    )
-    result.manifest_path = manifest_path
+        result.timings_s["series"] = time.perf_counter() - t_series
+        if run.segmenter is not None:
+            result.device, result.providers = run.segmenter.device_label, run.segmenter.providers
+            result.batch_size = run.segmenter.batch_size
+        result.csv_path = run.write_csv()
+        result.timings_s["total"] = time.perf_counter() - t0
+        manifest = json.dumps(build_manifest(cfg, result, started_at), indent=2) + "\n"
+        stamp = started_at.replace(":", "").replace("+0000", "Z")
+        runs = cfg.out_dir / STATE_FOLDER / "runs"
+        atomic_write_text(
+            runs / f"{stamp}-{os.getpid()}-{time.time_ns() % 10**9:09d}.json", manifest
+        )
+        result.manifest_path = atomic_write_text(cfg.out_dir / MANIFEST_NAME, manifest)
     return result
-
-
-def summary_json(result: RunResult) -> dict[str, Any]:
-    """The ``--json`` stdout summary (no patient data)."""
-    return {
-        "csv": str(result.csv_path) if result.csv_path else None,
-        "manifest": str(result.manifest_path) if result.manifest_path else None,
-        "device": result.device,
-        "counts": {
-            "series": len(result.outcomes),
-            "ok": result.count(SeriesStatus.OK),
-            "skipped": result.count(SeriesStatus.SKIPPED),
-            "failed": result.count(SeriesStatus.FAILED),
-        },
-        "series": [
-            {
-                "study_instance_uid": o.series.study_instance_uid,
-                "series_instance_uid": o.series.series_instance_uid,
-                "status": o.status.value,
-                "message": o.message,
-                "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
-                "seg_path": str(o.seg_path) if o.seg_path else None,
-            }
-            for o in result.outcomes
-        ],
-    }

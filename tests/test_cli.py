@@ -23,7 +23,7 @@ PHI = ("GGO^Phantom", "PHANTOM-001", "19600101")
 
 
 def _segment(*args: str | Path) -> object:
-    return runner.invoke(app, ["segment", *map(str, args), "--no-progress"])
+    return runner.invoke(app, ["segment", *map(str, args), "--no-progress", "--settle", "0"])
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -82,11 +82,29 @@ def test_cube_volume_is_exact_and_seg_pixels_match(
 def test_json_summary_on_stdout(tmp_path: Path, cube: FactorySeries, band_model_path: Path) -> None:
     out = tmp_path / "out"
     result = runner.invoke(
-        app, ["segment", str(cube.root), "-o", str(out), "-m", str(band_model_path), "--json"]
+        app,
+        [
+            "segment",
+            str(cube.root),
+            "-o",
+            str(out),
+            "-m",
+            str(band_model_path),
+            "--json",
+            "--settle",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["counts"] == {"series": 2, "ok": 1, "skipped": 1, "failed": 0}
+    assert summary["counts"] == {
+        "series": 2,
+        "ok": 1,
+        "skipped": 1,
+        "failed": 0,
+        "pending": 0,
+        "unchanged": 0,
+    }
     ok = [s for s in summary["series"] if s["status"] == "ok"]
     assert ok[0]["ggo_volume_ml"] == pytest.approx(cube.ggo_volume_ml)
 
@@ -225,6 +243,8 @@ def test_logs_never_contain_patient_identifiers(
             "-m",
             str(band_model_path),
             "--no-progress",
+            "--settle",
+            "0",
             "--json",
         ],
     )

@@ -40,7 +40,18 @@ def jpeg_lossless_study(real_ct_dir: Path, tmp_path_factory: pytest.TempPathFact
 
 def _run(inputs: Path, out: Path, model: Path) -> list[dict[str, str]]:
     result = runner.invoke(
-        app, ["segment", str(inputs), "-o", str(out), "-m", str(model), "--no-progress"]
+        app,
+        [
+            "segment",
+            str(inputs),
+            "-o",
+            str(out),
+            "-m",
+            str(model),
+            "--no-progress",
+            "--settle",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     with (out / "ggo_volumes.csv").open(newline="") as fh:

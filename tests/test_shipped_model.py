@@ -33,7 +33,18 @@ def test_model_card_states_the_licence_and_matches_the_file() -> None:
 @pytest.mark.slow
 def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
     result = CliRunner().invoke(
-        app, ["demo", "--out", str(tmp_path / "demo"), "--slices", "12", "--json", "--no-progress"]
+        app,
+        [
+            "demo",
+            "--out",
+            str(tmp_path / "demo"),
+            "--slices",
+            "12",
+            "--json",
+            "--no-progress",
+            "--settle",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     demo = json.loads(result.stdout)["demo"]
@@ -44,7 +55,16 @@ def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
 def test_real_series_with_the_default_model(real_ct_dir: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(
         app,
-        ["segment", str(real_ct_dir), "--out", str(tmp_path / "out"), "--json", "--no-progress"],
+        [
+            "segment",
+            str(real_ct_dir),
+            "--out",
+            str(tmp_path / "out"),
+            "--json",
+            "--no-progress",
+            "--settle",
+            "0",
+        ],
     )
     assert result.exit_code == 0, result.output
     (series,) = json.loads(result.stdout)["series"]

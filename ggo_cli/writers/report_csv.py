@@ -22,12 +22,13 @@ prefixed with ``'`` so spreadsheet programs do not run them as formulas (CSV inj
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import logging
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..domain import SeriesOutcome
@@ -203,6 +204,56 @@ def write_csv(
         )
     atomic_write_text(path, buffer.getvalue(), encoding=CSV_ENCODING)
     log.debug("CSV with %d rows written to %s", len(outcomes), path)
+    return path
+
+
+PSEUDONYM_COLUMN = "patient_pseudonym"
+PSEUDONYM_HEX_CHARS = 16
+
+
+def pseudonym(patient_id: str, salt: str) -> str:
+    """A salted SHA-256 pseudonym of a PatientID (16 hex characters; ``""`` for no ID)."""
+    if not patient_id:
+        return ""
+    return hashlib.sha256(f"{salt}\0{patient_id}".encode()).hexdigest()[:PSEUDONYM_HEX_CHARS]
+
+
+def write_rows(
+    rows: Sequence[Mapping[str, str]],
+    path: Path,
+    *,
+    patient_column: str | None = None,
+    pseudonym_salt: str | None = None,
+) -> Path:
+    """Write already formatted rows (from :func:`outcome_row`) as the CSV, atomically.
+
+    Args:
+        rows: rows with every column of :data:`CSV_COLUMNS` and ``patient_id``.
+        path: the CSV file.
+        patient_column: ``None`` (no patient column), ``"patient_id"`` or
+            ``"patient_pseudonym"`` (salted hash of PatientID with ``pseudonym_salt``).
+        pseudonym_salt: the salt for ``patient_pseudonym``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    columns = [*CSV_COLUMNS, patient_column] if patient_column else list(CSV_COLUMNS)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(
+        buffer, fieldnames=columns, lineterminator="\r\n", extrasaction="ignore"
+    )
+    writer.writeheader()
+    for row in rows:
+        cells = dict(row)
+        if patient_column == PSEUDONYM_COLUMN:
+            patient_id = cells.get(PATIENT_ID_COLUMN, "")
+            cells[PSEUDONYM_COLUMN] = pseudonym(patient_id, pseudonym_salt or "")
+        writer.writerow(cells)
+    atomic_write_text(path, buffer.getvalue(), encoding=CSV_ENCODING)
+    log.debug("CSV with %d rows written to %s", len(rows), path)
     return path
 
 

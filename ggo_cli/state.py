@@ -1,0 +1,171 @@
+"""Per-output-folder state, so a nightly run never redoes finished work.
+
+One SQLite database, ``<out>/.ggo-cli/state.sqlite``, keyed by SeriesInstanceUID. Each entry
+holds the fingerprint of the series' instance set (file names and sizes), the model file's
+SHA-256 (weights and metadata), a digest of the options that change the outputs, and the series' CSV row. A series
+whose three keys match, and whose SEG is still in place, is skipped without decoding a pixel; a
+series that gained or lost instances, a new model or changed options reprocess it. Every
+update is its own committed transaction, so a run killed at any instant leaves the store
+consistent, and ``ggo_volumes.csv`` is rebuilt from it (one row per series, latest status).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .domain import SeriesInfo
+from .errors import OutputError
+
+log = logging.getLogger(__name__)
+
+STATE_FOLDER = ".ggo-cli"
+STATE_NAME = "state.sqlite"
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    options_digest TEXT NOT NULL,
+    status TEXT NOT NULL,
+    row_json TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSeries:
+    """What the store remembers of one series.
+
+    Attributes:
+        fingerprint: instance-set fingerprint when it was processed.
+        model_sha256: the model file's SHA-256 then.
+        options_digest: digest of the output-changing options then.
+        status: its status then (``ok``, ``failed``, ``skipped``, ``pending``).
+        row: its CSV row (``patient_id`` included; the CSV writer decides whether to show it).
+    """
+
+    fingerprint: str
+    model_sha256: str
+    options_digest: str
+    status: str
+    row: dict[str, str]
+
+
+def series_fingerprint(series: SeriesInfo) -> str:
+    """Digest of a series' instance set: its files' names within the series and sizes.
+
+    Discovery keeps one file per SOPInstanceUID, so a series that gains or loses an instance,
+    or whose file is rewritten with another size, gets a new fingerprint. No pixel is read.
+    """
+    digest = hashlib.sha256()
+    for path in series.files:
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        digest.update(f"{path.name}\0{size}\n".encode())
+    digest.update(str(len(series.files)).encode())
+    return digest.hexdigest()
+
+
+def options_digest(options: Mapping[str, object]) -> str:
+    """Digest of the options that change a series' outputs (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()
+
+
+class StateStore:
+    """The SQLite state of one output folder. Use as a context manager.
+
+    Args:
+        out_dir: the output folder (the database lives in its ``.ggo-cli`` subfolder).
+
+    Raises:
+        OutputError: the database cannot be created, opened or written (fatal).
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / STATE_FOLDER / STATE_NAME
+        with self._errors("open"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=DELETE")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise OutputError(
+                f"cannot {action} the state database {self.path}: {exc}; check free space and "
+                "permissions of the --out folder (or move the damaged file away to start afresh)",
+                fatal=True,
+            ) from exc
+
+    def __enter__(self) -> StateStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    def get(self, series_uid: str) -> StoredSeries | None:
+        """The stored entry of a series, or ``None``."""
+        with self._errors("read"):
+            found = self._db.execute(
+                "SELECT fingerprint, model_sha256, options_digest, status, row_json "
+                "FROM series WHERE series_instance_uid = ?",
+                (series_uid,),
+            ).fetchone()
+        if found is None:
+            return None
+        return StoredSeries(found[0], found[1], found[2], found[3], json.loads(found[4]))
+
+    def put(
+        self,
+        series: SeriesInfo,
+        *,
+        fingerprint: str,
+        model_sha256: str,
+        options: str,
+        row: Mapping[str, str],
+        updated_at: str,
+    ) -> None:
+        """Record (or replace) a series' latest state in one committed transaction."""
+        with self._errors("write"):
+            self._db.execute(
+                "INSERT OR REPLACE INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    series.series_instance_uid,
+                    series.study_instance_uid,
+                    fingerprint,
+                    model_sha256,
+                    options,
+                    row["status"],
+                    json.dumps(dict(row), sort_keys=True),
+                    updated_at,
+                ),
+            )
+
+    def rows(self) -> list[dict[str, str]]:
+        """Every stored CSV row, ordered by study and series UID."""
+        with self._errors("read"):
+            found = self._db.execute(
+                "SELECT row_json FROM series ORDER BY study_instance_uid, series_instance_uid"
+            ).fetchall()
+        return [json.loads(r[0]) for r in found]

@@ -1,0 +1,315 @@
+"""Nightly-cron safety: idempotent reruns, the run lock, settle, faults, kill -9, bad input."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from ggo_cli.cli import app
+from ggo_cli.discovery import read_header
+from ggo_cli.phantom import make_cube_phantom
+from ggo_cli.runlock import RunLock
+from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.onnx_models import base_metadata, write_band_model
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _segment(*args: str | Path) -> object:
+    return runner.invoke(app, ["segment", *map(str, args), "--no-progress", "--settle", "0"])
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "ggo_volumes.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "run_manifest.json").read_text())
+
+
+def _studies(tmp_path: Path, n: int = 3) -> tuple[Path, list[FactorySeries]]:
+    root = tmp_path / "in"
+    series = [
+        make_ct_series(
+            root,
+            phantom=make_cube_phantom((12, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4, 6, 6)),
+            folder=f"study{k}",
+            seed=k + 1,
+        )
+        for k in range(n)
+    ]
+    return root, series
+
+
+def test_second_run_only_skips_and_keeps_the_csv(tmp_path: Path, band_model_path: Path) -> None:
+    root, series = _studies(tmp_path)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    csv_before = (out / "ggo_volumes.csv").read_bytes()
+    seg = out / _rows(out)[0]["seg_path"]
+    seg_mtime = seg.stat().st_mtime_ns
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["counts"]["unchanged"] == len(series)
+    assert _manifest(out)["counts"]["slices_segmented"] == 0
+    assert (out / "ggo_volumes.csv").read_bytes() == csv_before
+    assert seg.stat().st_mtime_ns == seg_mtime
+    assert len(list((out / ".ggo-cli" / "runs").glob("*.json"))) == 2
+
+
+def test_changed_series_new_model_and_force_reprocess(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    series[0].paths[0].unlink()  # the series lost an instance (end slice: spacing stays even)
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == len(series) - 1
+    rows = {r["series_instance_uid"]: r for r in _rows(out)}
+    assert rows[series[0].series_instance_uid]["n_slices"] == "11"
+    assert len(rows) == len(series)
+    other = write_band_model(tmp_path / "m2.onnx", 64, metadata=base_metadata(64, version="2"))
+    assert _segment(root, "-o", out, "-m", other).exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 0
+    assert {r["model_version"] for r in _rows(out)} == {"2"}
+    assert _segment(root, "-o", out, "-m", other, "--force").exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 0
+
+
+def test_deleted_seg_is_rebuilt(tmp_path: Path, band_model_path: Path) -> None:
+    root, _ = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    seg = out / _rows(out)[0]["seg_path"]
+    seg.unlink()
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert seg.is_file()
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, _ = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from ggo_cli.runlock import RunLock\n"
+            "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(30)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        result = _segment(root, "-o", out, "-m", band_model_path)
+        assert result.exit_code == 8, result.output
+        assert (
+            f"pid {holder.pid}" in result.stderr
+            and "in use by another ggo-cli run" in result.stderr
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing anything: the next run takes the lock over
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
+    from ggo_cli.errors import RunLockedError
+
+    with RunLock(tmp_path), pytest.raises(RunLockedError, match="in use by another ggo-cli run"):
+        RunLock(tmp_path).__enter__()
+
+
+def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_path: Path) -> None:
+    root, series = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app, ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "pending" and "--settle" in row["message"]
+    assert not list(out.rglob("*.seg.dcm"))
+    old = time.time() - 600
+    for path in series[0].paths:
+        os.utime(path, (old, old))
+    result = runner.invoke(
+        app, ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert _rows(out)[0]["status"] == "ok"
+
+
+def test_disk_full_is_a_clean_output_error(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ggo_cli.fsutil
+
+    root, _ = _studies(tmp_path, 2)
+    out = tmp_path / "out"
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ggo_cli.fsutil.os, "replace", full)
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 6, result.output
+    assert "no space left on device" in result.stderr
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.dcm"))
+    assert not (out / "ggo_volumes.csv").exists()
+
+
+def _pixels(out: Path) -> dict[str, np.ndarray]:
+    found = {}
+    for row in _rows(out):
+        seg = hd.seg.segread(out / row["seg_path"])
+        found[row["series_instance_uid"]] = seg.get_volume().array
+    return found
+
+
+def _stable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "processed_at"} for r in rows]
+
+
+def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 4)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    reference = tmp_path / "reference"
+    assert _segment(root, "-o", reference, "-m", band_model_path).exit_code == 0
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "ggo_cli",
+        "segment",
+        str(root),
+        "-o",
+        str(out),
+        "-m",
+        str(band_model_path),
+        "--no-progress",
+        "--settle",
+        "0",
+    ]
+    rng = random.Random(5)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.8, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert _stable(_rows(out)) == _stable(_rows(reference))
+    assert len(_rows(out)) == len(series)
+    ours, theirs = _pixels(out), _pixels(reference)
+    assert ours.keys() == theirs.keys()
+    for uid in ours:
+        np.testing.assert_array_equal(ours[uid], theirs[uid])
+    assert not list(out.rglob("*.tmp"))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_bad_files_fail_their_series_and_the_run_goes_on(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 2)
+    odd = root / "Patiënt Ünïcode ü"
+    odd.mkdir()
+    for path in series[1].paths:
+        path.rename(odd / path.name)
+    truncated = series[0].paths[5]
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    (root / "garbage.dcm").write_bytes(b"DICM" * 100)
+    (root / "empty").write_bytes(b"")
+    os.symlink(root, root / "loop")
+    result = _segment(root, "-o", tmp_path / "out", "-m", band_model_path)
+    assert result.exit_code == 7, result.output
+    status = {
+        r["series_instance_uid"]: (r["status"], r["message"]) for r in _rows(tmp_path / "out")
+    }
+    assert status[series[1].series_instance_uid][0] == "ok"
+    bad_status, message = status[series[0].series_instance_uid]
+    assert bad_status == "failed" and message and "\n" not in message
+
+
+def test_enhanced_multiframe_ct_is_skipped_with_a_reason(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    fs = make_ct_series(tmp_path)
+    for path in fs.paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(path)
+    result = _segment(fs.root, "-o", tmp_path / "out", "-m", band_model_path)
+    assert result.exit_code == 3, result.output
+    (row,) = _rows(tmp_path / "out")
+    assert "multi-frame (enhanced) CT is not supported" in row["message"]
+
+
+def test_pseudonym_column_is_salted_and_stable(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = _studies(tmp_path, 1)
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "a-long-site-secret-salt")
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 0
+    (row,) = _rows(out)
+    assert len(row["patient_pseudonym"]) == 16 and "PHANTOM" not in row["patient_pseudonym"]
+    assert "patient_id" not in row
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "short")
+    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 2
+
+
+@pytest.fixture(scope="module")
+def seed_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    fs = make_ct_series(tmp_path_factory.mktemp("fuzz"), shape=(10, 16, 16))
+    return fs.paths[0].read_bytes()
+
+
+@settings(
+    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_header_reader_never_raises_on_mutated_files(
+    seed_file: bytes, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    blob = bytearray(seed_file)
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(blob) - 1))
+        blob[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    path = tmp_path_factory.mktemp("mutant") / "x.dcm"
+    path.write_bytes(bytes(blob))
+    result = read_header(path)
+    assert result is None or hasattr(result, "SOPInstanceUID")
