@@ -53,6 +53,7 @@ from .errors import (
     GgoError,
     ModelError,
     NoEligibleSeriesError,
+    OutputError,
     SeriesError,
 )
 from .logs import configure_logging, level_from_flags
@@ -498,20 +499,34 @@ def demo(
 @app.command()
 def info(
     model: ModelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Also check that this output folder is writable."),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Show versions, ONNX Runtime providers, DICOM decoders and the model's integrity."""
+    """Check this installation: versions, ONNX Runtime providers, DICOM decoders, the model's
+    integrity against its recorded sha256, and (with --out) write access.
+
+    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable.
+    """
 
     def body() -> int:
-        from .diagnostics import collect_info
+        from .diagnostics import collect_info, output_status
 
         report: dict[str, Any] = collect_info(model or default_model_path())
+        if out is not None:
+            report["output_folder"] = output_status(out)
         if as_json:
             typer.echo(json.dumps(report, indent=2))
         else:
             for key, value in report.items():
                 typer.echo(f"{key}: {json.dumps(value)}")
-        return 0 if report["model"].get("ok") or model is None else ModelError.exit_code
+        if not report["model"].get("ok"):
+            return ModelError.exit_code
+        if out is not None and not report["output_folder"]["writable"]:
+            return OutputError.exit_code
+        return 0
 
     code = _guarded(body)
     if code:

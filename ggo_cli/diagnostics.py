@@ -106,3 +106,14 @@ def collect_info(model_path: Path) -> dict[str, Any]:
         "decoders": decoder_status(),
         "model": model_status(model_path),
     }
+
+
+def output_status(folder: Path) -> dict[str, Any]:
+    """Whether ``folder`` can hold ggo-cli outputs (created if missing, probed with a file)."""
+    from .fsutil import ensure_writable_dir
+
+    try:
+        ensure_writable_dir(folder)
+    except GgoError as exc:
+        return {"path": str(folder), "writable": False, "error": str(exc)}
+    return {"path": str(folder), "writable": True}

@@ -327,3 +327,16 @@ def test_unexpected_error_exits_1_with_one_line(
     assert result.exit_code == 1, result.output
     assert "unexpected RuntimeError: simulated bug" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_info_checks_the_output_folder(tmp_path: Path, band_model_path: Path) -> None:
+    ok = runner.invoke(
+        app, ["info", "-m", str(band_model_path), "--out", str(tmp_path / "o"), "--json"]
+    )
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["output_folder"]["writable"] is True
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    bad = runner.invoke(app, ["info", "-m", str(band_model_path), "--out", str(blocker), "--json"])
+    assert bad.exit_code == 6
+    assert json.loads(bad.stdout)["output_folder"]["writable"] is False
