@@ -3,10 +3,11 @@
 One SQLite database, ``<out>/.ggo-cli/state.sqlite``, keyed by SeriesInstanceUID. Each entry
 holds the fingerprint of the series' instance set (file names and sizes), the model file's
 SHA-256 (weights and metadata), a digest of the options that change the outputs, and the
-series' CSV row. A series whose three keys match, and whose SEG is still in place, is skipped without decoding a pixel; a
-series that gained or lost instances, a new model or changed options reprocess it. Every
-update is its own committed transaction, so a run killed at any instant leaves the store
-consistent, and ``ggo_volumes.csv`` is rebuilt from it (one row per series, latest status).
+series' CSV row. A series whose three keys match, and whose SEG is still in place, is skipped
+without decoding a pixel; a series that gained or lost instances, a new model or changed
+options reprocess it. Every update is its own committed transaction, so a run killed at any
+instant leaves the store consistent, and ``ggo_volumes.csv`` is rebuilt from it (one row per
+series, latest status).
 """
 
 from __future__ import annotations
