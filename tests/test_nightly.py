@@ -290,8 +290,15 @@ def test_pseudonym_column_is_salted_and_stable(
     assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 2
 
 
-@pytest.fixture(scope="module")
-def seed_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+@pytest.fixture(scope="module", params=["real", "synthetic"])
+def seed_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real CT file from the shared data (when present) and a small synthetic one."""
+    from tests.conftest import REAL_CT_DIR
+
+    if request.param == "real":
+        if not REAL_CT_DIR.is_dir():
+            pytest.skip("shared data not found")
+        return sorted(REAL_CT_DIR.glob("*.dcm"))[0].read_bytes()
     fs = make_ct_series(tmp_path_factory.mktemp("fuzz"), shape=(10, 16, 16))
     return fs.paths[0].read_bytes()
 
