@@ -47,6 +47,7 @@ from .config import (
     default_model_path,
 )
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from .explain import ExplainSlices
 from .errors import (
     EXIT_BUG,
     EXIT_PARTIAL,
@@ -219,7 +220,7 @@ def _exit_code(outcomes: list[SeriesOutcome]) -> int:
 
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
     from .manifest import summary_json
-    from .pipeline import run_segment
+    from .runner import run_segment
 
     with _progress(show_progress, 0) as sink:
         result = run_segment(cfg, progress=sink)
@@ -272,6 +273,16 @@ ThresholdOpt = Annotated[
     typer.Option(
         "--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's)."
     ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer", help="Layer to explain (default: the explain graph's, see docs/explain.md)."
+    ),
+]
+SlicesOpt = Annotated[
+    ExplainSlices,
+    typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
@@ -356,6 +367,12 @@ def segment(
             f"{ENV_PSEUDONYM_SALT}).",
         ),
     ] = False,
+    explain: Annotated[
+        bool,
+        typer.Option("--explain", help="Also write GradCAM++ heat maps (one decode for both)."),
+    ] = False,
+    layer: LayerOpt = None,
+    slices: SlicesOpt = ExplainSlices.GGO,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -386,6 +403,68 @@ def segment(
             settle_minutes=settle,
             force=force,
             pseudonym_salt=_pseudonym_salt(pseudonymize, include_patient_id),
+            explain=explain,
+            explain_layer=layer,
+            explain_slices=slices.value,
+        )
+        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ggo-cli explain /data/studies --out results\n\n"
+        "  ggo-cli explain /data/studies --out results --slices all --layer decoder.2"
+    )
+)
+def explain(
+    inputs: InputsArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    threshold: ThresholdOpt = None,
+    layer: LayerOpt = None,
+    slices: SlicesOpt = ExplainSlices.GGO,
+    series: Annotated[
+        list[str] | None,
+        typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable)."),
+    ] = None,
+    min_slices: Annotated[
+        int, typer.Option("--min-slices", min=2, help="Fewest slices for a series.")
+    ] = MIN_SLICES,
+    settle: Annotated[
+        float, typer.Option("--settle", min=0.0, help="Skip series modified in the last N minutes.")
+    ] = SETTLE_MINUTES,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw GradCAM++ heat maps of what drove each GGO call, with ONNX Runtime alone.
+
+    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/gradcam.npz (cam, mask,
+    sop_instance_uids) and gradcam/slice_NNNN.png (CT | segmentation | GradCAM++). Needs
+    explain.onnx next to the model. Does not write SEG, CSV or state (use segment --explain).
+    """
+
+    def body() -> int:
+        cfg = RunConfig(
+            inputs=tuple(inputs),
+            out_dir=out,
+            model_path=_resolve_model(model),
+            device=device,
+            batch_size=batch_size,
+            threshold=threshold,
+            selection=SelectionRules(min_slices=min_slices, series_uids=tuple(series or ())),
+            png_mode=PngMode.NONE,
+            settle_minutes=settle,
+            explain=True,
+            explain_only=True,
+            explain_layer=layer,
+            explain_slices=slices.value,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
@@ -449,7 +528,7 @@ def demo(
         from .demo import compare_with_truth
         from .manifest import summary_json
         from .phantom import make_chest_phantom
-        from .pipeline import run_segment
+        from .runner import run_segment
 
         model_path = _resolve_model(model)
         with tempfile.TemporaryDirectory(prefix="ggo-demo-") as tmp:

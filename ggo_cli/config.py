@@ -34,6 +34,8 @@ CSV_NAME = "ggo_volumes.csv"
 MANIFEST_NAME = "run_manifest.json"
 SEG_NAME = "ggo.seg.dcm"
 OVERLAY_NAME = "overlay.png"
+GRADCAM_NPZ_NAME = "gradcam.npz"
+GRADCAM_FOLDER = "gradcam"
 
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 16
@@ -92,6 +94,10 @@ class RunConfig:
         settle_minutes: series with a file modified this recently are left for a later run.
         force: reprocess every series even when the state store shows it done.
         pseudonym_salt: when set, the CSV gets a salted SHA-256 pseudonym of PatientID.
+        explain: also write GradCAM++ maps (``gradcam.npz``, ``gradcam/slice_NNNN.png``).
+        explain_only: write only the GradCAM++ maps (``ggo-cli explain``): no SEG, CSV, state.
+        explain_layer: the explained layer; ``None`` takes the explain graph's default.
+        explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
     """
 
     inputs: tuple[Path, ...]
@@ -108,6 +114,10 @@ class RunConfig:
     settle_minutes: float = 0.0
     force: bool = False
     pseudonym_salt: str | None = None
+    explain: bool = False
+    explain_only: bool = False
+    explain_layer: str | None = None
+    explain_slices: str = "ggo"
 
     @property
     def patient_column(self) -> str | None:

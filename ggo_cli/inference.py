@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+_T = TypeVar("_T")
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudaerrormemoryallocation", "bfc_arena")
 
 
@@ -70,6 +71,105 @@ def _nvidia_gpu_visible() -> bool:
 def _is_oom(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def create_session(
+    path: Path, request: DeviceRequest, *, cuda_options: Mapping[str, Any] | None = None
+) -> Any:
+    """Create an ONNX Runtime session on the requested device and check where it landed.
+
+    Shared by :class:`OnnxSegmenter` and :class:`ggo_cli.explain.OnnxExplainer`.
+
+    Args:
+        path: the ONNX file.
+        request: the parsed ``--device``.
+        cuda_options: extra CUDA provider options (e.g. ``{"use_tf32": 0}``).
+
+    Returns:
+        The ``onnxruntime.InferenceSession``; ``get_providers()[0]`` tells the device in use.
+
+    Raises:
+        DeviceError: CUDA requested explicitly but unavailable or fallen back to the CPU.
+        ModelError: the session cannot be created.
+    """
+    import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
+
+    available = ort.get_available_providers()
+    want_cuda = request.kind == "cuda" or (
+        request.kind == "auto" and CUDA_PROVIDER in available and _nvidia_gpu_visible()
+    )
+    if request.kind == "cuda" and CUDA_PROVIDER not in available:
+        raise DeviceError(
+            f"--device {request.kind} requested but this ONNX Runtime build has no CUDA "
+            f"provider (available: {', '.join(available)}); install onnxruntime-gpu or use "
+            "--device cpu"
+        )
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers: list[Any] = [CPU_PROVIDER]
+    if want_cuda:
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()  # finds CUDA/cuDNN shipped with pip packages (ORT >= 1.21)
+        provider_options = {"device_id": request.index, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+        provider_options.update(cuda_options or {})
+        providers = [(CUDA_PROVIDER, provider_options), CPU_PROVIDER]
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped exceptions
+        raise ModelError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
+    in_use = session.get_providers()
+    if want_cuda and in_use[0] != CUDA_PROVIDER:
+        if request.kind == "cuda":
+            raise DeviceError(
+                f"--device {request.kind}:{request.index} requested but ONNX Runtime fell "
+                "back to the CPU (no usable GPU, driver, CUDA or cuDNN); use --device cpu "
+                "or fix the GPU setup (`ggo-cli info` lists providers)"
+            )
+        log.warning("CUDA is not usable here; running on the CPU")
+    return session
+
+
+def run_in_batches(
+    run: Callable[[int, int], _T],
+    n: int,
+    *,
+    batch_size: int,
+    on_cuda: bool,
+    on_halve: Callable[[int], None] | None = None,
+    what: str = "inference",
+) -> list[_T]:
+    """Call ``run(start, stop)`` over ``0..n`` in chunks, halving the chunk on GPU out-of-memory.
+
+    Args:
+        run: computes one chunk of items ``start:stop``.
+        n: number of items.
+        batch_size: items per chunk to start with.
+        on_cuda: whether the session runs on CUDA (only then is an OOM retried).
+        on_halve: told the new batch size after each halving.
+        what: the operation, for the error message.
+
+    Returns:
+        The chunk results in order.
+
+    Raises:
+        ModelError: a failure other than memory, or out of memory at batch size 1.
+    """
+    results: list[_T] = []
+    start = 0
+    while start < n:
+        stop = min(start + batch_size, n)
+        try:
+            results.append(run(start, stop))
+        except Exception as exc:  # noqa: BLE001 - ORT raises untyped RuntimeExceptions
+            if on_cuda and _is_oom(exc) and batch_size > 1:
+                batch_size = max(1, batch_size // 2)
+                if on_halve is not None:
+                    on_halve(batch_size)
+                log.warning("GPU out of memory; retrying with batch size %d", batch_size)
+                continue
+            raise ModelError(f"{what} failed: {str(exc).splitlines()[0]}") from exc
+        start = stop
+    return results
 
 
 class OnnxSegmenter:
@@ -122,41 +222,7 @@ class OnnxSegmenter:
         )
 
     def _create_session(self, request: DeviceRequest) -> Any:
-        ort = self._ort
-        available = ort.get_available_providers()
-        want_cuda = request.kind == "cuda" or (
-            request.kind == "auto" and CUDA_PROVIDER in available and _nvidia_gpu_visible()
-        )
-        if request.kind == "cuda" and CUDA_PROVIDER not in available:
-            raise DeviceError(
-                f"--device {request.kind} requested but this ONNX Runtime build has no CUDA "
-                f"provider (available: {', '.join(available)}); install onnxruntime-gpu or use "
-                "--device cpu"
-            )
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        providers: list[Any] = [CPU_PROVIDER]
-        if want_cuda:
-            if hasattr(ort, "preload_dlls"):
-                ort.preload_dlls()  # finds CUDA/cuDNN shipped with pip packages (ORT >= 1.21)
-            cuda_options = {"device_id": request.index, "cudnn_conv_algo_search": "EXHAUSTIVE"}
-            providers = [(CUDA_PROVIDER, cuda_options), CPU_PROVIDER]
-        try:
-            session = ort.InferenceSession(
-                str(self.model.path), sess_options=options, providers=providers
-            )
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped exceptions
-            raise ModelError(f"ONNX Runtime cannot load {self.model.path.name}: {exc}") from exc
-        in_use = session.get_providers()
-        if want_cuda and in_use[0] != CUDA_PROVIDER:
-            if request.kind == "cuda":
-                raise DeviceError(
-                    f"--device {request.kind}:{request.index} requested but ONNX Runtime fell "
-                    "back to the CPU (no usable GPU, driver, CUDA or cuDNN); use --device cpu "
-                    "or fix the GPU setup (`ggo-cli info` lists providers)"
-                )
-            log.warning("CUDA is not usable here; running on the CPU")
-        return session
+        return create_session(self.model.path, request)
 
     def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
@@ -201,20 +267,22 @@ class OnnxSegmenter:
         Raises:
             ModelError: inference failed for a reason other than memory, or at batch size 1.
         """
-        results = []
-        start = 0
-        while start < batch.shape[0]:
-            chunk = batch[start : start + self.batch_size]
-            try:
-                results.append(self._run_cuda(chunk) if self.on_cuda else self._run_cpu(chunk))
-            except Exception as exc:  # noqa: BLE001 - ORT raises untyped RuntimeExceptions
-                if self.on_cuda and _is_oom(exc) and self.batch_size > 1:
-                    self.batch_size = max(1, self.batch_size // 2)
-                    self._bound = None
-                    log.warning("GPU out of memory; retrying with batch size %d", self.batch_size)
-                    continue
-                raise ModelError(f"inference failed: {str(exc).splitlines()[0]}") from exc
-            start += chunk.shape[0]
+
+        def run(start: int, stop: int) -> npt.NDArray[np.float32]:
+            chunk = batch[start:stop]
+            return self._run_cuda(chunk) if self.on_cuda else self._run_cpu(chunk)
+
+        def on_halve(size: int) -> None:
+            self.batch_size = size
+            self._bound = None
+
+        results = run_in_batches(
+            run,
+            batch.shape[0],
+            batch_size=self.batch_size,
+            on_cuda=self.on_cuda,
+            on_halve=on_halve,
+        )
         return np.concatenate(results) if len(results) > 1 else results[0]
 
     def predict(

@@ -8,32 +8,34 @@ as :class:`~ggo_cli.errors.GgoError` for ``cli.py`` to map to exit codes.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from . import __version__
-from .config import CSV_NAME, MANIFEST_NAME, OVERLAY_NAME, SEG_NAME, PngMode, RunConfig
-from .discovery import Discovery, discover_series
-from .domain import CtVolume, GgoMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
+from .config import (
+    GRADCAM_FOLDER,
+    GRADCAM_NPZ_NAME,
+    OVERLAY_NAME,
+    SEG_NAME,
+    PngMode,
+    RunConfig,
+)
+from .discovery import Discovery
+from .domain import CtVolume, Prediction, SeriesInfo, SeriesOutcome, SeriesStatus
 from .errors import InputError, OutputError, SeriesError
-from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
+from .explain import OnnxExplainer
 from .inference import OnnxSegmenter
-from .manifest import build_manifest
 from .measurements import measure_ggo
-from .model_info import ModelInfo, load_model_info
-from .runlock import RunLock
-from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
+from .model_info import ModelInfo
 from .volume import load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
+from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from .writers.overlay_png import write_overlay, write_slice_pngs
-from .writers.report_csv import outcome_row, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ class RunResult:
         return sum(o.status is status for o in self.outcomes)
 
 
-def _now() -> str:
+def now_utc() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
@@ -99,18 +102,23 @@ def series_dir(out_dir: Path, series: SeriesInfo) -> Path:
     return out_dir / series.study_instance_uid / series.series_instance_uid
 
 
-def _skipped(series: SeriesInfo) -> SeriesOutcome:
+def skipped_outcome(series: SeriesInfo) -> SeriesOutcome:
+    """The outcome of a series that broke a selection rule."""
     return SeriesOutcome(
         series=series,
         status=SeriesStatus.SKIPPED,
         message=series.skip_reason or "",
         n_slices=len(series.files),
-        processed_at=_now(),
+        processed_at=now_utc(),
     )
 
 
 def _write_outputs(
-    cfg: RunConfig, volume: CtVolume, segmenter: OnnxSegmenter, prediction: Any, folder: Path
+    cfg: RunConfig,
+    volume: CtVolume,
+    segmenter: OnnxSegmenter,
+    prediction: Prediction,
+    folder: Path,
 ) -> tuple[Path, tuple[Path, ...]]:
     """Write the SEG (read back and checked) and the PNGs of one series."""
     model = segmenter.model
@@ -147,11 +155,38 @@ def _write_outputs(
     return seg_path, tuple(pngs)
 
 
+def _write_explanation(
+    cfg: RunConfig,
+    volume: CtVolume,
+    prediction: Prediction,
+    explainer: OnnxExplainer,
+    folder: Path,
+) -> tuple[Path, ...]:
+    """Write ``gradcam.npz`` and ``gradcam/slice_NNNN.png`` of one series."""
+    explanation = explainer.explain(volume, prediction, slices=cfg.explain_slices)
+    npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation)
+    pngs = write_gradcam_pngs(
+        volume,
+        explanation,
+        folder / GRADCAM_FOLDER,
+        window_center_hu=explainer.model.window_center_hu,
+        window_width_hu=explainer.model.window_width_hu,
+    )
+    log.info(
+        "series %s: GradCAM++ (%s) on %d slices",
+        volume.series.series_instance_uid,
+        explanation.layer,
+        len(explanation.slice_indices),
+    )
+    return (npz, *pngs)
+
+
 def process_series(
     cfg: RunConfig,
     series: SeriesInfo,
     segmenter: OnnxSegmenter,
     *,
+    explainer: OnnxExplainer | None = None,
     progress: ProgressSink | None = None,
 ) -> SeriesOutcome:
     """Load, segment, measure and write one eligible series.
@@ -160,6 +195,7 @@ def process_series(
         cfg: the run configuration.
         series: an eligible series.
         segmenter: the run's inference session.
+        explainer: when given, GradCAM++ maps are written too (``cfg.explain_only``: only them).
         progress: optional progress sink (two units per slice: decode, then inference).
 
     Returns:
@@ -178,9 +214,13 @@ def process_series(
         check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
-        seg_path, pngs = _write_outputs(
-            cfg, volume, segmenter, prediction, series_dir(cfg.out_dir, series)
-        )
+        folder = series_dir(cfg.out_dir, series)
+        seg_path: Path | None = None
+        pngs: tuple[Path, ...] = ()
+        if not cfg.explain_only:
+            seg_path, pngs = _write_outputs(cfg, volume, segmenter, prediction, folder)
+        if explainer is not None:
+            pngs += _write_explanation(cfg, volume, prediction, explainer, folder)
     except (SeriesError, OutputError) as exc:
         if isinstance(exc, OutputError) and exc.fatal:
             raise
@@ -193,7 +233,7 @@ def process_series(
             slice_spacing_mm=volume.slice_spacing_mm if volume is not None else None,
             pixel_spacing_mm=volume.pixel_spacing_mm if volume is not None else None,
             seconds=time.perf_counter() - start,
-            processed_at=_now(),
+            processed_at=now_utc(),
         )
     except Exception as exc:  # noqa: BLE001 - a bug on one series must not stop the others
         log.error(
@@ -209,7 +249,7 @@ def process_series(
             message=f"unexpected {type(exc).__name__}: {exc}",
             n_slices=len(series.files),
             seconds=time.perf_counter() - start,
-            processed_at=_now(),
+            processed_at=now_utc(),
         )
     seconds = time.perf_counter() - start
     log.info(
@@ -230,11 +270,12 @@ def process_series(
         seg_path=seg_path,
         png_paths=pngs,
         seconds=seconds,
-        processed_at=_now(),
+        processed_at=now_utc(),
     )
 
 
-def _check_output_location(cfg: RunConfig) -> None:
+def check_output_location(cfg: RunConfig) -> None:
+    """Refuse missing inputs and an output folder inside an input (the input is never touched)."""
     out = cfg.out_dir.resolve()
     for source in cfg.inputs:
         if not source.exists():
@@ -248,215 +289,3 @@ def _check_output_location(cfg: RunConfig) -> None:
             )
 
 
-def _remove_stale_temps(out_dir: Path) -> None:
-    """Delete temporary files a killed run left (only ours: ``.<name>.<12 hex>.tmp``)."""
-    removed = 0
-    for path in out_dir.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        if _TEMP_PATTERN.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed += 1
-    if removed:
-        log.info("removed %d temporary files left by an interrupted run", removed)
-
-
-def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
-    """The options that change a series' outputs (a change reprocesses the series)."""
-    return {
-        "ggo_cli": __version__,
-        "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
-        "png": cfg.png_mode.value,
-        "seg_series_number": cfg.seg_series_number,
-        "seg_series_description": cfg.seg_series_description,
-        "spacing_tolerance": cfg.selection.spacing_tolerance,
-    }
-
-
-def _still_arriving(series: SeriesInfo, settle_minutes: float) -> bool:
-    """Whether a file of the series was modified within the last ``settle_minutes``."""
-    if settle_minutes <= 0:
-        return False
-    newest = 0.0
-    for path in series.files:
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except OSError:
-            continue
-    return time.time() - newest < settle_minutes * 60
-
-
-def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
-    """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
-    row = stored.row
-    measurement = None
-    if row.get("ggo_voxels"):
-        measurement = GgoMeasurement(
-            voxel_volume_ml=float(row["voxel_volume_ml"]),
-            ggo_voxels=int(row["ggo_voxels"]),
-            ggo_volume_ml=float(row["ggo_volume_ml"]),
-            ggo_slice_count=int(row["ggo_slice_count"] or 0),
-        )
-    return SeriesOutcome(
-        series=series,
-        status=SeriesStatus(stored.status),
-        message=row.get("message", ""),
-        n_slices=int(row.get("n_slices") or 0),
-        measurement=measurement,
-        processed_at=row.get("processed_at", ""),
-        reused=True,
-    )
-
-
-def _reusable(
-    stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
-) -> bool:
-    """Whether an earlier run's result still stands (same files, model, options; SEG present)."""
-    if cfg.force:
-        return False
-    if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
-        fingerprint,
-        model.file_sha256,
-        options,
-    ):
-        return False
-    if stored.status == SeriesStatus.OK.value:
-        return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
-    return stored.status == SeriesStatus.FAILED.value
-
-
-class _Run:
-    """One locked run over an output folder: decides per series, records, rebuilds the CSV."""
-
-    def __init__(self, cfg: RunConfig, model: ModelInfo, store: StateStore) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.store = store
-        self.options = options_digest(_output_options(cfg, model))
-        self.segmenter: OnnxSegmenter | None = None
-
-    def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
-        row = outcome_row(
-            outcome,
-            self.cfg.out_dir,
-            model_name=self.model.name,
-            model_version=self.model.version,
-            include_patient_id=True,
-        )
-        self.store.put(
-            outcome.series,
-            fingerprint=fingerprint,
-            model_sha256=self.model.file_sha256,
-            options=self.options,
-            row=row,
-            updated_at=_now(),
-        )
-        self.write_csv()
-
-    def write_csv(self) -> Path:
-        return write_rows(
-            self.store.rows(),
-            self.cfg.out_dir / CSV_NAME,
-            patient_column=self.cfg.patient_column,
-            pseudonym_salt=self.cfg.pseudonym_salt,
-        )
-
-    def session(self) -> OnnxSegmenter:
-        if self.segmenter is None:
-            self.segmenter = OnnxSegmenter(
-                self.model,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                threshold=self.cfg.threshold,
-            )
-        return self.segmenter
-
-    def one(self, series: SeriesInfo, progress: ProgressSink | None) -> SeriesOutcome:
-        fingerprint = series_fingerprint(series)
-        if not series.eligible:
-            outcome = _skipped(series)
-        elif _still_arriving(series, self.cfg.settle_minutes):
-            outcome = SeriesOutcome(
-                series=series,
-                status=SeriesStatus.PENDING,
-                message=f"files modified within the last {self.cfg.settle_minutes:g} minutes "
-                "(still arriving?); left for a later run (see --settle)",
-                n_slices=len(series.files),
-                processed_at=_now(),
-            )
-            log.info(
-                "series %s (%s) pending: %s",
-                series.series_instance_uid,
-                series.location,
-                outcome.message,
-            )
-        else:
-            stored = self.store.get(series.series_instance_uid)
-            if stored is not None and _reusable(
-                stored, self.cfg, fingerprint, self.model, self.options
-            ):
-                log.debug(
-                    "series %s unchanged since %s",
-                    series.series_instance_uid,
-                    stored.row.get("processed_at", "?"),
-                )
-                return _outcome_from_row(series, stored)
-            outcome = process_series(self.cfg, series, self.session(), progress=progress)
-        self.record(outcome, fingerprint)
-        return outcome
-
-
-def run_segment(
-    cfg: RunConfig,
-    *,
-    progress: ProgressSink | None = None,
-    model: ModelInfo | None = None,
-) -> RunResult:
-    """Run ``segment`` over the configured inputs: locked, resumable, one CSV row per series.
-
-    Args:
-        cfg: the run configuration.
-        progress: optional progress sink.
-        model: an already validated model (otherwise loaded from ``cfg.model_path``).
-
-    Returns:
-        The :class:`RunResult` (the caller decides the exit code).
-
-    Raises:
-        InputError: bad inputs or output location.
-        ModelError: model missing, corrupt or off contract; device unusable.
-        OutputError: the output folder cannot be written.
-        RunLockedError: another run holds the output folder.
-    """
-    started_at = _now()
-    t0 = time.perf_counter()
-    _check_output_location(cfg)
-    model = model or load_model_info(cfg.model_path)
-    ensure_writable_dir(cfg.out_dir)
-    with RunLock(cfg.out_dir), StateStore(cfg.out_dir) as store:
-        _remove_stale_temps(cfg.out_dir)
-        discovery = discover_series(cfg.inputs, cfg.selection)
-        result = RunResult(outcomes=[], discovery=discovery, model=model)
-        result.timings_s["discovery"] = time.perf_counter() - t0
-        if progress is not None:
-            progress.discovered(len(discovery.series))
-        run = _Run(cfg, model, store)
-        t_series = time.perf_counter()
-        for series in discovery.series:
-            outcome = run.one(series, progress)
-            result.n_unchanged += outcome.reused
-            if progress is not None:
-                progress.series_finished(outcome)
-            result.outcomes.append(outcome)
-        result.timings_s["series"] = time.perf_counter() - t_series
-        if run.segmenter is not None:
-            result.device, result.providers = run.segmenter.device_label, run.segmenter.providers
-            result.batch_size = run.segmenter.batch_size
-        result.csv_path = run.write_csv()
-        result.timings_s["total"] = time.perf_counter() - t0
-        manifest = json.dumps(build_manifest(cfg, result, started_at), indent=2) + "\n"
-        stamp = started_at.replace(":", "").replace("+0000", "Z")
-        runs = cfg.out_dir / STATE_FOLDER / "runs"
-        atomic_write_text(
-            runs / f"{stamp}-{os.getpid()}-{time.time_ns() % 10**9:09d}.json", manifest
-        )
-        result.manifest_path = atomic_write_text(cfg.out_dir / MANIFEST_NAME, manifest)
-    return result

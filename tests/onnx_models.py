@@ -98,3 +98,159 @@ def write_band_model(
     stamp_metadata(model, meta)
     onnx.save(model, str(path))
     return path
+
+
+# --- Explain graphs (GradCAM++ contract, see ggo_cli.explain) -------------------------------
+
+EXPLAIN_GAIN = 50.0
+"""Gain of the conv model's detector channels (logit per unit of windowed intensity)."""
+EXPLAIN_LO_HU = -750.0
+"""The conv model marks pixels whose 3 x 3 mean exceeds this HU value."""
+
+
+def conv_explain_weights(
+    *, gain: float = EXPLAIN_GAIN, lo_hu: float = EXPLAIN_LO_HU
+) -> dict[str, Any]:
+    """Weights of the conv model: ``A = Relu(Conv3x3(image))`` (K = 2), ``logits = v . A + b``.
+
+    Channel 0 fires on pixels brighter than ``lo_hu`` (3 x 3 mean), channel 1 on darker ones;
+    ``v = (1, -1)``, ``b = 0``, so the logit is ``gain * (mean3x3(u) - lo)``.
+    """
+    import numpy as np
+
+    lo = hu_to_unit(lo_hu)
+    w1 = np.zeros((2, 1, 3, 3), dtype=np.float32)
+    w1[0] = gain / 9.0
+    w1[1] = -gain / 9.0
+    return {
+        "w1": w1,
+        "b1": np.array([-gain * lo, gain * lo], dtype=np.float32),
+        "v": np.array([1.0, -1.0], dtype=np.float32).reshape(1, 2, 1, 1),
+        "b": np.zeros(1, dtype=np.float32),
+    }
+
+
+def conv_explain_model(
+    size: int = 64, *, stride: int = 1, explain: bool = True, **kw: float
+) -> onnx.ModelProto:
+    """The conv model (``explain=False``) or its explain graph with analytic gradients.
+
+    Layer ``conv`` is ``A = Relu(Conv3x3(image, stride))`` ``[N, 2, S/stride, S/stride]``;
+    layer ``head`` is ``z = Conv1x1(A, v) + b`` ``[N, 1, S/stride, S/stride]``; ``logits`` is
+    ``z`` repeated ``stride x stride`` (nearest). With ``Score = sum(sigmoid(logits) * target)``
+    and ``q = s (1 - s) target``: ``dScore/dz = sum of q over each stride x stride block`` and
+    ``dScore/dA_k = v_k dScore/dz``, built here from ONNX operators.
+    """
+    from onnx import numpy_helper
+
+    weights = conv_explain_weights(**kw)
+    small = size // stride
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
+    target = helper.make_tensor_value_info("target", TensorProto.FLOAT, ["N", 1, size, size])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])
+    inits = [numpy_helper.from_array(value, name) for name, value in weights.items()]
+    if stride > 1:
+        inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, stride, stride]))
+    nodes = [
+        helper.make_node(
+            "Conv", ["image", "w1", "b1"], ["pre"], pads=[1, 1, 1, 1], strides=[stride, stride]
+        ),
+        helper.make_node("Relu", ["pre"], ["activations.conv"]),
+        helper.make_node("Conv", ["activations.conv", "v", "b"], ["activations.head"]),
+    ]
+    if stride > 1:
+        nodes.append(
+            helper.make_node(
+                "Resize",
+                ["activations.head", "", "scales"],
+                ["logits"],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+            )
+        )
+    else:
+        nodes.append(helper.make_node("Identity", ["activations.head"], ["logits"]))
+    outputs = [logits]
+    inputs = [image]
+    if explain:
+        inputs.append(target)
+        inits.append(helper.make_tensor("one", TensorProto.FLOAT, [], [1.0]))
+        if stride > 1:
+            inits.append(helper.make_tensor("block", TensorProto.FLOAT, [], [stride * stride]))
+        nodes += [
+            helper.make_node("Sigmoid", ["logits"], ["s"]),
+            helper.make_node("Sub", ["one", "s"], ["one_minus_s"]),
+            helper.make_node("Mul", ["s", "one_minus_s"], ["ds"]),
+            helper.make_node("Mul", ["ds", "target"], ["q"]),
+        ]
+        if stride > 1:
+            nodes += [
+                helper.make_node(
+                    "AveragePool",
+                    ["q"],
+                    ["q_mean"],
+                    kernel_shape=[stride, stride],
+                    strides=[stride, stride],
+                ),
+                helper.make_node("Mul", ["q_mean", "block"], ["gradients.head"]),
+            ]
+        else:
+            nodes.append(helper.make_node("Identity", ["q"], ["gradients.head"]))
+        nodes.append(helper.make_node("Mul", ["gradients.head", "v"], ["gradients.conv"]))
+        for name, channels in (("conv", 2), ("head", 1)):
+            for kind in ("activations", "gradients"):
+                outputs.append(
+                    helper.make_tensor_value_info(
+                        f"{kind}.{name}", TensorProto.FLOAT, ["N", channels, small, small]
+                    )
+                )
+    graph = helper.make_graph(nodes, "conv-explain", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def stamp_explain_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``ggo_cli_explain`` metadata with the graph digest filled in (unless given)."""
+    import json
+
+    from ggo_cli.model_info import graph_sha256
+
+    stamped = dict(meta)
+    stamped.setdefault("sha256", graph_sha256(proto.graph.SerializeToString(deterministic=True)))
+    del proto.metadata_props[:]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "ggo_cli_explain", json.dumps(stamped, sort_keys=True)
+    return stamped
+
+
+def write_conv_explain_pair(
+    folder: Path, size: int = 64, *, stride: int = 1, **overrides: Any
+) -> tuple[Path, Path]:
+    """Write the conv ``model.onnx`` and its ``explain.onnx`` into ``folder``.
+
+    ``overrides`` replace keys of the explain metadata (e.g. ``model_sha256``).
+
+    Returns:
+        ``(model path, explain path)``.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    model = conv_explain_model(size, stride=stride, explain=False)
+    model_meta = stamp_metadata(model, base_metadata(size, name="test-conv"))
+    model_path = folder / "model.onnx"
+    onnx.save(model, str(model_path))
+    explain = conv_explain_model(size, stride=stride, explain=True)
+    meta: dict[str, Any] = {
+        "model_sha256": model_meta["sha256"],
+        "layers": ["conv", "head"],
+        "default_layer": "conv",
+        "score": "sum(sigmoid(logits[:, 0]) * target)",
+        "faithfulness": {"measured": False},
+    }
+    meta.update(overrides)
+    stamp_explain_metadata(explain, meta)
+    explain_path = folder / "explain.onnx"
+    onnx.save(explain, str(explain_path))
+    return model_path, explain_path

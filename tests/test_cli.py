@@ -316,12 +316,12 @@ def test_read_only_output_exits_6(tmp_path: Path, band_model_path: Path) -> None
 def test_unexpected_error_exits_1_with_one_line(
     tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ggo_cli.pipeline
+    import ggo_cli.runner
 
     def boom(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(ggo_cli.pipeline, "run_segment", boom)
+    monkeypatch.setattr(ggo_cli.runner, "run_segment", boom)
     fs = make_ct_series(tmp_path)
     result = _segment(fs.root, "--out", tmp_path / "out", "--model", band_model_path)
     assert result.exit_code == 1, result.output

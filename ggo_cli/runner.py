@@ -1,0 +1,282 @@
+"""A whole ``segment`` (or ``explain``) run: locked, resumable, one CSV row per series.
+
+:func:`run_segment` holds the output folder's lock, consults the state store per series
+(:mod:`ggo_cli.state`), runs :func:`ggo_cli.pipeline.process_series` where work is due, and
+rebuilds the CSV and manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and
+leaves the SEG, CSV and state of the folder alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import CSV_NAME, MANIFEST_NAME, RunConfig
+from .discovery import discover_series
+from .domain import GgoMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
+from .explain import OnnxExplainer, default_explain_path, load_explain_info
+from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
+from .inference import OnnxSegmenter
+from .manifest import build_manifest
+from .model_info import ModelInfo, load_model_info
+from .pipeline import (
+    ProgressSink,
+    RunResult,
+    check_output_location,
+    now_utc,
+    process_series,
+    skipped_outcome,
+)
+from .runlock import RunLock
+from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
+from .writers.report_csv import outcome_row, write_rows
+
+log = logging.getLogger(__name__)
+
+_TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def _remove_stale_temps(out_dir: Path) -> None:
+    """Delete temporary files a killed run left (only ours: ``.<name>.<12 hex>.tmp``)."""
+    removed = 0
+    for path in out_dir.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
+        if _TEMP_PATTERN.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.info("removed %d temporary files left by an interrupted run", removed)
+
+
+def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
+    """The options that change a series' outputs (a change reprocesses the series)."""
+    return {
+        "ggo_cli": __version__,
+        "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
+        "png": cfg.png_mode.value,
+        "seg_series_number": cfg.seg_series_number,
+        "seg_series_description": cfg.seg_series_description,
+        "spacing_tolerance": cfg.selection.spacing_tolerance,
+        "explain": [cfg.explain_layer, cfg.explain_slices] if cfg.explain else None,
+    }
+
+
+def _still_arriving(series: SeriesInfo, settle_minutes: float) -> bool:
+    """Whether a file of the series was modified within the last ``settle_minutes``."""
+    if settle_minutes <= 0:
+        return False
+    newest = 0.0
+    for path in series.files:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    return time.time() - newest < settle_minutes * 60
+
+
+def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
+    """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
+    row = stored.row
+    measurement = None
+    if row.get("ggo_voxels"):
+        measurement = GgoMeasurement(
+            voxel_volume_ml=float(row["voxel_volume_ml"]),
+            ggo_voxels=int(row["ggo_voxels"]),
+            ggo_volume_ml=float(row["ggo_volume_ml"]),
+            ggo_slice_count=int(row["ggo_slice_count"] or 0),
+        )
+    return SeriesOutcome(
+        series=series,
+        status=SeriesStatus(stored.status),
+        message=row.get("message", ""),
+        n_slices=int(row.get("n_slices") or 0),
+        measurement=measurement,
+        processed_at=row.get("processed_at", ""),
+        reused=True,
+    )
+
+
+def _reusable(
+    stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
+) -> bool:
+    """Whether an earlier run's result still stands (same files, model, options; SEG present)."""
+    if cfg.force:
+        return False
+    if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
+        fingerprint,
+        model.file_sha256,
+        options,
+    ):
+        return False
+    if stored.status == SeriesStatus.OK.value:
+        return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
+    return stored.status == SeriesStatus.FAILED.value
+
+
+class _Run:
+    """One locked run over an output folder: decides per series, records, rebuilds the CSV."""
+
+    def __init__(self, cfg: RunConfig, model: ModelInfo, store: StateStore) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.store = store
+        self.options = options_digest(_output_options(cfg, model))
+        self.segmenter: OnnxSegmenter | None = None
+        self.explainer: OnnxExplainer | None = None
+        # Validate the explain graph before any work (a missing explain.onnx fails at once).
+        self.explain_info = (
+            load_explain_info(default_explain_path(model.path), model) if cfg.explain else None
+        )
+
+    def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
+        row = outcome_row(
+            outcome,
+            self.cfg.out_dir,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            include_patient_id=True,
+        )
+        self.store.put(
+            outcome.series,
+            fingerprint=fingerprint,
+            model_sha256=self.model.file_sha256,
+            options=self.options,
+            row=row,
+            updated_at=now_utc(),
+        )
+        self.write_csv()
+
+    def write_csv(self) -> Path:
+        return write_rows(
+            self.store.rows(),
+            self.cfg.out_dir / CSV_NAME,
+            patient_column=self.cfg.patient_column,
+            pseudonym_salt=self.cfg.pseudonym_salt,
+        )
+
+    def session(self) -> OnnxSegmenter:
+        if self.segmenter is None:
+            self.segmenter = OnnxSegmenter(
+                self.model,
+                device=self.cfg.device,
+                batch_size=self.cfg.batch_size,
+                threshold=self.cfg.threshold,
+            )
+        return self.segmenter
+
+    def explain_session(self) -> OnnxExplainer | None:
+        if self.explain_info is not None and self.explainer is None:
+            self.explainer = OnnxExplainer(
+                self.model,
+                self.explain_info,
+                device=self.cfg.device,
+                batch_size=self.cfg.batch_size,
+                layer=self.cfg.explain_layer,
+            )
+        return self.explainer
+
+    def one(self, series: SeriesInfo, progress: ProgressSink | None) -> SeriesOutcome:
+        fingerprint = series_fingerprint(series)
+        if not series.eligible:
+            outcome = skipped_outcome(series)
+        elif _still_arriving(series, self.cfg.settle_minutes):
+            outcome = SeriesOutcome(
+                series=series,
+                status=SeriesStatus.PENDING,
+                message=f"files modified within the last {self.cfg.settle_minutes:g} minutes "
+                "(still arriving?); left for a later run (see --settle)",
+                n_slices=len(series.files),
+                processed_at=now_utc(),
+            )
+            log.info(
+                "series %s (%s) pending: %s",
+                series.series_instance_uid,
+                series.location,
+                outcome.message,
+            )
+        else:
+            stored = None if self.cfg.explain_only else self.store.get(series.series_instance_uid)
+            if stored is not None and _reusable(
+                stored, self.cfg, fingerprint, self.model, self.options
+            ):
+                log.debug(
+                    "series %s unchanged since %s",
+                    series.series_instance_uid,
+                    stored.row.get("processed_at", "?"),
+                )
+                return _outcome_from_row(series, stored)
+            outcome = process_series(
+                self.cfg,
+                series,
+                self.session(),
+                explainer=self.explain_session(),
+                progress=progress,
+            )
+        if not self.cfg.explain_only:
+            self.record(outcome, fingerprint)
+        return outcome
+
+
+def run_segment(
+    cfg: RunConfig,
+    *,
+    progress: ProgressSink | None = None,
+    model: ModelInfo | None = None,
+) -> RunResult:
+    """Run ``segment`` over the configured inputs: locked, resumable, one CSV row per series.
+
+    Args:
+        cfg: the run configuration.
+        progress: optional progress sink.
+        model: an already validated model (otherwise loaded from ``cfg.model_path``).
+
+    Returns:
+        The :class:`RunResult` (the caller decides the exit code).
+
+    Raises:
+        InputError: bad inputs or output location.
+        ModelError: model missing, corrupt or off contract; device unusable.
+        OutputError: the output folder cannot be written.
+        RunLockedError: another run holds the output folder.
+    """
+    started_at = now_utc()
+    t0 = time.perf_counter()
+    check_output_location(cfg)
+    model = model or load_model_info(cfg.model_path)
+    ensure_writable_dir(cfg.out_dir)
+    with RunLock(cfg.out_dir), StateStore(cfg.out_dir) as store:
+        _remove_stale_temps(cfg.out_dir)
+        discovery = discover_series(cfg.inputs, cfg.selection)
+        result = RunResult(outcomes=[], discovery=discovery, model=model)
+        result.timings_s["discovery"] = time.perf_counter() - t0
+        if progress is not None:
+            progress.discovered(len(discovery.series))
+        run = _Run(cfg, model, store)
+        t_series = time.perf_counter()
+        for series in discovery.series:
+            outcome = run.one(series, progress)
+            result.n_unchanged += outcome.reused
+            if progress is not None:
+                progress.series_finished(outcome)
+            result.outcomes.append(outcome)
+        result.timings_s["series"] = time.perf_counter() - t_series
+        if run.segmenter is not None:
+            result.device, result.providers = run.segmenter.device_label, run.segmenter.providers
+            result.batch_size = run.segmenter.batch_size
+        if not cfg.explain_only:
+            result.csv_path = run.write_csv()
+        result.timings_s["total"] = time.perf_counter() - t0
+        manifest = json.dumps(build_manifest(cfg, result, started_at), indent=2) + "\n"
+        stamp = started_at.replace(":", "").replace("+0000", "Z")
+        runs = cfg.out_dir / STATE_FOLDER / "runs"
+        atomic_write_text(
+            runs / f"{stamp}-{os.getpid()}-{time.time_ns() % 10**9:09d}.json", manifest
+        )
+        if not cfg.explain_only:
+            result.manifest_path = atomic_write_text(cfg.out_dir / MANIFEST_NAME, manifest)
+    return result

@@ -1,0 +1,268 @@
+"""GradCAM++ outputs of a series: ``gradcam.npz`` and one three-panel PNG per explained slice.
+
+Each ``gradcam/slice_NNNN.png`` (NNNN: 1-based position along the sorted volume, as the
+overlay PNGs) follows the paper's Figure 3: the CT in a lung window | the segmentation overlay
+(predicted GGO in red, drawn by :func:`ggo_cli.writers.overlay_png.render_slice`) | the
+GradCAM++ map in a jet colour map blended on the CT, with a 0..1 colour bar on the right and a
+label bar on top ("slice k/n", the layer). Panels are the slice at its native size, drawn as
+stored (no flips). Nothing identifying is drawn: no names, IDs, dates or UIDs. Pillow only; the
+colour map is a numpy table.
+
+``gradcam.npz`` holds ``cam`` float32 ``[k, rows, cols]`` in ``[0, 1]`` on the source grid,
+``mask`` uint8 ``[k, rows, cols]`` (the predicted GGO used as the target), ``sop_instance_uids``
+``[k]`` (unicode), ``slice_indices`` int64 ``[k]`` (0-based; the PNG number is index + 1) and
+``layer`` (0-d unicode).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from ..domain import CtVolume
+from ..explain import Explanation
+from ..fsutil import atomic_write_path, ensure_folder
+from ..preprocessing import window_hu
+from .overlay_png import BACKGROUND_RGB, LABEL_PX, TEXT_RGB, render_slice, slice_png_name
+
+log = logging.getLogger(__name__)
+
+CAM_ALPHA = 0.5
+"""Weight of the colour map over the grey CT (pytorch-grad-cam's ``show_cam_on_image``)."""
+GAP_PX = 4
+"""Black gap between panels and before the colour bar."""
+COLOURBAR_PX = 12
+"""Width of the colour bar."""
+COLOURBAR_LABEL_PX = 24
+"""Room right of the colour bar for its tick labels."""
+PNG_COMPRESS_LEVEL = 3
+"""zlib level: 3x faster than Pillow's default 6 for about 9 % larger files."""
+PANEL_TITLES = ("CT (lung window)", "predicted GGO", "GradCAM++")
+CAPTION = "AI research output, not for diagnosis"
+
+# Jet-like colour map: (position, red, green, blue) anchors, linearly interpolated.
+_JET_ANCHORS = np.array(
+    [
+        [0.000, 0.0, 0.0, 0.5],
+        [0.125, 0.0, 0.0, 1.0],
+        [0.375, 0.0, 1.0, 1.0],
+        [0.625, 1.0, 1.0, 0.0],
+        [0.875, 1.0, 0.0, 0.0],
+        [1.000, 0.5, 0.0, 0.0],
+    ],
+    dtype=np.float64,
+)
+_LUT_SIZE = 256
+JET_LUT: npt.NDArray[np.uint8] = np.rint(
+    255.0
+    * np.stack(
+        [
+            np.interp(np.linspace(0.0, 1.0, _LUT_SIZE), _JET_ANCHORS[:, 0], _JET_ANCHORS[:, ch])
+            for ch in (1, 2, 3)
+        ],
+        axis=1,
+    )
+).astype(np.uint8)
+"""256 x 3 uint8 RGB table: index ``round(255 * v)`` for a value ``v`` in ``[0, 1]``."""
+JET_LUT.setflags(write=False)
+
+Rgb = npt.NDArray[np.uint8]
+
+
+def colourise(values: npt.NDArray[np.float32]) -> Rgb:
+    """Map values in ``[0, 1]`` through :data:`JET_LUT`.
+
+    Args:
+        values: float values (clipped to ``[0, 1]``). Shape: any ``(...)``.
+
+    Returns:
+        uint8 RGB. Shape: ``(..., 3)``.
+    """
+    index = np.rint(np.clip(values, 0.0, 1.0) * (_LUT_SIZE - 1)).astype(np.intp)
+    result: Rgb = JET_LUT[index]
+    return result
+
+
+def render_cam(
+    hu: npt.NDArray[np.float32],
+    cam: npt.NDArray[np.float32],
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Rgb:
+    """Blend a CAM's colour map on the lung-window CT: ``(1 - a) * grey + a * jet(cam)``.
+
+    Args:
+        hu: Hounsfield units. Shape: ``(rows, cols)``.
+        cam: map in ``[0, 1]``. Shape: ``(rows, cols)``.
+        window_center_hu: window centre in HU.
+        window_width_hu: window width in HU.
+
+    Returns:
+        uint8 RGB image. Shape: ``(rows, cols, 3)``.
+    """
+    grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
+    blended = (1.0 - CAM_ALPHA) * grey[..., None] + CAM_ALPHA * colourise(cam)
+    result: Rgb = np.rint(blended).astype(np.uint8)
+    return result
+
+
+def _grey(hu: npt.NDArray[np.float32], center_hu: float, width_hu: float) -> Rgb:
+    """The lung-window CT as RGB."""
+    grey = np.rint(window_hu(hu, center_hu=center_hu, width_hu=width_hu) * 255.0)
+    result: Rgb = np.repeat(grey.astype(np.uint8)[..., None], 3, axis=-1)
+    return result
+
+
+def _colour_bar(height: int) -> Rgb:
+    """A vertical colour bar, 1 at the top and 0 at the bottom. Shape: ``(height, px, 3)``."""
+    ramp = np.linspace(1.0, 0.0, max(height, 1), dtype=np.float32)
+    result: Rgb = np.repeat(colourise(ramp)[:, None, :], COLOURBAR_PX, axis=1)
+    return result
+
+
+def panel_origins(rows: int, cols: int) -> tuple[tuple[int, int], ...]:
+    """Top-left ``(x, y)`` of the three panels and the colour bar in a slice PNG."""
+    top = 2 * LABEL_PX
+    xs = [GAP_PX + i * (cols + GAP_PX) for i in range(4)]
+    return tuple((x, top) for x in xs)
+
+
+def _check(volume: CtVolume, explanation: Explanation) -> None:
+    """Raise ``ValueError`` when the explanation does not fit the volume."""
+    n, rows, cols = volume.hu.shape
+    k = len(explanation.slice_indices)
+    if explanation.cam.shape != (k, rows, cols) or explanation.mask.shape != (k, rows, cols):
+        raise ValueError(
+            f"explanation arrays {explanation.cam.shape}, {explanation.mask.shape} do not match "
+            f"{k} slices of {rows} x {cols}"
+        )
+    if any(not 0 <= i < n for i in explanation.slice_indices):
+        raise ValueError(f"explanation slice indices fall outside the volume's {n} slices")
+
+
+def render_gradcam_png(
+    volume: CtVolume,
+    explanation: Explanation,
+    position: int,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Image.Image:
+    """Draw the three-panel figure of one explained slice.
+
+    Layout: a label bar ("slice k/n", layer, caption), a bar of panel titles, then the panels
+    side by side (``GAP_PX`` apart) and the colour bar with its 0 and 1 ticks.
+
+    Args:
+        volume: the CT volume.
+        explanation: the maps.
+        position: which explained slice (index into ``explanation.slice_indices``).
+        window_center_hu: display window centre in HU.
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The RGB image, ``3 * cols + 4 * GAP_PX + COLOURBAR_PX + COLOURBAR_LABEL_PX`` wide and
+        ``2 * LABEL_PX + rows + GAP_PX`` high.
+    """
+    n_slices, rows, cols = volume.hu.shape
+    index = explanation.slice_indices[position]
+    hu = volume.hu[index]
+    window = {"window_center_hu": window_center_hu, "window_width_hu": window_width_hu}
+    panels = (
+        _grey(hu, window_center_hu, window_width_hu),
+        render_slice(hu, explanation.mask[position].astype(bool), **window),
+        render_cam(hu, explanation.cam[position], **window),
+        _colour_bar(rows),
+    )
+    width = 4 * GAP_PX + 3 * cols + COLOURBAR_PX + COLOURBAR_LABEL_PX
+    image = Image.new("RGB", (width, 2 * LABEL_PX + rows + GAP_PX), BACKGROUND_RGB)
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    label = f"slice {index + 1}/{n_slices}  layer {explanation.layer}  {CAPTION}"
+    draw.text((GAP_PX, 2), label, fill=TEXT_RGB, font=font)
+    for (x, y), panel, title in zip(
+        panel_origins(rows, cols), panels, (*PANEL_TITLES, ""), strict=True
+    ):
+        image.paste(Image.fromarray(panel, mode="RGB"), (x, y))
+        draw.text((x + 2, LABEL_PX + 2), title, fill=TEXT_RGB, font=font)
+    bar_x = panel_origins(rows, cols)[3][0] + COLOURBAR_PX + 2
+    draw.text((bar_x, 2 * LABEL_PX), "1", fill=TEXT_RGB, font=font)
+    draw.text((bar_x, 2 * LABEL_PX + rows - 12), "0", fill=TEXT_RGB, font=font)
+    return image
+
+
+def write_gradcam_pngs(
+    volume: CtVolume,
+    explanation: Explanation,
+    folder: Path,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> list[Path]:
+    """Write one three-panel PNG per explained slice (``slice_NNNN.png``), each atomically.
+
+    Args:
+        volume: the CT volume.
+        explanation: the maps (:meth:`ggo_cli.explain.OnnxExplainer.explain`).
+        folder: where to write (created if needed; nothing is created for no slices).
+        window_center_hu: display window centre in HU (the model's lung window).
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The PNGs written, in slice order.
+
+    Raises:
+        OutputError: a file or the folder cannot be written.
+        ValueError: the explanation does not match the volume.
+    """
+    _check(volume, explanation)
+    n_slices = volume.hu.shape[0]
+    written: list[Path] = []
+    if explanation.slice_indices:
+        ensure_folder(folder)
+    for position, index in enumerate(explanation.slice_indices):
+        image = render_gradcam_png(
+            volume,
+            explanation,
+            position,
+            window_center_hu=window_center_hu,
+            window_width_hu=window_width_hu,
+        )
+        path = folder / slice_png_name(index, n_slices)
+        with atomic_write_path(path) as temp:
+            image.save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        written.append(path)
+    log.debug("%d GradCAM++ PNGs written to %s", len(written), folder)
+    return written
+
+
+def write_gradcam_npz(path: Path, explanation: Explanation) -> Path:
+    """Write the maps as a compressed ``.npz`` atomically (keys in the module docstring).
+
+    Args:
+        path: the file, e.g. ``<series folder>/gradcam.npz``.
+        explanation: the maps.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OutputError: the file cannot be written.
+    """
+    arrays = {
+        "cam": np.asarray(explanation.cam, dtype=np.float32),
+        "mask": np.asarray(explanation.mask, dtype=np.uint8),
+        "sop_instance_uids": np.array(explanation.sop_instance_uids, dtype=np.str_),
+        "slice_indices": np.array(explanation.slice_indices, dtype=np.int64),
+        "layer": np.array(explanation.layer, dtype=np.str_),
+    }
+    # A file object, not a name: numpy would append ".npz" to the temporary file's name.
+    with atomic_write_path(path) as temp, temp.open("wb") as fh:
+        np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
+    log.debug("GradCAM++ maps of %d slices written to %s", len(explanation.slice_indices), path)
+    return path
