@@ -74,16 +74,21 @@ def _is_oom(exc: Exception) -> bool:
 
 
 def create_session(
-    path: Path, request: DeviceRequest, *, cuda_options: Mapping[str, Any] | None = None
+    path: Path,
+    request: DeviceRequest,
+    *,
+    cuda_options: Mapping[str, Any] | None = None,
+    model_bytes: bytes | None = None,
 ) -> Any:
     """Create an ONNX Runtime session on the requested device and check where it landed.
 
     Shared by :class:`OnnxSegmenter` and :class:`ggo_cli.explain.OnnxExplainer`.
 
     Args:
-        path: the ONNX file.
+        path: the ONNX file (named in errors; read unless ``model_bytes`` is given).
         request: the parsed ``--device``.
         cuda_options: extra CUDA provider options (e.g. ``{"use_tf32": 0}``).
+        model_bytes: a serialized model to load instead of ``path`` (e.g. a pruned subgraph).
 
     Returns:
         The ``onnxruntime.InferenceSession``; ``get_providers()[0]`` tells the device in use.
@@ -114,7 +119,8 @@ def create_session(
         provider_options.update(cuda_options or {})
         providers = [(CUDA_PROVIDER, provider_options), CPU_PROVIDER]
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        source: str | bytes = str(path) if model_bytes is None else model_bytes
+        session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ORT raises its own untyped exceptions
         raise ModelError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
     in_use = session.get_providers()

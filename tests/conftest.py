@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -13,6 +15,10 @@ from tests.onnx_models import write_band_model
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 REAL_CT_DIR = SHARED_DATA / "ct-dicom" / "lung-pet-ct-dx-a0002" / "dicom"
 DCMQI_DIR = SHARED_DATA / "ct-dicom" / "dcmqi-ct-3slice"
+COVID_SLICES_DIR = SHARED_DATA / "covid-semiseg-train"
+# The COVID-SemiSeg JPEGs are display images; their intensities match a chest CT rendered at
+# about W1300 / L-480 HU (../shared/data/README.md), which this inverts.
+COVID_WINDOW = (-480.0, 1300.0)
 
 
 @pytest.fixture(autouse=True)
@@ -37,3 +43,40 @@ def real_ct_dir() -> Path:
     if not REAL_CT_DIR.is_dir():
         pytest.skip(f"shared data not found at {REAL_CT_DIR}")
     return REAL_CT_DIR
+
+
+def covid_slices_as_ct(out: Path, ids: list[str], size: int = 512) -> Path:
+    """Real COVID-19 CT slices as a CT Image Storage series, in approximate HU.
+
+    Each display JPEG is padded to a square, resized to ``size`` and mapped back through the
+    estimated W1300/L-480 window. The slices come from different patients, so the series is
+    a stack of real slices with a made-up geometry (0.7 mm pixels, 5 mm apart): right for
+    per-slice tests (segmentation, explanations), not for volumes.
+    """
+    from PIL import Image
+
+    from ggo_cli.ct_writer import write_ct_series
+
+    centre, width = COVID_WINDOW
+    hu = []
+    for slice_id in ids:
+        image = Image.open(COVID_SLICES_DIR / "images" / f"{slice_id}.jpg").convert("L")
+        side = max(image.size)
+        square = Image.new("L", (side, side), 0)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        pixels = np.asarray(square.resize((size, size), Image.Resampling.BILINEAR), np.float32)
+        hu.append(pixels / 255.0 * width + centre - width / 2)
+    write_ct_series(np.round(np.stack(hu)).astype(np.int16), out, spacing_mm=(5.0, 0.7, 0.7))
+    return out
+
+
+@pytest.fixture(scope="session")
+def covid_ct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped model's 10 held-out COVID-SemiSeg test slices as a DICOM CT series."""
+    if not COVID_SLICES_DIR.is_dir():
+        pytest.skip(f"shared data not found at {COVID_SLICES_DIR}")
+    from ggo_cli.config import default_model_path
+
+    card = json.loads((default_model_path().parent / "model.json").read_text())
+    ids = list(card["training_data"]["split"]["test"])
+    return covid_slices_as_ct(tmp_path_factory.mktemp("covid") / "ct", ids)

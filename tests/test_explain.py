@@ -22,6 +22,7 @@ from ggo_cli.explain import (
     cam_to_source,
     default_explain_path,
     gradcam_plus_plus,
+    layer_subgraph,
     load_explain_info,
     model_grid_target,
     normalise_per_slice,
@@ -130,6 +131,31 @@ def test_explain_graph_outputs_match_numpy(stride: int) -> None:
     for name, value in want.items():
         np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
     assert np.abs(got["gradients.conv"]).max() > 0
+
+
+@pytest.mark.parametrize("layer", ["conv", "head"])
+def test_layer_subgraph_computes_the_same_outputs_with_fewer_nodes(
+    tmp_path: Path, layer: str
+) -> None:
+    import onnxruntime as ort
+
+    _, explain_path = write_conv_explain_pair(tmp_path, stride=2)
+    rng = np.random.default_rng(3)
+    image = rng.random((2, 1, 64, 64), dtype=np.float32)
+    target = (rng.random((2, 1, 64, 64)) < 0.3).astype(np.float32)
+    feeds = {"image": image, "target": target}
+    outputs = [f"activations.{layer}", f"gradients.{layer}"]
+    full = ort.InferenceSession(str(explain_path), providers=["CPUExecutionProvider"])
+    sub_bytes = layer_subgraph(explain_path, layer)
+    sub = ort.InferenceSession(sub_bytes, providers=["CPUExecutionProvider"])
+    assert [o.name for o in sub.get_outputs()] == outputs
+    for got, want in zip(sub.run(outputs, feeds), full.run(outputs, feeds), strict=True):
+        np.testing.assert_array_equal(got, want)
+    pruned = onnx.load_from_string(sub_bytes)
+    whole = onnx.load(str(explain_path))
+    if layer == "head":  # its gradient needs no backward pass through the conv layer
+        assert len(pruned.graph.node) < len(whole.graph.node)
+    assert {p.key for p in pruned.metadata_props} == {p.key for p in whole.metadata_props}
 
 
 def test_gradcam_plus_plus_is_equation_19_including_zero_gradients() -> None:

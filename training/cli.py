@@ -1,4 +1,4 @@
-"""``python -m training {pack,train,evaluate,export,compare}``: the thin command line.
+"""``python -m training {pack,train,evaluate,export,export-explain,compare}``: the command line.
 
 argparse (standard library) rather than Typer, so that the GPU machines, which have only torch,
 numpy and tqdm, can run ``train`` from a packed ``.npz``. This module parses options, builds the
@@ -192,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="1.0.0", help="model version")
     p.add_argument("--threshold", type=float, help="fixed threshold (default: chosen on val)")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
+    p.add_argument(
+        "--no-explain", action="store_true", help="do not write explain.onnx (GradCAM++ graph)"
+    )
+
+    p = sub.add_parser("export-explain", help="checkpoint + model.onnx -> explain.onnx")
+    _add_common(p)
+    p.add_argument("--checkpoint", required=True, help="the checkpoint model.onnx came from")
+    p.add_argument("--model", required=True, help="the paired model.onnx")
+    p.add_argument("--out", help="explain graph to write (default: explain.onnx beside --model)")
+    p.add_argument("--data", help="labelled slices for the faithfulness measurement")
+    p.add_argument("--fp16-weights", action="store_true", help="float16 initializers (half size)")
+    p.add_argument("--layers", nargs="+", help="module paths (default: the architecture's list)")
+    p.add_argument("--max-slices", type=int, help="faithfulness on at most N slices")
 
     p = sub.add_parser("compare", help="the paper's Table 1 for several runs")
     _add_common(p)
@@ -284,7 +297,7 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         version=args.version,
         threshold=args.threshold,
     )
-    return {
+    summary: dict[str, Any] = {
         "model": str(result.model_path),
         "card": str(result.card_path),
         "threshold": result.threshold,
@@ -293,6 +306,50 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         "fp16_mask_agreement": result.mask_agreement,
         "metrics": {k: v.to_dict() for k, v in result.metrics.items()},
     }
+    explain_path = result.model_path.parent / "explain.onnx"
+    if args.no_explain:
+        if explain_path.exists():
+            log.warning("%s is left as it was and no longer pairs with the new model", explain_path)
+        return summary
+    from .explain_export import export_explain
+
+    explained = export_explain(
+        Path(args.checkpoint),
+        result.model_path,
+        explain_path,
+        fp16_weights=args.fp16_weights,
+        data=Path(args.data) if args.data else None,
+    )
+    summary["explain"] = _explain_summary(explained)
+    return summary
+
+
+def _explain_summary(result: Any) -> dict[str, Any]:
+    return {
+        "explain": str(result.path),
+        "size_mb": round(result.size_bytes / 1e6, 2),
+        "layers": list(result.layers),
+        "default_layer": result.default_layer,
+        "max_gradient_error": max(result.gradient_errors.values()),
+        "fp16_max_abs_cam_diff": result.fp16_cam_diff,
+        "faithfulness": result.faithfulness.get("per_layer", {}),
+    }
+
+
+def _cmd_export_explain(args: argparse.Namespace) -> dict[str, Any]:
+    from .explain_export import EXPLAIN_NAME, export_explain
+
+    model = Path(args.model)
+    result = export_explain(
+        Path(args.checkpoint),
+        model,
+        Path(args.out) if args.out else model.parent / EXPLAIN_NAME,
+        fp16_weights=args.fp16_weights,
+        data=Path(args.data) if args.data else None,
+        layers=args.layers,
+        max_slices=args.max_slices,
+    )
+    return _explain_summary(result)
 
 
 def _cmd_compare(args: argparse.Namespace) -> dict[str, Any] | str:
@@ -318,6 +375,7 @@ _COMMANDS = {
     "train": _cmd_train,
     "evaluate": _cmd_evaluate,
     "export": _cmd_export,
+    "export-explain": _cmd_export_explain,
     "compare": _cmd_compare,
 }
 

@@ -127,13 +127,15 @@ def _export_onnx(model: nn.Module, size: int, path: Path) -> None:
         program.save(str(path))
 
 
-def cast_initializers_fp16(proto: Any) -> int:
+def cast_initializers_fp16(proto: Any, *, keep_per_channel: bool = False) -> int:
     """Store float32 weights as float16 initializers, cast back to float32 inside the graph.
 
     Halves the file; ONNX Runtime computes in float32 as before.
 
     Args:
         proto: an ``onnx.ModelProto`` (modified in place).
+        keep_per_channel: keep float32 for tensors with one non-unit dimension (per-channel
+            scales and shifts, e.g. unfolded BatchNorm): tiny, and not float16-exact.
 
     Returns:
         The number of initializers converted.
@@ -145,6 +147,9 @@ def cast_initializers_fp16(proto: Any) -> int:
     kept, casts, converted = [], [], 0
     for init in graph.initializer:
         if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < 16:
+            kept.append(init)
+            continue
+        if keep_per_channel and sum(int(d) != 1 for d in init.dims) <= 1:
             kept.append(init)
             continue
         values = numpy_helper.to_array(init)
