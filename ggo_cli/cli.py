@@ -47,7 +47,6 @@ from .config import (
     default_model_path,
 )
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
-from .explain import ExplainSlices
 from .errors import (
     EXIT_BUG,
     EXIT_PARTIAL,
@@ -57,6 +56,7 @@ from .errors import (
     OutputError,
     SeriesError,
 )
+from .explain import ExplainSlices
 from .logs import configure_logging, level_from_flags
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,20 @@ def _resolve_model(model: Path | None) -> Path:
 
 def _summary_table(outcomes: list[SeriesOutcome]) -> Table:
     table = Table(title="ggo-cli segment", show_lines=False)
-    for name in ("series", "slices", "GGO mL", "status", "message"):
+    for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "status", "message"):
         table.add_column(name, overflow="fold")
     for o in outcomes:
         volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
+        lung = f"{o.lungs.lung_volume_ml:.0f}" if o.lungs else ""
+        share = f"{o.lungs.ggo_percent_of_lung:.2f}" if o.lungs else ""
         table.add_row(
-            o.series.series_instance_uid, str(o.n_slices), volume, o.status.value, o.message
+            o.series.series_instance_uid,
+            str(o.n_slices),
+            volume,
+            lung,
+            share,
+            o.status.value,
+            o.message,
         )
     return table
 
@@ -236,14 +244,14 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
             "no eligible CT series among %d found (%d files); see %s for the reasons",
             len(result.outcomes),
             result.discovery.n_files,
-            result.csv_path,
+            result.csv_path or "the messages above",
         )
     elif code != 0:
         log.error(
             "%d of %d series failed; see %s",
             sum(o.status is SeriesStatus.FAILED for o in result.outcomes),
             len(result.outcomes),
-            result.csv_path,
+            result.csv_path or "the messages above",
         )
     return code
 
@@ -283,6 +291,14 @@ LayerOpt = Annotated[
 SlicesOpt = Annotated[
     ExplainSlices,
     typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
+]
+LungMaskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--lung-mask/--no-lung-mask",
+        help="Keep GGO inside a lung mask, report lung volumes and GGO % per lung, add the "
+        "lungs to the SEG (default on).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
 NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
@@ -373,6 +389,7 @@ def segment(
     ] = False,
     layer: LayerOpt = None,
     slices: SlicesOpt = ExplainSlices.GGO,
+    lung_mask: LungMaskOpt = True,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -406,6 +423,7 @@ def segment(
             explain=explain,
             explain_layer=layer,
             explain_slices=slices.value,
+            lung_mask=lung_mask,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
@@ -440,6 +458,7 @@ def explain(
     settle: Annotated[
         float, typer.Option("--settle", min=0.0, help="Skip series modified in the last N minutes.")
     ] = SETTLE_MINUTES,
+    lung_mask: LungMaskOpt = True,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -465,6 +484,7 @@ def explain(
             explain_only=True,
             explain_layer=layer,
             explain_slices=slices.value,
+            lung_mask=lung_mask,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

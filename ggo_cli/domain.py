@@ -127,6 +127,34 @@ class GgoMeasurement:
 
 
 @dataclass(frozen=True, slots=True)
+class LungMeasurement:
+    """Lung volumes and the GGO share of each lung.
+
+    Percentages are ``100 * GGO mL / lung mL`` and count only GGO inside that lung; they are
+    ``nan`` (undefined, not "no involvement") when the lung's volume is 0.
+
+    Attributes:
+        lung_volume_ml: both lungs, mL (``left + right``).
+        left_lung_volume_ml: left lung, mL.
+        right_lung_volume_ml: right lung, mL.
+        ggo_percent_of_lung: GGO inside both lungs as a percentage of ``lung_volume_ml``.
+        left_ggo_volume_ml: GGO inside the left lung, mL.
+        right_ggo_volume_ml: GGO inside the right lung, mL.
+        left_ggo_percent: ``left_ggo_volume_ml`` as a percentage of the left lung.
+        right_ggo_percent: ``right_ggo_volume_ml`` as a percentage of the right lung.
+    """
+
+    lung_volume_ml: float
+    left_lung_volume_ml: float
+    right_lung_volume_ml: float
+    ggo_percent_of_lung: float
+    left_ggo_volume_ml: float
+    right_ggo_volume_ml: float
+    left_ggo_percent: float
+    right_ggo_percent: float
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesOutcome:
     """What became of one series (one CSV row).
 
@@ -138,6 +166,7 @@ class SeriesOutcome:
         slice_spacing_mm: slice spacing from positions, when loaded.
         pixel_spacing_mm: PixelSpacing, when loaded.
         measurement: GGO volumetry, when ok.
+        lungs: lung volumes and GGO per lung, when ok and the lung mask was on.
         seg_path: the SEG written, when ok.
         png_paths: PNGs written.
         seconds: wall time spent on the series.
@@ -152,6 +181,7 @@ class SeriesOutcome:
     slice_spacing_mm: float | None = None
     pixel_spacing_mm: tuple[float, float] | None = None
     measurement: GgoMeasurement | None = None
+    lungs: LungMeasurement | None = None
     seg_path: Path | None = None
     png_paths: tuple[Path, ...] = ()
     seconds: float = 0.0

@@ -5,6 +5,7 @@ Neither ever holds patient data: series are named by UID only.
 
 from __future__ import annotations
 
+import math
 import platform
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "batch_size": cfg.batch_size,
             "threshold": cfg.threshold,
             "png": cfg.png_mode.value,
+            "lung_mask": cfg.lung_mask,
             "min_slices": cfg.selection.min_slices,
             "axial_tolerance_deg": cfg.selection.axial_tolerance_deg,
             "spacing_tolerance": cfg.selection.spacing_tolerance,
@@ -97,11 +99,18 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
                 "message": o.message,
                 "n_slices": o.n_slices,
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
+                "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
+                "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,
                 "seconds": round(o.seconds, 3),
             }
             for o in result.outcomes
         ],
     }
+
+
+def _finite(value: float) -> float | None:
+    """A float for JSON: ``None`` for nan (JSON has no nan)."""
+    return value if math.isfinite(value) else None
 
 
 def summary_json(result: RunResult) -> dict[str, Any]:
@@ -125,6 +134,8 @@ def summary_json(result: RunResult) -> dict[str, Any]:
                 "status": o.status.value,
                 "message": o.message,
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
+                "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
+                "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,
                 "seg_path": str(o.seg_path) if o.seg_path else None,
             }
             for o in result.outcomes

@@ -26,10 +26,18 @@ from .config import (
     RunConfig,
 )
 from .discovery import Discovery
-from .domain import CtVolume, Prediction, SeriesInfo, SeriesOutcome, SeriesStatus
-from .errors import InputError, OutputError, SeriesError
+from .domain import (
+    CtVolume,
+    LungMeasurement,
+    Prediction,
+    SeriesInfo,
+    SeriesOutcome,
+    SeriesStatus,
+)
+from .errors import InputError, OutputError, SeriesError, UnsupportedSeriesError
 from .explain import OnnxExplainer
 from .inference import OnnxSegmenter
+from .lungs import LungMasks, lung_measurements, segment_lungs
 from .measurements import measure_ggo
 from .model_info import ModelInfo
 from .volume import load_volume
@@ -118,6 +126,7 @@ def _write_outputs(
     volume: CtVolume,
     segmenter: OnnxSegmenter,
     prediction: Prediction,
+    lungs: LungMasks | None,
     folder: Path,
 ) -> tuple[Path, tuple[Path, ...]]:
     """Write the SEG (read back and checked) and the PNGs of one series."""
@@ -127,6 +136,7 @@ def _write_outputs(
         prediction,
         model,
         folder / SEG_NAME,
+        lungs=lungs,
         series_number=cfg.seg_series_number,
         series_description=cfg.seg_series_description,
         software_version=__version__,
@@ -213,12 +223,25 @@ def process_series(
         volume = load_volume(series, cfg.selection, on_slice=advance)
         check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
+        lungs: LungMasks | None = None
+        lung_measurement: LungMeasurement | None = None
+        if cfg.lung_mask:
+            lungs = segment_lungs(volume)
+            if not lungs.right.any() and not lungs.left.any():
+                raise UnsupportedSeriesError(
+                    "no lung found (no aerated region below -320 HU inside the body); "
+                    "--no-lung-mask measures GGO without a lung mask"
+                )
+            prediction = Prediction(
+                masks=prediction.masks & lungs.both[..., None], threshold=prediction.threshold
+            )
+            lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         folder = series_dir(cfg.out_dir, series)
         seg_path: Path | None = None
         pngs: tuple[Path, ...] = ()
         if not cfg.explain_only:
-            seg_path, pngs = _write_outputs(cfg, volume, segmenter, prediction, folder)
+            seg_path, pngs = _write_outputs(cfg, volume, segmenter, prediction, lungs, folder)
         if explainer is not None:
             pngs += _write_explanation(cfg, volume, prediction, explainer, folder)
     except (SeriesError, OutputError) as exc:
@@ -252,12 +275,20 @@ def process_series(
             processed_at=now_utc(),
         )
     seconds = time.perf_counter() - start
+    lung_text = ""
+    if lung_measurement is not None:
+        lung_text = (
+            f", lungs {lung_measurement.right_lung_volume_ml:.0f} mL right + "
+            f"{lung_measurement.left_lung_volume_ml:.0f} mL left, GGO "
+            f"{lung_measurement.ggo_percent_of_lung:.2f} % of lung"
+        )
     log.info(
-        "series %s: %d slices, GGO %.2f mL on %d slices, %.1f s",
+        "series %s: %d slices, GGO %.2f mL on %d slices%s, %.1f s",
         series.series_instance_uid,
         volume.hu.shape[0],
         measurement.ggo_volume_ml,
         measurement.ggo_slice_count,
+        lung_text,
         seconds,
     )
     return SeriesOutcome(
@@ -267,6 +298,7 @@ def process_series(
         slice_spacing_mm=volume.slice_spacing_mm,
         pixel_spacing_mm=volume.pixel_spacing_mm,
         measurement=measurement,
+        lungs=lung_measurement,
         seg_path=seg_path,
         png_paths=pngs,
         seconds=seconds,

@@ -19,7 +19,7 @@ from typing import Any
 from . import __version__
 from .config import CSV_NAME, MANIFEST_NAME, RunConfig
 from .discovery import discover_series
-from .domain import GgoMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
+from .domain import GgoMeasurement, LungMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
 from .explain import OnnxExplainer, default_explain_path, load_explain_info
 from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
 from .inference import OnnxSegmenter
@@ -63,6 +63,7 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "seg_series_description": cfg.seg_series_description,
         "spacing_tolerance": cfg.selection.spacing_tolerance,
         "explain": [cfg.explain_layer, cfg.explain_slices] if cfg.explain else None,
+        "lung_mask": cfg.lung_mask,
     }
 
 
@@ -90,12 +91,21 @@ def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome
             ggo_volume_ml=float(row["ggo_volume_ml"]),
             ggo_slice_count=int(row["ggo_slice_count"] or 0),
         )
+    lungs = None
+    if row.get("lung_volume_ml"):
+        lungs = LungMeasurement(
+            **{
+                name: float(row.get(name) or "nan")
+                for name in LungMeasurement.__dataclass_fields__
+            }
+        )
     return SeriesOutcome(
         series=series,
         status=SeriesStatus(stored.status),
         message=row.get("message", ""),
         n_slices=int(row.get("n_slices") or 0),
         measurement=measurement,
+        lungs=lungs,
         processed_at=row.get("processed_at", ""),
         reused=True,
     )

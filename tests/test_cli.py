@@ -23,7 +23,10 @@ PHI = ("GGO^Phantom", "PHANTOM-001", "19600101")
 
 
 def _segment(*args: str | Path) -> object:
-    return runner.invoke(app, ["segment", *map(str, args), "--no-progress", "--settle", "0"])
+    """``ggo-cli segment`` without the lung mask: these cube phantoms have no lungs."""
+    return runner.invoke(
+        app, ["segment", *map(str, args), "--no-progress", "--settle", "0", "--no-lung-mask"]
+    )
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -93,6 +96,7 @@ def test_json_summary_on_stdout(tmp_path: Path, cube: FactorySeries, band_model_
             "--json",
             "--settle",
             "0",
+            "--no-lung-mask",
         ],
     )
     assert result.exit_code == 0, result.output
@@ -245,6 +249,7 @@ def test_logs_never_contain_patient_identifiers(
             "--no-progress",
             "--settle",
             "0",
+            "--no-lung-mask",
             "--json",
         ],
     )
@@ -340,3 +345,53 @@ def test_info_checks_the_output_folder(tmp_path: Path, band_model_path: Path) ->
     bad = runner.invoke(app, ["info", "-m", str(band_model_path), "--out", str(blocker), "--json"])
     assert bad.exit_code == 6
     assert json.loads(bad.stdout)["output_folder"]["writable"] is False
+
+
+def test_lung_mask_on_a_chest_phantom(tmp_path: Path, band_model_path: Path) -> None:
+    """Issue 6 through the CLI: lung volumes, GGO kept inside the lungs, lung segments."""
+    from ggo_cli.phantom import make_chest_phantom
+
+    phantom = make_chest_phantom((24, 128, 128), (5.0, 2.5, 2.5), seed=3)
+    fs = make_ct_series(tmp_path, phantom=phantom)
+    runs = {}
+    for flag in ("--lung-mask", "--no-lung-mask"):
+        out = tmp_path / flag.strip("-")
+        result = runner.invoke(
+            app,
+            [
+                "segment",
+                str(fs.root),
+                "-o",
+                str(out),
+                "-m",
+                str(band_model_path),
+                flag,
+                "--no-progress",
+                "--settle",
+                "0",
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        with (out / "ggo_volumes.csv").open(newline="") as fh:
+            (row,) = list(csv.DictReader(fh))
+        runs[flag] = (row, hd.seg.segread(out / row["seg_path"]))
+    row, seg = runs["--lung-mask"]
+    assert float(row["right_lung_volume_ml"]) == pytest.approx(
+        phantom.lung_right_volume_ml, rel=0.03
+    )
+    assert float(row["left_lung_volume_ml"]) == pytest.approx(phantom.lung_left_volume_ml, rel=0.03)
+    assert [s.SegmentLabel for s in seg.SegmentSequence][1:] == ["Right lung", "Left lung"]
+    uids = list(fs.sop_instance_uids)
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[1, 2, 3]
+    ).astype(bool)
+    assert pixels[..., 0].any() and not (pixels[..., 0] & ~pixels[..., 1:].any(axis=-1)).any()
+    ggo_ml = float(row["ggo_volume_ml"])
+    lung_ml = float(row["lung_volume_ml"])
+    assert float(row["ggo_percent_of_lung"]) == pytest.approx(100 * ggo_ml / lung_ml, abs=1e-4)
+    assert dciodvfy_errors(tmp_path / "lung-mask" / row["seg_path"]) == []
+    plain, plain_seg = runs["--no-lung-mask"]
+    assert all(plain[c] == "" for c in ("lung_volume_ml", "ggo_percent_of_lung"))
+    assert len(plain_seg.SegmentSequence) == 1
+    # The HU band also marks partial-volume voxels at the body's surface: outside the lungs.
+    assert int(plain["ggo_voxels"]) > int(row["ggo_voxels"])

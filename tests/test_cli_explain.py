@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +37,7 @@ def test_explain_writes_npz_and_panels_only(tmp_path: Path, study) -> None:  # t
             str(model),
             "--settle",
             "0",
+            "--no-lung-mask",
             "--no-progress",
             "--json",
         ],
@@ -68,6 +68,7 @@ def test_segment_explain_does_both_in_one_pass(tmp_path: Path, study) -> None:  
             str(model),
             "--settle",
             "0",
+            "--no-lung-mask",
             "--no-progress",
             "--explain",
             "--slices",
@@ -87,7 +88,17 @@ def test_missing_explain_graph_is_a_model_error(tmp_path: Path, study) -> None: 
     explain.unlink()
     result = runner.invoke(
         app,
-        ["explain", str(study.root), "-o", str(tmp_path / "o"), "-m", str(model), "--settle", "0"],
+        [
+            "explain",
+            str(study.root),
+            "-o",
+            str(tmp_path / "o"),
+            "-m",
+            str(model),
+            "--settle",
+            "0",
+            "--no-lung-mask",
+        ],
     )
     assert result.exit_code == 5, result.output
     assert "export-explain" in result.stderr
@@ -106,6 +117,7 @@ def test_unknown_layer_lists_the_choices(tmp_path: Path, study) -> None:  # type
             str(model),
             "--settle",
             "0",
+            "--no-lung-mask",
             "--layer",
             "nope",
         ],
@@ -133,6 +145,7 @@ def test_explain_runs_with_torch_unimportable(tmp_path: Path, study) -> None:  #
             str(model),
             "--settle",
             "0",
+            "--no-lung-mask",
             "--no-progress",
         ],
         capture_output=True,

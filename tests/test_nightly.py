@@ -33,7 +33,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _segment(*args: str | Path) -> object:
-    return runner.invoke(app, ["segment", *map(str, args), "--no-progress", "--settle", "0"])
+    """``ggo-cli segment`` without the lung mask: these cube phantoms have no lungs."""
+    return runner.invoke(
+        app, ["segment", *map(str, args), "--no-progress", "--settle", "0", "--no-lung-mask"]
+    )
 
 
 def _rows(out: Path) -> list[dict[str, str]]:
@@ -149,7 +152,17 @@ def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_
     root, series = _studies(tmp_path, 1)
     out = tmp_path / "out"
     result = runner.invoke(
-        app, ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+        app,
+        [
+            "segment",
+            str(root),
+            "-o",
+            str(out),
+            "-m",
+            str(band_model_path),
+            "--no-progress",
+            "--no-lung-mask",
+        ],
     )
     assert result.exit_code == 0, result.output
     (row,) = _rows(out)
@@ -159,7 +172,17 @@ def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_
     for path in series[0].paths:
         os.utime(path, (old, old))
     result = runner.invoke(
-        app, ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+        app,
+        [
+            "segment",
+            str(root),
+            "-o",
+            str(out),
+            "-m",
+            str(band_model_path),
+            "--no-progress",
+            "--no-lung-mask",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert _rows(out)[0]["status"] == "ok"
@@ -217,6 +240,7 @@ def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(
         "--no-progress",
         "--settle",
         "0",
+        "--no-lung-mask",
     ]
     rng = random.Random(5)
     for _ in range(3):

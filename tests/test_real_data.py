@@ -58,6 +58,39 @@ def _run(inputs: Path, out: Path, model: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+LUNG_CODES = {"Right lung": ("24028007", "SCT"), "Left lung": ("7771000", "SCT")}
+
+
+def _check_lungs(seg: hd.seg.Segmentation, uids: list[str], row: dict[str, str]) -> None:
+    """Issue 6: lung segments coded as asked, and the CSV's lung columns consistent with them."""
+    assert [int(s.SegmentNumber) for s in seg.SegmentSequence] == [1, 2, 3]
+    voxel_ml = float(row["voxel_volume_ml"])
+    volumes = {}
+    for segment in list(seg.SegmentSequence)[1:]:
+        label = segment.SegmentLabel
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        prop = segment.SegmentedPropertyTypeCodeSequence[0]
+        side = segment.SegmentedPropertyTypeModifierCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("39607008", "SCT")
+        assert (side.CodeValue, side.CodingSchemeDesignator) == LUNG_CODES[label]
+        pixels = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids, segment_numbers=[int(segment.SegmentNumber)]
+        )
+        volumes[label] = int(np.count_nonzero(pixels)) * voxel_ml
+    right, left = volumes["Right lung"], volumes["Left lung"]
+    assert float(row["right_lung_volume_ml"]) == pytest.approx(right, abs=1e-5)
+    assert float(row["left_lung_volume_ml"]) == pytest.approx(left, abs=1e-5)
+    total = float(row["lung_volume_ml"])
+    assert total == pytest.approx(right + left, abs=1e-5)
+    assert 1500.0 <= total <= 8000.0  # an adult's lungs
+    assert min(right, left) >= 0.25 * total
+    ggo_ml = float(row["ggo_volume_ml"])
+    assert float(row["ggo_percent_of_lung"]) == pytest.approx(100 * ggo_ml / total, abs=1e-4)
+    side_sum = float(row["left_ggo_volume_ml"]) + float(row["right_ggo_volume_ml"])
+    assert side_sum == pytest.approx(ggo_ml, abs=1e-5)  # GGO kept inside the lungs
+
+
 def _check_seg(seg_path: Path, source_dir: Path, row: dict[str, str]) -> int:
     seg = hd.seg.segread(seg_path)
     sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(source_dir.iterdir())]
@@ -67,7 +100,7 @@ def _check_seg(seg_path: Path, source_dir: Path, row: dict[str, str]) -> int:
         for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence
     }
     assert referenced == set(uids)
-    assert seg.NumberOfFrames == len(uids)
+    assert seg.NumberOfFrames == 3 * len(uids)  # GGO, right lung, left lung
     segment = seg.SegmentSequence[0]
     prop = segment.SegmentedPropertyTypeCodeSequence[0]
     assert (prop.CodeValue, prop.CodingSchemeDesignator) == ("112120", "DCM")
@@ -82,6 +115,12 @@ def _check_seg(seg_path: Path, source_dir: Path, row: dict[str, str]) -> int:
     assert float(row["ggo_volume_ml"]) == pytest.approx(
         voxels * float(row["voxel_volume_ml"]), abs=1e-6
     )
+    ggo = pixels[..., 0].astype(bool)
+    lungs = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=uids, segment_numbers=[2, 3]
+    ).any(axis=-1)
+    assert not (ggo & ~lungs).any()  # no GGO outside the lungs
+    _check_lungs(seg, uids, row)
     assert dciodvfy_errors(seg_path) == []
     return voxels
 

@@ -7,6 +7,11 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
   (channel 0) also carries the anatomic region Lung (39607008, SCT). Every segment is
   ``AUTOMATIC`` with an Algorithm Identification (model name and version, family
   Artificial Intelligence (123110, DCM), source ``ggo-cli``, the threshold as parameter).
+- With a lung mask (the default), two more segments follow the model's: "Right lung" and
+  "Left lung", category Anatomical Structure (91723000, SCT), type Lung (39607008, SCT) with
+  the laterality Right (24028007, SCT) / Left (7771000, SCT) in the Segmented Property Type
+  Modifier Code Sequence, algorithm ``ggo-cli lung mask`` (family Morphological Operations,
+  threshold -320 HU) from :mod:`ggo_cli.lungs`.
 - One frame per source slice and segment, empty frames included (``omit_empty_frames=False``),
   so a GGO-free series still yields a SEG that says "analysed, nothing found". Each frame
   references its source CT instance (Derivation Image Sequence); the Referenced Series
@@ -39,6 +44,7 @@ import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
@@ -53,7 +59,10 @@ from ..domain import CtVolume, Prediction
 from ..errors import InputError, OutputError, UnsupportedSeriesError
 from ..fsutil import atomic_write_path
 from ..model_info import ModelInfo
-from .seg_verify import verify_seg
+from .seg_verify import LUNG_SEGMENTS, seg_masks, verify_seg
+
+if TYPE_CHECKING:
+    from ..lungs import LungMasks
 
 __all__ = [
     "build_seg",
@@ -77,6 +86,8 @@ GGO_PROPERTY_TYPE = codes.DCM.GroundGlassOpacity
 GGO_ANATOMIC_REGION = codes.SCT.Lung
 ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 ALGORITHM_SOURCE = "ggo-cli"
+LUNG_ALGORITHM_NAME = "ggo-cli lung mask"
+LUNG_ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
 
 SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
     (255, 0, 0),  # GGO: red, as in the overlay PNGs
@@ -186,6 +197,7 @@ def derive_seg_uids(
     threshold: float,
     series_number: int,
     series_description: str,
+    lung_segments: bool = False,
 ) -> tuple[str, str]:
     """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
 
@@ -200,6 +212,7 @@ def derive_seg_uids(
         threshold: probability threshold applied.
         series_number: the SEG's SeriesNumber.
         series_description: the SEG's SeriesDescription.
+        lung_segments: whether the SEG carries the lung segments (and GGO kept inside them).
 
     Returns:
         ``(series_instance_uid, sop_instance_uid)``.
@@ -212,6 +225,8 @@ def derive_seg_uids(
         str(series_number),
         series_description,
     ]
+    if lung_segments:
+        common.append(f"lungs {__version__}")
     series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
     sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
     return str(series_uid), str(sop_uid)
@@ -230,6 +245,36 @@ def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) ->
         )
     if volume.hu.shape != expected[:3]:
         raise ValueError(f"volume has {volume.hu.shape} voxels but {n_slices} headers")
+
+
+def _lung_descriptions(first_number: int) -> list[hd.seg.SegmentDescription]:
+    """Right and left lung segments, numbered from ``first_number``."""
+    from ..lungs import LUNG_THRESHOLD_HU
+
+    algorithm = hd.AlgorithmIdentificationSequence(
+        name=LUNG_ALGORITHM_NAME,
+        version=__version__,
+        family=LUNG_ALGORITHM_FAMILY,
+        source=ALGORITHM_SOURCE,
+        parameters={"threshold_hu": f"{LUNG_THRESHOLD_HU:g}"},
+    )
+    descriptions = []
+    for offset, spec in enumerate(LUNG_SEGMENTS):
+        description = hd.seg.SegmentDescription(
+            segment_number=first_number + offset,
+            segment_label=spec.label,
+            segmented_property_category=spec.category,
+            segmented_property_type=spec.property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
+        )
+        # highdicom has no argument for it; DICOM puts laterality here (PS3.3 C.8.20.4).
+        description.SegmentedPropertyTypeModifierCodeSequence = [
+            hd.sr.CodedConcept.from_code(spec.laterality)
+        ]
+        descriptions.append(description)
+    return descriptions
 
 
 def _segment_descriptions(model: ModelInfo, threshold: float) -> list[hd.seg.SegmentDescription]:
@@ -319,6 +364,7 @@ def build_seg(
     series_number: int = SEG_SERIES_NUMBER,
     series_description: str = SEG_SERIES_DESCRIPTION,
     software_version: str = __version__,
+    lungs: LungMasks | None = None,
 ) -> hd.seg.Segmentation:
     """Build the DICOM-SEG of a prediction over its source CT series (in memory).
 
@@ -330,9 +376,10 @@ def build_seg(
         series_number: SeriesNumber of the SEG.
         series_description: SeriesDescription of the SEG (mark it as AI research output).
         software_version: ggo-cli's version (Software Versions).
+        lungs: when given, right and left lung segments follow the model's.
 
     Returns:
-        The Segmentation: BINARY, ``slices x channels`` frames, deterministic UIDs.
+        The Segmentation: BINARY, ``slices x segments`` frames, deterministic UIDs.
 
     Raises:
         InputError: series number or description out of range.
@@ -350,7 +397,13 @@ def build_seg(
         threshold=prediction.threshold,
         series_number=series_number,
         series_description=series_description,
+        lung_segments=lungs is not None,
     )
+    descriptions = _segment_descriptions(model, prediction.threshold)
+    if lungs is not None:
+        if lungs.right.shape != prediction.ggo.shape:
+            raise ValueError(f"lung masks {lungs.right.shape} differ from {prediction.ggo.shape}")
+        descriptions += _lung_descriptions(len(descriptions) + 1)
     # highdicom warns about source values (e.g. a PatientName without '^' components) and
     # quotes them; record the warnings so they never reach the console unredacted.
     with warnings.catch_warnings(record=True) as caught:
@@ -358,9 +411,9 @@ def build_seg(
         try:
             seg = hd.seg.Segmentation(
                 source_images=list(volume.datasets),
-                pixel_array=prediction.masks,
+                pixel_array=seg_masks(prediction, lungs),
                 segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=_segment_descriptions(model, prediction.threshold),
+                segment_descriptions=descriptions,
                 series_instance_uid=seg_series_uid,
                 series_number=series_number,
                 sop_instance_uid=seg_sop_uid,
@@ -394,7 +447,7 @@ def build_seg(
         series_uid,
         seg_sop_uid,
         int(seg.NumberOfFrames),
-        model.n_channels,
+        len(descriptions),
     )
     return seg
 
@@ -409,6 +462,7 @@ def write_seg(
     series_description: str = SEG_SERIES_DESCRIPTION,
     software_version: str = __version__,
     verify: bool = True,
+    lungs: LungMasks | None = None,
 ) -> Path:
     """Build the SEG, write it atomically and (by default) verify it before it appears.
 
@@ -425,6 +479,7 @@ def write_seg(
         series_description: SeriesDescription of the SEG.
         software_version: ggo-cli's version.
         verify: read the file back and check it before renaming it into place.
+        lungs: when given, right and left lung segments follow the model's.
 
     Returns:
         ``path``.
@@ -441,10 +496,11 @@ def write_seg(
         series_number=series_number,
         series_description=series_description,
         software_version=software_version,
+        lungs=lungs,
     )
     with atomic_write_path(path) as temp:
         dcmwrite(temp, seg, enforce_file_format=True)
         if verify:
-            verify_seg(temp, volume, prediction, model=model, shown=path)
+            verify_seg(temp, volume, prediction, model=model, shown=path, lungs=lungs)
     log.debug("series %s: SEG written to %s", volume.series.series_instance_uid, path)
     return path

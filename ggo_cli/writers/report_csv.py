@@ -8,6 +8,11 @@ Missing values are empty cells. Numbers are written the same way on every run an
   (Python ``repr``), so ``ggo_voxels x voxel_volume_ml`` recomputes ``ggo_volume_ml``;
 - ``ggo_volume_ml``: fixed, 6 decimals (1e-6 mL = 0.001 mm^3), so that check holds to
   5e-7 mL;
+- lung columns (``lung_volume_ml``, ``left_lung_volume_ml``, ``right_lung_volume_ml``,
+  ``left_ggo_volume_ml``, ``right_ggo_volume_ml``): fixed, 6 decimals like ``ggo_volume_ml``;
+  percentages (``ggo_percent_of_lung``, ``left_ggo_percent``, ``right_ggo_percent``:
+  ``100 x GGO mL / lung mL`` of that lung): fixed, 4 decimals, empty when that lung's volume
+  is 0 (undefined). All lung cells are empty with ``--no-lung-mask``;
 - ``slice_spacing_mm``: 6 significant digits;
 - ``pixel_spacing_mm``: ``"<row> x <col>"`` (PixelSpacing order: row spacing first), each to
   6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
@@ -48,6 +53,14 @@ CSV_COLUMNS: tuple[str, ...] = (
     "ggo_voxels",
     "ggo_volume_ml",
     "ggo_slice_count",
+    "lung_volume_ml",
+    "left_lung_volume_ml",
+    "right_lung_volume_ml",
+    "ggo_percent_of_lung",
+    "left_ggo_volume_ml",
+    "right_ggo_volume_ml",
+    "left_ggo_percent",
+    "right_ggo_percent",
     "status",
     "message",
     "model_name",
@@ -60,6 +73,15 @@ CSV_COLUMNS: tuple[str, ...] = (
 PATIENT_ID_COLUMN = "patient_id"
 CSV_ENCODING = "utf-8"
 VOLUME_DECIMALS = 6
+PERCENT_DECIMALS = 4
+LUNG_VOLUME_COLUMNS = (
+    "lung_volume_ml",
+    "left_lung_volume_ml",
+    "right_lung_volume_ml",
+    "left_ggo_volume_ml",
+    "right_ggo_volume_ml",
+)
+LUNG_PERCENT_COLUMNS = ("ggo_percent_of_lung", "left_ggo_percent", "right_ggo_percent")
 SPACING_SIGNIFICANT_DIGITS = 6
 _FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 _WHITESPACE = re.compile(r"\s+")
@@ -157,6 +179,13 @@ def outcome_row(
         "seg_path": _relative(outcome.seg_path, out_dir),
         "processed_at": outcome.processed_at,
     }
+    lungs = outcome.lungs
+    for column in LUNG_VOLUME_COLUMNS:
+        value = getattr(lungs, column) if lungs else None
+        row[column] = _number(value, f".{VOLUME_DECIMALS}f")
+    for column in LUNG_PERCENT_COLUMNS:
+        value = getattr(lungs, column) if lungs else None
+        row[column] = _number(value, f".{PERCENT_DECIMALS}f")
     if include_patient_id:
         row[PATIENT_ID_COLUMN] = _text(series.patient_id)
     return row

@@ -8,13 +8,16 @@ check, never patient data (values of patient attributes are compared, not shown)
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import SegmentationStorage
 
@@ -22,7 +25,30 @@ from ..domain import CtVolume, Prediction
 from ..errors import OutputError
 from ..model_info import ModelInfo
 
+if TYPE_CHECKING:
+    from ..lungs import LungMasks
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LungSegment:
+    """How a lung is coded as a SEG segment."""
+
+    label: str
+    category: Code
+    property_type: Code
+    laterality: Code
+    rgb: tuple[int, int, int]
+
+
+LUNG_SEGMENTS: tuple[LungSegment, LungSegment] = (
+    LungSegment("Right lung", codes.SCT.AnatomicalStructure, codes.SCT.Lung, codes.SCT.Right,
+                (128, 174, 128)),
+    LungSegment("Left lung", codes.SCT.AnatomicalStructure, codes.SCT.Lung, codes.SCT.Left,
+                (111, 184, 210)),
+)
+"""Right then left lung, after the model's segments (codes as issue 6 and dcmqi use them)."""
 
 COPIED_PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 # highdicom reports an unreadable file, or frames it cannot match to sources, with any of these
@@ -35,6 +61,18 @@ _READ_ERRORS = (
     KeyError,
     RuntimeError,
 )
+
+
+def seg_masks(prediction: Prediction, lungs: LungMasks | None) -> npt.NDArray[np.bool_]:
+    """The SEG's pixel array: the model's channels, then right and left lung when given.
+
+    Shape: ``(slices, rows, cols, segments)``.
+    """
+    if lungs is None:
+        return prediction.masks
+    return np.concatenate(
+        [prediction.masks, lungs.right[..., None], lungs.left[..., None]], axis=-1
+    )
 
 
 def _fail(shown: Path, what: str) -> OutputError:
@@ -54,7 +92,12 @@ def _codes_match(item: Dataset, keyword: str, expected: Code) -> bool:
 
 
 def _check_segments(
-    seg: hd.seg.Segmentation, shown: Path, n_segments: int, model: ModelInfo | None
+    seg: hd.seg.Segmentation,
+    shown: Path,
+    n_segments: int,
+    model: ModelInfo | None,
+    *,
+    lungs: bool = False,
 ) -> None:
     """Check segment numbering, type and (when the model is given) labels and codes."""
     items = list(seg.SegmentSequence)
@@ -69,9 +112,21 @@ def _check_segments(
             raise _fail(
                 shown, f"segment {item.SegmentNumber} lacks AUTOMATIC algorithm identification"
             )
+    if lungs:
+        for item, lung in zip(items[-len(LUNG_SEGMENTS) :], LUNG_SEGMENTS, strict=True):
+            if (
+                item.SegmentLabel != lung.label
+                or not _codes_match(item, "SegmentedPropertyCategoryCodeSequence", lung.category)
+                or not _codes_match(item, "SegmentedPropertyTypeCodeSequence", lung.property_type)
+                or not _codes_match(
+                    item, "SegmentedPropertyTypeModifierCodeSequence", lung.laterality
+                )
+            ):
+                raise _fail(shown, f"segment {item.SegmentNumber} is not coded as {lung.label}")
     if model is None:
         return
-    for item, spec in zip(items, model.segments, strict=True):
+    model_items = items[: len(items) - len(LUNG_SEGMENTS)] if lungs else items
+    for item, spec in zip(model_items, model.segments, strict=True):
         algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
         if (
             item.SegmentLabel != spec.label
@@ -119,6 +174,7 @@ def verify_seg(
     *,
     model: ModelInfo | None = None,
     shown: Path | None = None,
+    lungs: LungMasks | None = None,
 ) -> None:
     """Read a written SEG back with highdicom and check it against its source and masks.
 
@@ -135,13 +191,15 @@ def verify_seg(
         model: when given, also check the segment labels, codes and algorithm identification.
         shown: the path to name in messages (the final path when ``path`` is a temp file);
             defaults to ``path``.
+        lungs: the lung masks written after the model's segments, if any.
 
     Raises:
         OutputError: the file cannot be read as a SEG or a check fails; the message names the
             file and the failed check, never patient data.
     """
     shown = path if shown is None else shown
-    n_slices, _, _, n_segments = prediction.masks.shape
+    expected = seg_masks(prediction, lungs)
+    n_slices, _, _, n_segments = expected.shape
     try:
         seg = hd.seg.segread(path)
     except _READ_ERRORS as exc:
@@ -154,7 +212,7 @@ def verify_seg(
             shown,
             f"{seg.NumberOfFrames} frames, expected {n_slices} slices x {n_segments} segments",
         )
-    _check_segments(seg, shown, n_segments, model)
+    _check_segments(seg, shown, n_segments, model, lungs=lungs is not None)
     try:
         pixels = seg.get_pixels_by_source_instance(
             source_sop_instance_uids=list(volume.sop_instance_uids),
@@ -162,9 +220,9 @@ def verify_seg(
         )
     except _READ_ERRORS as exc:
         raise _fail(shown, f"frames cannot be matched to source instances: {exc}") from exc
-    if pixels.shape != prediction.masks.shape:
-        raise _fail(shown, f"pixel array {pixels.shape}, expected {prediction.masks.shape}")
-    mismatch: npt.NDArray[np.bool_] = pixels.astype(np.bool_) != prediction.masks
+    if pixels.shape != expected.shape:
+        raise _fail(shown, f"pixel array {pixels.shape}, expected {expected.shape}")
+    mismatch: npt.NDArray[np.bool_] = pixels.astype(np.bool_) != expected
     if mismatch.any():
         raise _fail(shown, f"{int(mismatch.sum())} pixels differ from the predicted masks")
     log.debug("SEG %s verified: %d frames", shown, int(seg.NumberOfFrames))
