@@ -58,6 +58,7 @@ from .errors import (
 )
 from .explain import ExplainSlices
 from .logs import configure_logging, level_from_flags
+from .precision import Precision
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -292,6 +293,14 @@ SlicesOpt = Annotated[
     ExplainSlices,
     typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
 ]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="auto: fp16 on CUDA, int8 on the CPU where a validated int8 model ships, else "
+        "fp32; or fp32, fp16 (CUDA), int8 (CPU).",
+    ),
+]
 LungMaskOpt = Annotated[
     bool,
     typer.Option(
@@ -390,6 +399,7 @@ def segment(
     layer: LayerOpt = None,
     slices: SlicesOpt = ExplainSlices.GGO,
     lung_mask: LungMaskOpt = True,
+    precision: PrecisionOpt = Precision.AUTO,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -424,6 +434,7 @@ def segment(
             explain_layer=layer,
             explain_slices=slices.value,
             lung_mask=lung_mask,
+            precision=precision.value,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

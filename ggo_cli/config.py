@@ -98,6 +98,8 @@ class RunConfig:
         explain_only: write only the GradCAM++ maps (``ggo-cli explain``): no SEG, CSV, state.
         explain_layer: the explained layer; ``None`` takes the explain graph's default.
         explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
+        precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU); see
+            :class:`ggo_cli.precision.Precision`.
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
     """
@@ -121,6 +123,7 @@ class RunConfig:
     explain_layer: str | None = None
     explain_slices: str = "ggo"
     lung_mask: bool = True
+    precision: str = "auto"
 
     @property
     def patient_column(self) -> str | None:

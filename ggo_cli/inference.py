@@ -24,6 +24,7 @@ from .domain import CtVolume, Prediction
 from .errors import DeviceError, InputError, ModelError
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .postprocessing import threshold_probabilities
+from .precision import CUDA_NHWC_OPTIONS, Precision, fp16_model_bytes
 from .preprocessing import preprocess_hu, sigmoid, to_source_grid
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,17 @@ def _is_oom(exc: Exception) -> bool:
     return any(marker in text for marker in _OOM_MARKERS)
 
 
+def cuda_wanted(request: DeviceRequest) -> bool:
+    """Whether a session for ``request`` tries CUDA (explicitly, or ``auto`` with a GPU)."""
+    import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
+
+    return request.kind == "cuda" or (
+        request.kind == "auto"
+        and CUDA_PROVIDER in ort.get_available_providers()
+        and _nvidia_gpu_visible()
+    )
+
+
 def create_session(
     path: Path,
     request: DeviceRequest,
@@ -100,9 +112,7 @@ def create_session(
     import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
     available = ort.get_available_providers()
-    want_cuda = request.kind == "cuda" or (
-        request.kind == "auto" and CUDA_PROVIDER in available and _nvidia_gpu_visible()
-    )
+    want_cuda = cuda_wanted(request)
     if request.kind == "cuda" and CUDA_PROVIDER not in available:
         raise DeviceError(
             f"--device {request.kind} requested but this ONNX Runtime build has no CUDA "
@@ -186,9 +196,12 @@ class OnnxSegmenter:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch; ``None`` picks 16 on CUDA and 4 on CPU.
         threshold: probability threshold; ``None`` takes the model's.
+        precision: ``auto`` (fp16 on CUDA; on the CPU int8 where a validated int8 variant
+            ships beside the model, else fp32), ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU).
 
     Raises:
         DeviceError: CUDA requested but not usable.
+        InputError: a precision the device cannot run.
         ModelError: the session cannot be created.
     """
 
@@ -199,6 +212,7 @@ class OnnxSegmenter:
         device: str = "auto",
         batch_size: int | None = None,
         threshold: float | None = None,
+        precision: str = "auto",
     ) -> None:
         import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
@@ -208,6 +222,12 @@ class OnnxSegmenter:
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
         self.threshold = model.threshold if threshold is None else threshold
+        try:
+            self.requested_precision = Precision(precision)
+        except ValueError:
+            choices = ", ".join(p.value for p in Precision)
+            raise InputError(f"invalid --precision {precision!r}; use {choices}") from None
+        self.precision = Precision.FP32
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
         self.on_cuda = self.providers[0] == CUDA_PROVIDER
@@ -218,16 +238,38 @@ class OnnxSegmenter:
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
         self._bound: tuple[int, Any, Any, Any] | None = None
         log.info(
-            "model %s %s on %s (providers %s), batch %d, threshold %.3g",
+            "model %s %s on %s (providers %s), %s, batch %d, threshold %.3g",
             model.name,
             model.version,
             self.device_label,
             ",".join(self.providers),
+            self.precision.value,
             self.batch_size,
             self.threshold,
         )
 
     def _create_session(self, request: DeviceRequest) -> Any:
+        """The session of the chosen precision; sets ``self.precision``."""
+        wanted = self.requested_precision
+        on_cuda = cuda_wanted(request)
+        if wanted is Precision.FP16 and not on_cuda:
+            raise InputError("--precision fp16 runs on CUDA only; use fp32 or int8 on the CPU")
+        if wanted is Precision.INT8 and on_cuda:
+            raise InputError("--precision int8 runs on the CPU only; add --device cpu")
+        if on_cuda:
+            fp16 = wanted in (Precision.AUTO, Precision.FP16)
+            session = create_session(
+                self.model.path,
+                request,
+                cuda_options=CUDA_NHWC_OPTIONS,
+                model_bytes=(
+                    fp16_model_bytes(self.model.path, self.model.file_sha256) if fp16 else None
+                ),
+            )
+            if session.get_providers()[0] == CUDA_PROVIDER:
+                self.precision = Precision.FP16 if fp16 else Precision.FP32
+                return session
+            log.debug("CUDA fell back to the CPU: CPU session instead")
         return create_session(self.model.path, request)
 
     def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -48,6 +48,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
         "options": {
             "device": cfg.device,
             "batch_size": cfg.batch_size,
+            "precision": cfg.precision,
             "threshold": cfg.threshold,
             "png": cfg.png_mode.value,
             "lung_mask": cfg.lung_mask,
@@ -73,6 +74,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "used": result.device,
             "providers": result.providers,
             "batch_size": result.batch_size,
+            "precision": result.precision,
         },
         "counts": {
             "files": result.discovery.n_files,

@@ -78,6 +78,7 @@ class RunResult:
         device: ``cpu`` or ``cuda:N`` (``""`` when no series needed the model).
         providers: ONNX Runtime providers in use.
         batch_size: final batch size.
+        precision: the model variant that ran (``fp32``, ``fp16`` or ``int8``; ``""`` if none).
         csv_path: the CSV written.
         manifest_path: the manifest written.
         timings_s: named wall times in seconds.
@@ -90,6 +91,7 @@ class RunResult:
     device: str = ""
     providers: list[str] = field(default_factory=list)
     batch_size: int = 0
+    precision: str = ""
     csv_path: Path | None = None
     manifest_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)

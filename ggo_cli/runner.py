@@ -64,6 +64,7 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "spacing_tolerance": cfg.selection.spacing_tolerance,
         "explain": [cfg.explain_layer, cfg.explain_slices] if cfg.explain else None,
         "lung_mask": cfg.lung_mask,
+        "precision": cfg.precision,
     }
 
 
@@ -176,6 +177,7 @@ class _Run:
                 device=self.cfg.device,
                 batch_size=self.cfg.batch_size,
                 threshold=self.cfg.threshold,
+                precision=self.cfg.precision,
             )
         return self.segmenter
 
@@ -278,6 +280,7 @@ def run_segment(
         if run.segmenter is not None:
             result.device, result.providers = run.segmenter.device_label, run.segmenter.providers
             result.batch_size = run.segmenter.batch_size
+            result.precision = run.segmenter.precision.value
         if not cfg.explain_only:
             result.csv_path = run.write_csv()
         result.timings_s["total"] = time.perf_counter() - t0
