@@ -301,6 +301,15 @@ PrecisionOpt = Annotated[
         "fp32; or fp32, fp16 (CUDA), int8 (CPU).",
     ),
 ]
+DecodeWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--decode-workers",
+        min=0,
+        help="Processes decoding pixel data ahead of inference (default: one per core, at "
+        "most 8; 0: decode in the main process).",
+    ),
+]
 LungMaskOpt = Annotated[
     bool,
     typer.Option(
@@ -400,6 +409,7 @@ def segment(
     slices: SlicesOpt = ExplainSlices.GGO,
     lung_mask: LungMaskOpt = True,
     precision: PrecisionOpt = Precision.AUTO,
+    decode_workers: DecodeWorkersOpt = None,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -435,6 +445,7 @@ def segment(
             explain_slices=slices.value,
             lung_mask=lung_mask,
             precision=precision.value,
+            decode_workers=decode_workers,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

@@ -100,6 +100,8 @@ class RunConfig:
         explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
         precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU); see
             :class:`ggo_cli.precision.Precision`.
+        decode_workers: processes that decode pixel data (``None``: one per usable core, at
+            most 8, none on a single core; 0: decode in the main process).
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
     """
@@ -124,6 +126,7 @@ class RunConfig:
     explain_slices: str = "ggo"
     lung_mask: bool = True
     precision: str = "auto"
+    decode_workers: int | None = None
 
     @property
     def patient_column(self) -> str | None:

@@ -49,6 +49,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "device": cfg.device,
             "batch_size": cfg.batch_size,
             "precision": cfg.precision,
+            "decode_workers": cfg.decode_workers,
             "threshold": cfg.threshold,
             "png": cfg.png_mode.value,
             "lung_mask": cfg.lung_mask,

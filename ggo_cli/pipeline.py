@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,6 +29,7 @@ from .config import (
 from .discovery import Discovery
 from .domain import (
     CtVolume,
+    GgoMeasurement,
     LungMeasurement,
     Prediction,
     SeriesInfo,
@@ -193,36 +195,110 @@ def _write_explanation(
     return (npz, *pngs)
 
 
-def process_series(
+@dataclass
+class ComputedSeries:
+    """A series after inference, before its SEG and PNGs are written (see :func:`compute_series`).
+
+    Attributes:
+        series: the series.
+        volume: its CT volume.
+        prediction: the masks (kept inside the lungs unless ``--no-lung-mask``).
+        lungs: the lung masks, when the lung mask is on.
+        lung_measurement: lung volumes and GGO per lung, when the lung mask is on.
+        measurement: GGO volumetry.
+        folder: the series' output folder.
+        png_paths: files already written (GradCAM++ maps).
+        started: ``time.perf_counter()`` when the series started.
+    """
+
+    series: SeriesInfo
+    volume: CtVolume
+    prediction: Prediction
+    lungs: LungMasks | None
+    lung_measurement: LungMeasurement | None
+    measurement: GgoMeasurement
+    folder: Path
+    png_paths: tuple[Path, ...]
+    started: float
+
+
+VolumeSource = Callable[[], CtVolume]
+"""Returns the series' volume (e.g. the result of a decode started earlier); may raise."""
+
+
+def _failed(
+    series: SeriesInfo, exc: Exception, started: float, volume: CtVolume | None
+) -> SeriesOutcome:
+    """The outcome of a series that failed with ``exc`` (fatal output errors re-raised)."""
+    if isinstance(exc, OutputError) and exc.fatal:
+        raise exc
+    if isinstance(exc, SeriesError | OutputError):
+        log.error("series %s (%s) failed: %s", series.series_instance_uid, series.location, exc)
+        return SeriesOutcome(
+            series=series,
+            status=SeriesStatus.FAILED,
+            message=str(exc),
+            n_slices=volume.hu.shape[0] if volume is not None else len(series.files),
+            slice_spacing_mm=volume.slice_spacing_mm if volume is not None else None,
+            pixel_spacing_mm=volume.pixel_spacing_mm if volume is not None else None,
+            seconds=time.perf_counter() - started,
+            processed_at=now_utc(),
+        )
+    log.error(
+        "series %s (%s) failed with an unexpected %s (a bug; --debug shows the traceback)",
+        series.series_instance_uid,
+        series.location,
+        type(exc).__name__,
+    )
+    log.debug("traceback", exc_info=exc)
+    return SeriesOutcome(
+        series=series,
+        status=SeriesStatus.FAILED,
+        message=f"unexpected {type(exc).__name__}: {exc}",
+        n_slices=len(series.files),
+        seconds=time.perf_counter() - started,
+        processed_at=now_utc(),
+    )
+
+
+def compute_series(
     cfg: RunConfig,
     series: SeriesInfo,
     segmenter: OnnxSegmenter,
     *,
     explainer: OnnxExplainer | None = None,
     progress: ProgressSink | None = None,
-) -> SeriesOutcome:
-    """Load, segment, measure and write one eligible series.
+    volume_source: VolumeSource | None = None,
+) -> ComputedSeries | SeriesOutcome:
+    """Load (or receive), segment and measure one series; write its GradCAM++ maps if asked.
 
     Args:
         cfg: the run configuration.
         series: an eligible series.
         segmenter: the run's inference session.
-        explainer: when given, GradCAM++ maps are written too (``cfg.explain_only``: only them).
+        explainer: when given, GradCAM++ maps are written here.
         progress: optional progress sink (two units per slice: decode, then inference).
+        volume_source: supplies the volume (decoded ahead of time); ``None`` decodes here.
 
     Returns:
-        The outcome; a series-level failure gives status ``failed`` with its reason.
+        The :class:`ComputedSeries`, or the ``failed`` outcome of a series-level failure.
 
     Raises:
         OutputError: when the output folder itself cannot be written (the run must stop).
     """
-    start = time.perf_counter()
+    started = time.perf_counter()
+    n_slices = len(series.files)
     if progress is not None:
-        progress.series_started(series, 2 * len(series.files))
+        progress.series_started(series, 2 * n_slices)
     advance = progress.advance if progress is not None else None
     volume: CtVolume | None = None
     try:
-        volume = load_volume(series, cfg.selection, on_slice=advance)
+        if volume_source is None:
+            volume = load_volume(series, cfg.selection, on_slice=advance)
+        else:
+            volume = volume_source()
+            if advance is not None:
+                advance(n_slices)
         check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
         lungs: LungMasks | None = None
@@ -240,44 +316,47 @@ def process_series(
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         folder = series_dir(cfg.out_dir, series)
-        seg_path: Path | None = None
         pngs: tuple[Path, ...] = ()
-        if not cfg.explain_only:
-            seg_path, pngs = _write_outputs(cfg, volume, segmenter, prediction, lungs, folder)
         if explainer is not None:
-            pngs += _write_explanation(cfg, volume, prediction, explainer, folder)
-    except (SeriesError, OutputError) as exc:
-        if isinstance(exc, OutputError) and exc.fatal:
-            raise
-        log.error("series %s (%s) failed: %s", series.series_instance_uid, series.location, exc)
-        return SeriesOutcome(
-            series=series,
-            status=SeriesStatus.FAILED,
-            message=str(exc),
-            n_slices=volume.hu.shape[0] if volume is not None else len(series.files),
-            slice_spacing_mm=volume.slice_spacing_mm if volume is not None else None,
-            pixel_spacing_mm=volume.pixel_spacing_mm if volume is not None else None,
-            seconds=time.perf_counter() - start,
-            processed_at=now_utc(),
-        )
-    except Exception as exc:  # noqa: BLE001 - a bug on one series must not stop the others
-        log.error(
-            "series %s (%s) failed with an unexpected %s (a bug; --debug shows the traceback)",
-            series.series_instance_uid,
-            series.location,
-            type(exc).__name__,
-        )
-        log.debug("traceback", exc_info=True)
-        return SeriesOutcome(
-            series=series,
-            status=SeriesStatus.FAILED,
-            message=f"unexpected {type(exc).__name__}: {exc}",
-            n_slices=len(series.files),
-            seconds=time.perf_counter() - start,
-            processed_at=now_utc(),
-        )
-    seconds = time.perf_counter() - start
+            pngs = _write_explanation(cfg, volume, prediction, explainer, folder)
+    except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
+        return _failed(series, exc, started, volume)
+    return ComputedSeries(
+        series=series,
+        volume=volume,
+        prediction=prediction,
+        lungs=lungs,
+        lung_measurement=lung_measurement,
+        measurement=measurement,
+        folder=folder,
+        png_paths=pngs,
+        started=started,
+    )
+
+
+def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter) -> SeriesOutcome:
+    """Write the SEG (verified) and PNGs of a computed series and return its outcome.
+
+    Safe to run in a background thread while the next series is segmented: it reads only
+    ``done`` and the segmenter's model description.
+
+    Raises:
+        OutputError: when the output folder itself cannot be written (the run must stop).
+    """
+    series, volume = done.series, done.volume
+    seg_path: Path | None = None
+    pngs = done.png_paths
+    try:
+        if not cfg.explain_only:
+            seg_path, written = _write_outputs(
+                cfg, volume, segmenter, done.prediction, done.lungs, done.folder
+            )
+            pngs = written + pngs
+    except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
+        return _failed(series, exc, done.started, volume)
+    seconds = time.perf_counter() - done.started
     lung_text = ""
+    lung_measurement = done.lung_measurement
     if lung_measurement is not None:
         lung_text = (
             f", lungs {lung_measurement.right_lung_volume_ml:.0f} mL right + "
@@ -288,8 +367,8 @@ def process_series(
         "series %s: %d slices, GGO %.2f mL on %d slices%s, %.1f s",
         series.series_instance_uid,
         volume.hu.shape[0],
-        measurement.ggo_volume_ml,
-        measurement.ggo_slice_count,
+        done.measurement.ggo_volume_ml,
+        done.measurement.ggo_slice_count,
         lung_text,
         seconds,
     )
@@ -299,13 +378,51 @@ def process_series(
         n_slices=volume.hu.shape[0],
         slice_spacing_mm=volume.slice_spacing_mm,
         pixel_spacing_mm=volume.pixel_spacing_mm,
-        measurement=measurement,
+        measurement=done.measurement,
         lungs=lung_measurement,
         seg_path=seg_path,
         png_paths=pngs,
         seconds=seconds,
         processed_at=now_utc(),
     )
+
+
+def process_series(
+    cfg: RunConfig,
+    series: SeriesInfo,
+    segmenter: OnnxSegmenter,
+    *,
+    explainer: OnnxExplainer | None = None,
+    progress: ProgressSink | None = None,
+    volume_source: VolumeSource | None = None,
+) -> SeriesOutcome:
+    """Load, segment, measure and write one eligible series (both stages, in this thread).
+
+    Args:
+        cfg: the run configuration.
+        series: an eligible series.
+        segmenter: the run's inference session.
+        explainer: when given, GradCAM++ maps are written too (``cfg.explain_only``: only them).
+        progress: optional progress sink (two units per slice: decode, then inference).
+        volume_source: supplies the volume (decoded ahead of time); ``None`` decodes here.
+
+    Returns:
+        The outcome; a series-level failure gives status ``failed`` with its reason.
+
+    Raises:
+        OutputError: when the output folder itself cannot be written (the run must stop).
+    """
+    done = compute_series(
+        cfg,
+        series,
+        segmenter,
+        explainer=explainer,
+        progress=progress,
+        volume_source=volume_source,
+    )
+    if isinstance(done, SeriesOutcome):
+        return done
+    return write_series(cfg, done, segmenter)
 
 
 def check_output_location(cfg: RunConfig) -> None:

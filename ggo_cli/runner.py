@@ -1,8 +1,9 @@
 """A whole ``segment`` (or ``explain``) run: locked, resumable, one CSV row per series.
 
 :func:`run_segment` holds the output folder's lock, consults the state store per series
-(:mod:`ggo_cli.state`), runs :func:`ggo_cli.pipeline.process_series` where work is due, and
-rebuilds the CSV and manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and
+(:mod:`ggo_cli.state`), runs the pipeline's stages where work is due (decode ahead in worker
+processes, segment, write behind in a thread: :class:`_Stages`), and rebuilds the CSV and
+manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and
 leaves the SEG, CSV and state of the folder alone.
 """
 
@@ -12,14 +13,23 @@ import json
 import logging
 import os
 import re
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .config import CSV_NAME, MANIFEST_NAME, RunConfig
 from .discovery import discover_series
-from .domain import GgoMeasurement, LungMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
+from .domain import (
+    CtVolume,
+    GgoMeasurement,
+    LungMeasurement,
+    SeriesInfo,
+    SeriesOutcome,
+    SeriesStatus,
+)
 from .explain import OnnxExplainer, default_explain_path, load_explain_info
 from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
 from .inference import OnnxSegmenter
@@ -28,13 +38,16 @@ from .model_info import ModelInfo, load_model_info
 from .pipeline import (
     ProgressSink,
     RunResult,
+    VolumeSource,
     check_output_location,
+    compute_series,
     now_utc,
-    process_series,
     skipped_outcome,
+    write_series,
 )
 from .runlock import RunLock
 from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
+from .volume import DecodePool, default_decode_workers, load_volume
 from .writers.report_csv import outcome_row, write_rows
 
 log = logging.getLogger(__name__)
@@ -192,11 +205,11 @@ class _Run:
             )
         return self.explainer
 
-    def one(self, series: SeriesInfo, progress: ProgressSink | None) -> SeriesOutcome:
-        fingerprint = series_fingerprint(series)
+    def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
+        """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
         if not series.eligible:
-            outcome = skipped_outcome(series)
-        elif _still_arriving(series, self.cfg.settle_minutes):
+            return skipped_outcome(series)
+        if _still_arriving(series, self.cfg.settle_minutes):
             outcome = SeriesOutcome(
                 series=series,
                 status=SeriesStatus.PENDING,
@@ -211,27 +224,147 @@ class _Run:
                 series.location,
                 outcome.message,
             )
-        else:
-            stored = None if self.cfg.explain_only else self.store.get(series.series_instance_uid)
-            if stored is not None and _reusable(
-                stored, self.cfg, fingerprint, self.model, self.options
-            ):
-                log.debug(
-                    "series %s unchanged since %s",
-                    series.series_instance_uid,
-                    stored.row.get("processed_at", "?"),
-                )
-                return _outcome_from_row(series, stored)
-            outcome = process_series(
-                self.cfg,
-                series,
-                self.session(),
-                explainer=self.explain_session(),
-                progress=progress,
+            return outcome
+        stored = None if self.cfg.explain_only else self.store.get(series.series_instance_uid)
+        if stored is not None and _reusable(
+            stored, self.cfg, series_fingerprint(series), self.model, self.options
+        ):
+            log.debug(
+                "series %s unchanged since %s",
+                series.series_instance_uid,
+                stored.row.get("processed_at", "?"),
             )
-        if not self.cfg.explain_only:
-            self.record(outcome, fingerprint)
+            return _outcome_from_row(series, stored)
+        return None
+
+    def finish(self, outcome: SeriesOutcome) -> SeriesOutcome:
+        """Record a series' outcome (not for unchanged ones, nor in explain-only runs)."""
+        if not self.cfg.explain_only and not outcome.reused:
+            self.record(outcome, series_fingerprint(outcome.series))
         return outcome
+
+
+class _Stages:
+    """Decode ahead, segment here, write behind: at most about two series in memory.
+
+    The next series to segment is decoded by the :class:`DecodePool` (through one prefetch
+    thread) while the current one is segmented; a segmented series' SEG and PNGs are written
+    by one writer thread while the next is segmented. A decode is only started once the write
+    before it has finished, so one series is written while one is segmented (and its
+    successor decodes), never more. Outcomes are recorded in discovery order.
+    """
+
+    def __init__(self, run: _Run, todo: list[SeriesInfo], pool: DecodePool) -> None:
+        self.run = run
+        self.todo = todo
+        self.pool = pool
+        self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-decode")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-write")
+        self.decodes: dict[str, Future[CtVolume]] = {}
+        self.writing: Future[SeriesOutcome] | None = None
+        self.next_index = 0
+        self._lock = threading.Lock()
+
+    def _decode_next(self) -> None:
+        """Start decoding the next series of ``todo`` (thread-safe, once per series)."""
+        with self._lock:
+            if self.next_index >= len(self.todo):
+                return
+            series = self.todo[self.next_index]
+            self.next_index += 1
+            self.decodes[series.series_instance_uid] = self.prefetch.submit(
+                load_volume, series, self.run.cfg.selection, pool=self.pool
+            )
+
+    def source(self, series: SeriesInfo) -> VolumeSource:
+        """The volume of ``series``: its prefetched decode (started now if not yet)."""
+        with self._lock:
+            future = self.decodes.pop(series.series_instance_uid, None)
+        if future is None:
+            self._decode_next()
+            with self._lock:
+                future = self.decodes.pop(series.series_instance_uid)
+        return future.result
+
+    def schedule_next(self) -> None:
+        """Decode the next series now, or once the pending write is done."""
+        if self.writing is None:
+            self._decode_next()
+        else:
+            self.writing.add_done_callback(lambda _: self._decode_next())
+
+    def drain(self) -> SeriesOutcome | None:
+        """Wait for the pending write; its outcome (re-raises a fatal output error)."""
+        if self.writing is None:
+            return None
+        outcome = self.writing.result()
+        self.writing = None
+        return outcome
+
+    def close(self) -> None:
+        self.writer.shutdown(wait=True)
+        self.prefetch.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_series(
+    run: _Run,
+    series_list: tuple[SeriesInfo, ...],
+    progress: ProgressSink | None,
+    result: RunResult,
+) -> None:
+    """Process every series in discovery order through the decode / segment / write stages."""
+    plans = {s.series_instance_uid: run.plan(s) for s in series_list}
+    todo = [s for s in series_list if plans[s.series_instance_uid] is None]
+    workers = run.cfg.decode_workers
+    with DecodePool(default_decode_workers() if workers is None else workers) as pool:
+        stages = _Stages(run, todo, pool)
+        try:
+            if todo:
+                stages._decode_next()
+            for series in series_list:
+                planned = plans[series.series_instance_uid]
+                if planned is not None:
+                    outcomes = [planned]
+                else:
+                    volume_source = stages.source(series)
+                    stages.schedule_next()  # decodes while this series is segmented
+                    done = compute_series(
+                        run.cfg,
+                        series,
+                        run.session(),
+                        explainer=run.explain_session(),
+                        progress=progress,
+                        volume_source=volume_source,
+                    )
+                    outcomes = []
+                    previous = stages.drain()
+                    if previous is not None:
+                        outcomes.append(previous)
+                    if isinstance(done, SeriesOutcome):
+                        outcomes.append(done)
+                    else:
+                        stages.writing = stages.writer.submit(
+                            write_series, run.cfg, done, run.session()
+                        )
+                for outcome in outcomes:
+                    _finish(run, outcome, progress, result)
+            last = stages.drain()
+            if last is not None:
+                _finish(run, last, progress, result)
+        finally:
+            stages.close()
+    order = {s.series_instance_uid: k for k, s in enumerate(series_list)}
+    result.outcomes.sort(key=lambda o: order[o.series.series_instance_uid])
+
+
+def _finish(
+    run: _Run, outcome: SeriesOutcome, progress: ProgressSink | None, result: RunResult
+) -> None:
+    run.finish(outcome)
+    result.n_unchanged += outcome.reused
+    if progress is not None:
+        progress.series_finished(outcome)
+    result.outcomes.append(outcome)
 
 
 def run_segment(
@@ -270,12 +403,7 @@ def run_segment(
             progress.discovered(len(discovery.series))
         run = _Run(cfg, model, store)
         t_series = time.perf_counter()
-        for series in discovery.series:
-            outcome = run.one(series, progress)
-            result.n_unchanged += outcome.reused
-            if progress is not None:
-                progress.series_finished(outcome)
-            result.outcomes.append(outcome)
+        _run_series(run, discovery.series, progress, result)
         result.timings_s["series"] = time.perf_counter() - t_series
         if run.segmenter is not None:
             result.device, result.providers = run.segmenter.device_label, run.segmenter.providers

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from ggo_cli.cli import app
 from ggo_cli.discovery import read_header
+from ggo_cli.errors import EXIT_PARTIAL
 from ggo_cli.phantom import make_cube_phantom
 from ggo_cli.runlock import RunLock
 from tests.dicom_factory import FactorySeries, make_ct_series
@@ -344,3 +345,43 @@ def test_header_reader_never_raises_on_mutated_files(
     path.write_bytes(bytes(blob))
     result = read_header(path)
     assert result is None or hasattr(result, "SOPInstanceUID")
+
+
+def test_decode_ahead_and_write_behind_give_the_same_outputs(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    """Four series of 40 slices through decoder processes and the writer thread, one of them
+    broken mid-way, against a run that does everything in order in one thread."""
+    root = tmp_path / "in"
+    series = [
+        make_ct_series(
+            root,
+            phantom=make_cube_phantom((40, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4 + k, 6, 6)),
+            folder=f"study{k}",
+            seed=k + 1,
+        )
+        for k in range(4)
+    ]
+    raw = series[2].paths[7].read_bytes()
+    series[2].paths[7].write_bytes(raw[: len(raw) - 500])  # pixel data cut short
+    rows = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        result = _segment(root, "-o", out, "-m", band_model_path, "--decode-workers", workers)
+        assert result.exit_code == EXIT_PARTIAL, result.output
+        rows[workers] = _rows(out)
+        assert _manifest(out)["options"]["decode_workers"] == int(workers)
+    keys = ("series_instance_uid", "status", "ggo_voxels", "ggo_volume_ml", "n_slices")
+    assert [{k: r[k] for k in keys} for r in rows["0"]] == [
+        {k: r[k] for k in keys} for r in rows["2"]
+    ]
+    by_uid = {r["series_instance_uid"]: r for r in rows["2"]}
+    assert by_uid[series[2].series_instance_uid]["status"] == "failed"
+    for k in (0, 1, 3):
+        row = by_uid[series[k].series_instance_uid]
+        assert row["status"] == "ok"
+        assert int(row["ggo_voxels"]) > 0
+        seg_0 = hd.seg.segread(tmp_path / "out0" / row["seg_path"])
+        seg_2 = hd.seg.segread(tmp_path / "out2" / row["seg_path"])
+        assert seg_0.SOPInstanceUID == seg_2.SOPInstanceUID  # deterministic UIDs
+        np.testing.assert_array_equal(seg_0.pixel_array, seg_2.pixel_array)

@@ -13,17 +13,24 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELo
 from ggo_cli.config import SelectionRules
 from ggo_cli.discovery import discover_series
 from ggo_cli.errors import SeriesGeometryError, UnsupportedSeriesError
-from ggo_cli.volume import load_volume
+from ggo_cli.volume import DecodePool, load_volume
 from tests.dicom_factory import FactorySeries, make_ct_series
 
 
-def _load(fs: FactorySeries, rules: SelectionRules | None = None):  # type: ignore[no-untyped-def]
+def _load(fs: FactorySeries, rules: SelectionRules | None = None, pool=None):  # type: ignore[no-untyped-def]
     (series,) = [
         s
         for s in discover_series([fs.root]).series
         if s.series_instance_uid == fs.series_instance_uid
     ]
-    return load_volume(series, rules)
+    return load_volume(series, rules, pool=pool)
+
+
+@pytest.fixture(scope="module")
+def pool():  # type: ignore[no-untyped-def]
+    """Two decoder processes, shared by the tests of this module."""
+    with DecodePool(2, min_slices=1) as decoders:
+        yield decoders
 
 
 @pytest.mark.parametrize(
@@ -111,3 +118,56 @@ def test_real_series_loads_in_hu(real_ct_dir: Path) -> None:
     positions = [float(ds.ImagePositionPatient[2]) for ds in volume.datasets]
     assert positions == sorted(positions)
     assert "PixelData" not in volume.datasets[0]
+
+
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEG2000Lossless], ids=str)
+def test_decode_pool_gives_the_same_volume(tmp_path: Path, syntax: str, pool) -> None:  # type: ignore[no-untyped-def]
+    fs = make_ct_series(tmp_path, shape=(20, 48, 48), transfer_syntax=syntax, shuffle_names=True)
+    seen: list[int] = []
+    volume = _load(fs, pool=pool)
+    np.testing.assert_array_equal(volume.hu, fs.hu)
+    assert volume.sop_instance_uids == fs.sop_instance_uids
+    assert all("PixelData" not in ds for ds in volume.datasets)
+    series = discover_series([fs.root]).series[0]
+    load_volume(series, pool=pool, on_slice=seen.append)
+    assert sum(seen) == 20
+
+
+def test_decode_pool_reports_a_bad_file_and_keeps_working(tmp_path: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    fs = make_ct_series(tmp_path / "bad", shape=(12, 32, 32))
+    series = discover_series([fs.root]).series[0]
+    raw = fs.paths[5].read_bytes()
+    fs.paths[5].write_bytes(raw[: len(raw) - 600])  # pixel data cut short
+    with pytest.raises(UnsupportedSeriesError, match="series .*"):
+        load_volume(series, pool=pool)
+    good = make_ct_series(tmp_path / "good", shape=(12, 32, 32))
+    np.testing.assert_array_equal(_load(good, pool=pool).hu, good.hu)
+
+
+def test_decode_pool_checks_rescale_before_decoding(tmp_path: Path, pool) -> None:  # type: ignore[no-untyped-def]
+    fs = make_ct_series(tmp_path, missing_rescale_intercept=True)
+    with pytest.raises(UnsupportedSeriesError, match="without RescaleIntercept/RescaleSlope"):
+        _load(fs, pool=pool)
+
+
+def test_a_dead_decoder_fails_only_its_series(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ggo_cli.volume as volume_module
+
+    fs = make_ct_series(tmp_path, shape=(12, 32, 32))
+    series = discover_series([fs.root]).series[0]
+    with DecodePool(1, min_slices=1) as decoders:
+        real = volume_module._decode_file
+        monkeypatch.setattr(volume_module, "_decode_file", _die)
+        with pytest.raises(UnsupportedSeriesError, match="decoder process died"):
+            load_volume(series, pool=decoders)
+        monkeypatch.setattr(volume_module, "_decode_file", real)
+        np.testing.assert_array_equal(load_volume(series, pool=decoders).hu, fs.hu)
+
+
+def _die(path: str, series_uid: str) -> None:
+    """A worker task that kills its process, as a crashing decoder would."""
+    import os
+
+    os._exit(1)

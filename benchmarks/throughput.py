@@ -1,0 +1,375 @@
+"""CPU throughput of ggo-cli: model only, decoding, end to end; JSON plus a Markdown table.
+
+Issue 7 part 1. In one run on one machine:
+
+- **model only** (slices/s, 512 x 512, preprocessed input): ONNX Runtime defaults on the plain
+  shipped ``model.onnx`` (the fp32 baseline), then ``OnnxSegmenter`` with each CPU precision it
+  offers (``fp32``, ``int8``); where torch is installed, PyTorch eager on the same architecture
+  (``training.models``, weights irrelevant to speed) in fp32 and in bf16 autocast with
+  channels_last, the ratio baseline;
+- **decode** (slices/s, one process): pydicom ``dcmread`` + ``pixel_array`` of the same
+  synthetic CT slices written in each lossless transfer syntax ggo-cli reads;
+- **end to end**: ``ggo-cli segment --device cpu`` as a subprocess (discovery, decode, lung mask,
+  inference, SEG write + read-back, PNG, CSV) on a synthetic chest CT of ``--slices`` slices
+  and on the shared real 30-slice chest CT, both JPEG Lossless SV1, for ``--precision fp32``
+  and ``--precision auto``: slices/s, studies/hour and the peak RSS of the run.
+
+Usage::
+
+    python benchmarks/throughput.py --work /tmp/tp --out benchmarks/results/throughput_cpu.json
+    python benchmarks/throughput.py --work /tmp/tp --quick      # CI smoke: small sizes
+
+Medians of ``--repeats`` timed runs after one warm-up for the model and decode figures; end to
+end runs once per case (each run takes minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CT = ROOT.parent / "shared" / "data" / "ct-dicom" / "lung-pet-ct-dx-a0002" / "dicom"
+sys.path.insert(0, str(ROOT))
+
+from ggo_cli.config import default_model_path  # noqa: E402
+from ggo_cli.ct_writer import (  # noqa: E402
+    SUPPORTED_TRANSFER_SYNTAXES,
+    transcode_file,
+    write_ct_series,
+)
+from ggo_cli.inference import OnnxSegmenter  # noqa: E402
+from ggo_cli.model_info import load_model_info  # noqa: E402
+from ggo_cli.phantom import make_chest_phantom  # noqa: E402
+from ggo_cli.preprocessing import preprocess_hu  # noqa: E402
+
+JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
+
+
+def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores usable, vector extensions, memory, library versions."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+    }
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        for line in cpuinfo.splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["flags"] = sorted(
+                    f
+                    for f in (
+                        "avx2",
+                        "avx512f",
+                        "avx512_vnni",
+                        "avx512_bf16",
+                        "amx_int8",
+                        "amx_bf16",
+                    )
+                    if f in flags
+                )
+                break
+        meminfo = Path("/proc/meminfo").read_text().splitlines()[0]
+        info["memory_kib"] = int(meminfo.split()[1])
+    except OSError:
+        pass
+    import onnxruntime as ort
+
+    info["onnxruntime"] = ort.__version__
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def bench_model(model_path: Path, n: int, repeats: int) -> list[dict[str, Any]]:
+    """Model-only slices/s: plain ORT defaults, OnnxSegmenter per precision, PyTorch eager."""
+    import onnxruntime as ort
+
+    info = load_model_info(model_path)
+    hu = make_chest_phantom((n, 512, 512), (5.0, 0.7, 0.7), seed=1).hu.astype(np.float32)
+    batch = preprocess_hu(hu, size=info.input_size)
+    rows: list[dict[str, Any]] = []
+    plain = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    seconds = median_seconds(lambda s=plain: s.run(["logits"], {"image": batch}), repeats)
+    rows.append(
+        {
+            "path": "ORT defaults, plain model.onnx (fp32 baseline)",
+            "key": "ort_plain_fp32",
+            "slices_per_s": n / seconds,
+        }
+    )
+    del plain
+    for precision in ("fp32", "int8"):
+        try:
+            seg = OnnxSegmenter(info, device="cpu", batch_size=n, precision=precision)
+        except Exception as exc:  # noqa: BLE001 - report, do not fail
+            rows.append(
+                {"path": f"OnnxSegmenter {precision}", "key": f"ggo_{precision}", "error": str(exc)}
+            )
+            continue
+        seconds = median_seconds(lambda s=seg: s.predict_logits(batch), repeats)
+        rows.append(
+            {
+                "path": f"OnnxSegmenter --precision {precision}",
+                "key": f"ggo_{precision}",
+                "slices_per_s": n / seconds,
+            }
+        )
+        del seg
+    try:
+        import torch
+
+        from training.models import build_model
+    except ImportError:
+        return rows
+    model = build_model("resnet50-unet").eval()
+    x = torch.from_numpy(batch)
+    with torch.inference_mode():
+        seconds = median_seconds(lambda: model(x), repeats)
+        rows.append(
+            {"path": "PyTorch eager fp32", "key": "torch_fp32", "slices_per_s": n / seconds}
+        )
+        model_cl = model.to(memory_format=torch.channels_last)
+        x_cl = x.to(memory_format=torch.channels_last)
+
+        def bf16() -> object:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model_cl(x_cl)
+
+        seconds = median_seconds(bf16, repeats)
+        rows.append(
+            {
+                "path": "PyTorch eager bf16 autocast, channels_last",
+                "key": "torch_bf16",
+                "slices_per_s": n / seconds,
+            }
+        )
+    return rows
+
+
+def bench_decode(work: Path, n: int, repeats: int) -> list[dict[str, Any]]:
+    """pydicom decode slices/s per transfer syntax (one process)."""
+    import pydicom
+
+    hu = make_chest_phantom((n, 512, 512), (5.0, 0.7, 0.7), seed=2)
+    base = work / "decode" / "native"
+    if base.exists():
+        shutil.rmtree(base.parent)
+    files = write_ct_series(hu, base)
+    rows = []
+    for syntax in SUPPORTED_TRANSFER_SYNTAXES:
+        folder = work / "decode" / syntax
+        folder.mkdir(parents=True, exist_ok=True)
+        coded = [transcode_file(f, folder / f.name, syntax, verify=False) for f in files]
+
+        def decode(paths: list[Path] = coded) -> None:
+            for p in paths:
+                pydicom.dcmread(p).pixel_array  # noqa: B018 - the decode is the point
+
+        seconds = median_seconds(decode, repeats)
+        name = pydicom.uid.UID(syntax).name
+        rows.append(
+            {
+                "transfer_syntax": syntax,
+                "name": name,
+                "slices_per_s": n / seconds,
+                "mean_file_kib": sum(p.stat().st_size for p in coded) / len(coded) / 1024,
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def build_studies(work: Path, slices: int) -> dict[str, tuple[Path, int]]:
+    """A synthetic chest CT and (if present) the shared real CT, both JPEG Lossless SV1."""
+    studies: dict[str, tuple[Path, int]] = {}
+    synthetic = work / "studies" / "synthetic"
+    if synthetic.exists():
+        shutil.rmtree(synthetic)
+    phantom = make_chest_phantom((slices, 512, 512), (1.25, 0.7, 0.7), seed=3)
+    write_ct_series(phantom, synthetic / "ct", seed=3, transfer_syntax=JPEG_LOSSLESS_SV1)
+    studies[f"synthetic {slices}-slice chest CT, JPEG Lossless SV1"] = (synthetic, slices)
+    if SHARED_CT.is_dir():
+        real = work / "studies" / "real"
+        if real.exists():
+            shutil.rmtree(real)
+        real.mkdir(parents=True)
+        sources = sorted(SHARED_CT.glob("*.dcm"))
+        for k, src in enumerate(sources):
+            transcode_file(src, real / f"IM{k:04d}", JPEG_LOSSLESS_SV1)
+        studies["real 30-slice chest CT (Lung-PET-CT-Dx A0002), JPEG Lossless SV1"] = (
+            real,
+            len(sources),
+        )
+    return studies
+
+
+def run_segment(inputs: Path, out: Path, precision: str) -> dict[str, Any]:
+    """``ggo-cli segment`` in a child process: wall time, peak RSS, manifest."""
+    if out.exists():
+        shutil.rmtree(out)
+    wrapper = (
+        "import resource, subprocess, sys, time\n"
+        "t = time.perf_counter()\n"
+        "rc = subprocess.run(sys.argv[1:]).returncode\n"
+        "print(rc, time.perf_counter() - t, "
+        "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "ggo_cli",
+        "segment",
+        str(inputs),
+        "-o",
+        str(out),
+        "--device",
+        "cpu",
+        "--precision",
+        precision,
+        "--settle",
+        "0",
+        "--no-progress",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-c", wrapper, *command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    rc, seconds, maxrss_kib = done.stdout.split()[-3:]
+    manifest = (
+        json.loads((out / "run_manifest.json").read_text())
+        if (out / "run_manifest.json").exists()
+        else {}
+    )
+    return {
+        "rc": int(rc),
+        "seconds": float(seconds),
+        "peak_rss_mib": int(maxrss_kib) / 1024,
+        "precision_used": manifest.get("device", {}).get("precision"),
+        "counts": manifest.get("counts"),
+    }
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown tables."""
+    m = report["machine"]
+    lines = [
+        f"Machine: {m.get('cpu', '?')}, {m['cores_usable']} cores usable, flags "
+        f"{', '.join(m.get('flags', []))}; ORT {m['onnxruntime']}, torch {m['torch']}.",
+        "",
+        "| model only (512 x 512, batch " + str(report["model_batch"]) + ") | slices/s | "
+        "x ORT plain fp32 |",
+        "|---|---|---|",
+    ]
+    base = next((r["slices_per_s"] for r in report["model"] if r["key"] == "ort_plain_fp32"), None)
+    for r in report["model"]:
+        if "slices_per_s" in r:
+            ratio = f"{r['slices_per_s'] / base:.2f}" if base else ""
+            lines.append(f"| {r['path']} | {r['slices_per_s']:.2f} | {ratio} |")
+        else:
+            lines.append(f"| {r['path']} | {r.get('error', '')} | |")
+    lines += ["", "| decode (pydicom, 1 process) | slices/s | mean file KiB |", "|---|---|---|"]
+    for r in report["decode"]:
+        lines.append(
+            f"| {r['name']} ({r['transfer_syntax']}) | {r['slices_per_s']:.0f} | "
+            f"{r['mean_file_kib']:.0f} |"
+        )
+    lines += [
+        "",
+        "| end to end, `ggo-cli segment --device cpu` | precision | slices | s | "
+        "slices/s | studies/h | peak RSS MiB | x ORT plain fp32 model only |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["end_to_end"]:
+        ratio = f"{r['slices_per_s'] / base:.2f}" if base else ""
+        lines.append(
+            f"| {r['study']} | {r['precision']} ({r.get('precision_used')}) | "
+            f"{r['slices']} | {r['seconds']:.1f} | {r['slices_per_s']:.2f} | "
+            f"{r['studies_per_hour']:.1f} | {r['peak_rss_mib']:.0f} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True, help="scratch folder")
+    parser.add_argument("--model", type=Path, default=default_model_path())
+    parser.add_argument("--slices", type=int, default=300, help="synthetic study size")
+    parser.add_argument("--model-batch", type=int, default=4)
+    parser.add_argument("--decode-slices", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
+    parser.add_argument("--skip-e2e", action="store_true")
+    parser.add_argument("--out", type=Path, help="JSON report; the Markdown goes beside it")
+    args = parser.parse_args()
+    if args.quick:
+        args.slices, args.model_batch, args.decode_slices, args.repeats = 12, 2, 3, 1
+    args.work.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "model_batch": args.model_batch,
+        "quick": args.quick,
+    }
+    report["model"] = bench_model(args.model, args.model_batch, args.repeats)
+    print(json.dumps(report["model"]), flush=True)
+    report["decode"] = bench_decode(args.work, args.decode_slices, args.repeats)
+    report["end_to_end"] = []
+    if not args.skip_e2e:
+        for study, (folder, slices) in build_studies(args.work, args.slices).items():
+            for precision in ("fp32", "auto"):
+                result = run_segment(folder, args.work / "out" / precision, precision)
+                row = {
+                    "study": study,
+                    "slices": slices,
+                    "precision": precision,
+                    **result,
+                    "slices_per_s": slices / result["seconds"],
+                    "studies_per_hour": 3600.0 / result["seconds"],
+                }
+                print(json.dumps(row), flush=True)
+                report["end_to_end"].append(row)
+    text = json.dumps(report, indent=2)
+    table = markdown(report)
+    print(table)
+    if args.out:
+        args.out.write_text(text + "\n")
+        args.out.with_suffix(".md").write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
