@@ -24,7 +24,15 @@ from .domain import CtVolume, Prediction
 from .errors import DeviceError, InputError, ModelError
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .postprocessing import threshold_probabilities
-from .precision import CUDA_NHWC_OPTIONS, Precision, fp16_model_bytes
+from .precision import (
+    CUDA_NHWC_OPTIONS,
+    INT8_SPEC_NAME,
+    MAX_INT8_DICE_CHANGE,
+    Precision,
+    fp16_model_bytes,
+    int8_model_bytes,
+    load_int8_spec,
+)
 from .preprocessing import preprocess_hu, sigmoid, to_source_grid
 
 log = logging.getLogger(__name__)
@@ -270,7 +278,56 @@ class OnnxSegmenter:
                 self.precision = Precision.FP16 if fp16 else Precision.FP32
                 return session
             log.debug("CUDA fell back to the CPU: CPU session instead")
+        if wanted in (Precision.AUTO, Precision.INT8):
+            data = self._int8_variant(explicit=wanted is Precision.INT8)
+            if data is not None:
+                self.precision = Precision.INT8
+                return create_session(self.model.path, request, model_bytes=data)
         return create_session(self.model.path, request)
+
+    def _int8_variant(self, *, explicit: bool) -> bytes | None:
+        """The int8 model for the CPU, or ``None`` (``auto`` then runs float32; logged why).
+
+        Raises:
+            InputError: ``--precision int8`` without an int8 recipe beside the model.
+            ModelError: ``--precision int8`` and the recipe is broken or quantization fails.
+        """
+        try:
+            spec = load_int8_spec(self.model)
+            if spec is None:
+                if explicit:
+                    raise InputError(
+                        f"--precision int8 needs {INT8_SPEC_NAME} beside {self.model.path.name} "
+                        "(made by `python -m training quantize`)"
+                    )
+                log.debug("no %s beside the model: float32 on the CPU", INT8_SPEC_NAME)
+                return None
+            if not spec.acceptable and not explicit:
+                log.info(
+                    "int8 variant not used: its test Dice changed by %.4f (limit %.2f)",
+                    spec.dice_change,
+                    MAX_INT8_DICE_CHANGE,
+                )
+                return None
+            data, validated = int8_model_bytes(self.model, spec)
+        except ModelError as exc:
+            if explicit:
+                raise
+            log.warning("int8 variant not used (%s); running float32", exc)
+            return None
+        if not validated:
+            import onnxruntime as ort
+
+            message = (
+                f"this ONNX Runtime ({ort.__version__}) quantizes differently from the one that "
+                f"validated the int8 variant ({spec.onnxruntime})"
+            )
+            if not explicit:
+                log.info("int8 variant not used: %s; running float32", message)
+                return None
+            log.warning("--precision int8: %s; its accuracy is not validated", message)
+        log.debug("int8 variant of %s (test Dice change %+.4f)", self.model.name, spec.dice_change)
+        return data
 
     def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

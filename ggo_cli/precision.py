@@ -1,4 +1,4 @@
-"""Model variants for speed: fp16 compute on CUDA, made in memory from the shipped model.
+"""Model variants for speed, made in memory from the shipped model: fp16 (CUDA), int8 (CPU).
 
 The shipped ``model.onnx`` stores float16 weights that ``Cast`` nodes widen to float32, so every
 provider computes in float32. On CUDA, :func:`fp16_model_bytes` makes the float16-compute
@@ -7,18 +7,35 @@ on weights are folded, then ``onnxruntime.transformers.float16.convert_float_to_
 (``keep_io_types=True``) converts the graph. It takes about 0.7 s and is deterministic, so no
 second 40 MB file is shipped. Measured on an H200 (docs/benchmarks.md): with the CUDA
 provider's ``prefer_nhwc`` it runs 1.65 times as many slices/s as the float32 graph in NCHW.
+
+On the CPU, :func:`int8_model_bytes` makes a static int8 (QDQ) variant with ONNX Runtime's
+quantizer from the calibration ranges shipped beside the model (``int8_calibration.json``,
+written by ``python -m training quantize``: activation ranges measured on training slices, the
+quantizer settings, the accuracy measured on the test split, and the SHA-256 of the int8 graph
+that was validated). The same steps run here (fold the weight casts, ``quant_pre_process``
+without symbolic shapes, ``quantize_static`` from the calibration cache: about 3 s), and the
+result is used automatically only when its graph digest equals the validated one, i.e. when
+this ONNX Runtime quantizes exactly as the one that was measured; otherwise ``auto`` runs
+float32 and says why. No 20 MB int8 file ships.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
+import tempfile
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import ModelError
+from .model_info import ModelInfo, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +53,46 @@ CUDA_NHWC_OPTIONS = {"prefer_nhwc": 1}
 """CUDA provider options of the segmentation session (NHWC kernels where ORT has them)."""
 
 
+INT8_SPEC_NAME = "int8_calibration.json"
+INT8_SPEC_FORMAT = "ggo-cli int8 calibration 1"
+MAX_INT8_DICE_CHANGE = 0.01
+"""The largest change of pooled test Dice for which ``auto`` picks the int8 variant."""
+
+
+def fp32_model(path: Path) -> Any:
+    """The model as a plain float32 graph: ``Cast``s of float16 weights folded into them.
+
+    Returns:
+        An ``onnx.ModelProto`` (logits identical to the file's: the casts are exact).
+    """
+    import onnx  # deferred: keeps `ggo-cli --help` fast
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    initializers = {i.name: i for i in model.graph.initializer}
+    kept_nodes = []
+    widened = []
+    for node in model.graph.node:
+        source = initializers.get(node.input[0]) if node.input else None
+        if (
+            node.op_type == "Cast"
+            and source is not None
+            and source.data_type == onnx.TensorProto.FLOAT16
+        ):
+            values = numpy_helper.to_array(source).astype(np.float32)
+            widened.append(numpy_helper.from_array(values, node.output[0]))
+            continue
+        kept_nodes.append(node)
+    used = {name for node in kept_nodes for name in node.input}
+    kept_initializers = [i for i in model.graph.initializer if i.name in used]
+    kept_initializers += [i for i in widened if i.name in used]
+    del model.graph.node[:]
+    model.graph.node.extend(kept_nodes)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept_initializers)
+    return model
+
+
 @lru_cache(maxsize=2)
 def fp16_model_bytes(path: Path, file_sha256: str) -> bytes:
     """The float16-compute variant of an ONNX model, serialized (float32 inputs and outputs).
@@ -50,36 +107,181 @@ def fp16_model_bytes(path: Path, file_sha256: str) -> bytes:
     Raises:
         ModelError: the conversion failed.
     """
-    import onnx  # deferred: keeps `ggo-cli --help` fast
-    from onnx import numpy_helper
-
     try:
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
-        model = onnx.load(str(path))
-        initializers = {i.name: i for i in model.graph.initializer}
-        kept_nodes = []
-        widened = []
-        for node in model.graph.node:
-            source = initializers.get(node.input[0]) if node.input else None
-            if (
-                node.op_type == "Cast"
-                and source is not None
-                and source.data_type == onnx.TensorProto.FLOAT16
-            ):
-                values = numpy_helper.to_array(source).astype(np.float32)
-                widened.append(numpy_helper.from_array(values, node.output[0]))
-                continue
-            kept_nodes.append(node)
-        used = {name for node in kept_nodes for name in node.input}
-        kept_initializers = [i for i in model.graph.initializer if i.name in used]
-        kept_initializers += [i for i in widened if i.name in used]
-        del model.graph.node[:]
-        model.graph.node.extend(kept_nodes)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept_initializers)
-        half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+        half = convert_float_to_float16(
+            fp32_model(path), keep_io_types=True, disable_shape_infer=True
+        )
     except Exception as exc:  # noqa: BLE001 - onnx and the converter raise untyped errors
         raise ModelError(f"cannot make the float16 variant of {path.name}: {exc}") from exc
     log.debug("float16 variant of %s made (%d nodes)", path.name, len(half.graph.node))
     return bytes(half.SerializeToString())
+
+
+@dataclass(frozen=True)
+class Int8Spec:
+    """The validated int8 recipe of a model (``int8_calibration.json``).
+
+    Attributes:
+        path: the file.
+        model_sha256: the recorded graph digest of the model it belongs to.
+        settings: quantizer settings (``quantize_static`` arguments).
+        int8_graph_sha256: SHA-256 of the validated int8 graph.
+        onnxruntime: ONNX Runtime version that made and measured it.
+        validation: accuracy (``pooled_dice_change`` on the test split) and speed.
+        tensors: activation ranges in ONNX Runtime's calibration-cache format.
+    """
+
+    path: Path
+    model_sha256: str
+    settings: dict[str, Any]
+    int8_graph_sha256: str
+    onnxruntime: str
+    validation: dict[str, Any]
+    tensors: dict[str, Any]
+
+    @property
+    def dice_change(self) -> float:
+        """Pooled test Dice of int8 minus float32 (nan when not measured)."""
+        value = self.validation.get("pooled_dice_change")
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    @property
+    def acceptable(self) -> bool:
+        """Whether the measured accuracy change is within :data:`MAX_INT8_DICE_CHANGE`."""
+        return abs(self.dice_change) <= MAX_INT8_DICE_CHANGE
+
+
+def int8_spec_path(model_path: Path) -> Path:
+    """Where the int8 recipe of a model lives: beside it."""
+    return model_path.parent / INT8_SPEC_NAME
+
+
+def load_int8_spec(model: ModelInfo) -> Int8Spec | None:
+    """Read the int8 recipe beside a model.
+
+    Returns:
+        The recipe, or ``None`` when there is none.
+
+    Raises:
+        ModelError: the file is unreadable, malformed or belongs to another model.
+    """
+    path = int8_spec_path(model.path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("format") != INT8_SPEC_FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, expected {INT8_SPEC_FORMAT!r}")
+        spec = Int8Spec(
+            path=path,
+            model_sha256=str(data["model_sha256"]),
+            settings=dict(data["settings"]),
+            int8_graph_sha256=str(data["int8_graph_sha256"]),
+            onnxruntime=str(data["onnxruntime"]),
+            validation=dict(data["validation"]),
+            tensors=dict(data["tensors_data"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path.name} beside {model.path.name} is not usable: {exc}") from exc
+    if spec.model_sha256 != model.recorded_sha256:
+        raise ModelError(
+            f"{path.name} belongs to another model (model sha256 "
+            f"{spec.model_sha256[:12]}..., this model {model.recorded_sha256[:12]}...)"
+        )
+    return spec
+
+
+def quantize_int8(
+    model_path: Path,
+    settings: dict[str, Any],
+    calibration_cache: Path,
+    work: Path,
+    *,
+    reader: Any = None,
+) -> Path:
+    """Run ggo-cli's int8 recipe: fold casts, ``quant_pre_process``, ``quantize_static``.
+
+    With ``reader`` (an ONNX Runtime ``CalibrationDataReader``) the ranges are measured and
+    written to ``calibration_cache``; without it they are read from there.
+
+    Args:
+        model_path: the float model.
+        settings: ``activation_type``/``weight_type`` (``QUInt8``/``QInt8``),
+            ``calibrate_method`` (``MinMax``, ``Percentile``, ``Entropy``), ``per_channel``,
+            ``nodes_to_exclude``, ``extra_options``.
+        calibration_cache: ONNX Runtime's calibration cache (JSON).
+        work: a scratch folder.
+        reader: calibration data, or ``None`` to use the cache.
+
+    Returns:
+        The int8 model file in ``work``.
+    """
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    fp32_path, prep_path, int8_path = work / "fp32.onnx", work / "prep.onnx", work / "int8.onnx"
+    onnx.save(fp32_model(model_path), str(fp32_path))
+    # No symbolic shape inference: it needs sympy, which is not a runtime dependency.
+    quant_pre_process(str(fp32_path), str(prep_path), skip_symbolic_shape=True)
+    quantize_static(
+        str(prep_path),
+        str(int8_path),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        per_channel=bool(settings["per_channel"]),
+        activation_type=QuantType[settings["activation_type"]],
+        weight_type=QuantType[settings["weight_type"]],
+        calibrate_method=CalibrationMethod[settings["calibrate_method"]],
+        nodes_to_exclude=list(settings.get("nodes_to_exclude", [])),
+        extra_options=dict(settings.get("extra_options", {})),
+        calibration_cache_path=str(calibration_cache),
+    )
+    return int8_path
+
+
+def graph_digest(model_bytes_or_proto: Any) -> str:
+    """SHA-256 of a model's graph (deterministic serialization), as in the model contract."""
+    import onnx
+
+    proto = (
+        onnx.load_from_string(model_bytes_or_proto)
+        if isinstance(model_bytes_or_proto, bytes)
+        else model_bytes_or_proto
+    )
+    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+_INT8_CACHE: dict[tuple[str, str], tuple[bytes, str]] = {}
+
+
+def int8_model_bytes(model: ModelInfo, spec: Int8Spec) -> tuple[bytes, bool]:
+    """The int8 variant of a model from its recipe, and whether it is the validated one.
+
+    Returns:
+        ``(serialized model, graph digest equals the recipe's)``.
+
+    Raises:
+        ModelError: quantization failed (e.g. an ONNX Runtime without calibration caches).
+    """
+    key = (model.file_sha256, file_sha256(spec.path))
+    if key not in _INT8_CACHE:
+        try:
+            with tempfile.TemporaryDirectory(prefix="ggo-int8-") as scratch:
+                work = Path(scratch)
+                cache = work / "calibration.json"
+                cache.write_text(json.dumps(spec.tensors), encoding="utf-8")
+                int8_path = quantize_int8(model.path, spec.settings, cache, work)
+                data = int8_path.read_bytes()
+        except Exception as exc:  # noqa: BLE001 - the quantizer raises many untyped errors
+            raise ModelError(f"cannot make the int8 variant of {model.path.name}: {exc}") from exc
+        _INT8_CACHE[key] = (data, graph_digest(data))
+    data, digest = _INT8_CACHE[key]
+    return data, digest == spec.int8_graph_sha256

@@ -58,3 +58,118 @@ def test_cpu_runs_fp32_by_default_and_refuses_fp16(band_model_path: Path) -> Non
         OnnxSegmenter(info, device="cpu", precision="fp16")
     with pytest.raises(InputError, match="invalid --precision"):
         OnnxSegmenter(info, device="cpu", precision="bf16")
+
+
+def _conv_model_with_recipe(
+    folder: Path, *, dice_change: float = 0.0, tamper_digest: bool = False
+) -> Path:
+    """The conv test model plus an int8 recipe calibrated on random images (MinMax)."""
+    import json
+
+    import onnxruntime as ort
+
+    from ggo_cli.precision import (
+        INT8_SPEC_FORMAT,
+        INT8_SPEC_NAME,
+        graph_digest,
+        quantize_int8,
+    )
+    from tests.onnx_models import write_conv_explain_pair
+
+    model_path, _ = write_conv_explain_pair(folder)
+    info = load_model_info(model_path)
+    rng = np.random.default_rng(0)
+
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter([{"image": rng.random((1, 1, 64, 64), dtype=np.float32)}] * 4)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    settings = {
+        "quant_format": "QDQ",
+        "per_channel": True,
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "calibrate_method": "MinMax",
+        "nodes_to_exclude": [],
+        "extra_options": {},
+    }
+    work = folder / "work"
+    work.mkdir()
+    cache = work / "cache.json"
+    int8 = quantize_int8(model_path, settings, cache, work, reader=Reader()).read_bytes()
+    digest = graph_digest(int8)
+    spec = {
+        "format": INT8_SPEC_FORMAT,
+        "model_sha256": info.recorded_sha256,
+        "settings": settings,
+        "int8_graph_sha256": "0" * 64 if tamper_digest else digest,
+        "onnxruntime": ort.__version__,
+        "validation": {"pooled_dice_change": dice_change},
+        "tensors_data": json.loads(cache.read_text()),
+    }
+    (folder / INT8_SPEC_NAME).write_text(json.dumps(spec))
+    return model_path
+
+
+def test_int8_recipe_is_rebuilt_and_chosen_on_the_cpu(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    model_path = _conv_model_with_recipe(tmp_path)
+    info = load_model_info(model_path)
+    seg = OnnxSegmenter(info, device="cpu")
+    assert seg.precision is Precision.INT8
+    ops = {n.op_type for n in onnx.load_from_string(seg_bytes(seg)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    image = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
+    want = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(
+        ["logits"], {"image": image}
+    )[0]
+    got = seg.predict_logits(image)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert np.mean((got > 0) == (want > 0)) > 0.97
+    assert OnnxSegmenter(info, device="cpu", precision="fp32").precision is Precision.FP32
+
+
+def seg_bytes(seg: OnnxSegmenter) -> bytes:
+    """The model bytes a segmenter's int8 session was built from (rebuilt, it is cached)."""
+    from ggo_cli.precision import int8_model_bytes, load_int8_spec
+
+    spec = load_int8_spec(seg.model)
+    assert spec is not None
+    return int8_model_bytes(seg.model, spec)[0]
+
+
+def test_int8_is_not_chosen_when_unvalidated_or_inaccurate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="ggo_cli")
+    tampered = load_model_info(_conv_model_with_recipe(tmp_path / "a", tamper_digest=True))
+    assert OnnxSegmenter(tampered, device="cpu").precision is Precision.FP32
+    assert "quantizes differently" in caplog.text
+    explicit = OnnxSegmenter(tampered, device="cpu", precision="int8")
+    assert explicit.precision is Precision.INT8  # the user asked; warned, not validated
+    worse = load_model_info(_conv_model_with_recipe(tmp_path / "b", dice_change=-0.05))
+    assert OnnxSegmenter(worse, device="cpu").precision is Precision.FP32
+    assert "Dice changed by -0.0500" in caplog.text
+
+
+def test_int8_recipe_of_another_model_or_missing(tmp_path: Path, band_model_path: Path) -> None:
+    import shutil
+
+    from ggo_cli.errors import ModelError
+    from ggo_cli.precision import INT8_SPEC_NAME
+
+    _conv_model_with_recipe(tmp_path / "conv")
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(band_model_path, other / "model.onnx")
+    info = load_model_info(other / "model.onnx")
+    with pytest.raises(InputError, match="needs int8_calibration.json"):
+        OnnxSegmenter(info, device="cpu", precision="int8")
+    shutil.copy(tmp_path / "conv" / INT8_SPEC_NAME, other / INT8_SPEC_NAME)
+    assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32  # warned
+    with pytest.raises(ModelError, match="belongs to another model"):
+        OnnxSegmenter(info, device="cpu", precision="int8")

@@ -206,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", nargs="+", help="module paths (default: the architecture's list)")
     p.add_argument("--max-slices", type=int, help="faithfulness on at most N slices")
 
+    p = sub.add_parser("quantize", help="model.onnx -> int8 recipe (int8_calibration.json)")
+    _add_common(p)
+    p.add_argument("--model", required=True, help="exported model.onnx (with model.json)")
+    p.add_argument("--data", required=True, help="the labelled slices of the model's split")
+    p.add_argument("--n-calibration", type=int, default=32, help="train slices to calibrate on")
+    p.add_argument(
+        "--calibration",
+        choices=["Percentile", "MinMax", "Entropy"],
+        default="Percentile",
+        help="range estimate (Percentile: 99.999 %%)",
+    )
+    p.add_argument("--runs", type=int, default=5, help="timed runs of the speed check")
+
     p = sub.add_parser("compare", help="the paper's Table 1 for several runs")
     _add_common(p)
     p.add_argument("--runs", nargs="+", required=True, help="run folders or exported models")
@@ -352,6 +365,31 @@ def _cmd_export_explain(args: argparse.Namespace) -> dict[str, Any]:
     return _explain_summary(result)
 
 
+def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    from .quantize import DEFAULT_SETTINGS, make_int8_recipe
+
+    settings = json.loads(json.dumps(DEFAULT_SETTINGS))
+    settings["calibrate_method"] = args.calibration
+    if args.calibration != "Percentile":
+        settings["extra_options"].pop("CalibPercentile", None)
+    result = make_int8_recipe(
+        Path(args.model),
+        Path(args.data),
+        n_calibration=args.n_calibration,
+        settings=settings,
+        runs=args.runs,
+    )
+    validation = result.spec["validation"]
+    return {
+        "int8_recipe": str(result.spec_path),
+        "pooled_dice_fp32": validation["test_fp32"]["dice"],
+        "pooled_dice_int8": validation["test_int8"]["dice"],
+        "pooled_dice_change": validation["pooled_dice_change"],
+        "cpu_speedup": validation["speed_cpu"]["speedup"],
+        "int8_graph_sha256": result.spec["int8_graph_sha256"],
+    }
+
+
 def _cmd_compare(args: argparse.Namespace) -> dict[str, Any] | str:
     from .compare import compare_runs, render_markdown, results_json
 
@@ -376,6 +414,7 @@ _COMMANDS = {
     "evaluate": _cmd_evaluate,
     "export": _cmd_export,
     "export-explain": _cmd_export_explain,
+    "quantize": _cmd_quantize,
     "compare": _cmd_compare,
 }
 
