@@ -42,7 +42,7 @@ from .inference import OnnxSegmenter
 from .lungs import LungMasks, lung_measurements, segment_lungs
 from .measurements import measure_ggo
 from .model_info import ModelInfo
-from .volume import load_volume
+from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from .writers.overlay_png import write_overlay, write_slice_pngs
@@ -222,8 +222,37 @@ class ComputedSeries:
     started: float
 
 
-VolumeSource = Callable[[], CtVolume]
-"""Returns the series' volume (e.g. the result of a decode started earlier); may raise."""
+@dataclass(frozen=True)
+class PreparedSeries:
+    """A decoded series and, with the lung mask on, its lungs (what runs ahead of inference).
+
+    Attributes:
+        volume: the CT volume.
+        lungs: the lung masks, or ``None`` with ``--no-lung-mask``.
+    """
+
+    volume: CtVolume
+    lungs: LungMasks | None
+
+
+VolumeSource = Callable[[], PreparedSeries]
+"""Returns a prepared series (e.g. the result of work started earlier); may raise."""
+
+
+def prepare_series(
+    cfg: RunConfig,
+    series: SeriesInfo,
+    *,
+    pool: DecodePool | None = None,
+    on_slice: Callable[[int], None] | None = None,
+) -> PreparedSeries:
+    """Decode a series and segment its lungs (the CPU work that needs no model).
+
+    Raises:
+        SeriesError: the series cannot be loaded or its lungs not segmented.
+    """
+    volume = load_volume(series, cfg.selection, on_slice=on_slice, pool=pool)
+    return PreparedSeries(volume, segment_lungs(volume) if cfg.lung_mask else None)
 
 
 def _failed(
@@ -278,7 +307,8 @@ def compute_series(
         segmenter: the run's inference session.
         explainer: when given, GradCAM++ maps are written here.
         progress: optional progress sink (two units per slice: decode, then inference).
-        volume_source: supplies the volume (decoded ahead of time); ``None`` decodes here.
+        volume_source: supplies the volume and lungs (prepared ahead of time, see
+            :func:`prepare_series`); ``None`` prepares them here.
 
     Returns:
         The :class:`ComputedSeries`, or the ``failed`` outcome of a series-level failure.
@@ -294,17 +324,16 @@ def compute_series(
     volume: CtVolume | None = None
     try:
         if volume_source is None:
-            volume = load_volume(series, cfg.selection, on_slice=advance)
+            prepared = prepare_series(cfg, series, on_slice=advance)
         else:
-            volume = volume_source()
+            prepared = volume_source()
             if advance is not None:
                 advance(n_slices)
+        volume, lungs = prepared.volume, prepared.lungs
         check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
-        lungs: LungMasks | None = None
         lung_measurement: LungMeasurement | None = None
-        if cfg.lung_mask:
-            lungs = segment_lungs(volume)
+        if lungs is not None:
             if not lungs.right.any() and not lungs.left.any():
                 raise UnsupportedSeriesError(
                     "no lung found (no aerated region below -320 HU inside the body); "

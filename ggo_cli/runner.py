@@ -23,7 +23,6 @@ from . import __version__
 from .config import CSV_NAME, MANIFEST_NAME, RunConfig
 from .discovery import discover_series
 from .domain import (
-    CtVolume,
     GgoMeasurement,
     LungMeasurement,
     SeriesInfo,
@@ -36,18 +35,20 @@ from .inference import OnnxSegmenter
 from .manifest import build_manifest
 from .model_info import ModelInfo, load_model_info
 from .pipeline import (
+    PreparedSeries,
     ProgressSink,
     RunResult,
     VolumeSource,
     check_output_location,
     compute_series,
     now_utc,
+    prepare_series,
     skipped_outcome,
     write_series,
 )
 from .runlock import RunLock
 from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
-from .volume import DecodePool, default_decode_workers, load_volume
+from .volume import DecodePool, default_decode_workers
 from .writers.report_csv import outcome_row, write_rows
 
 log = logging.getLogger(__name__)
@@ -245,13 +246,13 @@ class _Run:
 
 
 class _Stages:
-    """Decode ahead, segment here, write behind: at most about two series in memory.
+    """Prepare ahead, segment here, write behind: at most about two series in memory.
 
-    The next series to segment is decoded by the :class:`DecodePool` (through one prefetch
-    thread) while the current one is segmented; a segmented series' SEG and PNGs are written
-    by one writer thread while the next is segmented. A decode is only started once the write
-    before it has finished, so one series is written while one is segmented (and its
-    successor decodes), never more. Outcomes are recorded in discovery order.
+    The next series to segment is decoded by the :class:`DecodePool` and its lungs segmented
+    (in one prefetch thread) while the current one is segmented; a segmented series' SEG and
+    PNGs are written by one writer thread while the next is segmented. A decode is only
+    started once the write before it has finished, so one series is written while one is
+    segmented (and its successor decodes), never more. Outcomes are recorded in discovery order.
     """
 
     def __init__(self, run: _Run, todo: list[SeriesInfo], pool: DecodePool) -> None:
@@ -260,7 +261,7 @@ class _Stages:
         self.pool = pool
         self.prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-decode")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-write")
-        self.decodes: dict[str, Future[CtVolume]] = {}
+        self.decodes: dict[str, Future[PreparedSeries]] = {}
         self.writing: Future[SeriesOutcome] | None = None
         self.next_index = 0
         self._lock = threading.Lock()
@@ -273,7 +274,7 @@ class _Stages:
             series = self.todo[self.next_index]
             self.next_index += 1
             self.decodes[series.series_instance_uid] = self.prefetch.submit(
-                load_volume, series, self.run.cfg.selection, pool=self.pool
+                prepare_series, self.run.cfg, series, pool=self.pool
             )
 
     def source(self, series: SeriesInfo) -> VolumeSource:
