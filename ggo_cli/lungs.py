@@ -272,9 +272,30 @@ def _centre_col(mask: BoolVolume) -> float:
         (per_col.size - 1) / 2.0)
 
 
+def _ranked_components(mask: BoolVolume) -> tuple[Any, list[int]]:
+    """Face-connected components as a SimpleITK label image, largest first, and their sizes.
+
+    Stays in SimpleITK (no full-volume numpy label copy): on a 1000-slice series each uint32
+    label volume is 1 GB.
+    """
+    components = sitk.ConnectedComponent(_image(mask), False)
+    relabel = sitk.RelabelComponentImageFilter()
+    relabel.SetSortByObjectSize(True)
+    ranked = relabel.Execute(components)
+    del components
+    return ranked, [int(n) for n in relabel.GetSizeOfObjectsInPixels()]
+
+
+def _component(ranked: Any, label: int) -> BoolVolume:
+    """One component of a ranked label image as a boolean array."""
+    return _mask(sitk.BinaryThreshold(ranked, label, label, 1, 0))
+
+
 def _body(tissue: BoolVolume) -> BoolVolume:
     """The largest non-air component with its holes (lungs, airways) filled slice by slice."""
-    body = np.equal(_labels(tissue), 1)
+    ranked, sizes = _ranked_components(tissue)
+    body = _component(ranked, 1) if sizes else np.zeros_like(tissue)
+    del ranked
     for k in range(body.shape[0]):
         if body[k].any():
             body[k] = _mask(sitk.BinaryFillhole(_image(body[k])))
@@ -321,20 +342,20 @@ def _track_airways(candidates: BoolVolume, hu: npt.NDArray[np.float32], body: Bo
 def _find_lungs(candidates: BoolVolume, spacing: tuple[float, float, float],
                 centre_col: float) -> tuple[BoolVolume, BoolVolume]:
     """The lung at low columns and the one at high columns (either may be empty)."""
-    labels = _labels(candidates)
-    sizes = np.bincount(labels.ravel())
+    ranked, found = _ranked_components(candidates)
+    sizes = np.asarray([0, *found])  # index = label, as a bincount would give
     empty = np.zeros_like(candidates)
     if sizes.size < 2:
         return empty, empty.copy()
     middle = int(round(centre_col))
-    first = labels == 1
+    first = _component(ranked, 1)
     low_share = np.count_nonzero(first[..., :middle]) / sizes[1]
     if min(low_share, 1.0 - low_share) >= MERGED_SIDE_MIN_FRACTION:
         log.debug("lungs merged in one component: splitting at the junction")
         return _split(first, spacing, centre_col)
     second = empty
     if sizes.size > 2 and sizes[2] >= SECOND_LUNG_MIN_FRACTION * sizes[1]:
-        second = labels == 2
+        second = _component(ranked, 2)
         if (low_share >= 0.5) == (np.count_nonzero(second[..., :middle]) >= sizes[2] / 2):
             second = empty  # both on one side: the smaller one is not a lung
     return (first, second) if low_share >= 0.5 else (second, first)
