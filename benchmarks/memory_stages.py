@@ -1,0 +1,94 @@
+"""Peak memory (RSS) of each stage of one series, to find what makes long series heavy.
+
+Runs decode, inference (a cheap 512 x 512 HU-band model, so that the network's own arena does
+not hide the rest), the lung mask, GGO restriction, the SEG build + write (with and without the
+read-back check) and the overlay in one process, printing ``ru_maxrss`` (the peak so far) and
+the wall time after each stage.
+
+Usage::
+
+    python benchmarks/memory_stages.py --slices 1000 --work /tmp/mem     # synthetic chest CT
+    python benchmarks/memory_stages.py --input /data/one-series --work /tmp/mem
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ggo_cli.ct_writer import write_ct_series  # noqa: E402
+from ggo_cli.discovery import discover_series  # noqa: E402
+from ggo_cli.domain import Prediction  # noqa: E402
+from ggo_cli.inference import OnnxSegmenter  # noqa: E402
+from ggo_cli.lungs import segment_lungs  # noqa: E402
+from ggo_cli.model_info import load_model_info  # noqa: E402
+from ggo_cli.phantom import make_chest_phantom  # noqa: E402
+from ggo_cli.volume import load_volume  # noqa: E402
+from ggo_cli.writers.dicom_seg import write_seg  # noqa: E402
+from ggo_cli.writers.overlay_png import write_overlay  # noqa: E402
+from tests.onnx_models import write_band_model  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--input", type=Path, help="a folder with one CT series")
+    parser.add_argument("--slices", type=int, default=1000, help="synthetic series length")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    source = args.input
+    if source is None:
+        source = args.work / "series"
+        if source.exists():
+            shutil.rmtree(source)
+        phantom = make_chest_phantom((args.slices, 512, 512), (0.8, 0.7, 0.7), seed=5)
+        write_ct_series(phantom, source, seed=5)
+        del phantom
+    rows = []
+    start = time.perf_counter()
+
+    def stage(name: str) -> None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows.append(
+            {
+                "stage": name,
+                "peak_rss_mib": round(peak),
+                "t_s": round(time.perf_counter() - start, 1),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+
+    model = write_band_model(args.work / "band512.onnx", 512)
+    stage("start")
+    volume = load_volume(discover_series([source]).eligible[0])
+    stage("decode")
+    segmenter = OnnxSegmenter(load_model_info(model), device="cpu")
+    prediction = segmenter.predict(volume)
+    stage("inference")
+    lungs = segment_lungs(volume)
+    stage("lung mask")
+    prediction = Prediction(prediction.masks & lungs.both[..., None], prediction.threshold)
+    stage("restrict")
+    out = args.work / "out"
+    write_seg(volume, prediction, segmenter.model, out / "a.seg.dcm", lungs=lungs, verify=False)
+    stage("SEG build + write")
+    write_seg(volume, prediction, segmenter.model, out / "b.seg.dcm", lungs=lungs, verify=True)
+    stage("SEG + read-back check")
+    write_overlay(
+        volume, prediction.ggo, out / "overlay.png", window_center_hu=-600.0, window_width_hu=1500.0
+    )
+    stage("overlay")
+    print(json.dumps({"slices": volume.hu.shape[0], "stages": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
