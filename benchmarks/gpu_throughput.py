@@ -100,12 +100,16 @@ def fp16_variant(model_path: Path) -> bytes:
     return bytes(half.SerializeToString())
 
 
-def ort_session(source: str | bytes, *, nhwc: bool, tf32: bool = True) -> Any:
+def ort_session(
+    source: str | bytes, *, nhwc: bool, tf32: bool = True, cuda_graph: bool = False
+) -> Any:
     import onnxruntime as ort
 
     options = {"device_id": 0, "cudnn_conv_algo_search": "EXHAUSTIVE", "use_tf32": int(tf32)}
     if nhwc:
         options["prefer_nhwc"] = 1
+    if cuda_graph:
+        options["enable_cuda_graph"] = 1
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(
@@ -113,7 +117,9 @@ def ort_session(source: str | bytes, *, nhwc: bool, tf32: bool = True) -> Any:
     )
 
 
-def bench_ort(session: Any, batch: np.ndarray, repeats: int, channels: int) -> dict[str, float]:
+def bench_ort(
+    session: Any, batch: np.ndarray, repeats: int, channels: int, *, numpy_io: bool = True
+) -> dict[str, float]:
     """Slices/s with device-resident IO binding and with numpy in/out."""
     import onnxruntime as ort
 
@@ -134,12 +140,12 @@ def bench_ort(session: Any, batch: np.ndarray, repeats: int, channels: int) -> d
             session.run(["logits"], {"image": batch})
 
     sync = binding.synchronize_outputs
-    return {
-        "iobinding_slices_per_s": round(median_rate(bound, n * reps, repeats, sync), 1),
-        "numpy_slices_per_s": round(
+    rates = {"iobinding_slices_per_s": round(median_rate(bound, n * reps, repeats, sync), 1)}
+    if numpy_io:
+        rates["numpy_slices_per_s"] = round(
             median_rate(host, n * max(1, reps // 2), repeats, lambda: None), 1
-        ),
-    }
+        )
+    return rates
 
 
 def bench_torch(batch_sizes: list[int], size: int, repeats: int) -> list[dict[str, Any]]:
@@ -221,6 +227,11 @@ def main() -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[16, 64])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also fp16 + NHWC with CUDA graphs (one per batch)",
+    )
     parser.add_argument(
         "--eval", type=Path, help="npz with images [n,512,512] in [0,1] and GGO masks: pooled Dice"
     )
@@ -304,6 +315,19 @@ def main() -> int:
                 "max_abs_logit_diff": float(np.abs(value - ref).max()),
                 "mask_dice_vs_fp32": float(2 * inter / max(1, mask.sum() + ref_mask.sum())),
             }
+    if args.cuda_graph:
+        for n in args.batch_sizes:  # a captured graph is bound to one shape: a session per batch
+            row = {"variant": "fp16", "nhwc": True, "cuda_graph": True, "batch_size": n}
+            try:
+                session = ort_session(half, nhwc=True, cuda_graph=True)
+                row.update(
+                    bench_ort(session, synthetic_batch(n, size), args.repeats, 1, numpy_io=False)
+                )
+                del session
+            except Exception as exc:  # noqa: BLE001 - e.g. a node not on the CUDA EP
+                row["error"] = str(exc)[:300]
+            print(json.dumps(row), flush=True)
+            report["ort"].append(row)
     report["agreement"] = agreement
     report["evaluation_test10"] = evaluation
     if not args.no_torch:
