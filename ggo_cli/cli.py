@@ -595,6 +595,12 @@ def demo(
                     check.measured_ggo_ml,
                     check.dice,
                 )
+                if check.measured_lung_ml is not None:
+                    log.info(
+                        "demo: lungs true %.0f + %.0f mL (right + left), measured %.0f + %.0f mL",
+                        *check.true_lung_ml,
+                        *check.measured_lung_ml,
+                    )
         if sys.stderr.isatty():
             _stderr.print(_summary_table(result.outcomes))
         if as_json:
@@ -604,6 +610,12 @@ def demo(
                     "true_ggo_ml": round(check.true_ggo_ml, 3),
                     "measured_ggo_ml": round(check.measured_ggo_ml, 3),
                     "dice": round(check.dice, 4),
+                    "true_lung_ml": [round(v, 1) for v in check.true_lung_ml],
+                    "measured_lung_ml": (
+                        [round(v, 1) for v in check.measured_lung_ml]
+                        if check.measured_lung_ml is not None
+                        else None
+                    ),
                 }
             typer.echo(json.dumps(summary, indent=2))
         else:

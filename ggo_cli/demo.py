@@ -20,11 +20,15 @@ class DemoCheck:
         true_ggo_ml: the phantom's GGO volume in mL.
         measured_ggo_ml: the volume read back from the SEG in mL.
         dice: Dice overlap of the SEG's GGO segment with the true GGO mask.
+        true_lung_ml: the phantom's lung volume in mL (right, left).
+        measured_lung_ml: the SEG's right and left lung segments in mL (``None`` without them).
     """
 
     true_ggo_ml: float
     measured_ggo_ml: float
     dice: float
+    true_lung_ml: tuple[float, float] = (0.0, 0.0)
+    measured_lung_ml: tuple[float, float] | None = None
 
 
 def compare_with_truth(phantom: Phantom, paths: Sequence[Path], seg_path: Path) -> DemoCheck:
@@ -47,8 +51,19 @@ def compare_with_truth(phantom: Phantom, paths: Sequence[Path], seg_path: Path) 
     truth = np.asarray(phantom.ggo_mask, dtype=bool)
     total = int(predicted.sum()) + int(truth.sum())
     dice = 2.0 * int(np.logical_and(predicted, truth).sum()) / total if total else 1.0
+    labels = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
+    measured_lungs = None
+    if "Right lung" in labels and "Left lung" in labels:
+        lungs = seg.get_pixels_by_source_instance(
+            source_sop_instance_uids=uids,
+            segment_numbers=[labels["Right lung"], labels["Left lung"]],
+        )
+        right, left = (int(lungs[..., k].astype(bool).sum()) for k in (0, 1))
+        measured_lungs = (right * phantom.voxel_volume_ml, left * phantom.voxel_volume_ml)
     return DemoCheck(
         true_ggo_ml=phantom.ggo_volume_ml,
         measured_ggo_ml=int(predicted.sum()) * phantom.voxel_volume_ml,
         dice=dice,
+        true_lung_ml=(phantom.lung_right_volume_ml, phantom.lung_left_volume_ml),
+        measured_lung_ml=measured_lungs,
     )

@@ -42,13 +42,13 @@ def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
             "12",
             "--json",
             "--no-progress",
-            "--settle",
-            "0",
         ],
     )
     assert result.exit_code == 0, result.output
     demo = json.loads(result.stdout)["demo"]
     assert demo["true_ggo_ml"] > 0
+    for true_ml, measured_ml in zip(demo["true_lung_ml"], demo["measured_lung_ml"], strict=True):
+        assert measured_ml == pytest.approx(true_ml, rel=0.03)
 
 
 @pytest.mark.slow
