@@ -285,23 +285,29 @@ def run_segment(inputs: Path, out: Path, precision: str) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    """The report as Markdown tables."""
+    """The report as Markdown tables (ratios against ORT plain fp32 and PyTorch eager fp32)."""
     m = report["machine"]
+    rates = {r["key"]: r["slices_per_s"] for r in report["model"] if "slices_per_s" in r}
+    base, torch_base = rates.get("ort_plain_fp32"), rates.get("torch_fp32")
+
+    def ratios(value: float) -> str:
+        ort_ratio = f"{value / base:.2f}" if base else ""
+        torch_ratio = f"{value / torch_base:.2f}" if torch_base else "(no torch)"
+        return f"{ort_ratio} | {torch_ratio}"
+
     lines = [
         f"Machine: {m.get('cpu', '?')}, {m['cores_usable']} cores usable, flags "
         f"{', '.join(m.get('flags', []))}; ORT {m['onnxruntime']}, torch {m['torch']}.",
         "",
-        "| model only (512 x 512, batch " + str(report["model_batch"]) + ") | slices/s | "
-        "x ORT plain fp32 |",
-        "|---|---|---|",
+        f"| model only (512 x 512, batch {report['model_batch']}) | slices/s | x ORT plain fp32 "
+        "| x PyTorch eager fp32 |",
+        "|---|---|---|---|",
     ]
-    base = next((r["slices_per_s"] for r in report["model"] if r["key"] == "ort_plain_fp32"), None)
     for r in report["model"]:
         if "slices_per_s" in r:
-            ratio = f"{r['slices_per_s'] / base:.2f}" if base else ""
-            lines.append(f"| {r['path']} | {r['slices_per_s']:.2f} | {ratio} |")
+            lines.append(f"| {r['path']} | {r['slices_per_s']:.2f} | {ratios(r['slices_per_s'])} |")
         else:
-            lines.append(f"| {r['path']} | {r.get('error', '')} | |")
+            lines.append(f"| {r['path']} | {r.get('error', '')} | | |")
     lines += ["", "| decode (pydicom, 1 process) | slices/s | mean file KiB |", "|---|---|---|"]
     for r in report["decode"]:
         lines.append(
@@ -310,16 +316,15 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| end to end, `ggo-cli segment --device cpu` | precision | slices | s | "
-        "slices/s | studies/h | peak RSS MiB | x ORT plain fp32 model only |",
-        "|---|---|---|---|---|---|---|---|",
+        "| end to end, `ggo-cli segment --device cpu` | precision | slices | s | slices/s | "
+        "studies/h | peak RSS MiB | x ORT plain fp32 model only | x PyTorch eager fp32 |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["end_to_end"]:
-        ratio = f"{r['slices_per_s'] / base:.2f}" if base else ""
         lines.append(
             f"| {r['study']} | {r['precision']} ({r.get('precision_used')}) | "
             f"{r['slices']} | {r['seconds']:.1f} | {r['slices_per_s']:.2f} | "
-            f"{r['studies_per_hour']:.1f} | {r['peak_rss_mib']:.0f} | {ratio} |"
+            f"{r['studies_per_hour']:.1f} | {r['peak_rss_mib']:.0f} | {ratios(r['slices_per_s'])} |"
         )
     return "\n".join(lines) + "\n"
 
