@@ -240,7 +240,9 @@ def _distance_mm(mask: BoolVolume, spacing: tuple[float, ...]) -> npt.NDArray[np
     """Euclidean distance in mm from each voxel to the nearest ``mask`` voxel (0 inside)."""
     distance = sitk.SignedMaurerDistanceMap(_image(mask, spacing), insideIsPositive=False,
                                             squaredDistance=False, useImageSpacing=True)
-    return np.maximum(np.asarray(sitk.GetArrayFromImage(distance), dtype=np.float32), 0.0)
+    values = np.asarray(sitk.GetArrayFromImage(distance), dtype=np.float32)
+    del distance
+    return np.maximum(values, np.float32(0.0), out=values)  # in place: no second volume
 
 
 def _padded_box(mask: BoolVolume, margins: list[int]) -> (
@@ -272,30 +274,49 @@ def _centre_col(mask: BoolVolume) -> float:
         (per_col.size - 1) / 2.0)
 
 
-def _ranked_components(mask: BoolVolume) -> tuple[Any, list[int]]:
-    """Face-connected components as a SimpleITK label image, largest first, and their sizes.
+@dataclass(frozen=True)
+class _Components:
+    """Face-connected components of a mask, kept as one SimpleITK label image.
 
-    Stays in SimpleITK (no full-volume numpy label copy): on a 1000-slice series each uint32
-    label volume is 1 GB.
+    ``sizes[r]`` and ``labels[r]`` are the voxel count and label of the ``r``-th largest
+    component (rank 0 = largest). No relabelled copy and no numpy label volume is made: on a
+    1000-slice series each uint32 label volume is 1 GB.
     """
-    components = sitk.ConnectedComponent(_image(mask), False)
-    relabel = sitk.RelabelComponentImageFilter()
-    relabel.SetSortByObjectSize(True)
-    ranked = relabel.Execute(components)
-    del components
-    return ranked, [int(n) for n in relabel.GetSizeOfObjectsInPixels()]
+
+    image: Any
+    sizes: tuple[int, ...]
+    labels: tuple[int, ...]
+
+    def mask(self, rank: int) -> BoolVolume:
+        """The ``rank``-th largest component as a boolean array."""
+        label = self.labels[rank]
+        return _mask(sitk.BinaryThreshold(self.image, label, label, 1, 0))
 
 
-def _component(ranked: Any, label: int) -> BoolVolume:
-    """One component of a ranked label image as a boolean array."""
-    return _mask(sitk.BinaryThreshold(ranked, label, label, 1, 0))
+def _ranked_components(mask: BoolVolume) -> _Components:
+    """Face-connected components of ``mask``, ranked by size (largest first)."""
+    image = sitk.ConnectedComponent(_image(mask), False)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.SetComputePerimeter(False)
+    stats.SetComputeFeretDiameter(False)
+    stats.SetComputeOrientedBoundingBox(False)
+    stats.Execute(image)
+    ranked = sorted(
+        ((int(stats.GetNumberOfPixels(label)), int(label)) for label in stats.GetLabels()),
+        key=lambda pair: (-pair[0], pair[1]),
+    )
+    return _Components(
+        image=image,
+        sizes=tuple(size for size, _ in ranked),
+        labels=tuple(label for _, label in ranked),
+    )
 
 
 def _body(tissue: BoolVolume) -> BoolVolume:
     """The largest non-air component with its holes (lungs, airways) filled slice by slice."""
-    ranked, sizes = _ranked_components(tissue)
-    body = _component(ranked, 1) if sizes else np.zeros_like(tissue)
-    del ranked
+    components = _ranked_components(tissue)
+    body = components.mask(0) if components.sizes else np.zeros_like(tissue)
+    del components
     for k in range(body.shape[0]):
         if body[k].any():
             body[k] = _mask(sitk.BinaryFillhole(_image(body[k])))
@@ -342,20 +363,20 @@ def _track_airways(candidates: BoolVolume, hu: npt.NDArray[np.float32], body: Bo
 def _find_lungs(candidates: BoolVolume, spacing: tuple[float, float, float],
                 centre_col: float) -> tuple[BoolVolume, BoolVolume]:
     """The lung at low columns and the one at high columns (either may be empty)."""
-    ranked, found = _ranked_components(candidates)
-    sizes = np.asarray([0, *found])  # index = label, as a bincount would give
+    components = _ranked_components(candidates)
+    sizes = np.asarray([0, *components.sizes])  # index = rank + 1, as a bincount would give
     empty = np.zeros_like(candidates)
     if sizes.size < 2:
         return empty, empty.copy()
     middle = int(round(centre_col))
-    first = _component(ranked, 1)
+    first = components.mask(0)
     low_share = np.count_nonzero(first[..., :middle]) / sizes[1]
     if min(low_share, 1.0 - low_share) >= MERGED_SIDE_MIN_FRACTION:
         log.debug("lungs merged in one component: splitting at the junction")
         return _split(first, spacing, centre_col)
     second = empty
     if sizes.size > 2 and sizes[2] >= SECOND_LUNG_MIN_FRACTION * sizes[1]:
-        second = _component(ranked, 2)
+        second = components.mask(1)
         if (low_share >= 0.5) == (np.count_nonzero(second[..., :middle]) >= sizes[2] / 2):
             second = empty  # both on one side: the smaller one is not a lung
     return (first, second) if low_share >= 0.5 else (second, first)
