@@ -76,7 +76,36 @@ def model_status(path: Path) -> dict[str, Any]:
         "input_size": info.input_size,
         "threshold": info.threshold,
         "training_data": info.metadata.get("training_data"),
+        "int8": int8_status(info),
     }
+
+
+def int8_status(info: Any) -> dict[str, Any] | None:
+    """Whether ``--precision auto`` will run the int8 variant on the CPU, and why (or why not).
+
+    Rebuilds the int8 model (a few seconds) to compare its digest with the validated one.
+    ``None`` when no int8 recipe is beside the model.
+    """
+    import onnxruntime as ort
+
+    from .precision import int8_model_bytes, load_int8_spec
+
+    try:
+        spec = load_int8_spec(info)
+        if spec is None:
+            return None
+        status: dict[str, Any] = {
+            "recipe": str(spec.path),
+            "test_dice_change": spec.dice_change,
+            "validated_with_onnxruntime": spec.onnxruntime,
+            "this_onnxruntime": ort.__version__,
+        }
+        _, validated = int8_model_bytes(info, spec)
+    except GgoError as exc:
+        return {"used_on_cpu": False, "error": str(exc)}
+    status["graph_matches_validated"] = validated
+    status["used_on_cpu"] = validated and spec.acceptable
+    return status
 
 
 def collect_info(model_path: Path) -> dict[str, Any]:

@@ -173,3 +173,14 @@ def test_int8_recipe_of_another_model_or_missing(tmp_path: Path, band_model_path
     assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32  # warned
     with pytest.raises(ModelError, match="belongs to another model"):
         OnnxSegmenter(info, device="cpu", precision="int8")
+
+
+def test_info_reports_whether_int8_runs_on_the_cpu(tmp_path: Path, band_model_path: Path) -> None:
+    from ggo_cli.diagnostics import model_status
+
+    good = _conv_model_with_recipe(tmp_path / "good")
+    assert model_status(good)["int8"]["used_on_cpu"] is True
+    tampered = _conv_model_with_recipe(tmp_path / "bad", tamper_digest=True)
+    status = model_status(tampered)["int8"]
+    assert status["used_on_cpu"] is False and status["graph_matches_validated"] is False
+    assert model_status(band_model_path)["int8"] is None
