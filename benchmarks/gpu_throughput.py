@@ -3,10 +3,10 @@
 Issue 7 part 3. For the shipped ResNet-50U-Net at 512 x 512, on one GPU and in one process:
 
 - ORT CUDA, IO binding with device-resident fixed-shape input and output (what the card can
-  do), for the shipped model (fp16 weights, fp32 compute) and an fp16 variant made here with
-  ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` (fp32
-  inputs and outputs), each with and without the CUDA provider's ``prefer_nhwc``;
-- the same with numpy input and output (host copies included), as ``ggo-cli`` runs today;
+  do), for the shipped model (fp16 weights, fp32 compute) and the fp16 variant ggo-cli makes
+  (``ggo_cli.precision.fp16_model_bytes``: fp32 inputs and outputs), each with and without
+  the CUDA provider's ``prefer_nhwc``;
+- the same with numpy input and output (host copies included);
 - PyTorch eager baseline on the same card: ``training.models`` ResNet-50U-Net (random weights:
   speed does not depend on their values), fp16 autocast + channels_last, and fp32;
 - agreement: fp16 variant against the shipped model (mask Dice, max |logit diff|);
@@ -63,41 +63,6 @@ def synthetic_batch(n: int, size: int, seed: int = 0) -> np.ndarray:
     out = np.repeat(img[None, None], n, axis=0)
     out += rng.normal(0, 0.01, size=out.shape).astype(np.float32)
     return np.clip(out, 0, 1).astype(np.float32)
-
-
-def fp16_variant(model_path: Path) -> bytes:
-    """The model with fp16 compute and fp32 inputs and outputs."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = onnx.load(str(model_path))
-    # The shipped file stores fp16 initializers cast to fp32: make them fp32 first so the
-    # converter sees one plain fp32 graph.
-    from onnx import numpy_helper
-
-    casts = {}
-    inits = {i.name: i for i in model.graph.initializer}
-    keep = []
-    for node in model.graph.node:
-        if (
-            node.op_type == "Cast"
-            and node.input[0] in inits
-            and inits[node.input[0]].data_type == onnx.TensorProto.FLOAT16
-        ):
-            casts[node.output[0]] = node.input[0]
-            continue
-        keep.append(node)
-    for out_name, in_name in casts.items():
-        arr = numpy_helper.to_array(inits[in_name]).astype(np.float32)
-        model.graph.initializer.append(numpy_helper.from_array(arr, out_name))
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    used = {n for node in keep for n in node.input}
-    kept_inits = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept_inits)
-    half = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
-    return bytes(half.SerializeToString())
 
 
 def ort_session(
@@ -255,7 +220,10 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - report, do not fail
         report["gpu"] = f"unknown ({exc})"
     size = 512
-    half = fp16_variant(args.model)
+    from ggo_cli.model_info import file_sha256
+    from ggo_cli.precision import fp16_model_bytes
+
+    half = fp16_model_bytes(args.model, file_sha256(args.model))  # exactly what ggo-cli runs
     variants: dict[str, str | bytes] = {"fp32": str(args.model), "fp16": half}
     logits: dict[str, np.ndarray] = {}
     check = synthetic_batch(8, size, seed=3)

@@ -50,6 +50,7 @@ from ggo_cli.ct_writer import (  # noqa: E402
     transcode_file,
     write_ct_series,
 )
+from ggo_cli.diagnostics import cpu_features  # noqa: E402
 from ggo_cli.inference import OnnxSegmenter  # noqa: E402
 from ggo_cli.model_info import load_model_info  # noqa: E402
 from ggo_cli.phantom import make_chest_phantom  # noqa: E402
@@ -76,26 +77,12 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "cores_usable": len(os.sched_getaffinity(0)),
     }
+    cpu = cpu_features()
+    if "model" in cpu:
+        info["cpu"] = cpu["model"]
+    if "flags" in cpu:
+        info["flags"] = sorted(cpu["flags"])
     try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-        for line in cpuinfo.splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = sorted(
-                    f
-                    for f in (
-                        "avx2",
-                        "avx512f",
-                        "avx512_vnni",
-                        "avx512_bf16",
-                        "amx_int8",
-                        "amx_bf16",
-                    )
-                    if f in flags
-                )
-                break
         meminfo = Path("/proc/meminfo").read_text().splitlines()[0]
         info["memory_kib"] = int(meminfo.split()[1])
     except OSError:

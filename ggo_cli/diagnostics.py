@@ -43,6 +43,26 @@ _PACKAGES = (
 )
 
 
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+"""Vector extensions that decide int8 and bf16 inference speed."""
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; ``{}`` elsewhere)."""
+    found: dict[str, Any] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                found["model"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                found["flags"] = [f for f in CPU_FLAGS if f in flags]
+                break
+    except OSError:
+        pass
+    return found
+
+
 def decoder_status() -> dict[str, list[str]]:
     """Map each transfer syntax name to the pydicom decoding plugins available for it."""
     from pydicom.pixels import get_decoder  # type: ignore[attr-defined]

@@ -21,7 +21,6 @@ float32 and says why. No 20 MB int8 file ships.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
-from .model_info import ModelInfo, file_sha256
+from .model_info import ModelInfo, file_sha256, graph_sha256
 
 log = logging.getLogger(__name__)
 
@@ -247,16 +246,12 @@ def quantize_int8(
     return int8_path
 
 
-def graph_digest(model_bytes_or_proto: Any) -> str:
-    """SHA-256 of a model's graph (deterministic serialization), as in the model contract."""
+def graph_digest(model_bytes: bytes) -> str:
+    """The model contract's graph digest (:func:`ggo_cli.model_info.graph_sha256`) of a model."""
     import onnx
 
-    proto = (
-        onnx.load_from_string(model_bytes_or_proto)
-        if isinstance(model_bytes_or_proto, bytes)
-        else model_bytes_or_proto
-    )
-    return hashlib.sha256(proto.graph.SerializeToString(deterministic=True)).hexdigest()
+    graph = onnx.load_from_string(model_bytes).graph
+    return graph_sha256(graph.SerializeToString(deterministic=True))
 
 
 _INT8_CACHE: dict[tuple[str, str], tuple[bytes, str]] = {}

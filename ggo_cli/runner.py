@@ -153,6 +153,8 @@ class _Run:
         self.options = options_digest(_output_options(cfg, model))
         self.segmenter: OnnxSegmenter | None = None
         self.explainer: OnnxExplainer | None = None
+        # Fingerprint of each series as planned (before any work), recorded with its outcome.
+        self.fingerprints: dict[str, str] = {}
         # Validate the explain graph before any work (a missing explain.onnx fails at once).
         self.explain_info = (
             load_explain_info(default_explain_path(model.path), model) if cfg.explain else None
@@ -208,6 +210,8 @@ class _Run:
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
+        fingerprint = series_fingerprint(series)
+        self.fingerprints[series.series_instance_uid] = fingerprint
         if not series.eligible:
             return skipped_outcome(series)
         if _still_arriving(series, self.cfg.settle_minutes):
@@ -228,7 +232,7 @@ class _Run:
             return outcome
         stored = None if self.cfg.explain_only else self.store.get(series.series_instance_uid)
         if stored is not None and _reusable(
-            stored, self.cfg, series_fingerprint(series), self.model, self.options
+            stored, self.cfg, fingerprint, self.model, self.options
         ):
             log.debug(
                 "series %s unchanged since %s",
@@ -241,7 +245,7 @@ class _Run:
     def finish(self, outcome: SeriesOutcome) -> SeriesOutcome:
         """Record a series' outcome (not for unchanged ones, nor in explain-only runs)."""
         if not self.cfg.explain_only and not outcome.reused:
-            self.record(outcome, series_fingerprint(outcome.series))
+            self.record(outcome, self.fingerprints[outcome.series.series_instance_uid])
         return outcome
 
 

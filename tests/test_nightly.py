@@ -152,19 +152,9 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
 def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_path: Path) -> None:
     root, series = _studies(tmp_path, 1)
     out = tmp_path / "out"
-    result = runner.invoke(
-        app,
-        [
-            "segment",
-            str(root),
-            "-o",
-            str(out),
-            "-m",
-            str(band_model_path),
-            "--no-progress",
-            "--no-lung-mask",
-        ],
-    )
+    command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    command.append("--no-lung-mask")  # no --settle: the default applies
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     (row,) = _rows(out)
     assert row["status"] == "pending" and "--settle" in row["message"]
@@ -172,19 +162,7 @@ def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_
     old = time.time() - 600
     for path in series[0].paths:
         os.utime(path, (old, old))
-    result = runner.invoke(
-        app,
-        [
-            "segment",
-            str(root),
-            "-o",
-            str(out),
-            "-m",
-            str(band_model_path),
-            "--no-progress",
-            "--no-lung-mask",
-        ],
-    )
+    result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert _rows(out)[0]["status"] == "ok"
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from ggo_cli.diagnostics import cpu_features
 from ggo_cli.errors import InputError
 from ggo_cli.model_info import file_sha256, load_model_info
 from ggo_cli.precision import (
@@ -65,7 +66,6 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # two slices per collection step; the ranges of all steps are merged
     "extra_options": {"CalibStridedMinMax": 2, "CalibPercentile": 99.999},
 }
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
 class SliceReader:
@@ -159,18 +159,7 @@ def _speed(
 
 
 def _cpu() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "cores": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = [f for f in CPU_FLAGS if f in flags]
-                break
-    except OSError:
-        pass
-    return info
+    return {"platform": platform.platform(), "cores": os.cpu_count(), **cpu_features()}
 
 
 def make_int8_recipe(

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Last step of the second issue-7 GPU check (docs/benchmarks.md): assemble the bundle that earlier
-# calls left in /tmp/b (onnxruntime-gpu, the models, wheels of pydicom, highdicom, pyjpegls and
-# SimpleITK, the 10 test slices), then run ggo-cli end to end on CUDA and the fp16 accuracy check.
+# Last step of the issue-7 GPU end-to-end check (docs/benchmarks.md): assemble the bundle that
+# earlier calls left in /tmp/b (onnxruntime-gpu, the models, wheels of pydicom, highdicom,
+# pyjpegls and SimpleITK, the 10 test slices), run ggo-cli end to end on CUDA, then
+# benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
+#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph]
 set -euo pipefail
 mkdir -p /tmp/b /tmp/bundle /tmp/ortgpu /tmp/site
 cp .gpu_carry/t*/cpart* /tmp/b/ 2>/dev/null || true
@@ -17,6 +19,10 @@ done
 export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 python3 benchmarks/gpu_e2e.py --work /tmp/e2e --out "$OUT/gpu_e2e.json" | tail -n 80
+if [ "${1:-eval}" = "cuda-graph" ]; then
+  step=(--cuda-graph --batch-sizes 16 64 --out "$OUT/gpu_graph.json")
+else
+  step=(--eval /tmp/bundle/eval/test10.npz --batch-sizes 64 --out "$OUT/gpu_eval.json")
+fi
 python3 benchmarks/gpu_throughput.py --model exported_models/ggo-resnet50-unet/model.onnx \
-  --eval /tmp/bundle/eval/test10.npz --no-torch --batch-sizes 64 --repeats 3 \
-  --out "$OUT/gpu_eval.json" | grep -v '^ ' | tail -n 30
+  --no-torch --repeats 3 "${step[@]}" | grep -v '^ ' | tail -n 30
