@@ -25,12 +25,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-VARIANTS: dict[str, list[str]] = {
-    "default (fp16 + NHWC, lung mask, decoders)": [],
-    "--precision fp32": ["--precision", "fp32"],
-    "--decode-workers 0": ["--decode-workers", "0"],
-    "--no-lung-mask": ["--no-lung-mask"],
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "default": ("default (fp16 + NHWC, lung mask, decoders)", []),
+    "fp32": ("--precision fp32", ["--precision", "fp32"]),
+    "no-decoders": ("--decode-workers 0", ["--decode-workers", "0"]),
+    "no-lung-mask": ("--no-lung-mask", ["--no-lung-mask"]),
 }
+"""Short name: (what the report calls it, extra ``ggo-cli segment`` arguments)."""
 
 
 def main() -> int:
@@ -39,6 +40,10 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--studies", type=int, default=2)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+        help="settings to run (default: all)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -59,7 +64,8 @@ def main() -> int:
         "runs": [],
     }
     total = args.slices * args.studies
-    for name, extra in VARIANTS.items():
+    for key in args.variants:
+        name, extra = VARIANTS[key]
         out = args.work / ("out_" + "".join(c for c in name if c.isalnum())[:24])
         if out.exists():
             shutil.rmtree(out)

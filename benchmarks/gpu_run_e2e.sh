@@ -3,23 +3,35 @@
 # earlier calls left in /tmp/b (onnxruntime-gpu, the models, wheels of pydicom, highdicom,
 # pyjpegls and SimpleITK, the 10 test slices), run ggo-cli end to end on CUDA, then
 # benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
-#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph]
+#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s]
+# d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data).
 set -euo pipefail
 mkdir -p /tmp/b /tmp/bundle /tmp/ortgpu /tmp/site
 cp .gpu_carry/t*/cpart* /tmp/b/ 2>/dev/null || true
 cat /tmp/b/cpart* | tar -C /tmp/bundle -xf -
-(cd /tmp/bundle && sha256sum -c models/SUMS)
+(cd /tmp/bundle/models && sha256sum -c SUMS)
 cat /tmp/bundle/ort/part* | xz -dc -T8 | tar -C /tmp/ortgpu -xf -
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
   /tmp/bundle/whl312/*.whl
-for f in model.onnx explain.onnx; do
+for path in /tmp/bundle/models/*.onnx; do
+  f=$(basename "$path")
   rm -f "exported_models/ggo-resnet50-unet/$f"
-  cp "/tmp/bundle/models/$f" "exported_models/ggo-resnet50-unet/$f"
+  cp "$path" "exported_models/ggo-resnet50-unet/$f"
 done
 export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
+mode=${1:-eval}
+if [ "$mode" = "d2s" ]; then
+  # the upsampling rewrite first (model only), then end to end with and without the lung mask
+  python3 benchmarks/gpu_throughput.py --model exported_models/ggo-resnet50-unet/model.onnx \
+    --no-torch --repeats 3 --variants fp16 fp16-d2s --layouts nhwc --batch-sizes 16 64 \
+    --graph-ops --out "$OUT/gpu_d2s.json" | grep -v '^ ' | tail -n 30
+  python3 benchmarks/gpu_e2e.py --work /tmp/e2e --out "$OUT/gpu_e2e.json" \
+    --variants default no-lung-mask | tail -n 60
+  exit 0
+fi
 python3 benchmarks/gpu_e2e.py --work /tmp/e2e --out "$OUT/gpu_e2e.json" | tail -n 80
-if [ "${1:-eval}" = "cuda-graph" ]; then
+if [ "$mode" = "cuda-graph" ]; then
   step=(--cuda-graph --batch-sizes 16 64 --out "$OUT/gpu_graph.json")
 else
   step=(--eval /tmp/bundle/eval/test10.npz --batch-sizes 64 --out "$OUT/gpu_eval.json")

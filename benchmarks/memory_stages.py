@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 
 from ggo_cli.ct_writer import write_ct_series  # noqa: E402
 from ggo_cli.discovery import discover_series  # noqa: E402
-from ggo_cli.domain import Prediction  # noqa: E402
 from ggo_cli.inference import OnnxSegmenter  # noqa: E402
 from ggo_cli.lungs import segment_lungs  # noqa: E402
 from ggo_cli.model_info import load_model_info  # noqa: E402
@@ -34,6 +33,7 @@ from ggo_cli.phantom import make_chest_phantom  # noqa: E402
 from ggo_cli.volume import load_volume  # noqa: E402
 from ggo_cli.writers.dicom_seg import write_seg  # noqa: E402
 from ggo_cli.writers.overlay_png import write_overlay  # noqa: E402
+from ggo_cli.writers.seg_verify import stack_segments  # noqa: E402
 from tests.onnx_models import write_band_model  # noqa: E402
 
 
@@ -75,8 +75,8 @@ def main() -> int:
     stage("inference")
     lungs = segment_lungs(volume)
     stage("lung mask")
-    prediction = Prediction(prediction.masks & lungs.both[..., None], prediction.threshold)
-    stage("restrict")
+    prediction, lungs = stack_segments(prediction, lungs)  # as the pipeline does
+    stage("restrict + stack")
     out = args.work / "out"
     write_seg(volume, prediction, segmenter.model, out / "a.seg.dcm", lungs=lungs, verify=False)
     stage("SEG build + write")

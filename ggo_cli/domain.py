@@ -60,20 +60,25 @@ class SeriesInfo:
         return self.skip_reason is None
 
 
+HuArray = npt.NDArray[np.int16] | npt.NDArray[np.float32]
+"""Hounsfield units: int16 when every value is an exact integer (the usual CT), else float32."""
+
+
 @dataclass(frozen=True, slots=True)
 class CtVolume:
     """A CT series as a Hounsfield-unit volume in DICOM patient space.
 
     Attributes:
         series: the series this volume was loaded from.
-        hu: float32 Hounsfield units. Shape: ``(slices, rows, cols)``.
+        hu: Hounsfield units: int16 when exact integers (the usual CT), else float32.
+            Shape: ``(slices, rows, cols)``.
         datasets: the sorted source headers (no pixel data), one per slice.
         slice_spacing_mm: distance between slice centres along the normal, from positions.
         pixel_spacing_mm: ``(row spacing, column spacing)`` in mm (PixelSpacing).
     """
 
     series: SeriesInfo
-    hu: npt.NDArray[np.float32]
+    hu: HuArray
     datasets: tuple[Dataset, ...]
     slice_spacing_mm: float
     pixel_spacing_mm: tuple[float, float]

@@ -46,6 +46,7 @@ from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from .writers.overlay_png import write_overlay, write_slice_pngs
+from .writers.seg_verify import stack_segments
 
 log = logging.getLogger(__name__)
 
@@ -330,6 +331,7 @@ def compute_series(
             if advance is not None:
                 advance(n_slices)
         volume, lungs = prepared.volume, prepared.lungs
+        del prepared  # the lungs are replaced by views of the SEG stack below
         check_source_headers(volume.datasets, series.series_instance_uid)
         prediction = segmenter.predict(volume, on_slices=advance)
         lung_measurement: LungMeasurement | None = None
@@ -339,9 +341,9 @@ def compute_series(
                     "no lung found (no aerated region below -320 HU inside the body); "
                     "--no-lung-mask measures GGO without a lung mask"
                 )
-            prediction = Prediction(
-                masks=prediction.masks & lungs.both[..., None], threshold=prediction.threshold
-            )
+            # GGO kept inside the lungs, stacked with them as the SEG's pixel array (no copy
+            # when the SEG is built); the separate arrays are freed.
+            prediction, lungs = stack_segments(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         folder = series_dir(cfg.out_dir, series)

@@ -190,7 +190,7 @@ def to_source_grid(maps: FloatArray, rows: int, cols: int) -> FloatArray:
 
 
 def preprocess_hu(
-    hu: npt.NDArray[np.floating],
+    hu: npt.NDArray[np.floating] | npt.NDArray[np.integer],
     *,
     size: int,
     center_hu: float = DEFAULT_WINDOW_CENTER_HU,

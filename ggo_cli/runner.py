@@ -289,7 +289,14 @@ class _Stages:
             self._decode_next()
             with self._lock:
                 future = self.decodes.pop(series.series_instance_uid)
-        return future.result
+        held = [future]
+
+        def take() -> PreparedSeries:
+            # Hand the result over and drop the future: nothing here keeps the series' arrays
+            # alive once the segmenting stage lets go of them.
+            return held.pop().result()
+
+        return take
 
     def schedule_next(self) -> None:
         """Decode the next series now, or once the pending write is done."""

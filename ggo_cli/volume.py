@@ -28,7 +28,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from .config import SPACING_ABS_TOLERANCE_MM, SelectionRules
-from .domain import CtVolume, SeriesInfo
+from .domain import CtVolume, HuArray, SeriesInfo
 from .errors import SeriesGeometryError, UnsupportedSeriesError
 
 log = logging.getLogger(__name__)
@@ -118,8 +118,13 @@ def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) 
         )
 
 
-def _hu_slice(ds: Dataset, series_uid: str) -> npt.NDArray[np.float32]:
-    """Decode one slice and apply the modality transform (Rescale Slope/Intercept)."""
+def _hu_slice(ds: Dataset, series_uid: str) -> HuArray:
+    """Decode one slice and apply the modality transform (Rescale Slope/Intercept).
+
+    Returns int16 when the Hounsfield units are exact integers in the int16 range (an integer
+    slope and intercept, as CT scanners write: half the memory of float32), float32 otherwise
+    (a fractional rescale or a Modality LUT).
+    """
     if "ModalityLUTSequence" not in ds and (
         ds.get("RescaleIntercept") is None or ds.get("RescaleSlope") is None
     ):
@@ -140,15 +145,26 @@ def _hu_slice(ds: Dataset, series_uid: str) -> npt.NDArray[np.float32]:
     if "ModalityLUTSequence" in ds:
         hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]
         return np.asarray(hu_lut, dtype=np.float32)
-    hu = pixels.astype(np.float32)
     slope = float(ds.RescaleSlope)
     intercept = float(ds.RescaleIntercept)
+    if pixels.dtype.kind in "iu" and slope.is_integer() and intercept.is_integer():
+        exact = pixels.astype(np.int64)
+        if slope != 1.0:
+            exact *= int(slope)
+        if intercept != 0.0:
+            exact += int(intercept)
+        if exact.size == 0 or HU_INT16_MIN <= int(exact.min()) <= int(exact.max()) <= HU_INT16_MAX:
+            return exact.astype(np.int16)
+    hu = pixels.astype(np.float32)
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
         hu += np.float32(intercept)
     return hu
 
+
+HU_INT16_MIN = int(np.iinfo(np.int16).min)
+HU_INT16_MAX = int(np.iinfo(np.int16).max)
 
 MAX_DECODE_WORKERS = 8
 DECODE_CHUNK_SLICES = 8
@@ -163,7 +179,7 @@ def default_decode_workers() -> int:
     return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
 
 
-def _decode_file(path: str, series_uid: str) -> npt.NDArray[np.float32]:
+def _decode_file(path: str, series_uid: str) -> HuArray:
     """Worker task: read one file and return its slice in HU (runs in a DecodePool process)."""
     try:
         ds = pydicom.dcmread(path)
@@ -204,7 +220,7 @@ class DecodePool:
 
     def iter_decode(
         self, paths: Sequence[str], series_uid: str
-    ) -> Iterator[npt.NDArray[np.float32]]:
+    ) -> Iterator[HuArray]:
         """Decode files to HU slices, yielded in order as they arrive.
 
         Raises:
@@ -281,8 +297,10 @@ def load_volume(
     pixel_spacing = (float(ordered[0].PixelSpacing[0]), float(ordered[0].PixelSpacing[1]))
     _check_stack(ordered, min(pixel_spacing), uid)
     rows, cols = int(ordered[0].Rows), int(ordered[0].Columns)
-    hu = np.empty((len(ordered), rows, cols), dtype=np.float32)
-    source: Iterator[npt.NDArray[np.float32]]
+    # int16 while every slice's HU are exact integers (CT as scanners write it); the first
+    # fractional slice turns the volume into float32 (one copy, then no more).
+    hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
+    source: Iterator[HuArray]
     if pool is not None and pool.workers > 0 and len(ordered) >= pool.min_slices:
         for ds in ordered:
             if "ModalityLUTSequence" not in ds and (
@@ -298,6 +316,8 @@ def load_volume(
                 f"series {uid}: slice {index + 1} decodes to {slice_hu.shape}, expected "
                 f"{(rows, cols)}; all slices must have the same size"
             )
+        if slice_hu.dtype != hu.dtype and hu.dtype == np.int16:
+            hu = hu.astype(np.float32)
         hu[index] = slice_hu
         # Keep the header for the SEG's references, drop the (large) pixel bytes.
         del ds.PixelData

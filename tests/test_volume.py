@@ -171,3 +171,47 @@ def _die(path: str, series_uid: str) -> None:
     import os
 
     os._exit(1)
+
+
+def test_integer_rescale_keeps_hu_as_exact_int16(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, shape=(6, 40, 40))
+    volume = _load(fs)
+    assert volume.hu.dtype == np.int16  # half the memory of float32, same values
+    np.testing.assert_array_equal(volume.hu, fs.hu)
+
+
+def _rewrite_rescale(path: Path, slope: str, intercept: str) -> None:
+    """Re-store one slice's pixels under a new rescale so that its HU stay the same."""
+    ds = pydicom.dcmread(path)
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    stored = np.rint((hu - float(intercept)) / float(slope))
+    ds.PixelData = stored.astype(ds.pixel_array.dtype).tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.save_as(path)
+
+
+def test_one_fractional_slice_makes_the_volume_float32(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, shape=(5, 40, 40))
+    target = fs.paths[2]
+    _rewrite_rescale(target, "0.5", "-1024.25")
+    volume = _load(fs)
+    assert volume.hu.dtype == np.float32
+    index = volume.sop_instance_uids.index(str(pydicom.dcmread(target).SOPInstanceUID))
+    expected = fs.hu.astype(np.float32)
+    # the rewritten slice: HU rounded to the new 0.5 HU grid offset by 0.25
+    expected[index] = np.rint((fs.hu[index] + 1024.25) / 0.5) * 0.5 - 1024.25
+    np.testing.assert_array_equal(volume.hu, expected)
+
+
+def test_integer_rescale_outside_int16_stays_float32(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, shape=(3, 40, 40))
+    for path in fs.paths:
+        _rewrite_rescale(path, "1", "-1024")  # same HU
+    ds = pydicom.dcmread(fs.paths[0])
+    ds.RescaleSlope = "2"  # 2 x stored + intercept: values beyond 32767 for bright pixels
+    ds.PixelData = np.full(ds.pixel_array.shape, 20000, ds.pixel_array.dtype).tobytes()
+    ds.save_as(fs.paths[0])
+    volume = _load(fs)
+    assert volume.hu.dtype == np.float32
+    index = volume.sop_instance_uids.index(str(ds.SOPInstanceUID))
+    assert (volume.hu[index] == 2 * 20000 - 1024).all()

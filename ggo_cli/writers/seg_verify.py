@@ -50,6 +50,9 @@ LUNG_SEGMENTS: tuple[LungSegment, LungSegment] = (
 )
 """Right then left lung, after the model's segments (codes as issue 6 and dcmqi use them)."""
 
+VERIFY_SLAB_SLICES = 64
+"""Source slices read back and compared at a time."""
+
 COPIED_PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 # highdicom reports an unreadable file, or frames it cannot match to sources, with any of these
 _READ_ERRORS = (
@@ -63,15 +66,77 @@ _READ_ERRORS = (
 )
 
 
+def stack_segments(prediction: Prediction, lungs: LungMasks) -> tuple[Prediction, LungMasks]:
+    """Keep the model's masks inside the lungs, as views of one stack with the lungs.
+
+    The stack is the SEG's pixel array (``(slices, rows, cols, channels + 2)``: the model's
+    channels, then right and left lung), so :func:`seg_masks` hands it to highdicom without a
+    copy: on a 1000-slice series that saves 786 MB while the SEG is built.
+
+    Args:
+        prediction: the model's masks. Shape: ``(slices, rows, cols, channels)``.
+        lungs: the lung masks of the same volume.
+
+    Returns:
+        The prediction with every channel restricted to ``right | left``, and the lungs, all
+        three views of the one stack.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    masks = prediction.masks
+    if masks.shape[:3] != lungs.right.shape or lungs.left.shape != lungs.right.shape:
+        raise ValueError(f"masks {masks.shape} do not match lung shapes {lungs.right.shape} and "
+                         f"{lungs.left.shape}")
+    n_channels = masks.shape[-1]
+    stack = np.empty((*masks.shape[:3], n_channels + 2), dtype=np.bool_)
+    right, left = stack[..., n_channels], stack[..., n_channels + 1]
+    np.copyto(right, lungs.right)
+    np.copyto(left, lungs.left)
+    restricted = stack[..., :n_channels]
+    for channel in range(n_channels):
+        np.logical_or(right, left, out=restricted[..., channel])
+        np.logical_and(restricted[..., channel], masks[..., channel],
+                       out=restricted[..., channel])
+    from ..lungs import LungMasks  # runtime import: lungs imports SimpleITK
+
+    return Prediction(restricted, prediction.threshold), LungMasks(right=right, left=left)
+
+
+def _offset(view: npt.NDArray[np.bool_], base: npt.NDArray[np.bool_]) -> int:
+    """Byte offset of a view's first element in its base array."""
+    return int(view.__array_interface__["data"][0]) - int(base.__array_interface__["data"][0])
+
+
 def seg_masks(prediction: Prediction, lungs: LungMasks | None) -> npt.NDArray[np.bool_]:
     """The SEG's pixel array: the model's channels, then right and left lung when given.
+
+    Masks made by :func:`stack_segments` give their stack back (no copy); others are stacked.
 
     Shape: ``(slices, rows, cols, segments)``.
     """
     if lungs is None:
         return prediction.masks
+    masks = prediction.masks
+    n_channels = masks.shape[-1]
+    stack = masks.base
+    if (
+        isinstance(stack, np.ndarray)
+        and stack.dtype == np.bool_
+        and stack.flags.c_contiguous
+        and stack.shape == (*masks.shape[:3], n_channels + 2)
+        and lungs.right.base is stack
+        and lungs.left.base is stack
+        and masks.strides == stack.strides
+        and lungs.right.strides == stack.strides[:3]
+        and lungs.left.strides == stack.strides[:3]
+        and _offset(masks, stack) == 0
+        and _offset(lungs.right, stack) == n_channels
+        and _offset(lungs.left, stack) == n_channels + 1
+    ):
+        return stack
     return np.concatenate(
-        [prediction.masks, lungs.right[..., None], lungs.left[..., None]], axis=-1
+        [masks, lungs.right[..., None], lungs.left[..., None]], axis=-1
     )
 
 
@@ -213,16 +278,26 @@ def verify_seg(
             f"{seg.NumberOfFrames} frames, expected {n_slices} slices x {n_segments} segments",
         )
     _check_segments(seg, shown, n_segments, model, lungs=lungs is not None)
-    try:
-        pixels = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=list(volume.sop_instance_uids),
-            segment_numbers=list(range(1, n_segments + 1)),
-        )
-    except _READ_ERRORS as exc:
-        raise _fail(shown, f"frames cannot be matched to source instances: {exc}") from exc
-    if pixels.shape != expected.shape:
-        raise _fail(shown, f"pixel array {pixels.shape}, expected {expected.shape}")
-    mismatch: npt.NDArray[np.bool_] = pixels.astype(np.bool_) != expected
-    if mismatch.any():
-        raise _fail(shown, f"{int(mismatch.sum())} pixels differ from the predicted masks")
+    # Slab by slab: the whole stack read back at once is another uint8 copy of every frame
+    # (786 MB for 1000 slices and 3 segments), and its comparison a third.
+    uids = volume.sop_instance_uids
+    differing = 0
+    for start in range(0, n_slices, VERIFY_SLAB_SLICES):
+        stop = min(start + VERIFY_SLAB_SLICES, n_slices)
+        try:
+            pixels = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=list(uids[start:stop]),
+                segment_numbers=list(range(1, n_segments + 1)),
+            )
+        except _READ_ERRORS as exc:
+            raise _fail(shown, f"frames cannot be matched to source instances: {exc}") from exc
+        if pixels.shape != (stop - start, *expected.shape[1:]):
+            raise _fail(
+                shown,
+                f"pixel array {pixels.shape} for slices {start + 1}-{stop}, expected "
+                f"{(stop - start, *expected.shape[1:])}",
+            )
+        differing += int(np.count_nonzero(pixels != expected[start:stop]))
+    if differing:
+        raise _fail(shown, f"{differing} pixels differ from the predicted masks")
     log.debug("SEG %s verified: %d frames", shown, int(seg.NumberOfFrames))

@@ -18,9 +18,11 @@ from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
+from ggo_cli.lungs import LungMasks
 from ggo_cli.model_info import ModelInfo
-from ggo_cli.writers import dicom_seg
+from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
+from ggo_cli.writers.seg_verify import seg_masks, stack_segments
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
 from tests.writers.ct_data import DCMQI_SEG, blob_masks, make_model
 
@@ -488,3 +490,71 @@ def test_empty_specific_character_set_means_default_repertoire(
     source = pydicom.Dataset()
     source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
     assert dicom_seg._character_set(source) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+
+
+def _lungs_of(volume: CtVolume) -> LungMasks:
+    """Two boxes as right and left lung, overlapping the blob of :func:`blob_masks`."""
+    n, rows, cols = volume.hu.shape
+    right = np.zeros((n, rows, cols), dtype=bool)
+    left = np.zeros_like(right)
+    right[:, rows // 4 : 3 * rows // 4, 10 : cols // 2] = True
+    left[:, rows // 4 : 3 * rows // 4, cols // 2 + 5 : cols - 10] = True
+    return LungMasks(right=right, left=left)
+
+
+def test_stacked_segments_are_restricted_views_handed_to_the_seg_without_copy(
+    dcmqi_volume: CtVolume,
+) -> None:
+    masks = blob_masks(dcmqi_volume, n_channels=2)
+    lungs = _lungs_of(dcmqi_volume)
+    prediction, stacked = stack_segments(Prediction(masks=masks, threshold=0.5), lungs)
+    both = lungs.right | lungs.left
+    assert_array_equal(prediction.masks, masks & both[..., None])
+    assert prediction.masks.any() and not prediction.masks.all()
+    assert_array_equal(stacked.right, lungs.right)
+    assert_array_equal(stacked.left, lungs.left)
+    stack = seg_masks(prediction, stacked)
+    assert stack.shape == (*masks.shape[:3], 4)
+    assert np.shares_memory(stack, prediction.masks) and np.shares_memory(stack, stacked.left)
+    assert_array_equal(stack[..., 3], lungs.left)
+    # separate arrays (not one stack) are stacked in the same order, as a copy
+    copied = seg_masks(Prediction(masks=prediction.masks.copy(), threshold=0.5), lungs)
+    assert not np.shares_memory(copied, stack)
+    assert_array_equal(copied, stack)
+
+
+def test_overlapping_segments_sum_in_uint8_and_are_flagged(
+    tmp_path: Path, dcmqi_volume: CtVolume
+) -> None:
+    masks = blob_masks(dcmqi_volume)
+    prediction, lungs = stack_segments(
+        Prediction(masks=masks, threshold=0.5), _lungs_of(dcmqi_volume)
+    )
+    stack = seg_masks(prediction, lungs).view(dicom_seg._SegmentStack)
+    counts = stack.sum(axis=-1)
+    assert counts.dtype == np.uint8  # not numpy's int64 copy of the slice grid
+    assert_array_equal(counts, seg_masks(prediction, lungs).sum(axis=-1))
+    assert int(stack.sum()) == int(seg_masks(prediction, lungs).sum())  # other sums: numpy's
+    model = make_model(1)
+    path = write_seg(dcmqi_volume, prediction, model, tmp_path / "ggo.seg.dcm", lungs=lungs)
+    seg = hd.seg.segread(path)
+    assert seg.SegmentsOverlap == "YES"  # GGO lies inside a lung
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(dcmqi_volume.sop_instance_uids),
+        segment_numbers=[1, 2, 3],
+    )
+    assert_array_equal(pixels.astype(bool), seg_masks(prediction, lungs))
+
+
+def test_verify_reads_back_slab_by_slab_and_finds_a_late_mismatch(
+    tmp_path: Path, dcmqi_volume: CtVolume, model: ModelInfo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(seg_verify, "VERIFY_SLAB_SLICES", 2)  # 3 slices: two slabs
+    masks = blob_masks(dcmqi_volume)
+    masks[2, :5, :5, 0] = True
+    prediction = Prediction(masks=masks, threshold=0.5)
+    path = write_seg(dcmqi_volume, prediction, model, tmp_path / "ggo.seg.dcm")
+    other = masks.copy()
+    other[2, 0, 0, 0] = False  # one pixel of the last slab
+    with pytest.raises(OutputError, match="1 pixels differ"):
+        verify_seg(path, dcmqi_volume, Prediction(masks=other, threshold=0.5))
