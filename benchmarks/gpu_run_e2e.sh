@@ -3,8 +3,9 @@
 # earlier calls left in /tmp/b (onnxruntime-gpu, the models, wheels of pydicom, highdicom,
 # pyjpegls and SimpleITK, the 10 test slices), run ggo-cli end to end on CUDA, then
 # benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
-#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s]
-# d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data).
+#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s|e2e]
+# d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data);
+# e2e: end to end with and without the lung mask, and one series' stage times.
 set -euo pipefail
 mkdir -p /tmp/b /tmp/bundle /tmp/ortgpu /tmp/site
 cp .gpu_carry/t*/cpart* /tmp/b/ 2>/dev/null || true
@@ -21,6 +22,14 @@ done
 export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 mode=${1:-eval}
+if [ "$mode" = "e2e" ]; then
+  # end to end with and without the lung mask, then the stage times of one series
+  python3 benchmarks/gpu_e2e.py --work /tmp/e2e --out "$OUT/gpu_e2e.json" \
+    --variants default no-lung-mask | grep '^{"variant' | cut -c1-400
+  python3 benchmarks/memory_stages.py --input /tmp/e2e/studies/study0/ct --work /tmp/ms \
+    | grep '^{"stage' | tee "$OUT/stages.jsonl"
+  exit 0
+fi
 if [ "$mode" = "d2s" ]; then
   # the upsampling rewrite first (model only), then end to end with and without the lung mask
   python3 benchmarks/gpu_throughput.py --model exported_models/ggo-resnet50-unet/model.onnx \
