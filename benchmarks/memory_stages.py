@@ -1,7 +1,7 @@
 """Peak memory (RSS) of each stage of one series, to find what makes long series heavy.
 
-Runs decode, inference (a cheap 512 x 512 HU-band model, so that the network's own arena does
-not hide the rest), the lung mask, GGO restriction, the SEG build + write (with and without the
+Runs decode, the lung mask, inference (a cheap 512 x 512 HU-band model, so that the network's
+own arena does not hide the rest), GGO restriction, the SEG build + write (with and without the
 read-back check) and the overlay in one process, printing ``ru_maxrss`` (the peak so far) and
 the wall time after each stage.
 
@@ -33,7 +33,11 @@ from ggo_cli.phantom import make_chest_phantom  # noqa: E402
 from ggo_cli.volume import load_volume  # noqa: E402
 from ggo_cli.writers.dicom_seg import write_seg  # noqa: E402
 from ggo_cli.writers.overlay_png import write_overlay  # noqa: E402
-from ggo_cli.writers.seg_verify import stack_segments  # noqa: E402
+from ggo_cli.writers.seg_verify import (  # noqa: E402
+    keep_inside_lungs,
+    model_masks,
+    segment_planes,
+)
 from tests.onnx_models import write_band_model  # noqa: E402
 
 
@@ -71,12 +75,15 @@ def main() -> int:
     volume = load_volume(discover_series([source]).eligible[0])
     stage("decode")
     segmenter = OnnxSegmenter(load_model_info(model), device="cpu")
-    prediction = segmenter.predict(volume)
-    stage("inference")
-    lungs = segment_lungs(volume)
+    n_channels = segmenter.model.n_channels
+    # as the pipeline does: the lungs and then the masks go straight into the SEG's planes
+    planes, lungs = segment_planes(volume.hu.shape, n_channels)
+    segment_lungs(volume, out=lungs)
     stage("lung mask")
-    prediction, lungs = stack_segments(prediction, lungs)  # as the pipeline does
-    stage("restrict + stack")
+    prediction = segmenter.predict(volume, out=model_masks(planes, n_channels))
+    stage("inference")
+    prediction = keep_inside_lungs(prediction, lungs)
+    stage("restrict")
     out = args.work / "out"
     write_seg(volume, prediction, segmenter.model, out / "a.seg.dcm", lungs=lungs, verify=False)
     stage("SEG build + write")

@@ -391,19 +391,32 @@ class OnnxSegmenter:
         return np.concatenate(results) if len(results) > 1 else results[0]
 
     def predict(
-        self, volume: CtVolume, *, on_slices: Callable[[int], None] | None = None
+        self,
+        volume: CtVolume,
+        *,
+        on_slices: Callable[[int], None] | None = None,
+        out: npt.NDArray[np.bool_] | None = None,
     ) -> Prediction:
         """Segment every slice of a volume.
 
         Args:
             volume: the CT volume.
             on_slices: optional callback with the number of slices just finished.
+            out: bool array (or view) to write the masks into, e.g. part of the SEG's stack.
+                Shape: ``(slices, rows, cols, channels)``.
 
         Returns:
-            Masks on the source grid. Shape: ``(slices, rows, cols, channels)``.
+            Masks on the source grid (``out`` when given). Shape: ``(slices, rows, cols,
+            channels)``.
+
+        Raises:
+            ValueError: ``out`` has the wrong shape or type (a bug in the caller).
         """
         n, rows, cols = volume.hu.shape
-        masks = np.zeros((n, rows, cols, self.model.n_channels), dtype=bool)
+        shape = (n, rows, cols, self.model.n_channels)
+        if out is not None and (out.shape != shape or out.dtype != np.bool_):
+            raise ValueError(f"out must be bool {shape}, got {out.dtype} {out.shape}")
+        masks = np.zeros(shape, dtype=bool) if out is None else out
         step = max(self.batch_size, 1)
         for start in range(0, n, step):
             stop = min(start + step, n)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -102,16 +102,19 @@ class LungMasks:
         return np.logical_or(self.right, self.left)
 
 
-def segment_lungs(volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU) -> LungMasks:
+def segment_lungs(
+    volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU, out: LungMasks | None = None
+) -> LungMasks:
     """Segment the right and left lungs of a chest CT (method and limits: module docstring).
 
     Args:
         volume: the CT; its first header gives the orientation (laterality, head end).
         threshold_hu: upper density of aerated lung in HU.
+        out: bool arrays (or views, e.g. of the SEG's stack) to write the masks into.
 
     Returns:
-        Disjoint right and left masks (either may be empty when no lung is found).
-        Shape: each ``volume.hu.shape``.
+        Disjoint right and left masks (either may be empty when no lung is found); ``out``
+        when given. Shape: each ``volume.hu.shape``.
 
     Raises:
         UnsupportedSeriesError: the volume has no headers or is not axial.
@@ -119,6 +122,13 @@ def segment_lungs(volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU) 
     right_is_low_col, head_is_last = _orientation(volume)
     hu = volume.hu
     shape = hu.shape
+    if out is None:
+        out = LungMasks(right=np.zeros(shape, dtype=np.bool_), left=np.zeros(shape, dtype=np.bool_))
+    elif out.right.shape != shape or out.left.shape != shape:
+        raise ValueError(f"out masks {out.right.shape}, {out.left.shape} differ from {shape}")
+    else:
+        out.right[...] = False
+        out.left[...] = False
     spacing = (volume.slice_spacing_mm, *volume.pixel_spacing_mm)
     threshold = np.float32(threshold_hu)
     body = _body(hu, threshold)
@@ -127,8 +137,7 @@ def segment_lungs(volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU) 
     candidates = np.less(hu, threshold)
     candidates &= body
     if not candidates.any():
-        empty = np.zeros(shape, dtype=np.bool_)
-        return LungMasks(right=empty, left=empty.copy())
+        return out
     # The rest works in a box around the air inside the body, grown by more than the
     # refinement's reach: the same result as on the whole grid, with a fraction of its memory
     # (a 1000-slice series is 262 MB per mask).
@@ -154,14 +163,11 @@ def segment_lungs(volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU) 
     high_done &= ~overlap
     del overlap
     right_crop, left_crop = (low_done, high_done) if right_is_low_col else (high_done, low_done)
-    right = np.zeros(shape, dtype=np.bool_)
-    right[box] = right_crop
-    del right_crop
-    left = np.zeros(shape, dtype=np.bool_)
-    left[box] = left_crop
-    log.debug("lungs: right %d, left %d voxels", int(np.count_nonzero(right)),
-              int(np.count_nonzero(left)))
-    return LungMasks(right=right, left=left)
+    out.right[box] = right_crop
+    out.left[box] = left_crop
+    log.debug("lungs: right %d, left %d voxels", int(np.count_nonzero(right_crop)),
+              int(np.count_nonzero(left_crop)))
+    return out
 
 
 def restrict_to_lungs(mask: BoolVolume, lungs: LungMasks) -> BoolVolume:
@@ -353,58 +359,113 @@ def _centre_col(mask: BoolVolume) -> float:
         (per_col.size - 1) / 2.0)
 
 
-@dataclass(frozen=True)
-class _Components:
-    """Face-connected components of a mask, kept as one SimpleITK label image.
+SLAB_SLICES = 64
+"""Slices labelled at a time by :class:`_Components` (a 64 x 512 x 512 uint32 label slab is
+67 MB; the whole 1000-slice volume's would be 1 GB)."""
 
-    ``sizes[r]`` and ``labels[r]`` are the voxel count and label of the ``r``-th largest
-    component (rank 0 = largest). No relabelled copy and no numpy label volume is made: on a
-    1000-slice series each uint32 label volume is 1 GB.
+MaskSource = Callable[[slice], BoolVolume]
+"""Returns the mask of slices ``[start, stop)`` (a fresh or a read-only array)."""
+
+
+class _Components:
+    """Face-connected components of a 3-D mask, found slab by slab, ranked by size.
+
+    Each slab of :data:`SLAB_SLICES` slices is labelled by SimpleITK; components that touch
+    across a slab boundary (the same row and column tissue in the last slice of one slab and
+    the first of the next) are merged by union-find. The result is that of one 3-D labelling
+    of the whole mask, without its uint32 label volume. :meth:`mask` labels the slabs again.
+
+    Attributes:
+        sizes: voxel count of each component, largest first (ties: first in raster order).
     """
 
-    image: Any
-    sizes: tuple[int, ...]
-    labels: tuple[int, ...]
+    def __init__(self, source: MaskSource, n_slices: int) -> None:
+        self._source = source
+        self._n = n_slices
+        parent: list[int] = [0]  # global label -> parent (0: background)
+        counts: list[int] = [0]
+        previous_last: npt.NDArray[np.int64] | None = None
+        for first, labels in self._slabs():
+            slab_counts = np.bincount(labels.ravel())
+            parent.extend(range(first + 1, first + slab_counts.size))
+            counts.extend(int(c) for c in slab_counts[1:])
+            head = labels[0].astype(np.int64)
+            if previous_last is not None:
+                touching = (previous_last > 0) & (head > 0)
+                pairs = np.unique(
+                    np.stack([previous_last[touching], head[touching] + first], axis=1), axis=0
+                )
+                for a, b in pairs.tolist():
+                    root_a, root_b = _find(parent, a), _find(parent, b)
+                    if root_a != root_b:
+                        parent[max(root_a, root_b)] = min(root_a, root_b)
+            tail = labels[-1].astype(np.int64)
+            previous_last = np.where(tail > 0, tail + first, 0)
+        # Every link points to a smaller label, so pointer jumping reaches the roots.
+        roots = np.asarray(parent, dtype=np.int64)
+        while True:
+            jumped = roots[roots]
+            if np.array_equal(jumped, roots):
+                break
+            roots = jumped
+        totals = np.bincount(roots, weights=np.asarray(counts, dtype=np.float64))
+        # A root is its component's smallest global label: first in raster order.
+        members = np.flatnonzero(totals[1:] > 0) + 1
+        order = sorted(members.tolist(), key=lambda r: (-int(totals[r]), r))
+        self._roots = roots
+        self._ranked = tuple(order)
+        self.sizes: tuple[int, ...] = tuple(int(totals[r]) for r in order)
+
+    def _slabs(self) -> Iterator[tuple[int, npt.NDArray[np.uint32]]]:
+        """``(first global label - 1, slab labels)`` for each slab, in order."""
+        first = 0
+        for start in range(0, self._n, SLAB_SLICES):
+            block = self._source(slice(start, min(start + SLAB_SLICES, self._n)))
+            image = sitk.ConnectedComponent(_image(block), False)
+            del block
+            labels = np.asarray(sitk.GetArrayFromImage(image), dtype=np.uint32)
+            del image
+            yield first, labels
+            first += int(labels.max())
 
     def mask(self, rank: int) -> BoolVolume:
         """The ``rank``-th largest component as a boolean array."""
-        # Compared on a view of the label buffer: no thresholded image beside the copy.
-        labels: npt.NDArray[np.uint32] = sitk.GetArrayViewFromImage(self.image)
-        return np.equal(labels, self.labels[rank])
+        root = self._ranked[rank]
+        out = np.zeros((self._n, *self._slab_shape()), dtype=np.bool_)
+        start = 0
+        for first, labels in self._slabs():
+            stop = start + labels.shape[0]
+            chosen = self._roots[first : first + int(labels.max()) + 1] == root
+            chosen[0] = False  # background
+            out[start:stop] = chosen[labels]
+            start = stop
+        return out
+
+    def _slab_shape(self) -> tuple[int, int]:
+        rows, cols = self._source(slice(0, 1)).shape[1:]
+        return int(rows), int(cols)
 
 
-def _ranked_components(mask: BoolVolume | None, *, binary: Any = None) -> _Components:
-    """Face-connected components of ``mask`` (or of the SimpleITK image ``binary``), ranked by
-    size (largest first)."""
-    if binary is None:
-        assert mask is not None
-        binary = _image(mask)
-    image = sitk.ConnectedComponent(binary, False)
-    stats = sitk.LabelShapeStatisticsImageFilter()
-    stats.SetComputePerimeter(False)
-    stats.SetComputeFeretDiameter(False)
-    stats.SetComputeOrientedBoundingBox(False)
-    stats.Execute(image)
-    ranked = sorted(
-        ((int(stats.GetNumberOfPixels(label)), int(label)) for label in stats.GetLabels()),
-        key=lambda pair: (-pair[0], pair[1]),
-    )
-    return _Components(
-        image=image,
-        sizes=tuple(size for size, _ in ranked),
-        labels=tuple(label for _, label in ranked),
-    )
+def _find(parent: list[int], label: int) -> int:
+    """Union-find root of ``label``, with path halving."""
+    while parent[label] != label:
+        parent[label] = parent[parent[label]]
+        label = parent[label]
+    return label
+
+
+def _ranked_components(mask: BoolVolume) -> _Components:
+    """Face-connected components of ``mask``, ranked by size (largest first)."""
+    return _Components(lambda z: mask[z], mask.shape[0])
 
 
 def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
     """The largest non-air (``hu >= threshold``) component with its holes (lungs, airways)
     filled slice by slice.
 
-    The non-air mask goes straight into a SimpleITK image (no numpy copy kept alive beside
-    the uint32 component image).
+    The non-air mask is made slab by slab as the components are found (no full-size copy).
     """
-    components = _ranked_components(
-        None, binary=sitk.GetImageFromArray(np.greater_equal(hu, threshold).view(np.uint8)))
+    components = _Components(lambda z: np.greater_equal(hu[z], threshold), hu.shape[0])
     body = components.mask(0) if components.sizes else np.zeros(hu.shape, dtype=np.bool_)
     del components
 

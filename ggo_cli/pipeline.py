@@ -17,6 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+import numpy.typing as npt
+
 from . import __version__
 from .config import (
     GRADCAM_FOLDER,
@@ -46,7 +49,7 @@ from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from .writers.overlay_png import write_overlay, write_slice_pngs
-from .writers.seg_verify import stack_segments
+from .writers.seg_verify import keep_inside_lungs, model_masks, segment_planes, stack_segments
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +233,14 @@ class PreparedSeries:
     Attributes:
         volume: the CT volume.
         lungs: the lung masks, or ``None`` with ``--no-lung-mask``.
+        planes: with the lung mask, the SEG's segment planes (see
+            :func:`~ggo_cli.writers.seg_verify.segment_planes`) that ``lungs`` are views of and
+            the model's masks will be written into; ``None`` otherwise.
     """
 
     volume: CtVolume
     lungs: LungMasks | None
+    planes: npt.NDArray[np.bool_] | None = None
 
 
 VolumeSource = Callable[[], PreparedSeries]
@@ -244,16 +251,24 @@ def prepare_series(
     cfg: RunConfig,
     series: SeriesInfo,
     *,
+    n_channels: int = 1,
     pool: DecodePool | None = None,
     on_slice: Callable[[int], None] | None = None,
 ) -> PreparedSeries:
     """Decode a series and segment its lungs (the CPU work that needs no model).
 
+    With the lung mask on, the lungs are written straight into the SEG's segment planes
+    (``n_channels`` model channels, then the two lungs), which inference then fills: the
+    masks of a series exist once.
+
     Raises:
         SeriesError: the series cannot be loaded or its lungs not segmented.
     """
     volume = load_volume(series, cfg.selection, on_slice=on_slice, pool=pool)
-    return PreparedSeries(volume, segment_lungs(volume) if cfg.lung_mask else None)
+    if not cfg.lung_mask:
+        return PreparedSeries(volume, None)
+    planes, lungs = segment_planes(volume.hu.shape, n_channels)
+    return PreparedSeries(volume, segment_lungs(volume, out=lungs), planes)
 
 
 def _failed(
@@ -324,26 +339,31 @@ def compute_series(
     advance = progress.advance if progress is not None else None
     volume: CtVolume | None = None
     try:
+        n_channels = segmenter.model.n_channels
         if volume_source is None:
-            prepared = prepare_series(cfg, series, on_slice=advance)
+            prepared = prepare_series(cfg, series, n_channels=n_channels, on_slice=advance)
         else:
             prepared = volume_source()
             if advance is not None:
                 advance(n_slices)
-        volume, lungs = prepared.volume, prepared.lungs
-        del prepared  # the lungs are replaced by views of the SEG stack below
+        volume, lungs, planes = prepared.volume, prepared.lungs, prepared.planes
+        del prepared
         check_source_headers(volume.datasets, series.series_instance_uid)
-        prediction = segmenter.predict(volume, on_slices=advance)
         lung_measurement: LungMeasurement | None = None
+        if lungs is not None and not lungs.right.any() and not lungs.left.any():
+            raise UnsupportedSeriesError(
+                "no lung found (no aerated region below -320 HU inside the body); "
+                "--no-lung-mask measures GGO without a lung mask"
+            )
+        out = None
+        if planes is not None and planes.shape[0] == n_channels + 2:
+            out = model_masks(planes, n_channels)  # straight into the SEG's planes
+        prediction = segmenter.predict(volume, on_slices=advance, out=out)
         if lungs is not None:
-            if not lungs.right.any() and not lungs.left.any():
-                raise UnsupportedSeriesError(
-                    "no lung found (no aerated region below -320 HU inside the body); "
-                    "--no-lung-mask measures GGO without a lung mask"
-                )
-            # GGO kept inside the lungs, stacked with them as the SEG's pixel array (no copy
-            # when the SEG is built); the separate arrays are freed.
-            prediction, lungs = stack_segments(prediction, lungs)
+            if out is None:  # lungs made without planes for this model: stack them now
+                prediction, lungs = stack_segments(prediction, lungs)
+            else:  # GGO kept inside the lungs, in place: the planes are the SEG's pixels
+                prediction = keep_inside_lungs(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         folder = series_dir(cfg.out_dir, series)

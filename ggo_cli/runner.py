@@ -278,7 +278,11 @@ class _Stages:
             series = self.todo[self.next_index]
             self.next_index += 1
             self.decodes[series.series_instance_uid] = self.prefetch.submit(
-                prepare_series, self.run.cfg, series, pool=self.pool
+                prepare_series,
+                self.run.cfg,
+                series,
+                n_channels=self.run.model.n_channels,
+                pool=self.pool,
             )
 
     def source(self, series: SeriesInfo) -> VolumeSource:

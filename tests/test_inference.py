@@ -112,3 +112,25 @@ def test_non_memory_failure_is_a_model_error(
     monkeypatch.setattr(seg, "_run_cpu", broken)
     with pytest.raises(ModelError, match="inference failed: Non-zero status"):
         seg.predict(_volume(np.zeros((2, 64, 64), dtype=np.float32)))
+
+
+def test_predict_fills_the_given_planes_and_int16_hu_gives_the_same_masks(
+    band_model_path: Path,
+) -> None:
+    from ggo_cli.writers.seg_verify import model_masks, segment_planes
+
+    rng = np.random.default_rng(5)
+    hu16 = rng.choice([-1000, -850, -500, -400, 40], size=(5, 64, 64)).astype(np.int16)
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu", batch_size=2)
+    planes, lungs = segment_planes(hu16.shape, 1)
+    lungs.right[:] = True  # the lung planes stay as they are
+    out = model_masks(planes, 1)
+    prediction = seg.predict(_volume(hu16), out=out)  # type: ignore[arg-type]
+    assert prediction.masks is out and np.shares_memory(planes, prediction.masks)
+    np.testing.assert_array_equal(planes[0], _band_truth(hu16.astype(np.float32)))
+    np.testing.assert_array_equal(
+        planes[0], seg.predict(_volume(hu16.astype(np.float32))).ggo
+    )
+    assert lungs.right.all() and not lungs.left.any()
+    with pytest.raises(ValueError, match="out must be bool"):
+        seg.predict(_volume(hu16), out=np.zeros((5, 64, 64, 2), dtype=bool))  # type: ignore[arg-type]

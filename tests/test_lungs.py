@@ -262,3 +262,25 @@ def test_non_axial_series_and_missing_orientation_are_rejected() -> None:
         del ds.ImageOrientationPatient
     with pytest.raises(UnsupportedSeriesError, match="no ImageOrientationPatient"):
         segment_lungs(volume)
+
+
+@pytest.mark.parametrize("slab", [1, 7, 64])
+def test_slab_components_equal_one_3d_labelling(slab: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import SimpleITK
+
+    from ggo_cli import lungs
+
+    monkeypatch.setattr(lungs, "SLAB_SLICES", slab)
+    rng = np.random.default_rng(slab)
+    mask = rng.random((90, 30, 30)) < 0.45  # near the percolation threshold: long components
+    components = lungs._Components(lambda z: mask[z], mask.shape[0])
+    full = SimpleITK.GetArrayFromImage(
+        SimpleITK.ConnectedComponent(SimpleITK.GetImageFromArray(mask.view(np.uint8)), False)
+    )
+    sizes = np.bincount(full.ravel())[1:]
+    assert list(components.sizes) == sorted(sizes.tolist(), reverse=True)
+    for rank in range(3):
+        chosen = components.mask(rank)
+        labels = np.unique(full[chosen])
+        assert labels.size == 1 and labels[0] > 0
+        np.testing.assert_array_equal(chosen, full == labels[0])

@@ -22,7 +22,13 @@ from ggo_cli.lungs import LungMasks
 from ggo_cli.model_info import ModelInfo
 from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
-from ggo_cli.writers.seg_verify import seg_masks, stack_segments
+from ggo_cli.writers.seg_verify import (
+    keep_inside_lungs,
+    model_masks,
+    seg_masks,
+    segment_planes,
+    stack_segments,
+)
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
 from tests.writers.ct_data import DCMQI_SEG, blob_masks, make_model
 
@@ -521,6 +527,25 @@ def test_stacked_segments_are_restricted_views_handed_to_the_seg_without_copy(
     copied = seg_masks(Prediction(masks=prediction.masks.copy(), threshold=0.5), lungs)
     assert not np.shares_memory(copied, stack)
     assert_array_equal(copied, stack)
+
+
+def test_planes_filled_in_place_are_the_segs_pixels_without_copy(
+    tmp_path: Path, dcmqi_volume: CtVolume, model: ModelInfo
+) -> None:
+    masks = blob_masks(dcmqi_volume)
+    reference = _lungs_of(dcmqi_volume)
+    planes, lungs = segment_planes(dcmqi_volume.hu.shape, 1)
+    np.copyto(lungs.right, reference.right)
+    np.copyto(lungs.left, reference.left)
+    filled = model_masks(planes, 1)
+    np.copyto(filled, masks)
+    prediction = keep_inside_lungs(Prediction(masks=filled, threshold=0.5), lungs)
+    assert_array_equal(prediction.masks, masks & (reference.right | reference.left)[..., None])
+    pixels = seg_masks(prediction, lungs)
+    assert np.shares_memory(pixels, planes) and pixels.shape == (*masks.shape[:3], 3)
+    assert_array_equal(pixels[..., 2], reference.left)
+    path = write_seg(dcmqi_volume, prediction, model, tmp_path / "ggo.seg.dcm", lungs=lungs)
+    verify_seg(path, dcmqi_volume, prediction, lungs=lungs)  # what the writer checked too
 
 
 def test_overlapping_segments_sum_in_uint8_and_are_flagged(
