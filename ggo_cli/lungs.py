@@ -110,7 +110,8 @@ def segment_lungs(
     Args:
         volume: the CT; its first header gives the orientation (laterality, head end).
         threshold_hu: upper density of aerated lung in HU.
-        out: bool arrays (or views, e.g. of the SEG's stack) to write the masks into.
+        out: all-False bool arrays (or views, e.g. of the SEG's planes) to write the masks
+            into; only the lungs' box is written, so untouched zero pages stay uncommitted.
 
     Returns:
         Disjoint right and left masks (either may be empty when no lung is found); ``out``
@@ -126,9 +127,6 @@ def segment_lungs(
         out = LungMasks(right=np.zeros(shape, dtype=np.bool_), left=np.zeros(shape, dtype=np.bool_))
     elif out.right.shape != shape or out.left.shape != shape:
         raise ValueError(f"out masks {out.right.shape}, {out.left.shape} differ from {shape}")
-    else:
-        out.right[...] = False
-        out.left[...] = False
     spacing = (volume.slice_spacing_mm, *volume.pixel_spacing_mm)
     threshold = np.float32(threshold_hu)
     body = _body(hu, threshold)
@@ -441,6 +439,25 @@ class _Components:
             start = stop
         return out
 
+    def touching(self, seeds: BoolVolume) -> BoolVolume:
+        """The components that hold at least one voxel of ``seeds``, as a boolean array."""
+        chosen = np.zeros(self._roots.size, dtype=np.bool_)
+        start = 0
+        for first, labels in self._slabs():
+            stop = start + labels.shape[0]
+            hit = labels[seeds[start:stop]]
+            chosen[self._roots[first + hit[hit > 0].astype(np.int64)]] = True
+            start = stop
+        out = np.zeros((self._n, *self._slab_shape()), dtype=np.bool_)
+        start = 0
+        for first, labels in self._slabs():
+            stop = start + labels.shape[0]
+            lut = chosen[self._roots[first : first + int(labels.max()) + 1]]
+            lut[0] = False  # background
+            out[start:stop] = lut[labels]
+            start = stop
+        return out
+
     def _slab_shape(self) -> tuple[int, int]:
         rows, cols = self._source(slice(0, 1)).shape[1:]
         return int(rows), int(cols)
@@ -616,11 +633,9 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
     # allowed voxels connected to it, up to BITE_REACH_MM away.
     radius = [int(math.ceil(BITE_REACH_MM / s)) for s in (spacing[2], spacing[1])] + [0]
     near = _mask(sitk.BinaryDilate(_image(bites), radius, sitk.sitkBall))
-    labels = _labels(bites | (near & limit))
-    touched = np.zeros(int(labels.max()) + 1, dtype=np.bool_)
-    touched[labels[bites]] = True
-    touched[0] = False
-    return touched[labels]
+    reach = bites | (near & limit)
+    del near
+    return _Components(lambda z: reach[z], reach.shape[0]).touching(bites)
 
 
 def _bites(section: BoolVolume, spacing: tuple[float, float, float], *,

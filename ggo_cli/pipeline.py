@@ -44,6 +44,7 @@ from .explain import OnnxExplainer
 from .inference import OnnxSegmenter
 from .lungs import LungMasks, lung_measurements, segment_lungs
 from .measurements import measure_ggo
+from .memory import release_freed_memory
 from .model_info import ModelInfo
 from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
@@ -268,7 +269,9 @@ def prepare_series(
     if not cfg.lung_mask:
         return PreparedSeries(volume, None)
     planes, lungs = segment_planes(volume.hu.shape, n_channels)
-    return PreparedSeries(volume, segment_lungs(volume, out=lungs), planes)
+    segment_lungs(volume, out=lungs)
+    release_freed_memory()  # the lung mask's temporaries, kept by glibc's thread arenas
+    return PreparedSeries(volume, lungs, planes)
 
 
 def _failed(
@@ -366,6 +369,7 @@ def compute_series(
                 prediction = keep_inside_lungs(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
+        release_freed_memory()  # inference's per-batch temporaries, before the SEG is built
         folder = series_dir(cfg.out_dir, series)
         pngs: tuple[Path, ...] = ()
         if explainer is not None:
@@ -405,6 +409,8 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
             pngs = written + pngs
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
         return _failed(series, exc, done.started, volume)
+    finally:
+        release_freed_memory()  # the SEG build's and read-back's temporaries
     seconds = time.perf_counter() - done.started
     lung_text = ""
     lung_measurement = done.lung_measurement

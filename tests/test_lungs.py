@@ -284,3 +284,21 @@ def test_slab_components_equal_one_3d_labelling(slab: int, monkeypatch: pytest.M
         labels = np.unique(full[chosen])
         assert labels.size == 1 and labels[0] > 0
         np.testing.assert_array_equal(chosen, full == labels[0])
+
+
+def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import SimpleITK
+
+    from ggo_cli import lungs
+
+    monkeypatch.setattr(lungs, "SLAB_SLICES", 5)
+    rng = np.random.default_rng(9)
+    mask = rng.random((40, 25, 25)) < 0.4
+    seeds = mask & (rng.random(mask.shape) < 0.002)
+    full = SimpleITK.GetArrayFromImage(
+        SimpleITK.ConnectedComponent(SimpleITK.GetImageFromArray(mask.view(np.uint8)), False)
+    )
+    expected = np.isin(full, np.unique(full[seeds])) & mask
+    got = lungs._Components(lambda z: mask[z], mask.shape[0]).touching(seeds)
+    assert seeds.any() and got.any() and not got.all()
+    np.testing.assert_array_equal(got, expected)
