@@ -95,3 +95,41 @@ def test_upsampling_rewrite_computes_the_same_outputs() -> None:
     assert got[0].shape == (1, 2, 20, 16)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_predict_profile_reports_the_steps_on_a_real_series(
+    tmp_path: Path, real_ct_dir: Path
+) -> None:
+    out = tmp_path / "profile.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "predict_profile.py"),
+            "--input",
+            str(real_ct_dir),
+            "--slices",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["slices"] == 4 and report["hu_dtype"] == "int16"
+    share = report["share_of_wall"]
+    assert set(share) == {
+        "window_hu",
+        "to_model_grid",
+        "predict_logits",
+        "sigmoid",
+        "to_source_grid",
+        "threshold_probabilities",
+    }
+    # on the CPU the network is nearly all of it; windowing is a rounding error
+    assert share["predict_logits"] > 0.9 and share["window_hu"] < 0.01
