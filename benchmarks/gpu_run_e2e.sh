@@ -5,7 +5,8 @@
 # benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
 #   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s|e2e]
 # d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data);
-# e2e: end to end with and without the lung mask, and one series' stage times.
+# e2e: end to end with and without the lung mask, one series' stage times, and where predict's
+# time goes on CUDA (windowing against the network).
 set -euo pipefail
 mkdir -p /tmp/b /tmp/bundle /tmp/ortgpu /tmp/site
 cp .gpu_carry/t*/cpart* /tmp/b/ 2>/dev/null || true
@@ -28,6 +29,8 @@ if [ "$mode" = "e2e" ]; then
     --variants default no-lung-mask | grep '^{"variant' | cut -c1-400
   python3 benchmarks/memory_stages.py --input /tmp/e2e/studies/study0/ct --work /tmp/ms \
     | grep '^{"stage' | tee "$OUT/stages.jsonl"
+  python3 benchmarks/predict_profile.py --input /tmp/e2e/studies/study0/ct --device cuda \
+    --out "$OUT/predict_profile.json" | tail -n 30
   exit 0
 fi
 if [ "$mode" = "d2s" ]; then
