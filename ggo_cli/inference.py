@@ -9,6 +9,7 @@ of a fixed batch shape (IO binding), and an out-of-memory error halves the batch
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -33,7 +34,7 @@ from .precision import (
     int8_model_bytes,
     load_int8_spec,
 )
-from .preprocessing import preprocess_hu, sigmoid, to_source_grid
+from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
 
 log = logging.getLogger(__name__)
 
@@ -422,6 +423,14 @@ class OnnxSegmenter:
         if out is not None and (out.shape != shape or out.dtype != np.bool_):
             raise ValueError(f"out must be bool {shape}, got {out.dtype} {out.shape}")
         masks = np.zeros(shape, dtype=bool) if out is None else out
+        # On the model's own grid (512 x 512 CT: no resize back) the mask is decided on the
+        # logits, logit > ln(t / (1 - t)): the same decision as sigmoid(logit) > t but for
+        # float32 rounding of the sigmoid at the threshold itself, without a sigmoid pass over
+        # every pixel (a fifth of predict's time on a GPU).
+        size = self.model.input_size
+        logit_threshold = None
+        if GridMapping(rows, cols, size).is_identity and 0.0 < self.threshold < 1.0:
+            logit_threshold = np.float32(math.log(self.threshold / (1.0 - self.threshold)))
         step = max(self.batch_size, 1)
         for start in range(0, n, step):
             stop = min(start + step, n)
@@ -431,9 +440,13 @@ class OnnxSegmenter:
                 center_hu=self.model.window_center_hu,
                 width_hu=self.model.window_width_hu,
             )
-            probabilities = sigmoid(self.predict_logits(batch))
-            on_grid = to_source_grid(probabilities, rows, cols)
-            masks[start:stop] = np.moveaxis(threshold_probabilities(on_grid, self.threshold), 1, -1)
+            logits = self.predict_logits(batch)
+            if logit_threshold is not None:
+                decided = np.greater(logits, logit_threshold)
+            else:
+                on_grid = to_source_grid(sigmoid(logits), rows, cols)
+                decided = threshold_probabilities(on_grid, self.threshold)
+            masks[start:stop] = np.moveaxis(decided, 1, -1)
             if on_slices is not None:
                 on_slices(stop - start)
         return Prediction(masks=masks, threshold=self.threshold)

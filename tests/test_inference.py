@@ -134,3 +134,29 @@ def test_predict_fills_the_given_planes_and_int16_hu_gives_the_same_masks(
     assert lungs.right.all() and not lungs.left.any()
     with pytest.raises(ValueError, match="out must be bool"):
         seg.predict(_volume(hu16), out=np.zeros((5, 64, 64, 2), dtype=bool))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.84])
+def test_deciding_on_logits_matches_the_sigmoid_threshold(
+    band_model_path: Path, threshold: float
+) -> None:
+    from ggo_cli.postprocessing import threshold_probabilities
+    from ggo_cli.preprocessing import preprocess_hu, sigmoid
+
+    rng = np.random.default_rng(7)
+    hu = rng.uniform(-1000, 100, size=(6, 64, 64)).astype(np.float32)  # model grid: no resize
+    model = load_model_info(band_model_path)
+    seg = OnnxSegmenter(model, device="cpu", threshold=threshold)
+    got = seg.predict(_volume(hu)).ggo
+    logits = seg.predict_logits(
+        preprocess_hu(
+            hu,
+            size=model.input_size,
+            center_hu=model.window_center_hu,
+            width_hu=model.window_width_hu,
+        )
+    )
+    want = threshold_probabilities(sigmoid(logits), threshold)[:, 0]
+    assert 0 < got.sum() < got.size  # the threshold cuts through these values
+    # equal but where float32 rounding of the sigmoid lands on the threshold itself
+    assert (got != want).sum() <= 2
