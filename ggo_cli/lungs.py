@@ -30,7 +30,14 @@ Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (
 Laterality: the patient's right is at low column indices when the row cosine points to +x
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
-Speed: 60 x 512 x 512 voxels take about 2-3 s on one core (1.6-2.7 s measured).
+Speed: 60 x 512 x 512 voxels take about 2-3 s on one core (1.6-2.7 s measured); 300 slices
+about 5 s on two cores. Slice-by-slice steps run on a few threads.
+
+Memory: after the body, everything works in a box around the air inside the body (grown by
+more than the refinement reaches); connected components are labelled :data:`SLAB_SLICES`
+slices at a time and merged across slabs, never as one uint32 volume; the result can be
+written into caller-given arrays (the SEG's planes). A 1000-slice series peaks at about 2 GB
+here, HU included.
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along
