@@ -36,7 +36,7 @@ about 5 s on two cores. Slice-by-slice steps run on a few threads.
 Memory: after the body, everything works in a box around the air inside the body (grown by
 more than the refinement reaches); connected components are labelled :data:`SLAB_SLICES`
 slices at a time and merged across slabs, never as one uint32 volume; the result can be
-written into caller-given arrays (the SEG's planes). A 1000-slice series peaks at about 2 GB
+written into caller-given arrays (the SEG's planes). A 1000-slice series peaks at about 1.7 GB
 here, HU included.
 
 Limits:
@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ import SimpleITK
 
 from .domain import CtVolume, HuArray, LungMeasurement
 from .errors import UnsupportedSeriesError
+from .volume import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -269,11 +269,7 @@ two)."""
 
 def _slice_threads() -> int:
     """Threads for slice-by-slice work: the usable cores, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(MAX_SLICE_THREADS, cores))
+    return min(MAX_SLICE_THREADS, usable_cores())
 
 
 def _each_slice(work: Callable[[int], None], n: int) -> None:
@@ -387,20 +383,21 @@ class _Components:
     def __init__(self, source: MaskSource, n_slices: int) -> None:
         self._source = source
         self._n = n_slices
+        self._plane: tuple[int, ...] = (0, 0)
         parent: list[int] = [0]  # global label -> parent (0: background)
         counts: list[int] = [0]
         previous_last: npt.NDArray[np.int64] | None = None
-        for first, labels in self._slabs():
-            slab_counts = np.bincount(labels.ravel())
-            parent.extend(range(first + 1, first + slab_counts.size))
-            counts.extend(int(c) for c in slab_counts[1:])
+        for _, first, labels, slab_counts in self._slabs(with_counts=True):
+            self._plane = labels.shape[1:]
+            parent.extend(range(first + 1, first + 1 + len(slab_counts)))
+            counts.extend(slab_counts)
             head = labels[0].astype(np.int64)
             if previous_last is not None:
                 touching = (previous_last > 0) & (head > 0)
-                pairs = np.unique(
-                    np.stack([previous_last[touching], head[touching] + first], axis=1), axis=0
-                )
-                for a, b in pairs.tolist():
+                # one int64 key per (label above, label below) pair: a 1-D unique is fast
+                stride = int(head.max()) + first + 1
+                keys = np.unique(previous_last[touching] * stride + head[touching] + first)
+                for a, b in zip((keys // stride).tolist(), (keys % stride).tolist(), strict=True):
                     root_a, root_b = _find(parent, a), _find(parent, b)
                     if root_a != root_b:
                         parent[max(root_a, root_b)] = min(root_a, root_b)
@@ -421,53 +418,52 @@ class _Components:
         self._ranked = tuple(order)
         self.sizes: tuple[int, ...] = tuple(int(totals[r]) for r in order)
 
-    def _slabs(self) -> Iterator[tuple[int, npt.NDArray[np.uint32]]]:
-        """``(first global label - 1, slab labels)`` for each slab, in order."""
+    def _slabs(
+        self, *, with_counts: bool = False
+    ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32], list[int]]]:
+        """``(first slice, first global label - 1, slab labels, voxels per label)`` for each
+        slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``."""
         first = 0
         for start in range(0, self._n, SLAB_SLICES):
             block = self._source(slice(start, min(start + SLAB_SLICES, self._n)))
             image = sitk.ConnectedComponent(_image(block), False)
             del block
+            counts: list[int] = []
+            if with_counts:  # from SimpleITK: no int64 copy of the slab as np.bincount makes
+                stats = sitk.LabelShapeStatisticsImageFilter()
+                stats.SetComputePerimeter(False)
+                stats.Execute(image)
+                present = [int(label) for label in stats.GetLabels()]
+                counts = [0] * max(present, default=0)
+                for label in present:
+                    counts[label - 1] = int(stats.GetNumberOfPixels(label))
             labels = np.asarray(sitk.GetArrayFromImage(image), dtype=np.uint32)
             del image
-            yield first, labels
+            yield start, first, labels, counts
             first += int(labels.max())
+
+    def _paint(self, chosen: npt.NDArray[np.bool_]) -> BoolVolume:
+        """The voxels of the components whose root is marked in ``chosen`` (by global label)."""
+        out = np.zeros((self._n, *self._plane), dtype=np.bool_)
+        for start, first, labels, _ in self._slabs():
+            lut = chosen[self._roots[first : first + int(labels.max()) + 1]]
+            lut[0] = False  # background
+            out[start : start + labels.shape[0]] = lut[labels]
+        return out
 
     def mask(self, rank: int) -> BoolVolume:
         """The ``rank``-th largest component as a boolean array."""
-        root = self._ranked[rank]
-        out = np.zeros((self._n, *self._slab_shape()), dtype=np.bool_)
-        start = 0
-        for first, labels in self._slabs():
-            stop = start + labels.shape[0]
-            chosen = self._roots[first : first + int(labels.max()) + 1] == root
-            chosen[0] = False  # background
-            out[start:stop] = chosen[labels]
-            start = stop
-        return out
+        chosen = np.zeros(self._roots.size, dtype=np.bool_)
+        chosen[self._ranked[rank]] = True
+        return self._paint(chosen)
 
     def touching(self, seeds: BoolVolume) -> BoolVolume:
         """The components that hold at least one voxel of ``seeds``, as a boolean array."""
         chosen = np.zeros(self._roots.size, dtype=np.bool_)
-        start = 0
-        for first, labels in self._slabs():
-            stop = start + labels.shape[0]
-            hit = labels[seeds[start:stop]]
+        for start, first, labels, _ in self._slabs():
+            hit = labels[seeds[start : start + labels.shape[0]]]
             chosen[self._roots[first + hit[hit > 0].astype(np.int64)]] = True
-            start = stop
-        out = np.zeros((self._n, *self._slab_shape()), dtype=np.bool_)
-        start = 0
-        for first, labels in self._slabs():
-            stop = start + labels.shape[0]
-            lut = chosen[self._roots[first : first + int(labels.max()) + 1]]
-            lut[0] = False  # background
-            out[start:stop] = lut[labels]
-            start = stop
-        return out
-
-    def _slab_shape(self) -> tuple[int, int]:
-        rows, cols = self._source(slice(0, 1)).shape[1:]
-        return int(rows), int(cols)
+        return self._paint(chosen)
 
 
 def _find(parent: list[int], label: int) -> int:

@@ -50,7 +50,7 @@ from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from .writers.overlay_png import write_overlay, write_slice_pngs
-from .writers.seg_verify import keep_inside_lungs, model_masks, segment_planes, stack_segments
+from .writers.seg_verify import keep_inside_lungs, model_masks, segment_planes
 
 log = logging.getLogger(__name__)
 
@@ -363,10 +363,9 @@ def compute_series(
             out = model_masks(planes, n_channels)  # straight into the SEG's planes
         prediction = segmenter.predict(volume, on_slices=advance, out=out)
         if lungs is not None:
-            if out is None:  # lungs made without planes for this model: stack them now
-                prediction, lungs = stack_segments(prediction, lungs)
-            else:  # GGO kept inside the lungs, in place: the planes are the SEG's pixels
-                prediction = keep_inside_lungs(prediction, lungs)
+            # GGO kept inside the lungs, in place; masks not in the planes are stacked (a
+            # copy) when the SEG is built.
+            prediction = keep_inside_lungs(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
         release_freed_memory()  # inference's per-batch temporaries, before the SEG is built

@@ -147,14 +147,18 @@ def _hu_slice(ds: Dataset, series_uid: str) -> HuArray:
         return np.asarray(hu_lut, dtype=np.float32)
     slope = float(ds.RescaleSlope)
     intercept = float(ds.RescaleIntercept)
-    if pixels.dtype.kind in "iu" and slope.is_integer() and intercept.is_integer():
-        exact = pixels.astype(np.int64)
-        if slope != 1.0:
-            exact *= int(slope)
-        if intercept != 0.0:
-            exact += int(intercept)
-        if exact.size == 0 or HU_INT16_MIN <= int(exact.min()) <= int(exact.max()) <= HU_INT16_MAX:
-            return exact.astype(np.int16)
+    if pixels.dtype.kind in "iu" and pixels.size and slope.is_integer() and intercept.is_integer():
+        # The range is checked on the stored values in Python integers, so the int32
+        # arithmetic below can neither overflow nor wrap when it lands in int16.
+        factor, offset = int(slope), int(intercept)
+        ends = [int(pixels.min()) * factor, int(pixels.max()) * factor]
+        if max(map(abs, ends)) < 2**31 and (
+            HU_INT16_MIN <= min(ends) + offset and max(ends) + offset <= HU_INT16_MAX
+        ):
+            scaled = pixels if factor == 1 else np.multiply(pixels, factor, dtype=np.int32)
+            hu16 = np.empty(pixels.shape, dtype=np.int16)
+            np.add(scaled, offset, out=hu16, dtype=np.int32, casting="unsafe")
+            return hu16
     hu = pixels.astype(np.float32)
     if slope != 1.0:
         hu *= np.float32(slope)
@@ -172,10 +176,15 @@ MIN_POOL_SLICES = 32
 """Smaller series decode in the calling thread: starting worker processes costs more."""
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
+
+
 def default_decode_workers() -> int:
     """Worker processes for decoding: one per usable core (at most 8); 0 on a single core."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
+    cores = usable_cores()
     return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
 
 

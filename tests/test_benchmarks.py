@@ -15,26 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def test_throughput_benchmark_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "report.json"
+def _run_benchmark(script: str, out: Path, *args: str) -> dict:  # type: ignore[type-arg]
+    """Run ``benchmarks/<script>`` with ``--out out``; its JSON report (the run must pass)."""
     done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "throughput.py"),
-            "--work",
-            str(tmp_path / "work"),
-            "--quick",
-            "--skip-e2e",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())  # type: ignore[no-any-return]
+
+
+def test_throughput_benchmark_quick_mode(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    report = _run_benchmark(
+        "throughput.py", out, "--work", str(tmp_path / "work"), "--quick", "--skip-e2e"
+    )
     rates = {row["key"]: row.get("slices_per_s", 0.0) for row in report["model"]}
     assert rates["ort_plain_fp32"] > 0 and rates["ggo_fp32"] > 0
     assert rates["ggo_int8"] > 0  # the shipped int8 recipe is rebuilt and runs
@@ -100,27 +98,16 @@ def test_upsampling_rewrite_computes_the_same_outputs() -> None:
 def test_predict_profile_reports_the_steps_on_a_real_series(
     tmp_path: Path, real_ct_dir: Path
 ) -> None:
-    out = tmp_path / "profile.json"
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "benchmarks" / "predict_profile.py"),
-            "--input",
-            str(real_ct_dir),
-            "--slices",
-            "4",
-            "--batch-size",
-            "2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=600,
+    report = _run_benchmark(
+        "predict_profile.py",
+        tmp_path / "profile.json",
+        "--input",
+        str(real_ct_dir),
+        "--slices",
+        "4",
+        "--batch-size",
+        "2",
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
     assert report["slices"] == 4 and report["hu_dtype"] == "int16"
     share = report["share_of_wall"]
     assert {"window_hu", "predict_logits"} <= set(share)

@@ -15,6 +15,22 @@ from tests.onnx_models import write_conv_explain_pair
 runner = CliRunner()
 
 
+def _explain_args(study, out: Path, model: Path, *extra: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """``ggo-cli explain`` on the study with the conv model, no lung mask, no settling."""
+    return [
+        "explain",
+        str(study.root),
+        "-o",
+        str(out),
+        "-m",
+        str(model),
+        "--settle",
+        "0",
+        "--no-lung-mask",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def study(tmp_path: Path):  # type: ignore[no-untyped-def]
     """12 slices of air with a dense block on 4 of them (the conv model fires on it)."""
@@ -26,22 +42,7 @@ def study(tmp_path: Path):  # type: ignore[no-untyped-def]
 def test_explain_writes_npz_and_panels_only(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
     model, _ = write_conv_explain_pair(tmp_path / "model")
     out = tmp_path / "out"
-    result = runner.invoke(
-        app,
-        [
-            "explain",
-            str(study.root),
-            "-o",
-            str(out),
-            "-m",
-            str(model),
-            "--settle",
-            "0",
-            "--no-lung-mask",
-            "--no-progress",
-            "--json",
-        ],
-    )
+    result = runner.invoke(app, _explain_args(study, out, model, "--no-progress", "--json"))
     assert result.exit_code == 0, result.output
     folder = out / study.study_instance_uid / study.series_instance_uid
     maps = np.load(folder / "gradcam.npz")
@@ -86,42 +87,14 @@ def test_segment_explain_does_both_in_one_pass(tmp_path: Path, study) -> None:  
 def test_missing_explain_graph_is_a_model_error(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
     model, explain = write_conv_explain_pair(tmp_path / "model")
     explain.unlink()
-    result = runner.invoke(
-        app,
-        [
-            "explain",
-            str(study.root),
-            "-o",
-            str(tmp_path / "o"),
-            "-m",
-            str(model),
-            "--settle",
-            "0",
-            "--no-lung-mask",
-        ],
-    )
+    result = runner.invoke(app, _explain_args(study, tmp_path / "o", model))
     assert result.exit_code == 5, result.output
     assert "export-explain" in result.stderr
 
 
 def test_unknown_layer_lists_the_choices(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
     model, _ = write_conv_explain_pair(tmp_path / "model")
-    result = runner.invoke(
-        app,
-        [
-            "explain",
-            str(study.root),
-            "-o",
-            str(tmp_path / "o"),
-            "-m",
-            str(model),
-            "--settle",
-            "0",
-            "--no-lung-mask",
-            "--layer",
-            "nope",
-        ],
-    )
+    result = runner.invoke(app, _explain_args(study, tmp_path / "o", model, "--layer", "nope"))
     assert result.exit_code == 2, result.output
     assert "conv" in result.stderr and "head" in result.stderr
 
@@ -137,16 +110,7 @@ def test_explain_runs_with_torch_unimportable(tmp_path: Path, study) -> None:  #
             sys.executable,
             "-c",
             script,
-            "explain",
-            str(study.root),
-            "-o",
-            str(tmp_path / "o"),
-            "-m",
-            str(model),
-            "--settle",
-            "0",
-            "--no-lung-mask",
-            "--no-progress",
+            *_explain_args(study, tmp_path / "o", model, "--no-progress"),
         ],
         capture_output=True,
         text=True,

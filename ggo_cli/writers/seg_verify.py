@@ -92,6 +92,13 @@ def model_masks(planes: npt.NDArray[np.bool_], n_channels: int) -> npt.NDArray[n
     return np.moveaxis(planes[:n_channels], 0, -1)
 
 
+def _check_lung_shapes(masks: npt.NDArray[np.bool_], lungs: LungMasks) -> None:
+    """Raise ``ValueError`` when masks and lungs do not cover the same slices (a bug)."""
+    if masks.shape[:3] != lungs.right.shape or lungs.left.shape != lungs.right.shape:
+        raise ValueError(f"masks {masks.shape} do not match lung shapes {lungs.right.shape} and "
+                         f"{lungs.left.shape}")
+
+
 def keep_inside_lungs(prediction: Prediction, lungs: LungMasks) -> Prediction:
     """Clear every channel of the masks outside ``right | left``, in place, slab by slab.
 
@@ -102,9 +109,7 @@ def keep_inside_lungs(prediction: Prediction, lungs: LungMasks) -> Prediction:
         ValueError: the shapes differ.
     """
     masks = prediction.masks
-    if masks.shape[:3] != lungs.right.shape or lungs.left.shape != lungs.right.shape:
-        raise ValueError(f"masks {masks.shape} do not match lung shapes {lungs.right.shape} and "
-                         f"{lungs.left.shape}")
+    _check_lung_shapes(masks, lungs)
     for start in range(0, masks.shape[0], VERIFY_SLAB_SLICES):
         z = slice(start, start + VERIFY_SLAB_SLICES)
         both = np.logical_or(lungs.right[z], lungs.left[z])
@@ -123,9 +128,7 @@ def stack_segments(prediction: Prediction, lungs: LungMasks) -> tuple[Prediction
         ValueError: the shapes differ.
     """
     masks = prediction.masks
-    if masks.shape[:3] != lungs.right.shape or lungs.left.shape != lungs.right.shape:
-        raise ValueError(f"masks {masks.shape} do not match lung shapes {lungs.right.shape} and "
-                         f"{lungs.left.shape}")
+    _check_lung_shapes(masks, lungs)
     n_channels = masks.shape[-1]
     planes, stacked = segment_planes(lungs.right.shape, n_channels)
     np.copyto(stacked.right, lungs.right)
