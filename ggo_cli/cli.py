@@ -57,7 +57,7 @@ from .errors import (
     SeriesError,
 )
 from .explain import ExplainSlices
-from .logs import configure_logging, level_from_flags
+from .logs import configure_logging, level_from_flags, quiet_pydicom
 from .precision import Precision
 
 log = logging.getLogger(__name__)
@@ -114,11 +114,9 @@ def main(
     ] = False,
 ) -> None:
     """Ground-glass opacity segmentation for chest CT (research use only)."""
-    import pydicom
-
     configure_logging(level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file)
     # Malformed values are reported by pydicom with their content (dates, names): keep them out.
-    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    quiet_pydicom()
     _state.debug = debug
 
 
@@ -310,6 +308,17 @@ DecodeWorkersOpt = Annotated[
         "most 8; 0: decode in the main process).",
     ),
 ]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Series processed at once, each in its own worker process with its own model "
+        "session (default: 1 on the CPU; on a GPU one per two cores, at most 8, as memory "
+        "allows).",
+    ),
+]
 LungMaskOpt = Annotated[
     bool,
     typer.Option(
@@ -410,6 +419,7 @@ def segment(
     lung_mask: LungMaskOpt = True,
     precision: PrecisionOpt = Precision.AUTO,
     decode_workers: DecodeWorkersOpt = None,
+    jobs: JobsOpt = None,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -446,6 +456,7 @@ def segment(
             lung_mask=lung_mask,
             precision=precision.value,
             decode_workers=decode_workers,
+            jobs=jobs,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
@@ -481,6 +492,7 @@ def explain(
         float, typer.Option("--settle", min=0.0, help="Skip series modified in the last N minutes.")
     ] = SETTLE_MINUTES,
     lung_mask: LungMaskOpt = True,
+    jobs: JobsOpt = None,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -507,6 +519,7 @@ def explain(
             explain_layer=layer,
             explain_slices=slices.value,
             lung_mask=lung_mask,
+            jobs=jobs,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

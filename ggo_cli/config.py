@@ -102,6 +102,9 @@ class RunConfig:
             :class:`ggo_cli.precision.Precision`.
         decode_workers: processes that decode pixel data (``None``: one per usable core, at
             most 8, none on a single core; 0: decode in the main process).
+        jobs: series processed at once, each whole in its own worker process (``None``: 1 on
+            the CPU; on a GPU one per two usable cores, at most 8, within the memory; see
+            :mod:`ggo_cli.series_pool`).
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
     """
@@ -127,6 +130,7 @@ class RunConfig:
     lung_mask: bool = True
     precision: str = "auto"
     decode_workers: int | None = None
+    jobs: int | None = None
 
     @property
     def patient_column(self) -> str | None:

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import pickle
+import queue
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
@@ -74,3 +80,60 @@ def configure_logging(
     root.setLevel(logging.WARNING)
     logging.getLogger("ggo_cli").setLevel(level)
     logging.captureWarnings(True)
+
+
+def quiet_pydicom() -> None:
+    """Never validate values on read: pydicom's reports quote the values (dates, names).
+
+    Called by the CLI and in every worker process (they do not inherit the setting).
+    """
+    import pydicom
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
+def configure_worker_logging(records: Any, level: int) -> None:
+    """In a worker process: send log records through ``records`` to the main process.
+
+    ``ggo_cli`` records from ``level`` up and third-party warnings go to a
+    :class:`logging.handlers.QueueHandler`; the main process hands them to its own handlers
+    (:func:`relay_worker_logs`), so the worker writes nothing to stderr or files itself.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ggo_cli").setLevel(level)
+    logging.captureWarnings(True)
+
+
+@contextmanager
+def relay_worker_logs(records: Any) -> Iterator[None]:
+    """While open, hand the records worker processes put on ``records`` (a multiprocessing
+    queue) to this process's logger of the same name (levels were applied in the worker; this
+    process's handlers and filters apply as to its own records).
+
+    The relay thread polls, so a worker killed in the middle of a write cannot hang the exit.
+    """
+    stop = threading.Event()
+
+    def relay() -> None:
+        while True:
+            try:
+                record = records.get(timeout=0.1)
+            except queue.Empty:
+                if stop.is_set():
+                    return  # drained
+                continue
+            except (EOFError, OSError, ValueError, pickle.UnpicklingError):
+                return  # a worker died mid-write or the queue closed: stop relaying
+            logging.getLogger(record.name).handle(record)
+
+    thread = threading.Thread(target=relay, name="ggo-worker-logs", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -50,6 +50,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "batch_size": cfg.batch_size,
             "precision": cfg.precision,
             "decode_workers": cfg.decode_workers,
+            "jobs": cfg.jobs,
             "threshold": cfg.threshold,
             "png": cfg.png_mode.value,
             "lung_mask": cfg.lung_mask,
@@ -76,6 +77,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "providers": result.providers,
             "batch_size": result.batch_size,
             "precision": result.precision,
+            "jobs": result.jobs,
         },
         "counts": {
             "files": result.discovery.n_files,

@@ -2,7 +2,8 @@
 
 :func:`run_segment` holds the output folder's lock, consults the state store per series
 (:mod:`ggo_cli.state`), runs the pipeline's stages where work is due (decode ahead in worker
-processes, segment, write behind in a thread: :class:`_Stages`), and rebuilds the CSV and
+processes, segment, write behind in a thread: :class:`_Stages`; or, with ``--jobs N``, whole
+series in N worker processes: :mod:`ggo_cli.series_pool`), and rebuilds the CSV and
 manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and
 leaves the SEG, CSV and state of the folder alone.
 """
@@ -38,6 +39,7 @@ from .pipeline import (
     PreparedSeries,
     ProgressSink,
     RunResult,
+    Sessions,
     VolumeSource,
     check_output_location,
     compute_series,
@@ -47,6 +49,7 @@ from .pipeline import (
     write_series,
 )
 from .runlock import RunLock
+from .series_pool import SeriesPool, SessionSummary, auto_jobs, summarize
 from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
 from .volume import DecodePool, default_decode_workers
 from .writers.report_csv import outcome_row, write_rows
@@ -151,14 +154,13 @@ class _Run:
         self.model = model
         self.store = store
         self.options = options_digest(_output_options(cfg, model))
-        self.segmenter: OnnxSegmenter | None = None
-        self.explainer: OnnxExplainer | None = None
         # Fingerprint of each series as planned (before any work), recorded with its outcome.
         self.fingerprints: dict[str, str] = {}
         # Validate the explain graph before any work (a missing explain.onnx fails at once).
-        self.explain_info = (
+        explain_info = (
             load_explain_info(default_explain_path(model.path), model) if cfg.explain else None
         )
+        self.sessions = Sessions(cfg, model, explain_info)
 
     def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
         row = outcome_row(
@@ -187,26 +189,10 @@ class _Run:
         )
 
     def session(self) -> OnnxSegmenter:
-        if self.segmenter is None:
-            self.segmenter = OnnxSegmenter(
-                self.model,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                threshold=self.cfg.threshold,
-                precision=self.cfg.precision,
-            )
-        return self.segmenter
+        return self.sessions.segmenter()
 
     def explain_session(self) -> OnnxExplainer | None:
-        if self.explain_info is not None and self.explainer is None:
-            self.explainer = OnnxExplainer(
-                self.model,
-                self.explain_info,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                layer=self.cfg.explain_layer,
-            )
-        return self.explainer
+        return self.sessions.explainer()
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
@@ -327,10 +313,59 @@ def _run_series(
     series_list: tuple[SeriesInfo, ...],
     progress: ProgressSink | None,
     result: RunResult,
-) -> None:
-    """Process every series in discovery order through the decode / segment / write stages."""
+) -> SessionSummary | None:
+    """Process every series: in this process (``--jobs 1``) or in worker processes.
+
+    Returns:
+        Where inference ran, or ``None`` when no series needed the model.
+    """
     plans = {s.series_instance_uid: run.plan(s) for s in series_list}
     todo = [s for s in series_list if plans[s.series_instance_uid] is None]
+    result.jobs = auto_jobs(run.cfg, todo)
+    if result.jobs > 1:
+        summary = _run_in_workers(run, series_list, plans, todo, progress, result)
+    else:
+        _run_staged(run, series_list, plans, todo, progress, result)
+        summary = summarize(run.sessions)
+    order = {s.series_instance_uid: k for k, s in enumerate(series_list)}
+    result.outcomes.sort(key=lambda o: order[o.series.series_instance_uid])
+    return summary
+
+
+def _run_in_workers(
+    run: _Run,
+    series_list: tuple[SeriesInfo, ...],
+    plans: dict[str, SeriesOutcome | None],
+    todo: list[SeriesInfo],
+    progress: ProgressSink | None,
+    result: RunResult,
+) -> SessionSummary | None:
+    """Whole series in ``result.jobs`` worker processes; outcomes recorded as they arrive."""
+    for series in series_list:
+        planned = plans[series.series_instance_uid]
+        if planned is not None:
+            _finish(run, planned, progress, result)
+    log.info("%d series to process, %d at a time in worker processes", len(todo), result.jobs)
+    try:
+        with SeriesPool(run.cfg, run.model, run.sessions.explain_info, result.jobs) as pool:
+            for outcome in pool.run(todo):
+                _finish(run, outcome, progress, result)
+            return pool.summary
+    except BaseException:
+        _remove_stale_temps(run.cfg.out_dir)  # of workers stopped in the middle of a write
+        raise
+
+
+def _run_staged(
+    run: _Run,
+    series_list: tuple[SeriesInfo, ...],
+    plans: dict[str, SeriesOutcome | None],
+    todo: list[SeriesInfo],
+    progress: ProgressSink | None,
+    result: RunResult,
+) -> None:
+    """Every series in this process, in discovery order, through the decode / segment /
+    write stages (:class:`_Stages`)."""
     workers = run.cfg.decode_workers
     with DecodePool(default_decode_workers() if workers is None else workers) as pool:
         stages = _Stages(run, todo, pool)
@@ -369,8 +404,6 @@ def _run_series(
                 _finish(run, last, progress, result)
         finally:
             stages.close()
-    order = {s.series_instance_uid: k for k, s in enumerate(series_list)}
-    result.outcomes.sort(key=lambda o: order[o.series.series_instance_uid])
 
 
 def _finish(
@@ -419,12 +452,11 @@ def run_segment(
             progress.discovered(len(discovery.series))
         run = _Run(cfg, model, store)
         t_series = time.perf_counter()
-        _run_series(run, discovery.series, progress, result)
+        summary = _run_series(run, discovery.series, progress, result)
         result.timings_s["series"] = time.perf_counter() - t_series
-        if run.segmenter is not None:
-            result.device, result.providers = run.segmenter.device_label, run.segmenter.providers
-            result.batch_size = run.segmenter.batch_size
-            result.precision = run.segmenter.precision.value
+        if summary is not None:
+            result.device, result.providers = summary.device, list(summary.providers)
+            result.batch_size, result.precision = summary.batch_size, summary.precision
         if not cfg.explain_only:
             result.csv_path = run.write_csv()
         result.timings_s["total"] = time.perf_counter() - t0

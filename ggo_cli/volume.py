@@ -30,6 +30,7 @@ from pydicom.dataset import Dataset
 from .config import SPACING_ABS_TOLERANCE_MM, SelectionRules
 from .domain import CtVolume, HuArray, SeriesInfo
 from .errors import SeriesGeometryError, UnsupportedSeriesError
+from .logs import quiet_pydicom
 
 log = logging.getLogger(__name__)
 
@@ -176,10 +177,26 @@ MIN_POOL_SLICES = 32
 """Smaller series decode in the calling thread: starting worker processes costs more."""
 
 
+_core_budget: int | None = None
+
+
+def set_core_budget(cores: int | None) -> None:
+    """Cap :func:`usable_cores` in this process (a ``--jobs`` worker's share); ``None``: no cap."""
+    global _core_budget
+    _core_budget = None if cores is None else max(1, cores)
+
+
+def core_budget() -> int | None:
+    """The cap set by :func:`set_core_budget`, or ``None``."""
+    return _core_budget
+
+
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS has one), at least 1."""
+    """CPU cores this process may run on (its affinity where the OS has one, within the
+    process's budget), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return cores or 1
+    cores = cores or 1
+    return cores if _core_budget is None else min(cores, _core_budget)
 
 
 def default_decode_workers() -> int:
@@ -223,7 +240,9 @@ class DecodePool:
                 "spawn"
             )
             self._executor = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context(method)
+                max_workers=self.workers,
+                mp_context=multiprocessing.get_context(method),
+                initializer=quiet_pydicom,
             )
         return self._executor
 
