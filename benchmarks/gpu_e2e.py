@@ -6,18 +6,27 @@ synthetic chest CTs of ``--slices`` slices (Explicit VR Little Endian, 512 x 512
 lung mask, decoder processes) and with one setting changed at a time, each in a fresh process
 and a fresh output folder. Reports wall time, slices/s and the manifest's timings.
 
+``--jobs 1 4 8`` adds one run per value of ``ggo-cli segment --jobs`` (whole series in worker
+processes). ``--device cpu --stand-in-model`` runs the same on the CPU with a trivial model
+standing in for a GPU's fast inference, to time the CPU stages alone.
+
 Usage (the GPU machine recipe is in docs/benchmarks.md)::
 
     python benchmarks/gpu_e2e.py --work /tmp/e2e --out e2e.json
+    python benchmarks/gpu_e2e.py --work /tmp/e2e --variants --jobs 1 4 8
+    python benchmarks/gpu_e2e.py --work /tmp/e2e --device cpu --stand-in-model --studies 4 \
+        --variants default --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,12 +35,75 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "default": ("default (fp16 + NHWC, lung mask, decoders)", []),
+    "default": ("default settings (CUDA: fp16 + NHWC; lung mask; decoders)", []),
     "fp32": ("--precision fp32", ["--precision", "fp32"]),
     "no-decoders": ("--decode-workers 0", ["--decode-workers", "0"]),
     "no-lung-mask": ("--no-lung-mask", ["--no-lung-mask"]),
 }
 """Short name: (what the report calls it, extra ``ggo-cli segment`` arguments)."""
+
+
+def _tree_rss(root: int) -> int:
+    """Resident bytes of process ``root`` and all its descendants (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            statm = (entry / "statm").read_text().split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        rss[int(entry.name)] = int(statm[1]) * page
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo += children.get(pid, [])
+    return total
+
+
+def _run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run ``command``; also the peak summed RSS of its process tree (sampled every 0.25 s)."""
+    proc = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    peak = 0
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.wait(0.25):
+            peak = max(peak, _tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    if Path("/proc/self/statm").exists():
+        sampler.start()
+    out, err = proc.communicate()
+    stop.set()
+    if sampler.is_alive():
+        sampler.join()
+    return subprocess.CompletedProcess(command, proc.returncode, out, err), peak
+
+
+def _host() -> dict[str, Any]:
+    """Cores and memory of this machine (the stages that scale with --jobs run on the CPU)."""
+    import platform
+
+    from ggo_cli.series_pool import available_memory_bytes
+    from ggo_cli.volume import usable_cores
+
+    memory = available_memory_bytes()
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "usable_cores": usable_cores(),
+        "cpu_count": os.cpu_count(),
+        "mem_available_gib": round(memory / 2**30, 1) if memory else None,
+    }
 
 
 def main() -> int:
@@ -41,11 +113,30 @@ def main() -> int:
     parser.add_argument("--studies", type=int, default=2)
     parser.add_argument("--device", default="cuda")
     parser.add_argument(
-        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-        help="settings to run (default: all)",
+        "--variants", nargs="*", choices=list(VARIANTS), default=list(VARIANTS),
+        help="settings to run (default: all; none: only the --jobs runs)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, nargs="*", default=[], help="also run with each --jobs value"
+    )
+    parser.add_argument("--model", type=Path, help="model to run (default: the shipped one)")
+    parser.add_argument(
+        "--stand-in-model",
+        action="store_true",
+        help="run a trivial 512 x 512 HU-band model (tests/onnx_models.py) instead of the "
+        "network: times the CPU stages alone, as if inference were free",
     )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    runs = [VARIANTS[key] for key in args.variants]
+    runs += [(f"--jobs {n}", ["--jobs", str(n)]) for n in args.jobs]
+    if args.stand_in_model:
+        from tests.onnx_models import write_band_model
+
+        args.work.mkdir(parents=True, exist_ok=True)
+        args.model = write_band_model(args.work / "band512.onnx", 512)
+    if args.model is not None:
+        runs = [(name, [*extra, "--model", str(args.model.resolve())]) for name, extra in runs]
 
     from ggo_cli.ct_writer import write_ct_series
     from ggo_cli.phantom import make_chest_phantom
@@ -64,8 +155,10 @@ def main() -> int:
         "runs": [],
     }
     total = args.slices * args.studies
-    for key in args.variants:
-        name, extra = VARIANTS[key]
+    report["model"] = str(args.model) if args.model else "shipped"
+    report["device_requested"] = args.device
+    report["host"] = _host()
+    for name, extra in runs:
         out = args.work / ("out_" + "".join(c for c in name if c.isalnum())[:24])
         if out.exists():
             shutil.rmtree(out)
@@ -86,13 +179,14 @@ def main() -> int:
             *extra,
         ]
         start = time.perf_counter()
-        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
+        done, peak = _run_sampled(command)
         seconds = time.perf_counter() - start
         row: dict[str, Any] = {
             "variant": name,
             "rc": done.returncode,
             "seconds": round(seconds, 2),
             "slices_per_s": round(total / seconds, 1),
+            "peak_tree_rss_gib": round(peak / 2**30, 2),
         }
         manifest_path = out / "run_manifest.json"
         if manifest_path.exists():

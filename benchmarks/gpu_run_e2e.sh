@@ -3,7 +3,8 @@
 # earlier calls left in /tmp/b (onnxruntime-gpu, the models, wheels of pydicom, highdicom,
 # pyjpegls and SimpleITK, the 10 test slices), run ggo-cli end to end on CUDA, then
 # benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
-#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s|e2e]
+#   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s|e2e|jobs]
+# jobs: end to end on eight studies with --jobs 1 (one process), 4 and 8 (worker processes);
 # d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data);
 # e2e: end to end with and without the lung mask, one series' stage times, and where predict's
 # time goes on CUDA (windowing against the network).
@@ -23,6 +24,14 @@ done
 export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 mode=${1:-eval}
+if [ "$mode" = "jobs" ]; then
+  # eight uncompressed 300-slice studies in one process, then in 4 and 8 worker processes
+  # (the default on a 16-core GPU host is 8 already: every run names its --jobs)
+  nproc; free -g | head -2
+  python3 benchmarks/gpu_e2e.py --work /tmp/e2e --studies 8 --out "$OUT/gpu_e2e_jobs.json" \
+    --variants --jobs 1 4 8 | grep '^{"variant' | cut -c1-600
+  exit 0
+fi
 if [ "$mode" = "e2e" ]; then
   # end to end with and without the lung mask, then the stage times of one series
   python3 benchmarks/gpu_e2e.py --work /tmp/e2e --out "$OUT/gpu_e2e.json" \

@@ -115,3 +115,38 @@ def test_predict_profile_reports_the_steps_on_a_real_series(
     assert not {"sigmoid", "to_source_grid", "threshold_probabilities"} & set(share)
     # on the CPU the network is nearly all of it; windowing is a rounding error
     assert share["predict_logits"] > 0.9 and share["window_hu"] < 0.01
+
+
+def test_end_to_end_benchmark_with_jobs_on_the_cpu(tmp_path: Path) -> None:
+    """``gpu_e2e.py`` on the CPU with the stand-in model: one process and two workers measure
+    the same series to the same GGO and lung volumes, and report the process tree's memory."""
+    report = _run_benchmark(
+        "gpu_e2e.py",
+        tmp_path / "report.json",
+        "--work",
+        str(tmp_path / "work"),
+        "--studies",
+        "2",
+        "--slices",
+        "48",
+        "--device",
+        "cpu",
+        "--stand-in-model",
+        "--variants",
+        "--jobs",
+        "1",
+        "2",
+    )
+    assert report["host"]["usable_cores"] >= 1
+    runs = {row["variant"]: row for row in report["runs"]}
+    assert set(runs) == {"--jobs 1", "--jobs 2"}
+    for row in runs.values():
+        assert row["rc"] == 0
+        assert row["device"]["jobs"] == int(row["variant"][-1])
+        assert row["slices_per_s"] > 0 and row["peak_tree_rss_gib"] > 0
+        assert [s["status"] for s in row["series"]] == ["ok", "ok"]
+    volumes = [
+        [(s["ggo_volume_ml"], s["lung_volume_ml"]) for s in row["series"]] for row in runs.values()
+    ]
+    assert volumes[0] == volumes[1]
+    assert all(lungs > 100 for _, lungs in volumes[0])
