@@ -126,6 +126,11 @@ def main() -> int:
         help="run a trivial 512 x 512 HU-band model (tests/onnx_models.py) instead of the "
         "network: times the CPU stages alone, as if inference were free",
     )
+    parser.add_argument(
+        "--reuse-studies",
+        action="store_true",
+        help="keep the studies an earlier run wrote with the same --studies and --slices",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     runs = [VARIANTS[key] for key in args.variants]
@@ -142,12 +147,15 @@ def main() -> int:
     from ggo_cli.phantom import make_chest_phantom
 
     studies = args.work / "studies"
-    if studies.exists():
-        shutil.rmtree(studies)
+    stamp = studies / f".written-{args.studies}x{args.slices}"
     t0 = time.perf_counter()
-    for k in range(args.studies):
-        phantom = make_chest_phantom((args.slices, 512, 512), (1.25, 0.7, 0.7), seed=10 + k)
-        write_ct_series(phantom, studies / f"study{k}" / "ct", seed=10 + k)
+    if not (args.reuse_studies and stamp.exists()):
+        if studies.exists():
+            shutil.rmtree(studies)
+        for k in range(args.studies):
+            phantom = make_chest_phantom((args.slices, 512, 512), (1.25, 0.7, 0.7), seed=10 + k)
+            write_ct_series(phantom, studies / f"study{k}" / "ct", seed=10 + k)
+        stamp.touch()
     report: dict[str, Any] = {
         "slices_per_study": args.slices,
         "studies": args.studies,

@@ -4,7 +4,8 @@
 # pyjpegls and SimpleITK, the 10 test slices), run ggo-cli end to end on CUDA, then
 # benchmarks/gpu_throughput.py: the fp16 accuracy check, or with `cuda-graph` CUDA graphs.
 #   bash benchmarks/gpu_run_e2e.sh [eval|cuda-graph|d2s|e2e|jobs]
-# jobs: end to end on eight studies with --jobs 1 (one process), 4 and 8 (worker processes);
+# jobs: predict's profile with the window in the graph and on the host, then end to end on
+# eight studies with --jobs 1 (one process), 4 and 8 (worker processes);
 # d2s: the fp16 model with and without the ConvTranspose rewrite, then end to end (no eval data);
 # e2e: end to end with and without the lung mask, one series' stage times, and where predict's
 # time goes on CUDA (windowing against the network).
@@ -25,11 +26,17 @@ export PYTHONPATH=/tmp/ortgpu:/tmp/site:$PWD
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 mode=${1:-eval}
 if [ "$mode" = "jobs" ]; then
+  # predict on one series with the window in the graph (the CUDA default) and on the host
+  python3 benchmarks/gpu_e2e.py --work /tmp/e2e --studies 8 --variants > /dev/null
+  for w in on off; do
+    python3 benchmarks/predict_profile.py --input /tmp/e2e/studies/study0/ct --device cuda \
+      --window-in-graph $w --out "$OUT/predict_profile_window_$w.json" | tail -n 16
+  done
   # eight uncompressed 300-slice studies in one process, then in 4 and 8 worker processes
   # (the default on a 16-core GPU host is 8 already: every run names its --jobs)
   nproc; free -g | head -2
   python3 benchmarks/gpu_e2e.py --work /tmp/e2e --studies 8 --out "$OUT/gpu_e2e_jobs.json" \
-    --variants --jobs 1 4 8 | grep '^{"variant' | cut -c1-600
+    --reuse-studies --variants --jobs 1 4 8 | grep '^{"variant' | cut -c1-600
   exit 0
 fi
 if [ "$mode" = "e2e" ]; then

@@ -8,6 +8,10 @@ Usage::
 
     python benchmarks/predict_profile.py --input /data/one-series --device cpu --out p.json
     python benchmarks/predict_profile.py --input /tmp/e2e/studies/study0/ct --device cuda
+    python benchmarks/predict_profile.py --input ... --device cuda --window-in-graph off
+
+``_predict_windowed`` is the windowed graph (HU in, masks out: window and threshold inside it;
+the CUDA default), the other steps the host path.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ STEPS = {
     "sigmoid": "preprocessing.py",
     "to_source_grid": "preprocessing.py",
     "threshold_probabilities": "postprocessing.py",
+    "_predict_windowed": "inference.py",
 }
 """Functions reported, by name and the file that defines them."""
 
@@ -43,6 +48,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--slices", type=int, help="profile only the first N slices")
+    parser.add_argument(
+        "--window-in-graph",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="window and threshold inside the graph (auto: on CUDA only)",
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -58,7 +69,10 @@ def main() -> int:
             volume, hu=volume.hu[: args.slices], datasets=volume.datasets[: args.slices]
         )
     segmenter = OnnxSegmenter(
-        load_model_info(default_model_path()), device=args.device, batch_size=args.batch_size
+        load_model_info(default_model_path()),
+        device=args.device,
+        batch_size=args.batch_size,
+        window_in_graph={"auto": None, "on": True, "off": False}[args.window_in_graph],
     )
     warm = dataclasses.replace(
         volume, hu=volume.hu[: segmenter.batch_size], datasets=volume.datasets[: 1]
@@ -81,6 +95,7 @@ def main() -> int:
         "providers": segmenter.providers,
         "precision": segmenter.precision.value,
         "batch_size": segmenter.batch_size,
+        "window_in_graph": segmenter.window_in_graph,
         "slices": int(volume.hu.shape[0]),
         "hu_dtype": str(volume.hu.dtype),
         "wall_s": round(wall, 3),

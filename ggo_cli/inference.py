@@ -27,12 +27,15 @@ from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .postprocessing import threshold_probabilities
 from .precision import (
     CUDA_NHWC_OPTIONS,
+    HU_INPUT_NAME,
     INT8_SPEC_NAME,
+    MASK_OUTPUT_NAME,
     MAX_INT8_DICE_CHANGE,
     Precision,
     fp16_model_bytes,
     int8_model_bytes,
     load_int8_spec,
+    windowed_model_bytes,
 )
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
 from .volume import core_budget, usable_cores
@@ -215,6 +218,10 @@ class OnnxSegmenter:
         threshold: probability threshold; ``None`` takes the model's.
         precision: ``auto`` (fp16 on CUDA; on the CPU int8 where a validated int8 variant
             ships beside the model, else fp32), ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU).
+        window_in_graph: run int16 series on the model's own grid through a second session
+            whose graph windows the HU and thresholds the logits itself
+            (:func:`~ggo_cli.precision.windowed_model_bytes`); ``None``: on CUDA only, where
+            the host's windowing and thresholding showed in the profile.
 
     Raises:
         DeviceError: CUDA requested but not usable.
@@ -230,6 +237,7 @@ class OnnxSegmenter:
         batch_size: int | None = None,
         threshold: float | None = None,
         precision: str = "auto",
+        window_in_graph: bool | None = None,
     ) -> None:
         import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
@@ -245,6 +253,7 @@ class OnnxSegmenter:
             choices = ", ".join(p.value for p in Precision)
             raise InputError(f"invalid --precision {precision!r}; use {choices}") from None
         self.precision = Precision.FP32
+        self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
         self.on_cuda = self.providers[0] == CUDA_PROVIDER
@@ -253,7 +262,13 @@ class OnnxSegmenter:
         if batch_size is not None and batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {batch_size}")
         self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
-        self._bound: tuple[int, Any, Any, Any] | None = None
+        # Device buffers of a fixed batch shape per graph ("model", "windowed"): IO binding.
+        self._bound: dict[str, tuple[int, Any, Any, Any]] = {}
+        self.window_in_graph = self.on_cuda if window_in_graph is None else window_in_graph
+        if not self.window_in_graph:
+            self._variant_bytes = None  # only the windowed graph needs them again
+        self._request = request
+        self._windowed: Any | None = None
         log.info(
             "model %s %s on %s (providers %s), %s, batch %d, threshold %.3g",
             model.name,
@@ -275,22 +290,20 @@ class OnnxSegmenter:
             raise InputError("--precision int8 runs on the CPU only; add --device cpu")
         if on_cuda:
             fp16 = wanted in (Precision.AUTO, Precision.FP16)
+            variant = fp16_model_bytes(self.model.path, self.model.file_sha256) if fp16 else None
             session = create_session(
-                self.model.path,
-                request,
-                cuda_options=CUDA_NHWC_OPTIONS,
-                model_bytes=(
-                    fp16_model_bytes(self.model.path, self.model.file_sha256) if fp16 else None
-                ),
+                self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS, model_bytes=variant
             )
             if session.get_providers()[0] == CUDA_PROVIDER:
                 self.precision = Precision.FP16 if fp16 else Precision.FP32
+                self._variant_bytes = variant
                 return session
             log.debug("CUDA fell back to the CPU: CPU session instead")
         if wanted in (Precision.AUTO, Precision.INT8):
             data = self._int8_variant(explicit=wanted is Precision.INT8)
             if data is not None:
                 self.precision = Precision.INT8
+                self._variant_bytes = data
                 return create_session(self.model.path, request, model_bytes=data)
         return create_session(self.model.path, request)
 
@@ -342,32 +355,107 @@ class OnnxSegmenter:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         return np.asarray(out, dtype=np.float32)
 
-    def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """Run one batch through device buffers of a fixed shape (padded with zeros)."""
+    def _run_bound(
+        self,
+        key: str,
+        session: Any,
+        batch: npt.NDArray[Any],
+        names: tuple[str, str],
+        out_type: tuple[int, Any],
+    ) -> npt.NDArray[Any]:
+        """Run one batch through buffers of a fixed shape on the session's device (IO
+        binding; a short batch is padded with zeros).
+
+        Args:
+            key: which graph the buffers belong to.
+            session: its session.
+            batch: the input. Shape: ``(n, 1, S, S)``.
+            names: the graph's input and output names.
+            out_type: output channels and dtype.
+        """
         ort = self._ort
         n = batch.shape[0]
         size = self.model.input_size
-        if self._bound is None or self._bound[0] != self.batch_size:
-            shape_in = (self.batch_size, 1, size, size)
-            shape_out = (self.batch_size, self.model.n_channels, size, size)
+        device = "cuda" if self.on_cuda else "cpu"
+        bound = self._bound.get(key)
+        if bound is None or bound[0] != self.batch_size:
             x = ort.OrtValue.ortvalue_from_shape_and_type(
-                shape_in, np.float32, "cuda", self.device_index
+                (self.batch_size, 1, size, size), batch.dtype, device, self.device_index
             )
             y = ort.OrtValue.ortvalue_from_shape_and_type(
-                shape_out, np.float32, "cuda", self.device_index
+                (self.batch_size, out_type[0], size, size), out_type[1], device, self.device_index
             )
-            binding = self.session.io_binding()
-            binding.bind_ortvalue_input(INPUT_NAME, x)
-            binding.bind_ortvalue_output(OUTPUT_NAME, y)
-            self._bound = (self.batch_size, x, y, binding)
-        _, x, y, binding = self._bound
+            binding = session.io_binding()
+            binding.bind_ortvalue_input(names[0], x)
+            binding.bind_ortvalue_output(names[1], y)
+            bound = self._bound[key] = (self.batch_size, x, y, binding)
+        _, x, y, binding = bound
         if n < self.batch_size:
-            padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=np.float32)
+            padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=batch.dtype)
             padded[:n] = batch
             batch = padded
         x.update_inplace(np.ascontiguousarray(batch))
-        self.session.run_with_iobinding(binding)
-        return np.asarray(y.numpy()[:n], dtype=np.float32)
+        session.run_with_iobinding(binding)
+        return np.asarray(y.numpy()[:n])
+
+    def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Run one preprocessed batch on the GPU. Shape: ``(n, 1, S, S)`` -> ``(n, C, S, S)``."""
+        out = self._run_bound(
+            "model",
+            self.session,
+            batch,
+            (INPUT_NAME, OUTPUT_NAME),
+            (self.model.n_channels, np.float32),
+        )
+        return np.asarray(out, dtype=np.float32)
+
+    def _windowed_session(self, logit_threshold: float) -> Any:
+        """The session of the windowed, thresholded graph (created on first use)."""
+        if self._windowed is None:
+            base = self._variant_bytes or self.model.path.read_bytes()
+            data = windowed_model_bytes(
+                base,
+                low_hu=self.model.window_center_hu - self.model.window_width_hu / 2.0,
+                width_hu=self.model.window_width_hu,
+                logit_threshold=logit_threshold,
+                input_name=INPUT_NAME,
+                output_name=OUTPUT_NAME,
+            )
+            self._windowed = create_session(  # raises ModelError
+                self.model.path,
+                self._request,
+                cuda_options=CUDA_NHWC_OPTIONS if self.on_cuda else None,
+                model_bytes=data,
+            )
+            log.debug("windowed graph in use: HU in, masks out")
+        return self._windowed
+
+    def _predict_windowed(
+        self, hu: npt.NDArray[np.int16], logit_threshold: float
+    ) -> npt.NDArray[np.bool_]:
+        """Masks of int16 HU slices on the model grid through the windowed graph.
+
+        Shape: ``(n, S, S)`` -> ``(n, C, S, S)``.
+        """
+        session = self._windowed_session(logit_threshold)
+
+        def run(start: int, stop: int) -> npt.NDArray[np.bool_]:
+            return self._run_bound(
+                "windowed",
+                session,
+                hu[start:stop, None],
+                (HU_INPUT_NAME, MASK_OUTPUT_NAME),
+                (self.model.n_channels, np.bool_),
+            )
+
+        def on_halve(size: int) -> None:
+            self.batch_size = size
+            self._bound.clear()
+
+        results = run_in_batches(
+            run, hu.shape[0], batch_size=self.batch_size, on_cuda=self.on_cuda, on_halve=on_halve
+        )
+        return np.concatenate(results) if len(results) > 1 else results[0]
 
     def predict_logits(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run the model on a preprocessed batch, halving the batch on GPU out-of-memory.
@@ -388,7 +476,7 @@ class OnnxSegmenter:
 
         def on_halve(size: int) -> None:
             self.batch_size = size
-            self._bound = None
+            self._bound.clear()
 
         results = run_in_batches(
             run,
@@ -434,9 +522,28 @@ class OnnxSegmenter:
         logit_threshold = None
         if GridMapping(rows, cols, size).is_identity and 0.0 < self.threshold < 1.0:
             logit_threshold = np.float32(math.log(self.threshold / (1.0 - self.threshold)))
+        # int16 HU on the model grid, on CUDA: window and threshold inside the graph.
+        in_graph = (
+            self.window_in_graph and logit_threshold is not None and volume.hu.dtype == np.int16
+        )
         step = max(self.batch_size, 1)
         for start in range(0, n, step):
             stop = min(start + step, n)
+            if in_graph and logit_threshold is not None:
+                hu = np.asarray(volume.hu[start:stop], dtype=np.int16)  # int16 already: a view
+                try:
+                    decided = self._predict_windowed(hu, float(logit_threshold))
+                except ModelError as exc:
+                    # Never worse than before: the host path and the plain session take over.
+                    log.warning("windowed graph failed (%s); windowing on the host instead", exc)
+                    self.window_in_graph = in_graph = False
+                    self._windowed = None
+                    self._bound.pop("windowed", None)
+                else:
+                    masks[start:stop] = np.moveaxis(decided, 1, -1)
+                    if on_slices is not None:
+                        on_slices(stop - start)
+                    continue
             batch = preprocess_hu(
                 volume.hu[start:stop],
                 size=self.model.input_size,

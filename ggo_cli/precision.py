@@ -118,6 +118,83 @@ def fp16_model_bytes(path: Path, file_sha256: str) -> bytes:
     return bytes(half.SerializeToString())
 
 
+HU_INPUT_NAME = "hu"
+MASK_OUTPUT_NAME = "mask"
+
+
+def windowed_model_bytes(
+    model_bytes: bytes,
+    *,
+    low_hu: float,
+    width_hu: float,
+    logit_threshold: float,
+    input_name: str,
+    output_name: str,
+) -> bytes:
+    """The model with the lung window before it and the threshold after it, serialized.
+
+    Input ``hu`` (int16 Hounsfield units on the model grid, ``(n, 1, S, S)``); output
+    ``mask`` (bool, ``(n, C, S, S)``): ``Cast`` to float32, ``Sub`` the window's low end,
+    ``Mul`` by ``1 / width``, ``Clip`` to ``[0, 1]``, the model, then ``Greater`` than the
+    logit threshold. Every step is the float32 arithmetic of
+    :func:`ggo_cli.preprocessing.window_hu` and of the logit decision in ``predict``, so the
+    masks are the same; on a GPU the host then neither windows nor thresholds, and copies
+    2 bytes a pixel in and 1 out instead of 4 and 4 (issue 7 part 5).
+
+    Args:
+        model_bytes: the serialized model (any precision variant with float32 input and output).
+        low_hu: the window's low end in HU (centre - width / 2).
+        width_hu: the window width in HU.
+        logit_threshold: ``ln(t / (1 - t))`` for the probability threshold ``t``.
+        input_name: the model's image input.
+        output_name: the model's logits output.
+
+    Raises:
+        ModelError: the model cannot be parsed or has other inputs or outputs.
+    """
+    import onnx  # deferred: keeps `ggo-cli --help` fast
+    from onnx import TensorProto, helper
+
+    try:
+        model = onnx.load_from_string(model_bytes)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises untyped errors
+        raise ModelError(f"cannot parse the model to add the window: {exc}") from exc
+    graph = model.graph
+    inputs = [i for i in graph.input if i.name == input_name]
+    outputs = [o for o in graph.output if o.name == output_name]
+    if len(inputs) != 1 or len(outputs) != 1 or len(graph.output) != 1:
+        raise ModelError(f"cannot add the window: no single {input_name!r} -> {output_name!r}")
+    image, logits = inputs[0], outputs[0]
+    hu = helper.make_tensor_value_info(HU_INPUT_NAME, TensorProto.INT16, None)
+    hu.type.tensor_type.shape.CopyFrom(image.type.tensor_type.shape)
+    mask = helper.make_tensor_value_info(MASK_OUTPUT_NAME, TensorProto.BOOL, None)
+    mask.type.tensor_type.shape.CopyFrom(logits.type.tensor_type.shape)
+    constants = {
+        "ggo_window_low": np.float32(low_hu),
+        "ggo_window_scale": np.float32(1.0 / width_hu),
+        "ggo_zero": np.float32(0.0),
+        "ggo_one": np.float32(1.0),
+        "ggo_logit_threshold": np.float32(logit_threshold),
+    }
+    for name, value in constants.items():
+        graph.initializer.append(helper.make_tensor(name, TensorProto.FLOAT, [], [float(value)]))
+    before = [
+        helper.make_node("Cast", [HU_INPUT_NAME], ["ggo_hu_f32"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["ggo_hu_f32", "ggo_window_low"], ["ggo_shifted"]),
+        helper.make_node("Mul", ["ggo_shifted", "ggo_window_scale"], ["ggo_scaled"]),
+        helper.make_node("Clip", ["ggo_scaled", "ggo_zero", "ggo_one"], [input_name]),
+    ]
+    after = helper.make_node("Greater", [output_name, "ggo_logit_threshold"], [MASK_OUTPUT_NAME])
+    nodes = [*before, *graph.node, after]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.input.remove(image)
+    graph.input.insert(0, hu)
+    graph.output.remove(logits)
+    graph.output.append(mask)
+    return bytes(model.SerializeToString())
+
+
 @dataclass(frozen=True)
 class Int8Spec:
     """The validated int8 recipe of a model (``int8_calibration.json``).

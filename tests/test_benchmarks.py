@@ -115,6 +115,22 @@ def test_predict_profile_reports_the_steps_on_a_real_series(
     assert not {"sigmoid", "to_source_grid", "threshold_probabilities"} & set(share)
     # on the CPU the network is nearly all of it; windowing is a rounding error
     assert share["predict_logits"] > 0.9 and share["window_hu"] < 0.01
+    assert report["window_in_graph"] is False
+    graph = _run_benchmark(
+        "predict_profile.py",
+        tmp_path / "graph.json",
+        "--input",
+        str(real_ct_dir),
+        "--slices",
+        "4",
+        "--batch-size",
+        "2",
+        "--window-in-graph",
+        "on",
+    )
+    # the CUDA path, here on the CPU: no host windowing at all
+    assert graph["window_in_graph"] is True
+    assert set(graph["share_of_wall"]) == {"_predict_windowed"}
 
 
 def test_end_to_end_benchmark_with_jobs_on_the_cpu(tmp_path: Path) -> None:

@@ -160,3 +160,73 @@ def test_deciding_on_logits_matches_the_sigmoid_threshold(
     assert 0 < got.sum() < got.size  # the threshold cuts through these values
     # equal but where float32 rounding of the sigmoid lands on the threshold itself
     assert (got != want).sum() <= 2
+
+
+@pytest.mark.parametrize("batch_size", [2, 16])
+def test_window_in_the_graph_gives_the_masks_of_host_windowing(
+    band_model_path: Path, batch_size: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The windowed graph (int16 HU in, masks out; the CUDA path, here on the CPU's IO
+    binding) decides every voxel as host windowing + model + logit threshold does, at the
+    window's clip ends too; float32 HU and resized grids keep the host path."""
+    from ggo_cli import preprocessing
+
+    rng = np.random.default_rng(11)
+    hu16 = rng.integers(-1400, 400, size=(5, 64, 64)).astype(np.int16)
+    hu16[0, :4] = [[-2048], [-1350], [150], [3071]]  # below, at and above the window's ends
+    model = load_model_info(band_model_path)
+    calls: list[int] = []
+    for threshold in (0.5, 0.84):
+        plain = OnnxSegmenter(model, device="cpu", batch_size=batch_size, threshold=threshold)
+        assert not plain.window_in_graph  # CPU default: host windowing
+        want = plain.predict(_volume(hu16)).masks  # type: ignore[arg-type]
+        graph = OnnxSegmenter(
+            model, device="cpu", batch_size=batch_size, threshold=threshold, window_in_graph=True
+        )
+        monkeypatch.setattr(
+            preprocessing, "window_hu", lambda *a, **k: calls.append(1)  # never called here
+        )
+        got = graph.predict(_volume(hu16)).masks  # type: ignore[arg-type]
+        monkeypatch.undo()
+        assert calls == []
+        assert graph._windowed is not None and "windowed" in graph._bound
+        np.testing.assert_array_equal(got, want)
+        assert 0 < got.sum() < got.size
+    # float32 HU: the host path on the plain session, same masks
+    host = graph.predict(_volume(hu16.astype(np.float32))).masks
+    np.testing.assert_array_equal(host, got)
+
+
+def test_window_in_the_graph_on_the_shipped_model(real_ct_dir: Path) -> None:
+    """Two real 512 x 512 slices through the shipped model (fp32): the windowed graph's masks
+    equal the host path's."""
+    from ggo_cli.config import default_model_path
+    from ggo_cli.discovery import discover_series
+    from ggo_cli.volume import load_volume
+
+    volume = load_volume(discover_series([real_ct_dir]).eligible[0])
+    assert volume.hu.dtype == np.int16 and volume.hu.shape[1:] == (512, 512)
+    middle = volume.hu.shape[0] // 2
+    two = CtVolume(volume.series, volume.hu[middle : middle + 2], (), 2.0, (0.7, 0.7))
+    model = load_model_info(default_model_path())
+    host = OnnxSegmenter(model, device="cpu", precision="fp32").predict(two).masks
+    graph = OnnxSegmenter(model, device="cpu", precision="fp32", window_in_graph=True)
+    np.testing.assert_array_equal(graph.predict(two).masks, host)
+
+
+def test_a_failing_windowed_graph_falls_back_to_host_windowing(
+    band_model_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from ggo_cli import inference
+    from ggo_cli.errors import ModelError
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise ModelError("cannot parse the model to add the window: test")
+
+    monkeypatch.setattr(inference, "windowed_model_bytes", broken)
+    hu16 = np.random.default_rng(3).integers(-1200, 200, size=(3, 64, 64)).astype(np.int16)
+    seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu", window_in_graph=True)
+    got = seg.predict(_volume(hu16)).ggo  # type: ignore[arg-type]
+    np.testing.assert_array_equal(got, _band_truth(hu16.astype(np.float32)))
+    assert not seg.window_in_graph
+    assert "windowing on the host instead" in caplog.text
