@@ -299,21 +299,16 @@ def _mask(image: Any) -> BoolVolume:
 
 
 def _labels(mask: BoolVolume) -> npt.NDArray[np.uint32]:
-    """Face-connected components, largest first (label 1), background 0.
+    """Face-connected components labelled 1, 2, ... in raster order, background 0.
 
     uint32 as SimpleITK returns them (no int64 copy: 4 bytes a voxel, not 12, on long series).
     """
     image = _image(mask)
-    serial = _serial(image)
     connected = sitk.ConnectedComponentImageFilter()
     connected.SetFullyConnected(False)
-    relabel = sitk.RelabelComponentImageFilter()
-    relabel.SetSortByObjectSize(True)
-    if serial:
+    if _serial(image):
         connected.SetNumberOfThreads(1)
-        relabel.SetNumberOfThreads(1)
-    labelled = relabel.Execute(connected.Execute(image))
-    return np.asarray(sitk.GetArrayFromImage(labelled), dtype=np.uint32)
+    return np.asarray(sitk.GetArrayFromImage(connected.Execute(image)), dtype=np.uint32)
 
 
 def _distance_mm(mask: BoolVolume, spacing: tuple[float, ...]) -> npt.NDArray[np.float32]:
@@ -384,11 +379,19 @@ class _Components:
         self._source = source
         self._n = n_slices
         self._plane: tuple[int, ...] = (0, 0)
+        # Each slab's labels kept as uint16 where they fit (2 bytes a voxel, half of uint32),
+        # so that painting need not label the slab again; None: labelled again when painted.
+        self._kept: list[npt.NDArray[np.uint16] | None] = []
+        self._n_labels: list[int] = []
         parent: list[int] = [0]  # global label -> parent (0: background)
         counts: list[int] = [0]
         previous_last: npt.NDArray[np.int64] | None = None
         for _, first, labels, slab_counts in self._slabs(with_counts=True):
             self._plane = labels.shape[1:]
+            n_labels = len(slab_counts)
+            self._n_labels.append(n_labels)
+            fits = n_labels <= np.iinfo(np.uint16).max
+            self._kept.append(labels.astype(np.uint16) if fits else None)
             parent.extend(range(first + 1, first + 1 + len(slab_counts)))
             counts.extend(slab_counts)
             head = labels[0].astype(np.int64)
@@ -420,11 +423,17 @@ class _Components:
 
     def _slabs(
         self, *, with_counts: bool = False
-    ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32], list[int]]]:
+    ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32] | npt.NDArray[np.uint16], list[int]]]:
         """``(first slice, first global label - 1, slab labels, voxels per label)`` for each
-        slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``."""
+        slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``. Slabs kept
+        from the first pass are not labelled again."""
         first = 0
-        for start in range(0, self._n, SLAB_SLICES):
+        for index, start in enumerate(range(0, self._n, SLAB_SLICES)):
+            kept = self._kept[index] if index < len(self._kept) and not with_counts else None
+            if kept is not None:
+                yield start, first, kept, []
+                first += self._n_labels[index]
+                continue
             block = self._source(slice(start, min(start + SLAB_SLICES, self._n)))
             image = sitk.ConnectedComponent(_image(block), False)
             del block
@@ -446,7 +455,7 @@ class _Components:
         """The voxels of the components whose root is marked in ``chosen`` (by global label)."""
         out = np.zeros((self._n, *self._plane), dtype=np.bool_)
         for start, first, labels, _ in self._slabs():
-            lut = chosen[self._roots[first : first + int(labels.max()) + 1]]
+            lut = chosen[self._roots[first : first + int(labels.max(initial=0)) + 1]]
             lut[0] = False  # background
             out[start : start + labels.shape[0]] = lut[labels]
         return out
