@@ -258,3 +258,75 @@ def test_workers_end_with_a_stopped_run_and_a_rerun_completes(
     assert {r["series_instance_uid"] for r in rows} == {s.series_instance_uid for s in series}
     assert {r["status"] for r in rows} == {"ok"}
     assert not list(out.rglob("*.tmp"))
+
+
+def test_segment_explain_in_workers_matches_one_process(tmp_path: Path) -> None:
+    """``segment --explain --jobs 2``: every worker makes its own GradCAM++ session; the maps
+    and the SEG pixels equal those of one process."""
+    from tests.onnx_models import write_conv_explain_pair
+
+    model, _ = write_conv_explain_pair(tmp_path / "model")
+    root = tmp_path / "in"
+    studies = []
+    for k in range(3):
+        hu = np.full((12, 64, 64), -1000.0, dtype=np.float32)
+        hu[4:8, 20 + k : 36, 24:40] = 40.0
+        studies.append(make_ct_series(root, phantom=hu, folder=f"study{k}", seed=k + 1))
+    for jobs in ("1", "2"):
+        result = runner.invoke(
+            app,
+            [
+                "segment",
+                str(root),
+                "-o",
+                str(tmp_path / f"out{jobs}"),
+                "-m",
+                str(model),
+                "--settle",
+                "0",
+                "--no-lung-mask",
+                "--no-progress",
+                "--explain",
+                "--jobs",
+                jobs,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+    for study in studies:
+        part = Path(study.study_instance_uid) / study.series_instance_uid
+        one, two = (np.load(tmp_path / f"out{j}" / part / "gradcam.npz") for j in "12")
+        np.testing.assert_array_equal(one["cam"], two["cam"])
+        assert list(one["sop_instance_uids"]) == list(two["sop_instance_uids"])
+        seg_one = hd.seg.segread(tmp_path / "out1" / part / "ggo.seg.dcm")
+        seg_two = hd.seg.segread(tmp_path / "out2" / part / "ggo.seg.dcm")
+        np.testing.assert_array_equal(seg_one.pixel_array, seg_two.pixel_array)
+
+
+def test_a_session_error_in_the_workers_is_the_runs_exit_code(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    if Path("/proc/driver/nvidia/gpus").is_dir():
+        pytest.skip("a GPU is present")
+    root = tmp_path / "in"
+    _studies(root, 2, slices=12)
+    result = runner.invoke(
+        app,
+        [
+            "segment",
+            str(root),
+            "-o",
+            str(tmp_path / "out"),
+            "-m",
+            str(band_model_path),
+            "--no-progress",
+            "--settle",
+            "0",
+            "--no-lung-mask",
+            "--jobs",
+            "2",
+            "--device",
+            "cuda",
+        ],
+    )
+    assert result.exit_code == 5, result.output
+    assert not (tmp_path / "out" / "ggo_volumes.csv").exists()
