@@ -40,7 +40,7 @@ from .domain import (
     SeriesStatus,
 )
 from .errors import InputError, OutputError, SeriesError, UnsupportedSeriesError
-from .explain import ExplainInfo, OnnxExplainer
+from .explain import OnnxExplainer
 from .inference import OnnxSegmenter
 from .lungs import LungMasks, lung_measurements, segment_lungs
 from .measurements import measure_ggo
@@ -109,52 +109,6 @@ class RunResult:
     def count(self, status: SeriesStatus) -> int:
         """Number of series with the given status."""
         return sum(o.status is status for o in self.outcomes)
-
-
-class Sessions:
-    """A run's ONNX Runtime sessions, each created on first use (one per process).
-
-    Args:
-        cfg: the run configuration (device, batch size, threshold, precision, explain layer).
-        model: the validated model.
-        explain_info: the validated explain graph, or ``None`` when no maps are asked for.
-    """
-
-    def __init__(self, cfg: RunConfig, model: ModelInfo, explain_info: ExplainInfo | None) -> None:
-        self.cfg = cfg
-        self.model = model
-        self.explain_info = explain_info
-        self._segmenter: OnnxSegmenter | None = None
-        self._explainer: OnnxExplainer | None = None
-
-    @property
-    def started(self) -> OnnxSegmenter | None:
-        """The segmenter if it was created, else ``None``."""
-        return self._segmenter
-
-    def segmenter(self) -> OnnxSegmenter:
-        """The segmentation session (created now if needed; raises ModelError, DeviceError)."""
-        if self._segmenter is None:
-            self._segmenter = OnnxSegmenter(
-                self.model,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                threshold=self.cfg.threshold,
-                precision=self.cfg.precision,
-            )
-        return self._segmenter
-
-    def explainer(self) -> OnnxExplainer | None:
-        """The GradCAM++ session when maps are asked for, else ``None``."""
-        if self.explain_info is not None and self._explainer is None:
-            self._explainer = OnnxExplainer(
-                self.model,
-                self.explain_info,
-                device=self.cfg.device,
-                batch_size=self.cfg.batch_size,
-                layer=self.cfg.explain_layer,
-            )
-        return self._explainer
 
 
 def now_utc() -> str:

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,6 @@ from .pipeline import (
     PreparedSeries,
     ProgressSink,
     RunResult,
-    Sessions,
     VolumeSource,
     check_output_location,
     compute_series,
@@ -50,6 +50,7 @@ from .pipeline import (
 )
 from .runlock import RunLock
 from .series_pool import SeriesPool, SessionSummary, auto_jobs, summarize
+from .sessions import Sessions
 from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
 from .volume import DecodePool, default_decode_workers
 from .writers.report_csv import outcome_row, write_rows
@@ -347,8 +348,11 @@ def _run_in_workers(
             _finish(run, planned, progress, result)
     log.info("%d series to process, %d at a time in worker processes", len(todo), result.jobs)
     try:
-        with SeriesPool(run.cfg, run.model, run.sessions.explain_info, result.jobs) as pool:
-            for outcome in pool.run(todo):
+        with (
+            SeriesPool(run.cfg, run.model, run.sessions.explain_info, result.jobs) as pool,
+            closing(pool.run(todo)) as outcomes,  # stopped at once if recording fails
+        ):
+            for outcome in outcomes:
                 _finish(run, outcome, progress, result)
             return pool.summary
     except BaseException:

@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -49,7 +49,8 @@ from .explain import ExplainInfo
 from .inference import cuda_wanted, parse_device
 from .logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from .model_info import ModelInfo
-from .pipeline import Sessions, now_utc, process_series
+from .pipeline import now_utc, process_series
+from .sessions import Sessions
 from .volume import set_core_budget, usable_cores
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,7 @@ class SeriesPool:
             )
         return self._executor
 
-    def run(self, todo: Sequence[SeriesInfo]) -> Iterator[SeriesOutcome]:
+    def run(self, todo: Sequence[SeriesInfo]) -> Generator[SeriesOutcome, None, None]:
         """Process ``todo``, at most ``jobs`` at once; yields outcomes as they complete.
 
         A worker's death fails every series then in flight; each of them is tried again on
