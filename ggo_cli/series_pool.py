@@ -62,8 +62,10 @@ CORES_PER_JOB = 2
 BYTES_PER_VOXEL = 12
 """Peak resident bytes per voxel of a series in one worker (a 1000 x 512 x 512 series peaked
 at 2.66 GiB on the CPU, ONNX Runtime session included; docs/benchmarks.md)."""
-WORKER_BASE_BYTES = 1 << 30
-"""Resident memory of a worker besides its series (Python, libraries, a session)."""
+WORKER_BASE_BYTES = 2 << 30
+"""Resident memory assumed for a worker besides its series: Python, the libraries, a session
+and, on a GPU, a CUDA context with its libraries (about 0.3 GB on the CPU here; the GPU part
+is an allowance, not yet measured)."""
 ASSUMED_PIXELS_PER_SLICE = 512 * 512
 """Slice size assumed when sizing ``--jobs`` (discovery does not read Rows and Columns)."""
 PARENT_POLL_S = 0.5
