@@ -103,8 +103,8 @@ class RunConfig:
         decode_workers: processes that decode pixel data (``None``: one per usable core, at
             most 8, none on a single core; 0: decode in the main process).
         jobs: series processed at once, each whole in its own worker process (``None``: 1 on
-            the CPU; on a GPU one per two usable cores, at most 8, within the memory; see
-            :mod:`ggo_cli.series_pool`).
+            the CPU; on a GPU one per two usable cores, at most 8, within the host's and the
+            GPU's memory; see :func:`ggo_cli.series_pool.auto_jobs`).
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
     """

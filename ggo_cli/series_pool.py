@@ -9,7 +9,7 @@ SEG, PNGs), each with its own ONNX Runtime session, and the main process records
 pipeline of :mod:`ggo_cli.runner`): there the model already uses every core.
 
 Memory: at most ``N`` series are in flight, each in one worker; :func:`auto_jobs` sizes ``N``
-from the usable cores and the available memory. Each worker holds its own session (on a GPU:
+from the usable cores, the available memory and the GPU's memory. Each worker holds its own session (on a GPU:
 its own CUDA context and memory arena; an out-of-memory error halves that worker's batch).
 
 Failure handling:
@@ -31,6 +31,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -68,6 +69,11 @@ and, on a GPU, a CUDA context with its libraries (about 0.3 GB on the CPU here; 
 is an allowance, not yet measured)."""
 ASSUMED_PIXELS_PER_SLICE = 512 * 512
 """Slice size assumed when sizing ``--jobs`` (discovery does not read Rows and Columns)."""
+GPU_BYTES_PER_JOB = 4 << 30
+"""GPU memory allowed per worker: a CUDA context, cuDNN workspace and the arena of a batch of
+16 slices in fp16 (an allowance, not yet measured)."""
+GPU_JOBS_UNKNOWN_MEMORY = 2
+"""Automatic ``--jobs`` on a GPU whose memory cannot be read (no ``nvidia-smi``)."""
 PARENT_POLL_S = 0.5
 """How often a worker checks that its run is still alive (besides the kernel's signal)."""
 
@@ -114,16 +120,39 @@ def available_memory_bytes() -> int | None:
     return None
 
 
+def gpu_memory_bytes(index: int) -> int | None:
+    """Total memory of NVIDIA GPU ``index`` from ``nvidia-smi`` (shipped with the driver), or
+    ``None`` when it cannot be read."""
+    try:
+        done = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=memory.total",
+                "--format=csv,noheader,nounits",
+                "-i",
+                str(index),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return int(float(done.stdout.strip().splitlines()[0])) << 20  # MiB
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
     """Series processed at once: ``cfg.jobs`` when given, else 1 on the CPU and on a GPU
     one per :data:`CORES_PER_JOB` usable cores, at most :data:`MAX_JOBS`, within three
-    quarters of the available memory for the largest series to do; never more than the
-    series to do."""
+    quarters of the available memory for the largest series to do and within 80 % of the
+    GPU's memory (:data:`GPU_BYTES_PER_JOB` each); never more than the series to do."""
     if not todo:
         return 1
     if cfg.jobs is not None:
         return max(1, min(cfg.jobs, len(todo)))
-    if not cuda_wanted(parse_device(cfg.device)):
+    request = parse_device(cfg.device)
+    if not cuda_wanted(request):
         return 1
     jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, len(todo))
     memory = available_memory_bytes()
@@ -131,6 +160,9 @@ def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
         largest = max(len(s.files) for s in todo) * ASSUMED_PIXELS_PER_SLICE
         per_job = largest * BYTES_PER_VOXEL + WORKER_BASE_BYTES
         jobs = min(jobs, int(0.75 * memory) // per_job)
+    gpu = gpu_memory_bytes(request.index)
+    by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB
+    jobs = min(jobs, by_gpu)
     return max(1, jobs)
 
 

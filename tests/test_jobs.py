@@ -176,7 +176,15 @@ def test_auto_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert auto_jobs(RunConfig(**{**_fields(cfg), "jobs": 3}), todo[:2]) == 2
     assert auto_jobs(cfg, []) == 1
     monkeypatch.setattr(series_pool, "cuda_wanted", lambda request: True)
+    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
     assert auto_jobs(cfg, todo) == 8  # 16 cores / 2, at most 8
+    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 24 << 30)
+    assert auto_jobs(cfg, todo) == 4  # 80 % of 24 GiB, 4 GiB a worker
+    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 6 << 30)
+    assert auto_jobs(cfg, todo) == 1
+    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: None)
+    assert auto_jobs(cfg, todo) == 2  # GPU memory unknown: two
+    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
     monkeypatch.setattr(series_pool, "usable_cores", lambda: 6)
     assert auto_jobs(cfg, todo) == 3
     # 1000-slice series: 12 bytes a voxel + 2 GiB a worker; three quarters of 16 GiB hold 2.
@@ -330,3 +338,18 @@ def test_a_session_error_in_the_workers_is_the_runs_exit_code(
     )
     assert result.exit_code == 5, result.output
     assert not (tmp_path / "out" / "ggo_volumes.csv").exists()
+
+
+def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        assert command[0] == "nvidia-smi" and command[-1] == "1"
+        return subprocess.CompletedProcess(command, 0, "81559\n", "")
+
+    monkeypatch.setattr(series_pool.subprocess, "run", fake_run)
+    assert series_pool.gpu_memory_bytes(1) == 81559 << 20
+
+    def missing(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(series_pool.subprocess, "run", missing)
+    assert series_pool.gpu_memory_bytes(0) is None
