@@ -9,8 +9,9 @@ SEG, PNGs), each with its own ONNX Runtime session, and the main process records
 pipeline of :mod:`ggo_cli.runner`): there the model already uses every core.
 
 Memory: at most ``N`` series are in flight, each in one worker; :func:`auto_jobs` sizes ``N``
-from the usable cores, the available memory and the GPU's memory. Each worker holds its own session (on a GPU:
-its own CUDA context and memory arena; an out-of-memory error halves that worker's batch).
+from the usable cores, the available memory and the GPU's memory. Each worker holds its own
+session (on a GPU: its own CUDA context and memory arena; an out-of-memory error halves that
+worker's batch).
 
 Failure handling:
     * A series-level failure is that series' ``failed`` row, as in one process.
