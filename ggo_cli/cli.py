@@ -155,9 +155,10 @@ class _RichProgress:
         self._progress.update(self._series, total=n_series)
 
     def series_started(self, series: SeriesInfo, n_slices: int) -> None:
-        self._progress.reset(
-            self._slices, total=n_slices, description=f"series …{series.series_instance_uid[-12:]}"
-        )
+        self.work_started(n_slices, f"series …{series.series_instance_uid[-12:]}")
+
+    def work_started(self, n_units: int, description: str) -> None:
+        self._progress.reset(self._slices, total=n_units, description=description)
 
     def advance(self, n: int) -> None:
         self._progress.advance(self._slices, n)

@@ -66,6 +66,9 @@ class ProgressSink(Protocol):
     def series_started(self, series: SeriesInfo, n_slices: int) -> None:
         """A series starts; ``n_slices`` units of work follow."""
 
+    def work_started(self, n_units: int, description: str) -> None:
+        """Units of work not tied to one series follow (series in worker processes)."""
+
     def advance(self, n: int) -> None:
         """``n`` more units of the current series are done."""
 

@@ -347,12 +347,16 @@ def _run_in_workers(
         if planned is not None:
             _finish(run, planned, progress, result)
     log.info("%d series to process, %d at a time in worker processes", len(todo), result.jobs)
+    if progress is not None:  # slices of finished series (workers report no finer progress)
+        progress.work_started(sum(len(s.files) for s in todo), f"slices, {result.jobs} workers")
     try:
         with (
             SeriesPool(run.cfg, run.model, run.sessions.explain_info, result.jobs) as pool,
             closing(pool.run(todo)) as outcomes,  # stopped at once if recording fails
         ):
             for outcome in outcomes:
+                if progress is not None:
+                    progress.advance(len(outcome.series.files))
                 _finish(run, outcome, progress, result)
             return pool.summary
     except BaseException:

@@ -358,3 +358,49 @@ def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(series_pool.subprocess, "run", missing)
     assert series_pool.gpu_memory_bytes(0) is None
+
+
+class _Sink:
+    """Records progress events."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, object]] = []
+
+    def discovered(self, n_series: int) -> None:
+        self.events.append(("discovered", n_series))
+
+    def series_started(self, series: SeriesInfo, n_slices: int) -> None:
+        self.events.append(("series_started", n_slices))
+
+    def work_started(self, n_units: int, description: str) -> None:
+        self.events.append(("work_started", n_units))
+
+    def advance(self, n: int) -> None:
+        self.events.append(("advance", n))
+
+    def series_finished(self, outcome: SeriesOutcome) -> None:
+        self.events.append(("series_finished", outcome.status.value))
+
+
+def test_progress_in_workers_counts_the_slices_of_finished_series(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    from ggo_cli.runner import run_segment
+
+    root = tmp_path / "in"
+    _studies(root, 3, slices=12)
+    cfg = RunConfig(
+        inputs=(root,),
+        out_dir=tmp_path / "out",
+        model_path=band_model_path,
+        lung_mask=False,
+        jobs=2,
+    )
+    sink = _Sink()
+    result = run_segment(cfg, progress=sink)
+    assert result.jobs == 2 and result.device == "cpu"
+    kinds = [kind for kind, _ in sink.events]
+    assert kinds[:2] == ["discovered", "work_started"] and "series_started" not in kinds
+    assert sink.events[1] == ("work_started", 36)
+    assert sum(n for kind, n in sink.events if kind == "advance") == 36  # type: ignore[misc]
+    assert [v for kind, v in sink.events if kind == "series_finished"] == ["ok"] * 3
