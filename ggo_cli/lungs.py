@@ -700,6 +700,17 @@ def _envelope(x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, lower: bool
     """Vertices of the lower (convex minorant) or upper (concave majorant) hull of points
     sorted by ``x`` (Andrew's monotone chain)."""
     sign = 1 if lower else -1
+    # A point on or beyond the chord of its two neighbours is no vertex: drop such points in
+    # whole-array passes first, so that the loop below sees few (the same vertices result).
+    x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+    while x.size > 2:
+        turn = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) - (y[1:-1] - y[:-2]) * (x[2:] - x[:-2])
+        inner = sign * turn <= 0
+        if not inner.any():
+            break
+        keep = np.ones(x.size, dtype=np.bool_)
+        keep[1:-1] = ~inner
+        x, y = x[keep], y[keep]
     hx: list[float] = []
     hy: list[float] = []
     for xi, yi in zip(x.tolist(), y.tolist(), strict=True):

@@ -302,3 +302,33 @@ def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None
     got = lungs._Components(lambda z: mask[z], mask.shape[0]).touching(seeds)
     assert seeds.any() and got.any() and not got.all()
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("lower", [True, False])
+def test_hull_envelope_equals_the_plain_monotone_chain(lower: bool) -> None:
+    """The envelope's whole-array pre-filter keeps exactly the vertices that Andrew's
+    monotone chain finds on all the points (staircases, plateaus and collinear runs too)."""
+    from ggo_cli.lungs import _envelope
+
+    def chain(x: list[int], y: list[int]) -> tuple[list[float], list[float]]:
+        sign = 1 if lower else -1
+        hx: list[float] = []
+        hy: list[float] = []
+        for xi, yi in zip(x, y, strict=True):
+            while len(hx) >= 2 and sign * (
+                (hx[-1] - hx[-2]) * (yi - hy[-2]) - (hy[-1] - hy[-2]) * (xi - hx[-2])
+            ) <= 0:
+                hx.pop()
+                hy.pop()
+            hx.append(float(xi))
+            hy.append(float(yi))
+        return hx, hy
+
+    rng = np.random.default_rng(4)
+    for _ in range(300):
+        n = int(rng.integers(1, 60))
+        x = np.sort(rng.choice(400, size=n, replace=False)).astype(np.int64)
+        y = np.cumsum(rng.integers(-3, 4, size=n)).astype(np.int64) + 200
+        if rng.random() < 0.3:
+            y = 2 * x + 7  # one straight line
+        assert _envelope(x, y, lower=lower) == chain(x.tolist(), y.tolist())
