@@ -30,8 +30,8 @@ Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (
 Laterality: the patient's right is at low column indices when the row cosine points to +x
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
-Speed: a 300 x 512 x 512 phantom takes about 4.8 s on the 2-core CI-like machine (median;
-6.2 s before the components stopped being sorted and relabelled and the chest-wall bites
+Speed: a 300 x 512 x 512 phantom takes about 4.3 s on the 2-core CI-like machine (median;
+5.6 s before the components stopped being sorted and relabelled and the chest-wall bites
 were worked on in their own boxes), the real 30-slice series about 0.6 s. Slice-by-slice
 steps run on a few threads.
 
