@@ -153,8 +153,33 @@ def collect_info(model_path: Path) -> dict[str, Any]:
         "onnxruntime_providers": ort.get_available_providers(),
         "nvidia_gpu_visible": _nvidia_gpu_visible(),
         "decoders": decoder_status(),
+        "host": host_status(),
         "model": model_status(model_path),
     }
+
+
+def host_status() -> dict[str, Any]:
+    """Cores and memory, and the ``--jobs`` that ``segment`` would choose for 300-slice series
+    with ``--device auto`` (see :func:`ggo_cli.series_pool.jobs_for`)."""
+    from .series_pool import available_memory_bytes, gpu_memory_bytes, jobs_for
+    from .volume import usable_cores
+
+    memory = available_memory_bytes()
+    status: dict[str, Any] = {
+        "usable_cores": usable_cores(),
+        "memory_available_gib": None if memory is None else round(memory / 2**30, 1),
+    }
+    if _gpu_visible():
+        gpu = gpu_memory_bytes(0)
+        status["gpu0_memory_gib"] = None if gpu is None else round(gpu / 2**30, 1)
+    status["auto_jobs_300_slices"] = jobs_for("auto", largest_slices=300)
+    return status
+
+
+def _gpu_visible() -> bool:
+    from .inference import _nvidia_gpu_visible
+
+    return _nvidia_gpu_visible()
 
 
 def output_status(folder: Path) -> dict[str, Any]:

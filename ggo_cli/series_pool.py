@@ -144,27 +144,37 @@ def gpu_memory_bytes(index: int) -> int | None:
 
 
 def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
-    """Series processed at once: ``cfg.jobs`` when given, else 1 on the CPU and on a GPU
-    one per :data:`CORES_PER_JOB` usable cores, at most :data:`MAX_JOBS`, within three
-    quarters of the available memory for the largest series to do and within 80 % of the
-    GPU's memory (:data:`GPU_BYTES_PER_JOB` each); never more than the series to do."""
+    """Series processed at once for ``todo``: ``cfg.jobs`` when given (never more than the
+    series), else :func:`jobs_for` the run's device and its largest series."""
     if not todo:
         return 1
     if cfg.jobs is not None:
         return max(1, min(cfg.jobs, len(todo)))
-    request = parse_device(cfg.device)
+    return jobs_for(
+        cfg.device, largest_slices=max(len(s.files) for s in todo), n_series=len(todo)
+    )
+
+
+def jobs_for(device: str, *, largest_slices: int, n_series: int = MAX_JOBS) -> int:
+    """The automatic ``--jobs``: 1 on the CPU; on a GPU one per :data:`CORES_PER_JOB`
+    usable cores, at most :data:`MAX_JOBS`, within three quarters of the available memory
+    for series of ``largest_slices`` and within 80 % of the GPU's memory
+    (:data:`GPU_BYTES_PER_JOB` each); never more than ``n_series``.
+
+    Raises:
+        InputError: an invalid ``device``.
+    """
+    request = parse_device(device)
     if not cuda_wanted(request):
         return 1
-    jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, len(todo))
+    jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, n_series)
     memory = available_memory_bytes()
     if memory is not None:
-        largest = max(len(s.files) for s in todo) * ASSUMED_PIXELS_PER_SLICE
-        per_job = largest * BYTES_PER_VOXEL + WORKER_BASE_BYTES
+        per_job = largest_slices * ASSUMED_PIXELS_PER_SLICE * BYTES_PER_VOXEL + WORKER_BASE_BYTES
         jobs = min(jobs, int(0.75 * memory) // per_job)
     gpu = gpu_memory_bytes(request.index)
     by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB
-    jobs = min(jobs, by_gpu)
-    return max(1, jobs)
+    return max(1, min(jobs, by_gpu))
 
 
 def _die_with_parent(parent: int) -> None:

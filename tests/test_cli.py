@@ -295,6 +295,10 @@ def test_info_reports_decoders_and_model(band_model_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["model"]["ok"] is True
     assert "pylibjpeg" in report["decoders"]["JPEG Lossless SV1 (1.2.840.10008.1.2.4.70)"]
+    host = report["host"]
+    assert host["usable_cores"] >= 1 and host["auto_jobs_300_slices"] >= 1
+    if not report["nvidia_gpu_visible"]:
+        assert host["auto_jobs_300_slices"] == 1  # the CPU: one process
 
 
 def test_info_flags_a_broken_model(tmp_path: Path) -> None:
