@@ -139,7 +139,7 @@ def collect_info(model_path: Path) -> dict[str, Any]:
     """
     import onnxruntime as ort
 
-    from .inference import _nvidia_gpu_visible
+    from .runtime import _nvidia_gpu_visible
 
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -177,7 +177,7 @@ def host_status() -> dict[str, Any]:
 
 
 def _gpu_visible() -> bool:
-    from .inference import _nvidia_gpu_visible
+    from .runtime import _nvidia_gpu_visible
 
     return _nvidia_gpu_visible()
 

@@ -34,9 +34,9 @@ import numpy.typing as npt
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 from .domain import CtVolume, Prediction
 from .errors import InputError, ModelError
-from .inference import CUDA_PROVIDER, create_session, parse_device, run_in_batches
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo, file_sha256, graph_sha256
 from .preprocessing import GridMapping, bilinear_matrix, preprocess_hu, to_model_grid
+from .runtime import CUDA_PROVIDER, create_session, parse_device, run_in_batches
 
 log = logging.getLogger(__name__)
 

@@ -48,10 +48,10 @@ import SimpleITK
 from .config import RunConfig
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from .explain import ExplainInfo
-from .inference import cuda_wanted, parse_device
 from .logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from .model_info import ModelInfo
 from .pipeline import now_utc, process_series
+from .runtime import cuda_wanted, parse_device
 from .sessions import Sessions
 from .volume import set_core_budget, usable_cores
 
