@@ -36,10 +36,10 @@ were worked on in their own boxes), the real 30-slice series about 0.6 s. Slice-
 steps run on a few threads.
 
 Memory: after the body, everything works in a box around the air inside the body (grown by
-more than the refinement reaches); connected components are labelled :data:`SLAB_SLICES`
-slices at a time and merged across slabs, never as one uint32 volume; the result can be
-written into caller-given arrays (the SEG's planes). A 1000-slice series peaks at about 1.7 GB
-here, HU included.
+more than the refinement reaches); connected components are labelled 64 slices at a time and
+merged across slabs (:class:`ggo_cli.morphology.Components`), never as one uint32 volume; the
+result can be written into caller-given arrays (the SEG's planes). A 1000-slice series peaks
+at about 1.7 GB here, HU included.
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along
@@ -58,8 +58,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,9 +65,9 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK
 
+from . import morphology as morph
 from .domain import CtVolume, HuArray, LungMeasurement
 from .errors import UnsupportedSeriesError
-from .volume import usable_cores
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +88,7 @@ CLOSING_RADIUS_MM = 10.0
 BITE_REACH_MM = 15.0
 MEDIAL_GUARD_DEG = 60.0
 
-BoolVolume = npt.NDArray[np.bool_]
+BoolVolume = morph.BoolVolume
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +146,8 @@ def segment_lungs(
     # The rest works in a box around the air inside the body, grown by more than the
     # refinement's reach: the same result as on the whole grid, with a fraction of its memory
     # (a 1000-slice series is 262 MB per mask).
-    box = _box(candidates, [int(math.ceil(CLOSING_RADIUS_MM / s)) + 2 for s in spacing])
+    margins = [int(math.ceil(CLOSING_RADIUS_MM / s)) + 2 for s in spacing]
+    box = morph.bounding_box(candidates, margins)
     candidates = candidates[box].copy()
     allowed = body[box].copy()
     del body
@@ -254,240 +253,11 @@ def _orientation(volume: CtVolume) -> tuple[bool, bool]:
     return bool(cosines[0] > 0), bool(normal[2] > 0)
 
 
-def _image(array: npt.NDArray[Any], spacing: tuple[float, ...] | None = None) -> Any:
-    """A SimpleITK image of a ``(slice, row, col)`` array, spacing ``(col, row, slice)``."""
-    image = sitk.GetImageFromArray(array.view(np.uint8) if array.dtype == np.bool_ else array)
-    if spacing is not None:
-        image.SetSpacing(tuple(float(s) for s in reversed(spacing)))
-    return image
-
-
-MAX_SLICE_THREADS = 8
-SERIAL_MAX_PIXELS = 1 << 20
-"""Images up to this size (a slice) run single-threaded: SimpleITK's thread start-up costs
-more than the work (a 512 x 512 connected-component pass: 0.6 ms on one thread, 2.7 ms on
-two)."""
-
-
-def _slice_threads() -> int:
-    """Threads for slice-by-slice work: the usable cores, at most 8."""
-    return min(MAX_SLICE_THREADS, usable_cores())
-
-
-def _each_slice(work: Callable[[int], None], n: int) -> None:
-    """Run ``work(k)`` for slices ``k = 0 .. n - 1`` on a few threads (SimpleITK and numpy
-    release the GIL); each call writes only its own slice."""
-    threads = min(_slice_threads(), n)
-    if threads <= 1:
-        for k in range(n):
-            work(k)
-        return
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ggo-lungs") as pool:
-        for _ in pool.map(work, range(n), chunksize=max(1, n // (4 * threads))):
-            pass
-
-
-def _serial(image: Any) -> bool:
-    """Whether a filter on ``image`` should run on one thread."""
-    return bool(image.GetNumberOfPixels() <= SERIAL_MAX_PIXELS)
-
-
-def _mask(image: Any) -> BoolVolume:
-    """A SimpleITK binary image (0 and 1, or 0 and any value) as a boolean array."""
-    array = sitk.GetArrayFromImage(image)
-    if array.dtype == np.uint8 and (array.size == 0 or int(array.max()) <= 1):
-        return np.asarray(array.view(np.bool_))  # 0/1 bytes are booleans: no second copy
-    return np.asarray(array != 0)
-
-
-def _labels(mask: BoolVolume) -> npt.NDArray[np.uint32]:
-    """Face-connected components labelled 1, 2, ... in raster order, background 0.
-
-    uint32 as SimpleITK returns them (no int64 copy: 4 bytes a voxel, not 12, on long series).
-    """
-    image = _image(mask)
-    connected = sitk.ConnectedComponentImageFilter()
-    connected.SetFullyConnected(False)
-    if _serial(image):
-        connected.SetNumberOfThreads(1)
-    return np.asarray(sitk.GetArrayFromImage(connected.Execute(image)), dtype=np.uint32)
-
-
-def _distance_mm(mask: BoolVolume, spacing: tuple[float, ...]) -> npt.NDArray[np.float32]:
-    """Euclidean distance in mm from each voxel to the nearest ``mask`` voxel (0 inside)."""
-    distance = sitk.SignedMaurerDistanceMap(_image(mask, spacing), insideIsPositive=False,
-                                            squaredDistance=False, useImageSpacing=True)
-    values = np.asarray(sitk.GetArrayFromImage(distance), dtype=np.float32)
-    del distance
-    return np.maximum(values, np.float32(0.0), out=values)  # in place: no second volume
-
-
-def _padded_box(mask: BoolVolume, margins: list[int]) -> (
-    tuple[tuple[slice, ...], list[tuple[int, int]]]
-):
-    """The bounding box of ``mask`` grown by ``margins`` voxels: the part inside the array and
-    the padding that the part outside it needs."""
-    axes = [np.flatnonzero(mask.any(axis=tuple(j for j in range(3) if j != i))) for i in range(3)]
-    lo = [int(a[0]) - m for a, m in zip(axes, margins, strict=True)]
-    hi = [int(a[-1]) + m + 1 for a, m in zip(axes, margins, strict=True)]
-    box = tuple(slice(max(a, 0), min(b, n)) for a, b, n in zip(lo, hi, mask.shape, strict=True))
-    return box, [(max(-a, 0), max(b - n, 0)) for a, b, n in zip(lo, hi, mask.shape,
-                                                                strict=True)]
-
-
-def _box(mask: BoolVolume, margins: list[int]) -> tuple[slice, slice, slice]:
-    """The bounding box of a non-empty ``mask`` grown by ``margins`` voxels, within the array."""
-    box, _ = _padded_box(mask, margins)
-    return box[0], box[1], box[2]
-
-
-def _uncrop(crop: BoolVolume, box: tuple[slice, ...], pad: list[tuple[int, int]],
-            shape: tuple[int, ...]) -> BoolVolume:
-    """Put a padded crop back into a full-size mask."""
-    out = np.zeros(shape, dtype=np.bool_)
-    out[box] = crop[tuple(slice(a, a + b.stop - b.start) for (a, _), b in zip(pad, box,
-                                                                             strict=True))]
-    return out
-
-
 def _centre_col(mask: BoolVolume) -> float:
     """Mean column index of a mask's voxels (the middle column when it is empty)."""
     per_col = np.count_nonzero(mask, axis=(0, 1))
     return float(per_col @ np.arange(per_col.size) / per_col.sum()) if per_col.any() else (
         (per_col.size - 1) / 2.0)
-
-
-SLAB_SLICES = 64
-"""Slices labelled at a time by :class:`_Components` (a 64 x 512 x 512 uint32 label slab is
-67 MB; the whole 1000-slice volume's would be 1 GB)."""
-
-MaskSource = Callable[[slice], BoolVolume]
-"""Returns the mask of slices ``[start, stop)`` (a fresh or a read-only array)."""
-
-
-class _Components:
-    """Face-connected components of a 3-D mask, found slab by slab, ranked by size.
-
-    Each slab of :data:`SLAB_SLICES` slices is labelled by SimpleITK; components that touch
-    across a slab boundary (the same row and column tissue in the last slice of one slab and
-    the first of the next) are merged by union-find. The result is that of one 3-D labelling
-    of the whole mask, without its uint32 label volume. :meth:`mask` labels the slabs again.
-
-    Attributes:
-        sizes: voxel count of each component, largest first (ties: first in raster order).
-    """
-
-    def __init__(self, source: MaskSource, n_slices: int) -> None:
-        self._source = source
-        self._n = n_slices
-        self._plane: tuple[int, ...] = (0, 0)
-        # Each slab's labels kept as uint16 where they fit (2 bytes a voxel, half of uint32),
-        # so that painting need not label the slab again; None: labelled again when painted.
-        self._kept: list[npt.NDArray[np.uint16] | None] = []
-        self._n_labels: list[int] = []
-        parent: list[int] = [0]  # global label -> parent (0: background)
-        counts: list[int] = [0]
-        previous_last: npt.NDArray[np.int64] | None = None
-        for _, first, labels, slab_counts in self._slabs(with_counts=True):
-            self._plane = labels.shape[1:]
-            n_labels = len(slab_counts)
-            self._n_labels.append(n_labels)
-            fits = n_labels <= np.iinfo(np.uint16).max
-            self._kept.append(labels.astype(np.uint16) if fits else None)
-            parent.extend(range(first + 1, first + 1 + len(slab_counts)))
-            counts.extend(slab_counts)
-            head = labels[0].astype(np.int64)
-            if previous_last is not None:
-                touching = (previous_last > 0) & (head > 0)
-                # one int64 key per (label above, label below) pair: a 1-D unique is fast
-                stride = int(head.max()) + first + 1
-                keys = np.unique(previous_last[touching] * stride + head[touching] + first)
-                for a, b in zip((keys // stride).tolist(), (keys % stride).tolist(), strict=True):
-                    root_a, root_b = _find(parent, a), _find(parent, b)
-                    if root_a != root_b:
-                        parent[max(root_a, root_b)] = min(root_a, root_b)
-            tail = labels[-1].astype(np.int64)
-            previous_last = np.where(tail > 0, tail + first, 0)
-        # Every link points to a smaller label, so pointer jumping reaches the roots.
-        roots = np.asarray(parent, dtype=np.int64)
-        while True:
-            jumped = roots[roots]
-            if np.array_equal(jumped, roots):
-                break
-            roots = jumped
-        totals = np.bincount(roots, weights=np.asarray(counts, dtype=np.float64))
-        # A root is its component's smallest global label: first in raster order.
-        members = np.flatnonzero(totals[1:] > 0) + 1
-        order = sorted(members.tolist(), key=lambda r: (-int(totals[r]), r))
-        self._roots = roots
-        self._ranked = tuple(order)
-        self.sizes: tuple[int, ...] = tuple(int(totals[r]) for r in order)
-
-    def _slabs(
-        self, *, with_counts: bool = False
-    ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32] | npt.NDArray[np.uint16], list[int]]]:
-        """``(first slice, first global label - 1, slab labels, voxels per label)`` for each
-        slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``. Slabs kept
-        from the first pass are not labelled again."""
-        first = 0
-        for index, start in enumerate(range(0, self._n, SLAB_SLICES)):
-            kept = self._kept[index] if index < len(self._kept) and not with_counts else None
-            if kept is not None:
-                yield start, first, kept, []
-                first += self._n_labels[index]
-                continue
-            block = self._source(slice(start, min(start + SLAB_SLICES, self._n)))
-            image = sitk.ConnectedComponent(_image(block), False)
-            del block
-            counts: list[int] = []
-            if with_counts:  # from SimpleITK: no int64 copy of the slab as np.bincount makes
-                stats = sitk.LabelShapeStatisticsImageFilter()
-                stats.SetComputePerimeter(False)
-                stats.Execute(image)
-                present = [int(label) for label in stats.GetLabels()]
-                counts = [0] * max(present, default=0)
-                for label in present:
-                    counts[label - 1] = int(stats.GetNumberOfPixels(label))
-            labels = np.asarray(sitk.GetArrayFromImage(image), dtype=np.uint32)
-            del image
-            yield start, first, labels, counts
-            first += int(labels.max())
-
-    def _paint(self, chosen: npt.NDArray[np.bool_]) -> BoolVolume:
-        """The voxels of the components whose root is marked in ``chosen`` (by global label)."""
-        out = np.zeros((self._n, *self._plane), dtype=np.bool_)
-        for start, first, labels, _ in self._slabs():
-            lut = chosen[self._roots[first : first + int(labels.max(initial=0)) + 1]]
-            lut[0] = False  # background
-            out[start : start + labels.shape[0]] = lut[labels]
-        return out
-
-    def mask(self, rank: int) -> BoolVolume:
-        """The ``rank``-th largest component as a boolean array."""
-        chosen = np.zeros(self._roots.size, dtype=np.bool_)
-        chosen[self._ranked[rank]] = True
-        return self._paint(chosen)
-
-    def touching(self, seeds: BoolVolume) -> BoolVolume:
-        """The components that hold at least one voxel of ``seeds``, as a boolean array."""
-        chosen = np.zeros(self._roots.size, dtype=np.bool_)
-        for start, first, labels, _ in self._slabs():
-            hit = labels[seeds[start : start + labels.shape[0]]]
-            chosen[self._roots[first + hit[hit > 0].astype(np.int64)]] = True
-        return self._paint(chosen)
-
-
-def _find(parent: list[int], label: int) -> int:
-    """Union-find root of ``label``, with path halving."""
-    while parent[label] != label:
-        parent[label] = parent[parent[label]]
-        label = parent[label]
-    return label
-
-
-def _ranked_components(mask: BoolVolume) -> _Components:
-    """Face-connected components of ``mask``, ranked by size (largest first)."""
-    return _Components(lambda z: mask[z], mask.shape[0])
 
 
 def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
@@ -496,7 +266,7 @@ def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
 
     The non-air mask is made slab by slab as the components are found (no full-size copy).
     """
-    components = _Components(lambda z: np.greater_equal(hu[z], threshold), hu.shape[0])
+    components = morph.Components(lambda z: np.greater_equal(hu[z], threshold), hu.shape[0])
     body = components.mask(0) if components.sizes else np.zeros(hu.shape, dtype=np.bool_)
     del components
 
@@ -504,9 +274,9 @@ def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
         if body[k].any():
             one = sitk.BinaryFillholeImageFilter()
             one.SetNumberOfThreads(1)  # a slice: ITK's threads cost more than they give
-            body[k] = _mask(one.Execute(_image(body[k])))
+            body[k] = morph.to_mask(one.Execute(morph.to_image(body[k])))
 
-    _each_slice(fill, body.shape[0])
+    morph.each_slice(fill, body.shape[0])
     return body
 
 
@@ -524,7 +294,7 @@ def _track_airways(candidates: BoolVolume, hu: HuArray, body_area: npt.NDArray[n
     previous: BoolVolume | None = None
     seeding, largest_seed = True, 0.0
     for k in range(n - 1, -1, -1) if head_is_last else range(n):
-        labels = _labels(candidates[k])
+        labels = morph.component_labels(candidates[k])
         areas = np.bincount(labels.ravel())
         small = areas <= max_pixels
         small[0] = False
@@ -554,7 +324,7 @@ def _track_airways(candidates: BoolVolume, hu: HuArray, body_area: npt.NDArray[n
 def _find_lungs(candidates: BoolVolume, spacing: tuple[float, float, float],
                 centre_col: float) -> tuple[BoolVolume, BoolVolume]:
     """The lung at low columns and the one at high columns (either may be empty)."""
-    components = _ranked_components(candidates)
+    components = morph.ranked_components(candidates)
     sizes = np.asarray([0, *components.sizes])  # index = rank + 1, as a bincount would give
     empty = np.zeros_like(candidates)
     if sizes.size < 2:
@@ -578,13 +348,13 @@ def _split(merged: BoolVolume, spacing: tuple[float, float, float], centre_col: 
 ):
     """Cut a merged pair: erode until no core straddles the midline, then grow the cores of
     each side back by a marker watershed on the distance map."""
-    box, pad = _padded_box(merged, [1, 1, 1])
+    box, pad = morph.padded_box(merged, [1, 1, 1])
     crop = np.pad(merged[box], pad)
-    depth_mm = _distance_mm(~crop, spacing)
+    depth_mm = morph.distance_mm(~crop, spacing)
     low_cols = np.broadcast_to(np.arange(crop.shape[2]) - pad[2][0] + box[2].start < centre_col,
                                crop.shape).ravel()
     for depth in SPLIT_DEPTHS_MM:
-        labels = _labels(depth_mm > depth)
+        labels = morph.component_labels(depth_mm > depth)
         sizes = np.maximum(np.bincount(labels.ravel()), 1)
         low_share = np.bincount(labels.ravel(), low_cols) / sizes
         # Erode until no core straddles the midline; every core then marks its side's lung.
@@ -596,9 +366,9 @@ def _split(merged: BoolVolume, spacing: tuple[float, float, float], centre_col: 
         if min(totals) < SECOND_LUNG_MIN_FRACTION * max(totals):
             continue
         grown = np.asarray(sitk.GetArrayFromImage(sitk.MorphologicalWatershedFromMarkers(
-            _image(-depth_mm), _image(side[labels]), markWatershedLine=False,
+            morph.to_image(-depth_mm), morph.to_image(side[labels]), markWatershedLine=False,
             fullyConnected=False)))
-        low, high = (_uncrop((grown == i) & crop, box, pad, merged.shape) for i in (1, 2))
+        low, high = (morph.uncrop((grown == i) & crop, box, pad, merged.shape) for i in (1, 2))
         return low, high
     # No thin junction (e.g. a block): split where the columns hold half the voxels each.
     log.debug("merged lungs did not separate by erosion; splitting at the median column")
@@ -615,16 +385,16 @@ def _refine(lung: BoolVolume, other: BoolVolume, allowed: BoolVolume,
         return lung.copy()
     # Pad so that background surrounds the lung by the closing radius also where it touches
     # the first or last slice: the closing then never adds voxels at the volume's edges.
-    box, pad = _padded_box(lung, [int(math.ceil(CLOSING_RADIUS_MM / s)) + 1 for s in spacing])
+    box, pad = morph.padded_box(lung, [int(math.ceil(CLOSING_RADIUS_MM / s)) + 1 for s in spacing])
     crop = np.pad(lung[box], pad)
     limit = np.pad(allowed[box] & ~other[box], pad)
     # Closing = dilation then erosion, both as thresholds of exact distance maps in mm.
-    dilated = _distance_mm(crop, spacing) <= CLOSING_RADIUS_MM
-    closed = _distance_mm(~dilated, spacing) > CLOSING_RADIUS_MM
+    dilated = morph.distance_mm(crop, spacing) <= CLOSING_RADIUS_MM
+    closed = morph.distance_mm(~dilated, spacing) > CLOSING_RADIUS_MM
     grown = (closed & limit) | crop
-    grown = (_mask(sitk.BinaryFillhole(_image(grown))) & limit) | crop
+    grown = (morph.to_mask(sitk.BinaryFillhole(morph.to_image(grown))) & limit) | crop
     grown |= _fill_bites(grown, limit, spacing, medial_sign=medial_sign)
-    return _uncrop(grown, box, pad, lung.shape)
+    return morph.uncrop(grown, box, pad, lung.shape)
 
 
 def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float, float], *,
@@ -640,7 +410,7 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
         if lung[k].any():
             bites[k] = _bites(lung[k], spacing, medial_sign=medial_sign) & limit[k]
 
-    _each_slice(bite, lung.shape[0])
+    morph.each_slice(bite, lung.shape[0])
     if not bites.any():
         return bites
     # A curved chest wall bulges beyond the hull chord: extend each bite in its slice over the
@@ -648,12 +418,12 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
     # All of it happens within the reach of the bites: in their box grown by that reach in
     # the slice plane (bites are few; dilating the whole crop took 0.2 s a lung).
     radius = [int(math.ceil(BITE_REACH_MM / s)) for s in (spacing[2], spacing[1])] + [0]
-    box = _box(bites, [0, radius[1], radius[0]])
+    box = morph.bounding_box(bites, [0, radius[1], radius[0]])
     seeds = np.ascontiguousarray(bites[box])
-    near = _mask(sitk.BinaryDilate(_image(seeds), radius, sitk.sitkBall))
+    near = morph.to_mask(sitk.BinaryDilate(morph.to_image(seeds), radius, sitk.sitkBall))
     reach = seeds | (near & limit[box])
     del near
-    bites[box] = _Components(lambda z: reach[z], reach.shape[0]).touching(seeds)
+    bites[box] = morph.Components(lambda z: reach[z], reach.shape[0]).touching(seeds)
     return bites
 
 
@@ -672,7 +442,7 @@ def _bites(section: BoolVolume, spacing: tuple[float, float, float], *,
     c1 = min(int(high[r0:r1].max()) + 1, section.shape[1])
     c = np.arange(c0, c1)
     hull = (c >= low[r0:r1, None]) & (c <= high[r0:r1, None])
-    labels = _labels(hull & ~section[r0:r1, c0:c1])
+    labels = morph.component_labels(hull & ~section[r0:r1, c0:c1])
     # Direction from the section's centroid to each region's centroid, in mm (sums over the
     # regions' pixels in raster order).
     centre = [float(i.mean()) for i in np.nonzero(section)]

@@ -268,12 +268,12 @@ def test_non_axial_series_and_missing_orientation_are_rejected() -> None:
 def test_slab_components_equal_one_3d_labelling(slab: int, monkeypatch: pytest.MonkeyPatch) -> None:
     import SimpleITK
 
-    from ggo_cli import lungs
+    from ggo_cli import morphology
 
-    monkeypatch.setattr(lungs, "SLAB_SLICES", slab)
+    monkeypatch.setattr(morphology, "SLAB_SLICES", slab)
     rng = np.random.default_rng(slab)
     mask = rng.random((90, 30, 30)) < 0.45  # near the percolation threshold: long components
-    components = lungs._Components(lambda z: mask[z], mask.shape[0])
+    components = morphology.Components(lambda z: mask[z], mask.shape[0])
     full = SimpleITK.GetArrayFromImage(
         SimpleITK.ConnectedComponent(SimpleITK.GetImageFromArray(mask.view(np.uint8)), False)
     )
@@ -289,9 +289,9 @@ def test_slab_components_equal_one_3d_labelling(slab: int, monkeypatch: pytest.M
 def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None:
     import SimpleITK
 
-    from ggo_cli import lungs
+    from ggo_cli import morphology
 
-    monkeypatch.setattr(lungs, "SLAB_SLICES", 5)
+    monkeypatch.setattr(morphology, "SLAB_SLICES", 5)
     rng = np.random.default_rng(9)
     mask = rng.random((40, 25, 25)) < 0.4
     seeds = mask & (rng.random(mask.shape) < 0.002)
@@ -299,7 +299,7 @@ def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None
         SimpleITK.ConnectedComponent(SimpleITK.GetImageFromArray(mask.view(np.uint8)), False)
     )
     expected = np.isin(full, np.unique(full[seeds])) & mask
-    got = lungs._Components(lambda z: mask[z], mask.shape[0]).touching(seeds)
+    got = morphology.Components(lambda z: mask[z], mask.shape[0]).touching(seeds)
     assert seeds.any() and got.any() and not got.all()
     np.testing.assert_array_equal(got, expected)
 
