@@ -90,19 +90,16 @@ def _run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess[str], 
 
 
 def _host() -> dict[str, Any]:
-    """Cores and memory of this machine (the stages that scale with --jobs run on the CPU)."""
+    """This machine: platform and ``ggo-cli info``'s host entry (cores, memory, the automatic
+    ``--jobs``); the stages that scale with ``--jobs`` run on the CPU."""
     import platform
 
-    from ggo_cli.series_pool import available_memory_bytes
-    from ggo_cli.volume import usable_cores
+    from ggo_cli.diagnostics import host_status
 
-    memory = available_memory_bytes()
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
-        "usable_cores": usable_cores(),
-        "cpu_count": os.cpu_count(),
-        "mem_available_gib": round(memory / 2**30, 1) if memory else None,
+        **host_status(),
     }
 
 

@@ -31,9 +31,8 @@ from .domain import (
     SeriesOutcome,
     SeriesStatus,
 )
-from .explain import OnnxExplainer, default_explain_path, load_explain_info
+from .explain import default_explain_path, load_explain_info
 from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
-from .inference import OnnxSegmenter
 from .manifest import build_manifest
 from .model_info import ModelInfo, load_model_info
 from .pipeline import (
@@ -188,12 +187,6 @@ class _Run:
             patient_column=self.cfg.patient_column,
             pseudonym_salt=self.cfg.pseudonym_salt,
         )
-
-    def session(self) -> OnnxSegmenter:
-        return self.sessions.segmenter()
-
-    def explain_session(self) -> OnnxExplainer | None:
-        return self.sessions.explainer()
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
@@ -390,8 +383,8 @@ def _run_staged(
                     done = compute_series(
                         run.cfg,
                         series,
-                        run.session(),
-                        explainer=run.explain_session(),
+                        run.sessions.segmenter(),
+                        explainer=run.sessions.explainer(),
                         progress=progress,
                         volume_source=volume_source,
                     )
@@ -403,7 +396,7 @@ def _run_staged(
                         outcomes.append(done)
                     else:
                         stages.writing = stages.writer.submit(
-                            write_series, run.cfg, done, run.session()
+                            write_series, run.cfg, done, run.sessions.segmenter()
                         )
                 for outcome in outcomes:
                     _finish(run, outcome, progress, result)

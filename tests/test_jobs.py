@@ -37,6 +37,26 @@ def _rows(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def _segment_args(root: Path, out: Path, model: Path, jobs: str, *extra: str) -> list[str]:
+    """``segment`` of ``root`` without the lung mask (cube phantoms have no lungs), no
+    progress bar, no settling, with ``--jobs jobs``."""
+    return [
+        "segment",
+        str(root),
+        "-o",
+        str(out),
+        "-m",
+        str(model),
+        "--no-progress",
+        "--settle",
+        "0",
+        "--no-lung-mask",
+        "--jobs",
+        jobs,
+        *extra,
+    ]
+
+
 def _studies(root: Path, n: int, slices: int = 40) -> list[FactorySeries]:
     return [
         make_ct_series(
@@ -65,23 +85,7 @@ def test_jobs_give_the_outputs_of_one_process_and_log_through_the_main_one(
         log_file = tmp_path / f"ggo{jobs}.log"
         result = runner.invoke(
             app,
-            [
-                "-v",
-                "--log-file",
-                str(log_file),
-                "segment",
-                str(root),
-                "-o",
-                str(out),
-                "-m",
-                str(band_model_path),
-                "--no-progress",
-                "--settle",
-                "0",
-                "--no-lung-mask",
-                "--jobs",
-                jobs,
-            ],
+            ["-v", "--log-file", str(log_file), *_segment_args(root, out, band_model_path, jobs)],
         )
         assert result.exit_code == EXIT_PARTIAL, result.output
         rows[jobs] = _rows(out)
@@ -233,23 +237,7 @@ def test_workers_end_with_a_stopped_run_and_a_rerun_completes(
     out = tmp_path / "out"
     tag = f"GGO_TEST_TAG={uuid.uuid4().hex}"
     env = {**os.environ, tag.split("=")[0]: tag.split("=")[1]}
-    command = [
-        sys.executable,
-        "-m",
-        "ggo_cli",
-        "segment",
-        str(root),
-        "-o",
-        str(out),
-        "-m",
-        str(band_model_path),
-        "--no-progress",
-        "--settle",
-        "0",
-        "--no-lung-mask",
-        "--jobs",
-        "2",
-    ]
+    command = [sys.executable, "-m", "ggo_cli", *_segment_args(root, out, band_model_path, "2")]
     proc = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -288,21 +276,7 @@ def test_segment_explain_in_workers_matches_one_process(tmp_path: Path) -> None:
     for jobs in ("1", "2"):
         result = runner.invoke(
             app,
-            [
-                "segment",
-                str(root),
-                "-o",
-                str(tmp_path / f"out{jobs}"),
-                "-m",
-                str(model),
-                "--settle",
-                "0",
-                "--no-lung-mask",
-                "--no-progress",
-                "--explain",
-                "--jobs",
-                jobs,
-            ],
+            _segment_args(root, tmp_path / f"out{jobs}", model, jobs, "--explain"),
         )
         assert result.exit_code == 0, result.output
     for study in studies:
@@ -324,22 +298,7 @@ def test_a_session_error_in_the_workers_is_the_runs_exit_code(
     _studies(root, 2, slices=12)
     result = runner.invoke(
         app,
-        [
-            "segment",
-            str(root),
-            "-o",
-            str(tmp_path / "out"),
-            "-m",
-            str(band_model_path),
-            "--no-progress",
-            "--settle",
-            "0",
-            "--no-lung-mask",
-            "--jobs",
-            "2",
-            "--device",
-            "cuda",
-        ],
+        _segment_args(root, tmp_path / "out", band_model_path, "2", "--device", "cuda"),
     )
     assert result.exit_code == 5, result.output
     assert not (tmp_path / "out" / "ggo_volumes.csv").exists()
