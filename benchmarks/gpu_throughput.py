@@ -252,12 +252,8 @@ def bench_torch(batch_sizes: list[int], size: int, repeats: int) -> list[dict[st
 def bench_explain(explain_path: Path, model_path: Path, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from ggo_cli.explain import (
-        cam_to_source,
-        gradcam_plus_plus,
-        layer_subgraph,
-        normalise_per_slice,
-    )
+    from ggo_cli.explain import cam_to_source, gradcam_plus_plus, normalise_per_slice
+    from ggo_cli.explain_graph import layer_subgraph
 
     sub = layer_subgraph(explain_path, "decoder.2")
     cuda = ort_session(sub, nhwc=False, tf32=False)

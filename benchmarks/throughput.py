@@ -10,9 +10,11 @@ Issue 7 part 1. In one run on one machine:
 - **decode** (slices/s, one process): pydicom ``dcmread`` + ``pixel_array`` of the same
   synthetic CT slices written in each lossless transfer syntax ggo-cli reads;
 - **end to end**: ``ggo-cli segment --device cpu`` as a subprocess (discovery, decode, lung mask,
-  inference, SEG write + read-back, PNG, CSV) on a synthetic chest CT of ``--slices`` slices
-  and on the shared real 30-slice chest CT, both JPEG Lossless SV1, for ``--precision fp32``
-  and ``--precision auto``: slices/s, studies/hour and the peak RSS of the run.
+  inference, SEG write + read-back, PNG, CSV) on a synthetic chest CT of ``--slices`` slices,
+  on the shared real 30-slice chest CT, and on that CT linearly resampled along z to
+  ``--real-slices`` thin slices (255 by default: the shared data has no long real series), all
+  JPEG Lossless SV1, for ``--precision fp32`` and ``--precision auto``: slices/s, studies/hour
+  and the peak RSS of the run.
 
 Usage::
 
@@ -39,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
+import pydicom
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = ROOT.parent / "shared" / "data" / "ct-dicom" / "lung-pet-ct-dx-a0002" / "dicom"
@@ -47,6 +51,7 @@ sys.path.insert(0, str(ROOT))
 from ggo_cli.config import default_model_path  # noqa: E402
 from ggo_cli.ct_writer import (  # noqa: E402
     SUPPORTED_TRANSFER_SYNTAXES,
+    SeriesAttributes,
     transcode_file,
     write_ct_series,
 )
@@ -198,8 +203,39 @@ def bench_decode(work: Path, n: int, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
-def build_studies(work: Path, slices: int) -> dict[str, tuple[Path, int]]:
-    """A synthetic chest CT and (if present) the shared real CT, both JPEG Lossless SV1."""
+def real_ct_resampled(slices: int) -> tuple[npt.NDArray[np.int16], tuple[float, float, float],
+                                          tuple[float, float, float]]:
+    """The shared real chest CT in HU, linearly interpolated along z to ``slices`` slices.
+
+    The shared data has no long real series; this one keeps the real anatomy, pixel size and
+    extent (bases to apices, 232 mm) of Lung-PET-CT-Dx A0002 at a thin-slice spacing
+    (255 slices: 0.91 mm). Its first and last slices are the real ones; slices between two real
+    ones are their weighted mean, so they are a little less noisy than a true thin-slice scan.
+
+    Returns:
+        HU volume ``(slice, row, col)`` feet first, ``(slice, row, col)`` spacing in mm, and
+        the patient position of voxel ``(0, 0, 0)``.
+    """
+    datasets = sorted(
+        (pydicom.dcmread(path) for path in SHARED_CT.glob("*.dcm")),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
+    z = np.array([float(ds.ImagePositionPatient[2]) for ds in datasets])
+    hu = np.stack(
+        [ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) for ds in datasets]
+    ).astype(np.float32)
+    target = np.linspace(z[0], z[-1], slices)
+    below = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
+    weight = ((target - z[below]) / (z[below + 1] - z[below])).astype(np.float32)[:, None, None]
+    volume = np.rint(hu[below] * (1.0 - weight) + hu[below + 1] * weight).astype(np.int16)
+    row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)
+    x0, y0 = (float(v) for v in datasets[0].ImagePositionPatient[:2])
+    return volume, (float(target[1] - target[0]), row_mm, col_mm), (x0, y0, float(z[0]))
+
+
+def build_studies(work: Path, slices: int, real_slices: int) -> dict[str, tuple[Path, int]]:
+    """A synthetic chest CT and (if present) the shared real CT as it is and resampled to
+    ``real_slices`` thin slices (0: not), all JPEG Lossless SV1."""
     studies: dict[str, tuple[Path, int]] = {}
     synthetic = work / "studies" / "synthetic"
     if synthetic.exists():
@@ -219,6 +255,25 @@ def build_studies(work: Path, slices: int) -> dict[str, tuple[Path, int]]:
             real,
             len(sources),
         )
+        if real_slices:
+            resampled = work / "studies" / "real_resampled"
+            if resampled.exists():
+                shutil.rmtree(resampled)
+            volume, spacing, origin = real_ct_resampled(real_slices)
+            write_ct_series(
+                volume,
+                resampled / "ct",
+                spacing_mm=spacing,
+                first_position_mm=origin,
+                attributes=SeriesAttributes(
+                    series_description=f"A0002 resampled to {spacing[0]:.2f} mm (benchmark)"
+                ),
+                transfer_syntax=JPEG_LOSSLESS_SV1,
+            )
+            studies[
+                f"real chest CT (Lung-PET-CT-Dx A0002) resampled to {real_slices} slices of "
+                f"{spacing[0]:.2f} mm, JPEG Lossless SV1"
+            ] = (resampled, real_slices)
     return studies
 
 
@@ -322,6 +377,12 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=default_model_path())
     parser.add_argument("--slices", type=int, default=300, help="synthetic study size")
     parser.add_argument("--model-batch", type=int, default=4)
+    parser.add_argument(
+        "--real-slices",
+        type=int,
+        default=255,
+        help="the shared real CT resampled along z to this many slices (0: not)",
+    )
     parser.add_argument("--decode-slices", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="small sizes (CI smoke)")
@@ -330,6 +391,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.slices, args.model_batch, args.decode_slices, args.repeats = 12, 2, 3, 1
+        args.real_slices = 40
     args.work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "machine": machine(),
@@ -341,7 +403,8 @@ def main() -> int:
     report["decode"] = bench_decode(args.work, args.decode_slices, args.repeats)
     report["end_to_end"] = []
     if not args.skip_e2e:
-        for study, (folder, slices) in build_studies(args.work, args.slices).items():
+        studies = build_studies(args.work, args.slices, args.real_slices)
+        for study, (folder, slices) in studies.items():
             for precision in ("fp32", "auto"):
                 result = run_segment(folder, args.work / "out" / precision, precision)
                 row = {

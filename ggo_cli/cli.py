@@ -13,27 +13,43 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
 
 from . import __version__
+from .cli_options import (
+    AxialToleranceOpt,
+    BatchOpt,
+    DecodeWorkersOpt,
+    DeviceOpt,
+    ExplainOpt,
+    ForceOpt,
+    IncludePatientIdOpt,
+    InputsArg,
+    JobsOpt,
+    JsonOpt,
+    LayerOpt,
+    LungMaskOpt,
+    MinSlicesOpt,
+    ModelOpt,
+    NoProgressOpt,
+    OutOpt,
+    PngOpt,
+    PrecisionOpt,
+    PseudonymizeOpt,
+    SegSeriesDescriptionOpt,
+    SegSeriesNumberOpt,
+    SeriesOpt,
+    SettleOpt,
+    SlicesOpt,
+    SpacingToleranceOpt,
+    ThresholdOpt,
+)
 from .config import (
     AXIAL_TOLERANCE_DEG,
-    ENV_DEVICE,
     ENV_MODEL,
     ENV_PSEUDONYM_SALT,
     MIN_SLICES,
@@ -46,19 +62,18 @@ from .config import (
     SelectionRules,
     default_model_path,
 )
-from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from .domain import SeriesStatus
 from .errors import (
     EXIT_BUG,
-    EXIT_PARTIAL,
     GgoError,
     ModelError,
     NoEligibleSeriesError,
     OutputError,
-    SeriesError,
 )
 from .explain import ExplainSlices
 from .logs import configure_logging, level_from_flags, quiet_pydicom
 from .precision import Precision
+from .run_display import exit_code, progress_display, stderr_console, summary_table
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,7 +91,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-_stderr = Console(stderr=True)
 
 
 class _State:
@@ -143,46 +157,6 @@ def _guarded(action: Callable[[], T]) -> T:
         raise typer.Exit(EXIT_BUG) from None
 
 
-class _RichProgress:
-    """A two-bar rich progress display (series, slices) on stderr."""
-
-    def __init__(self, progress: Progress, n_series: int) -> None:
-        self._progress = progress
-        self._series = progress.add_task("series", total=n_series)
-        self._slices = progress.add_task("slices", total=0)
-
-    def discovered(self, n_series: int) -> None:
-        self._progress.update(self._series, total=n_series)
-
-    def series_started(self, series: SeriesInfo, n_slices: int) -> None:
-        self.work_started(n_slices, f"series …{series.series_instance_uid[-12:]}")
-
-    def work_started(self, n_units: int, description: str) -> None:
-        self._progress.reset(self._slices, total=n_units, description=description)
-
-    def advance(self, n: int) -> None:
-        self._progress.advance(self._slices, n)
-
-    def series_finished(self, outcome: SeriesOutcome) -> None:
-        self._progress.advance(self._series, 1)
-
-
-@contextmanager
-def _progress(enabled: bool, n_series: int) -> Iterator[_RichProgress | None]:
-    if not enabled or not sys.stderr.isatty():
-        yield None
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=_stderr, transient=True) as progress:
-        yield _RichProgress(progress, n_series)
-
-
 def _resolve_model(model: Path | None) -> Path:
     if model is not None:
         return model
@@ -195,50 +169,19 @@ def _resolve_model(model: Path | None) -> Path:
     return path
 
 
-def _summary_table(outcomes: list[SeriesOutcome]) -> Table:
-    table = Table(title="ggo-cli segment", show_lines=False)
-    for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "status", "message"):
-        table.add_column(name, overflow="fold")
-    for o in outcomes:
-        volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
-        lung = f"{o.lungs.lung_volume_ml:.0f}" if o.lungs else ""
-        share = f"{o.lungs.ggo_percent_of_lung:.2f}" if o.lungs else ""
-        table.add_row(
-            o.series.series_instance_uid,
-            str(o.n_slices),
-            volume,
-            lung,
-            share,
-            o.status.value,
-            o.message,
-        )
-    return table
-
-
-def _exit_code(outcomes: list[SeriesOutcome]) -> int:
-    ok = sum(o.status is SeriesStatus.OK for o in outcomes)
-    failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
-    pending = sum(o.status is SeriesStatus.PENDING for o in outcomes)
-    if ok == 0 and failed == 0 and pending == 0:
-        return NoEligibleSeriesError.exit_code
-    if failed == 0:
-        return 0
-    return EXIT_PARTIAL if ok else SeriesError.exit_code
-
-
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
     from .manifest import summary_json
     from .runner import run_segment
 
-    with _progress(show_progress, 0) as sink:
+    with progress_display(show_progress, 0) as sink:
         result = run_segment(cfg, progress=sink)
     if sys.stderr.isatty():
-        _stderr.print(_summary_table(result.outcomes))
+        stderr_console.print(summary_table(result.outcomes))
     if as_json:
         typer.echo(json.dumps(summary_json(result), indent=2))
     else:
         typer.echo(str(result.csv_path))
-    code = _exit_code(result.outcomes)
+    code = exit_code(result.outcomes)
     if code == NoEligibleSeriesError.exit_code:
         log.error(
             "no eligible CT series among %d found (%d files); see %s for the reasons",
@@ -256,82 +199,6 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
     return code
 
 
-InputsArg = Annotated[
-    list[Path],
-    typer.Argument(help="DICOM files or folders, searched recursively (any layout, any names)."),
-]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (outside the input).")]
-ModelOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--model", "-m", envvar=ENV_MODEL, help="ONNX model (default: the shipped ResNet-50U-Net)."
-    ),
-]
-DeviceOpt = Annotated[
-    str, typer.Option("--device", "-d", envvar=ENV_DEVICE, help="auto, cpu, cuda or cuda:N.")
-]
-BatchOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU)."
-    ),
-]
-ThresholdOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's)."
-    ),
-]
-LayerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--layer", help="Layer to explain (default: the explain graph's, see docs/explain.md)."
-    ),
-]
-SlicesOpt = Annotated[
-    ExplainSlices,
-    typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
-]
-PrecisionOpt = Annotated[
-    Precision,
-    typer.Option(
-        "--precision",
-        help="auto: fp16 on CUDA, int8 on the CPU where a validated int8 model ships, else "
-        "fp32; or fp32, fp16 (CUDA), int8 (CPU).",
-    ),
-]
-DecodeWorkersOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--decode-workers",
-        min=0,
-        help="Processes decoding pixel data ahead of inference (default: one per core, at "
-        "most 8; 0: decode in the main process).",
-    ),
-]
-JobsOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--jobs",
-        "-j",
-        min=1,
-        help="Series processed at once, each in its own worker process with its own model "
-        "session (default: 1 on the CPU; on a GPU one per two cores, at most 8, as memory "
-        "allows).",
-    ),
-]
-LungMaskOpt = Annotated[
-    bool,
-    typer.Option(
-        "--lung-mask/--no-lung-mask",
-        help="Keep GGO inside a lung mask, report lung volumes and GGO % per lung, add the "
-        "lungs to the SEG (default on).",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
-NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
-
-
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -347,74 +214,18 @@ def segment(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     threshold: ThresholdOpt = None,
-    png: Annotated[
-        PngMode,
-        typer.Option(
-            "--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none."
-        ),
-    ] = PngMode.OVERLAY,
-    series: Annotated[
-        list[str] | None,
-        typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable)."),
-    ] = None,
-    min_slices: Annotated[
-        int, typer.Option("--min-slices", min=2, help="Fewest slices for a series to be analysed.")
-    ] = MIN_SLICES,
-    axial_tolerance: Annotated[
-        float,
-        typer.Option(
-            "--axial-tolerance",
-            min=0.0,
-            max=90.0,
-            help="Largest tilt (degrees) of the slice normal from the patient z axis.",
-        ),
-    ] = AXIAL_TOLERANCE_DEG,
-    spacing_tolerance: Annotated[
-        float,
-        typer.Option(
-            "--spacing-tolerance",
-            min=0.0,
-            max=1.0,
-            help="Largest relative deviation of a slice gap from the median gap.",
-        ),
-    ] = SPACING_TOLERANCE,
-    include_patient_id: Annotated[
-        bool,
-        typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default)."),
-    ] = False,
-    series_number: Annotated[
-        int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")
-    ] = SEG_SERIES_NUMBER,
-    series_description: Annotated[
-        str,
-        typer.Option(
-            "--seg-series-description",
-            help="SeriesDescription of the SEG objects (max 64 characters).",
-        ),
-    ] = SEG_SERIES_DESCRIPTION,
-    settle: Annotated[
-        float,
-        typer.Option(
-            "--settle",
-            min=0.0,
-            help="Leave series with a file modified in the last N minutes for a later run.",
-        ),
-    ] = SETTLE_MINUTES,
-    force: Annotated[
-        bool, typer.Option("--force", help="Reprocess every series, even unchanged ones.")
-    ] = False,
-    pseudonymize: Annotated[
-        bool,
-        typer.Option(
-            "--pseudonymize",
-            help=f"Add a salted SHA-256 pseudonym of PatientID to the CSV (salt from "
-            f"{ENV_PSEUDONYM_SALT}).",
-        ),
-    ] = False,
-    explain: Annotated[
-        bool,
-        typer.Option("--explain", help="Also write GradCAM++ heat maps (one decode for both)."),
-    ] = False,
+    png: PngOpt = PngMode.OVERLAY,
+    series: SeriesOpt = None,
+    min_slices: MinSlicesOpt = MIN_SLICES,
+    axial_tolerance: AxialToleranceOpt = AXIAL_TOLERANCE_DEG,
+    spacing_tolerance: SpacingToleranceOpt = SPACING_TOLERANCE,
+    include_patient_id: IncludePatientIdOpt = False,
+    series_number: SegSeriesNumberOpt = SEG_SERIES_NUMBER,
+    series_description: SegSeriesDescriptionOpt = SEG_SERIES_DESCRIPTION,
+    settle: SettleOpt = SETTLE_MINUTES,
+    force: ForceOpt = False,
+    pseudonymize: PseudonymizeOpt = False,
+    explain: ExplainOpt = False,
     layer: LayerOpt = None,
     slices: SlicesOpt = ExplainSlices.GGO,
     lung_mask: LungMaskOpt = True,
@@ -482,16 +293,9 @@ def explain(
     threshold: ThresholdOpt = None,
     layer: LayerOpt = None,
     slices: SlicesOpt = ExplainSlices.GGO,
-    series: Annotated[
-        list[str] | None,
-        typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable)."),
-    ] = None,
-    min_slices: Annotated[
-        int, typer.Option("--min-slices", min=2, help="Fewest slices for a series.")
-    ] = MIN_SLICES,
-    settle: Annotated[
-        float, typer.Option("--settle", min=0.0, help="Skip series modified in the last N minutes.")
-    ] = SETTLE_MINUTES,
+    series: SeriesOpt = None,
+    min_slices: MinSlicesOpt = MIN_SLICES,
+    settle: SettleOpt = SETTLE_MINUTES,
     lung_mask: LungMaskOpt = True,
     jobs: JobsOpt = None,
     no_progress: NoProgressOpt = False,
@@ -595,9 +399,9 @@ def demo(
                 "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
             )
             cfg = RunConfig(inputs=(folder,), out_dir=out, model_path=model_path, device=device)
-            with _progress(not no_progress, 1) as sink:
+            with progress_display(not no_progress, 1) as sink:
                 result = run_segment(cfg, progress=sink)
-            code = _exit_code(result.outcomes)
+            code = exit_code(result.outcomes)
             (outcome,) = result.outcomes
             check = None
             if outcome.seg_path is not None:
@@ -616,7 +420,7 @@ def demo(
                         *check.measured_lung_ml,
                     )
         if sys.stderr.isatty():
-            _stderr.print(_summary_table(result.outcomes))
+            stderr_console.print(summary_table(result.outcomes))
         if as_json:
             summary = summary_json(result)
             if check is not None:

@@ -31,7 +31,7 @@ from .domain import (
     SeriesOutcome,
     SeriesStatus,
 )
-from .explain import default_explain_path, load_explain_info
+from .explain_graph import default_explain_path, load_explain_info
 from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
 from .manifest import build_manifest
 from .model_info import ModelInfo, load_model_info

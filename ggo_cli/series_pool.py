@@ -47,7 +47,7 @@ import SimpleITK
 
 from .config import RunConfig
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
-from .explain import ExplainInfo
+from .explain_graph import ExplainInfo
 from .logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from .model_info import ModelInfo
 from .pipeline import now_utc, process_series

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .config import RunConfig
-from .explain import ExplainInfo, OnnxExplainer
+from .explain import OnnxExplainer
+from .explain_graph import ExplainInfo
 from .inference import OnnxSegmenter
 from .model_info import ModelInfo
 

@@ -100,7 +100,7 @@ def write_band_model(
     return path
 
 
-# --- Explain graphs (GradCAM++ contract, see ggo_cli.explain) -------------------------------
+# --- Explain graphs (GradCAM++ contract, see ggo_cli.explain_graph) ---------------------------
 
 EXPLAIN_GAIN = 50.0
 """Gain of the conv model's detector channels (logit per unit of windowed intensity)."""

@@ -17,16 +17,18 @@ from pydicom.dataset import Dataset
 from ggo_cli.domain import CtVolume, Prediction, SeriesInfo
 from ggo_cli.errors import InputError, ModelError
 from ggo_cli.explain import (
-    ExplainInfo,
     OnnxExplainer,
     cam_to_source,
-    default_explain_path,
     gradcam_plus_plus,
-    layer_subgraph,
-    load_explain_info,
     model_grid_target,
     normalise_per_slice,
     select_slices,
+)
+from ggo_cli.explain_graph import (
+    ExplainInfo,
+    default_explain_path,
+    layer_subgraph,
+    load_explain_info,
 )
 from ggo_cli.inference import OnnxSegmenter
 from ggo_cli.model_info import ModelInfo, load_model_info
@@ -475,7 +477,8 @@ def test_explain_runs_with_torch_unimportable(tmp_path: Path) -> None:
         import numpy as np
         from pydicom.dataset import Dataset
         from ggo_cli.domain import CtVolume, SeriesInfo
-        from ggo_cli.explain import OnnxExplainer, default_explain_path, load_explain_info
+        from ggo_cli.explain import OnnxExplainer
+        from ggo_cli.explain_graph import default_explain_path, load_explain_info
         from ggo_cli.inference import OnnxSegmenter
         from ggo_cli.model_info import load_model_info
         from ggo_cli.writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs

@@ -1,6 +1,6 @@
 """Export the explain graph ``explain.onnx``: GradCAM++ inputs computed by ONNX Runtime alone.
 
-Contract (read by ``ggo_cli.explain``; written next to the paired ``model.onnx``):
+Contract (read by ``ggo_cli.explain_graph``; written next to the paired ``model.onnx``):
 
 - inputs ``image`` float32 ``[N, 1, S, S]`` (preprocessed as for model.onnx) and ``target``
   float32 ``[N, 1, S, S]`` (the binary GGO mask on the model grid, the explanation target);

@@ -1,0 +1,98 @@
+"""What ``ggo-cli`` shows on stderr while and after it runs (progress bars, the summary table)
+and the exit code a run's outcomes give."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from .errors import EXIT_PARTIAL, NoEligibleSeriesError, SeriesError
+
+stderr_console = Console(stderr=True)
+
+
+class RichProgress:
+    """A two-bar rich progress display (series, slices) on stderr."""
+
+    def __init__(self, progress: Progress, n_series: int) -> None:
+        self._progress = progress
+        self._series = progress.add_task("series", total=n_series)
+        self._slices = progress.add_task("slices", total=0)
+
+    def discovered(self, n_series: int) -> None:
+        self._progress.update(self._series, total=n_series)
+
+    def series_started(self, series: SeriesInfo, n_slices: int) -> None:
+        self.work_started(n_slices, f"series …{series.series_instance_uid[-12:]}")
+
+    def work_started(self, n_units: int, description: str) -> None:
+        self._progress.reset(self._slices, total=n_units, description=description)
+
+    def advance(self, n: int) -> None:
+        self._progress.advance(self._slices, n)
+
+    def series_finished(self, outcome: SeriesOutcome) -> None:
+        self._progress.advance(self._series, 1)
+
+
+@contextmanager
+def progress_display(enabled: bool, n_series: int) -> Iterator[RichProgress | None]:
+    """Rich progress bars on stderr while the block runs; None when off or not a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=stderr_console, transient=True) as progress:
+        yield RichProgress(progress, n_series)
+
+
+def summary_table(outcomes: list[SeriesOutcome]) -> Table:
+    """One row per series: slices, GGO and lung volumes, status and message."""
+    table = Table(title="ggo-cli segment", show_lines=False)
+    for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "status", "message"):
+        table.add_column(name, overflow="fold")
+    for o in outcomes:
+        volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
+        lung = f"{o.lungs.lung_volume_ml:.0f}" if o.lungs else ""
+        share = f"{o.lungs.ggo_percent_of_lung:.2f}" if o.lungs else ""
+        table.add_row(
+            o.series.series_instance_uid,
+            str(o.n_slices),
+            volume,
+            lung,
+            share,
+            o.status.value,
+            o.message,
+        )
+    return table
+
+
+def exit_code(outcomes: list[SeriesOutcome]) -> int:
+    """The run's exit code from its outcomes (0, 3 none eligible, 4 all failed, 7 some)."""
+    ok = sum(o.status is SeriesStatus.OK for o in outcomes)
+    failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
+    pending = sum(o.status is SeriesStatus.PENDING for o in outcomes)
+    if ok == 0 and failed == 0 and pending == 0:
+        return NoEligibleSeriesError.exit_code
+    if failed == 0:
+        return 0
+    return EXIT_PARTIAL if ok else SeriesError.exit_code
