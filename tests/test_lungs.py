@@ -332,3 +332,29 @@ def test_hull_envelope_equals_the_plain_monotone_chain(lower: bool) -> None:
         if rng.random() < 0.3:
             y = 2 * x + 7  # one straight line
         assert _envelope(x, y, lower=lower) == chain(x.tolist(), y.tolist())
+
+
+def test_body_holes_filled_in_each_slices_box_equal_a_whole_slice_fill() -> None:
+    """The body's holes are filled within each slice's box: the same as on the whole slice,
+    with the body touching the image's edge, a hole, and a bay open to the outside."""
+    import SimpleITK as sitk
+
+    from ggo_cli import lungs, morphology
+
+    hu = np.full((3, 40, 50), -1000.0, dtype=np.float32)
+    hu[0, 5:30, 8:40] = 40.0  # a body with a closed hole (filled) ...
+    hu[0, 10:15, 12:20] = -1000.0
+    hu[0, 18:30, 25:30] = -1000.0  # ... and a bay reaching its box's edge (stays open)
+    hu[1, 0:40, 0:20] = 40.0  # touching three image edges, with a hole by the edge
+    hu[1, 1:3, 5:9] = -1000.0
+    hu[1, 10:20, 0:4] = -1000.0  # a notch open at the image's edge (stays open)
+    hu[2, 10:30, 10:40] = 40.0  # a ring: its inside is a hole
+    hu[2, 14:26, 14:36] = -1000.0
+    hu[:, 20, 20] = 40.0  # one body through all slices
+    body = lungs._body(hu, np.float32(-320.0))
+    for k in range(hu.shape[0]):
+        whole = np.greater_equal(hu[k], -320.0)
+        filled = morphology.to_mask(sitk.BinaryFillhole(morphology.to_image(whole)))
+        np.testing.assert_array_equal(body[k], filled, err_msg=f"slice {k}")
+    assert body[0, 12, 15] and not body[0, 25, 27] and body[1, 2, 6] and not body[1, 15, 1]
+    assert body[2, 20, 25]
