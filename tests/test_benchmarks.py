@@ -185,3 +185,20 @@ def test_end_to_end_benchmark_with_jobs_on_the_cpu(tmp_path: Path) -> None:
     ]
     assert volumes[0] == volumes[1]
     assert all(lungs > 100 for _, lungs in volumes[0])
+
+
+def test_lung_mask_timing_reports_the_real_series_lungs(real_ct_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "lung_mask_time.py"), str(real_ct_dir),
+         "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["slices"] == 30 and report["median_s"] > 0
+    # 1.16 and 1.64 L at 0.6465 x 0.6465 x 8 mm today (test_lungs checks them in detail)
+    assert 200_000 < report["right_voxels"] < 600_000
+    assert 300_000 < report["left_voxels"] < 800_000
