@@ -8,7 +8,9 @@ and a fresh output folder. Reports wall time, slices/s and the manifest's timing
 
 ``--jobs 1 4 8`` adds one run per value of ``ggo-cli segment --jobs`` (whole series in worker
 processes). ``--device cpu --stand-in-model`` runs the same on the CPU with a trivial model
-standing in for a GPU's fast inference, to time the CPU stages alone.
+standing in for a GPU's fast inference, to time the CPU stages alone. Each run also reports
+how busy the machine's cores were (``/proc/stat``) and, on a GPU, the GPU's utilization
+(``nvidia-smi`` every 0.5 s): whether the cores or the card set the pace.
 
 Usage (the GPU machine recipe is in docs/benchmarks.md)::
 
@@ -64,6 +66,50 @@ def _tree_rss(root: int) -> int:
         total += rss.get(pid, 0)
         todo += children.get(pid, [])
     return total
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """The machine's CPU time so far, all cores: (total, idle + iowait) in clock ticks."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields[:8]), fields[3] + fields[4]  # user .. steal; guest is inside user
+
+
+def _gpu_monitor(device: str) -> subprocess.Popen[str] | None:
+    """``nvidia-smi`` printing the GPU's utilization every 0.5 s (None on the CPU or without
+    it)."""
+    if device == "cpu" or shutil.which("nvidia-smi") is None:
+        return None
+    return subprocess.Popen(
+        ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+         "--loop-ms=500"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def _utilization(
+    cpu_before: tuple[int, int] | None, monitor: subprocess.Popen[str] | None
+) -> dict[str, Any]:
+    """How busy the machine's cores and the GPU were during a run: are the CPU stages the
+    limit (cores near 100 %) or is there room for more ``--jobs``?"""
+    found: dict[str, Any] = {}
+    cpu_after = _cpu_times()
+    if cpu_before and cpu_after and cpu_after[0] > cpu_before[0]:
+        busy = 1.0 - (cpu_after[1] - cpu_before[1]) / (cpu_after[0] - cpu_before[0])
+        found["cpu_busy_percent"] = round(100.0 * busy, 1)
+        found["cpu_busy_cores"] = round(busy * (os.cpu_count() or 1), 1)
+    if monitor is not None:
+        monitor.terminate()
+        out, _ = monitor.communicate()
+        samples = [int(v) for v in out.split() if v.isdigit()]
+        if samples:
+            found["gpu_util_percent_mean"] = round(sum(samples) / len(samples), 1)
+            found["gpu_util_percent_max"] = max(samples)
+    return found
 
 
 def _run_sampled(command: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
@@ -183,15 +229,18 @@ def main() -> int:
             "--json",
             *extra,
         ]
+        cpu_before, monitor = _cpu_times(), _gpu_monitor(args.device)
         start = time.perf_counter()
         done, peak = _run_sampled(command)
         seconds = time.perf_counter() - start
+        busy = _utilization(cpu_before, monitor)
         row: dict[str, Any] = {
             "variant": name,
             "rc": done.returncode,
             "seconds": round(seconds, 2),
             "slices_per_s": round(total / seconds, 1),
             "peak_tree_rss_gib": round(peak / 2**30, 2),
+            **busy,
         }
         manifest_path = out / "run_manifest.json"
         if manifest_path.exists():

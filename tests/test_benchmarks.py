@@ -179,6 +179,8 @@ def test_end_to_end_benchmark_with_jobs_on_the_cpu(tmp_path: Path) -> None:
         assert row["rc"] == 0
         assert row["device"]["jobs"] == int(row["variant"][-1])
         assert row["slices_per_s"] > 0 and row["peak_tree_rss_gib"] > 0
+        assert 0 < row["cpu_busy_percent"] <= 100 and row["cpu_busy_cores"] > 0
+        assert "gpu_util_percent_mean" not in row  # no GPU monitor on the CPU
         assert [s["status"] for s in row["series"]] == ["ok", "ok"]
     volumes = [
         [(s["ggo_volume_ml"], s["lung_volume_ml"]) for s in row["series"]] for row in runs.values()
