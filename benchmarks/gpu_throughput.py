@@ -65,82 +65,6 @@ def synthetic_batch(n: int, size: int, seed: int = 0) -> np.ndarray:
     return np.clip(out, 0, 1).astype(np.float32)
 
 
-def upsampling_as_depth_to_space(model: Any) -> int:
-    """Rewrite 2 x 2 stride-2 ``ConvTranspose`` nodes as a 1 x 1 ``Conv`` and ``DepthToSpace``.
-
-    Such a transposed convolution writes each input pixel's own 2 x 2 output block, ``y[co,
-    2i+a, 2j+b] = sum_ci x[ci, i, j] W[ci, co, a, b] + bias[co]``: a 1 x 1 convolution to
-    ``4 * C_out`` channels (weight ``W'[4 co + 2 a + b, ci] = W[ci, co, a, b]``) followed by
-    ``DepthToSpace`` (block 2, mode CRD) computes the same sums, as a plain matrix product
-    that GPU kernels (NHWC included) might run better. Measured on an H200 it was slower (807
-    against 846 slices/s at batch 64, fp16 + NHWC), so ggo-cli does not use it. Nodes with
-    other kernels, strides, pads, groups, output padding or non-constant weights are left
-    alone.
-
-    Args:
-        model: an ``onnx.ModelProto`` with float32 weights (``ggo_cli.precision.fp32_model``);
-            changed in place.
-
-    Returns:
-        The number of nodes rewritten.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    initializers = {i.name: i for i in model.graph.initializer}
-    nodes = []
-    rewritten = 0
-    for node in model.graph.node:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
-        bias = initializers.get(node.input[2]) if len(node.input) > 2 else None
-        plain = (
-            node.op_type == "ConvTranspose"
-            and weight is not None
-            and weight.data_type == onnx.TensorProto.FLOAT
-            and (len(node.input) < 3 or bias is not None)
-            and list(attrs.get("kernel_shape", [2, 2])) == [2, 2]
-            and list(attrs.get("strides", [1, 1])) == [2, 2]
-            and list(attrs.get("pads", [0, 0, 0, 0])) == [0, 0, 0, 0]
-            and list(attrs.get("dilations", [1, 1])) == [1, 1]
-            and int(attrs.get("group", 1)) == 1
-            and not any(attrs.get("output_padding", []))
-            and "output_shape" not in attrs
-            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
-        )
-        if not plain or weight is None:
-            nodes.append(node)
-            continue
-        w = numpy_helper.to_array(weight)  # (C_in, C_out, 2, 2)
-        if w.ndim != 4 or w.shape[2:] != (2, 2):
-            nodes.append(node)
-            continue
-        c_in, c_out = w.shape[:2]
-        stem = node.name or node.output[0]
-        w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(4 * c_out, c_in, 1, 1))
-        inputs = [node.input[0], f"{stem}/d2s_weight"]
-        new_inits = [numpy_helper.from_array(w1, inputs[1])]
-        if bias is not None:
-            b1 = np.repeat(numpy_helper.to_array(bias), 4).astype(np.float32)
-            inputs.append(f"{stem}/d2s_bias")
-            new_inits.append(numpy_helper.from_array(b1, inputs[2]))
-        model.graph.initializer.extend(new_inits)
-        packed = f"{stem}/d2s_packed"
-        nodes.append(helper.make_node("Conv", inputs, [packed], name=f"{stem}/d2s_conv",
-                                      kernel_shape=[1, 1]))
-        nodes.append(helper.make_node("DepthToSpace", [packed], list(node.output),
-                                      name=f"{stem}/d2s", blocksize=2, mode="CRD"))
-        rewritten += 1
-    if rewritten:
-        used = {name for node in nodes for name in node.input}
-        kept = [i for i in model.graph.initializer if i.name in used]
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(kept)
-    return rewritten
-
-
 OPTIMIZED_GRAPH = Path("/tmp/ggo_optimized.onnx")
 
 
@@ -343,7 +267,7 @@ def main() -> int:
         else:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            from ggo_cli.precision import fp32_model
+            from ggo_cli.precision import fp32_model, upsampling_as_depth_to_space
 
             full = fp32_model(args.model)
             upsampling_as_depth_to_space(full)

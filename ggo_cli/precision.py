@@ -56,6 +56,11 @@ INT8_SPEC_NAME = "int8_calibration.json"
 INT8_SPEC_FORMAT = "ggo-cli int8 calibration 1"
 MAX_INT8_DICE_CHANGE = 0.01
 """The largest change of pooled test Dice for which ``auto`` picks the int8 variant."""
+UPSAMPLING_AS_IS = "as_is"
+UPSAMPLING_DEPTH_TO_SPACE = "depth_to_space"
+"""The int8 recipe's ``upsampling`` setting: 2 x 2 stride-2 ``ConvTranspose`` nodes kept, or
+rewritten as 1 x 1 ``Conv`` + ``DepthToSpace`` before quantizing
+(:func:`upsampling_as_depth_to_space`); recipes without the setting keep them."""
 
 
 def fp32_model(path: Path) -> Any:
@@ -195,6 +200,86 @@ def windowed_model_bytes(
     return bytes(model.SerializeToString())
 
 
+def upsampling_as_depth_to_space(model: Any) -> dict[str, str]:
+    """Rewrite 2 x 2 stride-2 ``ConvTranspose`` nodes as a 1 x 1 ``Conv`` and ``DepthToSpace``.
+
+    Such a transposed convolution writes each input pixel's own 2 x 2 output block, ``y[co,
+    2i+a, 2j+b] = sum_ci x[ci, i, j] W[ci, co, a, b] + bias[co]``: a 1 x 1 convolution to
+    ``4 * C_out`` channels (weight ``W'[4 co + 2 a + b, ci] = W[ci, co, a, b]``) followed by
+    ``DepthToSpace`` (block 2, mode CRD) computes the same sums, as a plain matrix product.
+    ONNX Runtime's CPU quantizer turns that ``Conv`` into an int8 ``QLinearConv``, while it
+    leaves a ``ConvTranspose`` in float32 (27 % of the int8 model's time on the 2-core CPU),
+    so the int8 recipe can ask for it (``"upsampling": "depth_to_space"``). On an H200 in fp16
+    + NHWC it was slower (807 against 846 slices/s at batch 64), so CUDA does not use it.
+    Nodes with other kernels, strides, pads, groups, output padding or non-constant weights
+    are left alone.
+
+    Args:
+        model: an ``onnx.ModelProto`` with float32 weights (``ggo_cli.precision.fp32_model``);
+            changed in place.
+
+    Returns:
+        For each rewritten node, the ``Conv``'s output (the packed ``4 * C_out`` channels)
+        and the node's own output, which ``DepthToSpace`` now writes: the same values,
+        rearranged.
+    """
+    import onnx
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    rewritten: dict[str, str] = {}
+    for node in model.graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        weight = initializers.get(node.input[1]) if len(node.input) > 1 else None
+        bias = initializers.get(node.input[2]) if len(node.input) > 2 else None
+        plain = (
+            node.op_type == "ConvTranspose"
+            and weight is not None
+            and weight.data_type == onnx.TensorProto.FLOAT
+            and (len(node.input) < 3 or bias is not None)
+            and list(attrs.get("kernel_shape", [2, 2])) == [2, 2]
+            and list(attrs.get("strides", [1, 1])) == [2, 2]
+            and list(attrs.get("pads", [0, 0, 0, 0])) == [0, 0, 0, 0]
+            and list(attrs.get("dilations", [1, 1])) == [1, 1]
+            and int(attrs.get("group", 1)) == 1
+            and not any(attrs.get("output_padding", []))
+            and "output_shape" not in attrs
+            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+        )
+        if not plain or weight is None:
+            nodes.append(node)
+            continue
+        w = numpy_helper.to_array(weight)  # (C_in, C_out, 2, 2)
+        if w.ndim != 4 or w.shape[2:] != (2, 2):
+            nodes.append(node)
+            continue
+        c_in, c_out = w.shape[:2]
+        stem = node.name or node.output[0]
+        w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(4 * c_out, c_in, 1, 1))
+        inputs = [node.input[0], f"{stem}/d2s_weight"]
+        new_inits = [numpy_helper.from_array(w1, inputs[1])]
+        if bias is not None:
+            b1 = np.repeat(numpy_helper.to_array(bias), 4).astype(np.float32)
+            inputs.append(f"{stem}/d2s_bias")
+            new_inits.append(numpy_helper.from_array(b1, inputs[2]))
+        model.graph.initializer.extend(new_inits)
+        packed = f"{stem}/d2s_packed"
+        nodes.append(helper.make_node("Conv", inputs, [packed], name=f"{stem}/d2s_conv",
+                                      kernel_shape=[1, 1]))
+        nodes.append(helper.make_node("DepthToSpace", [packed], list(node.output),
+                                      name=f"{stem}/d2s", blocksize=2, mode="CRD"))
+        rewritten[packed] = node.output[0]
+    if rewritten:
+        used = {name for node in nodes for name in node.input}
+        kept = [i for i in model.graph.initializer if i.name in used]
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+    return rewritten
+
+
 @dataclass(frozen=True)
 class Int8Spec:
     """The validated int8 recipe of a model (``int8_calibration.json``).
@@ -286,8 +371,10 @@ def quantize_int8(
         model_path: the float model.
         settings: ``activation_type``/``weight_type`` (``QUInt8``/``QInt8``),
             ``calibrate_method`` (``MinMax``, ``Percentile``, ``Entropy``), ``per_channel``,
-            ``nodes_to_exclude``, ``extra_options``.
-        calibration_cache: ONNX Runtime's calibration cache (JSON).
+            ``nodes_to_exclude``, ``extra_options``, and ``upsampling`` (``as_is``, the
+            default, or ``depth_to_space``: see :data:`UPSAMPLING_DEPTH_TO_SPACE`).
+        calibration_cache: ONNX Runtime's calibration cache (JSON). Read from, it gains the
+            ranges of the rewritten upsamplings' packed tensors.
         work: a scratch folder.
         reader: calibration data, or ``None`` to use the cache.
 
@@ -304,7 +391,15 @@ def quantize_int8(
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     fp32_path, prep_path, int8_path = work / "fp32.onnx", work / "prep.onnx", work / "int8.onnx"
-    onnx.save(fp32_model(model_path), str(fp32_path))
+    fp32 = fp32_model(model_path)
+    upsampling = settings.get("upsampling", UPSAMPLING_AS_IS)
+    if upsampling == UPSAMPLING_DEPTH_TO_SPACE:
+        packed = upsampling_as_depth_to_space(fp32)
+        if reader is None:
+            _add_packed_ranges(calibration_cache, packed)
+    elif upsampling != UPSAMPLING_AS_IS:
+        raise ValueError(f"unknown upsampling setting {upsampling!r}")
+    onnx.save(fp32, str(fp32_path))
     # No symbolic shape inference: it needs sympy, which is not a runtime dependency.
     quant_pre_process(str(fp32_path), str(prep_path), skip_symbolic_shape=True)
     quantize_static(
@@ -321,6 +416,19 @@ def quantize_int8(
         calibration_cache_path=str(calibration_cache),
     )
     return int8_path
+
+
+def _add_packed_ranges(calibration_cache: Path, packed: dict[str, str]) -> None:
+    """Give each rewritten upsampling's packed tensor the range of the output it is a
+    rearrangement of (the same values, so the same range however it was estimated)."""
+    cache = json.loads(calibration_cache.read_text(encoding="utf-8"))
+    ranges = cache["data"]  # ONNX Runtime's TensorsData: {"CLS": ..., "data": {name: ...}}
+    for packed_name, output_name in packed.items():
+        if packed_name not in ranges:
+            if output_name not in ranges:
+                raise ValueError(f"the calibration ranges lack {output_name!r}")
+            ranges[packed_name] = ranges[output_name]
+    calibration_cache.write_text(json.dumps(cache), encoding="utf-8")
 
 
 def graph_digest(model_bytes: bytes) -> str:

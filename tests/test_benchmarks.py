@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -69,55 +68,6 @@ def test_real_ct_resampled_keeps_the_real_slices_and_interpolates_between(
     assert np.abs(volume[1] - midpoint).max() <= 0.5
     long_volume, long_spacing, _ = throughput.real_ct_resampled(255)
     assert long_volume.shape[0] == 255 and abs(long_spacing[0] * 254 - 232.0) < 1e-6
-
-
-def _upsampling_graph(rng: np.random.Generator) -> onnx.ModelProto:
-    """x (1, 3, 5, 4) -> ConvTranspose 2x2/2 with bias -> ConvTranspose 2x2/2 without bias,
-    and a 3x3/2 ConvTranspose (not rewritable) on the side; all outputs concatenated."""
-    from onnx import helper, numpy_helper
-
-    def init(name: str, *shape: int) -> onnx.TensorProto:
-        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
-
-    nodes = [
-        helper.make_node("ConvTranspose", ["x", "w1", "b1"], ["u1"], kernel_shape=[2, 2],
-                         strides=[2, 2]),
-        helper.make_node("ConvTranspose", ["u1", "w2"], ["u2"], kernel_shape=[2, 2],
-                         strides=[2, 2]),
-        helper.make_node("ConvTranspose", ["x", "w3"], ["side"], kernel_shape=[3, 3],
-                         strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "upsampling",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 4])],
-        [
-            helper.make_tensor_value_info("u2", onnx.TensorProto.FLOAT, [1, 2, 20, 16]),
-            helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, [1, 2, 10, 8]),
-        ],
-        [init("w1", 3, 6, 2, 2), init("b1", 6), init("w2", 6, 2, 2, 2), init("w3", 3, 2, 3, 3)],
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-
-
-def test_upsampling_rewrite_computes_the_same_outputs() -> None:
-    import gpu_throughput
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(4)
-    original = _upsampling_graph(rng)
-    rewritten = onnx.ModelProto()
-    rewritten.CopyFrom(original)
-    assert gpu_throughput.upsampling_as_depth_to_space(rewritten) == 2  # the 3x3 one stays
-    onnx.checker.check_model(rewritten)
-    ops = [n.op_type for n in rewritten.graph.node]
-    assert ops.count("DepthToSpace") == 2 and ops.count("ConvTranspose") == 1
-    x = rng.normal(size=(1, 3, 5, 4)).astype(np.float32)
-    want = ort.InferenceSession(original.SerializeToString()).run(None, {"x": x})
-    got = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})
-    assert got[0].shape == (1, 2, 20, 16)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(got[1], want[1])
 
 
 def test_predict_profile_reports_the_steps_on_a_real_series(

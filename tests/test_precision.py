@@ -184,3 +184,143 @@ def test_info_reports_whether_int8_runs_on_the_cpu(tmp_path: Path, band_model_pa
     status = model_status(tampered)["int8"]
     assert status["used_on_cpu"] is False and status["graph_matches_validated"] is False
     assert model_status(band_model_path)["int8"] is None
+
+
+def _upsampling_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """x (1, 3, 5, 4) -> ConvTranspose 2x2/2 with bias -> ConvTranspose 2x2/2 without bias,
+    and a 3x3/2 ConvTranspose (not rewritable) on the side; all outputs concatenated."""
+    from onnx import helper, numpy_helper
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("ConvTranspose", ["x", "w1", "b1"], ["u1"], kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["u1", "w2"], ["u2"], kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("ConvTranspose", ["x", "w3"], ["side"], kernel_shape=[3, 3],
+                         strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "upsampling",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 5, 4])],
+        [
+            helper.make_tensor_value_info("u2", onnx.TensorProto.FLOAT, [1, 2, 20, 16]),
+            helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, [1, 2, 10, 8]),
+        ],
+        [init("w1", 3, 6, 2, 2), init("b1", 6), init("w2", 6, 2, 2, 2), init("w3", 3, 2, 3, 3)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_upsampling_rewrite_computes_the_same_outputs() -> None:
+    import onnxruntime as ort
+
+    from ggo_cli.precision import upsampling_as_depth_to_space
+
+    rng = np.random.default_rng(4)
+    original = _upsampling_graph(rng)
+    rewritten = onnx.ModelProto()
+    rewritten.CopyFrom(original)
+    packed = upsampling_as_depth_to_space(rewritten)
+    assert sorted(packed.values()) == ["u1", "u2"]  # the 3x3 one stays
+    onnx.checker.check_model(rewritten)
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert ops.count("DepthToSpace") == 2 and ops.count("ConvTranspose") == 1
+    x = rng.normal(size=(1, 3, 5, 4)).astype(np.float32)
+    want = ort.InferenceSession(original.SerializeToString()).run(None, {"x": x})
+    got = ort.InferenceSession(rewritten.SerializeToString()).run(None, {"x": x})
+    assert got[0].shape == (1, 2, 20, 16)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[1], want[1])
+
+
+def _upsampling_model_file(path: Path) -> Path:
+    """image (1, 1, 16, 16) -> 3x3 Conv -> Relu -> 2x2 stride-2 ConvTranspose -> 1x1 Conv."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+
+    def init(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["image", "w0", "b0"], ["c0"], kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("ConvTranspose", ["r0", "wt", "bt"], ["up"], kernel_shape=[2, 2],
+                         strides=[2, 2]),
+        helper.make_node("Conv", ["up", "w1"], ["logits"], kernel_shape=[1, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "upsampling",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1, 1, 16, 16])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [1, 1, 32, 32])],
+        [init("w0", 4, 1, 3, 3), init("b0", 4), init("wt", 4, 3, 2, 2), init("bt", 3),
+         init("w1", 1, 3, 1, 1)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=8), str(path))
+    return path
+
+
+def test_int8_upsampling_rewrite_quantizes_it_and_its_ranges_follow_from_the_output(
+    tmp_path: Path,
+) -> None:
+    """With ``"upsampling": "depth_to_space"`` the transposed convolution becomes an int8
+    1 x 1 convolution; ranges read from a cache without the packed tensor give the graph that
+    calibrating them gives (the packed tensor holds the output's values)."""
+    import json
+
+    import onnxruntime as ort
+
+    from ggo_cli.precision import graph_digest, quantize_int8
+
+    model = _upsampling_model_file(tmp_path / "model.onnx")
+    rng = np.random.default_rng(0)
+    images = [rng.random((1, 1, 16, 16), dtype=np.float32) for _ in range(4)]
+
+    class Reader:
+        def __init__(self) -> None:
+            self.batches = iter({"image": x} for x in images)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    settings = {
+        "per_channel": True,
+        "activation_type": "QUInt8",
+        "weight_type": "QInt8",
+        "calibrate_method": "MinMax",
+        "nodes_to_exclude": [],
+        "extra_options": {},
+        "upsampling": "depth_to_space",
+    }
+    measured_dir, from_cache_dir = tmp_path / "measured", tmp_path / "from_cache"
+    measured_dir.mkdir()
+    from_cache_dir.mkdir()
+    measured_cache = measured_dir / "cache.json"
+    measured = quantize_int8(model, settings, measured_cache, measured_dir, reader=Reader())
+    ops = [n.op_type for n in onnx.load(str(measured)).graph.node]
+    assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == 1
+    cache = json.loads(measured_cache.read_text())
+    packed = [name for name in cache["data"] if name.endswith("/d2s_packed")]
+    assert len(packed) == 1
+    del cache["data"][packed[0]]
+    cache_path = from_cache_dir / "cache.json"
+    cache_path.write_text(json.dumps(cache))
+    rebuilt = quantize_int8(model, settings, cache_path, from_cache_dir)
+    assert graph_digest(rebuilt.read_bytes()) == graph_digest(measured.read_bytes())
+    assert packed[0] in json.loads(cache_path.read_text())["data"]
+    session = ort.InferenceSession(str(rebuilt), providers=["CPUExecutionProvider"])
+    assert {n.op_type for n in onnx.load(str(rebuilt)).graph.node} >= {"QuantizeLinear"}
+    want = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": images[0]})[0]
+    ref = want.run(None, {"image": images[0]})[0]
+    assert got.shape == (1, 1, 32, 32)
+    np.testing.assert_allclose(got, ref, atol=0.05 * float(np.abs(ref).max()))
+    with pytest.raises(ValueError, match="unknown upsampling"):
+        quantize_int8(model, {**settings, "upsampling": "nearest"}, cache_path, from_cache_dir)

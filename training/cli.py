@@ -218,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="range estimate (Percentile: 99.999 %%)",
     )
     p.add_argument("--runs", type=int, default=5, help="timed runs of the speed check")
+    p.add_argument(
+        "--reuse-ranges",
+        action="store_true",
+        help="take the activation ranges from the int8_calibration.json beside the model "
+        "instead of calibrating again (for a change of the other settings)",
+    )
+    p.add_argument(
+        "--upsampling",
+        choices=["depth_to_space", "as_is"],
+        default="depth_to_space",
+        help="the 2 x 2 transposed convolutions as int8 1 x 1 Conv + DepthToSpace, or as they are",
+    )
 
     p = sub.add_parser("compare", help="the paper's Table 1 for several runs")
     _add_common(p)
@@ -372,12 +384,14 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     settings["calibrate_method"] = args.calibration
     if args.calibration != "Percentile":
         settings["extra_options"].pop("CalibPercentile", None)
+    settings["upsampling"] = args.upsampling
     result = make_int8_recipe(
         Path(args.model),
         Path(args.data),
         n_calibration=args.n_calibration,
         settings=settings,
         runs=args.runs,
+        reuse_ranges=args.reuse_ranges,
     )
     validation = result.spec["validation"]
     return {

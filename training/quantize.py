@@ -65,6 +65,8 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "nodes_to_exclude": ["/head/Conv"],
     # two slices per collection step; the ranges of all steps are merged
     "extra_options": {"CalibStridedMinMax": 2, "CalibPercentile": 99.999},
+    # the 2 x 2 transposed convolutions as int8 1 x 1 convolutions + DepthToSpace
+    "upsampling": "depth_to_space",
 }
 
 
@@ -162,6 +164,27 @@ def _cpu() -> dict[str, Any]:
     return {"platform": platform.platform(), "cores": os.cpu_count(), **cpu_features()}
 
 
+CALIBRATION_KEYS = ("calibrate_method", "extra_options", "activation_type")
+"""Settings that shape the activation ranges: a recipe reusing ranges must share them."""
+
+
+def _previous_recipe(folder: Path, model_sha256: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The int8 recipe already beside a model, whose ranges fit ``settings``."""
+    path = folder / INT8_SPEC_NAME
+    try:
+        previous: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        if previous["model_sha256"] != model_sha256:
+            raise ValueError("it belongs to another model")
+        if not isinstance(previous["tensors_data"].get("data"), dict):
+            raise ValueError("it has no activation ranges")
+        differ = [k for k in CALIBRATION_KEYS if previous["settings"].get(k) != settings.get(k)]
+        if differ:
+            raise ValueError(f"its ranges were calibrated with other {differ}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"no reusable int8 ranges in {path}: {exc}") from exc
+    return previous
+
+
 def make_int8_recipe(
     model_path: Path,
     data: Path,
@@ -171,11 +194,17 @@ def make_int8_recipe(
     runs: int = 5,
     batch: int = 4,
     update_card: bool = True,
+    reuse_ranges: bool = False,
 ) -> QuantizeResult:
     """Calibrate, measure and write ``int8_calibration.json`` beside ``model_path``.
 
+    With ``reuse_ranges`` the activation ranges (and the record of how they were calibrated)
+    come from the recipe already beside the model instead of a new calibration: for a change
+    of the other settings, e.g. ``upsampling``, whose new tensors' ranges follow from the old.
+
     Raises:
-        InputError: the model has no card with a train/test split, or the data lacks its slices.
+        InputError: the model has no card with a train/test split, the data lacks its slices,
+            or ``reuse_ranges`` finds no recipe of this model.
     """
     import onnxruntime as ort
 
@@ -197,17 +226,34 @@ def make_int8_recipe(
     calibration = [slices[i] for i in split.ids("train")][:n_calibration]
     test = [slices[i] for i in split.ids("test")]
     calibration_images = training_data.to_grid(calibration, info.input_size).images
+    previous = _previous_recipe(folder, info.recorded_sha256, settings) if reuse_ranges else None
     with tempfile.TemporaryDirectory(prefix="ggo-quantize-") as scratch:
         work = Path(scratch)
         cache = work / "calibration.json"
         started = time.perf_counter()
-        int8_path = quantize_int8(
-            model_path, settings, cache, work, reader=SliceReader(calibration_images)
-        )
+        if previous is None:
+            reader = SliceReader(calibration_images)
+        else:
+            cache.write_text(json.dumps(previous["tensors_data"]), encoding="utf-8")
+            reader = None
+        int8_path = quantize_int8(model_path, settings, cache, work, reader=reader)
         seconds = time.perf_counter() - started
         int8 = int8_path.read_bytes()
         tensors = json.loads(cache.read_text(encoding="utf-8"))
-    log.info("int8 model made in %.0f s from %d slices", seconds, len(calibration))
+    if previous is None:
+        log.info("int8 model made in %.0f s from %d slices", seconds, len(calibration))
+    else:
+        log.info("int8 model made in %.0f s from the previous recipe's ranges", seconds)
+    calibration_record = (
+        {
+            "split": "train",
+            "ids": [s.id for s in calibration],
+            "data": str(data.name),
+            "seconds": round(seconds, 1),
+        }
+        if previous is None
+        else {**previous["calibration"], "ranges_reused": True}
+    )
     validation = _accuracy(model_path, int8, test)
     test_images = training_data.to_grid(test, info.input_size).images
     validation["speed_cpu"] = _speed(model_path, int8, test_images, batch, runs)
@@ -217,12 +263,7 @@ def make_int8_recipe(
         "format": INT8_SPEC_FORMAT,
         "model_sha256": info.recorded_sha256,
         "settings": settings,
-        "calibration": {
-            "split": "train",
-            "ids": [s.id for s in calibration],
-            "data": str(data.name),
-            "seconds": round(seconds, 1),
-        },
+        "calibration": calibration_record,
         "int8_graph_sha256": graph_digest(int8),
         "int8_size_bytes": len(int8),
         "onnxruntime": ort.__version__,
