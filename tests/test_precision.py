@@ -60,6 +60,27 @@ def test_cpu_runs_fp32_by_default_and_refuses_fp16(band_model_path: Path) -> Non
         OnnxSegmenter(info, device="cpu", precision="bf16")
 
 
+MINMAX_SETTINGS = {
+    "per_channel": True,
+    "activation_type": "QUInt8",
+    "weight_type": "QInt8",
+    "calibrate_method": "MinMax",
+    "nodes_to_exclude": [],
+    "extra_options": {},
+}
+"""Quantizer settings of the test recipes: MinMax ranges (exact for the values seen)."""
+
+
+class ImageReader:
+    """An ONNX Runtime calibration reader over a list of ``image`` batches."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.batches = iter({"image": x} for x in images)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
 def _conv_model_with_recipe(
     folder: Path, *, dice_change: float = 0.0, tamper_digest: bool = False
 ) -> Path:
@@ -78,28 +99,13 @@ def _conv_model_with_recipe(
 
     model_path, _ = write_conv_explain_pair(folder)
     info = load_model_info(model_path)
-    rng = np.random.default_rng(0)
-
-    class Reader:
-        def __init__(self) -> None:
-            self.batches = iter([{"image": rng.random((1, 1, 64, 64), dtype=np.float32)}] * 4)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    settings = {
-        "quant_format": "QDQ",
-        "per_channel": True,
-        "activation_type": "QUInt8",
-        "weight_type": "QInt8",
-        "calibrate_method": "MinMax",
-        "nodes_to_exclude": [],
-        "extra_options": {},
-    }
+    image = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
+    settings = {"quant_format": "QDQ", **MINMAX_SETTINGS}
     work = folder / "work"
     work.mkdir()
     cache = work / "cache.json"
-    int8 = quantize_int8(model_path, settings, cache, work, reader=Reader()).read_bytes()
+    reader = ImageReader([image] * 4)
+    int8 = quantize_int8(model_path, settings, cache, work, reader=reader).read_bytes()
     digest = graph_digest(int8)
     spec = {
         "format": INT8_SPEC_FORMAT,
@@ -282,28 +288,14 @@ def test_int8_upsampling_rewrite_quantizes_it_and_its_ranges_follow_from_the_out
     model = _upsampling_model_file(tmp_path / "model.onnx")
     rng = np.random.default_rng(0)
     images = [rng.random((1, 1, 16, 16), dtype=np.float32) for _ in range(4)]
-
-    class Reader:
-        def __init__(self) -> None:
-            self.batches = iter({"image": x} for x in images)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
-    settings = {
-        "per_channel": True,
-        "activation_type": "QUInt8",
-        "weight_type": "QInt8",
-        "calibrate_method": "MinMax",
-        "nodes_to_exclude": [],
-        "extra_options": {},
-        "upsampling": "depth_to_space",
-    }
+    settings = {**MINMAX_SETTINGS, "upsampling": "depth_to_space"}
     measured_dir, from_cache_dir = tmp_path / "measured", tmp_path / "from_cache"
     measured_dir.mkdir()
     from_cache_dir.mkdir()
     measured_cache = measured_dir / "cache.json"
-    measured = quantize_int8(model, settings, measured_cache, measured_dir, reader=Reader())
+    measured = quantize_int8(
+        model, settings, measured_cache, measured_dir, reader=ImageReader(images)
+    )
     ops = [n.op_type for n in onnx.load(str(measured)).graph.node]
     assert "ConvTranspose" not in ops and ops.count("DepthToSpace") == 1
     cache = json.loads(measured_cache.read_text())
