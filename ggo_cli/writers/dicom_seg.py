@@ -42,7 +42,6 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +49,6 @@ import highdicom as hd
 import numpy as np
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import __version__
@@ -59,7 +57,13 @@ from ..domain import CtVolume, Prediction
 from ..errors import InputError, OutputError, UnsupportedSeriesError
 from ..fsutil import atomic_write_path
 from ..model_info import ModelInfo
-from .seg_verify import LUNG_SEGMENTS, seg_masks, verify_seg
+from .seg_segments import (
+    SEG_MANUFACTURER,
+    algorithm_equipment,
+    lung_descriptions,
+    segment_descriptions,
+)
+from .seg_verify import seg_masks, verify_seg
 
 if TYPE_CHECKING:
     from ..lungs import LungMasks
@@ -75,29 +79,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SEG_MANUFACTURER = "ggo-cli"
 SEG_CONTENT_LABEL = "GGO"
 SEG_CONTENT_DESCRIPTION = "AI ground-glass opacity segmentation - research use only"
 SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SEG_INSTANCE_NUMBER = 1
-
-GGO_PROPERTY_CATEGORY = codes.SCT.MorphologicallyAbnormalStructure
-GGO_PROPERTY_TYPE = codes.DCM.GroundGlassOpacity
-GGO_ANATOMIC_REGION = codes.SCT.Lung
-ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
-ALGORITHM_SOURCE = "ggo-cli"
-LUNG_ALGORITHM_NAME = "ggo-cli lung mask"
-LUNG_ALGORITHM_FAMILY = codes.cid7162.MorphologicalOperations
-
-SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0),  # GGO: red, as in the overlay PNGs
-    (0, 160, 255),
-    (255, 200, 0),
-    (0, 200, 80),
-    (200, 0, 255),
-    (255, 128, 0),
-)
-"""Recommended display colours per segment, cycled; fixed so reruns look the same."""
 
 REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
     "SOPClassUID",
@@ -269,80 +254,6 @@ def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) ->
         raise ValueError(f"volume has {volume.hu.shape} voxels but {n_slices} headers")
 
 
-def _lung_descriptions(first_number: int) -> list[hd.seg.SegmentDescription]:
-    """Right and left lung segments, numbered from ``first_number``."""
-    from ..lungs import LUNG_THRESHOLD_HU
-
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=LUNG_ALGORITHM_NAME,
-        version=__version__,
-        family=LUNG_ALGORITHM_FAMILY,
-        source=ALGORITHM_SOURCE,
-        parameters={"threshold_hu": f"{LUNG_THRESHOLD_HU:g}"},
-    )
-    descriptions = []
-    for offset, spec in enumerate(LUNG_SEGMENTS):
-        description = hd.seg.SegmentDescription(
-            segment_number=first_number + offset,
-            segment_label=spec.label,
-            segmented_property_category=spec.category,
-            segmented_property_type=spec.property_type,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            display_color=hd.color.CIELabColor.from_rgb(*spec.rgb),
-        )
-        # highdicom has no argument for it; DICOM puts laterality here (PS3.3 C.8.20.4).
-        description.SegmentedPropertyTypeModifierCodeSequence = [
-            hd.sr.CodedConcept.from_code(spec.laterality)
-        ]
-        descriptions.append(description)
-    return descriptions
-
-
-def _segment_descriptions(model: ModelInfo, threshold: float) -> list[hd.seg.SegmentDescription]:
-    """One SegmentDescription per model channel (segment number = channel + 1)."""
-    algorithm = hd.AlgorithmIdentificationSequence(
-        name=model.name,
-        version=model.version,
-        family=ALGORITHM_FAMILY,
-        source=ALGORITHM_SOURCE,
-        parameters={"threshold": f"{threshold:g}"},
-    )
-    descriptions = []
-    for index, spec in enumerate(model.segments):
-        rgb = SEGMENT_COLORS_RGB[index % len(SEGMENT_COLORS_RGB)]
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=index + 1,
-                segment_label=spec.label,
-                segmented_property_category=spec.property_category,
-                segmented_property_type=spec.property_type,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                # Channel 0 is GGO by the model contract; GGO is a finding in the lung.
-                anatomic_regions=[GGO_ANATOMIC_REGION] if index == 0 else None,
-                display_color=hd.color.CIELabColor.from_rgb(*rgb),
-            )
-        )
-    return descriptions
-
-
-def _algorithm_equipment(model: ModelInfo) -> hd.ContributingEquipment:
-    """The AI algorithm as Contributing Equipment (IHE AIR: processing equipment)."""
-    return hd.ContributingEquipment(
-        manufacturer=SEG_MANUFACTURER,
-        purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=model.name,
-        software_versions=model.version,
-        device_serial_number=model.recorded_sha256[:16],
-        contribution_datetime=datetime.now(),
-        contribution_description=(
-            f"AI segmentation by model {model.name} {model.version} "
-            f"(architecture {model.architecture}, graph sha256 {model.recorded_sha256[:16]})"
-        ),
-    )
-
-
 def _redact(text: str, source: Dataset) -> str:
     """Replace any patient-identifying source value quoted in ``text`` by ``***``."""
     for keyword in _PHI_KEYWORDS:
@@ -421,11 +332,11 @@ def build_seg(
         series_description=series_description,
         lung_segments=lungs is not None,
     )
-    descriptions = _segment_descriptions(model, prediction.threshold)
+    descriptions = segment_descriptions(model, prediction.threshold)
     if lungs is not None:
         if lungs.right.shape != prediction.ggo.shape:
             raise ValueError(f"lung masks {lungs.right.shape} differ from {prediction.ggo.shape}")
-        descriptions += _lung_descriptions(len(descriptions) + 1)
+        descriptions += lung_descriptions(len(descriptions) + 1)
     # highdicom warns about source values (e.g. a PatientName without '^' components) and
     # quotes them; record the warnings so they never reach the console unredacted.
     with warnings.catch_warnings(record=True) as caught:
@@ -448,7 +359,7 @@ def build_seg(
                 content_description=SEG_CONTENT_DESCRIPTION,
                 transfer_syntax_uid=SEG_TRANSFER_SYNTAX_UID,
                 omit_empty_frames=False,
-                contributing_equipment=[_algorithm_equipment(model)],
+                contributing_equipment=[algorithm_equipment(model)],
                 series_description=series_description,
                 specific_character_set=_character_set(volume.datasets[0]),
             )
