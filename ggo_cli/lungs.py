@@ -450,8 +450,8 @@ def _bites(section: BoolVolume, spacing: tuple[float, float, float], *,
     first = section[rows].argmax(axis=1)
     last = section.shape[1] - 1 - section[rows, ::-1].argmax(axis=1)
     r = np.arange(section.shape[0])
-    low = np.ceil(np.interp(r, *_envelope(rows, first, lower=True)) - 1e-6)
-    high = np.floor(np.interp(r, *_envelope(rows, last, lower=False)) + 1e-6)
+    low = np.ceil(np.interp(r, *morph.hull_envelope(rows, first, lower=True)) - 1e-6)
+    high = np.floor(np.interp(r, *morph.hull_envelope(rows, last, lower=False)) + 1e-6)
     # The regions, labelled within the hull's bounding box (the rest of the slice has none).
     r0, r1 = int(rows[0]), int(rows[-1]) + 1
     c0 = max(int(low[r0:r1].min()), 0)
@@ -478,32 +478,3 @@ def _bites(section: BoolVolume, spacing: tuple[float, float, float], *,
     out = np.zeros_like(section)
     out[r0:r1, c0:c1] = keep[labels]
     return out
-
-
-def _envelope(x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, lower: bool) -> (
-    tuple[list[float], list[float]]
-):
-    """Vertices of the lower (convex minorant) or upper (concave majorant) hull of points
-    sorted by ``x`` (Andrew's monotone chain)."""
-    sign = 1 if lower else -1
-    # A point on or beyond the chord of its two neighbours is no vertex: drop such points in
-    # whole-array passes first, so that the loop below sees few (the same vertices result).
-    x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
-    while x.size > 2:
-        turn = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) - (y[1:-1] - y[:-2]) * (x[2:] - x[:-2])
-        inner = sign * turn <= 0
-        if not inner.any():
-            break
-        keep = np.ones(x.size, dtype=np.bool_)
-        keep[1:-1] = ~inner
-        x, y = x[keep], y[keep]
-    hx: list[float] = []
-    hy: list[float] = []
-    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
-        while len(hx) >= 2 and sign * ((hx[-1] - hx[-2]) * (yi - hy[-2])
-                                       - (hy[-1] - hy[-2]) * (xi - hx[-2])) <= 0:
-            hx.pop()
-            hy.pop()
-        hx.append(float(xi))
-        hy.append(float(yi))
-    return hx, hy

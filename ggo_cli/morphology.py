@@ -1,5 +1,6 @@
 """Binary-volume tools of the lung mask, on SimpleITK: images and masks, connected components
-labelled slab by slab, distances in mm, bounding boxes, and slice-by-slice work on threads.
+labelled slab by slab, distances in mm, bounding boxes, slice-by-slice work on threads, and
+the convex-hull envelopes of a section's outline.
 
 Arrays are ``(slice, row, col)``; SimpleITK spacing is ``(col, row, slice)``.
 """
@@ -311,3 +312,32 @@ def ranked_components(mask: BoolVolume) -> Components:
         Its :class:`Components` (labelled slab by slab).
     """
     return Components(lambda z: mask[z], mask.shape[0])
+
+
+def hull_envelope(x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, lower: bool) -> (
+    tuple[list[float], list[float]]
+):
+    """Vertices of the lower (convex minorant) or upper (concave majorant) hull of points
+    sorted by ``x`` (Andrew's monotone chain)."""
+    sign = 1 if lower else -1
+    # A point on or beyond the chord of its two neighbours is no vertex: drop such points in
+    # whole-array passes first, so that the loop below sees few (the same vertices result).
+    x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+    while x.size > 2:
+        turn = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) - (y[1:-1] - y[:-2]) * (x[2:] - x[:-2])
+        inner = sign * turn <= 0
+        if not inner.any():
+            break
+        keep = np.ones(x.size, dtype=np.bool_)
+        keep[1:-1] = ~inner
+        x, y = x[keep], y[keep]
+    hx: list[float] = []
+    hy: list[float] = []
+    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
+        while len(hx) >= 2 and sign * ((hx[-1] - hx[-2]) * (yi - hy[-2])
+                                       - (hy[-1] - hy[-2]) * (xi - hx[-2])) <= 0:
+            hx.pop()
+            hy.pop()
+        hx.append(float(xi))
+        hy.append(float(yi))
+    return hx, hy

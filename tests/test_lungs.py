@@ -308,7 +308,7 @@ def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None
 def test_hull_envelope_equals_the_plain_monotone_chain(lower: bool) -> None:
     """The envelope's whole-array pre-filter keeps exactly the vertices that Andrew's
     monotone chain finds on all the points (staircases, plateaus and collinear runs too)."""
-    from ggo_cli.lungs import _envelope
+    from ggo_cli.morphology import hull_envelope
 
     def chain(x: list[int], y: list[int]) -> tuple[list[float], list[float]]:
         sign = 1 if lower else -1
@@ -331,7 +331,7 @@ def test_hull_envelope_equals_the_plain_monotone_chain(lower: bool) -> None:
         y = np.cumsum(rng.integers(-3, 4, size=n)).astype(np.int64) + 200
         if rng.random() < 0.3:
             y = 2 * x + 7  # one straight line
-        assert _envelope(x, y, lower=lower) == chain(x.tolist(), y.tolist())
+        assert hull_envelope(x, y, lower=lower) == chain(x.tolist(), y.tolist())
 
 
 def test_body_holes_filled_in_each_slices_box_equal_a_whole_slice_fill() -> None:
