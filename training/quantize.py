@@ -225,17 +225,16 @@ def make_int8_recipe(
         raise InputError(f"{data} lacks slices of the model's split: {missing[:5]}")
     calibration = [slices[i] for i in split.ids("train")][:n_calibration]
     test = [slices[i] for i in split.ids("test")]
-    calibration_images = training_data.to_grid(calibration, info.input_size).images
     previous = _previous_recipe(folder, info.recorded_sha256, settings) if reuse_ranges else None
     with tempfile.TemporaryDirectory(prefix="ggo-quantize-") as scratch:
         work = Path(scratch)
         cache = work / "calibration.json"
-        started = time.perf_counter()
-        if previous is None:
-            reader = SliceReader(calibration_images)
+        if previous is None:  # calibrate: the train slices on the model grid
+            reader = SliceReader(training_data.to_grid(calibration, info.input_size).images)
         else:
             cache.write_text(json.dumps(previous["tensors_data"]), encoding="utf-8")
             reader = None
+        started = time.perf_counter()
         int8_path = quantize_int8(model_path, settings, cache, work, reader=reader)
         seconds = time.perf_counter() - started
         int8 = int8_path.read_bytes()
