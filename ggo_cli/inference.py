@@ -92,6 +92,9 @@ class OnnxSegmenter:
             choices = ", ".join(p.value for p in Precision)
             raise InputError(f"invalid --precision {precision!r}; use {choices}") from None
         self.precision = Precision.FP32
+        # Whether the variant in use was checked against float32 on this machine (always
+        # true of float32 itself); a series run on an unchecked variant is flagged.
+        self.variant_checked = True
         self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
