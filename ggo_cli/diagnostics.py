@@ -101,30 +101,46 @@ def model_status(path: Path) -> dict[str, Any]:
 
 
 def int8_status(info: Any) -> dict[str, Any] | None:
-    """Whether ``--precision auto`` will run the int8 variant on the CPU, and why (or why not).
+    """Whether ``--precision auto`` runs an int8 variant on this CPU, which one, and why.
 
-    Rebuilds the int8 model (a few seconds) to compare its digest with the validated one.
-    ``None`` when no int8 recipe is beside the model.
+    Builds the CPU segmenter as ``segment`` would: the recipes for this CPU are rebuilt (a few
+    seconds each) and checked against float32 on the reference slices unless this machine's
+    verdict is cached (see :mod:`ggo_cli.variant_check`). ``None`` when no int8 recipe is
+    beside the model.
     """
     import onnxruntime as ort
 
-    from .precision import int8_model_bytes, load_int8_spec
+    from .inference import OnnxSegmenter
+    from .int8_recipes import cpu_flag_set, load_int8_spec
+    from .precision import Precision
 
     try:
         spec = load_int8_spec(info)
         if spec is None:
             return None
+        flags = cpu_flag_set()
         status: dict[str, Any] = {
-            "recipe": str(spec.path),
-            "test_dice_change": spec.dice_change,
-            "validated_with_onnxruntime": spec.onnxruntime,
+            "recipe_file": str(spec.path),
             "this_onnxruntime": ort.__version__,
+            "recipes": [
+                {
+                    "name": r.name,
+                    "cpu_any": list(r.cpu_any),
+                    "fits_this_cpu": r.fits(flags),
+                    "test_dice_change": r.dice_change,
+                    "validated_with_onnxruntime": r.onnxruntime,
+                    "validated_on_cpu": r.validation.get("cpu", {}).get("model"),
+                }
+                for r in spec.recipes
+            ],
         }
-        _, validated = int8_model_bytes(info, spec)
+        segmenter = OnnxSegmenter(info, device="cpu", precision="auto")
     except GgoError as exc:
         return {"used_on_cpu": False, "error": str(exc)}
-    status["graph_matches_validated"] = validated
-    status["used_on_cpu"] = validated and spec.acceptable
+    status["used_on_cpu"] = segmenter.precision is Precision.INT8
+    status["recipe_used"] = segmenter.int8_recipe
+    check = segmenter.variant_check
+    status["self_check"] = check.to_dict() if check is not None else None
     return status
 
 

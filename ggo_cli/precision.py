@@ -10,22 +10,19 @@ provider's ``prefer_nhwc`` it runs 1.65 times as many slices/s as the float32 gr
 
 On the CPU, :func:`int8_model_bytes` makes a static int8 (QDQ) variant with ONNX Runtime's
 quantizer from the calibration ranges shipped beside the model (``int8_calibration.json``,
-written by ``python -m training quantize``: activation ranges measured on training slices, the
-quantizer settings, the accuracy measured on the test split, and the SHA-256 of the int8 graph
-that was validated). The same steps run here (fold the weight casts, ``quant_pre_process``
-without symbolic shapes, ``quantize_static`` from the calibration cache: about 3 s), and the
-result is used automatically only when its graph digest equals the validated one, i.e. when
-this ONNX Runtime quantizes exactly as the one that was measured; otherwise ``auto`` runs
-float32 and says why. No 20 MB int8 file ships.
+written by ``python -m training quantize``; its recipes per CPU class are read by
+:mod:`ggo_cli.int8_recipes`). The same steps run here (fold the weight casts,
+``quant_pre_process`` without symbolic shapes, ``quantize_static`` from the calibration cache:
+about 3 s). A variant is considered only when its graph digest equals the validated one (this
+ONNX Runtime quantizes exactly as the one that was measured), and used only after it agreed
+with float32 on this machine (:mod:`ggo_cli.variant_check`). No 20 MB int8 file ships.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import tempfile
-from dataclasses import dataclass
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -34,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from .errors import ModelError
-from .model_info import ModelInfo, file_sha256, graph_sha256
+from .int8_recipes import Int8Recipe, Int8Spec
+from .model_info import ModelInfo, graph_sha256
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +43,13 @@ class Precision(StrEnum):
     AUTO = "auto"  # fp16 on CUDA; on CPU int8 where a validated int8 model ships, else fp32
     FP32 = "fp32"
     FP16 = "fp16"  # CUDA only
-    INT8 = "int8"  # CPU only, needs model.int8.onnx beside the model
+    INT8 = "int8"  # CPU only, needs int8_calibration.json beside the model
 
 
 CUDA_NHWC_OPTIONS = {"prefer_nhwc": 1}
 """CUDA provider options of the segmentation session (NHWC kernels where ORT has them)."""
 
 
-INT8_SPEC_NAME = "int8_calibration.json"
-INT8_SPEC_FORMAT = "ggo-cli int8 calibration 1"
-MAX_INT8_DICE_CHANGE = 0.01
-"""The largest change of pooled test Dice for which ``auto`` picks the int8 variant."""
 UPSAMPLING_AS_IS = "as_is"
 UPSAMPLING_DEPTH_TO_SPACE = "depth_to_space"
 """The int8 recipe's ``upsampling`` setting: 2 x 2 stride-2 ``ConvTranspose`` nodes kept, or
@@ -125,6 +119,7 @@ def fp16_model_bytes(path: Path, file_sha256: str) -> bytes:
 
 HU_INPUT_NAME = "hu"
 MASK_OUTPUT_NAME = "mask"
+NEAR_OUTPUT_NAME = "near"
 
 
 def windowed_model_bytes(
@@ -135,6 +130,7 @@ def windowed_model_bytes(
     logit_threshold: float,
     input_name: str,
     output_name: str,
+    near_logit_threshold: float | None = None,
 ) -> bytes:
     """The model with the lung window before it and the threshold after it, serialized.
 
@@ -146,6 +142,10 @@ def windowed_model_bytes(
     masks are the same; on a GPU the host then neither windows nor thresholds, and copies
     2 bytes a pixel in and 1 out instead of 4 and 4 (issue 7 part 5).
 
+    With ``near_logit_threshold``, a second output ``near`` (bool, ``(n, 1, S, S)``) marks the
+    GGO channel's marginal calls, ``logit_threshold < logit < near_logit_threshold``, which
+    ``predict`` counts for the ``low_confidence`` quality flag (:mod:`ggo_cli.quality`).
+
     Args:
         model_bytes: the serialized model (any precision variant with float32 input and output).
         low_hu: the window's low end in HU (centre - width / 2).
@@ -153,6 +153,8 @@ def windowed_model_bytes(
         logit_threshold: ``ln(t / (1 - t))`` for the probability threshold ``t``.
         input_name: the model's image input.
         output_name: the model's logits output.
+        near_logit_threshold: ``ln(p / (1 - p))`` for ``p = t + 0.1`` (``inf`` allowed);
+            ``None``: no ``near`` output.
 
     Raises:
         ModelError: the model cannot be parsed or has other inputs or outputs.
@@ -197,7 +199,40 @@ def windowed_model_bytes(
     graph.input.insert(0, hu)
     graph.output.remove(logits)
     graph.output.append(mask)
+    if near_logit_threshold is not None:
+        _add_near_output(graph, logits, output_name, near_logit_threshold)
     return bytes(model.SerializeToString())
+
+
+def _add_near_output(graph: Any, logits: Any, output_name: str, near_logit: float) -> None:
+    """Add output ``near``: GGO-channel logits in ``(threshold, near_logit)`` (see
+    :func:`windowed_model_bytes`); channel 0 only, so the host copies 1 byte a pixel more."""
+    from onnx import TensorProto, helper
+
+    near = helper.make_tensor_value_info(NEAR_OUTPUT_NAME, TensorProto.BOOL, None)
+    near.type.tensor_type.shape.CopyFrom(logits.type.tensor_type.shape)
+    if len(near.type.tensor_type.shape.dim) > 1:
+        channels = near.type.tensor_type.shape.dim[1]
+        channels.ClearField("dim_param")
+        channels.dim_value = 1
+    for name, values in (("ggo_near_start", [0]), ("ggo_near_stop", [1]), ("ggo_near_axis", [1])):
+        graph.initializer.append(helper.make_tensor(name, TensorProto.INT64, [1], values))
+    graph.initializer.append(
+        helper.make_tensor("ggo_near_logit", TensorProto.FLOAT, [], [float(near_logit)])
+    )
+    graph.node.extend(
+        [
+            helper.make_node(
+                "Slice",
+                [output_name, "ggo_near_start", "ggo_near_stop", "ggo_near_axis"],
+                ["ggo_logits_ggo"],
+            ),
+            helper.make_node("Greater", ["ggo_logits_ggo", "ggo_logit_threshold"], ["ggo_called"]),
+            helper.make_node("Less", ["ggo_logits_ggo", "ggo_near_logit"], ["ggo_below_near"]),
+            helper.make_node("And", ["ggo_called", "ggo_below_near"], [NEAR_OUTPUT_NAME]),
+        ]
+    )
+    graph.output.append(near)
 
 
 def upsampling_as_depth_to_space(model: Any) -> dict[str, str]:
@@ -280,80 +315,6 @@ def upsampling_as_depth_to_space(model: Any) -> dict[str, str]:
     return rewritten
 
 
-@dataclass(frozen=True)
-class Int8Spec:
-    """The validated int8 recipe of a model (``int8_calibration.json``).
-
-    Attributes:
-        path: the file.
-        model_sha256: the recorded graph digest of the model it belongs to.
-        settings: quantizer settings (``quantize_static`` arguments).
-        int8_graph_sha256: SHA-256 of the validated int8 graph.
-        onnxruntime: ONNX Runtime version that made and measured it.
-        validation: accuracy (``pooled_dice_change`` on the test split) and speed.
-        tensors: activation ranges in ONNX Runtime's calibration-cache format.
-    """
-
-    path: Path
-    model_sha256: str
-    settings: dict[str, Any]
-    int8_graph_sha256: str
-    onnxruntime: str
-    validation: dict[str, Any]
-    tensors: dict[str, Any]
-
-    @property
-    def dice_change(self) -> float:
-        """Pooled test Dice of int8 minus float32 (nan when not measured)."""
-        value = self.validation.get("pooled_dice_change")
-        return float(value) if isinstance(value, int | float) else math.nan
-
-    @property
-    def acceptable(self) -> bool:
-        """Whether the measured accuracy change is within :data:`MAX_INT8_DICE_CHANGE`."""
-        return abs(self.dice_change) <= MAX_INT8_DICE_CHANGE
-
-
-def int8_spec_path(model_path: Path) -> Path:
-    """Where the int8 recipe of a model lives: beside it."""
-    return model_path.parent / INT8_SPEC_NAME
-
-
-def load_int8_spec(model: ModelInfo) -> Int8Spec | None:
-    """Read the int8 recipe beside a model.
-
-    Returns:
-        The recipe, or ``None`` when there is none.
-
-    Raises:
-        ModelError: the file is unreadable, malformed or belongs to another model.
-    """
-    path = int8_spec_path(model.path)
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != INT8_SPEC_FORMAT:
-            raise ValueError(f"format {data.get('format')!r}, expected {INT8_SPEC_FORMAT!r}")
-        spec = Int8Spec(
-            path=path,
-            model_sha256=str(data["model_sha256"]),
-            settings=dict(data["settings"]),
-            int8_graph_sha256=str(data["int8_graph_sha256"]),
-            onnxruntime=str(data["onnxruntime"]),
-            validation=dict(data["validation"]),
-            tensors=dict(data["tensors_data"]),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelError(f"{path.name} beside {model.path.name} is not usable: {exc}") from exc
-    if spec.model_sha256 != model.recorded_sha256:
-        raise ModelError(
-            f"{path.name} belongs to another model (model sha256 "
-            f"{spec.model_sha256[:12]}..., this model {model.recorded_sha256[:12]}...)"
-        )
-    return spec
-
-
 def quantize_int8(
     model_path: Path,
     settings: dict[str, Any],
@@ -371,7 +332,8 @@ def quantize_int8(
         model_path: the float model.
         settings: ``activation_type``/``weight_type`` (``QUInt8``/``QInt8``),
             ``calibrate_method`` (``MinMax``, ``Percentile``, ``Entropy``), ``per_channel``,
-            ``nodes_to_exclude``, ``extra_options``, and ``upsampling`` (``as_is``, the
+            ``nodes_to_exclude``, ``extra_options``, ``reduce_range`` (7-bit weights; default
+            off), and ``upsampling`` (``as_is``, the
             default, or ``depth_to_space``: see :data:`UPSAMPLING_DEPTH_TO_SPACE`).
         calibration_cache: ONNX Runtime's calibration cache (JSON). Read from, it gains the
             ranges of the rewritten upsamplings' packed tensors.
@@ -408,6 +370,7 @@ def quantize_int8(
         reader,
         quant_format=QuantFormat.QDQ,
         per_channel=bool(settings["per_channel"]),
+        reduce_range=bool(settings.get("reduce_range", False)),
         activation_type=QuantType[settings["activation_type"]],
         weight_type=QuantType[settings["weight_type"]],
         calibrate_method=CalibrationMethod[settings["calibrate_method"]],
@@ -439,11 +402,11 @@ def graph_digest(model_bytes: bytes) -> str:
     return graph_sha256(graph.SerializeToString(deterministic=True))
 
 
-_INT8_CACHE: dict[tuple[str, str], tuple[bytes, str]] = {}
+_INT8_CACHE: dict[tuple[str, str, str], tuple[bytes, str]] = {}
 
 
-def int8_model_bytes(model: ModelInfo, spec: Int8Spec) -> tuple[bytes, bool]:
-    """The int8 variant of a model from its recipe, and whether it is the validated one.
+def int8_model_bytes(model: ModelInfo, spec: Int8Spec, recipe: Int8Recipe) -> tuple[bytes, bool]:
+    """The int8 variant of a model from one of its recipes, and whether it is the validated one.
 
     Returns:
         ``(serialized model, graph digest equals the recipe's)``.
@@ -451,17 +414,19 @@ def int8_model_bytes(model: ModelInfo, spec: Int8Spec) -> tuple[bytes, bool]:
     Raises:
         ModelError: quantization failed (e.g. an ONNX Runtime without calibration caches).
     """
-    key = (model.file_sha256, file_sha256(spec.path))
+    key = (model.file_sha256, spec.file_sha256, recipe.name)
     if key not in _INT8_CACHE:
         try:
             with tempfile.TemporaryDirectory(prefix="ggo-int8-") as scratch:
                 work = Path(scratch)
                 cache = work / "calibration.json"
                 cache.write_text(json.dumps(spec.tensors), encoding="utf-8")
-                int8_path = quantize_int8(model.path, spec.settings, cache, work)
+                int8_path = quantize_int8(model.path, recipe.settings, cache, work)
                 data = int8_path.read_bytes()
         except Exception as exc:  # noqa: BLE001 - the quantizer raises many untyped errors
-            raise ModelError(f"cannot make the int8 variant of {model.path.name}: {exc}") from exc
+            raise ModelError(
+                f"cannot make the int8 variant ({recipe.name}) of {model.path.name}: {exc}"
+            ) from exc
         _INT8_CACHE[key] = (data, graph_digest(data))
     data, digest = _INT8_CACHE[key]
-    return data, digest == spec.int8_graph_sha256
+    return data, digest == recipe.int8_graph_sha256

@@ -39,6 +39,7 @@ class Sessions:
                 batch_size=self.cfg.batch_size,
                 threshold=self.cfg.threshold,
                 precision=self.cfg.precision,
+                force_check=self.cfg.force,
             )
         return self._segmenter
 
