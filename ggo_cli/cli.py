@@ -73,7 +73,13 @@ from .errors import (
 from .explain import ExplainSlices
 from .logs import configure_logging, level_from_flags, quiet_pydicom
 from .precision import Precision
-from .run_display import exit_code, progress_display, stderr_console, summary_table
+from .run_display import (
+    all_pending_note,
+    exit_code,
+    progress_display,
+    stderr_console,
+    summary_table,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -182,6 +188,9 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
     else:
         typer.echo(str(result.csv_path))
     code = exit_code(result.outcomes)
+    pending_note = all_pending_note(result.outcomes, cfg.settle_minutes)
+    if pending_note is not None:
+        log.warning("%s", pending_note)
     if code == NoEligibleSeriesError.exit_code:
         log.error(
             "no eligible CT series among %d found (%d files); see %s for the reasons",

@@ -135,7 +135,8 @@ SettleOpt = Annotated[
     typer.Option(
         "--settle",
         min=0.0,
-        help="Leave series with a file modified in the last N minutes for a later run.",
+        help="Leave series with a file modified in the last N minutes for a later run (0: "
+        "none; for a folder that a PACS export is still filling, e.g. 5).",
     ),
 ]
 ForceOpt = Annotated[

@@ -27,8 +27,9 @@ SPACING_ABS_TOLERANCE_MM = 0.01
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "GGO AI segmentation - research use only"
-SETTLE_MINUTES = 5.0
-"""Default of ``segment --settle``: files this fresh may still be arriving from PACS."""
+SETTLE_MINUTES = 0.0
+"""Default of ``--settle``: none, so a folder copied by hand is processed at once. Scheduled
+runs on a folder that a PACS export is still filling pass ``--settle 5`` (README)."""
 ENV_PSEUDONYM_SALT = "GGO_PSEUDONYM_SALT"
 CSV_NAME = "ggo_volumes.csv"
 MANIFEST_NAME = "run_manifest.json"
@@ -91,7 +92,8 @@ class RunConfig:
         include_patient_id: write PatientID into the CSV (off by default).
         seg_series_number: SeriesNumber of every SEG written.
         seg_series_description: SeriesDescription of every SEG written.
-        settle_minutes: series with a file modified this recently are left for a later run.
+        settle_minutes: series with a file modified this recently are left for a later run
+            (0: none).
         force: reprocess every series even when the state store shows it done.
         pseudonym_salt: when set, the CSV gets a salted SHA-256 pseudonym of PatientID.
         explain: also write GradCAM++ maps (``gradcam.npz``, ``gradcam/slice_NNNN.png``).
@@ -120,7 +122,7 @@ class RunConfig:
     include_patient_id: bool = False
     seg_series_number: int = SEG_SERIES_NUMBER
     seg_series_description: str = SEG_SERIES_DESCRIPTION
-    settle_minutes: float = 0.0
+    settle_minutes: float = SETTLE_MINUTES
     force: bool = False
     pseudonym_salt: str | None = None
     explain: bool = False

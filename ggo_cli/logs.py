@@ -22,11 +22,46 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 _HANDLER_MARK = "_ggo_cli_handler"
+THIRD_PARTY_LOGGERS = ("pydicom", "highdicom", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle")
+"""Loggers (and their children) of the DICOM and image libraries whose records are demoted.
+
+pydicom's pixel decoders log every failed plugin attempt at ERROR with its traceback
+(``pydicom.pixels.decoders.base``), then raise; ggo-cli turns that exception into the series'
+one-line reason, so the library's own records are detail for ``--debug``. python-gdcm does not
+use :mod:`logging`.
+"""
 
 
 def level_from_flags(verbose: int, quiet: int) -> int:
     """Map ``-v``/``-q`` counts to a logging level (INFO by default)."""
     return max(logging.DEBUG, min(logging.ERROR, logging.INFO + 10 * (quiet - verbose)))
+
+
+class ThirdPartyDemotion(logging.Filter):
+    """A handler filter: third-party records at WARNING and above become DEBUG records.
+
+    The level and level name are changed in place, so every handler shows them as DEBUG. A
+    handler compares a record's level with its own before it runs its filters, so this filter
+    also drops what its demotion took below ``level`` (the handler's level).
+
+    Args:
+        level: the level of the handler this filter is attached to.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING and _is_third_party(record.name):
+            record.levelno = logging.DEBUG
+            record.levelname = logging.getLevelName(logging.DEBUG)
+        return record.levelno >= self.level
+
+
+def _is_third_party(name: str) -> bool:
+    """Whether logger ``name`` is one of :data:`THIRD_PARTY_LOGGERS` or below one."""
+    return any(name == top or name.startswith(f"{top}.") for top in THIRD_PARTY_LOGGERS)
 
 
 def configure_logging(
@@ -36,6 +71,10 @@ def configure_logging(
     use_rich: bool | None = None,
 ) -> None:
     """Configure the ``ggo_cli`` logger tree; safe to call more than once.
+
+    Third-party records at WARNING and above are shown as DEBUG records, so only with ``-vv``
+    or ``--debug`` (:class:`ThirdPartyDemotion`): a cron log gets one line per failed series,
+    not a decoder's tracebacks.
 
     Args:
         level: level for stderr (and the file).
@@ -75,6 +114,9 @@ def configure_logging(
     for handler in handlers:
         setattr(handler, _HANDLER_MARK, True)
         handler.setLevel(level)
+        # On the handler, not on the library loggers: a logger's filters never see the records
+        # of its children, nor the records relayed from --jobs workers.
+        handler.addFilter(ThirdPartyDemotion(level))
         root.addHandler(handler)
     # Our own records at the requested level; third-party libraries only from WARNING up.
     root.setLevel(logging.WARNING)

@@ -1,5 +1,5 @@
-"""What ``ggo-cli`` shows on stderr while and after it runs (progress bars, the summary table)
-and the exit code a run's outcomes give."""
+"""What ``ggo-cli`` shows on stderr while and after it runs (progress bars, the summary table,
+the all-pending note) and the exit code a run's outcomes give."""
 
 from __future__ import annotations
 
@@ -96,3 +96,26 @@ def exit_code(outcomes: list[SeriesOutcome]) -> int:
     if failed == 0:
         return 0
     return EXIT_PARTIAL if ok else SeriesError.exit_code
+
+
+def all_pending_note(outcomes: list[SeriesOutcome], settle_minutes: float) -> str | None:
+    """The one-line warning for a run whose every eligible series is still arriving.
+
+    Such a run writes nothing and still exits 0 (pending never fails a run), so a person who
+    runs it on a folder copied a minute ago must be told why and what to do.
+
+    Args:
+        outcomes: the run's outcomes (skipped series are not eligible).
+        settle_minutes: the run's ``--settle``.
+
+    Returns:
+        The message, or ``None`` when no series is pending or some eligible series is not.
+    """
+    eligible = [o for o in outcomes if o.status is not SeriesStatus.SKIPPED]
+    if not eligible or any(o.status is not SeriesStatus.PENDING for o in eligible):
+        return None
+    return (
+        f"all {len(eligible)} eligible series are still arriving (a file modified within the "
+        f"last {settle_minutes:g} min, --settle {settle_minutes:g}); nothing was segmented: "
+        "rerun later or with --settle 0"
+    )

@@ -11,13 +11,10 @@ import pydicom
 import pytest
 
 from tests.onnx_models import write_band_model
+from tests.shared_data import COVID_SLICES_DIR, REAL_CT_DIR, require_shared
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-REAL_CT_DIR = SHARED_DATA / "ct-dicom" / "lung-pet-ct-dx-a0002" / "dicom"
-DCMQI_DIR = SHARED_DATA / "ct-dicom" / "dcmqi-ct-3slice"
-COVID_SLICES_DIR = SHARED_DATA / "covid-semiseg-train"
 # The COVID-SemiSeg JPEGs are display images; their intensities match a chest CT rendered at
-# about W1300 / L-480 HU (../shared/data/README.md), which this inverts.
+# about W1300 / L-480 HU (the shared data's README.md), which this inverts.
 COVID_WINDOW = (-480.0, 1300.0)
 
 
@@ -39,10 +36,8 @@ def band_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def real_ct_dir() -> Path:
-    """The shared 30-slice chest CT series (skips when the shared data is absent)."""
-    if not REAL_CT_DIR.is_dir():
-        pytest.skip(f"shared data not found at {REAL_CT_DIR}")
-    return REAL_CT_DIR
+    """The shared 30-slice chest CT series (fails in CI, skips elsewhere when absent)."""
+    return require_shared(REAL_CT_DIR)
 
 
 def covid_slices_as_ct(out: Path, ids: list[str], size: int = 512) -> Path:
@@ -73,8 +68,7 @@ def covid_slices_as_ct(out: Path, ids: list[str], size: int = 512) -> Path:
 @pytest.fixture(scope="session")
 def covid_ct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped model's 10 held-out COVID-SemiSeg test slices as a DICOM CT series."""
-    if not COVID_SLICES_DIR.is_dir():
-        pytest.skip(f"shared data not found at {COVID_SLICES_DIR}")
+    require_shared(COVID_SLICES_DIR)
     from ggo_cli.config import default_model_path
 
     card = json.loads((default_model_path().parent / "model.json").read_text())

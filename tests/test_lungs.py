@@ -17,8 +17,8 @@ from ggo_cli.errors import UnsupportedSeriesError
 from ggo_cli.lungs import LungMasks, lung_measurements, restrict_to_lungs, segment_lungs
 from ggo_cli.phantom import _LUNG_APEX, _LUNG_BASE, Phantom, make_chest_phantom, make_cube_phantom
 from ggo_cli.volume import load_volume
-from tests.conftest import DCMQI_DIR
 from tests.dicom_factory import make_ct_series
+from tests.shared_data import DCMQI_CT, require_shared
 
 # A whole adult chest at a coarse grid (36 x 36 cm field of view, 30 cm long): fast to segment.
 SHAPE = (40, 256, 256)
@@ -189,9 +189,9 @@ def test_real_chest_ct_gives_two_plausible_lungs(real_ct_dir: Path) -> None:
 def test_lung_bases_ringing_the_liver_dome_do_not_swallow_it() -> None:
     # Three real 1 mm slices through both bases: the lungs are thin crescents around the liver
     # and the stomach, which a slice-wise hole fill or a convex hull would take in.
-    if not DCMQI_DIR.is_dir():
-        pytest.skip(f"shared data not found at {DCMQI_DIR}")
-    (series,) = discover_series([DCMQI_DIR / "ct"], SelectionRules(min_slices=2)).eligible
+    (series,) = discover_series(
+        [require_shared(DCMQI_CT)], SelectionRules(min_slices=2)
+    ).eligible
     volume = load_volume(series, SelectionRules(min_slices=2))
     lungs = segment_lungs(volume)
     m = lung_measurements(lungs, np.zeros(volume.hu.shape, bool), volume.voxel_volume_ml)

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -149,22 +150,89 @@ def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
         RunLock(tmp_path).__enter__()
 
 
+def test_a_fresh_copy_is_segmented_with_the_default_settle(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 1)  # files written just now, as by a hand copy
+    out = tmp_path / "out"
+    command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    result = runner.invoke(app, [*command, "--no-lung-mask"])  # no --settle: the default applies
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "ok", row["message"]
+    assert (out / row["seg_path"]).is_file()
+    assert "still arriving" not in result.stderr
+
+
 def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_path: Path) -> None:
     root, series = _studies(tmp_path, 1)
     out = tmp_path / "out"
     command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
-    command.append("--no-lung-mask")  # no --settle: the default applies
+    command += ["--no-lung-mask", "--settle", "5"]
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     (row,) = _rows(out)
     assert row["status"] == "pending" and "--settle" in row["message"]
     assert not list(out.rglob("*.seg.dcm"))
+    (warning,) = [line for line in result.stderr.splitlines() if "eligible series are" in line]
+    assert " WARNING ggo_cli.cli: " in warning and warning.endswith(
+        "all 1 eligible series are still arriving (a file modified within the last 5 min, "
+        "--settle 5); nothing was segmented: rerun later or with --settle 0"
+    )
     old = time.time() - 600
     for path in series[0].paths:
         os.utime(path, (old, old))
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
     assert _rows(out)[0]["status"] == "ok"
+    assert "still arriving" not in result.stderr
+
+
+def test_no_all_pending_warning_while_some_series_are_done(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 2)
+    old = time.time() - 600
+    for path in series[0].paths:
+        os.utime(path, (old, old))
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress",
+         "--no-lung-mask", "--settle", "5"],
+    )
+    assert result.exit_code == 0, result.output
+    status = {r["series_instance_uid"]: r["status"] for r in _rows(out)}
+    assert status == {series[0].series_instance_uid: "ok", series[1].series_instance_uid: "pending"}
+    assert "eligible series are still arriving" not in result.stderr
+
+
+def _scheduled_commands() -> list[list[str]]:
+    """The ``ggo-cli`` arguments of the README's crontab and systemd ExecStart lines."""
+    commands = []
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        if "bin/ggo-cli " in line and not line.lstrip().startswith("#"):
+            words = shlex.split(line.split("ExecStart=")[-1])
+            start = next(k for k, word in enumerate(words) if word.endswith("bin/ggo-cli"))
+            commands.append(words[start + 1 :])
+    return commands
+
+
+def test_the_readme_schedules_still_settle(tmp_path: Path, band_model_path: Path) -> None:
+    commands = _scheduled_commands()
+    assert len(commands) == 2  # crontab and systemd
+    root, _ = _studies(tmp_path, 1)  # still being written by the PACS export
+    for k, words in enumerate(commands):
+        assert "--settle" in words and float(words[words.index("--settle") + 1]) >= 1
+        out, log_file = tmp_path / f"out{k}", tmp_path / f"ggo{k}.log"
+        local = {"/data/pacs-export": root, "/data/ggo-results": out}
+        args = [str(local.get(word, word)) for word in words]
+        args[args.index("--log-file") + 1] = str(log_file)
+        args += ["-m", str(band_model_path), "--no-lung-mask"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert [r["status"] for r in _rows(out)] == ["pending"]
+        assert "nothing was segmented" in log_file.read_text(encoding="utf-8")
 
 
 def test_disk_full_is_a_clean_output_error(
@@ -296,12 +364,10 @@ def test_pseudonym_column_is_salted_and_stable(
 @pytest.fixture(scope="module", params=["real", "synthetic"])
 def seed_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A real CT file from the shared data (when present) and a small synthetic one."""
-    from tests.conftest import REAL_CT_DIR
+    from tests.shared_data import REAL_CT_DIR, require_shared
 
     if request.param == "real":
-        if not REAL_CT_DIR.is_dir():
-            pytest.skip("shared data not found")
-        return sorted(REAL_CT_DIR.glob("*.dcm"))[0].read_bytes()
+        return sorted(require_shared(REAL_CT_DIR).glob("*.dcm"))[0].read_bytes()
     fs = make_ct_series(tmp_path_factory.mktemp("fuzz"), shape=(10, 16, 16))
     return fs.paths[0].read_bytes()
 

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from ggo_cli.cli import app
 from ggo_cli.ct_writer import transcode_file
-from tests.conftest import DCMQI_DIR
 from tests.dciodvfy import dciodvfy_errors
+from tests.shared_data import DCMQI_CT, DCMQI_SEG, require_shared
 
 runner = CliRunner()
 
@@ -30,11 +30,11 @@ def jpeg_lossless_study(real_ct_dir: Path, tmp_path_factory: pytest.TempPathFact
         transcode_file(src, series / f"IMG{(k * 7919) % 1000:04d}", JPEGLosslessSV1)
     other = root / "patient_b"
     other.mkdir()
-    for src in sorted((DCMQI_DIR / "ct").glob("*.dcm")):
+    for src in sorted(require_shared(DCMQI_CT).glob("*.dcm")):
         (other / src.name).write_bytes(src.read_bytes())
     (root / "README.txt").write_text("export from PACS")
     (root / "empty.dcm").write_bytes(b"")
-    (root / "seg.dcm").write_bytes((DCMQI_DIR / "seg" / "liver_seg.dcm").read_bytes())
+    (root / "seg.dcm").write_bytes(require_shared(DCMQI_SEG).read_bytes())
     return root
 
 
@@ -151,7 +151,7 @@ def test_seg_structure_matches_dcmqi(
     """Our SEG carries the same modules and references as the known-good dcmqi SEG."""
     (row,) = _run(real_ct_dir, tmp_path / "out", band_model_path)
     ours = pydicom.dcmread(tmp_path / "out" / row["seg_path"])
-    theirs = pydicom.dcmread(DCMQI_DIR / "seg" / "liver_seg.dcm")
+    theirs = pydicom.dcmread(require_shared(DCMQI_SEG))
     assert ours.SOPClassUID == theirs.SOPClassUID
     assert ours.SegmentationType == theirs.SegmentationType == "BINARY"
     for keyword in (

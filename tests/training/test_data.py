@@ -13,7 +13,8 @@ from PIL import Image
 
 from ggo_cli.errors import InputError
 from ggo_cli.preprocessing import to_model_grid
-from tests.training.conftest import DCMQI_DIR, SHARED_TRAIN, synthetic_slices
+from tests.shared_data import COVID_SLICES_DIR, DCMQI_DIR, require_shared
+from tests.training.conftest import synthetic_slices
 from training.data import load_grid, load_slices, pack, read_packed_slices
 from training.splits import Split, load_split, make_split, save_split
 
@@ -100,9 +101,7 @@ def test_nifti_pairs_are_windowed_and_put_in_lps_display_order(tmp_path: Path) -
 
 
 def test_dicom_seg_pairs_load_with_the_lung_window() -> None:
-    if not DCMQI_DIR.is_dir():
-        pytest.skip(f"shared data not found at {DCMQI_DIR}")
-    slices = load_slices(DCMQI_DIR, label=1)  # the dcmqi example segments the liver
+    slices = load_slices(require_shared(DCMQI_DIR), label=1)  # the dcmqi example segments the liver
     assert len(slices) == 3
     assert all(s.image.shape == (512, 512) and s.mask.any() for s in slices)
     assert all(0.0 <= s.image.min() and s.image.max() <= 1.0 for s in slices)
@@ -112,9 +111,7 @@ def test_dicom_seg_pairs_load_with_the_lung_window() -> None:
 
 
 def test_shared_training_folder_loads_all_50_slices() -> None:
-    if not SHARED_TRAIN.is_dir():
-        pytest.skip(f"shared data not found at {SHARED_TRAIN}")
-    slices = load_slices(SHARED_TRAIN, workers=2)
+    slices = load_slices(require_shared(COVID_SLICES_DIR), workers=2)
     assert len(slices) == 50
     assert sum(s.mask.any() for s in slices) >= 40
 

@@ -9,7 +9,8 @@ import pytest
 
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.model_info import ModelInfo
-from tests.writers.ct_data import DCMQI_CT, LUNG_SERIES, blob_masks, load_ct_volume, make_model
+from tests.shared_data import DCMQI_CT, REAL_CT_DIR
+from tests.writers.ct_data import blob_masks, load_ct_volume, make_model
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +28,7 @@ def raise_on_invalid_writes() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def lung_volume() -> CtVolume:
     """The shared 30-slice chest CT (Lung-PET-CT-Dx A0002) as a CtVolume."""
-    return load_ct_volume(LUNG_SERIES)
+    return load_ct_volume(REAL_CT_DIR)
 
 
 @pytest.fixture(scope="session")

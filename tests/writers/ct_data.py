@@ -16,11 +16,8 @@ from pydicom.sr.codedict import codes
 
 from ggo_cli.domain import CtVolume, SeriesInfo
 from ggo_cli.model_info import ModelInfo, SegmentSpec
+from tests.shared_data import require_shared
 
-CT_DATA = Path("/work/shared/data/ct-dicom")
-LUNG_SERIES = CT_DATA / "lung-pet-ct-dx-a0002" / "dicom"
-DCMQI_CT = CT_DATA / "dcmqi-ct-3slice" / "ct"
-DCMQI_SEG = CT_DATA / "dcmqi-ct-3slice" / "seg" / "liver_seg.dcm"
 MODEL_SHA256 = "0123456789abcdef" * 4
 
 
@@ -33,9 +30,9 @@ def _position_along_normal(ds: pydicom.Dataset) -> float:
 
 def load_ct_volume(folder: Path) -> CtVolume:
     """Load a single-series CT folder as a CtVolume (tests only; no checks beyond sorting)."""
-    files = sorted(folder.glob("*.dcm"))
+    files = sorted(require_shared(folder).glob("*.dcm"))
     if not files:
-        pytest.skip(f"shared CT data missing: {folder}")
+        pytest.fail(f"no *.dcm files in {folder}", pytrace=False)
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     order = sorted(range(len(files)), key=lambda i: _position_along_normal(headers[i]))
     headers = [headers[i] for i in order]

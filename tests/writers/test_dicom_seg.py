@@ -30,7 +30,8 @@ from ggo_cli.writers.seg_verify import (
     stack_segments,
 )
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
-from tests.writers.ct_data import DCMQI_SEG, blob_masks, make_model
+from tests.shared_data import DCMQI_SEG, require_shared
+from tests.writers.ct_data import blob_masks, make_model
 
 SOFTWARE_VERSION = "9.9.9-test"
 COPIED_ATTRIBUTES = (
@@ -404,7 +405,7 @@ def _frame_keywords(seg: pydicom.Dataset) -> set[str]:
 
 def test_structure_matches_dcmqi_seg(tmp_path: Path, dcmqi_volume: CtVolume) -> None:
     """Over dcmqi's CT with dcmqi's mask, our SEG has dcmqi's structure and pixels."""
-    reference = hd.seg.segread(DCMQI_SEG)
+    reference = hd.seg.segread(require_shared(DCMQI_SEG))
     uids = list(dcmqi_volume.sop_instance_uids)
     # dcmqi does not state SpatialLocationsPreserved, so highdicom wants this override.
     reference_pixels = reference.get_pixels_by_source_instance(

@@ -1,0 +1,111 @@
+"""Logging setup: third-party records (pydicom's decoder tracebacks) stay at DEBUG."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless
+
+from ggo_cli.logs import ThirdPartyDemotion, configure_logging
+from ggo_cli.phantom import make_cube_phantom
+from tests.dicom_factory import FactorySeries, make_ct_series
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """Put the root and ggo_cli loggers back as they were (configure_logging changes them)."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level, logging.getLogger("ggo_cli").level)
+    yield
+    for handler in root.handlers:
+        if handler not in saved[0]:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(saved[1])
+    logging.getLogger("ggo_cli").setLevel(saved[2])
+    logging.captureWarnings(False)
+
+
+def _undecodable_series(root: Path) -> FactorySeries:
+    """A 12-slice CT series declared JPEG 2000 whose fragments are garbage.
+
+    Every plugin fails in Python (python-gdcm, pylibjpeg-openjpeg "No matching JPEG 2000 format
+    found", pillow ``UnidentifiedImageError``); pydicom logs each failure at ERROR with its
+    traceback before it raises.
+    """
+    phantom = make_cube_phantom((12, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4, 6, 6))
+    series = make_ct_series(root, phantom=phantom, transfer_syntax=JPEG2000Lossless)
+    for path in series.paths:
+        ds = pydicom.dcmread(path)
+        ds.PixelData = encapsulate([b"not a JPEG 2000 codestream " * 4])
+        ds.save_as(path)
+    return series
+
+
+def _segment(inputs: Path, out: Path, model: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """``ggo-cli [flags] segment`` in a fresh process, so that its real stderr is captured."""
+    command = [sys.executable, "-m", "ggo_cli", *flags, "segment", str(inputs), "-o", str(out)]
+    command += ["-m", str(model), "--no-progress", "--no-lung-mask", "--decode-workers", "0"]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def test_an_undecodable_series_logs_one_line_and_no_traceback(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    series = _undecodable_series(tmp_path / "in")
+    result = _segment(tmp_path / "in", tmp_path / "out", band_model_path)
+    assert result.returncode == 4, result.stderr  # every eligible series failed
+    failures = [line for line in result.stderr.splitlines() if " ERROR ggo_cli.pipeline: " in line]
+    assert len(failures) == 1
+    assert series.series_instance_uid in failures[0]
+    assert "pixel data cannot be decoded (transfer syntax JPEG 2000" in failures[0]
+    assert "Traceback" not in result.stderr
+    assert "pydicom" not in result.stderr and "PIL" not in result.stderr
+    # With --debug the decoders' own records are there, as DEBUG records with their tracebacks.
+    debug = _segment(tmp_path / "in", tmp_path / "out-debug", band_model_path, "--debug")
+    assert debug.returncode == 4, debug.stderr
+    assert "DEBUG pydicom.pixels.decoders.base: No matching JPEG 2000 format found" in (
+        debug.stderr
+    )
+    assert "PIL.UnidentifiedImageError" in debug.stderr and "Traceback" in debug.stderr
+    assert "ERROR pydicom" not in debug.stderr
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_third_party_warnings_and_errors_become_debug_records(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    configure_logging(logging.INFO, use_rich=False)
+    configure_logging(logging.INFO, use_rich=False)  # idempotent: one handler, one filter
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_ggo_cli_handler", False)]
+    assert len(ours) == 1
+    assert sum(isinstance(f, ThirdPartyDemotion) for f in ours[0].filters) == 1
+    demotion = ThirdPartyDemotion(logging.INFO)
+    for name in ("pydicom", "pydicom.pixels.decoders.base", "highdicom.seg.sop", "PIL.Image"):
+        record = logging.LogRecord(name, logging.ERROR, __file__, 1, "boom", None, None)
+        assert not demotion.filter(record)
+        assert (record.levelno, record.levelname) == (logging.DEBUG, "DEBUG")
+    for name in ("ggo_cli.pipeline", "pydicomx", "py.warnings"):
+        record = logging.LogRecord(name, logging.WARNING, __file__, 1, "kept", None, None)
+        assert demotion.filter(record)
+        assert record.levelno == logging.WARNING
+    info = logging.LogRecord("pydicom", logging.INFO, __file__, 1, "info", None, None)
+    assert demotion.filter(info) and info.levelno == logging.INFO  # below WARNING: as it was
+    assert ThirdPartyDemotion(logging.DEBUG).filter(
+        logging.LogRecord("pydicom", logging.ERROR, __file__, 1, "shown with -vv", None, None)
+    )
+
+
+def test_pydicom_has_no_stderr_handler_of_its_own() -> None:
+    # pydicom adds a StreamHandler only when pydicom.config.debug() is called (never by us).
+    handlers = logging.getLogger("pydicom").handlers
+    assert all(type(h) is logging.NullHandler for h in handlers)
