@@ -88,12 +88,18 @@ class SessionSummary:
         providers: ONNX Runtime providers in use.
         batch_size: the final batch size.
         precision: the model variant that ran.
+        int8_recipe: the int8 recipe in use (``""`` unless int8).
+        variant_check: the last variant self-check's verdict
+            (:meth:`ggo_cli.variant_check.VariantCheck.to_dict`), or ``None`` when no variant
+            was considered.
     """
 
     device: str
     providers: tuple[str, ...]
     batch_size: int
     precision: str
+    int8_recipe: str = ""
+    variant_check: dict[str, Any] | None = None
 
 
 def summarize(sessions: Sessions) -> SessionSummary | None:
@@ -106,6 +112,8 @@ def summarize(sessions: Sessions) -> SessionSummary | None:
         tuple(segmenter.providers),
         segmenter.batch_size,
         segmenter.precision.value,
+        segmenter.int8_recipe,
+        segmenter.variant_check.to_dict() if segmenter.variant_check is not None else None,
     )
 
 

@@ -28,6 +28,21 @@ def strict_dicom_writing() -> Iterator[None]:
     settings.writing_validation_mode = saved
 
 
+@pytest.fixture(autouse=True)
+def variant_check_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Each test gets its own self-check cache folder (never the user's) and no verdicts
+    remembered in the process from an earlier test."""
+    from ggo_cli import variant_check
+
+    folder = tmp_path_factory.mktemp("ggo-cache")
+    monkeypatch.setenv(variant_check.CACHE_ENV, str(folder))
+    variant_check._VERDICTS.clear()
+    yield folder
+    variant_check._VERDICTS.clear()
+
+
 @pytest.fixture(scope="session")
 def band_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 64 x 64 contract model marking -750..-300 HU as GGO."""

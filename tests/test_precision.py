@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -81,42 +82,92 @@ class ImageReader:
         return next(self.batches, None)
 
 
+def _scaled_ranges(tensors: dict[str, Any], factor: float) -> dict[str, Any]:
+    """Calibration ranges with every bound multiplied by ``factor`` (a deliberately wrong
+    recipe: its activations clip)."""
+
+    def scale(value: Any) -> Any:
+        if isinstance(value, dict) and "data" in value:
+            return {**value, "data": scale(value["data"])}
+        if isinstance(value, list):
+            return [scale(v) for v in value]
+        return value * factor if isinstance(value, int | float) else value
+
+    data = {
+        name: {**entry, "lowest": scale(entry["lowest"]), "highest": scale(entry["highest"])}
+        for name, entry in tensors["data"].items()
+    }
+    return {**tensors, "data": data}
+
+
 def _conv_model_with_recipe(
-    folder: Path, *, dice_change: float = 0.0, tamper_digest: bool = False
+    folder: Path,
+    *,
+    dice_change: float = 0.0,
+    tamper_digest: bool = False,
+    cpu_any: tuple[str, ...] = (),
+    range_factor: float = 1.0,
+    reference: bool = True,
 ) -> Path:
-    """The conv test model plus an int8 recipe calibrated on random images (MinMax)."""
+    """The conv test model plus an int8 recipe calibrated on random images (MinMax) and, with
+    ``reference``, reference slices for the self-check.
+
+    ``range_factor`` != 1 scales the recipe's ranges after calibration and records the digest
+    of the graph they make: a variant that is "validated" by digest but disagrees with float32.
+    """
     import json
 
     import onnxruntime as ort
 
-    from ggo_cli.precision import (
-        INT8_SPEC_FORMAT,
-        INT8_SPEC_NAME,
-        graph_digest,
-        quantize_int8,
-    )
+    from ggo_cli.int8_recipes import INT8_SPEC_FORMAT, INT8_SPEC_NAME
+    from ggo_cli.precision import graph_digest, quantize_int8
+    from ggo_cli.variant_check import REFERENCE_SET_NAME, write_reference_set
     from tests.onnx_models import write_conv_explain_pair
 
     model_path, _ = write_conv_explain_pair(folder)
     info = load_model_info(model_path)
-    image = np.random.default_rng(0).random((1, 1, 64, 64), dtype=np.float32)
-    settings = {"quant_format": "QDQ", **MINMAX_SETTINGS}
+    rng = np.random.default_rng(0)
+    # piecewise-constant images (8 x 8 blocks) whose values stay 0.25 away from 0.4, where the
+    # conv model's logit crosses 0: float32 and a good int8 variant agree on (nearly) every pixel
+    r = rng.random((7, 8, 8))
+    values = np.where(r < 0.5, r * 0.3, 0.65 + (r - 0.5) * 0.7)
+    blocks = np.kron(values, np.ones((8, 8))).astype(np.float32)
+    # U8U8: with int8 weights this toy model's sums saturate on AVX2-only CPUs (U8S8 and S8S8
+    # alike: logits off by up to 22), so its self-check would rightly fail there
+    settings = {"quant_format": "QDQ", **MINMAX_SETTINGS, "weight_type": "QUInt8"}
     work = folder / "work"
     work.mkdir()
     cache = work / "cache.json"
-    reader = ImageReader([image] * 4)
+    reader = ImageReader([blocks[i : i + 1, None] for i in range(len(blocks))])
     int8 = quantize_int8(model_path, settings, cache, work, reader=reader).read_bytes()
+    tensors = json.loads(cache.read_text())
+    if range_factor != 1.0:
+        tensors = _scaled_ranges(tensors, range_factor)
+        cache.write_text(json.dumps(tensors))
+        again = work / "again"
+        again.mkdir()
+        int8 = quantize_int8(model_path, settings, cache, again).read_bytes()
     digest = graph_digest(int8)
     spec = {
         "format": INT8_SPEC_FORMAT,
         "model_sha256": info.recorded_sha256,
-        "settings": settings,
-        "int8_graph_sha256": "0" * 64 if tamper_digest else digest,
         "onnxruntime": ort.__version__,
-        "validation": {"pooled_dice_change": dice_change},
-        "tensors_data": json.loads(cache.read_text()),
+        "recipes": [
+            {
+                "name": "test",
+                "cpu_any": list(cpu_any),
+                "settings": settings,
+                "int8_graph_sha256": "0" * 64 if tamper_digest else digest,
+                "validation": {"pooled_dice_change": dice_change},
+            }
+        ],
+        "tensors_data": tensors,
     }
     (folder / INT8_SPEC_NAME).write_text(json.dumps(spec))
+    if reference:
+        write_reference_set(
+            folder / REFERENCE_SET_NAME, blocks[1:], [f"r{i}" for i in range(6)]
+        )
     return model_path
 
 
@@ -141,11 +192,12 @@ def test_int8_recipe_is_rebuilt_and_chosen_on_the_cpu(tmp_path: Path) -> None:
 
 def seg_bytes(seg: OnnxSegmenter) -> bytes:
     """The model bytes a segmenter's int8 session was built from (rebuilt, it is cached)."""
-    from ggo_cli.precision import int8_model_bytes, load_int8_spec
+    from ggo_cli.int8_recipes import load_int8_spec
+    from ggo_cli.precision import int8_model_bytes
 
     spec = load_int8_spec(seg.model)
     assert spec is not None
-    return int8_model_bytes(seg.model, spec)[0]
+    return int8_model_bytes(seg.model, spec, spec.recipes[0])[0]
 
 
 def test_int8_is_not_chosen_when_unvalidated_or_inaccurate(
@@ -166,7 +218,7 @@ def test_int8_recipe_of_another_model_or_missing(tmp_path: Path, band_model_path
     import shutil
 
     from ggo_cli.errors import ModelError
-    from ggo_cli.precision import INT8_SPEC_NAME
+    from ggo_cli.int8_recipes import INT8_SPEC_NAME
 
     _conv_model_with_recipe(tmp_path / "conv")
     other = tmp_path / "other"
@@ -188,7 +240,7 @@ def test_info_reports_whether_int8_runs_on_the_cpu(tmp_path: Path, band_model_pa
     assert model_status(good)["int8"]["used_on_cpu"] is True
     tampered = _conv_model_with_recipe(tmp_path / "bad", tamper_digest=True)
     status = model_status(tampered)["int8"]
-    assert status["used_on_cpu"] is False and status["graph_matches_validated"] is False
+    assert status["used_on_cpu"] is False and status["self_check"] is None
     assert model_status(band_model_path)["int8"] is None
 
 

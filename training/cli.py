@@ -230,6 +230,23 @@ def build_parser() -> argparse.ArgumentParser:
         default="depth_to_space",
         help="the 2 x 2 transposed convolutions as int8 1 x 1 Conv + DepthToSpace, or as they are",
     )
+    p.add_argument(
+        "--recipe",
+        choices=["u8s8-vnni", "s8s8"],
+        default="u8s8-vnni",
+        help="which CPU class's recipe to make and measure (on this machine's CPU): u8s8-vnni "
+        "for CPUs with VNNI, s8s8 for any CPU (AVX2-only included); with --reuse-ranges the "
+        "file's other recipes are kept",
+    )
+
+    p = sub.add_parser(
+        "reference-set",
+        help="the reference slices beside a model for ggo-cli's numeric self-check of variants",
+    )
+    _add_common(p)
+    p.add_argument("--model", required=True, help="exported model.onnx (with model.json)")
+    p.add_argument("--data", required=True, help="the labelled slices of the model's split")
+    p.add_argument("--ct", required=True, help="a real chest CT series folder (DICOM)")
 
     p = sub.add_parser("compare", help="the paper's Table 1 for several runs")
     _add_common(p)
@@ -378,9 +395,9 @@ def _cmd_export_explain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
-    from .quantize import DEFAULT_SETTINGS, make_int8_recipe
+    from .quantize import RECIPES, make_int8_recipe
 
-    settings = json.loads(json.dumps(DEFAULT_SETTINGS))
+    settings = json.loads(json.dumps(RECIPES[args.recipe]["settings"]))
     settings["calibrate_method"] = args.calibration
     if args.calibration != "Percentile":
         settings["extra_options"].pop("CalibPercentile", None)
@@ -392,16 +409,25 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         settings=settings,
         runs=args.runs,
         reuse_ranges=args.reuse_ranges,
+        recipe=args.recipe,
     )
-    validation = result.spec["validation"]
+    validation = result.recipe["validation"]
     return {
+        "recipe": args.recipe,
         "int8_recipe": str(result.spec_path),
         "pooled_dice_fp32": validation["test_fp32"]["dice"],
         "pooled_dice_int8": validation["test_int8"]["dice"],
         "pooled_dice_change": validation["pooled_dice_change"],
         "cpu_speedup": validation["speed_cpu"]["speedup"],
-        "int8_graph_sha256": result.spec["int8_graph_sha256"],
+        "int8_graph_sha256": result.recipe["int8_graph_sha256"],
     }
+
+
+def _cmd_reference_set(args: argparse.Namespace) -> dict[str, Any]:
+    from .reference_set import make_reference_set
+
+    path, names = make_reference_set(Path(args.model), Path(args.data), Path(args.ct))
+    return {"reference_set": str(path), "slices": names}
 
 
 def _cmd_compare(args: argparse.Namespace) -> dict[str, Any] | str:
@@ -429,6 +455,7 @@ _COMMANDS = {
     "export": _cmd_export,
     "export-explain": _cmd_export_explain,
     "quantize": _cmd_quantize,
+    "reference-set": _cmd_reference_set,
     "compare": _cmd_compare,
 }
 

@@ -40,14 +40,16 @@ import numpy as np
 
 from ggo_cli.diagnostics import cpu_features
 from ggo_cli.errors import InputError
-from ggo_cli.model_info import file_sha256, load_model_info
-from ggo_cli.precision import (
+from ggo_cli.int8_recipes import (
     INT8_SPEC_FORMAT,
+    INT8_SPEC_FORMAT_1,
     INT8_SPEC_NAME,
     MAX_INT8_DICE_CHANGE,
-    graph_digest,
-    quantize_int8,
+    VNNI_FLAGS,
 )
+from ggo_cli.model_info import file_sha256, load_model_info
+from ggo_cli.precision import graph_digest, quantize_int8
+from ggo_cli.variant_check import REFERENCE_SET_NAME
 
 from . import data as training_data
 from .evaluate import OnnxPredictor, predict_probabilities
@@ -68,6 +70,14 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     # the 2 x 2 transposed convolutions as int8 1 x 1 convolutions + DepthToSpace
     "upsampling": "depth_to_space",
 }
+RECIPES: dict[str, dict[str, Any]] = {
+    # U8S8: fastest where ONNX Runtime's int8 kernels use VNNI (no 16-bit saturation)
+    "u8s8-vnni": {"cpu_any": list(VNNI_FLAGS), "settings": DEFAULT_SETTINGS},
+    # S8S8: no VPMADDUBSW saturation on AVX2-only CPUs (docs/benchmarks.md); any CPU
+    "s8s8": {"cpu_any": [], "settings": {**DEFAULT_SETTINGS, "activation_type": "QInt8"}},
+}
+"""The int8 recipes by name, in order of preference (ggo-cli tries the first that fits the
+CPU, then the next if its self-check fails)."""
 
 
 class SliceReader:
@@ -96,10 +106,11 @@ class SliceReader:
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    """What :func:`make_int8_recipe` wrote and measured."""
+    """What :func:`make_int8_recipe` wrote and measured: the file, and the recipe made."""
 
     spec_path: Path
     spec: dict[str, Any]
+    recipe: dict[str, Any]
 
 
 def _session(source: str | bytes) -> Any:
@@ -164,23 +175,43 @@ def _cpu() -> dict[str, Any]:
     return {"platform": platform.platform(), "cores": os.cpu_count(), **cpu_features()}
 
 
-CALIBRATION_KEYS = ("calibrate_method", "extra_options", "activation_type")
-"""Settings that shape the activation ranges: a recipe reusing ranges must share them."""
+CALIBRATION_KEYS = ("calibrate_method", "extra_options")
+"""Settings that shape the activation ranges: a recipe reusing ranges must share them (the
+calibrator measures float ranges; the activation type only maps them to integers)."""
+_RECIPE_KEYS = ("int8_graph_sha256", "int8_size_bytes", "validation")
+
+
+def _as_format_2(previous: dict[str, Any]) -> dict[str, Any]:
+    """A recipe file of format 1 (one U8S8 recipe, validated on a VNNI CPU) as format 2."""
+    if previous.get("format") != INT8_SPEC_FORMAT_1:
+        return previous
+    recipe = {"name": "u8s8-vnni", "cpu_any": list(VNNI_FLAGS), "settings": previous["settings"]}
+    recipe.update({k: previous[k] for k in _RECIPE_KEYS if k in previous})
+    return {
+        "format": INT8_SPEC_FORMAT,
+        "model_sha256": previous["model_sha256"],
+        "calibration": previous["calibration"],
+        "onnxruntime": previous["onnxruntime"],
+        "recipes": [recipe],
+        "tensors_data": previous["tensors_data"],
+    }
 
 
 def _previous_recipe(folder: Path, model_sha256: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The int8 recipe already beside a model, whose ranges fit ``settings``."""
+    """The int8 recipe file already beside a model (as format 2), whose ranges fit
+    ``settings``."""
     path = folder / INT8_SPEC_NAME
     try:
-        previous: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        previous = _as_format_2(json.loads(path.read_text(encoding="utf-8")))
         if previous["model_sha256"] != model_sha256:
             raise ValueError("it belongs to another model")
         if not isinstance(previous["tensors_data"].get("data"), dict):
             raise ValueError("it has no activation ranges")
-        differ = [k for k in CALIBRATION_KEYS if previous["settings"].get(k) != settings.get(k)]
+        first = previous["recipes"][0]["settings"]
+        differ = [k for k in CALIBRATION_KEYS if first.get(k) != settings.get(k)]
         if differ:
             raise ValueError(f"its ranges were calibrated with other {differ}")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
         raise InputError(f"no reusable int8 ranges in {path}: {exc}") from exc
     return previous
 
@@ -195,8 +226,14 @@ def make_int8_recipe(
     batch: int = 4,
     update_card: bool = True,
     reuse_ranges: bool = False,
+    recipe: str = "u8s8-vnni",
 ) -> QuantizeResult:
-    """Calibrate, measure and write ``int8_calibration.json`` beside ``model_path``.
+    """Calibrate, measure and write one recipe of ``int8_calibration.json`` beside ``model_path``.
+
+    ``recipe`` names an entry of :data:`RECIPES` (its CPU class and default settings;
+    ``settings`` overrides them). Measured on this machine's CPU: record which CPU class it is.
+    With fresh ranges the file holds only this recipe; with ``reuse_ranges`` the file's other
+    recipes are kept as they were measured.
 
     With ``reuse_ranges`` the activation ranges (and the record of how they were calibrated)
     come from the recipe already beside the model instead of a new calibration: for a change
@@ -210,7 +247,9 @@ def make_int8_recipe(
 
     from .export import CARD_NAME
 
-    settings = dict(DEFAULT_SETTINGS if settings is None else settings)
+    if recipe not in RECIPES:
+        raise InputError(f"unknown int8 recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+    settings = dict(RECIPES[recipe]["settings"] if settings is None else settings)
     folder = model_path.parent
     card_path = folder / CARD_NAME
     try:
@@ -258,15 +297,25 @@ def make_int8_recipe(
     validation["speed_cpu"] = _speed(model_path, int8, test_images, batch, runs)
     validation["cpu"] = _cpu()
     validation["max_allowed_dice_change"] = MAX_INT8_DICE_CHANGE
-    spec = {
-        "format": INT8_SPEC_FORMAT,
-        "model_sha256": info.recorded_sha256,
+    entry = {
+        "name": recipe,
+        "cpu_any": RECIPES[recipe]["cpu_any"],
         "settings": settings,
-        "calibration": calibration_record,
         "int8_graph_sha256": graph_digest(int8),
         "int8_size_bytes": len(int8),
         "onnxruntime": ort.__version__,
         "validation": validation,
+    }
+    kept = [r for r in (previous or {}).get("recipes", []) if r.get("name") != recipe]
+    order = list(RECIPES)
+    recipes = sorted([*kept, entry], key=lambda r: order.index(r["name"]) if r["name"] in order
+                     else len(order))
+    spec = {
+        "format": INT8_SPEC_FORMAT,
+        "model_sha256": info.recorded_sha256,
+        "calibration": calibration_record,
+        "onnxruntime": ort.__version__,
+        "recipes": recipes,
         "tensors_data": tensors,
     }
     spec_path = folder / INT8_SPEC_NAME
@@ -277,21 +326,31 @@ def make_int8_recipe(
         card["int8"] = {
             "file": INT8_SPEC_NAME,
             "sha256_file": file_sha256(spec_path),
-            "use": "ggo-cli rebuilds the int8 model from these ranges on the CPU (--precision "
-            "auto) when its graph digest matches int8_graph_sha256",
-            "settings": settings,
-            "int8_graph_sha256": spec["int8_graph_sha256"],
-            "onnxruntime": spec["onnxruntime"],
-            "test_pooled_dice_fp32": validation["test_fp32"]["dice"],
-            "test_pooled_dice_int8": validation["test_int8"]["dice"],
-            "pooled_dice_change": validation["pooled_dice_change"],
-            "cpu_speedup": validation["speed_cpu"]["speedup"],
-            "cpu": validation["cpu"].get("model"),
+            "use": "ggo-cli rebuilds the int8 model on the CPU (--precision auto) from the first "
+            "recipe that fits the CPU's features, when its graph digest matches "
+            "int8_graph_sha256 and it agrees with float32 on the reference slices on that "
+            "machine (ggo_cli.variant_check)",
+            "recipes": [
+                {
+                    "name": r["name"],
+                    "cpu_any": r["cpu_any"],
+                    "settings": r["settings"],
+                    "int8_graph_sha256": r["int8_graph_sha256"],
+                    "onnxruntime": r.get("onnxruntime", spec["onnxruntime"]),
+                    "test_pooled_dice_fp32": r["validation"]["test_fp32"]["dice"],
+                    "test_pooled_dice_int8": r["validation"]["test_int8"]["dice"],
+                    "pooled_dice_change": r["validation"]["pooled_dice_change"],
+                    "cpu_speedup": r["validation"]["speed_cpu"]["speedup"],
+                    "cpu": r["validation"]["cpu"].get("model"),
+                    "cpu_flags": r["validation"]["cpu"].get("flags"),
+                }
+                for r in recipes
+            ],
         }
         _write_text(card_path, json.dumps(card, indent=2) + "\n")
         from .export import MODEL_NAME
 
-        listed = (MODEL_NAME, CARD_NAME, "explain.onnx", INT8_SPEC_NAME)
+        listed = (MODEL_NAME, CARD_NAME, "explain.onnx", INT8_SPEC_NAME, REFERENCE_SET_NAME)
         names = [n for n in listed if (folder / n).is_file()]
         _write_text(folder / SUMS_NAME, "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
-    return QuantizeResult(spec_path=spec_path, spec=spec)
+    return QuantizeResult(spec_path=spec_path, spec=spec, recipe=entry)
