@@ -77,6 +77,7 @@ from .run_display import (
     all_pending_note,
     exit_code,
     progress_display,
+    review_lines,
     stderr_console,
     summary_table,
 )
@@ -187,6 +188,8 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
         typer.echo(json.dumps(summary_json(result), indent=2))
     else:
         typer.echo(str(result.csv_path))
+    for line in review_lines(result.outcomes):  # flagged series, also in cron logs
+        log.warning("%s", line)
     code = exit_code(result.outcomes)
     pending_note = all_pending_note(result.outcomes, cfg.settle_minutes)
     if pending_note is not None:

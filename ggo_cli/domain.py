@@ -103,10 +103,16 @@ class Prediction:
         masks: one boolean mask per model channel. Shape: ``(slices, rows, cols, channels)``;
             channel 0 is GGO.
         threshold: the probability threshold applied.
+        predicted_ggo_voxels: GGO voxels as predicted (before any lung restriction; the
+            masks may since have been restricted in place); 0 when not counted.
+        near_threshold_voxels: of those, the voxels with a probability below the threshold +
+            0.1 (:data:`ggo_cli.quality.NEAR_THRESHOLD_BAND`), i.e. marginal calls.
     """
 
     masks: npt.NDArray[np.bool_]
     threshold: float
+    predicted_ggo_voxels: int = 0
+    near_threshold_voxels: int = 0
 
     @property
     def ggo(self) -> npt.NDArray[np.bool_]:
@@ -177,6 +183,8 @@ class SeriesOutcome:
         seconds: wall time spent on the series.
         processed_at: ISO 8601 UTC time the series finished.
         reused: taken unchanged from the state store of an earlier run (nothing recomputed).
+        qc_flags: names of the quality flags raised (:class:`ggo_cli.quality.QcFlag`, in its
+            order); empty when nothing is flagged or the series was not analysed.
     """
 
     series: SeriesInfo
@@ -192,3 +200,4 @@ class SeriesOutcome:
     seconds: float = 0.0
     processed_at: str = ""
     reused: bool = False
+    qc_flags: tuple[str, ...] = ()

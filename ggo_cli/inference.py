@@ -28,6 +28,7 @@ from .precision import (
     INT8_SPEC_NAME,
     MASK_OUTPUT_NAME,
     MAX_INT8_DICE_CHANGE,
+    NEAR_OUTPUT_NAME,
     Precision,
     fp16_model_bytes,
     int8_model_bytes,
@@ -35,6 +36,7 @@ from .precision import (
     windowed_model_bytes,
 )
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
+from .quality import NEAR_THRESHOLD_BAND, near_threshold_logit
 from .runtime import (
     CUDA_PROVIDER,
     DeviceRequest,
@@ -202,9 +204,9 @@ class OnnxSegmenter:
         key: str,
         session: Any,
         batch: npt.NDArray[Any],
-        names: tuple[str, str],
-        out_type: tuple[int, Any],
-    ) -> npt.NDArray[Any]:
+        input_name: str,
+        outputs: tuple[tuple[str, int, Any], ...],
+    ) -> list[npt.NDArray[Any]]:
         """Run one batch through buffers of a fixed shape on the session's device (IO
         binding; a short batch is padded with zeros).
 
@@ -212,8 +214,11 @@ class OnnxSegmenter:
             key: which graph the buffers belong to.
             session: its session.
             batch: the input. Shape: ``(n, 1, S, S)``.
-            names: the graph's input and output names.
-            out_type: output channels and dtype.
+            input_name: the graph's input.
+            outputs: name, channels and dtype of each output fetched.
+
+        Returns:
+            One array per output. Shape: ``(n, channels, S, S)``.
         """
         ort = self._ort
         n = batch.shape[0]
@@ -224,21 +229,24 @@ class OnnxSegmenter:
             x = ort.OrtValue.ortvalue_from_shape_and_type(
                 (self.batch_size, 1, size, size), batch.dtype, device, self.device_index
             )
-            y = ort.OrtValue.ortvalue_from_shape_and_type(
-                (self.batch_size, out_type[0], size, size), out_type[1], device, self.device_index
-            )
             binding = session.io_binding()
-            binding.bind_ortvalue_input(names[0], x)
-            binding.bind_ortvalue_output(names[1], y)
-            bound = self._bound[key] = (self.batch_size, x, y, binding)
-        _, x, y, binding = bound
+            binding.bind_ortvalue_input(input_name, x)
+            ys = []
+            for name, channels, dtype in outputs:
+                y = ort.OrtValue.ortvalue_from_shape_and_type(
+                    (self.batch_size, channels, size, size), dtype, device, self.device_index
+                )
+                binding.bind_ortvalue_output(name, y)
+                ys.append(y)
+            bound = self._bound[key] = (self.batch_size, x, ys, binding)
+        _, x, ys, binding = bound
         if n < self.batch_size:
             padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=batch.dtype)
             padded[:n] = batch
             batch = padded
         x.update_inplace(np.ascontiguousarray(batch))
         session.run_with_iobinding(binding)
-        return np.asarray(y.numpy()[:n])
+        return [np.asarray(y.numpy()[:n]) for y in ys]
 
     def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run one preprocessed batch on the GPU. Shape: ``(n, 1, S, S)`` -> ``(n, C, S, S)``."""
@@ -246,13 +254,14 @@ class OnnxSegmenter:
             "model",
             self.session,
             batch,
-            (INPUT_NAME, OUTPUT_NAME),
-            (self.model.n_channels, np.float32),
+            INPUT_NAME,
+            ((OUTPUT_NAME, self.model.n_channels, np.float32),),
         )
-        return np.asarray(out, dtype=np.float32)
+        return np.asarray(out[0], dtype=np.float32)
 
     def _windowed_session(self, logit_threshold: float) -> Any:
-        """The session of the windowed, thresholded graph (created on first use)."""
+        """The session of the windowed, thresholded graph (created on first use); it also
+        returns ``near``, the GGO channel's marginal calls (see ``predict``)."""
         if self._windowed is None:
             base = self._variant_bytes or self.model.path.read_bytes()
             data = windowed_model_bytes(
@@ -262,6 +271,7 @@ class OnnxSegmenter:
                 logit_threshold=logit_threshold,
                 input_name=INPUT_NAME,
                 output_name=OUTPUT_NAME,
+                near_logit_threshold=near_threshold_logit(self.threshold),
             )
             self._windowed = create_session(  # raises ModelError
                 self.model.path,
@@ -274,21 +284,23 @@ class OnnxSegmenter:
 
     def _predict_windowed(
         self, hu: npt.NDArray[np.int16], logit_threshold: float
-    ) -> npt.NDArray[np.bool_]:
-        """Masks of int16 HU slices on the model grid through the windowed graph.
+    ) -> tuple[npt.NDArray[np.bool_], int]:
+        """Masks of int16 HU slices on the model grid through the windowed graph, and the
+        number of the GGO channel's marginal calls (the graph's ``near`` output).
 
         Shape: ``(n, S, S)`` -> ``(n, C, S, S)``.
         """
         session = self._windowed_session(logit_threshold)
+        outputs = (
+            (MASK_OUTPUT_NAME, self.model.n_channels, np.bool_),
+            (NEAR_OUTPUT_NAME, 1, np.bool_),
+        )
 
-        def run(start: int, stop: int) -> npt.NDArray[np.bool_]:
-            return self._run_bound(
-                "windowed",
-                session,
-                hu[start:stop, None],
-                (HU_INPUT_NAME, MASK_OUTPUT_NAME),
-                (self.model.n_channels, np.bool_),
+        def run(start: int, stop: int) -> tuple[npt.NDArray[np.bool_], int]:
+            mask, near = self._run_bound(
+                "windowed", session, hu[start:stop, None], HU_INPUT_NAME, outputs
             )
+            return mask, int(np.count_nonzero(near))
 
         def on_halve(size: int) -> None:
             self.batch_size = size
@@ -297,7 +309,9 @@ class OnnxSegmenter:
         results = run_in_batches(
             run, hu.shape[0], batch_size=self.batch_size, on_cuda=self.on_cuda, on_halve=on_halve
         )
-        return np.concatenate(results) if len(results) > 1 else results[0]
+        masks = [mask for mask, _ in results]
+        near = sum(count for _, count in results)
+        return (np.concatenate(masks) if len(masks) > 1 else masks[0]), near
 
     def predict_logits(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run the model on a preprocessed batch, halving the batch on GPU out-of-memory.
@@ -345,8 +359,10 @@ class OnnxSegmenter:
                 Shape: ``(slices, rows, cols, channels)``.
 
         Returns:
-            Masks on the source grid (``out`` when given). Shape: ``(slices, rows, cols,
-            channels)``.
+            Masks on the source grid (``out`` when given), with the count of predicted GGO
+            voxels and of those below the threshold + 0.1 in probability (the
+            ``low_confidence`` quality flag; counted batch by batch, no probability volume
+            is kept). Shape: ``(slices, rows, cols, channels)``.
 
         Raises:
             ValueError: ``out`` has the wrong shape or type (a bug in the caller).
@@ -368,13 +384,19 @@ class OnnxSegmenter:
         in_graph = (
             self.window_in_graph and logit_threshold is not None and volume.hu.dtype == np.int16
         )
+        # Marginal GGO calls (probability in (t, t + 0.1)), counted per batch for the
+        # low_confidence quality flag: on logits below logit(t + 0.1) on the model's grid,
+        # else on the source-grid probabilities.
+        near_logit = np.float32(near_threshold_logit(self.threshold))
+        near_probability = np.float32(self.threshold + NEAR_THRESHOLD_BAND)
+        predicted = near = 0
         step = max(self.batch_size, 1)
         for start in range(0, n, step):
             stop = min(start + step, n)
             if in_graph and logit_threshold is not None:
                 hu = np.asarray(volume.hu[start:stop], dtype=np.int16)  # int16 already: a view
                 try:
-                    decided = self._predict_windowed(hu, float(logit_threshold))
+                    decided, near_count = self._predict_windowed(hu, float(logit_threshold))
                 except ModelError as exc:
                     # Never worse than before: the host path and the plain session take over.
                     log.warning("windowed graph failed (%s); windowing on the host instead", exc)
@@ -383,6 +405,8 @@ class OnnxSegmenter:
                     self._bound.pop("windowed", None)
                 else:
                     masks[start:stop] = np.moveaxis(decided, 1, -1)
+                    predicted += int(np.count_nonzero(decided[:, 0]))
+                    near += near_count
                     if on_slices is not None:
                         on_slices(stop - start)
                     continue
@@ -395,10 +419,19 @@ class OnnxSegmenter:
             logits = self.predict_logits(batch)
             if logit_threshold is not None:
                 decided = np.greater(logits, logit_threshold)
+                below = np.less(logits[:, 0], near_logit)
             else:
                 on_grid = to_source_grid(sigmoid(logits), rows, cols)
                 decided = threshold_probabilities(on_grid, self.threshold)
+                below = np.less(on_grid[:, 0], near_probability)
             masks[start:stop] = np.moveaxis(decided, 1, -1)
+            predicted += int(np.count_nonzero(decided[:, 0]))
+            near += int(np.count_nonzero(np.logical_and(decided[:, 0], below, out=below)))
             if on_slices is not None:
                 on_slices(stop - start)
-        return Prediction(masks=masks, threshold=self.threshold)
+        return Prediction(
+            masks=masks,
+            threshold=self.threshold,
+            predicted_ggo_voxels=predicted,
+            near_threshold_voxels=near,
+        )

@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import RunConfig
-from .domain import SeriesStatus
+from .domain import SeriesOutcome, SeriesStatus
+from .quality import QcFlag
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
@@ -94,6 +95,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
                 o.n_slices for o in result.outcomes if o.status is SeriesStatus.OK and not o.reused
             ),
         },
+        "qc_flag_counts": qc_flag_counts(result.outcomes),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
         "series": [
             {
@@ -106,11 +108,18 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
                 "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
                 "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,
+                "qc_flags": list(o.qc_flags),
                 "seconds": round(o.seconds, 3),
             }
             for o in result.outcomes
         ],
     }
+
+
+def qc_flag_counts(outcomes: list[SeriesOutcome]) -> dict[str, int]:
+    """Series per quality flag (every flag listed, 0 included; series reused from earlier runs
+    counted, as in the CSV)."""
+    return {flag.value: sum(flag.value in o.qc_flags for o in outcomes) for flag in QcFlag}
 
 
 def _finite(value: float) -> float | None:
@@ -141,6 +150,7 @@ def summary_json(result: RunResult) -> dict[str, Any]:
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
                 "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
                 "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,
+                "qc_flags": list(o.qc_flags),
                 "seg_path": str(o.seg_path) if o.seg_path else None,
             }
             for o in result.outcomes

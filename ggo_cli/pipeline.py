@@ -46,6 +46,7 @@ from .lungs import LungMasks, lung_measurements, segment_lungs
 from .measurements import measure_ggo
 from .memory import release_freed_memory
 from .model_info import ModelInfo
+from .quality import assess_series, format_flags
 from .volume import DecodePool, load_volume
 from .writers.dicom_seg import check_source_headers, write_seg
 from .writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
@@ -219,6 +220,7 @@ class ComputedSeries:
         folder: the series' output folder.
         png_paths: files already written (GradCAM++ maps).
         started: ``time.perf_counter()`` when the series started.
+        qc_flags: the quality flags raised (:mod:`ggo_cli.quality`).
     """
 
     series: SeriesInfo
@@ -230,6 +232,7 @@ class ComputedSeries:
     folder: Path
     png_paths: tuple[Path, ...]
     started: float
+    qc_flags: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,14 @@ def compute_series(
             prediction = keep_inside_lungs(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
+        qc_flags = assess_series(
+            volume,
+            prediction,
+            measurement,
+            lungs=lungs,
+            lung_measurement=lung_measurement,
+            variant_checked=segmenter.variant_checked,
+        )
         release_freed_memory()  # inference's per-batch temporaries, before the SEG is built
         folder = series_dir(cfg.out_dir, series)
         pngs: tuple[Path, ...] = ()
@@ -390,6 +401,7 @@ def compute_series(
         folder=folder,
         png_paths=pngs,
         started=started,
+        qc_flags=qc_flags,
     )
 
 
@@ -424,14 +436,16 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
             f"{lung_measurement.left_lung_volume_ml:.0f} mL left, GGO "
             f"{lung_measurement.ggo_percent_of_lung:.2f} % of lung"
         )
+    qc_text = f", QC: {format_flags(done.qc_flags)}" if done.qc_flags else ""
     log.info(
-        "series %s: %d slices, GGO %.2f mL on %d slices%s, %.1f s",
+        "series %s: %d slices, GGO %.2f mL on %d slices%s, %.1f s%s",
         series.series_instance_uid,
         volume.hu.shape[0],
         done.measurement.ggo_volume_ml,
         done.measurement.ggo_slice_count,
         lung_text,
         seconds,
+        qc_text,
     )
     return SeriesOutcome(
         series=series,
@@ -445,6 +459,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
         png_paths=pngs,
         seconds=seconds,
         processed_at=now_utc(),
+        qc_flags=done.qc_flags,
     )
 
 

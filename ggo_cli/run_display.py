@@ -20,6 +20,7 @@ from rich.table import Table
 
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from .errors import EXIT_PARTIAL, NoEligibleSeriesError, SeriesError
+from .quality import format_flags
 
 stderr_console = Console(stderr=True)
 
@@ -66,9 +67,9 @@ def progress_display(enabled: bool, n_series: int) -> Iterator[RichProgress | No
 
 
 def summary_table(outcomes: list[SeriesOutcome]) -> Table:
-    """One row per series: slices, GGO and lung volumes, status and message."""
+    """One row per series: slices, GGO and lung volumes, quality flags, status and message."""
     table = Table(title="ggo-cli segment", show_lines=False)
-    for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "status", "message"):
+    for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "QC", "status", "message"):
         table.add_column(name, overflow="fold")
     for o in outcomes:
         volume = f"{o.measurement.ggo_volume_ml:.2f}" if o.measurement else ""
@@ -80,6 +81,7 @@ def summary_table(outcomes: list[SeriesOutcome]) -> Table:
             volume,
             lung,
             share,
+            format_flags(o.qc_flags),
             o.status.value,
             o.message,
         )
@@ -119,3 +121,29 @@ def all_pending_note(outcomes: list[SeriesOutcome], settle_minutes: float) -> st
         f"last {settle_minutes:g} min, --settle {settle_minutes:g}); nothing was segmented: "
         "rerun later or with --settle 0"
     )
+
+
+def review_lines(outcomes: list[SeriesOutcome]) -> list[str]:
+    """The run summary's "review these" list: series with quality flags, no patient data.
+
+    Lists the series analysed in this run with flags (UID, location relative to the input,
+    flags); series reused from an earlier run were listed then and are only counted.
+
+    Args:
+        outcomes: the run's outcomes.
+
+    Returns:
+        A heading and one line per flagged series; empty when no series is flagged.
+    """
+    flagged = [o for o in outcomes if o.qc_flags and not o.reused]
+    earlier = sum(bool(o.qc_flags) and o.reused for o in outcomes)
+    if not flagged and not earlier:
+        return []
+    lines = [f"review these {len(flagged)} series (quality flags; see README 'Quality flags'):"]
+    lines += [
+        f"  {o.series.series_instance_uid} ({o.series.location}): {format_flags(o.qc_flags)}"
+        for o in flagged
+    ]
+    if earlier:
+        lines.append(f"  and {earlier} flagged in earlier runs (qc_flags column of the CSV)")
+    return lines

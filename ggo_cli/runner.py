@@ -47,6 +47,7 @@ from .pipeline import (
     skipped_outcome,
     write_series,
 )
+from .quality import parse_flags
 from .runlock import RunLock
 from .series_pool import SeriesPool, SessionSummary, auto_jobs, summarize
 from .sessions import Sessions
@@ -126,6 +127,7 @@ def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome
         lungs=lungs,
         processed_at=row.get("processed_at", ""),
         reused=True,
+        qc_flags=parse_flags(row.get("qc_flags", "")),  # a store older than the column: none
     )
 
 

@@ -17,7 +17,9 @@ Missing values are empty cells. Numbers are written the same way on every run an
 - ``pixel_spacing_mm``: ``"<row> x <col>"`` (PixelSpacing order: row spacing first), each to
   6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
   an escape character;
-- ``study_date``: ISO 8601 ``YYYY-MM-DD`` (from DICOM ``YYYYMMDD``; other values as found).
+- ``study_date``: ISO 8601 ``YYYY-MM-DD`` (from DICOM ``YYYYMMDD``; other values as found);
+- ``qc_flags``: the series' quality flags (:class:`ggo_cli.quality.QcFlag` names, in that
+  order) joined by ``;``; empty when nothing is flagged or the series was not analysed.
 
 Text cells from DICOM headers or messages that begin with ``= + - @`` (or a tab/CR) are
 prefixed with ``'`` so spreadsheet programs do not run them as formulas (CSV injection).
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from ..domain import SeriesOutcome
 from ..fsutil import atomic_write_text
+from ..quality import format_flags
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,7 @@ CSV_COLUMNS: tuple[str, ...] = (
     "right_ggo_volume_ml",
     "left_ggo_percent",
     "right_ggo_percent",
+    "qc_flags",
     "status",
     "message",
     "model_name",
@@ -172,6 +176,7 @@ def outcome_row(
             measurement.ggo_volume_ml if measurement else None, f".{VOLUME_DECIMALS}f"
         ),
         "ggo_slice_count": str(measurement.ggo_slice_count) if measurement else "",
+        "qc_flags": format_flags(outcome.qc_flags),
         "status": outcome.status.value,
         "message": _text(outcome.message),
         "model_name": _text(model_name),

@@ -8,7 +8,7 @@ check, never patient data (values of patient attributes are compared, not shown)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,7 +135,8 @@ def stack_segments(prediction: Prediction, lungs: LungMasks) -> tuple[Prediction
     np.copyto(stacked.left, lungs.left)
     restricted = model_masks(planes, n_channels)
     np.copyto(restricted, masks)
-    return keep_inside_lungs(Prediction(restricted, prediction.threshold), stacked), stacked
+    # replace(): the prediction's GGO counts (before the restriction) travel with it
+    return keep_inside_lungs(replace(prediction, masks=restricted), stacked), stacked
 
 
 def _offset(view: npt.NDArray[np.bool_], base: npt.NDArray[np.bool_]) -> int:

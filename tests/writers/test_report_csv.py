@@ -144,6 +144,21 @@ def test_missing_values_are_empty_cells(rows: list[dict[str, str]]) -> None:
     assert skipped["n_slices"] == "3"
 
 
+def test_qc_flags_cell_joins_the_flags_and_is_empty_when_none(tmp_path: Path) -> None:
+    """qc_flags sits just before status: names joined by ';', empty for an unflagged, a
+    skipped and a failed series."""
+    from dataclasses import replace
+
+    ok, skipped, failed = _outcomes(tmp_path)
+    flagged = replace(ok, qc_flags=("thick_slices", "low_confidence"))
+    path = write_csv(
+        [flagged, ok, skipped, failed], tmp_path / "qc.csv", model_name="m", model_version="1"
+    )
+    assert CSV_COLUMNS.index("qc_flags") + 1 == CSV_COLUMNS.index("status")
+    cells = [r["qc_flags"] for r in read_csv(path)]
+    assert cells == ["thick_slices;low_confidence", "", "", ""]
+
+
 def test_seg_path_is_relative_to_the_output_folder(rows: list[dict[str, str]]) -> None:
     """seg_path uses '/' and is relative to the CSV's folder."""
     assert rows[0]["seg_path"] == "1.2.3/1.2.3.1/ggo.seg.dcm"
