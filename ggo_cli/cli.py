@@ -381,6 +381,8 @@ def demo(
         int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")
     ] = 48,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic study.")] = 0,
+    precision: PrecisionOpt = Precision.AUTO,
+    force: ForceOpt = False,
     study_dir: Annotated[
         Path | None,
         typer.Option(
@@ -410,7 +412,14 @@ def demo(
             log.info(
                 "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
             )
-            cfg = RunConfig(inputs=(folder,), out_dir=out, model_path=model_path, device=device)
+            cfg = RunConfig(
+                inputs=(folder,),
+                out_dir=out,
+                model_path=model_path,
+                device=device,
+                precision=precision.value,
+                force=force,
+            )
             with progress_display(not no_progress, 1) as sink:
                 result = run_segment(cfg, progress=sink)
             code = exit_code(result.outcomes)

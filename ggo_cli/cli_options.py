@@ -51,8 +51,9 @@ PrecisionOpt = Annotated[
     Precision,
     typer.Option(
         "--precision",
-        help="auto: fp16 on CUDA, int8 on the CPU where a validated int8 model ships, else "
-        "fp32; or fp32, fp16 (CUDA), int8 (CPU).",
+        help="auto: fp16 on CUDA, int8 on the CPU, each only where it agrees with fp32 on this "
+        "machine (self-check on the model's reference slices, cached), else fp32; or fp32, "
+        "fp16 (CUDA), int8 (CPU): an error (exit 5) where the self-check fails.",
     ),
 ]
 DecodeWorkersOpt = Annotated[
@@ -140,7 +141,12 @@ SettleOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[
-    bool, typer.Option("--force", help="Reprocess every series, even unchanged ones.")
+    bool,
+    typer.Option(
+        "--force",
+        help="Reprocess every series, even unchanged ones, and check the model variant "
+        "against float32 again even if this machine's verdict is cached.",
+    ),
 ]
 PseudonymizeOpt = Annotated[
     bool,

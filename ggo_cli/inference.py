@@ -20,19 +20,24 @@ import numpy.typing as npt
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 from .domain import CtVolume, Prediction
 from .errors import InputError, ModelError
+from .int8_recipes import (
+    INT8_SPEC_NAME,
+    MAX_INT8_DICE_CHANGE,
+    Int8Recipe,
+    Int8Spec,
+    cpu_flag_set,
+    load_int8_spec,
+)
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .postprocessing import threshold_probabilities
 from .precision import (
     CUDA_NHWC_OPTIONS,
     HU_INPUT_NAME,
-    INT8_SPEC_NAME,
     MASK_OUTPUT_NAME,
-    MAX_INT8_DICE_CHANGE,
     NEAR_OUTPUT_NAME,
     Precision,
     fp16_model_bytes,
     int8_model_bytes,
-    load_int8_spec,
     windowed_model_bytes,
 )
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
@@ -45,6 +50,7 @@ from .runtime import (
     parse_device,
     run_in_batches,
 )
+from .variant_check import VariantCheck, check_variant
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,14 @@ class OnnxSegmenter:
             whose graph windows the HU and thresholds the logits itself
             (:func:`~ggo_cli.precision.windowed_model_bytes`); ``None``: on CUDA only, where
             the host's windowing and thresholding showed in the profile.
+        force_check: run a variant's self-check against float32 again even when this machine's
+            verdict is cached (``--force``).
 
     Raises:
         DeviceError: CUDA requested but not usable.
         InputError: a precision the device cannot run.
-        ModelError: the session cannot be created.
+        ModelError: the session cannot be created, or a variant asked for explicitly
+            (``--precision int8|fp16``) disagrees with float32 on this machine.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class OnnxSegmenter:
         threshold: float | None = None,
         precision: str = "auto",
         window_in_graph: bool | None = None,
+        force_check: bool = False,
     ) -> None:
         import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
@@ -97,6 +107,10 @@ class OnnxSegmenter:
         # Whether the variant in use was checked against float32 on this machine (always
         # true of float32 itself); a series run on an unchecked variant is flagged.
         self.variant_checked = True
+        self.variant_check: VariantCheck | None = None  # the last self-check's verdict
+        self.int8_recipe = ""  # the int8 recipe in use
+        self.force_check = force_check
+        self._check_failures: list[str] = []
         self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
@@ -139,24 +153,85 @@ class OnnxSegmenter:
                 self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS, model_bytes=variant
             )
             if session.get_providers()[0] == CUDA_PROVIDER:
+                if variant is not None and not self._checked(
+                    variant, "fp16", "", request, explicit=wanted is Precision.FP16, on_cuda=True
+                ):
+                    return create_session(
+                        self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS
+                    )
                 self.precision = Precision.FP16 if fp16 else Precision.FP32
                 self._variant_bytes = variant
                 return session
             log.debug("CUDA fell back to the CPU: CPU session instead")
         if wanted in (Precision.AUTO, Precision.INT8):
-            data = self._int8_variant(explicit=wanted is Precision.INT8)
+            data = self._int8_variant(request, explicit=wanted is Precision.INT8)
             if data is not None:
                 self.precision = Precision.INT8
                 self._variant_bytes = data
                 return create_session(self.model.path, request, model_bytes=data)
         return create_session(self.model.path, request)
 
-    def _int8_variant(self, *, explicit: bool) -> bytes | None:
+    def _checked(
+        self,
+        data: bytes,
+        variant: str,
+        recipe: str,
+        request: DeviceRequest,
+        *,
+        explicit: bool,
+        on_cuda: bool,
+    ) -> bool:
+        """Whether a variant may run: its self-check against float32 on this machine passed
+        (or, asked for explicitly, could not run: then it runs unchecked, with a warning).
+
+        Sets :attr:`variant_check` and :attr:`variant_checked`. A failure is logged by the
+        caller (``auto``) or raised (explicit).
+        """
+        verdict = check_variant(
+            self.model,
+            data,
+            variant=variant,
+            recipe=recipe,
+            request=request,
+            on_cuda=on_cuda,
+            cuda_options=CUDA_NHWC_OPTIONS if on_cuda else None,
+            force=self.force_check,
+        )
+        self.variant_check = verdict
+        label = f"{variant} ({recipe})" if recipe else variant
+        if not verdict.ran:
+            if explicit:
+                log.warning("--precision %s runs unchecked: %s", variant, verdict.reason)
+                self.variant_checked = False
+                return True
+            log.info("%s variant not used: %s; running float32", label, verdict.reason)
+            return False
+        if verdict.passed:
+            log.info(
+                "%s variant passed its self-check on this machine%s: %s",
+                label,
+                " (cached)" if verdict.cached else "",
+                verdict.reason,
+            )
+            return True
+        message = f"{label} variant failed its self-check on this machine: {verdict.reason}"
+        if explicit and variant == "fp16":
+            raise ModelError(f"--precision fp16: {message}; use --precision fp32 or auto")
+        if not explicit and variant == "fp16":
+            log.warning("%s; running float32", message)
+        self._check_failures.append(message)
+        return False
+
+    def _int8_variant(self, request: DeviceRequest, *, explicit: bool) -> bytes | None:
         """The int8 model for the CPU, or ``None`` (``auto`` then runs float32; logged why).
+
+        The recipes fitting this CPU's features are tried in order of preference; the first
+        whose self-check against float32 passes on this machine is used.
 
         Raises:
             InputError: ``--precision int8`` without an int8 recipe beside the model.
-            ModelError: ``--precision int8`` and the recipe is broken or quantization fails.
+            ModelError: ``--precision int8`` and the recipe is broken, quantization fails, or
+                no recipe passes the self-check (the message gives the measured disagreement).
         """
         try:
             spec = load_int8_spec(self.model)
@@ -168,31 +243,63 @@ class OnnxSegmenter:
                     )
                 log.debug("no %s beside the model: float32 on the CPU", INT8_SPEC_NAME)
                 return None
-            if not spec.acceptable and not explicit:
-                log.info(
-                    "int8 variant not used: its test Dice changed by %.4f (limit %.2f)",
-                    spec.dice_change,
-                    MAX_INT8_DICE_CHANGE,
-                )
+            flags = cpu_flag_set()
+            candidates = spec.candidates(flags)
+            if not candidates:
+                needs = ", ".join(f"{r.name} needs {'/'.join(r.cpu_any)}" for r in spec.recipes)
+                message = f"no int8 recipe for this CPU (recipes: {needs})"
+                if explicit:
+                    raise ModelError(f"--precision int8: {message}; use --precision fp32")
+                log.info("int8 variant not used: %s; running float32", message)
                 return None
-            data, validated = int8_model_bytes(self.model, spec)
+            for recipe in candidates:
+                data = self._int8_recipe_bytes(spec, recipe, explicit=explicit)
+                if data is not None and self._checked(
+                    data, "int8", recipe.name, request, explicit=explicit, on_cuda=False
+                ):
+                    self.int8_recipe = recipe.name
+                    log.debug("int8 variant %s (test Dice change %+.4f)", recipe.name,
+                              recipe.dice_change)
+                    return data
         except ModelError as exc:
             if explicit:
                 raise
             log.warning("int8 variant not used (%s); running float32", exc)
             return None
+        if self._check_failures:
+            failures = "; ".join(self._check_failures)
+            if explicit:
+                raise ModelError(
+                    f"--precision int8: {failures}; use --precision fp32 (or auto, which falls "
+                    "back to float32)"
+                )
+            log.warning("%s; running float32", failures)
+        return None
+
+    def _int8_recipe_bytes(self, spec: Int8Spec, recipe: Int8Recipe, *, explicit: bool) -> (
+        bytes | None
+    ):
+        """The int8 model of one recipe, or ``None`` when ``auto`` must not consider it."""
+        if not recipe.acceptable and not explicit:
+            log.info(
+                "int8 recipe %s not used: its test Dice changed by %.4f (limit %.2f)",
+                recipe.name,
+                recipe.dice_change,
+                MAX_INT8_DICE_CHANGE,
+            )
+            return None
+        data, validated = int8_model_bytes(self.model, spec, recipe)
         if not validated:
             import onnxruntime as ort
 
             message = (
                 f"this ONNX Runtime ({ort.__version__}) quantizes differently from the one that "
-                f"validated the int8 variant ({spec.onnxruntime})"
+                f"validated int8 recipe {recipe.name} ({recipe.onnxruntime})"
             )
             if not explicit:
-                log.info("int8 variant not used: %s; running float32", message)
+                log.info("int8 recipe %s not used: %s", recipe.name, message)
                 return None
-            log.warning("--precision int8: %s; its accuracy is not validated", message)
-        log.debug("int8 variant of %s (test Dice change %+.4f)", self.model.name, spec.dice_change)
+            log.warning("--precision int8: %s; its test accuracy is not validated", message)
         return data
 
     def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:

@@ -78,6 +78,8 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "providers": result.providers,
             "batch_size": result.batch_size,
             "precision": result.precision,
+            "int8_recipe": result.int8_recipe,
+            "variant_check": result.variant_check,
             "jobs": result.jobs,
         },
         "counts": {

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -90,6 +90,9 @@ class RunResult:
         providers: ONNX Runtime providers in use.
         batch_size: final batch size.
         precision: the model variant that ran (``fp32``, ``fp16`` or ``int8``; ``""`` if none).
+        int8_recipe: the int8 recipe that ran (``""`` unless int8).
+        variant_check: the verdict of the variant's self-check against float32 on this
+            machine (see :class:`ggo_cli.variant_check.VariantCheck`), when one was considered.
         csv_path: the CSV written.
         manifest_path: the manifest written.
         timings_s: named wall times in seconds.
@@ -104,6 +107,8 @@ class RunResult:
     providers: list[str] = field(default_factory=list)
     batch_size: int = 0
     precision: str = ""
+    int8_recipe: str = ""
+    variant_check: dict[str, Any] | None = None
     csv_path: Path | None = None
     manifest_path: Path | None = None
     timings_s: dict[str, float] = field(default_factory=dict)

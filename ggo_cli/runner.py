@@ -460,6 +460,7 @@ def run_segment(
         if summary is not None:
             result.device, result.providers = summary.device, list(summary.providers)
             result.batch_size, result.precision = summary.batch_size, summary.precision
+            result.int8_recipe, result.variant_check = summary.int8_recipe, summary.variant_check
         if not cfg.explain_only:
             result.csv_path = run.write_csv()
         result.timings_s["total"] = time.perf_counter() - t0
