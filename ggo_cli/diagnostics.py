@@ -128,6 +128,7 @@ def int8_status(info: Any) -> dict[str, Any] | None:
                     "cpu_any": list(r.cpu_any),
                     "fits_this_cpu": r.fits(flags),
                     "test_dice_change": r.dice_change,
+                    "speedup_where_validated": r.speedup,
                     "validated_with_onnxruntime": r.onnxruntime,
                     "validated_on_cpu": r.validation.get("cpu", {}).get("model"),
                 }

@@ -23,6 +23,7 @@ from .errors import InputError, ModelError
 from .int8_recipes import (
     INT8_SPEC_NAME,
     MAX_INT8_DICE_CHANGE,
+    MIN_INT8_SPEEDUP,
     Int8Recipe,
     Int8Spec,
     cpu_flag_set,
@@ -286,6 +287,16 @@ class OnnxSegmenter:
                 recipe.name,
                 recipe.dice_change,
                 MAX_INT8_DICE_CHANGE,
+            )
+            return None
+        if not recipe.fast_enough and not explicit:
+            log.info(
+                "int8 recipe %s not used: %.2f times float32's speed where it was measured "
+                "(%s); below %.1f",
+                recipe.name,
+                recipe.speedup,
+                recipe.measured_on,
+                MIN_INT8_SPEEDUP,
             )
             return None
         data, validated = int8_model_bytes(self.model, spec, recipe)

@@ -32,6 +32,10 @@ INT8_SPEC_FORMAT = "ggo-cli int8 calibration 2"
 INT8_SPEC_FORMAT_1 = "ggo-cli int8 calibration 1"
 MAX_INT8_DICE_CHANGE = 0.01
 """The largest change of pooled test Dice for which ``auto`` considers an int8 recipe."""
+MIN_INT8_SPEEDUP = 1.2
+"""The smallest speed-up over float32 (measured where the recipe was validated) for which
+``auto`` considers an int8 recipe: a variant that is not faster only adds risk. On the AVX2-only
+2-core CPU no int8 recipe reached 1.0 (docs/benchmarks.md), so ``auto`` runs float32 there."""
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 """CPU flags (Linux ``/proc/cpuinfo`` names) with which ONNX Runtime's U8S8 kernels do not
 saturate."""
@@ -67,6 +71,24 @@ class Int8Recipe:
     def acceptable(self) -> bool:
         """Whether the measured accuracy change is within :data:`MAX_INT8_DICE_CHANGE`."""
         return abs(self.dice_change) <= MAX_INT8_DICE_CHANGE
+
+    @property
+    def speedup(self) -> float:
+        """Speed over float32 where it was validated (nan when not measured)."""
+        value = self.validation.get("speed_cpu", {}).get("speedup")
+        return float(value) if isinstance(value, int | float) else math.nan
+
+    @property
+    def measured_on(self) -> str:
+        """The CPU model and flags it was validated on, in words."""
+        cpu = self.validation.get("cpu", {})
+        return f"{cpu.get('model', 'unknown CPU')}, {'/'.join(cpu.get('flags', [])) or 'no flags'}"
+
+    @property
+    def fast_enough(self) -> bool:
+        """Whether it was measured at least :data:`MIN_INT8_SPEEDUP` times float32's speed (or
+        not measured)."""
+        return math.isnan(self.speedup) or self.speedup >= MIN_INT8_SPEEDUP
 
     def fits(self, cpu_flags: set[str]) -> bool:
         """Whether a CPU with ``cpu_flags`` is of this recipe's class."""

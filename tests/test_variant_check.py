@@ -204,3 +204,21 @@ def test_a_corrupt_reference_file_is_a_model_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=f"{REFERENCE_SET_NAME} beside model.onnx"):
         OnnxSegmenter(info, device="cpu", precision="int8")
     assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32  # auto: warned
+
+
+def test_a_recipe_measured_no_faster_than_fp32_is_used_only_when_asked_for(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    model_path = _conv_model_with_recipe(tmp_path)
+    spec_path = tmp_path / INT8_SPEC_NAME
+    spec = json.loads(spec_path.read_text())
+    spec["recipes"][0]["validation"].update(
+        speed_cpu={"speedup": 0.98}, cpu={"model": "AMD EPYC", "flags": ["avx2"]}
+    )
+    spec_path.write_text(json.dumps(spec))
+    info = load_model_info(model_path)
+    caplog.set_level(logging.INFO, logger="ggo_cli")
+    assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32
+    assert "0.98 times float32's speed where it was measured (AMD EPYC, avx2)" in caplog.text
+    explicit = OnnxSegmenter(info, device="cpu", precision="int8")
+    assert explicit.precision is Precision.INT8 and explicit.variant_checked
