@@ -24,6 +24,7 @@ the others read its verdict.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -99,6 +100,9 @@ class CheckFigures:
         dice: pooled Dice of the two masks.
         worst_slice_dice: the lowest Dice among slices with enough GGO (1 if none).
         worst_slice: that slice's name.
+        fp32_s_per_slice: float32's seconds per slice here (CPU; first batch included, so a
+            rough figure: speeds are quoted from benchmarks).
+        variant_s_per_slice: the variant's seconds per slice here.
     """
 
     n_slices: int
@@ -108,6 +112,8 @@ class CheckFigures:
     dice: float
     worst_slice_dice: float
     worst_slice: str
+    fp32_s_per_slice: float = math.nan
+    variant_s_per_slice: float = math.nan
 
     def failures(self) -> list[str]:
         """Which tolerances are broken, in words (empty when the variant passes)."""
@@ -368,14 +374,21 @@ def _measure(
     batch = reference.batch()
     logit_threshold = math.log(model.threshold / (1.0 - model.threshold))
     fp32 = create_session(model.path, DeviceRequest("cpu"))
+    started = time.perf_counter()
     want = _masks(fp32, batch, logit_threshold, on_cuda=False)
+    fp32_s = (time.perf_counter() - started) / len(batch)
     del fp32
     session = create_session(
         model.path, request, cuda_options=cuda_options, model_bytes=variant_bytes
     )
     on_cuda = session.get_providers()[0] == CUDA_PROVIDER
+    started = time.perf_counter()
     got = _masks(session, batch, logit_threshold, on_cuda=on_cuda)
-    return compare_masks(want, got, reference.names)
+    variant_s = (time.perf_counter() - started) / len(batch)
+    figures = compare_masks(want, got, reference.names)
+    return dataclasses.replace(
+        figures, fp32_s_per_slice=round(fp32_s, 4), variant_s_per_slice=round(variant_s, 4)
+    )
 
 
 def check_variant(
