@@ -232,10 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--recipe",
-        choices=["u8s8-vnni", "s8s8"],
+        choices=["u8s8-vnni", "u8u8"],
         default="u8s8-vnni",
         help="which CPU class's recipe to make and measure (on this machine's CPU): u8s8-vnni "
-        "for CPUs with VNNI, s8s8 for any CPU (AVX2-only included); with --reuse-ranges the "
+        "for CPUs with VNNI, u8u8 for any CPU (AVX2-only included); with --reuse-ranges the "
         "file's other recipes are kept",
     )
 

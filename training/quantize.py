@@ -73,8 +73,9 @@ DEFAULT_SETTINGS: dict[str, Any] = {
 RECIPES: dict[str, dict[str, Any]] = {
     # U8S8: fastest where ONNX Runtime's int8 kernels use VNNI (no 16-bit saturation)
     "u8s8-vnni": {"cpu_any": list(VNNI_FLAGS), "settings": DEFAULT_SETTINGS},
-    # S8S8: no VPMADDUBSW saturation on AVX2-only CPUs (docs/benchmarks.md); any CPU
-    "s8s8": {"cpu_any": [], "settings": {**DEFAULT_SETTINGS, "activation_type": "QInt8"}},
+    # U8U8: unsigned weights take ONNX Runtime's 16-bit multiply path, which cannot saturate;
+    # right on any CPU (on the AVX2-only CPU not faster than float32: docs/benchmarks.md)
+    "u8u8": {"cpu_any": [], "settings": {**DEFAULT_SETTINGS, "weight_type": "QUInt8"}},
 }
 """The int8 recipes by name, in order of preference (ggo-cli tries the first that fits the
 CPU, then the next if its self-check fails)."""

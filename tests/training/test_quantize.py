@@ -12,7 +12,8 @@ import pytest
 
 from ggo_cli.errors import InputError
 from ggo_cli.model_info import load_model_info
-from ggo_cli.precision import int8_model_bytes, load_int8_spec
+from ggo_cli.int8_recipes import INT8_SPEC_FORMAT, VNNI_FLAGS, load_int8_spec
+from ggo_cli.precision import int8_model_bytes
 from training.export import ExportResult
 from training.quantize import make_int8_recipe
 
@@ -24,25 +25,39 @@ def test_int8_recipe_rebuilds_in_ggo_cli_and_reuses_its_ranges(
     shutil.copytree(exported_model.model_path.parent, folder)
     model_path = folder / exported_model.model_path.name
     first = make_int8_recipe(model_path, tiny_npz, n_calibration=4, runs=1, batch=2)
-    spec = first.spec
-    assert spec["settings"]["upsampling"] == "depth_to_space"
-    assert spec["validation"]["pixel_agreement"] > 0.95  # int8 masks close to the float ones
+    recipe = first.recipe
+    assert first.spec["format"] == INT8_SPEC_FORMAT
+    assert [r["name"] for r in first.spec["recipes"]] == ["u8s8-vnni"]
+    assert recipe["cpu_any"] == list(VNNI_FLAGS)
+    assert recipe["settings"]["upsampling"] == "depth_to_space"
+    assert recipe["validation"]["pixel_agreement"] > 0.95  # int8 masks close to the float ones
     card = json.loads((folder / "model.json").read_text())
-    assert card["int8"]["int8_graph_sha256"] == spec["int8_graph_sha256"]
+    assert card["int8"]["recipes"][0]["int8_graph_sha256"] == recipe["int8_graph_sha256"]
     # ggo-cli rebuilds the validated graph from the file: no ConvTranspose left
     info = load_model_info(model_path)
     loaded = load_int8_spec(info)
     assert loaded is not None
-    data, validated = int8_model_bytes(info, loaded)
+    data, validated = int8_model_bytes(info, loaded, loaded.recipes[0])
     assert validated
     ops = [n.op_type for n in onnx.load_from_string(data).graph.node]
     assert "ConvTranspose" not in ops and "DepthToSpace" in ops
-    # remade from its own ranges (no calibration): the same graph
+    # a second CPU class's recipe from the same ranges (no calibration): both kept, in order
+    portable = make_int8_recipe(
+        model_path, tiny_npz, runs=1, batch=2, reuse_ranges=True, recipe="u8u8"
+    )
+    assert [r["name"] for r in portable.spec["recipes"]] == ["u8s8-vnni", "u8u8"]
+    assert portable.spec["recipes"][0] == recipe  # measured elsewhere: kept as it was
+    assert portable.recipe["cpu_any"] == [] and portable.recipe["settings"]["weight_type"] == (
+        "QUInt8"
+    )
+    assert portable.spec["calibration"]["ranges_reused"] is True
+    assert portable.spec["calibration"]["ids"] == first.spec["calibration"]["ids"]
+    loaded = load_int8_spec(load_model_info(model_path))
+    assert loaded is not None and [r.name for r in loaded.recipes] == ["u8s8-vnni", "u8u8"]
+    # remade from its own ranges: the same graph
     again = make_int8_recipe(model_path, tiny_npz, runs=1, batch=2, reuse_ranges=True)
-    assert again.spec["int8_graph_sha256"] == spec["int8_graph_sha256"]
-    assert again.spec["calibration"]["ranges_reused"] is True
-    assert again.spec["calibration"]["ids"] == spec["calibration"]["ids"]
+    assert again.recipe["int8_graph_sha256"] == recipe["int8_graph_sha256"]
     # ranges calibrated otherwise are refused
-    other = {**again.spec["settings"], "calibrate_method": "MinMax"}
+    other = {**recipe["settings"], "calibrate_method": "MinMax"}
     with pytest.raises(InputError, match="calibrated with other"):
         make_int8_recipe(model_path, tiny_npz, settings=other, runs=1, reuse_ranges=True)
