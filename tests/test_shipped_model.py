@@ -105,3 +105,53 @@ def test_explain_on_real_covid_ct_without_torch(covid_ct_dir: Path, tmp_path: Pa
     assert Image.open(pngs[0]).size[0] > 3 * 512  # three panels side by side
     inside, outside = float(cam[mask].mean()), float(cam[~mask].mean())
     assert inside >= 2.0 * outside, (inside, outside)
+
+
+def test_the_shipped_model_has_reference_slices_and_recipes_per_cpu_class() -> None:
+    import hashlib
+
+    from ggo_cli.int8_recipes import VNNI_FLAGS, load_int8_spec
+    from ggo_cli.variant_check import REFERENCE_SET_NAME, load_reference_set
+
+    info = load_model_info(default_model_path())
+    reference = load_reference_set(info)
+    assert reference is not None and reference.images.shape == (10, 512, 512)
+    card = json.loads((default_model_path().parent / "model.json").read_text())
+    recorded = card["reference_slices"]
+    assert recorded["slices"] == list(reference.names)
+    licences = " ".join(source["licence"] for source in recorded["sources"])
+    assert "non-commercial" in licences and "CC BY 4.0" in licences
+    sums = (default_model_path().parent / "SHA256SUMS").read_text()
+    payload = (default_model_path().parent / REFERENCE_SET_NAME).read_bytes()
+    assert f"{hashlib.sha256(payload).hexdigest()}  {REFERENCE_SET_NAME}" in sums
+    spec = load_int8_spec(info)
+    assert spec is not None
+    by_name = {r.name: r for r in spec.recipes}
+    assert list(by_name) == ["u8s8-vnni", "u8u8"]
+    assert by_name["u8s8-vnni"].cpu_any == VNNI_FLAGS and by_name["u8u8"].cpu_any == ()
+    assert by_name["u8s8-vnni"].fits({"avx2", "avx512_vnni"})
+    assert not by_name["u8s8-vnni"].fits({"avx2", "fma"})
+    assert all(r.acceptable for r in spec.recipes)
+
+
+@pytest.mark.slow
+def test_auto_precision_measures_within_2_percent_of_fp32_on_the_real_series(
+    tmp_path: Path, real_ct_dir: Path
+) -> None:
+    """Issue 14's acceptance on whatever CPU runs it: ``auto`` (a variant only after its
+    self-check) against ``--precision fp32`` on the shared real series."""
+    volumes = {}
+    for precision in ("auto", "fp32"):
+        out = tmp_path / precision
+        result = CliRunner().invoke(
+            app,
+            ["segment", str(real_ct_dir), "-o", str(out), "--no-progress", "--device", "cpu",
+             "--precision", precision, "--json"],
+        )
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "run_manifest.json").read_text())
+        if precision == "auto" and manifest["device"]["precision"] == "int8":
+            assert manifest["device"]["variant_check"]["passed"] is True
+        (series,) = manifest["series"]
+        volumes[precision] = series["ggo_volume_ml"]
+    assert volumes["auto"] == pytest.approx(volumes["fp32"], rel=0.02)

@@ -222,3 +222,23 @@ def test_a_recipe_measured_no_faster_than_fp32_is_used_only_when_asked_for(
     assert "0.98 times float32's speed where it was measured (AMD EPYC, avx2)" in caplog.text
     explicit = OnnxSegmenter(info, device="cpu", precision="int8")
     assert explicit.precision is Precision.INT8 and explicit.variant_checked
+
+
+def test_a_format_1_recipe_file_loads_as_one_recipe_for_any_cpu(tmp_path: Path) -> None:
+    from ggo_cli.int8_recipes import INT8_SPEC_FORMAT_1, parse_int8_spec
+
+    data = {
+        "format": INT8_SPEC_FORMAT_1,
+        "model_sha256": "ab" * 32,
+        "settings": {"activation_type": "QUInt8"},
+        "int8_graph_sha256": "cd" * 32,
+        "onnxruntime": "1.31.1",
+        "validation": {"pooled_dice_change": 0.0003, "speed_cpu": {"speedup": 3.09}},
+        "tensors_data": {"data": {}},
+    }
+    spec = parse_int8_spec(tmp_path / INT8_SPEC_NAME, data, "ef" * 32)
+    (recipe,) = spec.recipes
+    assert recipe.cpu_any == () and recipe.fits(set()) and recipe.speedup == 3.09
+    assert spec.candidates({"avx2"}) == [recipe]
+    with pytest.raises(ValueError, match="format 'other'"):
+        parse_int8_spec(tmp_path / INT8_SPEC_NAME, {**data, "format": "other"}, "")
