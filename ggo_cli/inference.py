@@ -20,15 +20,6 @@ import numpy.typing as npt
 from .config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
 from .domain import CtVolume, Prediction
 from .errors import InputError, ModelError
-from .int8_recipes import (
-    INT8_SPEC_NAME,
-    MAX_INT8_DICE_CHANGE,
-    MIN_INT8_SPEEDUP,
-    Int8Recipe,
-    Int8Spec,
-    cpu_flag_set,
-    load_int8_spec,
-)
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .postprocessing import threshold_probabilities
 from .precision import (
@@ -38,7 +29,6 @@ from .precision import (
     NEAR_OUTPUT_NAME,
     Precision,
     fp16_model_bytes,
-    int8_model_bytes,
     windowed_model_bytes,
 )
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
@@ -51,7 +41,8 @@ from .runtime import (
     parse_device,
     run_in_batches,
 )
-from .variant_check import VariantCheck, check_variant
+from .variant_check import VariantCheck
+from .variants import VariantChoice, choose_fp16, choose_int8
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +102,6 @@ class OnnxSegmenter:
         self.variant_check: VariantCheck | None = None  # the last self-check's verdict
         self.int8_recipe = ""  # the int8 recipe in use
         self.force_check = force_check
-        self._check_failures: list[str] = []
         self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
@@ -140,7 +130,8 @@ class OnnxSegmenter:
         )
 
     def _create_session(self, request: DeviceRequest) -> Any:
-        """The session of the chosen precision; sets ``self.precision``."""
+        """The session of the chosen precision (see :mod:`ggo_cli.variants`); sets
+        ``self.precision`` and the variant's self-check attributes."""
         wanted = self.requested_precision
         on_cuda = cuda_wanted(request)
         if wanted is Precision.FP16 and not on_cuda:
@@ -154,164 +145,36 @@ class OnnxSegmenter:
                 self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS, model_bytes=variant
             )
             if session.get_providers()[0] == CUDA_PROVIDER:
-                if variant is not None and not self._checked(
-                    variant, "fp16", "", request, explicit=wanted is Precision.FP16, on_cuda=True
-                ):
-                    return create_session(
-                        self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS
+                if variant is not None:
+                    choice = choose_fp16(
+                        self.model, variant, request, explicit=wanted is Precision.FP16,
+                        force=self.force_check,
                     )
+                    self._take(choice)
+                    if choice.data is None:
+                        return create_session(
+                            self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS
+                        )
                 self.precision = Precision.FP16 if fp16 else Precision.FP32
                 self._variant_bytes = variant
                 return session
             log.debug("CUDA fell back to the CPU: CPU session instead")
         if wanted in (Precision.AUTO, Precision.INT8):
-            data = self._int8_variant(request, explicit=wanted is Precision.INT8)
-            if data is not None:
+            choice = choose_int8(
+                self.model, request, explicit=wanted is Precision.INT8, force=self.force_check
+            )
+            self._take(choice)
+            if choice.data is not None:
                 self.precision = Precision.INT8
-                self._variant_bytes = data
-                return create_session(self.model.path, request, model_bytes=data)
+                self._variant_bytes = choice.data
+                return create_session(self.model.path, request, model_bytes=choice.data)
         return create_session(self.model.path, request)
 
-    def _checked(
-        self,
-        data: bytes,
-        variant: str,
-        recipe: str,
-        request: DeviceRequest,
-        *,
-        explicit: bool,
-        on_cuda: bool,
-    ) -> bool:
-        """Whether a variant may run: its self-check against float32 on this machine passed
-        (or, asked for explicitly, could not run: then it runs unchecked, with a warning).
-
-        Sets :attr:`variant_check` and :attr:`variant_checked`. A failure is logged by the
-        caller (``auto``) or raised (explicit).
-        """
-        verdict = check_variant(
-            self.model,
-            data,
-            variant=variant,
-            recipe=recipe,
-            request=request,
-            on_cuda=on_cuda,
-            cuda_options=CUDA_NHWC_OPTIONS if on_cuda else None,
-            force=self.force_check,
-        )
-        self.variant_check = verdict
-        label = f"{variant} ({recipe})" if recipe else variant
-        if not verdict.ran:
-            if explicit:
-                log.warning("--precision %s runs unchecked: %s", variant, verdict.reason)
-                self.variant_checked = False
-                return True
-            log.info("%s variant not used: %s; running float32", label, verdict.reason)
-            return False
-        if verdict.passed:
-            log.info(
-                "%s variant passed its self-check on this machine%s: %s",
-                label,
-                " (cached)" if verdict.cached else "",
-                verdict.reason,
-            )
-            return True
-        message = f"{label} variant failed its self-check on this machine: {verdict.reason}"
-        if explicit and variant == "fp16":
-            raise ModelError(f"--precision fp16: {message}; use --precision fp32 or auto")
-        if not explicit and variant == "fp16":
-            log.warning("%s; running float32", message)
-        self._check_failures.append(message)
-        return False
-
-    def _int8_variant(self, request: DeviceRequest, *, explicit: bool) -> bytes | None:
-        """The int8 model for the CPU, or ``None`` (``auto`` then runs float32; logged why).
-
-        The recipes fitting this CPU's features are tried in order of preference; the first
-        whose self-check against float32 passes on this machine is used.
-
-        Raises:
-            InputError: ``--precision int8`` without an int8 recipe beside the model.
-            ModelError: ``--precision int8`` and the recipe is broken, quantization fails, or
-                no recipe passes the self-check (the message gives the measured disagreement).
-        """
-        try:
-            spec = load_int8_spec(self.model)
-            if spec is None:
-                if explicit:
-                    raise InputError(
-                        f"--precision int8 needs {INT8_SPEC_NAME} beside {self.model.path.name} "
-                        "(made by `python -m training quantize`)"
-                    )
-                log.debug("no %s beside the model: float32 on the CPU", INT8_SPEC_NAME)
-                return None
-            flags = cpu_flag_set()
-            candidates = spec.candidates(flags)
-            if not candidates:
-                needs = ", ".join(f"{r.name} needs {'/'.join(r.cpu_any)}" for r in spec.recipes)
-                message = f"no int8 recipe for this CPU (recipes: {needs})"
-                if explicit:
-                    raise ModelError(f"--precision int8: {message}; use --precision fp32")
-                log.info("int8 variant not used: %s; running float32", message)
-                return None
-            for recipe in candidates:
-                data = self._int8_recipe_bytes(spec, recipe, explicit=explicit)
-                if data is not None and self._checked(
-                    data, "int8", recipe.name, request, explicit=explicit, on_cuda=False
-                ):
-                    self.int8_recipe = recipe.name
-                    log.debug("int8 variant %s (test Dice change %+.4f)", recipe.name,
-                              recipe.dice_change)
-                    return data
-        except ModelError as exc:
-            if explicit:
-                raise
-            log.warning("int8 variant not used (%s); running float32", exc)
-            return None
-        if self._check_failures:
-            failures = "; ".join(self._check_failures)
-            if explicit:
-                raise ModelError(
-                    f"--precision int8: {failures}; use --precision fp32 (or auto, which falls "
-                    "back to float32)"
-                )
-            log.warning("%s; running float32", failures)
-        return None
-
-    def _int8_recipe_bytes(self, spec: Int8Spec, recipe: Int8Recipe, *, explicit: bool) -> (
-        bytes | None
-    ):
-        """The int8 model of one recipe, or ``None`` when ``auto`` must not consider it."""
-        if not recipe.acceptable and not explicit:
-            log.info(
-                "int8 recipe %s not used: its test Dice changed by %.4f (limit %.2f)",
-                recipe.name,
-                recipe.dice_change,
-                MAX_INT8_DICE_CHANGE,
-            )
-            return None
-        if not recipe.fast_enough and not explicit:
-            log.info(
-                "int8 recipe %s not used: %.2f times float32's speed where it was measured "
-                "(%s); below %.1f",
-                recipe.name,
-                recipe.speedup,
-                recipe.measured_on,
-                MIN_INT8_SPEEDUP,
-            )
-            return None
-        data, validated = int8_model_bytes(self.model, spec, recipe)
-        if not validated:
-            import onnxruntime as ort
-
-            message = (
-                f"this ONNX Runtime ({ort.__version__}) quantizes differently from the one that "
-                f"validated int8 recipe {recipe.name} ({recipe.onnxruntime})"
-            )
-            if not explicit:
-                log.info("int8 recipe %s not used: %s", recipe.name, message)
-                return None
-            log.warning("--precision int8: %s; its test accuracy is not validated", message)
-        return data
+    def _take(self, choice: VariantChoice) -> None:
+        """Record a variant choice's self-check."""
+        self.variant_check = choice.check
+        self.variant_checked = choice.checked
+        self.int8_recipe = choice.recipe
 
     def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]

@@ -147,24 +147,24 @@ def test_without_reference_slices_auto_runs_fp32_and_an_explicit_int8_runs_unche
 def test_recipes_are_picked_by_the_cpu_features(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import ggo_cli.inference as inference
+    import ggo_cli.variants as variants
 
     model_path = _conv_model_with_recipe(tmp_path, cpu_any=("avx512_vnni",))
     info = load_model_info(model_path)
-    monkeypatch.setattr(inference, "cpu_flag_set", lambda: {"avx2", "fma"})
+    monkeypatch.setattr(variants, "cpu_flag_set", lambda: {"avx2", "fma"})
     caplog.set_level(logging.INFO, logger="ggo_cli")
     assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32
-    assert "no int8 recipe for this CPU (recipes: test needs avx512_vnni)" in caplog.text
+    assert "int8 not used on this CPU (test needs avx512_vnni); running float32" in caplog.text
     with pytest.raises(ModelError, match="no int8 recipe for this CPU"):
         OnnxSegmenter(info, device="cpu", precision="int8")
-    monkeypatch.setattr(inference, "cpu_flag_set", lambda: {"avx2", "avx512_vnni"})
+    monkeypatch.setattr(variants, "cpu_flag_set", lambda: {"avx2", "avx512_vnni"})
     assert OnnxSegmenter(info, device="cpu").int8_recipe == "test"
 
 
 def test_the_next_recipe_is_tried_when_the_first_fails_its_check(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ggo_cli.inference as inference
+    import ggo_cli.variants as variants
 
     model_path = _conv_model_with_recipe(tmp_path)
     spec_path = tmp_path / INT8_SPEC_NAME
@@ -172,7 +172,7 @@ def test_the_next_recipe_is_tried_when_the_first_fails_its_check(
     second = {**spec["recipes"][0], "name": "portable"}
     spec["recipes"] = [{**spec["recipes"][0], "name": "fast"}, second]
     spec_path.write_text(json.dumps(spec))
-    real = inference.check_variant
+    real = variants.check_variant
 
     def failing_first(*args: object, **kwargs: object) -> VariantCheck:
         verdict = real(*args, **kwargs)  # type: ignore[arg-type]
@@ -180,7 +180,7 @@ def test_the_next_recipe_is_tried_when_the_first_fails_its_check(
             return VariantCheck("int8", "fast", ran=True, passed=False, reason="GGO pixels -37%")
         return verdict
 
-    monkeypatch.setattr(inference, "check_variant", failing_first)
+    monkeypatch.setattr(variants, "check_variant", failing_first)
     segmenter = OnnxSegmenter(load_model_info(model_path), device="cpu")
     assert segmenter.precision is Precision.INT8 and segmenter.int8_recipe == "portable"
 
