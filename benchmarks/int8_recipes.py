@@ -93,7 +93,8 @@ def main() -> int:
     from ggo_cli.int8_recipes import load_int8_spec
     from ggo_cli.model_info import load_model_info
     from ggo_cli.precision import graph_digest, quantize_int8
-    from ggo_cli.variant_check import compare_masks, load_reference_set
+    from ggo_cli.reference_slices import load_reference_set
+    from ggo_cli.variant_check import compare_masks
     from training import data as training_data
     from training.quantize import _accuracy
     from training.splits import Split

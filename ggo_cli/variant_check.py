@@ -41,15 +41,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from .errors import ModelError, OutputError
+from .errors import OutputError
 from .fsutil import atomic_write_text
 from .int8_recipes import cpu_flag_set
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
+from .reference_slices import REFERENCE_SET_NAME, ReferenceSet, load_reference_set
 from .runtime import CUDA_PROVIDER, DeviceRequest, create_session, run_in_batches
 
 log = logging.getLogger(__name__)
 
-REFERENCE_SET_NAME = "reference_slices.npz"
 CHECK_FORMAT = 1
 """Bumped when the check's method changes (part of the cache key)."""
 MAX_GGO_CHANGE = 0.02
@@ -67,25 +67,6 @@ CACHE_ENV = "GGO_CACHE_DIR"
 CHECK_BATCH = 4
 _PROCESS_STARTED = time.time()
 _VERDICTS: dict[str, VariantCheck] = {}
-
-
-@dataclass(frozen=True, slots=True)
-class ReferenceSet:
-    """The reference slices of a model.
-
-    Attributes:
-        images: model inputs as 8-bit values (``value / 255``). Shape: ``(n, S, S)``.
-        names: one name per slice (its source).
-        sha256: SHA-256 of the file.
-    """
-
-    images: npt.NDArray[np.uint8]
-    names: tuple[str, ...]
-    sha256: str
-
-    def batch(self) -> npt.NDArray[np.float32]:
-        """The model input. Shape: ``(n, 1, S, S)``, float32 in ``[0, 1]``."""
-        return (self.images.astype(np.float32) / np.float32(255.0))[:, None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,62 +155,6 @@ class VariantCheck:
         """The inverse of :meth:`to_dict`."""
         figures = data.get("figures")
         return cls(**{**data, "figures": CheckFigures(**figures) if figures else None})
-
-
-def reference_set_path(model_path: Path) -> Path:
-    """Where a model's reference slices live: beside it."""
-    return model_path.parent / REFERENCE_SET_NAME
-
-
-def write_reference_set(
-    path: Path, images: npt.NDArray[np.floating[Any]], names: list[str]
-) -> Path:
-    """Write reference slices (model inputs in ``[0, 1]``) as 8-bit values, compressed.
-
-    Args:
-        path: the ``.npz`` file to write.
-        images: model-grid inputs. Shape: ``(n, S, S)``.
-        names: one name per slice.
-
-    Returns:
-        ``path``.
-    """
-    if images.ndim != 3 or len(names) != images.shape[0]:
-        raise ValueError(f"need (n, S, S) images and n names, got {images.shape}, {len(names)}")
-    as_u8 = np.round(np.clip(images, 0.0, 1.0) * 255.0).astype(np.uint8)
-    with open(path, "wb") as fh:
-        np.savez_compressed(fh, images=as_u8, names=np.asarray(names, dtype=str))
-    return path
-
-
-def load_reference_set(model: ModelInfo) -> ReferenceSet | None:
-    """Read the reference slices beside a model.
-
-    Returns:
-        The slices, or ``None`` when the model has none.
-
-    Raises:
-        ModelError: the file is unreadable or its slices do not fit the model's input.
-    """
-    path = reference_set_path(model.path)
-    if not path.is_file():
-        return None
-    try:
-        raw = path.read_bytes()
-        with np.load(path, allow_pickle=False) as data:
-            images = np.asarray(data["images"])
-            names = tuple(str(n) for n in data["names"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{path.name} beside {model.path.name} is not usable: {exc}") from exc
-    size = model.input_size
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (size, size):
-        raise ModelError(
-            f"{path.name} holds {images.dtype} {images.shape}; the model needs uint8 "
-            f"(n, {size}, {size})"
-        )
-    if len(names) != images.shape[0] or not names:
-        raise ModelError(f"{path.name} has {images.shape[0]} slices and {len(names)} names")
-    return ReferenceSet(images, names, hashlib.sha256(raw).hexdigest())
 
 
 def compare_masks(

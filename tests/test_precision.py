@@ -121,7 +121,7 @@ def _conv_model_with_recipe(
 
     from ggo_cli.int8_recipes import INT8_SPEC_FORMAT, INT8_SPEC_NAME
     from ggo_cli.precision import graph_digest, quantize_int8
-    from ggo_cli.variant_check import REFERENCE_SET_NAME, write_reference_set
+    from ggo_cli.reference_slices import REFERENCE_SET_NAME, write_reference_set
     from tests.onnx_models import write_conv_explain_pair
 
     model_path, _ = write_conv_explain_pair(folder)

@@ -111,7 +111,7 @@ def test_the_shipped_model_has_reference_slices_and_recipes_per_cpu_class() -> N
     import hashlib
 
     from ggo_cli.int8_recipes import VNNI_FLAGS, load_int8_spec
-    from ggo_cli.variant_check import REFERENCE_SET_NAME, load_reference_set
+    from ggo_cli.reference_slices import REFERENCE_SET_NAME, load_reference_set
 
     info = load_model_info(default_model_path())
     reference = load_reference_set(info)

@@ -18,13 +18,8 @@ from ggo_cli.inference import OnnxSegmenter
 from ggo_cli.int8_recipes import INT8_SPEC_NAME
 from ggo_cli.model_info import load_model_info
 from ggo_cli.precision import Precision
-from ggo_cli.variant_check import (
-    MAX_GGO_CHANGE,
-    REFERENCE_SET_NAME,
-    VariantCheck,
-    compare_masks,
-    write_reference_set,
-)
+from ggo_cli.reference_slices import REFERENCE_SET_NAME, write_reference_set
+from ggo_cli.variant_check import MAX_GGO_CHANGE, VariantCheck, compare_masks
 from tests.dicom_factory import make_ct_series
 from tests.test_precision import _conv_model_with_recipe
 

@@ -49,7 +49,7 @@ from ggo_cli.int8_recipes import (
 )
 from ggo_cli.model_info import file_sha256, load_model_info
 from ggo_cli.precision import graph_digest, quantize_int8
-from ggo_cli.variant_check import REFERENCE_SET_NAME
+from ggo_cli.reference_slices import REFERENCE_SET_NAME
 
 from . import data as training_data
 from .evaluate import OnnxPredictor, predict_probabilities

@@ -29,7 +29,7 @@ import numpy as np
 from ggo_cli.model_info import file_sha256, load_model_info
 from ggo_cli.phantom import make_chest_phantom
 from ggo_cli.preprocessing import preprocess_hu
-from ggo_cli.variant_check import REFERENCE_SET_NAME, write_reference_set
+from ggo_cli.reference_slices import REFERENCE_SET_NAME, write_reference_set
 
 from . import data as training_data
 
