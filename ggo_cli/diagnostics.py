@@ -105,8 +105,9 @@ def int8_status(info: Any) -> dict[str, Any] | None:
 
     Builds the CPU segmenter as ``segment`` would: the recipes for this CPU are rebuilt (a few
     seconds each) and checked against float32 on the reference slices unless this machine's
-    verdict is cached (see :mod:`ggo_cli.variant_check`). ``None`` when no int8 recipe is
-    beside the model.
+    verdict is cached (see :mod:`ggo_cli.variant_check`). When ``auto`` runs float32, also what
+    ``--precision int8`` would run here and its verdict (``if_forced``). ``None`` when no int8
+    recipe is beside the model.
     """
     import onnxruntime as ort
 
@@ -130,7 +131,7 @@ def int8_status(info: Any) -> dict[str, Any] | None:
                     "test_dice_change": r.dice_change,
                     "speedup_where_validated": r.speedup,
                     "validated_with_onnxruntime": r.onnxruntime,
-                    "validated_on_cpu": r.validation.get("cpu", {}).get("model"),
+                    "validated_on_cpu": r.measured_on,
                 }
                 for r in spec.recipes
             ],
@@ -142,6 +143,18 @@ def int8_status(info: Any) -> dict[str, Any] | None:
     status["recipe_used"] = segmenter.int8_recipe
     check = segmenter.variant_check
     status["self_check"] = check.to_dict() if check is not None else None
+    if not status["used_on_cpu"]:
+        # What --precision int8 would do here: the recipe for this CPU and its self-check.
+        try:
+            forced = OnnxSegmenter(info, device="cpu", precision="int8")
+        except GgoError as exc:
+            status["if_forced"] = {"error": str(exc)}
+        else:
+            verdict = forced.variant_check
+            status["if_forced"] = {
+                "recipe": forced.int8_recipe,
+                "self_check": verdict.to_dict() if verdict is not None else None,
+            }
     return status
 
 

@@ -237,10 +237,16 @@ def test_info_reports_whether_int8_runs_on_the_cpu(tmp_path: Path, band_model_pa
     from ggo_cli.diagnostics import model_status
 
     good = _conv_model_with_recipe(tmp_path / "good")
-    assert model_status(good)["int8"]["used_on_cpu"] is True
+    status = model_status(good)["int8"]
+    assert status["used_on_cpu"] is True and status["recipe_used"] == "test"
+    assert status["self_check"]["passed"] is True
+    assert status["self_check"]["figures"]["n_slices"] == 6 and "if_forced" not in status
     tampered = _conv_model_with_recipe(tmp_path / "bad", tamper_digest=True)
     status = model_status(tampered)["int8"]
     assert status["used_on_cpu"] is False and status["self_check"] is None
+    # --precision int8 would run it there (a warning: not the validated graph), checked
+    assert status["if_forced"]["recipe"] == "test"
+    assert status["if_forced"]["self_check"]["passed"] is True
     assert model_status(band_model_path)["int8"] is None
 
 
