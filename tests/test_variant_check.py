@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,16 @@ runner = CliRunner()
 BAD_RANGES = 0.05
 """Calibration ranges scaled by this make an int8 variant whose activations clip: its digest
 is the recorded one, its masks are not float32's."""
+
+
+def _recipes(folder: Path, replace: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The int8 recipes of the model in ``folder`` (replaced first when ``replace`` is given)."""
+    path = folder / INT8_SPEC_NAME
+    spec = json.loads(path.read_text())
+    if replace is not None:
+        spec["recipes"] = replace
+        path.write_text(json.dumps(spec))
+    return list(spec["recipes"])
 
 
 def _masks(counts: list[int], size: int = 40) -> np.ndarray:
@@ -165,11 +176,8 @@ def test_the_next_recipe_is_tried_when_the_first_fails_its_check(
     import ggo_cli.variants as variants
 
     model_path = _conv_model_with_recipe(tmp_path)
-    spec_path = tmp_path / INT8_SPEC_NAME
-    spec = json.loads(spec_path.read_text())
-    second = {**spec["recipes"][0], "name": "portable"}
-    spec["recipes"] = [{**spec["recipes"][0], "name": "fast"}, second]
-    spec_path.write_text(json.dumps(spec))
+    recipe = _recipes(tmp_path)[0]
+    _recipes(tmp_path, [{**recipe, "name": "fast"}, {**recipe, "name": "portable"}])
     real = variants.check_variant
 
     def failing_first(*args: object, **kwargs: object) -> VariantCheck:
@@ -208,12 +216,11 @@ def test_a_recipe_measured_no_faster_than_fp32_is_used_only_when_asked_for(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model_path = _conv_model_with_recipe(tmp_path)
-    spec_path = tmp_path / INT8_SPEC_NAME
-    spec = json.loads(spec_path.read_text())
-    spec["recipes"][0]["validation"].update(
+    (recipe,) = _recipes(tmp_path)
+    recipe["validation"].update(
         speed_cpu={"speedup": 0.98}, cpu={"model": "AMD EPYC", "flags": ["avx2"]}
     )
-    spec_path.write_text(json.dumps(spec))
+    _recipes(tmp_path, [recipe])
     info = load_model_info(model_path)
     caplog.set_level(logging.INFO, logger="ggo_cli")
     assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32
