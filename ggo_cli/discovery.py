@@ -25,10 +25,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from .budgets import HEADER_READ_BYTES, file_tag, geometry_problem, read_bounded
 from .config import SelectionRules
 from .domain import SeriesInfo
 from .errors import InputError
@@ -142,7 +142,7 @@ def _relative(path: Path, root: Path) -> str:
 
 
 def read_header(path: Path) -> Dataset | None:
-    """Read a file's DICOM header without pixel data.
+    """Read a file's DICOM header without pixel data, within :mod:`ggo_cli.budgets`.
 
     Args:
         path: the file.
@@ -151,37 +151,49 @@ def read_header(path: Path) -> Dataset | None:
         The header of a DICOM instance, or ``None`` for anything else (empty file, not DICOM,
         DICOMDIR, no SOP Instance or Series UID, unreadable).
     """
+    return _read_header(path)[0]
+
+
+def _read_header(path: Path) -> tuple[Dataset | None, bool]:
+    """The header (or ``None``) and whether the file is a *broken* image: it cannot be opened,
+    or it has a DICOM preamble and cannot be parsed, or its file meta names a CT image but
+    its header ends before the SOP Instance and Series UIDs (a truncated file)."""
     try:
         if path.stat().st_size == 0:
             log.debug("ignored empty file %s", path.name)
-            return None
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS))
-    except InvalidDicomError:
-        try:
-            # Old archives hold datasets without the 128-byte preamble and "DICM" prefix.
-            ds = pydicom.dcmread(
-                path, force=True, stop_before_pixels=True, specific_tags=list(_HEADER_TAGS)
-            )
-        except Exception as exc:  # noqa: BLE001 - any parse failure means "not DICOM"
-            log.debug("ignored non-DICOM file %s (%s)", path.name, type(exc).__name__)
-            return None
-    except Exception as exc:  # noqa: BLE001 - unreadable or malformed: never stops discovery
-        log.debug("ignored unreadable file %s (%s: %s)", path.name, type(exc).__name__, exc)
-        return None
+            return None, False
+        with open(path, "rb") as fh:
+            has_preamble = fh.read(132)[128:] == b"DICM"
+    except OSError as exc:
+        log.debug("unreadable file %s (%s)", path, exc.strerror)
+        return None, True
     try:
-        sop_class = str(
-            ds.get("SOPClassUID", "") or getattr(ds.file_meta, "MediaStorageSOPClassUID", "")
+        ds = read_bounded(
+            path,
+            limit_bytes=HEADER_READ_BYTES,
+            stop_before_pixels=True,
+            specific_tags=_HEADER_TAGS,
         )
+    except InvalidDicomError as exc:
+        log.debug("ignored non-DICOM file %s (%s)", path.name, type(exc).__name__)
+        return None, False
+    except Exception as exc:  # noqa: BLE001 - unreadable or malformed: never stops discovery
+        log.debug("unreadable file %s (%s: %s)", path, type(exc).__name__, exc)
+        return None, has_preamble
+    try:
+        meta = getattr(ds, "file_meta", None)
+        meta_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")
+        sop_class = str(ds.get("SOPClassUID", "") or meta_class)
         if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
             log.debug("ignored DICOMDIR %s", path.name)
-            return None
+            return None, False
         if not ds.get("SOPInstanceUID") or not ds.get("SeriesInstanceUID"):
-            log.debug("ignored %s: no SOP Instance or Series UID", path.name)
-            return None
+            log.debug("ignored %s: no SOP Instance or Series UID", path)
+            return None, meta_class in CT_IMAGE_CLASSES
     except Exception as exc:  # noqa: BLE001 - malformed header values
         log.debug("ignored malformed header in %s (%s)", path.name, type(exc).__name__)
-        return None
-    return ds
+        return None, has_preamble
+    return ds, False
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -200,7 +212,20 @@ def _float_list(ds: Dataset, keyword: str) -> list[float] | None:
 
 
 def _skip_reason(headers: Sequence[Dataset], rules: SelectionRules) -> str | None:
-    """Return the first selection rule the series breaks, or ``None``."""
+    """Return the first selection rule the series breaks, or ``None``.
+
+    A header value that cannot be read as its type (text in a number, say) is itself a
+    reason: selection never raises on malformed input.
+    """
+    try:
+        return _first_broken_rule(headers, rules)
+    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
+        log.debug("malformed header value: %s: %s", type(exc).__name__, exc)
+        return f"malformed header value ({type(exc).__name__}); the headers cannot be trusted"
+
+
+def _first_broken_rule(headers: Sequence[Dataset], rules: SelectionRules) -> str | None:
+    """The rules of :func:`_skip_reason`, in order."""
     first = headers[0]
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not UID_PATTERN.match(_text(first, keyword)):
@@ -243,6 +268,15 @@ def _skip_reason(headers: Sequence[Dataset], rules: SelectionRules) -> str | Non
         for a, b in zip(o, orientations[0], strict=True)
     ):
         return "image orientation differs between slices (or is invalid)"
+    budget = geometry_problem(
+        rows=next(iter(sizes))[0],
+        columns=next(iter(sizes))[1],
+        pixel_spacing=spacings[0],
+        orientation=orientations[0],
+        positions=[_float_list(ds, "ImagePositionPatient") or [] for ds in headers],
+    )
+    if budget is not None:
+        return budget
     tilt = _tilt_from_axial_deg(orientations[0])
     if tilt > rules.axial_tolerance_deg:
         return (
@@ -250,6 +284,18 @@ def _skip_reason(headers: Sequence[Dataset], rules: SelectionRules) -> str | Non
             f"(tolerance {rules.axial_tolerance_deg:g}, see --axial-tolerance)"
         )
     return None
+
+
+def _broken_files_reason(files: Sequence[Path], broken: dict[Path, list[str]]) -> str | None:
+    """A series sharing a folder with broken image files would load with a gap: name them."""
+    tags = sorted({tag for folder in {p.parent for p in files} for tag in broken.get(folder, [])})
+    if not tags:
+        return None
+    shown = ", ".join(f"file {tag}" for tag in tags[:3]) + (", ..." if len(tags) > 3 else "")
+    return (
+        f"{len(tags)} unreadable or truncated DICOM file(s) in its folder ({shown}); the "
+        "series would have a gap: repair or remove them (-v --log-file shows the paths at DEBUG)"
+    )
 
 
 def _tilt_from_axial_deg(orientation: Sequence[float]) -> float:
@@ -260,6 +306,14 @@ def _tilt_from_axial_deg(orientation: Sequence[float]) -> float:
     if norm < 1e-6:
         return 90.0
     return math.degrees(math.acos(min(1.0, abs(nz) / norm)))
+
+
+def _series_number(value: object) -> int | None:
+    """SeriesNumber as an int, or ``None`` when missing or malformed."""
+    try:
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None) -> Discovery:
@@ -278,12 +332,16 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
     rules = rules or SelectionRules()
     groups: dict[str, dict[str, tuple[Path, Dataset]]] = defaultdict(dict)
     roots: dict[str, Path] = {}
+    broken: dict[Path, list[str]] = defaultdict(list)
     n_files = n_images = n_ignored = n_duplicates = 0
     for path, root in iter_files(inputs):
         n_files += 1
-        ds = read_header(path)
+        ds, is_broken = _read_header(path)
         if ds is None:
             n_ignored += 1
+            if is_broken:
+                broken[path.parent].append(file_tag(_relative(path, root)))
+                log.debug("broken image file %s is %s", path, broken[path.parent][-1])
             continue
         if (
             _text(ds, "Modality").upper() != "CT"
@@ -312,7 +370,7 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         ordered = sorted(instances.values(), key=lambda item: str(item[0]))
         headers = [ds for _, ds in ordered]
         files = tuple(path for path, _ in ordered)
-        reason = _skip_reason(headers, rules)
+        reason = _broken_files_reason(files, broken) or _skip_reason(headers, rules)
         if reason is None and rules.series_uids and series_uid not in rules.series_uids:
             reason = "not selected (--series)"
         first = headers[0]
@@ -327,7 +385,7 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
             modality="CT",
             study_date=_text(first, "StudyDate"),
             series_description=_text(first, "SeriesDescription"),
-            series_number=int(number) if number not in (None, "") else None,
+            series_number=_series_number(number),
             skip_reason=reason,
             patient_id=_text(first, "PatientID"),
         )

@@ -13,20 +13,38 @@ then decoded on every core, and a series can be decoded while another one is seg
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
+from .budgets import (
+    HEADER_READ_BYTES,
+    HU_RANGE,
+    SLICE_SPACING_MM_RANGE,
+    file_tag,
+    geometry_problem,
+    read_bounded,
+    rescale_of,
+)
 from .config import SPACING_ABS_TOLERANCE_MM, SelectionRules
 from .domain import CtVolume, HuArray, SeriesInfo
 from .errors import SeriesGeometryError, UnsupportedSeriesError
@@ -34,6 +52,8 @@ from .logs import quiet_pydicom
 
 log = logging.getLogger(__name__)
 
+PARENT_POLL_S = 0.5
+"""How often a decode worker checks that its run is still alive (besides the kernel's signal)."""
 SHEAR_TOLERANCE_PIXELS = 0.5
 """Largest in-plane drift of slice origins (in pixels) accepted for a straight stack."""
 
@@ -119,35 +139,115 @@ def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) 
         )
 
 
-def _hu_slice(ds: Dataset, series_uid: str) -> HuArray:
+J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+"""Decoded by pylibjpeg-openjpeg only: python-gdcm aborts the process on some malformed
+JPEG 2000 codestreams (a valid SOC/SIZ start followed by garbage)."""
+PIXEL_READ_SLACK_BYTES = 64 << 10
+"""Allowed beyond the header budget and twice the announced pixel bytes when a file is read
+for decoding (lossless JPEG 2000 of noise can be a little larger than the raw pixels)."""
+
+
+class _DecoderComplaints(logging.Handler):
+    """Collects what pydicom's pixel decoders log at WARNING and above."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _decode_pixels(ds: Dataset, where: str) -> npt.NDArray[Any]:
+    """Decode one frame; a decoder warning, logged complaint or error fails the series."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(syntax, "name", str(syntax))
+    if syntax in J2K_SYNTAXES:
+        _check_j2k_codestream(ds, where)
+    complaints = _DecoderComplaints()
+    pixel_logger = logging.getLogger("pydicom.pixels")
+    pixel_logger.addHandler(complaints)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            # pydicom.pixels re-exports without __all__, so mypy sees no explicit export.
+            pixels = pydicom.pixels.pixel_array(  # type: ignore[attr-defined]
+                ds, decoding_plugin="pylibjpeg" if syntax in J2K_SYNTAXES else ""
+            )
+    except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError,
+            TypeError, OverflowError, MemoryError) as exc:
+        raise UnsupportedSeriesError(
+            f"{where}: pixel data cannot be decoded (transfer syntax {name}): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    finally:
+        pixel_logger.removeHandler(complaints)
+    problems = [str(w.message) for w in caught] + complaints.messages
+    if problems:
+        raise UnsupportedSeriesError(
+            f"{where}: the decoder reported damaged pixel data (transfer syntax {name}): "
+            f"{problems[0].splitlines()[0] if problems[0] else 'a warning'}"
+        )
+    expected = (int(ds.Rows), int(ds.Columns))
+    if pixels.shape != expected:
+        raise UnsupportedSeriesError(
+            f"{where}: pixel data decodes to {pixels.shape}, expected Rows x Columns "
+            f"{expected}; one frame of the announced size is required"
+        )
+    return pixels
+
+
+def _check_j2k_codestream(ds: Dataset, where: str) -> None:
+    """Compare a JPEG 2000 codestream's size, components, precision and sign with the header.
+
+    PS3.5 section 8.2.4 requires them to agree; a damaged SIZ marker otherwise decodes
+    without any error (to zeros, for a precision of 12 instead of 16 bits).
+    """
+    from openjpeg.utils import get_parameters  # pylibjpeg-openjpeg, only where needed
+
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        found = get_parameters(frame)
+        expected = {
+            "rows": int(ds.Rows),
+            "columns": int(ds.Columns),
+            "samples_per_pixel": int(ds.SamplesPerPixel),
+            "precision": int(ds.BitsStored),
+            "is_signed": bool(ds.PixelRepresentation),
+        }
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, StopIteration) as exc:
+        raise UnsupportedSeriesError(
+            f"{where}: the JPEG 2000 codestream cannot be read ({type(exc).__name__})"
+        ) from exc
+    for key, value in expected.items():
+        if found.get(key) != value:
+            raise UnsupportedSeriesError(
+                f"{where}: the JPEG 2000 codestream has {key} {found.get(key)}, the header "
+                f"{value}; damaged pixel data or header (PS3.5 8.2.4 requires them to agree)"
+            )
+
+
+def _hu_slice(ds: Dataset, where: str) -> HuArray:
     """Decode one slice and apply the modality transform (Rescale Slope/Intercept).
 
     Returns int16 when the Hounsfield units are exact integers in the int16 range (an integer
     slope and intercept, as CT scanners write: half the memory of float32), float32 otherwise
-    (a fractional rescale or a Modality LUT).
+    (a fractional rescale or a Modality LUT). The result is checked against
+    :data:`~ggo_cli.budgets.HU_RANGE`.
     """
-    if "ModalityLUTSequence" not in ds and (
-        ds.get("RescaleIntercept") is None or ds.get("RescaleSlope") is None
-    ):
-        raise UnsupportedSeriesError(
-            f"series {series_uid}: instance without RescaleIntercept/RescaleSlope; Hounsfield "
-            "units cannot be derived (the CT Image module requires both)"
-        )
-    try:
-        # pydicom.pixels re-exports without __all__, so mypy sees no explicit export.
-        pixels = pydicom.pixels.pixel_array(ds)  # type: ignore[attr-defined]
-    except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError) as exc:
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", str(syntax))
-        raise UnsupportedSeriesError(
-            f"series {series_uid}: pixel data cannot be decoded (transfer syntax {name}): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from exc
-    if "ModalityLUTSequence" in ds:
-        hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]
-        return np.asarray(hu_lut, dtype=np.float32)
-    slope = float(ds.RescaleSlope)
-    intercept = float(ds.RescaleIntercept)
+    rescale = None if "ModalityLUTSequence" in ds else rescale_of(ds, where)
+    pixels = _decode_pixels(ds, where)
+    if rescale is None:
+        try:
+            hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            raise UnsupportedSeriesError(
+                f"{where}: the Modality LUT cannot be applied ({type(exc).__name__})"
+            ) from exc
+        hu: HuArray = np.asarray(hu_lut, dtype=np.float32)
+        _check_hu(hu, pixels, ds, where)
+        return hu
+    slope, intercept = rescale
     if pixels.dtype.kind in "iu" and pixels.size and slope.is_integer() and intercept.is_integer():
         # The range is checked on the stored values in Python integers, so the int32
         # arithmetic below can neither overflow nor wrap when it lands in int16.
@@ -159,13 +259,40 @@ def _hu_slice(ds: Dataset, series_uid: str) -> HuArray:
             scaled = pixels if factor == 1 else np.multiply(pixels, factor, dtype=np.int32)
             hu16 = np.empty(pixels.shape, dtype=np.int16)
             np.add(scaled, offset, out=hu16, dtype=np.int32, casting="unsafe")
+            _check_hu(hu16, pixels, ds, where)
             return hu16
     hu = pixels.astype(np.float32)
     if slope != 1.0:
         hu *= np.float32(slope)
     if intercept != 0.0:
         hu += np.float32(intercept)
+    _check_hu(hu, pixels, ds, where)
     return hu
+
+
+def _check_hu(hu: HuArray, pixels: npt.NDArray[Any], ds: Dataset, where: str) -> None:
+    """Refuse HU outside :data:`~ggo_cli.budgets.HU_RANGE` (NaN too), padding excepted."""
+    low, high = HU_RANGE
+    if not hu.size:
+        return
+    with np.errstate(invalid="ignore", over="ignore"):
+        lo, hi = float(hu.min()), float(hu.max())
+        if low <= lo and hi <= high:
+            return
+        outside = ~((hu >= low) & (hu <= high))
+        padding = ds.get("PixelPaddingValue")
+        if isinstance(padding, int) and pixels.dtype.kind in "iu":
+            limit = ds.get("PixelPaddingRangeLimit")
+            top = limit if isinstance(limit, int) else padding
+            outside &= ~((pixels >= min(padding, top)) & (pixels <= max(padding, top)))
+        if not outside.any():
+            return
+        found = hu[outside]
+    raise UnsupportedSeriesError(
+        f"{where}: {found.size} pixels at {float(found.min()):g}..{float(found.max()):g} HU, "
+        f"outside the plausible {low:g}..{high:g} HU (check RescaleSlope/RescaleIntercept "
+        "or the pixel data)"
+    )
 
 
 HU_INT16_MIN = int(np.iinfo(np.int16).min)
@@ -205,16 +332,62 @@ def default_decode_workers() -> int:
     return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
 
 
-def _decode_file(path: str, series_uid: str) -> HuArray:
-    """Worker task: read one file and return its slice in HU (runs in a DecodePool process)."""
+def _decode_file(task: tuple[str, str, int]) -> HuArray:
+    """Read one file (at most ``limit`` bytes) and return its slice in HU; ``task`` is
+    ``(path, where, limit)``, ``where`` naming the series and instance for messages. Runs in
+    a :class:`DecodePool` process or in the calling thread."""
+    path, where, limit = task
     try:
-        ds = pydicom.dcmread(path)
+        ds = read_bounded(Path(path), limit_bytes=limit, stop_before_pixels=False)
+    except UnsupportedSeriesError as exc:
+        raise UnsupportedSeriesError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails
+        log.debug("%s is %s", where, path)
         raise UnsupportedSeriesError(
-            f"series {series_uid}: file {Path(path).name} cannot be read "
-            f"({type(exc).__name__}: {exc})"
+            f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
         ) from None
-    return _hu_slice(ds, series_uid)
+    return _hu_slice(ds, where)
+
+
+def _init_decoder(main_pid: int) -> None:
+    """Decode-pool worker set-up: quiet pydicom, and die with the run (even by ``kill -9``)."""
+    quiet_pydicom()
+    _die_with_parent(main_pid)
+
+
+def _die_with_parent(main_pid: int) -> None:
+    """End this worker when the process that started the run ends (as
+    :mod:`ggo_cli.series_pool` does for its workers).
+
+    Linux: the kernel kills it when its parent (the forkserver, which exits with the run)
+    dies (``PR_SET_PDEATHSIG``). As a second guard, and elsewhere, a thread polls the parent
+    process id and the run's process.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread guards
+            pass
+
+    def alive() -> bool:
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover - exists, owned by someone else
+            return True
+        return os.getppid() == parent
+
+    if not alive():  # pragma: no cover - the run died before the guard was set
+        os._exit(1)
+
+    def watch() -> None:
+        while alive():
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
 
 
 class DecodePool:
@@ -242,25 +415,25 @@ class DecodePool:
             self._executor = ProcessPoolExecutor(
                 max_workers=self.workers,
                 mp_context=multiprocessing.get_context(method),
-                initializer=quiet_pydicom,
+                initializer=_init_decoder,
+                initargs=(os.getpid(),),
             )
         return self._executor
 
     def iter_decode(
-        self, paths: Sequence[str], series_uid: str
+        self, tasks: Sequence[tuple[str, str, int]], series_uid: str
     ) -> Iterator[HuArray]:
         """Decode files to HU slices, yielded in order as they arrive.
+
+        Args:
+            tasks: ``(path, where, limit)`` per slice (see :func:`_decode_file`).
+            series_uid: for messages.
 
         Raises:
             UnsupportedSeriesError: a file cannot be read or decoded, or a worker died.
         """
         try:
-            yield from self._pool().map(
-                _decode_file,
-                paths,
-                [series_uid] * len(paths),
-                chunksize=DECODE_CHUNK_SLICES,
-            )
+            yield from self._pool().map(_decode_file, tasks, chunksize=DECODE_CHUNK_SLICES)
         except BrokenProcessPool as exc:
             self.close()
             raise UnsupportedSeriesError(
@@ -283,6 +456,25 @@ class DecodePool:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _header_problem(headers: Sequence[Dataset]) -> str | None:
+    """The budgets of :func:`~ggo_cli.budgets.geometry_problem` on loaded headers (discovery
+    checked them too; a series may come from elsewhere), before anything is allocated."""
+    try:
+        first = headers[0]
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+        if len(sizes) != 1:
+            return f"mixed image sizes {sorted(sizes)}; all slices must have the same size"
+        return geometry_problem(
+            rows=int(first.Rows),
+            columns=int(first.Columns),
+            pixel_spacing=[float(v) for v in first.PixelSpacing],
+            orientation=[float(v) for v in first.ImageOrientationPatient],
+            positions=[[float(v) for v in ds.ImagePositionPatient] for ds in headers],
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        return f"slice geometry is missing or malformed ({type(exc).__name__})"
 
 
 def load_volume(
@@ -312,33 +504,54 @@ def load_volume(
     """
     rules = rules or SelectionRules()
     uid = series.series_instance_uid
-    headers = []
-    for path in series.files:
+    n_files = len(series.files)
+    base = Path(os.path.commonpath([str(p.parent) for p in series.files]))
+    headers: list[Dataset] = []
+    where_of: dict[int, str] = {}
+    path_of: dict[int, str] = {}
+    for index, path in enumerate(series.files):
+        where = (
+            f"series {uid}: instance {index + 1} of {n_files} "
+            f"(file {file_tag(Path(series.location) / path.relative_to(base))})"
+        )
         try:
-            headers.append(pydicom.dcmread(path, defer_size="1 KB"))
+            header = read_bounded(path, limit_bytes=HEADER_READ_BYTES, stop_before_pixels=True)
         except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails, run goes on
+            log.debug("%s is %s", where, path)
             raise UnsupportedSeriesError(
-                f"series {uid}: file {path.name} cannot be read ({type(exc).__name__}: {exc})"
-            ) from exc
+                f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
+            ) from None
+        headers.append(header)
+        where_of[id(header)], path_of[id(header)] = where, str(path)
+    problem = _header_problem(headers)
+    if problem is not None:
+        raise UnsupportedSeriesError(f"series {uid}: {problem}")
     ordered, distances = sort_by_position(headers)
     spacing = check_spacing(distances, tolerance=rules.spacing_tolerance, series_uid=uid)
+    low_mm, high_mm = SLICE_SPACING_MM_RANGE
+    if not low_mm <= spacing <= high_mm:
+        raise SeriesGeometryError(
+            f"series {uid}: slice spacing {spacing:g} mm outside {low_mm:g}..{high_mm:g} mm; "
+            "not a CT volume this tool supports"
+        )
     pixel_spacing = (float(ordered[0].PixelSpacing[0]), float(ordered[0].PixelSpacing[1]))
     _check_stack(ordered, min(pixel_spacing), uid)
     rows, cols = int(ordered[0].Rows), int(ordered[0].Columns)
+    for ds in ordered:
+        if "ModalityLUTSequence" not in ds:
+            rescale_of(ds, where_of[id(ds)])  # every rescale is checked before any decoding
+    bits = int(ordered[0].get("BitsAllocated", 16) or 16)
+    limit = HEADER_READ_BYTES + 2 * rows * cols * max(1, bits // 8) + PIXEL_READ_SLACK_BYTES
+    tasks = [(path_of[id(ds)], where_of[id(ds)], limit) for ds in ordered]
     # int16 while every slice's HU are exact integers (CT as scanners write it); the first
     # fractional slice turns the volume into float32 (one copy, then no more).
     hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
     source: Iterator[HuArray]
     if pool is not None and pool.workers > 0 and len(ordered) >= pool.min_slices:
-        for ds in ordered:
-            if "ModalityLUTSequence" not in ds and (
-                ds.get("RescaleIntercept") is None or ds.get("RescaleSlope") is None
-            ):
-                _hu_slice(ds, uid)  # raises the missing-rescale error before any decoding
-        source = pool.iter_decode([str(ds.filename) for ds in ordered], uid)
+        source = pool.iter_decode(tasks, uid)
     else:
-        source = (_hu_slice(ds, uid) for ds in ordered)
-    for index, (ds, slice_hu) in enumerate(zip(ordered, source, strict=True)):
+        source = (_decode_file(task) for task in tasks)
+    for index, slice_hu in enumerate(source):
         if slice_hu.shape != (rows, cols):
             raise SeriesGeometryError(
                 f"series {uid}: slice {index + 1} decodes to {slice_hu.shape}, expected "
@@ -347,8 +560,6 @@ def load_volume(
         if slice_hu.dtype != hu.dtype and hu.dtype == np.int16:
             hu = hu.astype(np.float32)
         hu[index] = slice_hu
-        # Keep the header for the SEG's references, drop the (large) pixel bytes.
-        del ds.PixelData
         if on_slice is not None:
             on_slice(1)
     log.debug(

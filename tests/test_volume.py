@@ -166,7 +166,7 @@ def test_a_dead_decoder_fails_only_its_series(
         np.testing.assert_array_equal(load_volume(series, pool=decoders).hu, fs.hu)
 
 
-def _die(path: str, series_uid: str) -> None:
+def _die(task: tuple[str, str, int]) -> None:
     """A worker task that kills its process, as a crashing decoder would."""
     import os
 
@@ -203,15 +203,28 @@ def test_one_fractional_slice_makes_the_volume_float32(tmp_path: Path) -> None:
     np.testing.assert_array_equal(volume.hu, expected)
 
 
-def test_integer_rescale_outside_int16_stays_float32(tmp_path: Path) -> None:
+def test_padding_outside_int16_is_kept_as_float32(tmp_path: Path) -> None:
     fs = make_ct_series(tmp_path, shape=(3, 40, 40))
     for path in fs.paths:
         _rewrite_rescale(path, "1", "-1024")  # same HU
     ds = pydicom.dcmread(fs.paths[0])
-    ds.RescaleSlope = "2"  # 2 x stored + intercept: values beyond 32767 for bright pixels
-    ds.PixelData = np.full(ds.pixel_array.shape, 20000, ds.pixel_array.dtype).tobytes()
+    ds.RescaleSlope = "2"  # 2 x stored + intercept: beyond 32767 for the padding value
+    pixels = ds.pixel_array.copy()
+    pixels[:4] = 20000
+    ds.add_new(0x00280120, "US", 20000)  # PixelPaddingValue
+    ds.PixelData = pixels.tobytes()
     ds.save_as(fs.paths[0])
     volume = _load(fs)
     assert volume.hu.dtype == np.float32
     index = volume.sop_instance_uids.index(str(ds.SOPInstanceUID))
-    assert (volume.hu[index] == 2 * 20000 - 1024).all()
+    assert (volume.hu[index][:4] == 2 * 20000 - 1024).all()
+
+
+def test_hu_beyond_the_plausible_range_fail_the_series(tmp_path: Path) -> None:
+    fs = make_ct_series(tmp_path, shape=(3, 40, 40))
+    ds = pydicom.dcmread(fs.paths[0])
+    ds.RescaleSlope = "2"
+    ds.PixelData = np.full(ds.pixel_array.shape, 20000, ds.pixel_array.dtype).tobytes()
+    ds.save_as(fs.paths[0])
+    with pytest.raises(UnsupportedSeriesError, match=r"38976\.\.38976 HU, outside the plausible"):
+        _load(fs)
