@@ -27,6 +27,7 @@ from .cli_options import (
     DeviceOpt,
     ExplainOpt,
     ForceOpt,
+    GroupReadableOpt,
     IncludePatientIdOpt,
     InputsArg,
     JobsOpt,
@@ -244,6 +245,7 @@ def segment(
     precision: PrecisionOpt = Precision.AUTO,
     decode_workers: DecodeWorkersOpt = None,
     jobs: JobsOpt = None,
+    group_readable: GroupReadableOpt = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -281,6 +283,7 @@ def segment(
             precision=precision.value,
             decode_workers=decode_workers,
             jobs=jobs,
+            group_readable=group_readable,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
@@ -310,6 +313,7 @@ def explain(
     settle: SettleOpt = SETTLE_MINUTES,
     lung_mask: LungMaskOpt = True,
     jobs: JobsOpt = None,
+    group_readable: GroupReadableOpt = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -337,6 +341,7 @@ def explain(
             explain_slices=slices.value,
             lung_mask=lung_mask,
             jobs=jobs,
+            group_readable=group_readable,
         )
         return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

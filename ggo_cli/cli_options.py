@@ -121,6 +121,14 @@ IncludePatientIdOpt = Annotated[
     bool,
     typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default)."),
 ]
+GroupReadableOpt = Annotated[
+    bool,
+    typer.Option(
+        "--group-readable",
+        help="Make the outputs readable by the output folder's group (files 0640, folders "
+        "0750) instead of by their owner only (0600, 0700); they hold patient data.",
+    ),
+]
 SegSeriesNumberOpt = Annotated[
     int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")
 ]

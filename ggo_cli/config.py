@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from .fsutil import OutputTree
+
 ENV_MODEL = "GGO_MODEL"
 ENV_DEVICE = "GGO_DEVICE"
 
@@ -109,6 +111,8 @@ class RunConfig:
             GPU's memory; see :func:`ggo_cli.series_pool.auto_jobs`).
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
+        group_readable: output files ``0640`` and folders ``0750`` (``--group-readable``)
+            instead of owner-only ``0600`` / ``0700`` (:mod:`ggo_cli.fsutil`).
     """
 
     inputs: tuple[Path, ...]
@@ -133,6 +137,12 @@ class RunConfig:
     precision: str = "auto"
     decode_workers: int | None = None
     jobs: int | None = None
+    group_readable: bool = False
+
+    @property
+    def tree(self) -> OutputTree:
+        """The output folder with its permissions; every output is written through it."""
+        return OutputTree(self.out_dir, self.group_readable)
 
     @property
     def patient_column(self) -> str | None:

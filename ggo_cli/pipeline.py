@@ -57,6 +57,12 @@ log = logging.getLogger(__name__)
 
 _TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
+RETRY_NOTE = " (retried by the next run)"
+"""Ends the message of a failure that may pass on another try (a write error, a crash): the
+state store does not keep such a result, so the next run retries the series without
+``--force``. A :class:`~ggo_cli.errors.SeriesError` (bad geometry, missing attributes) is
+deterministic and stays failed until the series' files change."""
+
 
 class ProgressSink(Protocol):
     """Receives progress events (implemented by ``cli.py`` with rich)."""
@@ -160,6 +166,7 @@ def _write_outputs(
         series_number=cfg.seg_series_number,
         series_description=cfg.seg_series_description,
         software_version=__version__,
+        tree=cfg.tree,
     )
     pngs: list[Path] = []
     if cfg.png_mode is not PngMode.NONE:
@@ -170,6 +177,7 @@ def _write_outputs(
                 folder / OVERLAY_NAME,
                 window_center_hu=model.window_center_hu,
                 window_width_hu=model.window_width_hu,
+                tree=cfg.tree,
             )
         )
     if cfg.png_mode is PngMode.ALL:
@@ -180,6 +188,7 @@ def _write_outputs(
                 folder / "slices",
                 window_center_hu=model.window_center_hu,
                 window_width_hu=model.window_width_hu,
+                tree=cfg.tree,
             )
         )
     return seg_path, tuple(pngs)
@@ -194,13 +203,14 @@ def _write_explanation(
 ) -> tuple[Path, ...]:
     """Write ``gradcam.npz`` and ``gradcam/slice_NNNN.png`` of one series."""
     explanation = explainer.explain(volume, prediction, slices=cfg.explain_slices)
-    npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation)
+    npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation, tree=cfg.tree)
     pngs = write_gradcam_pngs(
         volume,
         explanation,
         folder / GRADCAM_FOLDER,
         window_center_hu=explainer.model.window_center_hu,
         window_width_hu=explainer.model.window_width_hu,
+        tree=cfg.tree,
     )
     log.info(
         "series %s: GradCAM++ (%s) on %d slices",
@@ -298,7 +308,7 @@ def _failed(
         return SeriesOutcome(
             series=series,
             status=SeriesStatus.FAILED,
-            message=str(exc),
+            message=str(exc) + ("" if isinstance(exc, SeriesError) else RETRY_NOTE),
             n_slices=volume.hu.shape[0] if volume is not None else len(series.files),
             slice_spacing_mm=volume.slice_spacing_mm if volume is not None else None,
             pixel_spacing_mm=volume.pixel_spacing_mm if volume is not None else None,
@@ -315,7 +325,7 @@ def _failed(
     return SeriesOutcome(
         series=series,
         status=SeriesStatus.FAILED,
-        message=f"unexpected {type(exc).__name__}: {exc}",
+        message=f"unexpected {type(exc).__name__}: {exc}{RETRY_NOTE}",
         n_slices=len(series.files),
         seconds=time.perf_counter() - started,
         processed_at=now_utc(),
@@ -507,17 +517,30 @@ def process_series(
 
 
 def check_output_location(cfg: RunConfig) -> None:
-    """Refuse missing inputs and an output folder inside an input (the input is never touched)."""
+    """Refuse missing inputs and input and output folders nested either way.
+
+    An output folder inside an input would be walked as input; an input inside the output
+    folder could be touched by the run (the sweep of stale temporary files, replaced outputs).
+    Both are compared after resolving links, so a link cannot hide the nesting.
+
+    Raises:
+        InputError: an input is missing, or an input and the output folder nest.
+    """
     out = cfg.out_dir.resolve()
     for source in cfg.inputs:
         if not source.exists():
             raise InputError(f"input not found: {source} (give an existing file or folder)")
-        root = source.resolve()
-        root = root if root.is_dir() else root.parent
+        resolved = source.resolve()
+        root = resolved if resolved.is_dir() else resolved.parent
         if out == root or root in out.parents:
             raise InputError(
                 f"output folder {cfg.out_dir} is inside the input {source}; choose an output "
                 "folder outside the input tree (the input is never modified)"
+            )
+        if out in resolved.parents:
+            raise InputError(
+                f"input {source} is inside the output folder {cfg.out_dir}; move the input "
+                "or choose an output folder outside it (ggo-cli cleans its output folder)"
             )
 
 

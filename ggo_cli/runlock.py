@@ -4,6 +4,11 @@ The lock is ``<out>/.ggo-cli/lock``, held with ``flock`` (``msvcrt.locking`` on 
 operating system releases it when the process ends, however it ends, so a lock left by a
 killed run is simply taken over; the file's content (PID, host, start time of the holder) is
 only there to name the holder in the message a second run prints.
+
+The file is opened with ``O_NOFOLLOW`` after its folder has been checked for links
+(:class:`~ggo_cli.fsutil.OutputTree`): a ``lock`` planted as a link to another file is
+refused (fatal, exit 6) instead of truncating that file. It is owner-only (``0600``), or
+``0640`` with ``--group-readable``.
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from .errors import OutputError, RunLockedError
+from .errors import RunLockedError
+from .fsutil import OutputTree, output_error
 from .state import STATE_FOLDER
 
 log = logging.getLogger(__name__)
@@ -49,23 +55,34 @@ class RunLock:
 
     Args:
         out_dir: the output folder.
+        group_readable: the lock file's mode is ``0640`` rather than ``0600``.
 
     Raises:
         RunLockedError: another live run holds the lock (message names PID, host, start).
-        OutputError: the lock file cannot be created.
+        OutputError: the lock file cannot be created, or is a link (fatal).
     """
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, *, group_readable: bool = False) -> None:
         self.path = out_dir / STATE_FOLDER / LOCK_NAME
+        self._tree = OutputTree(out_dir, group_readable)
         self._handle: IO[str] | None = None
 
-    def __enter__(self) -> RunLock:
+    def _open(self) -> IO[str]:
+        """Open (create) the lock file without following a link; mode set with fchmod."""
+        self._tree.file(self.path)
+        flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held for the run
+            fd = os.open(self.path, flags, self._tree.file_mode)
         except OSError as exc:
-            message = f"cannot create the lock file {self.path}: {exc}"
-            raise OutputError(message, fatal=True) from exc
+            error = output_error(exc, self.path, "create the lock file")
+            error.fatal = True
+            raise error from exc
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, self._tree.file_mode)
+        return os.fdopen(fd, "r+", encoding="utf-8")
+
+    def __enter__(self) -> RunLock:
+        handle = self._open()
         if not _try_lock(handle):
             holder = _read_holder(handle)
             handle.close()

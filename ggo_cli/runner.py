@@ -14,10 +14,12 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,18 @@ from .domain import (
     SeriesStatus,
 )
 from .explain_graph import default_explain_path, load_explain_info
-from .fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
+from .fsutil import (
+    GROUP_FILE_MODE,
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    atomic_write_text,
+    ensure_writable_dir,
+    set_file_mode,
+)
 from .manifest import build_manifest
 from .model_info import ModelInfo, load_model_info
 from .pipeline import (
+    RETRY_NOTE,
     PreparedSeries,
     ProgressSink,
     RunResult,
@@ -51,7 +61,15 @@ from .quality import parse_flags
 from .runlock import RunLock
 from .series_pool import SeriesPool, SessionSummary, auto_jobs, summarize
 from .sessions import Sessions
-from .state import STATE_FOLDER, StateStore, StoredSeries, options_digest, series_fingerprint
+from .state import (
+    PATIENT_ID_KEY,
+    STATE_FOLDER,
+    StateStore,
+    StoredSeries,
+    options_digest,
+    series_fingerprint,
+    settle_digest,
+)
 from .volume import DecodePool, default_decode_workers
 from .writers.report_csv import outcome_row, write_rows
 
@@ -60,13 +78,25 @@ log = logging.getLogger(__name__)
 _TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 
+_WORKER_DIED = "the worker process died"
+"""How :mod:`ggo_cli.series_pool` starts the message of a series whose worker died."""
+
+
 def _remove_stale_temps(out_dir: Path) -> None:
-    """Delete temporary files a killed run left (only ours: ``.<name>.<12 hex>.tmp``)."""
+    """Delete temporary files a killed run left (only ours: ``.<name>.<12 hex>.tmp``).
+
+    The walk never follows a link (a link planted in the output folder cannot lead it into
+    other files), and only regular files are removed.
+    """
     removed = 0
-    for path in out_dir.rglob(f"{TEMP_PREFIX}*{TEMP_SUFFIX}"):
-        if _TEMP_PATTERN.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
-            removed += 1
+    for folder, _, names in os.walk(out_dir, followlinks=False):
+        for name in names:
+            if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+                continue
+            path = Path(folder) / name
+            if _TEMP_PATTERN.match(name) and stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink(missing_ok=True)
+                removed += 1
     if removed:
         log.info("removed %d temporary files left by an interrupted run", removed)
 
@@ -86,8 +116,16 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
     }
 
 
-def _still_arriving(series: SeriesInfo, settle_minutes: float) -> bool:
-    """Whether a file of the series was modified within the last ``settle_minutes``."""
+def _still_arriving(
+    series: SeriesInfo, settle_minutes: float, *, seen_before: str, seen_now: str
+) -> bool:
+    """Whether a file of the series was modified within the last ``settle_minutes``.
+
+    A modification time in the future (a modality's clock ahead, ``cp -p`` from such a
+    machine) says nothing about when the file arrived: such a series is settled once a
+    previous run saw it exactly as now (same files, sizes and modification times,
+    :func:`~ggo_cli.state.settle_digest`), i.e. one run later, not on that future date.
+    """
     if settle_minutes <= 0:
         return False
     newest = 0.0
@@ -96,7 +134,16 @@ def _still_arriving(series: SeriesInfo, settle_minutes: float) -> bool:
             newest = max(newest, path.stat().st_mtime)
         except OSError:
             continue
-    return time.time() - newest < settle_minutes * 60
+    now = time.time()
+    if newest > now:
+        return seen_before != seen_now
+    return now - newest < settle_minutes * 60
+
+
+def _retryable(stored: StoredSeries) -> bool:
+    """Whether a stored failure may pass on another try (write error, crash, dead worker)."""
+    message = stored.row.get("message", "")
+    return message.endswith(RETRY_NOTE) or message.startswith(_WORKER_DIED)
 
 
 def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
@@ -145,7 +192,8 @@ def _reusable(
         return False
     if stored.status == SeriesStatus.OK.value:
         return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
-    return stored.status == SeriesStatus.FAILED.value
+    # A deterministic failure stands until the files change; a transient one is retried.
+    return stored.status == SeriesStatus.FAILED.value and not _retryable(stored)
 
 
 class _Run:
@@ -156,8 +204,16 @@ class _Run:
         self.model = model
         self.store = store
         self.options = options_digest(_output_options(cfg, model))
-        # Fingerprint of each series as planned (before any work), recorded with its outcome.
+        # Fingerprint of each series as planned (before any work), recorded with its outcome,
+        # and how its files looked (names, sizes, mtimes) for settling.
         self.fingerprints: dict[str, str] = {}
+        self.seen: dict[str, str] = {}
+        # PatientID is kept in the store only when the CSV needs it (no PHI at rest otherwise).
+        self.keep_patient_id = cfg.patient_column is not None
+        if not self.keep_patient_id and not cfg.explain_only:
+            scrubbed = store.scrub_patient_ids()
+            if scrubbed:
+                log.info("erased the patient IDs of %d series from the state store", scrubbed)
         # Validate the explain graph before any work (a missing explain.onnx fails at once).
         explain_info = (
             load_explain_info(default_explain_path(model.path), model) if cfg.explain else None
@@ -165,12 +221,25 @@ class _Run:
         self.sessions = Sessions(cfg, model, explain_info)
 
     def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
+        """Store a series' outcome and rebuild the CSV.
+
+        A ``pending`` series that has a result (``ok``, ``failed`` or ``skipped``) keeps it:
+        its row, volumes included, stays in the CSV until the new result replaces it; only
+        how its files looked is remembered (and the log says it is pending).
+        """
+        uid = outcome.series.series_instance_uid
+        seen = self.seen.get(uid, "")
+        if outcome.status is SeriesStatus.PENDING:
+            stored = self.store.get(uid)
+            if stored is not None and stored.status != SeriesStatus.PENDING.value:
+                self.store.mark_seen(uid, seen)
+                return
         row = outcome_row(
             outcome,
             self.cfg.out_dir,
             model_name=self.model.name,
             model_version=self.model.version,
-            include_patient_id=True,
+            include_patient_id=self.keep_patient_id,
         )
         self.store.put(
             outcome.series,
@@ -179,24 +248,59 @@ class _Run:
             options=self.options,
             row=row,
             updated_at=now_utc(),
+            seen=seen,
         )
         self.write_csv()
 
+    def _add_patient_id(self, series: SeriesInfo, stored: StoredSeries) -> None:
+        """Give a reused row the PatientID it was stored without (the CSV now asks for it)."""
+        if not self.keep_patient_id or PATIENT_ID_KEY in stored.row:
+            return
+        outcome = replace(_outcome_from_row(series, stored), reused=False)
+        row = dict(stored.row)
+        row[PATIENT_ID_KEY] = outcome_row(
+            outcome,
+            self.cfg.out_dir,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            include_patient_id=True,
+        )[PATIENT_ID_KEY]
+        self.store.put(
+            series,
+            fingerprint=stored.fingerprint,
+            model_sha256=stored.model_sha256,
+            options=stored.options_digest,
+            row=row,
+            updated_at=now_utc(),
+            seen=self.seen.get(series.series_instance_uid, stored.seen),
+        )
+
     def write_csv(self) -> Path:
-        return write_rows(
+        path = write_rows(
             self.store.rows(),
             self.cfg.out_dir / CSV_NAME,
             patient_column=self.cfg.patient_column,
             pseudonym_salt=self.cfg.pseudonym_salt,
         )
+        if self.cfg.group_readable:  # written owner-only like every output, then widened
+            set_file_mode(path, GROUP_FILE_MODE)
+        return path
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
         fingerprint = series_fingerprint(series)
-        self.fingerprints[series.series_instance_uid] = fingerprint
+        uid = series.series_instance_uid
+        self.fingerprints[uid] = fingerprint
+        self.seen[uid] = settle_digest(series)
         if not series.eligible:
             return skipped_outcome(series)
-        if _still_arriving(series, self.cfg.settle_minutes):
+        stored = self.store.get(uid)
+        if _still_arriving(
+            series,
+            self.cfg.settle_minutes,
+            seen_before=stored.seen if stored is not None else "",
+            seen_now=self.seen[uid],
+        ):
             outcome = SeriesOutcome(
                 series=series,
                 status=SeriesStatus.PENDING,
@@ -212,7 +316,8 @@ class _Run:
                 outcome.message,
             )
             return outcome
-        stored = None if self.cfg.explain_only else self.store.get(series.series_instance_uid)
+        if self.cfg.explain_only:
+            stored = None
         if stored is not None and _reusable(
             stored, self.cfg, fingerprint, self.model, self.options
         ):
@@ -221,6 +326,7 @@ class _Run:
                 series.series_instance_uid,
                 stored.row.get("processed_at", "?"),
             )
+            self._add_patient_id(series, stored)
             return _outcome_from_row(series, stored)
         return None
 
@@ -445,8 +551,11 @@ def run_segment(
     t0 = time.perf_counter()
     check_output_location(cfg)
     model = model or load_model_info(cfg.model_path)
-    ensure_writable_dir(cfg.out_dir)
-    with RunLock(cfg.out_dir), StateStore(cfg.out_dir) as store:
+    ensure_writable_dir(cfg.out_dir, group_readable=cfg.group_readable)
+    with (
+        RunLock(cfg.out_dir, group_readable=cfg.group_readable),
+        StateStore(cfg.out_dir, group_readable=cfg.group_readable) as store,
+    ):
         _remove_stale_temps(cfg.out_dir)
         discovery = discover_series(cfg.inputs, cfg.selection)
         result = RunResult(outcomes=[], discovery=discovery, model=model)
@@ -468,8 +577,12 @@ def run_segment(
         stamp = started_at.replace(":", "").replace("+0000", "Z")
         runs = cfg.out_dir / STATE_FOLDER / "runs"
         atomic_write_text(
-            runs / f"{stamp}-{os.getpid()}-{time.time_ns() % 10**9:09d}.json", manifest
+            runs / f"{stamp}-{os.getpid()}-{time.time_ns() % 10**9:09d}.json",
+            manifest,
+            tree=cfg.tree,
         )
         if not cfg.explain_only:
-            result.manifest_path = atomic_write_text(cfg.out_dir / MANIFEST_NAME, manifest)
+            result.manifest_path = atomic_write_text(
+                cfg.out_dir / MANIFEST_NAME, manifest, tree=cfg.tree
+            )
     return result

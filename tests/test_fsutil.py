@@ -10,6 +10,7 @@ import pytest
 
 from ggo_cli.errors import OutputError
 from ggo_cli.fsutil import (
+    OutputTree,
     atomic_write_bytes,
     atomic_write_path,
     atomic_write_text,
@@ -125,13 +126,70 @@ def test_parent_that_is_a_file_gives_output_error(tmp_path: Path) -> None:
         atomic_write_bytes(tmp_path / "blocker" / "out.txt", b"data")
 
 
-def test_file_mode_follows_umask_like_ordinary_files(tmp_path: Path) -> None:
-    """The written file gets the same permissions as a file created with open()."""
-    reference = tmp_path / "reference.txt"
-    reference.write_text("x")
-    target = tmp_path / "atomic.txt"
-    atomic_write_text(target, "x")
-    assert target.stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+def test_files_are_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    """Outputs hold patient data: 0600 (0640 when group-readable), set with fchmod."""
+    old = os.umask(0o000)
+    try:
+        atomic_write_text(tmp_path / "plain.txt", "x")
+        tree = OutputTree(tmp_path, group_readable=True)
+        atomic_write_text(tmp_path / "sub" / "group.txt", "x", tree=tree)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "plain.txt").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "sub" / "group.txt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "sub").stat().st_mode & 0o777 == 0o750
+
+
+def test_folders_below_the_tree_are_created_owner_only(tmp_path: Path) -> None:
+    """Every folder created below the output folder gets 0700."""
+    tree = OutputTree(tmp_path)
+    with atomic_write_path(tmp_path / "a" / "b" / "f.bin", tree=tree) as temp:
+        temp.write_bytes(b"x")
+    assert (tmp_path / "a").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "a" / "b").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_linked_folder_below_the_tree_is_refused(tmp_path: Path) -> None:
+    """A folder inside --out that is a link is never written through (fatal)."""
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "study").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(OutputError, match=r"study: it is a symbolic link") as caught:
+        atomic_write_bytes(out / "study" / "series" / "ggo.seg.dcm", b"x", tree=OutputTree(out))
+    assert caught.value.fatal
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_linked_file_is_replaced_not_followed(tmp_path: Path) -> None:
+    """Without a tree, a link at the target is replaced by the file (its target untouched);
+    with one, it is refused."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    (tmp_path / "out.csv").symlink_to(victim)
+    atomic_write_text(tmp_path / "out.csv", "new")
+    assert victim.read_text() == "keep"
+    assert not (tmp_path / "out.csv").is_symlink()
+    (tmp_path / "again.csv").symlink_to(victim)
+    with pytest.raises(OutputError, match="symbolic link"):
+        atomic_write_text(tmp_path / "again.csv", "new", tree=OutputTree(tmp_path))
+    assert victim.read_text() == "keep"
+
+
+def test_errno_is_recovered_from_a_wrapped_write_error(tmp_path: Path) -> None:
+    """pydicom re-raises a failed element write as a bare OSError: ENOSPC still counts."""
+
+    def wrapped() -> None:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:
+            raise OSError(f"{exc}\nfor data_element:\n(7FE0,0010)") from None
+
+    with pytest.raises(OutputError, match="no space left on device") as caught:
+        with atomic_write_path(tmp_path / "ggo.seg.dcm"):
+            wrapped()
+    assert caught.value.fatal
+    assert _names(tmp_path) == []
 
 
 def test_ensure_writable_dir_creates_and_probes_without_leftovers(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ from .. import __version__
 from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, OutputError, UnsupportedSeriesError
-from ..fsutil import atomic_write_path
+from ..fsutil import OutputTree, atomic_write_path
 from ..model_info import ModelInfo
 from .seg_segments import (
     SEG_MANUFACTURER,
@@ -396,6 +396,7 @@ def write_seg(
     software_version: str = __version__,
     verify: bool = True,
     lungs: LungMasks | None = None,
+    tree: OutputTree | None = None,
 ) -> Path:
     """Build the SEG, write it atomically and (by default) verify it before it appears.
 
@@ -413,6 +414,8 @@ def write_seg(
         software_version: ggo-cli's version.
         verify: read the file back and check it before renaming it into place.
         lungs: when given, right and left lung segments follow the model's.
+        tree: the output folder ``path`` lies in: no link is followed below it and the file
+            gets its mode (``0600`` by default: the SEG holds patient data).
 
     Returns:
         ``path``.
@@ -431,7 +434,7 @@ def write_seg(
         software_version=software_version,
         lungs=lungs,
     )
-    with atomic_write_path(path) as temp:
+    with atomic_write_path(path, tree=tree) as temp:
         dcmwrite(temp, seg, enforce_file_format=True)
         if verify:
             verify_seg(temp, volume, prediction, model=model, shown=path, lungs=lungs)

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..domain import CtVolume
 from ..explain import Explanation
-from ..fsutil import atomic_write_path, ensure_folder
+from ..fsutil import OutputTree, atomic_write_path, ensure_folder
 from ..preprocessing import window_hu
 from .overlay_png import BACKGROUND_RGB, LABEL_PX, TEXT_RGB, render_slice, slice_png_name
 
@@ -203,6 +203,7 @@ def write_gradcam_pngs(
     *,
     window_center_hu: float,
     window_width_hu: float,
+    tree: OutputTree | None = None,
 ) -> list[Path]:
     """Write one three-panel PNG per explained slice (``slice_NNNN.png``), each atomically.
 
@@ -212,6 +213,7 @@ def write_gradcam_pngs(
         folder: where to write (created if needed; nothing is created for no slices).
         window_center_hu: display window centre in HU (the model's lung window).
         window_width_hu: display window width in HU.
+        tree: the output folder: no link is followed below it, files get its mode.
 
     Returns:
         The PNGs written, in slice order.
@@ -224,7 +226,7 @@ def write_gradcam_pngs(
     n_slices = volume.hu.shape[0]
     written: list[Path] = []
     if explanation.slice_indices:
-        ensure_folder(folder)
+        ensure_folder(folder, tree=tree)
     for position, index in enumerate(explanation.slice_indices):
         image = render_gradcam_png(
             volume,
@@ -234,19 +236,22 @@ def write_gradcam_pngs(
             window_width_hu=window_width_hu,
         )
         path = folder / slice_png_name(index, n_slices)
-        with atomic_write_path(path) as temp:
+        with atomic_write_path(path, tree=tree) as temp:
             image.save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         written.append(path)
     log.debug("%d GradCAM++ PNGs written to %s", len(written), folder)
     return written
 
 
-def write_gradcam_npz(path: Path, explanation: Explanation) -> Path:
+def write_gradcam_npz(
+    path: Path, explanation: Explanation, *, tree: OutputTree | None = None
+) -> Path:
     """Write the maps as a compressed ``.npz`` atomically (keys in the module docstring).
 
     Args:
         path: the file, e.g. ``<series folder>/gradcam.npz``.
         explanation: the maps.
+        tree: the output folder: no link is followed below it, files get its mode.
 
     Returns:
         ``path``.
@@ -262,7 +267,7 @@ def write_gradcam_npz(path: Path, explanation: Explanation) -> Path:
         "layer": np.array(explanation.layer, dtype=np.str_),
     }
     # A file object, not a name: numpy would append ".npz" to the temporary file's name.
-    with atomic_write_path(path) as temp, temp.open("wb") as fh:
+    with atomic_write_path(path, tree=tree) as temp, temp.open("wb") as fh:
         np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]
     log.debug("GradCAM++ maps of %d slices written to %s", len(explanation.slice_indices), path)
     return path

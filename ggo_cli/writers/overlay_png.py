@@ -23,7 +23,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from ..domain import CtVolume
-from ..fsutil import atomic_write_path, ensure_folder
+from ..fsutil import OutputTree, atomic_write_path, ensure_folder
 from ..preprocessing import window_hu
 
 log = logging.getLogger(__name__)
@@ -148,6 +148,7 @@ def write_overlay(
     window_width_hu: float,
     max_tiles: int = MAX_TILES,
     tile_px: int = TILE_PX,
+    tree: OutputTree | None = None,
 ) -> Path:
     """Write the montage PNG of a series atomically.
 
@@ -162,6 +163,7 @@ def write_overlay(
         window_width_hu: display window width in HU.
         max_tiles: most slices shown.
         tile_px: longest side of a tile in pixels.
+        tree: the output folder: no link is followed below it, files get its mode.
 
     Returns:
         ``path``.
@@ -201,7 +203,7 @@ def write_overlay(
         montage.paste(tile, (left, top + LABEL_PX))
         label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
         draw.text((left + 2, top + 2), label, fill=TEXT_RGB, font=font)
-    with atomic_write_path(path) as temp:
+    with atomic_write_path(path, tree=tree) as temp:
         montage.save(temp, format="PNG", optimize=False)
     log.debug("overlay with %d tiles written to %s", len(indices), path)
     return path
@@ -219,6 +221,7 @@ def write_slice_pngs(
     *,
     window_center_hu: float,
     window_width_hu: float,
+    tree: OutputTree | None = None,
 ) -> list[Path]:
     """Write one full-resolution PNG per slice with GGO (``--png all``), each atomically.
 
@@ -231,6 +234,7 @@ def write_slice_pngs(
         folder: where to write (created if missing).
         window_center_hu: display window centre in HU.
         window_width_hu: display window width in HU.
+        tree: the output folder: no link is followed below it, files get its mode.
 
     Returns:
         The PNGs written, in slice order (empty when there is no GGO).
@@ -245,7 +249,7 @@ def write_slice_pngs(
     font = _font()
     written: list[Path] = []
     if counts.any():
-        ensure_folder(folder)
+        ensure_folder(folder, tree=tree)
     for index in np.flatnonzero(counts).tolist():
         image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
         image.paste(
@@ -263,7 +267,7 @@ def write_slice_pngs(
         label = _slice_label(index, n_slices, int(counts[index]), volume.voxel_volume_ml)
         ImageDraw.Draw(image).text((2, 2), label, fill=TEXT_RGB, font=font)
         path = folder / slice_png_name(index, n_slices)
-        with atomic_write_path(path) as temp:
+        with atomic_write_path(path, tree=tree) as temp:
             image.save(temp, format="PNG")
         written.append(path)
     log.debug("%d slice PNGs written to %s", len(written), folder)
