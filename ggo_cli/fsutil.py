@@ -219,7 +219,10 @@ class OutputTree:
                 fatal=True,
             ) from exc
         if not os.path.lexists(self.root):  # --out itself, created on first use
-            ensure_folder(self.root.parent)
+            try:  # folders above --out are not ours: their default mode
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise output_error(exc, self.root.parent, "create folder") from exc
             _make_folder(self.root, self.dir_mode)
         current = self.root
         for part in parts:
