@@ -5,6 +5,9 @@ Arrays are ``(slice, row, col)``, highdicom's order; slices are sorted along the
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +17,11 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 ML_PER_MM3 = 1e-3
+FOLDER_ID_HEX_CHARS = 8
+"""Hex characters of the folder digest that names a series' folder in logs and outputs."""
+MIN_REDACTED_NAME_CHARS = 3
+"""Shorter folder or file names are not replaced in messages (too likely to hit other words)."""
+FILE_PLACEHOLDER = "<file>"
 
 
 class SeriesStatus(StrEnum):
@@ -34,7 +42,9 @@ class SeriesInfo:
         study_instance_uid: StudyInstanceUID.
         series_instance_uid: SeriesInstanceUID.
         files: one file per distinct SOPInstanceUID (exact duplicates dropped).
-        location: the series' folder relative to the input it was found in (for messages).
+        location: the series' folder relative to the input it was found in. Hospital exports
+            often name folders and files after the patient, so it is shown at DEBUG only;
+            messages and outputs name the folder by :attr:`folder_id`.
         modality: Modality.
         study_date: StudyDate (``YYYYMMDD``) or ``""``.
         series_description: SeriesDescription or ``""``.
@@ -58,6 +68,65 @@ class SeriesInfo:
     def eligible(self) -> bool:
         """Whether the series passed every selection rule."""
         return self.skip_reason is None
+
+    @property
+    def folder_id(self) -> str:
+        """A short digest of :attr:`location`: the first 8 hex characters of its SHA-256.
+
+        Names the series' folder in INFO logs, messages, the CSV and the manifest without the
+        folder's name (often the patient's name or ID); the same folder gives the same digest
+        on every run, so a person with the input can find it (``ggo-cli -vv`` logs the path).
+        """
+        digest = hashlib.sha256(self.location.encode("utf-8", "surrogateescape"))
+        return digest.hexdigest()[:FOLDER_ID_HEX_CHARS]
+
+    @property
+    def label(self) -> str:
+        """``series <SeriesInstanceUID> (folder #<folder_id>)``: how messages name the series."""
+        return f"series {self.series_instance_uid} (folder #{self.folder_id})"
+
+    def redact(self, text: str) -> str:
+        """``text`` without this series' paths, folder names, file names and PatientID.
+
+        Error messages (ggo-cli's own and those of the libraries it quotes) may name a file or
+        a folder; in hospital exports those names often hold the patient's name or ID. Full
+        paths, folder names and file names (and their stems) of the series, of at least
+        :data:`MIN_REDACTED_NAME_CHARS` characters, are replaced by ``<folder #id>`` or
+        ``<file>``; only whole names are replaced, never part of a longer word or UID.
+
+        Args:
+            text: a message about this series.
+
+        Returns:
+            The message with those names replaced.
+        """
+        if not text:
+            return text
+        folder = f"<folder #{self.folder_id}>"
+        names: dict[str, str] = {}
+        for path in self.files:
+            names[str(path)] = FILE_PLACEHOLDER
+            names[path.name] = FILE_PLACEHOLDER
+            names.setdefault(path.stem, FILE_PLACEHOLDER)
+            names.setdefault(str(path.parent), folder)
+        parts = [part for part in re.split(r"[\\/]", self.location) if part not in ("", ".")]
+        if self.files:  # the series' folder and its ancestors inside the input, as full paths
+            common = Path(os.path.commonpath([str(path.parent) for path in self.files]))
+            for ancestor in (common, *common.parents)[: len(parts)]:
+                names.setdefault(str(ancestor), folder)
+        names.setdefault(self.location, folder)
+        for part in parts:
+            names.setdefault(part, folder)
+        if self.patient_id:
+            names[self.patient_id] = "<PatientID>"
+        found = [n for n in names if len(n) >= MIN_REDACTED_NAME_CHARS and n in text]
+        if not found:
+            return text
+        found.sort(key=len, reverse=True)
+        pattern = re.compile(
+            r"(?<![\w.])(?:" + "|".join(map(re.escape, found)) + r")(?![\w]|\.\w)"
+        )
+        return pattern.sub(lambda match: names[match.group(0)], text)
 
 
 HuArray = npt.NDArray[np.int16] | npt.NDArray[np.float32]

@@ -11,6 +11,7 @@ import logging
 import logging.handlers
 import pickle
 import queue
+import re
 import sys
 import threading
 from collections.abc import Iterator
@@ -30,6 +31,75 @@ pydicom's pixel decoders log every failed plugin attempt at ERROR with its trace
 one-line reason, so the library's own records are detail for ``--debug``. python-gdcm does not
 use :mod:`logging`.
 """
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""C0 controls (newline, carriage return, escape...), DEL, C1 controls and the Unicode line and
+paragraph separators: whatever can end a line or drive a terminal."""
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+TRACEBACK_PREFIX = "  | "
+"""Starts every traceback line (``--debug``), so that none can pass for a log record."""
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as a visible escape.
+
+    Newline, carriage return and tab become ``\\n``, ``\\r``, ``\\t``; other C0 and C1
+    controls and DEL become ``\\xNN``; U+2028/U+2029 become ``\\u2028``/``\\u2029``. A UID,
+    folder name or header value can then neither forge a log line, split a CSV row, nor send
+    terminal escape sequences. Backslashes are kept as they are (Windows paths stay readable),
+    so the escaping is for display and cannot be reversed exactly.
+    """
+
+    def visible(match: re.Match[str]) -> str:
+        char = match.group(0)
+        if char in _NAMED_ESCAPES:
+            return _NAMED_ESCAPES[char]
+        code = ord(char)
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _CONTROL.sub(visible, text)
+
+
+class ControlEscape(logging.Filter):
+    """A handler filter: the record's message (its arguments filled in) with control characters
+    escaped (:func:`escape_control`), so that every record is one line on every handler,
+    relayed records of ``--jobs`` workers included. Always lets the record through."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        escaped = escape_control(message)
+        if escaped != message or record.args:
+            record.msg, record.args = escaped, None
+        return True
+
+
+class EscapingFormatter(logging.Formatter):
+    """A formatter whose tracebacks (``--debug``) are escaped and indented line by line.
+
+    A traceback ends with the exception's message, which may quote anything; each of its
+    lines starts with :data:`TRACEBACK_PREFIX`, so no line of it can look like a record.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Another handler may have cached its own traceback text on the record: not used here.
+        saved = record.exc_text
+        record.exc_text = None if record.exc_info else saved and _indented(saved)
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = saved
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    """Each line of ``text`` escaped and prefixed with :data:`TRACEBACK_PREFIX`."""
+    return "\n".join(TRACEBACK_PREFIX + escape_control(line) for line in text.split("\n"))
 
 
 def level_from_flags(verbose: int, quiet: int) -> int:
@@ -100,16 +170,17 @@ def configure_logging(
                 markup=False,
             )
         )
+        handlers[-1].setFormatter(EscapingFormatter("%(message)s"))
     else:
         stream = logging.StreamHandler(sys.stderr)
-        stream.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        stream.setFormatter(EscapingFormatter(PLAIN_FORMAT))
         handlers.append(stream)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
             log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
-        file_handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        file_handler.setFormatter(EscapingFormatter(PLAIN_FORMAT))
         handlers.append(file_handler)
     for handler in handlers:
         setattr(handler, _HANDLER_MARK, True)
@@ -117,6 +188,7 @@ def configure_logging(
         # On the handler, not on the library loggers: a logger's filters never see the records
         # of its children, nor the records relayed from --jobs workers.
         handler.addFilter(ThirdPartyDemotion(level))
+        handler.addFilter(ControlEscape())
         root.addHandler(handler)
     # Our own records at the requested level; third-party libraries only from WARNING up.
     root.setLevel(logging.WARNING)

@@ -1,6 +1,9 @@
 """The run manifest (JSON) and the ``--json`` summary: versions, model, device, counts, timings.
 
-Neither ever holds patient data: series are named by UID only.
+Neither ever holds patient data or input paths: series are named by UID and the digest of
+their folder (:attr:`ggo_cli.domain.SeriesInfo.folder_id`), and messages have the series' paths,
+folder and file names replaced (:meth:`ggo_cli.domain.SeriesInfo.redact`). JSON escapes control
+characters itself.
 """
 
 from __future__ import annotations
@@ -103,9 +106,10 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             {
                 "study_instance_uid": o.series.study_instance_uid,
                 "series_instance_uid": o.series.series_instance_uid,
+                "folder_id": o.series.folder_id,
                 "status": o.status.value,
                 "reused": o.reused,
-                "message": o.message,
+                "message": o.series.redact(o.message),
                 "n_slices": o.n_slices,
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
                 "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
@@ -147,8 +151,9 @@ def summary_json(result: RunResult) -> dict[str, Any]:
             {
                 "study_instance_uid": o.series.study_instance_uid,
                 "series_instance_uid": o.series.series_instance_uid,
+                "folder_id": o.series.folder_id,
                 "status": o.status.value,
-                "message": o.message,
+                "message": o.series.redact(o.message),
                 "ggo_volume_ml": o.measurement.ggo_volume_ml if o.measurement else None,
                 "lung_volume_ml": o.lungs.lung_volume_ml if o.lungs else None,
                 "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,

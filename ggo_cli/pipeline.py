@@ -304,7 +304,8 @@ def _failed(
     if isinstance(exc, OutputError) and exc.fatal:
         raise exc
     if isinstance(exc, SeriesError | OutputError):
-        log.error("series %s (%s) failed: %s", series.series_instance_uid, series.location, exc)
+        log.error("%s failed: %s", series.label, series.redact(str(exc)))
+        log.debug("%s is in %s", series.label, series.location)
         return SeriesOutcome(
             series=series,
             status=SeriesStatus.FAILED,
@@ -316,11 +317,11 @@ def _failed(
             processed_at=now_utc(),
         )
     log.error(
-        "series %s (%s) failed with an unexpected %s (a bug; --debug shows the traceback)",
-        series.series_instance_uid,
-        series.location,
+        "%s failed with an unexpected %s (a bug; --debug shows the traceback)",
+        series.label,
         type(exc).__name__,
     )
+    log.debug("%s is in %s", series.label, series.location)
     log.debug("traceback", exc_info=exc)
     return SeriesOutcome(
         series=series,

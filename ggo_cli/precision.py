@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from .errors import ModelError
 from .int8_recipes import Int8Recipe, Int8Spec
 from .model_info import ModelInfo, graph_sha256
+from .scratch import scratch_folder
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +417,8 @@ def int8_model_bytes(model: ModelInfo, spec: Int8Spec, recipe: Int8Recipe) -> tu
     key = (model.file_sha256, spec.file_sha256, recipe.name)
     if key not in _INT8_CACHE:
         try:
-            with tempfile.TemporaryDirectory(prefix="ggo-int8-") as scratch:
-                work = Path(scratch)
+            # Not the system temp folder: a killed run would leave ~160 MB there (scratch.py).
+            with scratch_folder("int8-") as work:
                 cache = work / "calibration.json"
                 cache.write_text(json.dumps(spec.tensors), encoding="utf-8")
                 int8_path = quantize_int8(model.path, recipe.settings, cache, work)

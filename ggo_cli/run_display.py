@@ -17,9 +17,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from .errors import EXIT_PARTIAL, NoEligibleSeriesError, SeriesError
+from .logs import escape_control
 from .quality import format_flags
 
 stderr_console = Console(stderr=True)
@@ -76,14 +78,14 @@ def summary_table(outcomes: list[SeriesOutcome]) -> Table:
         lung = f"{o.lungs.lung_volume_ml:.0f}" if o.lungs else ""
         share = f"{o.lungs.ggo_percent_of_lung:.2f}" if o.lungs else ""
         table.add_row(
-            o.series.series_instance_uid,
+            Text(escape_control(o.series.series_instance_uid)),
             str(o.n_slices),
             volume,
             lung,
             share,
             format_flags(o.qc_flags),
             o.status.value,
-            o.message,
+            Text(escape_control(o.series.redact(o.message))),  # Text: no rich markup
         )
     return table
 
@@ -126,8 +128,8 @@ def all_pending_note(outcomes: list[SeriesOutcome], settle_minutes: float) -> st
 def review_lines(outcomes: list[SeriesOutcome]) -> list[str]:
     """The run summary's "review these" list: series with quality flags, no patient data.
 
-    Lists the series analysed in this run with flags (UID, location relative to the input,
-    flags); series reused from an earlier run were listed then and are only counted.
+    Lists the series analysed in this run with flags (UID, the digest of its folder, flags);
+    series reused from an earlier run were listed then and are only counted.
 
     Args:
         outcomes: the run's outcomes.
@@ -141,7 +143,7 @@ def review_lines(outcomes: list[SeriesOutcome]) -> list[str]:
         return []
     lines = [f"review these {len(flagged)} series (quality flags; see README 'Quality flags'):"]
     lines += [
-        f"  {o.series.series_instance_uid} ({o.series.location}): {format_flags(o.qc_flags)}"
+        f"  {o.series.label}: {format_flags(o.qc_flags)}"
         for o in flagged
     ]
     if earlier:

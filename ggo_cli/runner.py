@@ -309,12 +309,8 @@ class _Run:
                 n_slices=len(series.files),
                 processed_at=now_utc(),
             )
-            log.info(
-                "series %s (%s) pending: %s",
-                series.series_instance_uid,
-                series.location,
-                outcome.message,
-            )
+            log.info("%s pending: %s", series.label, outcome.message)
+            log.debug("%s is in %s", series.label, series.location)
             return outcome
         if self.cfg.explain_only:
             stored = None

@@ -2,11 +2,14 @@
 asked for (checked, since onnxruntime-gpu silently falls back to the CPU), and batched runs
 that halve the batch on GPU out-of-memory. Shared by :mod:`ggo_cli.inference` and
 :mod:`ggo_cli.explain`.
+
+ONNX Runtime's telemetry is turned off on import of this module (:func:`disable_ort_telemetry`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import DeviceError, InputError, ModelError
+from .scratch import sweep_scratch
 from .volume import core_budget, usable_cores
 
 log = logging.getLogger(__name__)
@@ -24,6 +28,25 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 _T = TypeVar("_T")
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudaerrormemoryallocation", "bfc_arena")
+ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
+
+
+def disable_ort_telemetry() -> None:
+    """Turn ONNX Runtime's telemetry off, for this process and the processes it starts.
+
+    On Linux, ONNX Runtime 1.31 writes, when it is imported, a device ID and an event store
+    (``$XDG_CACHE_HOME/Microsoft/DeveloperTools/.onnxruntime/{deviceid,onnxruntime.db}``,
+    ``~/.cache`` without it) and a session file (``$TMPDIR/.ses``). Its only switch read that
+    early is the environment variable ``ORT_DISABLE_TELEMETRY=1``, so it is set here, before any
+    ``import onnxruntime`` of ggo-cli (every one is deferred behind this module), and is
+    inherited by ``--jobs`` workers and decode processes. This is ggo-cli's one write to
+    ``os.environ`` (STYLE.md section 7): there is no other way to keep those files from
+    being written. :func:`create_session` also calls ``disable_telemetry_events``.
+    """
+    os.environ[ORT_TELEMETRY_ENV] = "1"
+
+
+disable_ort_telemetry()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +107,9 @@ def create_session(
 ) -> Any:
     """Create an ONNX Runtime session on the requested device and check where it landed.
 
-    Shared by :class:`OnnxSegmenter` and :class:`ggo_cli.explain.OnnxExplainer`.
+    Shared by :class:`OnnxSegmenter` and :class:`ggo_cli.explain.OnnxExplainer`. Every
+    session start also removes the scratch folders of killed runs
+    (:func:`ggo_cli.scratch.sweep_scratch`).
 
     Args:
         path: the ONNX file (named in errors; read unless ``model_bytes`` is given).
@@ -101,6 +126,9 @@ def create_session(
     """
     import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
+    if hasattr(ort, "disable_telemetry_events"):
+        ort.disable_telemetry_events()  # ETW events on Windows; the files: see above
+    sweep_scratch()  # what a run killed with kill -9 left in ggo-cli's cache (scratch.py)
     available = ort.get_available_providers()
     want_cuda = cuda_wanted(request)
     if request.kind == "cuda" and CUDA_PROVIDER not in available:

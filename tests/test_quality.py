@@ -377,11 +377,11 @@ def test_flags_reach_the_csv_log_json_manifest_and_summary(
     assert rows[thin.series_instance_uid]["qc_flags"] == ""
     columns = list(rows[thin.series_instance_uid])
     assert columns.index("qc_flags") + 1 == columns.index("status")
-    # the INFO line and the "review these" summary (UID, relative location, flags)
+    # the INFO line and the "review these" summary (UID, folder digest, flags)
     assert f"series {thick.series_instance_uid}: " in stderr and ", QC: thick_slices" in stderr
     assert "review these 1 series" in stderr
     review = [line for line in stderr.splitlines() if thick.series_instance_uid + " (" in line]
-    assert len(review) == 1 and "thick" in review[0] and review[0].endswith(": thick_slices")
+    assert len(review) == 1 and "(folder #" in review[0] and review[0].endswith(": thick_slices")
     assert f"{thin.series_instance_uid} (" not in stderr
     summary = json.loads(result.stdout)
     by_uid = {s["series_instance_uid"]: s for s in summary["series"]}

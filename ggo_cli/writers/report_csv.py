@@ -21,8 +21,11 @@ Missing values are empty cells. Numbers are written the same way on every run an
 - ``qc_flags``: the series' quality flags (:class:`ggo_cli.quality.QcFlag` names, in that
   order) joined by ``;``; empty when nothing is flagged or the series was not analysed.
 
-Text cells from DICOM headers or messages that begin with ``= + - @`` (or a tab/CR) are
-prefixed with ``'`` so spreadsheet programs do not run them as formulas (CSV injection).
+Every text cell (UIDs and dates included: they come from headers too) has its control
+characters written as visible escapes (``\\n``, ``\\x1b``: :func:`ggo_cli.logs.escape_control`),
+so each row is one line, and a cell that then begins with ``= + - @`` is prefixed with ``'`` so
+spreadsheet programs do not run it as a formula (CSV injection). ``message`` names no path,
+folder or file of the series (:meth:`ggo_cli.domain.SeriesInfo.redact`).
 ``seg_path`` is relative to the CSV's folder (the ``--out`` folder), with ``/`` separators.
 """
 
@@ -40,6 +43,7 @@ from pathlib import Path
 
 from ..domain import SeriesOutcome
 from ..fsutil import atomic_write_text
+from ..logs import escape_control
 from ..quality import format_flags
 
 log = logging.getLogger(__name__)
@@ -87,7 +91,7 @@ LUNG_VOLUME_COLUMNS = (
 )
 LUNG_PERCENT_COLUMNS = ("ggo_percent_of_lung", "left_ggo_percent", "right_ggo_percent")
 SPACING_SIGNIFICANT_DIGITS = 6
-_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+_FORMULA_PREFIXES = ("=", "+", "-", "@")
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -111,8 +115,8 @@ def _spacing(value: float | None) -> str:
 
 
 def _text(value: str) -> str:
-    """One-line text, neutralised against spreadsheet formula injection."""
-    text = _WHITESPACE.sub(" ", value).strip()
+    """One-line text (controls escaped), neutralised against spreadsheet formula injection."""
+    text = _WHITESPACE.sub(" ", escape_control(value).strip())
     if text.startswith(_FORMULA_PREFIXES):
         text = "'" + text
     return text
@@ -163,8 +167,8 @@ def outcome_row(
         row_mm, col_mm = outcome.pixel_spacing_mm
         pixel_spacing = f"{_spacing(row_mm)} x {_spacing(col_mm)}"
     row = {
-        "study_instance_uid": series.study_instance_uid,
-        "series_instance_uid": series.series_instance_uid,
+        "study_instance_uid": _text(series.study_instance_uid),
+        "series_instance_uid": _text(series.series_instance_uid),
         "study_date": _iso_date(series.study_date),
         "series_description": _text(series.series_description),
         "n_slices": str(outcome.n_slices),
@@ -176,13 +180,13 @@ def outcome_row(
             measurement.ggo_volume_ml if measurement else None, f".{VOLUME_DECIMALS}f"
         ),
         "ggo_slice_count": str(measurement.ggo_slice_count) if measurement else "",
-        "qc_flags": format_flags(outcome.qc_flags),
+        "qc_flags": _text(format_flags(outcome.qc_flags)),
         "status": outcome.status.value,
-        "message": _text(outcome.message),
+        "message": _text(series.redact(outcome.message)),
         "model_name": _text(model_name),
         "model_version": _text(model_version),
-        "seg_path": _relative(outcome.seg_path, out_dir),
-        "processed_at": outcome.processed_at,
+        "seg_path": _text(_relative(outcome.seg_path, out_dir)),
+        "processed_at": _text(outcome.processed_at),
     }
     lungs = outcome.lungs
     for column in LUNG_VOLUME_COLUMNS:

@@ -178,9 +178,9 @@ def test_seg_path_relative_to_an_explicit_output_folder(tmp_path: Path) -> None:
 
 
 def test_text_cells_are_single_line_and_formula_safe(rows: list[dict[str, str]]) -> None:
-    """Messages lose newlines; cells starting with '=' cannot run as spreadsheet formulas."""
+    """Newlines in messages are escaped; cells starting with '=' cannot run as formulas."""
     skipped = rows[1]
-    assert skipped["message"] == "only 3 slices; at least 10 required"
+    assert skipped["message"] == "only 3 slices;\\nat least 10 required"
     assert skipped["series_description"] == '\'=HYPERLINK("x")'
 
 
@@ -228,3 +228,77 @@ def test_unwritable_destination_raises_output_error(tmp_path: Path) -> None:
         write_csv(
             [], tmp_path / "not-a-folder" / "ggo_volumes.csv", model_name="m", model_version="1"
         )
+
+
+FORGED_UID = "1.2.3\n4,\"x\"\r\n\x1b[31m5"
+
+
+@pytest.mark.parametrize("prefix", ["=", "+", "-", "@"])
+def test_uid_cells_get_the_formula_prefix(tmp_path: Path, prefix: str) -> None:
+    """The two UID columns come from headers too: a UID that starts a formula is neutralised."""
+    series = SeriesInfo(
+        study_instance_uid=f"{prefix}HYPERLINK(1)",
+        series_instance_uid=f"{prefix}1+1",
+        files=(),
+        location="study/series",
+    )
+    path = write_csv(
+        [SeriesOutcome(series=series, status=SeriesStatus.SKIPPED, message="x")],
+        tmp_path / "ggo_volumes.csv",
+        model_name="m",
+        model_version="1",
+    )
+    (row,) = read_csv(path)
+    assert row["study_instance_uid"] == f"'{prefix}HYPERLINK(1)"
+    assert row["series_instance_uid"] == f"'{prefix}1+1"
+
+
+def test_control_characters_in_any_text_cell_cannot_split_a_row(tmp_path: Path) -> None:
+    """A UID or message with newlines and escape sequences stays one line and one row."""
+    series = SeriesInfo(
+        study_instance_uid=FORGED_UID,
+        series_instance_uid=FORGED_UID,
+        files=(),
+        location="study/series",
+        study_date="2007\n0425",
+        series_description="a\x1b[31mb",
+    )
+    outcomes = [
+        SeriesOutcome(series=series, status=SeriesStatus.FAILED, message="m\r\nx\x85y\x7f"),
+        SeriesOutcome(series=_series("1.2.9"), status=SeriesStatus.SKIPPED, message="ok"),
+    ]
+    path = write_csv(outcomes, tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
+    data = path.read_bytes()
+    assert data.count(b"\r\n") == 3 and data.count(b"\n") == 3  # header + two rows
+    assert b"\x1b" not in data and b"\r" not in data.replace(b"\r\n", b"")
+    first, second = read_csv(path)
+    assert first["series_instance_uid"] == '1.2.3\\n4,"x"\\r\\n\\x1b[31m5'
+    assert first["study_date"] == "2007\\n0425"
+    assert first["series_description"] == "a\\x1b[31mb"
+    assert first["message"] == "m\\r\\nx\\x85y\\x7f"
+    assert second["series_instance_uid"] == "1.2.9"
+
+
+def test_the_message_names_no_folder_or_file_of_the_series(tmp_path: Path) -> None:
+    """Hospital exports name folders and files after the patient: the CSV says folder #id."""
+    folder = tmp_path / "in" / "DOE^JANE_12345" / "CT"
+    series = SeriesInfo(
+        study_instance_uid="1.2.3",
+        series_instance_uid="1.2.3.4",
+        files=(folder / "DOE^JANE_12345_001.dcm", folder / "DOE^JANE_12345_002.dcm"),
+        location="DOE^JANE_12345/CT",
+        patient_id="12345",
+    )
+    message = (
+        "series 1.2.3.4: file DOE^JANE_12345_002.dcm cannot be read (InvalidDicomError: "
+        f"{folder / 'DOE^JANE_12345_002.dcm'}); in DOE^JANE_12345/CT, patient 12345"
+    )
+    outcome = SeriesOutcome(series=series, status=SeriesStatus.FAILED, message=message)
+    path = write_csv([outcome], tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
+    text = path.read_text(encoding="utf-8")
+    assert "DOE" not in text and "JANE" not in text and "12345" not in text, text
+    (row,) = read_csv(path)
+    assert row["message"] == (
+        "series 1.2.3.4: file <file> cannot be read (InvalidDicomError: <file>); "
+        f"in <folder #{series.folder_id}>, patient <PatientID>"
+    )
