@@ -5,6 +5,7 @@ Arrays are ``(slice, row, col)``, highdicom's order; slices are sorted along the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -119,6 +120,9 @@ class SeriesInfo:
             names.setdefault(part, folder)
         if self.patient_id:
             names[self.patient_id] = "<PatientID>"
+        if self.files:
+            for keyword, value in _patient_values(str(self.files[0])):
+                names[value] = f"<{keyword}>"
         found = [n for n in names if len(n) >= MIN_REDACTED_NAME_CHARS and n in text]
         if not found:
             return text
@@ -127,6 +131,48 @@ class SeriesInfo:
             r"(?<![\w.])(?:" + "|".join(map(re.escape, found)) + r")(?![\w]|\.\w)"
         )
         return pattern.sub(lambda match: names[match.group(0)], text)
+
+
+PATIENT_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+)
+"""Patient attributes whose values :meth:`SeriesInfo.redact` removes from messages."""
+
+
+@functools.lru_cache(maxsize=64)
+def _patient_values(path: str) -> tuple[tuple[str, str], ...]:
+    """``(keyword, value)`` of the patient attributes in a file's header, for redaction.
+
+    A library's exception message may quote any header value (highdicom's checks of the
+    attributes it copies into the SEG, pydicom's value conversions). Names are also listed
+    by component (``DOE^JANE``: ``DOE``, ``JANE``, ``DOE JANE``). An unreadable file gives
+    nothing (its messages are then redacted of paths and PatientID only).
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.multival import MultiValue
+
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PATIENT_KEYWORDS))
+    except (OSError, InvalidDicomError, ValueError, EOFError):
+        return ()
+    found: list[tuple[str, str]] = []
+    for keyword in PATIENT_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None:
+            continue
+        for item in value if isinstance(value, MultiValue) else [value]:
+            text = str(item).strip()
+            parts = [part for part in re.split(r"[\^=]", text) if part.strip()]
+            found += [(keyword, v) for v in (text, " ".join(parts), *parts) if v.strip()]
+    return tuple(found)
 
 
 HuArray = npt.NDArray[np.int16] | npt.NDArray[np.float32]

@@ -148,3 +148,27 @@ def test_a_forged_uid_gives_one_log_line_per_record_and_one_csv_row_per_series(
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3
     assert any(r["series_instance_uid"].startswith("1.2.9.7\\n2026") for r in rows)
+
+
+def test_redact_removes_patient_attribute_values_read_from_the_header(tmp_path: Path) -> None:
+    """A library's exception may quote a header value: the patient's are replaced."""
+    made = make_ct_series(tmp_path, shape=(10, 32, 32), folder="in/s1")
+    saved = pydicom.config.settings.writing_validation_mode
+    pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+    try:
+        ds = pydicom.dcmread(made.paths[0])
+        ds.PatientName = "DOE^JANE^MARIE"
+        ds.PatientBirthDate = "19800101"
+        ds.OtherPatientIDs = ["A-998877", "B-112233"]
+        ds.save_as(made.paths[0])
+    finally:
+        pydicom.config.settings.writing_validation_mode = saved
+    series = SeriesInfo("1.2", "1.2.3", tuple(made.paths), "s1")
+    message = (
+        "unexpected ValueError: PatientName 'DOE^JANE^MARIE' (JANE DOE) born 19800101 "
+        "is invalid; other IDs A-998877 and B-112233"
+    )
+    redacted = series.redact(message)
+    for value in ("DOE", "JANE", "MARIE", "19800101", "998877", "112233"):
+        assert value not in redacted, redacted
+    assert redacted.startswith("unexpected ValueError: PatientName '<PatientName>'")
