@@ -67,7 +67,10 @@ class ControlEscape(logging.Filter):
     relayed records of ``--jobs`` workers included. Always lets the record through."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: emit() reports it
+            return True
         escaped = escape_control(message)
         if escaped != message or record.args:
             record.msg, record.args = escaped, None

@@ -177,3 +177,11 @@ def test_the_rich_handler_shows_escaped_messages(restore_logging: None) -> None:
     logging.getLogger("ggo_cli.test").info("series %s", FORGED)
     text = stream.getvalue()
     assert "\x1b" not in text and "\\x1b[31m" in text and text.count("\n") == 1, text
+
+
+def test_a_record_whose_arguments_do_not_fit_does_not_raise_at_the_call(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    configure_logging(logging.INFO, use_rich=False)
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # logging's own report: off
+    logging.getLogger("ggo_cli.test").info("%d slices", "twelve")  # as without the filter
