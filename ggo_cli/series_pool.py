@@ -250,7 +250,8 @@ def _lost(series: SeriesInfo) -> SeriesOutcome:
         "the worker process died while processing this series (a decoder crash, or memory "
         "exhausted: try fewer --jobs)"
     )
-    log.error("series %s (%s) failed: %s", series.series_instance_uid, series.location, message)
+    log.error("%s failed: %s", series.label, message)
+    log.debug("%s is %s", series.label, series.location)
     return SeriesOutcome(
         series=series,
         status=SeriesStatus.FAILED,
