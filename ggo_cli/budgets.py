@@ -7,11 +7,13 @@ their reasons (the README's "Threat model and limits" cites this list):
 * ``HEADER_READ_BYTES`` = 2 MiB: discovery reads at most this much of a file (the header; CT
   headers are a few kB, up to a few hundred kB with private CSA blocks). A header that does
   not end within it is read as far as it goes. Parsing is about 0.5 s per MiB of garbage.
-* ``INFLATE_HEADER_BYTES`` = 2 MiB: a Deflated Explicit VR Little Endian file (PS3.5 A.5) is
-  inflated by us, never by pydicom (which inflates the whole file at once: a 1 MB bomb became
-  2.3 GB). Discovery inflates at most this much; loading at most this plus the pixel bytes the
-  header announces (``Rows x Columns x BitsAllocated / 8``), and refuses a file that would
-  inflate further.
+* ``MAX_INFLATED_FILE_BYTES`` = 18 MiB: a Deflated Explicit VR Little Endian file (PS3.5 A.5)
+  is inflated by us, never by pydicom (which inflates the whole file at once: a 1 MB bomb
+  became 2.3 GB). Discovery inflates a deflated file completely, but to at most the header
+  budget plus the largest slice allowed (2048 x 2048 x 2 bytes, twice); a file that inflates
+  further is refused as broken (its folder's series are skipped naming it), so no later
+  reader of the series' files meets a bomb. Loading inflates at most the header budget plus
+  twice the pixel bytes its header announces.
 * A file without the 128-byte preamble and ``DICM`` is parsed only when it starts with a group
   0002 or 0008 element (how ACR-NEMA style datasets start); a zero-filled file is not DICOM.
 * ``ROWS_COLUMNS_RANGE`` = 16..2048 pixels (CT is 512 x 512, at most 1024 or 2048 on
@@ -58,10 +60,10 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from .errors import UnsupportedSeriesError
 
 HEADER_READ_BYTES = 2 << 20
-INFLATE_HEADER_BYTES = 2 << 20
 ROWS_COLUMNS_RANGE = (16, 2048)
 PIXEL_SPACING_MM_RANGE = (0.1, 5.0)
 SLICE_SPACING_MM_RANGE = (0.1, 20.0)
+MAX_INFLATED_FILE_BYTES = HEADER_READ_BYTES + 2 * ROWS_COLUMNS_RANGE[1] ** 2 * 2
 MAX_SLICES = 2000
 MAX_SERIES_VOXELS = 2**29
 POSITION_LIMIT_MM = 1e5
@@ -127,8 +129,8 @@ def read_bounded(
 
     Args:
         path: the file.
-        limit_bytes: the most bytes read from the file, and the most a deflated dataset is
-            inflated to.
+        limit_bytes: the most bytes read from the file; a deflated dataset is inflated to at
+            most this (a full read) or :data:`MAX_INFLATED_FILE_BYTES` (a header read).
         stop_before_pixels: stop at the pixel data (a header).
         specific_tags: read only these keywords (and the file meta).
 
@@ -138,8 +140,7 @@ def read_bounded(
     Raises:
         InvalidDicomError: not DICOM (no preamble and no plausible first element).
         OSError: the file cannot be opened or read.
-        UnsupportedSeriesError: a full read (``stop_before_pixels=False``) that would pass
-            the limit.
+        UnsupportedSeriesError: a deflated dataset that would inflate past its limit.
         Exception: whatever pydicom raises on a malformed file (callers treat it as
             unreadable).
     """
@@ -168,7 +169,10 @@ def read_bounded(
                 specific_tags=list(specific_tags) if specific_tags else None,
             )
         raw.seek(capped.tell())  # the buffered view has read ahead
-        inflated = _inflate(raw, limit_bytes, complete=not stop_before_pixels, name=path.name)
+        # A header read inflates the whole dataset too (to MAX_INFLATED_FILE_BYTES at most):
+        # a file that would inflate further is refused here, before any other reader sees it.
+        inflate_limit = MAX_INFLATED_FILE_BYTES if stop_before_pixels else limit_bytes
+        inflated = _inflate(raw, max(limit_bytes, inflate_limit))
     dataset = read_dataset(
         cast(BinaryIO, DicomBytesIO(inflated)),
         is_implicit_VR=False,
@@ -182,8 +186,8 @@ def read_bounded(
     return result
 
 
-def _inflate(raw: io.BufferedReader, limit_bytes: int, *, complete: bool, name: str) -> bytes:
-    """Inflate the rest of ``raw`` (a raw deflate stream) to at most ``limit_bytes``."""
+def _inflate(raw: io.BufferedReader, limit_bytes: int) -> bytes:
+    """Inflate the rest of ``raw`` (a raw deflate stream), refusing more than ``limit_bytes``."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     parts: list[bytes] = []
     size = 0
@@ -196,7 +200,7 @@ def _inflate(raw: io.BufferedReader, limit_bytes: int, *, complete: bool, name: 
         size += len(part)
         if inflater.eof:
             break
-    if complete and size >= limit_bytes and not inflater.eof:
+    if size >= limit_bytes and not inflater.eof:
         raise UnsupportedSeriesError(
             f"deflated file inflates beyond {limit_bytes} bytes, more than its header announces "
             "(a decompression bomb?); remove it or re-export it uncompressed"

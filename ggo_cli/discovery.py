@@ -11,7 +11,18 @@ Rules (documented in the README, controlled by :class:`~ggo_cli.config.Selection
    LOCALIZER/SCOUT/TOPOGRAM; every instance has position, orientation and pixel spacing; one
    FrameOfReferenceUID; the same rows, columns, pixel spacing and orientation throughout;
    axial (slice normal within the tolerance of the patient's z axis); at least ``min_slices``
-   instances. Otherwise it is reported as skipped with the first rule it broke.
+   instances; the geometry budgets of :mod:`ggo_cli.budgets` hold (Rows and Columns
+   16..2048, PixelSpacing 0.1..5 mm, finite positions within 100 m, orthonormal finite
+   orientation, at most 2000 slices and 2**29 voxels). Otherwise it is reported as skipped
+   with the first rule it broke; a malformed value is itself a reason, never an exception.
+4. Each file costs a bounded read: at most ``HEADER_READ_BYTES`` of it, a deflated dataset is
+   inflated to at most ``MAX_INFLATED_FILE_BYTES`` (a file that inflates further is broken),
+   and a file without the DICOM preamble is parsed only when it starts like a dataset (so a
+   64 MB zero-filled file is dismissed at once).
+5. A file that looks like a CT image but cannot be read (no permission, a header cut short
+   before its UIDs, a parse error after the preamble, a deflate bomb) would leave a gap in
+   its series: every series with files in the same folder is skipped naming it by a digest
+   of its path (``file #3f9a2c``; the path at DEBUG only).
 """
 
 from __future__ import annotations
@@ -293,8 +304,9 @@ def _broken_files_reason(files: Sequence[Path], broken: dict[Path, list[str]]) -
         return None
     shown = ", ".join(f"file {tag}" for tag in tags[:3]) + (", ..." if len(tags) > 3 else "")
     return (
-        f"{len(tags)} unreadable or truncated DICOM file(s) in its folder ({shown}); the "
-        "series would have a gap: repair or remove them (-v --log-file shows the paths at DEBUG)"
+        f"{len(tags)} unreadable, truncated or oversized DICOM file(s) in its folder ({shown}); "
+        "the series would have a gap: repair or remove them (-v --log-file shows the paths at "
+        "DEBUG)"
     )
 
 

@@ -9,6 +9,16 @@ resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
 Decoding can run in a :class:`DecodePool` (worker processes, one per usable core by default):
 compressed pixel data (JPEG Lossless about 130, JPEG 2000 about 25 slices/s per core here) is
 then decoded on every core, and a series can be decoded while another one is segmented.
+The workers die with the run, even when it is killed (``PR_SET_PDEATHSIG`` and a poll, as in
+:mod:`ggo_cli.series_pool`).
+
+Nothing is trusted (issue 15, values in :mod:`ggo_cli.budgets`): every header is read within
+the header budget, the geometry budgets and every RescaleSlope/RescaleIntercept are checked
+before the volume is allocated, each file is read for decoding within the header budget plus
+twice its announced pixel bytes (a deflated file is inflated no further), and each slice is
+checked by :mod:`ggo_cli.slice_decoding`. A file that fails is named by its index in the
+series and a digest of its path (``instance 7 of 30 (file #3f9a2c)``); the path itself is
+logged at DEBUG only, since file names may hold patient names.
 """
 
 from __future__ import annotations
@@ -21,24 +31,18 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pydicom
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
-from pydicom.uid import HTJ2K, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, JPEG2000Lossless
 
 from .budgets import (
     HEADER_READ_BYTES,
-    HU_RANGE,
     SLICE_SPACING_MM_RANGE,
     file_tag,
     geometry_problem,
@@ -49,6 +53,7 @@ from .config import SPACING_ABS_TOLERANCE_MM, SelectionRules
 from .domain import CtVolume, HuArray, SeriesInfo
 from .errors import SeriesGeometryError, UnsupportedSeriesError
 from .logs import quiet_pydicom
+from .slice_decoding import hu_slice
 
 log = logging.getLogger(__name__)
 
@@ -139,164 +144,10 @@ def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) 
         )
 
 
-J2K_SYNTAXES = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
-"""Decoded by pylibjpeg-openjpeg only: python-gdcm aborts the process on some malformed
-JPEG 2000 codestreams (a valid SOC/SIZ start followed by garbage)."""
 PIXEL_READ_SLACK_BYTES = 64 << 10
 """Allowed beyond the header budget and twice the announced pixel bytes when a file is read
 for decoding (lossless JPEG 2000 of noise can be a little larger than the raw pixels)."""
 
-
-class _DecoderComplaints(logging.Handler):
-    """Collects what pydicom's pixel decoders log at WARNING and above."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
-def _decode_pixels(ds: Dataset, where: str) -> npt.NDArray[Any]:
-    """Decode one frame; a decoder warning, logged complaint or error fails the series."""
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    name = getattr(syntax, "name", str(syntax))
-    if syntax in J2K_SYNTAXES:
-        _check_j2k_codestream(ds, where)
-    complaints = _DecoderComplaints()
-    pixel_logger = logging.getLogger("pydicom.pixels")
-    pixel_logger.addHandler(complaints)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # pydicom.pixels re-exports without __all__, so mypy sees no explicit export.
-            pixels = pydicom.pixels.pixel_array(  # type: ignore[attr-defined]
-                ds, decoding_plugin="pylibjpeg" if syntax in J2K_SYNTAXES else ""
-            )
-    except (RuntimeError, NotImplementedError, ValueError, AttributeError, KeyError,
-            TypeError, OverflowError, MemoryError) as exc:
-        raise UnsupportedSeriesError(
-            f"{where}: pixel data cannot be decoded (transfer syntax {name}): "
-            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        ) from exc
-    finally:
-        pixel_logger.removeHandler(complaints)
-    problems = [str(w.message) for w in caught] + complaints.messages
-    if problems:
-        raise UnsupportedSeriesError(
-            f"{where}: the decoder reported damaged pixel data (transfer syntax {name}): "
-            f"{problems[0].splitlines()[0] if problems[0] else 'a warning'}"
-        )
-    expected = (int(ds.Rows), int(ds.Columns))
-    if pixels.shape != expected:
-        raise UnsupportedSeriesError(
-            f"{where}: pixel data decodes to {pixels.shape}, expected Rows x Columns "
-            f"{expected}; one frame of the announced size is required"
-        )
-    return pixels
-
-
-def _check_j2k_codestream(ds: Dataset, where: str) -> None:
-    """Compare a JPEG 2000 codestream's size, components, precision and sign with the header.
-
-    PS3.5 section 8.2.4 requires them to agree; a damaged SIZ marker otherwise decodes
-    without any error (to zeros, for a precision of 12 instead of 16 bits).
-    """
-    from openjpeg.utils import get_parameters  # pylibjpeg-openjpeg, only where needed
-
-    try:
-        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
-        found = get_parameters(frame)
-        expected = {
-            "rows": int(ds.Rows),
-            "columns": int(ds.Columns),
-            "samples_per_pixel": int(ds.SamplesPerPixel),
-            "precision": int(ds.BitsStored),
-            "is_signed": bool(ds.PixelRepresentation),
-        }
-    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError, StopIteration) as exc:
-        raise UnsupportedSeriesError(
-            f"{where}: the JPEG 2000 codestream cannot be read ({type(exc).__name__})"
-        ) from exc
-    for key, value in expected.items():
-        if found.get(key) != value:
-            raise UnsupportedSeriesError(
-                f"{where}: the JPEG 2000 codestream has {key} {found.get(key)}, the header "
-                f"{value}; damaged pixel data or header (PS3.5 8.2.4 requires them to agree)"
-            )
-
-
-def _hu_slice(ds: Dataset, where: str) -> HuArray:
-    """Decode one slice and apply the modality transform (Rescale Slope/Intercept).
-
-    Returns int16 when the Hounsfield units are exact integers in the int16 range (an integer
-    slope and intercept, as CT scanners write: half the memory of float32), float32 otherwise
-    (a fractional rescale or a Modality LUT). The result is checked against
-    :data:`~ggo_cli.budgets.HU_RANGE`.
-    """
-    rescale = None if "ModalityLUTSequence" in ds else rescale_of(ds, where)
-    pixels = _decode_pixels(ds, where)
-    if rescale is None:
-        try:
-            hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-            raise UnsupportedSeriesError(
-                f"{where}: the Modality LUT cannot be applied ({type(exc).__name__})"
-            ) from exc
-        hu: HuArray = np.asarray(hu_lut, dtype=np.float32)
-        _check_hu(hu, pixels, ds, where)
-        return hu
-    slope, intercept = rescale
-    if pixels.dtype.kind in "iu" and pixels.size and slope.is_integer() and intercept.is_integer():
-        # The range is checked on the stored values in Python integers, so the int32
-        # arithmetic below can neither overflow nor wrap when it lands in int16.
-        factor, offset = int(slope), int(intercept)
-        ends = [int(pixels.min()) * factor, int(pixels.max()) * factor]
-        if max(map(abs, ends)) < 2**31 and (
-            HU_INT16_MIN <= min(ends) + offset and max(ends) + offset <= HU_INT16_MAX
-        ):
-            scaled = pixels if factor == 1 else np.multiply(pixels, factor, dtype=np.int32)
-            hu16 = np.empty(pixels.shape, dtype=np.int16)
-            np.add(scaled, offset, out=hu16, dtype=np.int32, casting="unsafe")
-            _check_hu(hu16, pixels, ds, where)
-            return hu16
-    hu = pixels.astype(np.float32)
-    if slope != 1.0:
-        hu *= np.float32(slope)
-    if intercept != 0.0:
-        hu += np.float32(intercept)
-    _check_hu(hu, pixels, ds, where)
-    return hu
-
-
-def _check_hu(hu: HuArray, pixels: npt.NDArray[Any], ds: Dataset, where: str) -> None:
-    """Refuse HU outside :data:`~ggo_cli.budgets.HU_RANGE` (NaN too), padding excepted."""
-    low, high = HU_RANGE
-    if not hu.size:
-        return
-    with np.errstate(invalid="ignore", over="ignore"):
-        lo, hi = float(hu.min()), float(hu.max())
-        if low <= lo and hi <= high:
-            return
-        outside = ~((hu >= low) & (hu <= high))
-        padding = ds.get("PixelPaddingValue")
-        if isinstance(padding, int) and pixels.dtype.kind in "iu":
-            limit = ds.get("PixelPaddingRangeLimit")
-            top = limit if isinstance(limit, int) else padding
-            outside &= ~((pixels >= min(padding, top)) & (pixels <= max(padding, top)))
-        if not outside.any():
-            return
-        found = hu[outside]
-    raise UnsupportedSeriesError(
-        f"{where}: {found.size} pixels at {float(found.min()):g}..{float(found.max()):g} HU, "
-        f"outside the plausible {low:g}..{high:g} HU (check RescaleSlope/RescaleIntercept "
-        "or the pixel data)"
-    )
-
-
-HU_INT16_MIN = int(np.iinfo(np.int16).min)
-HU_INT16_MAX = int(np.iinfo(np.int16).max)
 
 MAX_DECODE_WORKERS = 8
 DECODE_CHUNK_SLICES = 8
@@ -346,7 +197,7 @@ def _decode_file(task: tuple[str, str, int]) -> HuArray:
         raise UnsupportedSeriesError(
             f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
         ) from None
-    return _hu_slice(ds, where)
+    return hu_slice(ds, where)
 
 
 def _init_decoder(main_pid: int) -> None:
@@ -516,6 +367,9 @@ def load_volume(
         )
         try:
             header = read_bounded(path, limit_bytes=HEADER_READ_BYTES, stop_before_pixels=True)
+        except UnsupportedSeriesError as exc:  # a deflate bomb
+            log.debug("%s is %s", where, path)
+            raise UnsupportedSeriesError(f"{where}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails, run goes on
             log.debug("%s is %s", where, path)
             raise UnsupportedSeriesError(

@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from typer.testing import CliRunner
 
 from ggo_cli.cli import app
@@ -110,11 +110,16 @@ def test_too_many_voxels_are_skipped(tmp_path: Path) -> None:
         assert "exceed the series budget" in (_only(fs, rules).skip_reason or "")
 
 
-def _deflate_bomb(path: Path, template: Path, inflated_bytes: int) -> None:
+def _deflate_bomb(
+    path: Path, template: Path, inflated_bytes: int, *, new_uids: bool = False
+) -> None:
     """A CT file in Deflated Explicit VR Little Endian whose pixel data inflates to
-    ``inflated_bytes`` zeros (about 1000:1)."""
+    ``inflated_bytes`` zeros (about 1000:1); ``new_uids``: an instance of a series of its own."""
     ds = pydicom.dcmread(template)
     del ds.PixelData
+    if new_uids:
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     header = io.BytesIO()
     meta = pydicom.filebase.DicomFileLike(header)
@@ -135,7 +140,7 @@ def _deflate_bomb(path: Path, template: Path, inflated_bytes: int) -> None:
         out.write(deflater.flush())
 
 
-def test_a_deflate_bomb_is_read_within_the_header_budget(tmp_path: Path) -> None:
+def test_a_deflate_bomb_is_refused_within_the_inflate_budget(tmp_path: Path) -> None:
     fs = _small_series(tmp_path)
     bomb = tmp_path / "bomb.dcm"
     _deflate_bomb(bomb, fs.paths[0], DEFLATE_BOMB_BYTES)
@@ -146,15 +151,28 @@ def test_a_deflate_bomb_is_read_within_the_header_budget(tmp_path: Path) -> None
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert header is not None and header.SeriesInstanceUID == fs.series_instance_uid
+    assert header is None  # refused: it inflates beyond the largest plausible slice
     assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
 
 
-def test_a_deflate_bomb_in_a_series_fails_it_at_loading(tmp_path: Path) -> None:
+def test_a_deflate_bomb_in_a_series_is_named_at_discovery(tmp_path: Path) -> None:
     fs = _small_series(tmp_path)
     _deflate_bomb(fs.paths[4], fs.paths[4], 256 << 20)  # same instance, pixel data 256 MiB
+    tracemalloc.start()
+    try:
+        skip = _only(fs).skip_reason
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert skip is not None and "1 unreadable, truncated or oversized DICOM file(s)" in skip
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+def test_a_deflate_bomb_swapped_in_after_discovery_fails_at_loading(tmp_path: Path) -> None:
+    fs = _small_series(tmp_path)
     series = _only(fs)
     assert series.eligible
+    _deflate_bomb(fs.paths[4], fs.paths[4], 256 << 20)
     tracemalloc.start()
     try:
         with pytest.raises(UnsupportedSeriesError, match="inflates beyond .*decompression bomb"):
@@ -189,7 +207,7 @@ def test_a_header_truncated_file_is_named_by_digest(tmp_path: Path) -> None:
     raw = fs.paths[6].read_bytes()
     fs.paths[6].write_bytes(raw[:600])  # ends inside the header, before the series UID
     skip = _only(fs).skip_reason
-    assert skip is not None and "unreadable or truncated DICOM file(s) in its folder" in skip
+    assert skip is not None and "unreadable, truncated or oversized DICOM file(s) in its" in skip
     assert "file #" in skip and fs.paths[6].name not in skip
     assert "slice spacing" not in skip
 

@@ -21,7 +21,8 @@ from ggo_cli.budgets import HU_RANGE, RESCALE_SLOPE_RANGE, geometry_problem, res
 from ggo_cli.config import SelectionRules
 from ggo_cli.discovery import _skip_reason, discover_series
 from ggo_cli.errors import SeriesError
-from ggo_cli.volume import _hu_slice, load_volume
+from ggo_cli.slice_decoding import hu_slice
+from ggo_cli.volume import load_volume
 from tests.dicom_factory import make_ct_series
 
 NUMBERS = ["0", "-0", "1", "-1", "0.7", "1e38", "-1e38", "1e308", "1e-300", "NaN", "inf",
@@ -88,8 +89,8 @@ def _headers_mutated(headers: list[Dataset], data: st.DataObject) -> list[Datase
     if targets == "all":  # the same values on every slice, so later rules are reached
         for ds in mutated[1:]:
             for keyword in FIELDS:
-                if keyword in mutated[0]:
-                    ds[keyword] = copy.deepcopy(mutated[0][keyword])
+                if keyword in mutated[0]:  # get_item: the raw element, not yet converted
+                    ds[Tag(keyword)] = copy.deepcopy(mutated[0].get_item(keyword))
                 elif keyword in ds:
                     del ds[keyword]
     return mutated
@@ -148,7 +149,7 @@ def test_modality_transform_is_plausible_or_a_series_error(
     try:
         slope, _ = rescale_of(ds, "fuzz")
         assert RESCALE_SLOPE_RANGE[0] <= abs(slope) <= RESCALE_SLOPE_RANGE[1]
-        hu = _hu_slice(ds, "fuzz")
+        hu = hu_slice(ds, "fuzz")
     except SeriesError as exc:
         assert "\n" not in str(exc)
         return
