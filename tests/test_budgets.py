@@ -315,3 +315,16 @@ def test_a_decoder_warning_fails_the_series(tmp_path: Path) -> None:
     ds.save_as(fs.paths[7])
     with pytest.raises(UnsupportedSeriesError, match="decoder reported damaged pixel data"):
         load_volume(_only(fs))
+
+
+def test_implausible_slice_spacing_is_a_geometry_error(tmp_path: Path) -> None:
+    from ggo_cli.errors import SeriesGeometryError
+
+    fs = _small_series(tmp_path)
+    for k, path in enumerate(fs.paths):
+        ds = pydicom.dcmread(path)
+        x, y, _ = (float(v) for v in ds.ImagePositionPatient)
+        ds.ImagePositionPatient = [x, y, 50.0 * k]  # 50 mm apart: not a CT volume
+        ds.save_as(path)
+    with pytest.raises(SeriesGeometryError, match="slice spacing 50 mm outside 0.1..20 mm"):
+        load_volume(_only(fs))
