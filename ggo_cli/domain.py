@@ -155,13 +155,19 @@ def _patient_values(path: str) -> tuple[tuple[str, str], ...]:
     by component (``DOE^JANE``: ``DOE``, ``JANE``, ``DOE JANE``). An unreadable file gives
     nothing (its messages are then redacted of paths and PatientID only).
     """
-    import pydicom
-    from pydicom.errors import InvalidDicomError
     from pydicom.multival import MultiValue
 
+    from .budgets import HEADER_READ_BYTES, read_bounded
+
     try:
-        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=list(PATIENT_KEYWORDS))
-    except (OSError, InvalidDicomError, ValueError, EOFError):
+        # bounded: a deflated file is never inflated past the header budget (issue 15)
+        ds = read_bounded(
+            Path(path),
+            limit_bytes=HEADER_READ_BYTES,
+            stop_before_pixels=True,
+            specific_tags=list(PATIENT_KEYWORDS),
+        )
+    except Exception:  # noqa: BLE001 - an unreadable file only means less to redact
         return ()
     found: list[tuple[str, str]] = []
     for keyword in PATIENT_KEYWORDS:
