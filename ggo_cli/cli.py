@@ -136,7 +136,17 @@ def main(
     ] = False,
 ) -> None:
     """Ground-glass opacity segmentation for chest CT (research use only)."""
-    configure_logging(level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file)
+    try:
+        configure_logging(
+            level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file
+        )
+    except OSError as exc:  # logging is not set up yet: say it plainly and stop
+        typer.echo(
+            f"cannot open the log file {log_file}: {exc.strerror or exc} (a link there is "
+            "refused; choose a writable --log-file)",
+            err=True,
+        )
+        raise typer.Exit(OutputError.exit_code) from None
     # Malformed values are reported by pydicom with their content (dates, names): keep them out.
     quiet_pydicom()
     _state.debug = debug

@@ -402,7 +402,8 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
             patient_id=_text(first, "PatientID"),
         )
         if reason is not None:
-            log.info("skipped series %s (%s): %s", series_uid, info.location, reason)
+            log.info("skipped %s: %s", info.label, info.redact(reason))
+            log.debug("%s is %s", info.label, info.location)
         series.append(info)
     series.sort(key=lambda s: (s.study_instance_uid, s.series_instance_uid))
     log.info(

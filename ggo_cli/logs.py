@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import pickle
 import queue
 import re
@@ -137,6 +138,21 @@ def _is_third_party(name: str) -> bool:
     return any(name == top or name.startswith(f"{top}.") for top in THIRD_PARTY_LOGGERS)
 
 
+class OwnerOnlyRotatingFileHandler(logging.handlers.RotatingFileHandler):
+    """A rotating log file created owner-only (``0600``) and never through a link.
+
+    The log names series by UID, which is linked to a patient in the PACS: like every other
+    output it is created readable by its owner only (an existing file keeps the mode its
+    administrator gave it, e.g. ``0640`` for a group). A planted link in place of the file is
+    refused (``O_NOFOLLOW``) instead of appending to whatever it points at.
+    """
+
+    def _open(self) -> Any:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+
 def configure_logging(
     level: int = logging.INFO,
     *,
@@ -180,7 +196,7 @@ def configure_logging(
         handlers.append(stream)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = OwnerOnlyRotatingFileHandler(
             log_file, maxBytes=LOG_FILE_MAX_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
         file_handler.setFormatter(EscapingFormatter(PLAIN_FORMAT))

@@ -185,3 +185,40 @@ def test_a_record_whose_arguments_do_not_fit_does_not_raise_at_the_call(
     configure_logging(logging.INFO, use_rich=False)
     monkeypatch.setattr(logging, "raiseExceptions", False)  # logging's own report: off
     logging.getLogger("ggo_cli.test").info("%d slices", "twelve")  # as without the filter
+
+
+def test_the_log_file_is_created_owner_only_and_never_through_a_link(
+    tmp_path: Path, restore_logging: None
+) -> None:
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        log_file = tmp_path / "logs" / "ggo.log"
+        configure_logging(logging.INFO, log_file=log_file, use_rich=False)
+        logging.getLogger("ggo_cli.test").info("series 1.2.3: done")
+        assert stat.S_IMODE(log_file.stat().st_mode) == 0o600
+        assert "series 1.2.3: done" in log_file.read_text()
+        target = tmp_path / "elsewhere.txt"
+        target.write_text("keep\n")
+        planted = tmp_path / "logs" / "planted.log"
+        planted.symlink_to(target)
+        with pytest.raises(OSError):
+            configure_logging(logging.INFO, log_file=planted, use_rich=False)
+        assert target.read_text() == "keep\n"
+    finally:
+        os.umask(previous)
+
+
+def test_an_unusable_log_file_is_one_line_and_exit_6(tmp_path: Path, restore_logging: None) -> None:
+    from typer.testing import CliRunner
+
+    from ggo_cli.cli import app
+
+    planted = tmp_path / "planted.log"
+    planted.symlink_to(tmp_path / "target.txt")
+    result = CliRunner().invoke(app, ["--log-file", str(planted), "info"])
+    assert result.exit_code == 6
+    assert "cannot open the log file" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "target.txt").exists()
