@@ -470,7 +470,7 @@ def update_model_folder(folder: Path, explain_path: Path, meta: Mapping[str, Any
     """Add the ``explain`` entry to ``model.json`` and list explain.onnx in ``SHA256SUMS``."""
     from ggo_cli.model_info import file_sha256
 
-    from .export import CARD_NAME, MODEL_NAME, SUMS_NAME, _write_text
+    from .export import CARD_NAME, _write_text, write_sums
 
     card_path = folder / CARD_NAME
     if card_path.is_file():
@@ -489,5 +489,4 @@ def update_model_folder(folder: Path, explain_path: Path, meta: Mapping[str, Any
             "method": "GradCAM++ (Chattopadhyay et al. 2018, eq. 19)",
         }
         _write_text(card_path, json.dumps(card, indent=2) + "\n")
-    names = [n for n in (MODEL_NAME, CARD_NAME, explain_path.name) if (folder / n).is_file()]
-    _write_text(folder / SUMS_NAME, "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
+    write_sums(folder)

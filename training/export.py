@@ -489,6 +489,19 @@ def _agreement_images(slices: Any, size: int) -> np.ndarray:
     return np.random.default_rng(0).random((PARITY_BATCH, size, size), dtype=np.float32)
 
 
+def write_sums(folder: Path) -> None:
+    """Write ``SHA256SUMS`` of the model folder's files that exist (model, card, explain
+    graph, int8 recipes, reference slices), atomically."""
+    from ggo_cli.explain_graph import EXPLAIN_NAME
+    from ggo_cli.int8_recipes import INT8_SPEC_NAME
+    from ggo_cli.model_info import file_sha256
+    from ggo_cli.reference_slices import REFERENCE_SET_NAME
+
+    listed = (MODEL_NAME, CARD_NAME, EXPLAIN_NAME, INT8_SPEC_NAME, REFERENCE_SET_NAME)
+    names = [n for n in listed if (folder / n).is_file()]
+    _write_text(folder / SUMS_NAME, "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
+
+
 def _write_text(path: Path, text: str) -> None:
     """Write a text file atomically."""
     tmp = path.with_name(path.name + ".tmp")

@@ -49,7 +49,6 @@ from ggo_cli.int8_recipes import (
 )
 from ggo_cli.model_info import file_sha256, load_model_info
 from ggo_cli.precision import graph_digest, quantize_int8
-from ggo_cli.reference_slices import REFERENCE_SET_NAME
 
 from . import data as training_data
 from .evaluate import OnnxPredictor, predict_probabilities
@@ -320,7 +319,7 @@ def make_int8_recipe(
         "tensors_data": tensors,
     }
     spec_path = folder / INT8_SPEC_NAME
-    from .export import SUMS_NAME, _write_text
+    from .export import _write_text, write_sums
 
     _write_text(spec_path, json.dumps(spec, indent=1) + "\n")
     if update_card:
@@ -349,9 +348,5 @@ def make_int8_recipe(
             ],
         }
         _write_text(card_path, json.dumps(card, indent=2) + "\n")
-        from .export import MODEL_NAME
-
-        listed = (MODEL_NAME, CARD_NAME, "explain.onnx", INT8_SPEC_NAME, REFERENCE_SET_NAME)
-        names = [n for n in listed if (folder / n).is_file()]
-        _write_text(folder / SUMS_NAME, "".join(f"{file_sha256(folder / n)}  {n}\n" for n in names))
+        write_sums(folder)
     return QuantizeResult(spec_path=spec_path, spec=spec, recipe=entry)

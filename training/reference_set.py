@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from ggo_cli.model_info import file_sha256, load_model_info
+from ggo_cli.model_info import load_model_info
 from ggo_cli.phantom import make_chest_phantom
 from ggo_cli.preprocessing import preprocess_hu
 from ggo_cli.reference_slices import REFERENCE_SET_NAME, write_reference_set
@@ -42,24 +41,16 @@ CT_SLICE_INDICES = (10, 20)
 
 
 def _ct_slices(folder: Path, indices: tuple[int, ...]) -> list[np.ndarray]:
-    """HU of the chosen slices of a single-series CT folder, sorted along the slice normal."""
-    import pydicom
+    """HU of the chosen slices of the one eligible CT series in a folder, loaded as
+    ``ggo-cli segment`` loads it (sorted along the slice normal)."""
+    from ggo_cli.discovery import discover_series
+    from ggo_cli.volume import load_volume
 
-    datasets = [pydicom.dcmread(f) for f in sorted(folder.glob("*.dcm"))]
-    if not datasets:
-        raise ValueError(f"no DICOM files (*.dcm) in {folder}")
-
-    def position(ds: Any) -> float:
-        cosines = np.asarray(ds.ImageOrientationPatient, dtype=np.float64)
-        normal = np.cross(cosines[:3], cosines[3:])
-        return float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=np.float64)))
-
-    datasets.sort(key=position)
-    return [
-        datasets[i].pixel_array.astype(np.float64) * float(datasets[i].RescaleSlope)
-        + float(datasets[i].RescaleIntercept)
-        for i in indices
-    ]
+    eligible = [s for s in discover_series([folder]).series if s.eligible]
+    if len(eligible) != 1:
+        raise ValueError(f"need one eligible CT series in {folder}, found {len(eligible)}")
+    hu = load_volume(eligible[0]).hu
+    return [np.asarray(hu[i], dtype=np.float64) for i in indices]
 
 
 def make_reference_set(model_path: Path, data: Path, ct_folder: Path) -> tuple[Path, list[str]]:
@@ -73,7 +64,7 @@ def make_reference_set(model_path: Path, data: Path, ct_folder: Path) -> tuple[P
     Returns:
         The file written and the slice names.
     """
-    from .export import CARD_NAME, SUMS_NAME, _write_text
+    from .export import CARD_NAME, _write_text, write_sums
 
     info = load_model_info(model_path)
     size = info.input_size
@@ -124,11 +115,5 @@ def make_reference_set(model_path: Path, data: Path, ct_folder: Path) -> tuple[P
         ],
     }
     _write_text(card_path, json.dumps(card, indent=2) + "\n")
-    sums = folder / SUMS_NAME
-    replaced = (f"  {CARD_NAME}", f"  {REFERENCE_SET_NAME}")
-    old = sums.read_text().splitlines() if sums.is_file() else []
-    lines = [line for line in old if not line.endswith(replaced)]
-    lines += [f"{file_sha256(card_path)}  {CARD_NAME}"]
-    lines += [f"{file_sha256(path)}  {REFERENCE_SET_NAME}"]
-    _write_text(sums, "\n".join(lines) + "\n")
+    write_sums(folder)
     return path, names
