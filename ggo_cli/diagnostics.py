@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import platform
 from importlib import metadata
 from pathlib import Path
@@ -47,19 +48,29 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_b
 """Vector extensions that decide int8 and bf16 inference speed."""
 
 
-def cpu_features() -> dict[str, Any]:
-    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; ``{}`` elsewhere)."""
-    found: dict[str, Any] = {}
+@functools.lru_cache(maxsize=1)
+def read_cpuinfo() -> tuple[str, frozenset[str] | None]:
+    """This CPU's model name and all its feature flags, from Linux ``/proc/cpuinfo`` (read
+    once a process; ``("", None)`` elsewhere, flags ``None`` when no flags line was found).
+    The first processor's entry speaks for all."""
+    model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                found["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                found["flags"] = [f for f in CPU_FLAGS if f in flags]
-                break
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):  # Features: ARM
+                return model, frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return model, None
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; ``{}`` elsewhere)."""
+    model, flags = read_cpuinfo()
+    found: dict[str, Any] = {"model": model} if model else {}
+    if flags is not None:
+        found["flags"] = [f for f in CPU_FLAGS if f in flags]
     return found
 
 

@@ -191,10 +191,6 @@ def load_int8_spec(model: ModelInfo) -> Int8Spec | None:
 
 def cpu_flag_set() -> set[str]:
     """All of this CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    from .diagnostics import read_cpuinfo
+
+    return set(read_cpuinfo()[1] or ())

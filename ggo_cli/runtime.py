@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -85,6 +86,28 @@ def _nvidia_gpu_visible() -> bool:
 def _is_oom(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(marker in text for marker in _OOM_MARKERS)
+
+
+def nvidia_smi_query(fields: str, index: int) -> str | None:
+    """``nvidia-smi --query-gpu=<fields>`` (shipped with the driver) of GPU ``index``: its
+    first CSV line without header or units, or ``None`` when it cannot be read."""
+    try:
+        done = subprocess.run(
+            [
+                "nvidia-smi",
+                f"--query-gpu={fields}",
+                "--format=csv,noheader,nounits",
+                "-i",
+                str(index),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        return done.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
 
 
 def cuda_wanted(request: DeviceRequest) -> bool:

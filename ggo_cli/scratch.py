@@ -39,17 +39,23 @@ def scratch_root() -> Path:
     return cache_dir() / SCRATCH_FOLDER
 
 
-def _try_lock(handle: IO[bytes]) -> bool:
-    """Take an exclusive lock on ``handle`` without waiting; ``False`` when it is held."""
+def lock_exclusive(handle: IO[bytes], *, wait: bool = False) -> bool:
+    """Take an exclusive lock on an open file (released when it is closed or its process
+    dies); ``False`` when it is held elsewhere (without ``wait``) or cannot be taken.
+
+    Args:
+        handle: the file, opened for writing.
+        wait: wait for the lock (on Windows at most about 10 s) instead of giving up at once.
+    """
     try:
         if sys.platform == "win32":  # pragma: no cover - exercised on Windows only
             import msvcrt
 
-            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK if wait else msvcrt.LK_NBLCK, 1)
         else:
             import fcntl
 
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except OSError:
         return False
     return True
@@ -60,7 +66,7 @@ def _abandoned(folder: Path) -> bool:
     marker = folder / IN_USE_NAME
     try:
         with marker.open("rb") as handle:
-            return _try_lock(handle)  # closing the file drops the lock again
+            return lock_exclusive(handle)  # closing the file drops the lock again
     except FileNotFoundError:
         try:
             return time.time() - folder.stat().st_mtime > LOCKLESS_GRACE_S
@@ -117,7 +123,7 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
     folder = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
     handle = (folder / IN_USE_NAME).open("wb")
     try:
-        _try_lock(handle)
+        lock_exclusive(handle)
         with _TEMPDIR_LOCK:
             saved = tempfile.tempdir
             tempfile.tempdir = os.fspath(folder)

@@ -32,7 +32,6 @@ import logging
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -51,7 +50,7 @@ from .explain_graph import ExplainInfo
 from .logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from .model_info import ModelInfo
 from .pipeline import now_utc, process_series
-from .runtime import cuda_wanted, parse_device
+from .runtime import cuda_wanted, nvidia_smi_query, parse_device
 from .sessions import Sessions
 from .volume import set_core_budget, usable_cores
 
@@ -132,22 +131,10 @@ def available_memory_bytes() -> int | None:
 def gpu_memory_bytes(index: int) -> int | None:
     """Total memory of NVIDIA GPU ``index`` from ``nvidia-smi`` (shipped with the driver), or
     ``None`` when it cannot be read."""
+    total_mib = nvidia_smi_query("memory.total", index)
     try:
-        done = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=memory.total",
-                "--format=csv,noheader,nounits",
-                "-i",
-                str(index),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return int(float(done.stdout.strip().splitlines()[0])) << 20  # MiB
-    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return int(float(total_mib)) << 20 if total_mib is not None else None
+    except ValueError:
         return None
 
 

@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -46,7 +45,14 @@ from .fsutil import atomic_write_text
 from .int8_recipes import cpu_flag_set
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .reference_slices import REFERENCE_SET_NAME, ReferenceSet, load_reference_set
-from .runtime import CUDA_PROVIDER, DeviceRequest, create_session, run_in_batches
+from .runtime import (
+    CUDA_PROVIDER,
+    DeviceRequest,
+    create_session,
+    nvidia_smi_query,
+    run_in_batches,
+)
+from .scratch import lock_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -201,31 +207,13 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("ggo-cli", appauthor=False))
 
 
-def _gpu_identity(index: int) -> str:
-    """``name, driver`` of NVIDIA GPU ``index`` from ``nvidia-smi``, or ``""``."""
-    try:
-        done = subprocess.run(
-            ["nvidia-smi", f"--id={index}", "--query-gpu=name,driver_version",
-             "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20, check=True,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.strip()
-
-
 def machine_identity(on_cuda: bool, device_index: int = 0) -> dict[str, str]:
     """What identifies this machine's arithmetic: CPU model and flags, GPU, ONNX Runtime."""
     import onnxruntime as ort
 
-    cpu_model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .diagnostics import read_cpuinfo
+
+    cpu_model = read_cpuinfo()[0] or platform.processor() or platform.machine()
     flags = " ".join(sorted(cpu_flag_set()))
     identity = {
         "cpu": cpu_model,
@@ -234,7 +222,8 @@ def machine_identity(on_cuda: bool, device_index: int = 0) -> dict[str, str]:
         "onnxruntime": ort.__version__,
     }
     if on_cuda:
-        identity["gpu"] = _gpu_identity(device_index) or f"cuda:{device_index}"
+        gpu = nvidia_smi_query("name,driver_version", device_index)
+        identity["gpu"] = gpu or f"cuda:{device_index}"
     return identity
 
 
@@ -249,13 +238,7 @@ def _locked(path: Path) -> Iterator[bool]:
         yield False
         return
     try:
-        try:
-            import fcntl
-
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except ImportError:  # Windows: no flock; a second process may repeat the check
-            pass
-        yield True
+        yield lock_exclusive(handle, wait=True)
     finally:
         handle.close()
 

@@ -309,13 +309,13 @@ def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.Monke
         assert command[0] == "nvidia-smi" and command[-1] == "1"
         return subprocess.CompletedProcess(command, 0, "81559\n", "")
 
-    monkeypatch.setattr(series_pool.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     assert series_pool.gpu_memory_bytes(1) == 81559 << 20
 
     def missing(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         raise FileNotFoundError("nvidia-smi")
 
-    monkeypatch.setattr(series_pool.subprocess, "run", missing)
+    monkeypatch.setattr(subprocess, "run", missing)
     assert series_pool.gpu_memory_bytes(0) is None
 
 
