@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -137,9 +136,7 @@ def main(
 ) -> None:
     """Ground-glass opacity segmentation for chest CT (research use only)."""
     try:
-        configure_logging(
-            level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file
-        )
+        configure_logging(level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file)
     except OSError as exc:  # logging is not set up yet: say it plainly and stop
         typer.echo(
             f"cannot open the log file {log_file}: {exc.strerror or exc} (a link there is "
@@ -401,7 +398,9 @@ def demo(
     study_dir: Annotated[
         Path | None,
         typer.Option(
-            "--study-dir", help="Keep the synthetic DICOM study here (default: a temporary folder)."
+            "--study-dir",
+            help="Keep the synthetic DICOM study here (default: a scratch folder in the cache "
+            "folder, removed after the run).",
         ),
     ] = None,
     no_progress: NoProgressOpt = False,
@@ -418,10 +417,12 @@ def demo(
         from .manifest import summary_json
         from .phantom import make_chest_phantom
         from .runner import run_segment
+        from .scratch import scratch_folder
 
         model_path = _resolve_model(model)
-        with tempfile.TemporaryDirectory(prefix="ggo-demo-") as tmp:
-            folder = study_dir or Path(tmp) / "study"
+        # The synthetic study goes to the documented cache folder's scratch (swept if killed).
+        with scratch_folder("demo-", redirect_tempfile=False) as tmp:
+            folder = study_dir or tmp / "study"
             phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
             paths = write_ct_series(phantom, folder, seed=seed)
             log.info(

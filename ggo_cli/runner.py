@@ -71,7 +71,14 @@ from .state import (
     settle_digest,
 )
 from .volume import DecodePool, default_decode_workers
-from .writers.report_csv import outcome_row, write_rows
+from .writers.report_csv import (
+    PSEUDONYM_COLUMN,
+    PSEUDONYM_SALT_TAG_KEY,
+    outcome_row,
+    pseudonymize_row,
+    salt_tag,
+    write_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +153,15 @@ def _retryable(stored: StoredSeries) -> bool:
     return message.endswith(RETRY_NOTE) or message.startswith(_WORKER_DIED)
 
 
+def _stale_patient_keys(patient_column: str | None) -> tuple[str, ...]:
+    """The patient keys stored rows must lose for this run's CSV (a PatientID unless asked)."""
+    if patient_column == PATIENT_ID_KEY:
+        return (PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY)
+    if patient_column == PSEUDONYM_COLUMN:
+        return (PATIENT_ID_KEY,)
+    return (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY)
+
+
 def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
     """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
     row = stored.row
@@ -160,10 +176,7 @@ def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome
     lungs = None
     if row.get("lung_volume_ml"):
         lungs = LungMeasurement(
-            **{
-                name: float(row.get(name) or "nan")
-                for name in LungMeasurement.__dataclass_fields__
-            }
+            **{name: float(row.get(name) or "nan") for name in LungMeasurement.__dataclass_fields__}
         )
     return SeriesOutcome(
         series=series,
@@ -208,10 +221,11 @@ class _Run:
         # and how its files looked (names, sizes, mtimes) for settling.
         self.fingerprints: dict[str, str] = {}
         self.seen: dict[str, str] = {}
-        # PatientID is kept in the store only when the CSV needs it (no PHI at rest otherwise).
-        self.keep_patient_id = cfg.patient_column is not None
-        if not self.keep_patient_id and not cfg.explain_only:
-            scrubbed = store.scrub_patient_ids()
+        # PatientID is kept in the store only with --include-patient-id; --pseudonymize keeps
+        # the pseudonym alone (no PHI at rest otherwise).
+        self.patient_column = cfg.patient_column
+        if not cfg.explain_only:
+            scrubbed = store.scrub_patient_keys(_stale_patient_keys(cfg.patient_column))
             if scrubbed:
                 log.info("erased the patient IDs of %d series from the state store", scrubbed)
         # Validate the explain graph before any work (a missing explain.onnx fails at once).
@@ -234,13 +248,7 @@ class _Run:
             if stored is not None and stored.status != SeriesStatus.PENDING.value:
                 self.store.mark_seen(uid, seen)
                 return
-        row = outcome_row(
-            outcome,
-            self.cfg.out_dir,
-            model_name=self.model.name,
-            model_version=self.model.version,
-            include_patient_id=self.keep_patient_id,
-        )
+        row = self._row(outcome)
         self.store.put(
             outcome.series,
             fingerprint=fingerprint,
@@ -252,19 +260,39 @@ class _Run:
         )
         self.write_csv()
 
-    def _add_patient_id(self, series: SeriesInfo, stored: StoredSeries) -> None:
-        """Give a reused row the PatientID it was stored without (the CSV now asks for it)."""
-        if not self.keep_patient_id or PATIENT_ID_KEY in stored.row:
-            return
-        outcome = replace(_outcome_from_row(series, stored), reused=False)
-        row = dict(stored.row)
-        row[PATIENT_ID_KEY] = outcome_row(
+    def _row(self, outcome: SeriesOutcome) -> dict[str, str]:
+        """The row to store: the CSV cells plus the patient column asked for (ID or pseudonym)."""
+        row = outcome_row(
             outcome,
             self.cfg.out_dir,
             model_name=self.model.name,
             model_version=self.model.version,
-            include_patient_id=True,
-        )[PATIENT_ID_KEY]
+            include_patient_id=self.patient_column is not None,
+        )
+        if self.cfg.pseudonym_salt is not None:
+            row = pseudonymize_row(row, self.cfg.pseudonym_salt)
+        return row
+
+    def _add_patient_column(self, series: SeriesInfo, stored: StoredSeries) -> None:
+        """Give a reused row the patient column the CSV now asks for, from the series' header.
+
+        A row stored without it, or with a pseudonym made with another salt, gets it anew;
+        nothing else in the row changes.
+        """
+        if self.patient_column == PATIENT_ID_KEY:
+            if PATIENT_ID_KEY in stored.row:
+                return
+        elif self.cfg.pseudonym_salt is not None:
+            if stored.row.get(PSEUDONYM_SALT_TAG_KEY) == salt_tag(self.cfg.pseudonym_salt):
+                return
+        else:
+            return
+        fresh = self._row(replace(_outcome_from_row(series, stored), reused=False))
+        row = dict(stored.row)
+        for key in (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY):
+            row.pop(key, None)
+            if key in fresh:
+                row[key] = fresh[key]
         self.store.put(
             series,
             fingerprint=stored.fingerprint,
@@ -280,7 +308,6 @@ class _Run:
             self.store.rows(),
             self.cfg.out_dir / CSV_NAME,
             patient_column=self.cfg.patient_column,
-            pseudonym_salt=self.cfg.pseudonym_salt,
         )
         if self.cfg.group_readable:  # written owner-only like every output, then widened
             set_file_mode(path, GROUP_FILE_MODE)
@@ -322,7 +349,7 @@ class _Run:
                 series.series_instance_uid,
                 stored.row.get("processed_at", "?"),
             )
-            self._add_patient_id(series, stored)
+            self._add_patient_column(series, stored)
             return _outcome_from_row(series, stored)
         return None
 

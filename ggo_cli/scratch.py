@@ -101,7 +101,7 @@ def sweep_scratch(root: Path | None = None) -> int:
 
 
 @contextmanager
-def scratch_folder(prefix: str) -> Iterator[Path]:
+def scratch_folder(prefix: str, *, redirect_tempfile: bool = True) -> Iterator[Path]:
     """A fresh scratch folder under :func:`scratch_root`, removed on exit.
 
     Stale folders are swept first (:func:`sweep_scratch`). While the block runs, the
@@ -110,6 +110,8 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
 
     Args:
         prefix: start of the folder's name.
+        redirect_tempfile: make it the :mod:`tempfile` default folder while the block runs
+            (off: the folder only; such blocks may nest redirecting ones).
 
     Yields:
         The folder.
@@ -124,6 +126,9 @@ def scratch_folder(prefix: str) -> Iterator[Path]:
     handle = (folder / IN_USE_NAME).open("wb")
     try:
         lock_exclusive(handle)
+        if not redirect_tempfile:
+            yield folder
+            return
         with _TEMPDIR_LOCK:
             saved = tempfile.tempdir
             tempfile.tempdir = os.fspath(folder)

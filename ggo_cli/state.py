@@ -9,12 +9,13 @@ options reprocess it. Every update is its own committed transaction, so a run ki
 instant leaves the store consistent, and ``ggo_volumes.csv`` is rebuilt from it (one row per
 series, latest status).
 
-The database holds PatientID only when the CSV needs it (``--include-patient-id`` or
-``--pseudonymize``, whose pseudonym is computed from it when the CSV is written); otherwise
-rows are stored without it and the IDs an earlier run stored are erased
-(:meth:`StateStore.scrub_patient_ids`, with SQLite's ``secure_delete`` so that the freed pages
-are zeroed). The file is created owner-only (``0600``, ``0640`` with ``--group-readable``;
-SQLite gives its journal the same mode), through ``O_NOFOLLOW`` in a folder checked for links.
+The database holds PatientID only with ``--include-patient-id``. With ``--pseudonymize`` a row
+holds the salted pseudonym (and a digest naming the salt, so a changed salt redoes it from the
+header), never the ID; otherwise rows hold neither. What an earlier run stored and this run does
+not ask for is erased (:meth:`StateStore.scrub_patient_keys`, with SQLite's ``secure_delete``
+so that the freed pages are zeroed). The file is created owner-only (``0600``, ``0640`` with
+``--group-readable``; SQLite gives its journal the same mode), through ``O_NOFOLLOW`` in a
+folder checked for links.
 
 ``seen`` records, per series, the digest of its files' names, sizes and modification times as
 the latest run saw them (:func:`settle_digest`): a series whose files a clock-skewed modality
@@ -28,7 +29,7 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +186,7 @@ class StateStore:
             ).fetchone()
         if found is None:
             return None
-        return StoredSeries(
-            found[0], found[1], found[2], found[3], json.loads(found[4]), found[5]
-        )
+        return StoredSeries(found[0], found[1], found[2], found[3], json.loads(found[4]), found[5])
 
     def put(
         self,
@@ -224,29 +223,38 @@ class StateStore:
                 "UPDATE series SET seen = ? WHERE series_instance_uid = ?", (seen, series_uid)
             )
 
-    def scrub_patient_ids(self) -> int:
-        """Erase the PatientID of every stored row (one transaction); returns how many."""
+    def scrub_patient_keys(self, keys: Sequence[str] = (PATIENT_ID_KEY,)) -> int:
+        """Erase the given patient keys from every stored row (one transaction); returns how many.
+
+        With ``secure_delete`` on, the pages that held them are zeroed, not just unlinked.
+        """
+        if not keys:
+            return 0
+        where = " OR ".join("row_json LIKE ?" for _ in keys)
         with self._errors("write"):
             found = self._db.execute(
-                "SELECT series_instance_uid, row_json FROM series WHERE row_json LIKE ?",
-                (f'%"{PATIENT_ID_KEY}"%',),
+                f"SELECT series_instance_uid, row_json FROM series WHERE {where}",
+                tuple(f'%"{key}"%' for key in keys),
             ).fetchall()
-            if not found:
+            changed = []
+            for uid, row_json in found:
+                row = json.loads(row_json)
+                if any(key in row for key in keys):
+                    for key in keys:
+                        row.pop(key, None)
+                    changed.append((json.dumps(row, sort_keys=True), uid))
+            if not changed:
                 return 0
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                for uid, row_json in found:
-                    row = json.loads(row_json)
-                    row.pop(PATIENT_ID_KEY, None)
-                    self._db.execute(
-                        "UPDATE series SET row_json = ? WHERE series_instance_uid = ?",
-                        (json.dumps(row, sort_keys=True), uid),
-                    )
+                self._db.executemany(
+                    "UPDATE series SET row_json = ? WHERE series_instance_uid = ?", changed
+                )
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
-        return len(found)
+        return len(changed)
 
     def rows(self) -> list[dict[str, str]]:
         """Every stored CSV row, ordered by study and series UID."""

@@ -162,17 +162,21 @@ def test_every_output_is_owner_only_whatever_the_umask(
     assert _mode(out) == 0o700
     paths = list(out.rglob("*"))
     assert {p.name for p in paths} >= {
-        "ggo.seg.dcm", "overlay.png", "ggo_volumes.csv", "run_manifest.json", "state.sqlite",
-        "lock", "runs", "slices",
+        "ggo.seg.dcm",
+        "overlay.png",
+        "ggo_volumes.csv",
+        "run_manifest.json",
+        "state.sqlite",
+        "lock",
+        "runs",
+        "slices",
     }
     for path in paths:
         expected = 0o700 if path.is_dir() else 0o600
         assert _mode(path) == expected, path
 
 
-def test_group_readable_gives_the_group_read_access(
-    tmp_path: Path, band_model_path: Path
-) -> None:
+def test_group_readable_gives_the_group_read_access(tmp_path: Path, band_model_path: Path) -> None:
     root, _ = _study(tmp_path)
     out = tmp_path / "out"
     result = _segment(root, "-o", out, "-m", band_model_path, "--group-readable")
@@ -205,6 +209,33 @@ def test_the_state_store_holds_no_patient_id_unless_asked(
     assert PATIENT_ID.encode() not in _state_bytes(out)
     with sqlite3.connect(out / ".ggo-cli" / "state.sqlite") as db:
         assert db.execute("SELECT status FROM series").fetchall() == [("ok",)]
+
+
+def test_pseudonymize_keeps_the_pseudonym_at_rest_never_the_patient_id(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = _study(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "first-site-secret-salt")
+    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 0
+    assert PATIENT_ID.encode() not in _state_bytes(out)
+    (first,) = [r["patient_pseudonym"] for r in _rows(out)]
+    assert len(first) == 16 and first.encode() in _state_bytes(out)
+    # A new salt: the unchanged series gets the new pseudonym from its header, unprocessed.
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "second-site-secret-salt")
+    result = _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize")
+    assert result.exit_code == 0, result.output
+    (second,) = [r["patient_pseudonym"] for r in _rows(out)]
+    assert len(second) == 16 and second != first
+    assert PATIENT_ID.encode() not in _state_bytes(out)
+    # Then the real ID, asked for: the pseudonym goes, the ID comes.
+    assert _segment(root, "-o", out, "-m", band_model_path, "--include-patient-id").exit_code == 0
+    assert [r["patient_id"] for r in _rows(out)] == [PATIENT_ID]
+    assert second.encode() not in _state_bytes(out)
+    # Neither asked for: neither at rest.
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert PATIENT_ID.encode() not in _state_bytes(out)
+    assert "patient_pseudonym" not in _rows(out)[0]
 
 
 # -- write errors ----------------------------------------------------------------------------

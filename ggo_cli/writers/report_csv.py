@@ -247,6 +247,8 @@ def write_csv(
 
 PSEUDONYM_COLUMN = "patient_pseudonym"
 PSEUDONYM_HEX_CHARS = 16
+PSEUDONYM_SALT_TAG_KEY = "_pseudonym_salt_tag"
+"""Key of a stored row naming (by digest) the salt its pseudonym was made with; never a column."""
 
 
 def pseudonym(patient_id: str, salt: str) -> str:
@@ -256,21 +258,38 @@ def pseudonym(patient_id: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}\0{patient_id}".encode()).hexdigest()[:PSEUDONYM_HEX_CHARS]
 
 
+def salt_tag(salt: str) -> str:
+    """A short digest naming a salt (so a stored pseudonym made with another salt is redone).
+
+    It is a digest of a digest, with its own prefix, so it tells nothing about pseudonyms.
+    """
+    inner = hashlib.sha256(f"ggo-cli salt tag\0{salt}".encode()).digest()
+    return hashlib.sha256(inner).hexdigest()[:12]
+
+
+def pseudonymize_row(row: Mapping[str, str], salt: str) -> dict[str, str]:
+    """A row with its ``patient_id`` replaced by the salted pseudonym (and the salt's tag)."""
+    cells = dict(row)
+    patient_id = cells.pop(PATIENT_ID_COLUMN, "")
+    cells[PSEUDONYM_COLUMN] = pseudonym(patient_id, salt)
+    cells[PSEUDONYM_SALT_TAG_KEY] = salt_tag(salt)
+    return cells
+
+
 def write_rows(
     rows: Sequence[Mapping[str, str]],
     path: Path,
     *,
     patient_column: str | None = None,
-    pseudonym_salt: str | None = None,
 ) -> Path:
     """Write already formatted rows (from :func:`outcome_row`) as the CSV, atomically.
 
     Args:
-        rows: rows with every column of :data:`CSV_COLUMNS` and ``patient_id``.
+        rows: rows with every column of :data:`CSV_COLUMNS`, plus the patient column asked
+            for: ``patient_id``, or ``patient_pseudonym`` (from :func:`pseudonymize_row`).
         path: the CSV file.
         patient_column: ``None`` (no patient column), ``"patient_id"`` or
-            ``"patient_pseudonym"`` (salted hash of PatientID with ``pseudonym_salt``).
-        pseudonym_salt: the salt for ``patient_pseudonym``.
+            ``"patient_pseudonym"``. A row without it gets an empty cell.
 
     Returns:
         ``path``.
@@ -281,15 +300,11 @@ def write_rows(
     columns = [*CSV_COLUMNS, patient_column] if patient_column else list(CSV_COLUMNS)
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(
-        buffer, fieldnames=columns, lineterminator="\r\n", extrasaction="ignore"
+        buffer, fieldnames=columns, lineterminator="\r\n", extrasaction="ignore", restval=""
     )
     writer.writeheader()
     for row in rows:
-        cells = dict(row)
-        if patient_column == PSEUDONYM_COLUMN:
-            patient_id = cells.get(PATIENT_ID_COLUMN, "")
-            cells[PSEUDONYM_COLUMN] = pseudonym(patient_id, pseudonym_salt or "")
-        writer.writerow(cells)
+        writer.writerow(row)
     atomic_write_text(path, buffer.getvalue(), encoding=CSV_ENCODING)
     log.debug("CSV with %d rows written to %s", len(rows), path)
     return path

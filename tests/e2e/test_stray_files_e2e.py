@@ -90,3 +90,38 @@ def test_kill_9_during_the_int8_rebuild_leaves_nothing_after_the_next_run(
     )
     assert again.returncode == 0, again.stderr
     _assert_only_the_cache(folders)
+
+
+def _demo(out: Path, slices: int) -> list[str]:
+    return [sys.executable, "-m", "ggo_cli", "demo", "-o", str(out), "--slices", str(slices),
+            "--no-progress", "--device", "cpu", "--precision", "fp32"]
+
+
+def test_a_killed_demo_leaves_its_synthetic_study_only_in_the_cache_until_the_next(
+    tmp_path: Path,
+) -> None:
+    """The demo's study goes to a scratch folder in the cache: a kill -9 leaves nothing in
+    the temp folder, and the next demo sweeps what it left."""
+    env, folders = _watched(tmp_path)
+    proc = subprocess.Popen(_demo(tmp_path / "out1", 120), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if len(list((folders["cache"] / "tmp").glob("demo-*/study/*.dcm"))) >= 100:
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("the demo wrote no study into the cache's scratch folder")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    for name in ("home", "tmp", "xdg"):
+        assert _files(folders[name]) == [], name
+    done = subprocess.run(_demo(tmp_path / "out2", 10), cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert list((tmp_path / "out2").rglob("*.seg.dcm"))
+    for name in ("home", "tmp", "xdg"):
+        assert _files(folders[name]) == [], name
+    assert not any((folders["cache"] / "tmp").glob("*"))  # both studies' scratch folders gone
