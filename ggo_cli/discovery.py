@@ -222,21 +222,29 @@ def _float_list(ds: Dataset, keyword: str) -> list[float] | None:
         return None
 
 
-def _skip_reason(headers: Sequence[Dataset], rules: SelectionRules) -> str | None:
+def _skip_reason(
+    headers: Sequence[Dataset], rules: SelectionRules, tags: Sequence[str] = ()
+) -> str | None:
     """Return the first selection rule the series breaks, or ``None``.
 
     A header value that cannot be read as its type (text in a number, say) is itself a
     reason: selection never raises on malformed input.
     """
     try:
-        return _first_broken_rule(headers, rules)
+        return _first_broken_rule(headers, rules, tags)
     except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
         log.debug("malformed header value: %s: %s", type(exc).__name__, exc)
         return f"malformed header value ({type(exc).__name__}); the headers cannot be trusted"
 
 
-def _first_broken_rule(headers: Sequence[Dataset], rules: SelectionRules) -> str | None:
-    """The rules of :func:`_skip_reason`, in order."""
+def _first_broken_rule(
+    headers: Sequence[Dataset], rules: SelectionRules, tags: Sequence[str] = ()
+) -> str | None:
+    """The rules of :func:`_skip_reason`, in order; ``tags`` name the headers' files."""
+
+    def named(index: int) -> str:
+        return f" (file {tags[index]})" if index < len(tags) else ""
+
     first = headers[0]
     for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
         if not UID_PATTERN.match(_text(first, keyword)):
@@ -255,10 +263,13 @@ def _first_broken_rule(headers: Sequence[Dataset], rules: SelectionRules) -> str
             return f"localizer image (ImageType contains {sorted(hit)[0]})"
     if len(headers) < rules.min_slices:
         return f"{len(headers)} slices; at least {rules.min_slices} required (see --min-slices)"
-    for ds in headers:
+    for index, ds in enumerate(headers):
         missing = [k for k in _GEOMETRY_KEYWORDS if _float_list(ds, k) is None]
         if missing:
-            return f"instance without {missing[0]}; slice geometry is required"
+            return (
+                f"instance without {missing[0]}{named(index)}; slice geometry is required "
+                "(a truncated or damaged file?)"
+            )
     frames = {_text(ds, "FrameOfReferenceUID") for ds in headers}
     if len(frames) != 1 or "" in frames:
         return f"{len(frames - {''})} frames of reference; exactly one is required"
@@ -297,9 +308,48 @@ def _first_broken_rule(headers: Sequence[Dataset], rules: SelectionRules) -> str
     return None
 
 
-def _broken_files_reason(files: Sequence[Path], broken: dict[Path, list[str]]) -> str | None:
-    """A series sharing a folder with broken image files would load with a gap: name them."""
-    tags = sorted({tag for folder in {p.parent for p in files} for tag in broken.get(folder, [])})
+_SERIES_UID_ELEMENT = re.compile(
+    rb"\x20\x00\x0e\x00(?:UI(?P<explicit>[\x00-\xff]{2})|(?P<implicit>[\x00-\xff]{4}))"
+)
+
+
+def salvage_series_uid(path: Path) -> str | None:
+    """The SeriesInstanceUID of a broken file, found in its first bytes, if it is readable.
+
+    A file truncated after its header, or whose header a parser rejects further on, usually
+    still holds the Series Instance UID element (0020,000E) near its start. Only a valid UID
+    counts; a deflated or unreadable file gives ``None``.
+    """
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(HEADER_READ_BYTES)
+    except OSError:
+        return None
+    for match in _SERIES_UID_ELEMENT.finditer(head):
+        size_bytes = match.group("explicit") or match.group("implicit")
+        size = int.from_bytes(size_bytes, "little")
+        if not 0 < size <= 64:
+            continue
+        start = match.end()
+        value = head[start : start + size].rstrip(b"\x00 ").decode("ascii", errors="replace")
+        if UID_PATTERN.match(value):
+            return value
+    return None
+
+
+def _broken_files_reason(
+    series_uid: str, files: Sequence[Path], broken: dict[Path, list[tuple[str, str | None]]]
+) -> str | None:
+    """A series sharing a folder with broken image files of its own (or of unknown series)
+    would load with a gap: name them."""
+    tags = sorted(
+        {
+            tag
+            for folder in {p.parent for p in files}
+            for tag, owner in broken.get(folder, [])
+            if owner is None or owner == series_uid
+        }
+    )
     if not tags:
         return None
     shown = ", ".join(f"file {tag}" for tag in tags[:3]) + (", ..." if len(tags) > 3 else "")
@@ -344,7 +394,9 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
     rules = rules or SelectionRules()
     groups: dict[str, dict[str, tuple[Path, Dataset]]] = defaultdict(dict)
     roots: dict[str, Path] = {}
-    broken: dict[Path, list[str]] = defaultdict(list)
+    # Broken image files per folder, with their series when it can be salvaged (else None:
+    # they hold back every series of their folder).
+    broken: dict[Path, list[tuple[str, str | None]]] = defaultdict(list)
     n_files = n_images = n_ignored = n_duplicates = 0
     for path, root in iter_files(inputs):
         n_files += 1
@@ -352,8 +404,9 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         if ds is None:
             n_ignored += 1
             if is_broken:
-                broken[path.parent].append(file_tag(_relative(path, root)))
-                log.debug("broken image file %s is %s", path, broken[path.parent][-1])
+                tag = file_tag(_relative(path, root))
+                broken[path.parent].append((tag, salvage_series_uid(path)))
+                log.debug("broken image file %s is %s", path, tag)
             continue
         if (
             _text(ds, "Modality").upper() != "CT"
@@ -382,7 +435,9 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         ordered = sorted(instances.values(), key=lambda item: str(item[0]))
         headers = [ds for _, ds in ordered]
         files = tuple(path for path, _ in ordered)
-        reason = _broken_files_reason(files, broken) or _skip_reason(headers, rules)
+        reason = _broken_files_reason(series_uid, files, broken) or _skip_reason(
+            headers, rules, [file_tag(_relative(p, roots[series_uid])) for p in files]
+        )
         if reason is None and rules.series_uids and series_uid not in rules.series_uids:
             reason = "not selected (--series)"
         first = headers[0]

@@ -18,6 +18,7 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from typer.testing import CliRunner
 
+from ggo_cli.budgets import file_tag
 from ggo_cli.cli import app
 from ggo_cli.config import SelectionRules
 from ggo_cli.discovery import discover_series, read_header
@@ -210,6 +211,29 @@ def test_a_header_truncated_file_is_named_by_digest(tmp_path: Path) -> None:
     assert skip is not None and "unreadable, truncated or oversized DICOM file(s) in its" in skip
     assert "file #" in skip and fs.paths[6].name not in skip
     assert "slice spacing" not in skip
+
+
+def test_a_truncated_file_in_a_flat_folder_holds_back_only_its_own_series(
+    tmp_path: Path,
+) -> None:
+    """Two series in one folder: a file of A truncated inside its header skips A only,
+    naming the file."""
+    fs = _small_series(tmp_path, second_series=True)
+    folder = fs.paths[0].parent
+    for path in fs.second_series_paths:  # a flat export: both series in one folder
+        path.rename(folder / f"b-{path.name}")
+    raw = fs.paths[6].read_bytes()
+    spacing = raw.index(b"\x28\x00\x30\x00DS")  # (0028,0030) Pixel Spacing, after the UIDs
+    fs.paths[6].write_bytes(raw[: spacing + 9])  # the header ends inside Pixel Spacing
+    found = {s.series_instance_uid: s for s in discover_series([fs.root]).series}
+    hit = found[fs.series_instance_uid].skip_reason
+    tag = file_tag(fs.paths[6].relative_to(fs.root))
+    assert hit is not None and "instance without PixelSpacing" in hit and tag in hit, hit
+    assert found[fs.second_series_instance_uid].eligible  # type: ignore[index]
+    # A file whose header ends before its series UID may belong to either: both wait.
+    fs.paths[6].write_bytes(raw[:600])
+    found = {s.series_instance_uid: s for s in discover_series([fs.root]).series}
+    assert not any(s.eligible for s in found.values())
 
 
 def test_an_unreadable_file_at_loading_is_named_by_index_and_digest(tmp_path: Path) -> None:

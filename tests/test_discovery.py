@@ -8,6 +8,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from ggo_cli.budgets import file_tag
 from ggo_cli.config import SelectionRules
 from ggo_cli.discovery import discover_series, iter_files
 from ggo_cli.errors import InputError
@@ -111,7 +112,11 @@ def test_missing_position_is_skipped(tmp_path: Path) -> None:
     del ds.ImagePositionPatient
     ds.save_as(fs.paths[4])
     (series,) = discover_series([fs.root]).series
-    assert series.skip_reason == "instance without ImagePositionPatient; slice geometry is required"
+    tag = file_tag(fs.paths[4].relative_to(fs.root))
+    assert series.skip_reason == (
+        f"instance without ImagePositionPatient (file {tag}); slice geometry is required "
+        "(a truncated or damaged file?)"
+    )
 
 
 def test_series_option_selects_by_uid(tmp_path: Path) -> None:
