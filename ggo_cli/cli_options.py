@@ -62,7 +62,7 @@ DecodeWorkersOpt = Annotated[
         "--decode-workers",
         min=0,
         help="Processes decoding pixel data ahead of inference (default: one per core, at "
-        "most 8; 0: decode in the main process).",
+        "most 8; 0: uncompressed data in the main process, compressed data in one process).",
     ),
 ]
 JobsOpt = Annotated[

@@ -40,6 +40,7 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 
 from .budgets import (
     HEADER_READ_BYTES,
@@ -242,15 +243,20 @@ def _die_with_parent(main_pid: int) -> None:
 
 
 class DecodePool:
-    """Worker processes that decode slices (a context manager; ``workers=0``: no processes).
+    """Worker processes that decode slices (a context manager).
 
     The processes start on first use (``forkserver`` on Linux, so they never inherit ONNX
     Runtime's threads; ``spawn`` elsewhere). A worker that dies (a decoder crash) fails only
     the series being decoded: the pool is rebuilt for the next one.
 
+    Compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE: native decoders) is always decoded
+    in worker processes, whatever the series' length, so that a decoder crash never ends the
+    run; with ``workers=0`` one process does it. Uncompressed and deflated data (pure Python
+    and zlib) decode in the calling thread when ``workers`` is 0 or the series is short.
+
     Args:
-        workers: number of processes; 0 decodes in the calling thread.
-        min_slices: series with fewer slices are decoded in the calling thread.
+        workers: number of processes; 0: only compressed data, in one process.
+        min_slices: shorter uncompressed series are decoded in the calling thread.
     """
 
     def __init__(self, workers: int, *, min_slices: int = MIN_POOL_SLICES) -> None:
@@ -258,13 +264,17 @@ class DecodePool:
         self.min_slices = min_slices
         self._executor: ProcessPoolExecutor | None = None
 
+    def runs(self, n_slices: int, *, compressed: bool) -> bool:
+        """Whether a series of ``n_slices`` is decoded in the worker processes."""
+        return compressed or (self.workers > 0 and n_slices >= self.min_slices)
+
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else (
                 "spawn"
             )
             self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
+                max_workers=max(1, self.workers),
                 mp_context=multiprocessing.get_context(method),
                 initializer=_init_decoder,
                 initargs=(os.getpid(),),
@@ -328,6 +338,16 @@ def _header_problem(headers: Sequence[Dataset]) -> str | None:
         return f"slice geometry is missing or malformed ({type(exc).__name__})"
 
 
+def _compressed(header: Dataset) -> bool:
+    """Whether a header's pixel data is encapsulated (decoded by a native library)."""
+    meta = getattr(header, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    try:
+        return bool(syntax is not None and UID(str(syntax)).is_compressed)
+    except (ValueError, AttributeError):  # an unknown syntax: decoded where nothing else runs
+        return True
+
+
 def load_volume(
     series: SeriesInfo,
     rules: SelectionRules | None = None,
@@ -341,8 +361,8 @@ def load_volume(
         series: an eligible series from discovery.
         rules: selection rules (the spacing tolerance is used).
         on_slice: optional callback, called with 1 after each decoded slice.
-        pool: decode in these worker processes (``None``, 0 workers or a series shorter than
-            the pool's ``min_slices``: in this thread).
+        pool: decode in these worker processes (see :class:`DecodePool` for when;
+            ``None``: in this thread).
 
     Returns:
         The :class:`CtVolume`; its datasets keep every header attribute but no pixel data.
@@ -401,7 +421,7 @@ def load_volume(
     # fractional slice turns the volume into float32 (one copy, then no more).
     hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
     source: Iterator[HuArray]
-    if pool is not None and pool.workers > 0 and len(ordered) >= pool.min_slices:
+    if pool is not None and pool.runs(len(ordered), compressed=_compressed(ordered[0])):
         source = pool.iter_decode(tasks, uid)
     else:
         source = (_decode_file(task) for task in tasks)

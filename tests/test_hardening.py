@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -335,3 +336,41 @@ def test_a_touched_finished_series_keeps_its_row_until_replaced(
     assert result.exit_code == 0, result.output
     assert "pending" in result.stderr
     assert _rows(out) == [done]  # the last good row, volumes and status, stays
+
+
+# -- native decoders never run in the main process -------------------------------------------
+
+
+def _refuse_in_this_process(task: tuple[str, str, int]) -> object:
+    raise AssertionError(f"decoded in the main process: {task[1]}")
+
+
+# Pickled by reference under the real function's name, so a worker process (which imports
+# ggo_cli.volume afresh) runs the real decoder while this process would run the refusal.
+_refuse_in_this_process.__module__ = "ggo_cli.volume"
+_refuse_in_this_process.__qualname__ = "_decode_file"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_short_compressed_series_decode_in_a_worker_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
+) -> None:
+    """A crash inside a native decoder (JPEG, JPEG-LS, RLE, JPEG 2000) must not end the run:
+    compressed pixel data is decoded in a child process even for a short series and with
+    ``--decode-workers 0``. The main process's decode function is replaced by one that
+    fails: the volume still loads, so the child decoded it."""
+    from pydicom.uid import RLELossless
+
+    from ggo_cli.discovery import discover_series
+    from ggo_cli.volume import DecodePool, load_volume
+
+    fs = make_ct_series(tmp_path, shape=(12, 32, 32), transfer_syntax=RLELossless)
+    (series,) = discover_series([fs.root]).series
+    monkeypatch.setattr("ggo_cli.volume._decode_file", _refuse_in_this_process)
+    with DecodePool(workers) as pool:
+        np.testing.assert_array_equal(load_volume(series, pool=pool).hu, fs.hu)
+    # Uncompressed data of a short series stays in this process (no process start-up).
+    plain = make_ct_series(tmp_path, shape=(12, 32, 32), folder="plain")
+    (series,) = discover_series([plain.root]).series
+    with DecodePool(workers) as pool, pytest.raises(AssertionError, match="main process"):
+        load_volume(series, pool=pool)
