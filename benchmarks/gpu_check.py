@@ -1,4 +1,5 @@
-"""Inference throughput of ``ggo_cli.inference.OnnxSegmenter`` on CUDA (IO binding) and CPU.
+"""Inference throughput of ``ggo_cli.analysis.segmenter.OnnxSegmenter`` on CUDA (IO binding)
+and CPU.
 
 Measures, on one machine and in one run:
 
@@ -31,10 +32,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ggo_cli.analysis.preprocessing import preprocess_hu  # noqa: E402
+from ggo_cli.analysis.segmenter import OnnxSegmenter  # noqa: E402
 from ggo_cli.domain import CtVolume, SeriesInfo  # noqa: E402
-from ggo_cli.inference import OnnxSegmenter  # noqa: E402
-from ggo_cli.model_info import load_model_info  # noqa: E402
-from ggo_cli.preprocessing import preprocess_hu  # noqa: E402
+from ggo_cli.onnx.model_info import load_model_info  # noqa: E402
 
 
 def synthetic_hu(n: int, size: int = 512, seed: int = 0) -> np.ndarray:

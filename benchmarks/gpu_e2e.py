@@ -140,7 +140,7 @@ def _host() -> dict[str, Any]:
     ``--jobs``); the stages that scale with ``--jobs`` run on the CPU."""
     import platform
 
-    from ggo_cli.diagnostics import host_status
+    from ggo_cli.cli.info import host_status
 
     return {
         "platform": platform.platform(),
@@ -186,8 +186,8 @@ def main() -> int:
     if args.model is not None:
         runs = [(name, [*extra, "--model", str(args.model.resolve())]) for name, extra in runs]
 
-    from ggo_cli.ct_writer import write_ct_series
-    from ggo_cli.phantom import make_chest_phantom
+    from ggo_cli.synthetic.ct_writer import write_ct_series
+    from ggo_cli.synthetic.phantom import make_chest_phantom
 
     studies = args.work / "studies"
     stamp = studies / f".written-{args.studies}x{args.slices}"

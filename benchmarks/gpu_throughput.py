@@ -4,7 +4,7 @@ Issue 7 part 3. For the shipped ResNet-50U-Net at 512 x 512, on one GPU and in o
 
 - ORT CUDA, IO binding with device-resident fixed-shape input and output (what the card can
   do), for the shipped model (fp16 weights, fp32 compute) and the fp16 variant ggo-cli makes
-  (``ggo_cli.precision.fp16_model_bytes``: fp32 inputs and outputs), each with and without
+  (``ggo_cli.onnx.precision.fp16_model_bytes``: fp32 inputs and outputs), each with and without
   the CUDA provider's ``prefer_nhwc``;
 - the same with numpy input and output (host copies included);
 - PyTorch eager baseline on the same card: ``training.models`` ResNet-50U-Net (random weights:
@@ -176,8 +176,8 @@ def bench_torch(batch_sizes: list[int], size: int, repeats: int) -> list[dict[st
 def bench_explain(explain_path: Path, model_path: Path, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from ggo_cli.explain import cam_to_source, gradcam_plus_plus, normalise_per_slice
-    from ggo_cli.explain_graph import layer_subgraph
+    from ggo_cli.analysis.explainer import cam_to_source, gradcam_plus_plus, normalise_per_slice
+    from ggo_cli.onnx.explain_graph import layer_subgraph
 
     sub = layer_subgraph(explain_path, "decoder.2")
     cuda = ort_session(sub, nhwc=False, tf32=False)
@@ -253,8 +253,8 @@ def main() -> int:
     except Exception as exc:  # noqa: BLE001 - report, do not fail
         report["gpu"] = f"unknown ({exc})"
     size = 512
-    from ggo_cli.model_info import file_sha256
-    from ggo_cli.precision import fp16_model_bytes
+    from ggo_cli.onnx.model_info import file_sha256
+    from ggo_cli.onnx.precision import fp16_model_bytes
 
     digest = file_sha256(args.model)
     half = fp16_model_bytes(args.model, digest)  # exactly what ggo-cli runs
@@ -267,7 +267,7 @@ def main() -> int:
         else:
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
-            from ggo_cli.precision import fp32_model, upsampling_as_depth_to_space
+            from ggo_cli.onnx.precision import fp32_model, upsampling_as_depth_to_space
 
             full = fp32_model(args.model)
             upsampling_as_depth_to_space(full)

@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ct-dicom"
 sys.path.insert(0, str(ROOT))
 
-from ggo_cli.ct_writer import transcode_file, write_ct_series  # noqa: E402
-from ggo_cli.phantom import make_chest_phantom  # noqa: E402
+from ggo_cli.synthetic.ct_writer import transcode_file, write_ct_series  # noqa: E402
+from ggo_cli.synthetic.phantom import make_chest_phantom  # noqa: E402
 
 
 def build(work: Path, slices: int) -> dict[str, Any]:

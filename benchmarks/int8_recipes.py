@@ -2,9 +2,9 @@
 
 For each candidate recipe (quantizer settings applied to the shipped activation ranges), it
 
-- rebuilds the int8 model as ggo-cli does (:func:`ggo_cli.precision.quantize_int8`);
+- rebuilds the int8 model as ggo-cli does (:func:`ggo_cli.onnx.precision.quantize_int8`);
 - runs ggo-cli's self-check figures against float32 on the model's reference slices
-  (:func:`ggo_cli.variant_check.compare_masks`: GGO pixel change, pooled and worst-slice Dice);
+  (:func:`ggo_cli.onnx.variant_check.compare_masks`: GGO pixel change, pooled and worst-slice Dice);
 - scores float32 and int8 on the model card's 10 test slices (pooled GGO Dice), as
   ``python -m training quantize`` does;
 - times float32 and int8 with ONNX Runtime's CPU defaults in one process, alternating, two
@@ -88,13 +88,13 @@ def main() -> int:
     import numpy as np
     import onnxruntime as ort
 
+    from ggo_cli.cli.info import cpu_features
     from ggo_cli.config import default_model_path
-    from ggo_cli.diagnostics import cpu_features
-    from ggo_cli.int8_recipes import load_int8_spec
-    from ggo_cli.model_info import load_model_info
-    from ggo_cli.precision import graph_digest, quantize_int8
-    from ggo_cli.reference_slices import load_reference_set
-    from ggo_cli.variant_check import compare_masks
+    from ggo_cli.onnx.int8_recipes import load_int8_spec
+    from ggo_cli.onnx.model_info import load_model_info
+    from ggo_cli.onnx.precision import graph_digest, quantize_int8
+    from ggo_cli.onnx.reference_slices import load_reference_set
+    from ggo_cli.onnx.variant_check import compare_masks
     from training import data as training_data
     from training.quantize import _accuracy
     from training.splits import Split

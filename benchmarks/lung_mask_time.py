@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ggo_cli.discovery import discover_series  # noqa: E402
-from ggo_cli.lungs import segment_lungs  # noqa: E402
-from ggo_cli.volume import load_volume, usable_cores  # noqa: E402
+from ggo_cli.analysis.lungs import segment_lungs  # noqa: E402
+from ggo_cli.dicom.discovery import discover_series  # noqa: E402
+from ggo_cli.dicom.volume import load_volume, usable_cores  # noqa: E402
 
 
 def main() -> int:

@@ -57,11 +57,11 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
+    from ggo_cli.analysis.segmenter import OnnxSegmenter
     from ggo_cli.config import default_model_path
-    from ggo_cli.discovery import discover_series
-    from ggo_cli.inference import OnnxSegmenter
-    from ggo_cli.model_info import load_model_info
-    from ggo_cli.volume import load_volume
+    from ggo_cli.dicom.discovery import discover_series
+    from ggo_cli.dicom.volume import load_volume
+    from ggo_cli.onnx.model_info import load_model_info
 
     volume = load_volume(discover_series([args.input]).eligible[0])
     if args.slices:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ggo_cli.ct_writer import write_ct_series  # noqa: E402
-from ggo_cli.phantom import make_chest_phantom  # noqa: E402
+from ggo_cli.synthetic.ct_writer import write_ct_series  # noqa: E402
+from ggo_cli.synthetic.phantom import make_chest_phantom  # noqa: E402
 
 
 def main() -> int:

@@ -48,18 +48,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = ROOT.parent / "shared" / "data" / "ct-dicom" / "lung-pet-ct-dx-a0002" / "dicom"
 sys.path.insert(0, str(ROOT))
 
+from ggo_cli.analysis.preprocessing import preprocess_hu  # noqa: E402
+from ggo_cli.analysis.segmenter import OnnxSegmenter  # noqa: E402
+from ggo_cli.cli.info import cpu_features  # noqa: E402
 from ggo_cli.config import default_model_path  # noqa: E402
-from ggo_cli.ct_writer import (  # noqa: E402
+from ggo_cli.onnx.model_info import load_model_info  # noqa: E402
+from ggo_cli.synthetic.ct_writer import (  # noqa: E402
     SUPPORTED_TRANSFER_SYNTAXES,
     SeriesAttributes,
     transcode_file,
     write_ct_series,
 )
-from ggo_cli.diagnostics import cpu_features  # noqa: E402
-from ggo_cli.inference import OnnxSegmenter  # noqa: E402
-from ggo_cli.model_info import load_model_info  # noqa: E402
-from ggo_cli.phantom import make_chest_phantom  # noqa: E402
-from ggo_cli.preprocessing import preprocess_hu  # noqa: E402
+from ggo_cli.synthetic.phantom import make_chest_phantom  # noqa: E402
 
 JPEG_LOSSLESS_SV1 = "1.2.840.10008.1.2.4.70"
 

@@ -1,5 +1,5 @@
 """Allow ``python -m ggo_cli``."""
 
-from .cli import app
+from .cli.app import app
 
 app()

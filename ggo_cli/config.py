@@ -103,12 +103,12 @@ class RunConfig:
         explain_layer: the explained layer; ``None`` takes the explain graph's default.
         explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
         precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU); see
-            :class:`ggo_cli.precision.Precision`.
+            :class:`ggo_cli.onnx.precision.Precision`.
         decode_workers: processes that decode pixel data (``None``: one per usable core, at
             most 8, none on a single core; 0: decode in the main process).
         jobs: series processed at once, each whole in its own worker process (``None``: 1 on
             the CPU; on a GPU one per two usable cores, at most 8, within the host's and the
-            GPU's memory; see :func:`ggo_cli.series_pool.auto_jobs`).
+            GPU's memory; see :func:`ggo_cli.run.series_pool.auto_jobs`).
         lung_mask: segment the lungs, keep GGO inside them, report lung volumes and GGO per
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
         group_readable: output files ``0640`` and folders ``0750`` (``--group-readable``)

@@ -157,7 +157,7 @@ def _patient_values(path: str) -> tuple[tuple[str, str], ...]:
     """
     from pydicom.multival import MultiValue
 
-    from .budgets import HEADER_READ_BYTES, read_bounded
+    from .dicom.budgets import HEADER_READ_BYTES, read_bounded
 
     try:
         # bounded: a deflated file is never inflated past the header budget (issue 15)
@@ -227,7 +227,7 @@ class Prediction:
         predicted_ggo_voxels: GGO voxels as predicted (before any lung restriction; the
             masks may since have been restricted in place); 0 when not counted.
         near_threshold_voxels: of those, the voxels with a probability below the threshold +
-            0.1 (:data:`ggo_cli.quality.NEAR_THRESHOLD_BAND`), i.e. marginal calls.
+            0.1 (:data:`ggo_cli.analysis.quality.NEAR_THRESHOLD_BAND`), i.e. marginal calls.
     """
 
     masks: npt.NDArray[np.bool_]
@@ -304,7 +304,8 @@ class SeriesOutcome:
         seconds: wall time spent on the series.
         processed_at: ISO 8601 UTC time the series finished.
         reused: taken unchanged from the state store of an earlier run (nothing recomputed).
-        qc_flags: names of the quality flags raised (:class:`ggo_cli.quality.QcFlag`, in its
+        qc_flags: names of the quality flags raised
+            (:class:`ggo_cli.analysis.quality.QcFlag`, in its
             order); empty when nothing is flagged or the series was not analysed.
     """
 

@@ -34,7 +34,7 @@ def variant_check_cache(
 ) -> Iterator[Path]:
     """Each test gets its own self-check cache folder (never the user's) and no verdicts
     remembered in the process from an earlier test."""
-    from ggo_cli import variant_check
+    from ggo_cli.onnx import variant_check
 
     folder = tmp_path_factory.mktemp("ggo-cache")
     monkeypatch.setenv(variant_check.CACHE_ENV, str(folder))
@@ -65,7 +65,7 @@ def covid_slices_as_ct(out: Path, ids: list[str], size: int = 512) -> Path:
     """
     from PIL import Image
 
-    from ggo_cli.ct_writer import write_ct_series
+    from ggo_cli.synthetic.ct_writer import write_ct_series
 
     centre, width = COVID_WINDOW
     hu = []

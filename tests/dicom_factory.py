@@ -2,7 +2,7 @@
 
 :func:`make_ct_series` writes a valid CT series (a chest phantom by default) under
 ``tmp_path`` and returns a :class:`FactorySeries` with the ground truth in loader order (that of
-``ggo_cli.volume``): pixels as stored in the files, slices sorted by ascending position along
+``ggo_cli.dicom.volume``): pixels as stored in the files, slices sorted by ascending position along
 the slice normal ``row cosine x column cosine`` (feet to head for ``[1, 0, 0, 0, 1, 0]``).
 ``highdicom.get_volume_from_series`` stacks the same slices in the reverse order.
 
@@ -26,8 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from ggo_cli.ct_writer import SeriesAttributes, write_ct_series
-from ggo_cli.phantom import Phantom, make_chest_phantom, make_cube_phantom
+from ggo_cli.synthetic.ct_writer import SeriesAttributes, write_ct_series
+from ggo_cli.synthetic.phantom import Phantom, make_chest_phantom, make_cube_phantom
 
 UNEVEN_GAP_FACTOR = 1.5
 """With ``uneven_spacing`` the gap before the middle slice is this many slice spacings."""
@@ -134,7 +134,7 @@ def make_ct_series(
         flip_columns: negative column direction cosine, rows stored bottom-up.
         flip_rows: negative row direction cosine, columns stored right-to-left.
         phantom: ``True`` a chest phantom, ``False`` the noise-free cube phantom, or a
-            :class:`Phantom`, or HU in patient order (see ``ggo_cli.phantom``).
+            :class:`Phantom`, or HU in patient order (see ``ggo_cli.synthetic.phantom``).
         ggo_mask: the true GGO of an HU array (all False when omitted).
         transfer_syntax: transfer syntax of the series' files.
         missing_rescale_intercept: delete RescaleIntercept from every file.

@@ -15,7 +15,7 @@ import onnx
 from onnx import TensorProto, helper
 from pydicom.sr.codedict import codes
 
-from ggo_cli.model_info import code_to_json, stamp_metadata
+from ggo_cli.onnx.model_info import code_to_json, stamp_metadata
 
 WINDOW_CENTER = -600.0
 WINDOW_WIDTH = 1500.0
@@ -100,7 +100,7 @@ def write_band_model(
     return path
 
 
-# --- Explain graphs (GradCAM++ contract, see ggo_cli.explain_graph) ---------------------------
+# --- Explain graphs (GradCAM++ contract, see ggo_cli.onnx.explain_graph) -----------------
 
 EXPLAIN_GAIN = 50.0
 """Gain of the conv model's detector channels (logit per unit of windowed intensity)."""
@@ -216,7 +216,7 @@ def stamp_explain_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> dict
     """Write ``ggo_cli_explain`` metadata with the graph digest filled in (unless given)."""
     import json
 
-    from ggo_cli.model_info import graph_sha256
+    from ggo_cli.onnx.model_info import graph_sha256
 
     stamped = dict(meta)
     stamped.setdefault("sha256", graph_sha256(proto.graph.SerializeToString(deterministic=True)))

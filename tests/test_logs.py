@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from ggo_cli.logs import ThirdPartyDemotion, configure_logging
-from ggo_cli.phantom import make_cube_phantom
+from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import FactorySeries, make_ct_series
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +64,9 @@ def test_an_undecodable_series_logs_one_line_and_no_traceback(
     series = _undecodable_series(tmp_path / "in")
     result = _segment(tmp_path / "in", tmp_path / "out", band_model_path)
     assert result.returncode == 4, result.stderr  # every eligible series failed
-    failures = [line for line in result.stderr.splitlines() if " ERROR ggo_cli.pipeline: " in line]
+    failures = [
+        line for line in result.stderr.splitlines() if " ERROR ggo_cli.run.pipeline: " in line
+    ]
     assert len(failures) == 1
     assert series.series_instance_uid in failures[0]
     # Since the header budgets (issue 15) ggo-cli reads the JPEG 2000 header itself and fails
@@ -91,7 +93,7 @@ def test_third_party_warnings_and_errors_become_debug_records(
         record = logging.LogRecord(name, logging.ERROR, __file__, 1, "boom", None, None)
         assert not demotion.filter(record)
         assert (record.levelno, record.levelname) == (logging.DEBUG, "DEBUG")
-    for name in ("ggo_cli.pipeline", "pydicomx", "py.warnings"):
+    for name in ("ggo_cli.run.pipeline", "pydicomx", "py.warnings"):
         record = logging.LogRecord(name, logging.WARNING, __file__, 1, "kept", None, None)
         assert demotion.filter(record)
         assert record.levelno == logging.WARNING
@@ -108,7 +110,7 @@ def test_pydicom_has_no_stderr_handler_of_its_own() -> None:
     assert all(type(h) is logging.NullHandler for h in handlers)
 
 
-FORGED = "1.2.3\n2026-01-01 00:00:00,000 INFO ggo_cli.pipeline: forged\x1b[31m\r\x85\u2028\x7f"
+FORGED = "1.2.3\n2026-01-01 00:00:00,000 INFO ggo_cli.run.pipeline: forged\x1b[31m\r\x85\u2028\x7f"
 
 
 def test_escape_control_writes_every_control_character_visibly() -> None:
@@ -139,12 +141,14 @@ def test_a_record_with_control_characters_is_one_line_on_stderr_and_in_the_log_f
         records = [line for line in text.splitlines() if " ggo_cli.test: " in line]
         assert len(records) == 3, text
         assert "\x1b" not in text and "\r" not in text and "\x85" not in text, text
-        assert "\\n2026-01-01 00:00:00,000 INFO ggo_cli.pipeline: forged\\x1b[31m" in records[0]
+        assert "\\n2026-01-01 00:00:00,000 INFO ggo_cli.run.pipeline: forged\\x1b[31m" in records[0]
         # The traceback's lines cannot pass for records either.
         lines = text.splitlines()
         assert all(line in records or line.startswith("  | ") for line in lines), text
         assert "  | ValueError: 1.2.3" in lines, text  # the message's lines are prefixed too
-        forged = "  | 2026-01-01 00:00:00,000 INFO ggo_cli.pipeline: forged\\x1b[31m\\r\\x85\\u2028"
+        forged = (
+            "  | 2026-01-01 00:00:00,000 INFO ggo_cli.run.pipeline: forged\\x1b[31m\\r\\x85\\u2028"
+        )
         assert forged + "\\x7f" in lines, text
 
 
@@ -214,7 +218,7 @@ def test_the_log_file_is_created_owner_only_and_never_through_a_link(
 def test_an_unusable_log_file_is_one_line_and_exit_6(tmp_path: Path, restore_logging: None) -> None:
     from typer.testing import CliRunner
 
-    from ggo_cli.cli import app
+    from ggo_cli.cli.app import app
 
     planted = tmp_path / "planted.log"
     planted.symlink_to(tmp_path / "target.txt")

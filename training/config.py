@@ -13,8 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from ggo_cli.analysis.preprocessing import DEFAULT_WINDOW_CENTER_HU, DEFAULT_WINDOW_WIDTH_HU
 from ggo_cli.errors import InputError
-from ggo_cli.preprocessing import DEFAULT_WINDOW_CENTER_HU, DEFAULT_WINDOW_WIDTH_HU
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 Every source becomes a list of :class:`SourceSlice` (one axial slice at its own resolution, its
 binary GGO mask and an optional patient/study group), and from there a :class:`GridData` on the
-model grid via :func:`ggo_cli.preprocessing.to_model_grid` (images bilinear, masks bilinear then
+model grid via :func:`ggo_cli.analysis.preprocessing.to_model_grid` (images bilinear, masks
+bilinear then
 ``> 0.5``): the same letterbox and resize that inference uses.
 
 Layouts accepted by :func:`load_slices`:
@@ -36,13 +37,13 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from ggo_cli.errors import InputError
-from ggo_cli.preprocessing import (
+from ggo_cli.analysis.preprocessing import (
     DEFAULT_WINDOW_CENTER_HU,
     DEFAULT_WINDOW_WIDTH_HU,
     to_model_grid,
     window_hu,
 )
+from ggo_cli.errors import InputError
 
 log = logging.getLogger(__name__)
 

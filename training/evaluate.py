@@ -2,9 +2,10 @@
 
 Per slice: the windowed image (``pixel / 255`` for display images, ``window_hu`` for DICOM and
 NIfTI, with the model's window) is letterboxed and resized bilinearly to the model's input size
-(:func:`ggo_cli.preprocessing.to_model_grid`), the network gives logits, ``sigmoid`` gives
+(:func:`ggo_cli.analysis.preprocessing.to_model_grid`), the network gives logits, ``sigmoid`` gives
 probabilities, which go back bilinearly onto the slice's own pixel grid
-(:func:`~ggo_cli.preprocessing.to_source_grid`), and ``probability > threshold`` is compared with
+(:func:`~ggo_cli.analysis.preprocessing.to_source_grid`), and ``probability > threshold`` is
+compared with
 the ground truth there. Metrics are defined in :mod:`training.metrics`.
 """
 
@@ -19,8 +20,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from ggo_cli.analysis.preprocessing import sigmoid, to_model_grid, to_source_grid
 from ggo_cli.errors import InputError, ModelError
-from ggo_cli.preprocessing import sigmoid, to_model_grid, to_source_grid
 
 from .data import SourceSlice, load_slices
 from .metrics import Confusion, SegMetrics, confusion, summarize
@@ -90,7 +91,7 @@ class OnnxPredictor:
         """
         import onnxruntime as ort
 
-        from ggo_cli.model_info import load_model_info  # deferred: imports pydicom
+        from ggo_cli.onnx.model_info import load_model_info  # deferred: imports pydicom
 
         info = load_model_info(path)
         session = ort.InferenceSession(str(path), providers=list(providers))

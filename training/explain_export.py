@@ -1,6 +1,6 @@
 """Export the explain graph ``explain.onnx``: GradCAM++ inputs computed by ONNX Runtime alone.
 
-Contract (read by ``ggo_cli.explain_graph``; written next to the paired ``model.onnx``):
+Contract (read by ``ggo_cli.onnx.explain_graph``; written next to the paired ``model.onnx``):
 
 - inputs ``image`` float32 ``[N, 1, S, S]`` (preprocessed as for model.onnx) and ``target``
   float32 ``[N, 1, S, S]`` (the binary GGO mask on the model grid, the explanation target);
@@ -11,7 +11,7 @@ Contract (read by ``ggo_cli.explain_graph``; written next to the paired ``model.
 - dynamic batch axis ``N``;
 - ``metadata_props`` key ``ggo_cli_explain``: JSON with ``model_sha256`` (the ``sha256`` of the
   paired model.onnx's ``ggo_cli`` metadata), ``layers``, ``default_layer``, ``score``,
-  ``sha256`` (graph digest as in :func:`ggo_cli.model_info.graph_sha256`) and ``faithfulness``.
+  ``sha256`` (graph digest as in :func:`ggo_cli.onnx.model_info.graph_sha256`) and ``faithfulness``.
 
 How (STYLE.md section 12): ``torch.onnx.export`` cannot trace ``torch.autograd.grad``, so the
 forward and the backward are traced jointly with ``make_fx`` (symbolic shapes, core aten
@@ -369,7 +369,7 @@ def export_explain(
     import onnx
     import onnxruntime as ort
 
-    from ggo_cli.model_info import graph_sha256, load_model_info
+    from ggo_cli.onnx.model_info import graph_sha256, load_model_info
 
     from .explain_checks import check_pairing, fp16_cam_diff, gradient_errors
     from .export import cast_initializers_fp16
@@ -468,7 +468,7 @@ def export_explain(
 
 def update_model_folder(folder: Path, explain_path: Path, meta: Mapping[str, Any]) -> None:
     """Add the ``explain`` entry to ``model.json`` and list explain.onnx in ``SHA256SUMS``."""
-    from ggo_cli.model_info import file_sha256
+    from ggo_cli.onnx.model_info import file_sha256
 
     from .export import CARD_NAME, _write_text, write_sums
 

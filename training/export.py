@@ -6,7 +6,7 @@ float32; (2) ``onnx.checker``; (3) ONNX Runtime parity with PyTorch at a batch s
 the export's (rtol 1e-3, atol 1e-4; for float16 weights against the same fp16-rounded weights,
 plus agreement of the binary masks with the float32 model, >= 99.9 %); (4) the threshold chosen
 on the validation split and per-split metrics, measured with the exported file itself; (5) the
-``ggo_cli`` metadata via :func:`ggo_cli.model_info.stamp_metadata`, checked by
+``ggo_cli`` metadata via :func:`ggo_cli.onnx.model_info.stamp_metadata`, checked by
 ``load_model_info``; (6) the model card ``model.json`` and ``SHA256SUMS``.
 """
 
@@ -245,7 +245,7 @@ def build_metadata(
     """
     from pydicom.sr.codedict import codes
 
-    from ggo_cli.model_info import code_to_json
+    from ggo_cli.onnx.model_info import code_to_json
 
     if config.out_channels != 1:
         raise ModelError("export supports one output channel (GGO); retrain with out_channels 1")
@@ -366,7 +366,7 @@ def export_checkpoint(
     """
     import onnx
 
-    from ggo_cli.model_info import file_sha256, load_model_info, stamp_metadata
+    from ggo_cli.onnx.model_info import file_sha256, load_model_info, stamp_metadata
 
     checkpoint = load_checkpoint(checkpoint_path)
     model, config = model_from_checkpoint(checkpoint, "cpu")
@@ -482,7 +482,7 @@ def export_checkpoint(
 
 def _agreement_images(slices: Any, size: int) -> np.ndarray:
     """Model-grid images for the fp16 check: the data when known, else seeded noise."""
-    from ggo_cli.preprocessing import to_model_grid
+    from ggo_cli.analysis.preprocessing import to_model_grid
 
     if slices:
         return np.stack([to_model_grid(s.image_float(), size) for s in slices])
@@ -492,10 +492,10 @@ def _agreement_images(slices: Any, size: int) -> np.ndarray:
 def write_sums(folder: Path) -> None:
     """Write ``SHA256SUMS`` of the model folder's files that exist (model, card, explain
     graph, int8 recipes, reference slices), atomically."""
-    from ggo_cli.explain_graph import EXPLAIN_NAME
-    from ggo_cli.int8_recipes import INT8_SPEC_NAME
-    from ggo_cli.model_info import file_sha256
-    from ggo_cli.reference_slices import REFERENCE_SET_NAME
+    from ggo_cli.onnx.explain_graph import EXPLAIN_NAME
+    from ggo_cli.onnx.int8_recipes import INT8_SPEC_NAME
+    from ggo_cli.onnx.model_info import file_sha256
+    from ggo_cli.onnx.reference_slices import REFERENCE_SET_NAME
 
     listed = (MODEL_NAME, CARD_NAME, EXPLAIN_NAME, INT8_SPEC_NAME, REFERENCE_SET_NAME)
     names = [n for n in listed if (folder / n).is_file()]

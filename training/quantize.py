@@ -2,7 +2,7 @@
 
 ``python -m training quantize --model exported_models/ggo-resnet50-unet/model.onnx --data
 ../shared/data/covid-semiseg-train`` runs ggo-cli's own int8 steps
-(:func:`ggo_cli.precision.quantize_int8`: fold the float16 weight casts, ONNX Runtime's
+(:func:`ggo_cli.onnx.precision.quantize_int8`: fold the float16 weight casts, ONNX Runtime's
 ``quant_pre_process`` without symbolic shapes, ``quantize_static`` QDQ with per-channel int8
 weights) calibrated on slices of the model card's *train* split, then
 
@@ -38,17 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from ggo_cli.diagnostics import cpu_features
+from ggo_cli.cli.info import cpu_features
 from ggo_cli.errors import InputError
-from ggo_cli.int8_recipes import (
+from ggo_cli.onnx.int8_recipes import (
     INT8_SPEC_FORMAT,
     INT8_SPEC_FORMAT_1,
     INT8_SPEC_NAME,
     MAX_INT8_DICE_CHANGE,
     VNNI_FLAGS,
 )
-from ggo_cli.model_info import file_sha256, load_model_info
-from ggo_cli.precision import graph_digest, quantize_int8
+from ggo_cli.onnx.model_info import file_sha256, load_model_info
+from ggo_cli.onnx.precision import graph_digest, quantize_int8
 
 from . import data as training_data
 from .evaluate import OnnxPredictor, predict_probabilities
@@ -329,7 +329,7 @@ def make_int8_recipe(
             "use": "ggo-cli rebuilds the int8 model on the CPU (--precision auto) from the first "
             "recipe that fits the CPU's features, when its graph digest matches "
             "int8_graph_sha256 and it agrees with float32 on the reference slices on that "
-            "machine (ggo_cli.variant_check)",
+            "machine (ggo_cli.onnx.variant_check)",
             "recipes": [
                 {
                     "name": r["name"],

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ggo_cli.model_info import load_model_info
-from ggo_cli.phantom import make_chest_phantom
-from ggo_cli.preprocessing import preprocess_hu
-from ggo_cli.reference_slices import REFERENCE_SET_NAME, write_reference_set
+from ggo_cli.analysis.preprocessing import preprocess_hu
+from ggo_cli.onnx.model_info import load_model_info
+from ggo_cli.onnx.reference_slices import REFERENCE_SET_NAME, write_reference_set
+from ggo_cli.synthetic.phantom import make_chest_phantom
 
 from . import data as training_data
 
@@ -43,8 +43,8 @@ CT_SLICE_INDICES = (10, 20)
 def _ct_slices(folder: Path, indices: tuple[int, ...]) -> list[np.ndarray]:
     """HU of the chosen slices of the one eligible CT series in a folder, loaded as
     ``ggo-cli segment`` loads it (sorted along the slice normal)."""
-    from ggo_cli.discovery import discover_series
-    from ggo_cli.volume import load_volume
+    from ggo_cli.dicom.discovery import discover_series
+    from ggo_cli.dicom.volume import load_volume
 
     eligible = [s for s in discover_series([folder]).series if s.eligible]
     if len(eligible) != 1:
@@ -89,7 +89,7 @@ def make_reference_set(model_path: Path, data: Path, ct_folder: Path) -> tuple[P
     card["reference_slices"] = {
         "file": REFERENCE_SET_NAME,
         "use": "ggo-cli checks a model variant (int8 on the CPU, fp16 on CUDA) against float32 "
-        "on these inputs on each machine before using it (ggo_cli.variant_check)",
+        "on these inputs on each machine before using it (ggo_cli.onnx.variant_check)",
         "format": "npz: images uint8 [n, S, S] (model input x 255, on the model grid), names",
         "slices": names,
         "sources": [

@@ -11,7 +11,7 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
   "Left lung", category Anatomical Structure (91723000, SCT), type Lung (39607008, SCT) with
   the laterality Right (24028007, SCT) / Left (7771000, SCT) in the Segmented Property Type
   Modifier Code Sequence, algorithm ``ggo-cli lung mask`` (family Morphological Operations,
-  threshold -320 HU) from :mod:`ggo_cli.lungs`.
+  threshold -320 HU) from :mod:`ggo_cli.analysis.lungs`.
 - One frame per source slice and segment, empty frames included (``omit_empty_frames=False``),
   so a GGO-free series still yields a SEG that says "analysed, nothing found". Each frame
   references its source CT instance (Derivation Image Sequence); the Referenced Series
@@ -56,7 +56,7 @@ from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, OutputError, UnsupportedSeriesError
 from ..fsutil import OutputTree, atomic_write_path
-from ..model_info import ModelInfo
+from ..onnx.model_info import ModelInfo
 from .seg_segments import (
     SEG_MANUFACTURER,
     algorithm_equipment,
@@ -66,7 +66,7 @@ from .seg_segments import (
 from .seg_verify import seg_masks, verify_seg
 
 if TYPE_CHECKING:
-    from ..lungs import LungMasks
+    from ..analysis.lungs import LungMasks
 
 __all__ = [
     "build_seg",

@@ -23,10 +23,10 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from ..analysis.explainer import Explanation
+from ..analysis.preprocessing import window_hu
 from ..domain import CtVolume
-from ..explain import Explanation
 from ..fsutil import OutputTree, atomic_write_path, ensure_folder
-from ..preprocessing import window_hu
 from .overlay_png import BACKGROUND_RGB, LABEL_PX, TEXT_RGB, render_slice, slice_png_name
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def write_gradcam_pngs(
 
     Args:
         volume: the CT volume.
-        explanation: the maps (:meth:`ggo_cli.explain.OnnxExplainer.explain`).
+        explanation: the maps (:meth:`ggo_cli.analysis.explainer.OnnxExplainer.explain`).
         folder: where to write (created if needed; nothing is created for no slices).
         window_center_hu: display window centre in HU (the model's lung window).
         window_width_hu: display window width in HU.

@@ -22,9 +22,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
+from ..analysis.preprocessing import window_hu
 from ..domain import CtVolume
 from ..fsutil import OutputTree, atomic_write_path, ensure_folder
-from ..preprocessing import window_hu
 
 log = logging.getLogger(__name__)
 

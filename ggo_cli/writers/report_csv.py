@@ -18,7 +18,7 @@ Missing values are empty cells. Numbers are written the same way on every run an
   6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
   an escape character;
 - ``study_date``: ISO 8601 ``YYYY-MM-DD`` (from DICOM ``YYYYMMDD``; other values as found);
-- ``qc_flags``: the series' quality flags (:class:`ggo_cli.quality.QcFlag` names, in that
+- ``qc_flags``: the series' quality flags (:class:`ggo_cli.analysis.quality.QcFlag` names, in that
   order) joined by ``;``; empty when nothing is flagged or the series was not analysed.
 
 Every text cell (UIDs and dates included: they come from headers too) has its control
@@ -41,10 +41,10 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from ..analysis.quality import format_flags
 from ..domain import SeriesOutcome
 from ..fsutil import atomic_write_text
 from ..logs import escape_control
-from ..quality import format_flags
 
 log = logging.getLogger(__name__)
 

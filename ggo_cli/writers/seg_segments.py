@@ -9,7 +9,7 @@ import highdicom as hd
 from pydicom.sr.codedict import codes
 
 from .. import __version__
-from ..model_info import ModelInfo
+from ..onnx.model_info import ModelInfo
 from .seg_verify import LUNG_SEGMENTS
 
 SEG_MANUFACTURER = "ggo-cli"
@@ -32,7 +32,7 @@ SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
 
 def lung_descriptions(first_number: int) -> list[hd.seg.SegmentDescription]:
     """Right and left lung segments, numbered from ``first_number``."""
-    from ..lungs import LUNG_THRESHOLD_HU  # deferred: lungs imports SimpleITK
+    from ..analysis.lungs import LUNG_THRESHOLD_HU  # deferred: lungs imports SimpleITK
 
     algorithm = hd.AlgorithmIdentificationSequence(
         name=LUNG_ALGORITHM_NAME,

@@ -23,10 +23,10 @@ from pydicom.uid import SegmentationStorage
 
 from ..domain import CtVolume, Prediction
 from ..errors import OutputError
-from ..model_info import ModelInfo
+from ..onnx.model_info import ModelInfo
 
 if TYPE_CHECKING:
-    from ..lungs import LungMasks
+    from ..analysis.lungs import LungMasks
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def segment_planes(
         The planes, and the lung masks (contiguous views of planes ``channels`` and
         ``channels + 1``).
     """
-    from ..lungs import LungMasks  # runtime import: lungs imports SimpleITK
+    from ..analysis.lungs import LungMasks  # runtime import: lungs imports SimpleITK
 
     planes = np.zeros((n_channels + 2, *shape), dtype=np.bool_)
     return planes, LungMasks(right=planes[n_channels], left=planes[n_channels + 1])

@@ -17,8 +17,8 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
+from tests.dicom.test_budgets import _deflate_bomb
 from tests.dicom_factory import make_ct_series
-from tests.test_budgets import _deflate_bomb
 
 REPO = Path(__file__).resolve().parents[2]
 RSS_LIMIT_BYTES = 2 << 30

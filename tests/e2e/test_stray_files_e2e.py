@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from tests.dicom_factory import make_ct_series
-from tests.test_precision import _conv_model_with_recipe
+from tests.onnx.test_precision import _conv_model_with_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED_MODEL = REPO / "exported_models" / "ggo-resnet50-unet" / "model.onnx"

@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ggo_cli import variant_check
+from ggo_cli.onnx import variant_check
 from tests.dicom_factory import make_ct_series
-from tests.test_precision import _conv_model_with_recipe
+from tests.onnx.test_precision import _conv_model_with_recipe
 
 
 def test_worker_processes_share_one_self_check(tmp_path: Path, variant_check_cache: Path) -> None:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ggo_cli.analysis.preprocessing import to_model_grid
 from ggo_cli.errors import InputError
-from ggo_cli.preprocessing import to_model_grid
 from tests.shared_data import COVID_SLICES_DIR, DCMQI_DIR, require_shared
 from tests.training.conftest import synthetic_slices
 from training.data import load_grid, load_slices, pack, read_packed_slices
@@ -191,7 +191,7 @@ def test_training_imports_stay_light() -> None:
         "import sys, training.cli, training.loop, training.export, training.evaluate, "
         "training.compare, training.models, training.augment\n"
         "heavy = [m for m in ('PIL', 'pydicom', 'highdicom', 'SimpleITK', 'onnx', "
-        "'onnxruntime', 'ggo_cli.model_info') if m in sys.modules]\n"
+        "'onnxruntime', 'ggo_cli.onnx.model_info') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     root = Path(__file__).resolve().parents[2]

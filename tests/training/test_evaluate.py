@@ -12,8 +12,8 @@ from onnx import TensorProto, helper
 from PIL import Image
 from pydicom.sr.codedict import codes
 
-from ggo_cli.model_info import code_to_json, stamp_metadata
-from ggo_cli.preprocessing import sigmoid, to_model_grid, to_source_grid
+from ggo_cli.analysis.preprocessing import sigmoid, to_model_grid, to_source_grid
+from ggo_cli.onnx.model_info import code_to_json, stamp_metadata
 from training.cli import main
 from training.evaluate import evaluate_model
 from training.metrics import confusion, summarize

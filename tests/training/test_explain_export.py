@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ggo_cli.model_info import file_sha256, graph_sha256, load_model_info
+from ggo_cli.onnx.model_info import file_sha256, graph_sha256, load_model_info
 from training.checkpoints import load_checkpoint, model_from_checkpoint
 from training.cli import main
 from training.explain_export import (

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from ggo_cli.model_info import load_model_info
+from ggo_cli.onnx.model_info import load_model_info
 from training.cli import main
 from training.compare import compare_runs, render_markdown
 from training.evaluate import THRESHOLD_GRID

@@ -11,9 +11,9 @@ import onnx
 import pytest
 
 from ggo_cli.errors import InputError
-from ggo_cli.int8_recipes import INT8_SPEC_FORMAT, VNNI_FLAGS, load_int8_spec
-from ggo_cli.model_info import load_model_info
-from ggo_cli.precision import int8_model_bytes
+from ggo_cli.onnx.int8_recipes import INT8_SPEC_FORMAT, VNNI_FLAGS, load_int8_spec
+from ggo_cli.onnx.model_info import load_model_info
+from ggo_cli.onnx.precision import int8_model_bytes
 from training.export import ExportResult
 from training.quantize import make_int8_recipe
 

@@ -8,7 +8,7 @@ import pydicom
 import pytest
 
 from ggo_cli.domain import CtVolume, Prediction
-from ggo_cli.model_info import ModelInfo
+from ggo_cli.onnx.model_info import ModelInfo
 from tests.shared_data import DCMQI_CT, REAL_CT_DIR
 from tests.writers.ct_data import blob_masks, load_ct_volume, make_model
 

@@ -2,7 +2,7 @@
 
 The volumes are loaded with pydicom alone (headers without pixel data, slices sorted by
 position along the slice normal, HU = stored value x slope + intercept), so the writer tests
-do not depend on ``ggo_cli.volume``.
+do not depend on ``ggo_cli.dicom.volume``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from pydicom.sr.codedict import codes
 
 from ggo_cli.domain import CtVolume, SeriesInfo
-from ggo_cli.model_info import ModelInfo, SegmentSpec
+from ggo_cli.onnx.model_info import ModelInfo, SegmentSpec
 from tests.shared_data import require_shared
 
 MODEL_SHA256 = "0123456789abcdef" * 4

@@ -15,11 +15,11 @@ from numpy.testing import assert_array_equal
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
+from ggo_cli.analysis.lungs import LungMasks
 from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
-from ggo_cli.lungs import LungMasks
-from ggo_cli.model_info import ModelInfo
+from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
 from ggo_cli.writers.seg_verify import (

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset
 
+from ggo_cli.analysis.explainer import Explanation
 from ggo_cli.domain import CtVolume, SeriesInfo
-from ggo_cli.explain import Explanation
 from ggo_cli.writers.gradcam_png import (
     COLOURBAR_LABEL_PX,
     COLOURBAR_PX,

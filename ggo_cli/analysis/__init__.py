@@ -1,0 +1,2 @@
+"""Image analysis: preprocessing (shared with training), segmenter, lungs, masks,
+measurements, quality flags, explainer."""

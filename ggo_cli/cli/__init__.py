@@ -1,0 +1,1 @@
+"""The ``ggo-cli`` command line: commands, shared options, what it shows, ``info`` and ``demo``."""

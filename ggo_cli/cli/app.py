@@ -1,0 +1,521 @@
+"""The ``ggo-cli`` command line: options -> RunConfig, progress, errors -> exit codes.
+
+This is the only module that catches :class:`~ggo_cli.errors.GgoError`, prints to stdout or
+exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible series; 4 every
+eligible series failed; 5 model or device error; 6 output error; 7 some series failed while
+others succeeded; 8 another run holds the output folder; 1 an unexpected error (a bug).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .. import __version__
+from ..analysis.explainer import ExplainSlices
+from ..config import (
+    AXIAL_TOLERANCE_DEG,
+    ENV_MODEL,
+    ENV_PSEUDONYM_SALT,
+    MIN_SLICES,
+    SEG_SERIES_DESCRIPTION,
+    SEG_SERIES_NUMBER,
+    SETTLE_MINUTES,
+    SPACING_TOLERANCE,
+    PngMode,
+    RunConfig,
+    SelectionRules,
+    default_model_path,
+)
+from ..domain import SeriesStatus
+from ..errors import (
+    EXIT_BUG,
+    GgoError,
+    ModelError,
+    NoEligibleSeriesError,
+    OutputError,
+)
+from ..logs import configure_logging, level_from_flags, quiet_pydicom
+from ..onnx.precision import Precision
+from .display import (
+    all_pending_note,
+    exit_code,
+    progress_display,
+    review_lines,
+    stderr_console,
+    summary_table,
+)
+from .options import (
+    AxialToleranceOpt,
+    BatchOpt,
+    DecodeWorkersOpt,
+    DeviceOpt,
+    ExplainOpt,
+    ForceOpt,
+    GroupReadableOpt,
+    IncludePatientIdOpt,
+    InputsArg,
+    JobsOpt,
+    JsonOpt,
+    LayerOpt,
+    LungMaskOpt,
+    MinSlicesOpt,
+    ModelOpt,
+    NoProgressOpt,
+    OutOpt,
+    PngOpt,
+    PrecisionOpt,
+    PseudonymizeOpt,
+    SegSeriesDescriptionOpt,
+    SegSeriesNumberOpt,
+    SeriesOpt,
+    SettleOpt,
+    SlicesOpt,
+    SpacingToleranceOpt,
+    ThresholdOpt,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MIN_SALT_CHARS = 16
+
+app = typer.Typer(
+    name="ggo-cli",
+    help=(
+        "Ground-glass opacity (GGO) segmentation and volumetry for chest CT.\n\n"
+        "Research use only: outputs are not a diagnosis."
+    ),
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+class _State:
+    debug: bool = False
+
+
+_state = _State()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"ggo-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version_callback, is_eager=True, help="Show the version."
+        ),
+    ] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More log detail (-vv).")
+    ] = 0,
+    quiet: Annotated[
+        int, typer.Option("--quiet", "-q", count=True, help="Only warnings (-qq: errors).")
+    ] = 0,
+    log_file: Annotated[
+        Path | None, typer.Option("--log-file", help="Also log to this file (rotated at 10 MiB).")
+    ] = None,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show tracebacks of unexpected errors.")
+    ] = False,
+) -> None:
+    """Ground-glass opacity segmentation for chest CT (research use only)."""
+    try:
+        configure_logging(level_from_flags(verbose + (1 if debug else 0), quiet), log_file=log_file)
+    except OSError as exc:  # logging is not set up yet: say it plainly and stop
+        typer.echo(
+            f"cannot open the log file {log_file}: {exc.strerror or exc} (a link there is "
+            "refused; choose a writable --log-file)",
+            err=True,
+        )
+        raise typer.Exit(OutputError.exit_code) from None
+    # Malformed values are reported by pydicom with their content (dates, names): keep them out.
+    quiet_pydicom()
+    _state.debug = debug
+
+
+def _guarded(action: Callable[[], T]) -> T:
+    """Run a command body at the error boundary: GgoError -> its exit code, anything else -> 1."""
+    try:
+        return action()
+    except GgoError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(exc.exit_code) from None
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        log.error(
+            "unexpected %s: %s (a bug; rerun with --debug for the traceback)",
+            type(exc).__name__,
+            exc,
+        )
+        if _state.debug:
+            log.exception("traceback")
+        raise typer.Exit(EXIT_BUG) from None
+
+
+def _resolve_model(model: Path | None) -> Path:
+    if model is not None:
+        return model
+    path = default_model_path()
+    if not path.is_file():
+        raise ModelError(
+            f"no --model given and the default model {path} is not present; pass --model PATH "
+            f"or set {ENV_MODEL}"
+        )
+    return path
+
+
+def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
+    from ..run.manifest import summary_json
+    from ..run.runner import run_segment
+
+    with progress_display(show_progress, 0) as sink:
+        result = run_segment(cfg, progress=sink)
+    if sys.stderr.isatty():
+        stderr_console.print(summary_table(result.outcomes))
+    if as_json:
+        typer.echo(json.dumps(summary_json(result), indent=2))
+    else:
+        typer.echo(str(result.csv_path))
+    for line in review_lines(result.outcomes):  # flagged series, also in cron logs
+        log.warning("%s", line)
+    code = exit_code(result.outcomes)
+    pending_note = all_pending_note(result.outcomes, cfg.settle_minutes)
+    if pending_note is not None:
+        log.warning("%s", pending_note)
+    if code == NoEligibleSeriesError.exit_code:
+        log.error(
+            "no eligible CT series among %d found (%d files); see %s for the reasons",
+            len(result.outcomes),
+            result.discovery.n_files,
+            result.csv_path or "the messages above",
+        )
+    elif code != 0:
+        log.error(
+            "%d of %d series failed; see %s",
+            sum(o.status is SeriesStatus.FAILED for o in result.outcomes),
+            len(result.outcomes),
+            result.csv_path or "the messages above",
+        )
+    return code
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ggo-cli segment /data/studies --out results\n\n"
+        "  ggo-cli segment study1 study2 --out results --device cuda --batch-size 32 --json\n\n"
+        "  ggo-cli -v --log-file ggo.log segment /data/studies -o results --png all"
+    )
+)
+def segment(
+    inputs: InputsArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    threshold: ThresholdOpt = None,
+    png: PngOpt = PngMode.OVERLAY,
+    series: SeriesOpt = None,
+    min_slices: MinSlicesOpt = MIN_SLICES,
+    axial_tolerance: AxialToleranceOpt = AXIAL_TOLERANCE_DEG,
+    spacing_tolerance: SpacingToleranceOpt = SPACING_TOLERANCE,
+    include_patient_id: IncludePatientIdOpt = False,
+    series_number: SegSeriesNumberOpt = SEG_SERIES_NUMBER,
+    series_description: SegSeriesDescriptionOpt = SEG_SERIES_DESCRIPTION,
+    settle: SettleOpt = SETTLE_MINUTES,
+    force: ForceOpt = False,
+    pseudonymize: PseudonymizeOpt = False,
+    explain: ExplainOpt = False,
+    layer: LayerOpt = None,
+    slices: SlicesOpt = ExplainSlices.GGO,
+    lung_mask: LungMaskOpt = True,
+    precision: PrecisionOpt = Precision.AUTO,
+    decode_workers: DecodeWorkersOpt = None,
+    jobs: JobsOpt = None,
+    group_readable: GroupReadableOpt = False,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Segment GGO in every chest CT series found below INPUTS.
+
+    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/ggo.seg.dcm (DICOM-SEG) and
+    overlay.png, plus <out>/ggo_volumes.csv (one row per CT series) and <out>/run_manifest.json.
+    """
+
+    def body() -> int:
+        cfg = RunConfig(
+            inputs=tuple(inputs),
+            out_dir=out,
+            model_path=_resolve_model(model),
+            device=device,
+            batch_size=batch_size,
+            threshold=threshold,
+            selection=SelectionRules(
+                min_slices=min_slices,
+                axial_tolerance_deg=axial_tolerance,
+                spacing_tolerance=spacing_tolerance,
+                series_uids=tuple(series or ()),
+            ),
+            png_mode=png,
+            include_patient_id=include_patient_id,
+            seg_series_number=series_number,
+            seg_series_description=_check_description(series_description),
+            settle_minutes=settle,
+            force=force,
+            pseudonym_salt=_pseudonym_salt(pseudonymize, include_patient_id),
+            explain=explain,
+            explain_layer=layer,
+            explain_slices=slices.value,
+            lung_mask=lung_mask,
+            precision=precision.value,
+            decode_workers=decode_workers,
+            jobs=jobs,
+            group_readable=group_readable,
+        )
+        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ggo-cli explain /data/studies --out results\n\n"
+        "  ggo-cli explain /data/studies --out results --slices all --layer decoder.2"
+    )
+)
+def explain(
+    inputs: InputsArg,
+    out: OutOpt,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    threshold: ThresholdOpt = None,
+    layer: LayerOpt = None,
+    slices: SlicesOpt = ExplainSlices.GGO,
+    series: SeriesOpt = None,
+    min_slices: MinSlicesOpt = MIN_SLICES,
+    settle: SettleOpt = SETTLE_MINUTES,
+    lung_mask: LungMaskOpt = True,
+    jobs: JobsOpt = None,
+    group_readable: GroupReadableOpt = False,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Draw GradCAM++ heat maps of what drove each GGO call, with ONNX Runtime alone.
+
+    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/gradcam.npz (cam, mask,
+    sop_instance_uids) and gradcam/slice_NNNN.png (CT | segmentation | GradCAM++). Needs
+    explain.onnx next to the model. Does not write SEG, CSV or state (use segment --explain).
+    """
+
+    def body() -> int:
+        cfg = RunConfig(
+            inputs=tuple(inputs),
+            out_dir=out,
+            model_path=_resolve_model(model),
+            device=device,
+            batch_size=batch_size,
+            threshold=threshold,
+            selection=SelectionRules(min_slices=min_slices, series_uids=tuple(series or ())),
+            png_mode=PngMode.NONE,
+            settle_minutes=settle,
+            explain=True,
+            explain_only=True,
+            explain_layer=layer,
+            explain_slices=slices.value,
+            lung_mask=lung_mask,
+            jobs=jobs,
+            group_readable=group_readable,
+        )
+        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+def _pseudonym_salt(pseudonymize: bool, include_patient_id: bool) -> str | None:
+    from ..errors import InputError
+
+    if not pseudonymize:
+        return None
+    if include_patient_id:
+        raise InputError("--pseudonymize and --include-patient-id exclude each other; pick one")
+    salt = os.environ.get(ENV_PSEUDONYM_SALT, "")
+    if len(salt) < MIN_SALT_CHARS:
+        raise InputError(
+            f"--pseudonymize needs a secret salt of at least {MIN_SALT_CHARS} characters in "
+            f"{ENV_PSEUDONYM_SALT} (keep it the same across runs to keep pseudonyms stable)"
+        )
+    return salt
+
+
+def _check_description(text: str) -> str:
+    from ..errors import InputError
+
+    if len(text) > 64 or "\\" in text:
+        raise InputError(
+            f"--seg-series-description is {len(text)} characters; "
+            "DICOM allows at most 64 and no backslash"
+        )
+    return text
+
+
+@app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results")
+def demo(
+    out: OutOpt = Path("ggo-demo-results"),
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    slices: Annotated[
+        int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")
+    ] = 48,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic study.")] = 0,
+    precision: PrecisionOpt = Precision.AUTO,
+    force: ForceOpt = False,
+    study_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--study-dir",
+            help="Keep the synthetic DICOM study here (default: a scratch folder in the cache "
+            "folder, removed after the run).",
+        ),
+    ] = None,
+    no_progress: NoProgressOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a synthetic chest CT study (with GGO of known volume) as DICOM and segment it.
+
+    Needs no data and no network: a quick check that an installation works end to end.
+    """
+
+    def body() -> int:
+        from ..run.manifest import summary_json
+        from ..run.runner import run_segment
+        from ..scratch import scratch_folder
+        from ..synthetic.ct_writer import write_ct_series
+        from ..synthetic.phantom import make_chest_phantom
+        from .demo import compare_with_truth
+
+        model_path = _resolve_model(model)
+        # The synthetic study goes to the documented cache folder's scratch (swept if killed).
+        with scratch_folder("demo-", redirect_tempfile=False) as tmp:
+            folder = study_dir or tmp / "study"
+            phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
+            paths = write_ct_series(phantom, folder, seed=seed)
+            log.info(
+                "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
+            )
+            cfg = RunConfig(
+                inputs=(folder,),
+                out_dir=out,
+                model_path=model_path,
+                device=device,
+                precision=precision.value,
+                force=force,
+            )
+            with progress_display(not no_progress, 1) as sink:
+                result = run_segment(cfg, progress=sink)
+            code = exit_code(result.outcomes)
+            (outcome,) = result.outcomes
+            check = None
+            if outcome.seg_path is not None:
+                check = compare_with_truth(phantom, paths, outcome.seg_path)
+                log.info(
+                    "demo: true GGO %.2f mL, measured %.2f mL, Dice %.3f (a synthetic phantom; "
+                    "the model was trained on real COVID-19 CT)",
+                    check.true_ggo_ml,
+                    check.measured_ggo_ml,
+                    check.dice,
+                )
+                if check.measured_lung_ml is not None:
+                    log.info(
+                        "demo: lungs true %.0f + %.0f mL (right + left), measured %.0f + %.0f mL",
+                        *check.true_lung_ml,
+                        *check.measured_lung_ml,
+                    )
+        if sys.stderr.isatty():
+            stderr_console.print(summary_table(result.outcomes))
+        if as_json:
+            summary = summary_json(result)
+            if check is not None:
+                summary["demo"] = {
+                    "true_ggo_ml": round(check.true_ggo_ml, 3),
+                    "measured_ggo_ml": round(check.measured_ggo_ml, 3),
+                    "dice": round(check.dice, 4),
+                    "true_lung_ml": [round(v, 1) for v in check.true_lung_ml],
+                    "measured_lung_ml": (
+                        [round(v, 1) for v in check.measured_lung_ml]
+                        if check.measured_lung_ml is not None
+                        else None
+                    ),
+                }
+            typer.echo(json.dumps(summary, indent=2))
+        else:
+            typer.echo(str(result.csv_path))
+        if code:
+            log.error("demo failed: %s", outcome.message or outcome.status.value)
+        return code
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    model: ModelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Also check that this output folder is writable."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check this installation: versions, ONNX Runtime providers, DICOM decoders, the model's
+    integrity against its recorded sha256, and (with --out) write access.
+
+    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable.
+    """
+
+    def body() -> int:
+        from .info import collect_info, output_status
+
+        report: dict[str, Any] = collect_info(model or default_model_path())
+        if out is not None:
+            report["output_folder"] = output_status(out)
+        if as_json:
+            typer.echo(json.dumps(report, indent=2))
+        else:
+            for key, value in report.items():
+                typer.echo(f"{key}: {json.dumps(value)}")
+        if not report["model"].get("ok"):
+            return ModelError.exit_code
+        if out is not None and not report["output_folder"]["writable"]:
+            return OutputError.exit_code
+        return 0
+
+    code = _guarded(body)
+    if code:
+        raise typer.Exit(code)

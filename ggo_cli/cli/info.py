@@ -1,0 +1,234 @@
+"""``ggo-cli info``: what this installation can do (providers, decoders, model integrity)."""
+
+from __future__ import annotations
+
+import functools
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..errors import GgoError
+
+TRANSFER_SYNTAXES = {
+    "1.2.840.10008.1.2": "Implicit VR Little Endian",
+    "1.2.840.10008.1.2.1": "Explicit VR Little Endian",
+    "1.2.840.10008.1.2.5": "RLE Lossless",
+    "1.2.840.10008.1.2.4.50": "JPEG Baseline",
+    "1.2.840.10008.1.2.4.51": "JPEG Extended",
+    "1.2.840.10008.1.2.4.57": "JPEG Lossless",
+    "1.2.840.10008.1.2.4.70": "JPEG Lossless SV1",
+    "1.2.840.10008.1.2.4.80": "JPEG-LS Lossless",
+    "1.2.840.10008.1.2.4.81": "JPEG-LS Near-lossless",
+    "1.2.840.10008.1.2.4.90": "JPEG 2000 Lossless",
+    "1.2.840.10008.1.2.4.91": "JPEG 2000",
+}
+_PACKAGES = (
+    "ggo-cli",
+    "numpy",
+    "pydicom",
+    "highdicom",
+    "SimpleITK",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "pylibjpeg",
+    "pylibjpeg-libjpeg",
+    "pylibjpeg-openjpeg",
+    "pylibjpeg-rle",
+    "pyjpegls",
+    "python-gdcm",
+    "pillow",
+    "typer",
+    "rich",
+)
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+"""Vector extensions that decide int8 and bf16 inference speed."""
+
+
+@functools.lru_cache(maxsize=1)
+def read_cpuinfo() -> tuple[str, frozenset[str] | None]:
+    """This CPU's model name and all its feature flags, from Linux ``/proc/cpuinfo`` (read
+    once a process; ``("", None)`` elsewhere, flags ``None`` when no flags line was found).
+    The first processor's entry speaks for all."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):  # Features: ARM
+                return model, frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return model, None
+
+
+def cpu_features() -> dict[str, Any]:
+    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; ``{}`` elsewhere)."""
+    model, flags = read_cpuinfo()
+    found: dict[str, Any] = {"model": model} if model else {}
+    if flags is not None:
+        found["flags"] = [f for f in CPU_FLAGS if f in flags]
+    return found
+
+
+def decoder_status() -> dict[str, list[str]]:
+    """Map each transfer syntax name to the pydicom decoding plugins available for it."""
+    from pydicom.pixels import get_decoder  # type: ignore[attr-defined]
+    from pydicom.uid import UID
+
+    status: dict[str, list[str]] = {}
+    for uid, name in TRANSFER_SYNTAXES.items():
+        decoder = get_decoder(UID(uid))
+        status[f"{name} ({uid})"] = (
+            sorted(decoder.available_plugins) if decoder.is_encapsulated else ["native"]
+        )
+    return status
+
+
+def model_status(path: Path) -> dict[str, Any]:
+    """Validate a model file; report its identity or the contract violation."""
+    from ..onnx.model_info import load_model_info
+
+    try:
+        info = load_model_info(path)
+    except GgoError as exc:
+        return {"path": str(path), "ok": False, "error": str(exc)}
+    return {
+        "path": str(path),
+        "ok": True,
+        "name": info.name,
+        "version": info.version,
+        "architecture": info.architecture,
+        "graph_sha256_verified": info.recorded_sha256,
+        "file_sha256": info.file_sha256,
+        "input_size": info.input_size,
+        "threshold": info.threshold,
+        "training_data": info.metadata.get("training_data"),
+        "int8": int8_status(info),
+    }
+
+
+def int8_status(info: Any) -> dict[str, Any] | None:
+    """Whether ``--precision auto`` runs an int8 variant on this CPU, which one, and why.
+
+    Builds the CPU segmenter as ``segment`` would: the recipes for this CPU are rebuilt (a few
+    seconds each) and checked against float32 on the reference slices unless this machine's
+    verdict is cached (see :mod:`ggo_cli.onnx.variant_check`). When ``auto`` runs float32, also what
+    ``--precision int8`` would run here and its verdict (``if_forced``). ``None`` when no int8
+    recipe is beside the model.
+    """
+    import onnxruntime as ort
+
+    from ..analysis.segmenter import OnnxSegmenter
+    from ..onnx.int8_recipes import cpu_flag_set, load_int8_spec
+    from ..onnx.precision import Precision
+
+    try:
+        spec = load_int8_spec(info)
+        if spec is None:
+            return None
+        flags = cpu_flag_set()
+        status: dict[str, Any] = {
+            "recipe_file": str(spec.path),
+            "this_onnxruntime": ort.__version__,
+            "recipes": [
+                {
+                    "name": r.name,
+                    "cpu_any": list(r.cpu_any),
+                    "fits_this_cpu": r.fits(flags),
+                    "test_dice_change": r.dice_change,
+                    "speedup_where_validated": r.speedup,
+                    "validated_with_onnxruntime": r.onnxruntime,
+                    "validated_on_cpu": r.measured_on,
+                }
+                for r in spec.recipes
+            ],
+        }
+        segmenter = OnnxSegmenter(info, device="cpu", precision="auto")
+    except GgoError as exc:
+        return {"used_on_cpu": False, "error": str(exc)}
+    status["used_on_cpu"] = segmenter.precision is Precision.INT8
+    status["recipe_used"] = segmenter.int8_recipe
+    check = segmenter.variant_check
+    status["self_check"] = check.to_dict() if check is not None else None
+    if not status["used_on_cpu"]:
+        # What --precision int8 would do here: the recipe for this CPU and its self-check.
+        try:
+            forced = OnnxSegmenter(info, device="cpu", precision="int8")
+        except GgoError as exc:
+            status["if_forced"] = {"error": str(exc)}
+        else:
+            verdict = forced.variant_check
+            status["if_forced"] = {
+                "recipe": forced.int8_recipe,
+                "self_check": verdict.to_dict() if verdict is not None else None,
+            }
+    return status
+
+
+def collect_info(model_path: Path) -> dict[str, Any]:
+    """Everything ``ggo-cli info`` reports.
+
+    Args:
+        model_path: the model to check.
+
+    Returns:
+        A JSON-serialisable report.
+    """
+    import onnxruntime as ort
+
+    from ..onnx.runtime import _nvidia_gpu_visible
+
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "versions": versions,
+        "platform": platform.platform(),
+        "onnxruntime_providers": ort.get_available_providers(),
+        "nvidia_gpu_visible": _nvidia_gpu_visible(),
+        "decoders": decoder_status(),
+        "host": host_status(),
+        "model": model_status(model_path),
+    }
+
+
+def host_status() -> dict[str, Any]:
+    """Cores and memory, and the ``--jobs`` that ``segment`` would choose for 300-slice series
+    with ``--device auto`` (see :func:`ggo_cli.run.series_pool.jobs_for`)."""
+    from ..dicom.volume import usable_cores
+    from ..run.series_pool import available_memory_bytes, gpu_memory_bytes, jobs_for
+
+    memory = available_memory_bytes()
+    status: dict[str, Any] = {
+        "usable_cores": usable_cores(),
+        "memory_available_gib": None if memory is None else round(memory / 2**30, 1),
+    }
+    if _gpu_visible():
+        gpu = gpu_memory_bytes(0)
+        status["gpu0_memory_gib"] = None if gpu is None else round(gpu / 2**30, 1)
+    status["auto_jobs_300_slices"] = jobs_for("auto", largest_slices=300)
+    return status
+
+
+def _gpu_visible() -> bool:
+    from ..onnx.runtime import _nvidia_gpu_visible
+
+    return _nvidia_gpu_visible()
+
+
+def output_status(folder: Path) -> dict[str, Any]:
+    """Whether ``folder`` can hold ggo-cli outputs (created if missing, probed with a file)."""
+    from ..fsutil import ensure_writable_dir
+
+    try:
+        ensure_writable_dir(folder)
+    except GgoError as exc:
+        return {"path": str(folder), "writable": False, "error": str(exc)}
+    return {"path": str(folder), "writable": True}

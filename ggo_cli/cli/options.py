@@ -1,0 +1,170 @@
+"""The command-line options that several ``ggo-cli`` commands share, as typer annotations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..analysis.explainer import ExplainSlices
+from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode
+from ..onnx.precision import Precision
+
+InputsArg = Annotated[
+    list[Path],
+    typer.Argument(help="DICOM files or folders, searched recursively (any layout, any names)."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder (outside the input).")]
+ModelOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--model", "-m", envvar=ENV_MODEL, help="ONNX model (default: the shipped ResNet-50U-Net)."
+    ),
+]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", "-d", envvar=ENV_DEVICE, help="auto, cpu, cuda or cuda:N.")
+]
+BatchOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU)."
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold", min=0.0, max=1.0, help="Probability threshold (default: the model's)."
+    ),
+]
+LayerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer", help="Layer to explain (default: the explain graph's, see docs/explain.md)."
+    ),
+]
+SlicesOpt = Annotated[
+    ExplainSlices,
+    typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
+]
+PrecisionOpt = Annotated[
+    Precision,
+    typer.Option(
+        "--precision",
+        help="auto: fp16 on CUDA, int8 on the CPU, each only where it agrees with fp32 on this "
+        "machine (self-check on the model's reference slices, cached), else fp32; or fp32, "
+        "fp16 (CUDA), int8 (CPU): an error (exit 5) where the self-check fails.",
+    ),
+]
+DecodeWorkersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--decode-workers",
+        min=0,
+        help="Processes decoding pixel data ahead of inference (default: one per core, at "
+        "most 8; 0: uncompressed data in the main process, compressed data in one process).",
+    ),
+]
+JobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        min=1,
+        help="Series processed at once, each in its own worker process with its own model "
+        "session (default: 1 on the CPU; on a GPU one per two cores, at most 8, as memory "
+        "allows).",
+    ),
+]
+LungMaskOpt = Annotated[
+    bool,
+    typer.Option(
+        "--lung-mask/--no-lung-mask",
+        help="Keep GGO inside a lung mask, report lung volumes and GGO % per lung, add the "
+        "lungs to the SEG (default on).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")]
+NoProgressOpt = Annotated[bool, typer.Option("--no-progress", help="No progress bars.")]
+PngOpt = Annotated[
+    PngMode,
+    typer.Option(
+        "--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none."
+    ),
+]
+SeriesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--series", help="Only these SeriesInstanceUIDs (repeatable)."),
+]
+MinSlicesOpt = Annotated[
+    int, typer.Option("--min-slices", min=2, help="Fewest slices for a series to be analysed.")
+]
+AxialToleranceOpt = Annotated[
+    float,
+    typer.Option(
+        "--axial-tolerance",
+        min=0.0,
+        max=90.0,
+        help="Largest tilt (degrees) of the slice normal from the patient z axis.",
+    ),
+]
+SpacingToleranceOpt = Annotated[
+    float,
+    typer.Option(
+        "--spacing-tolerance",
+        min=0.0,
+        max=1.0,
+        help="Largest relative deviation of a slice gap from the median gap.",
+    ),
+]
+IncludePatientIdOpt = Annotated[
+    bool,
+    typer.Option("--include-patient-id", help="Add PatientID to the CSV (off by default)."),
+]
+GroupReadableOpt = Annotated[
+    bool,
+    typer.Option(
+        "--group-readable",
+        help="Make the outputs readable by the output folder's group (files 0640, folders "
+        "0750) instead of by their owner only (0600, 0700); they hold patient data.",
+    ),
+]
+SegSeriesNumberOpt = Annotated[
+    int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")
+]
+SegSeriesDescriptionOpt = Annotated[
+    str,
+    typer.Option(
+        "--seg-series-description",
+        help="SeriesDescription of the SEG objects (max 64 characters).",
+    ),
+]
+SettleOpt = Annotated[
+    float,
+    typer.Option(
+        "--settle",
+        min=0.0,
+        help="Leave series with a file modified in the last N minutes for a later run (0: "
+        "none; for a folder that a PACS export is still filling, e.g. 5).",
+    ),
+]
+ForceOpt = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Reprocess every series, even unchanged ones, and check the model variant "
+        "against float32 again even if this machine's verdict is cached.",
+    ),
+]
+PseudonymizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pseudonymize",
+        help=f"Add a salted SHA-256 pseudonym of PatientID to the CSV (salt from "
+        f"{ENV_PSEUDONYM_SALT}).",
+    ),
+]
+ExplainOpt = Annotated[
+    bool,
+    typer.Option("--explain", help="Also write GradCAM++ heat maps (one decode for both)."),
+]

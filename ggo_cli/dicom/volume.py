@@ -1,0 +1,454 @@
+"""Load an eligible CT series as a Hounsfield-unit volume in DICOM patient space.
+
+Slices are ordered by their position along the slice normal (the cross product of the row
+and column direction cosines), never by file name or InstanceNumber. Slice spacing comes from
+the positions, not from SliceThickness. Gaps, uneven spacing, duplicate positions and sheared
+stacks are errors: a measurement in mL is only honest on a regular grid. Nothing is flipped or
+resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
+
+Decoding can run in a :class:`DecodePool` (worker processes, one per usable core by default):
+compressed pixel data (JPEG Lossless about 130, JPEG 2000 about 25 slices/s per core here) is
+then decoded on every core, and a series can be decoded while another one is segmented.
+The workers die with the run, even when it is killed (``PR_SET_PDEATHSIG`` and a poll, as in
+:mod:`ggo_cli.run.series_pool`).
+
+Nothing is trusted (issue 15, values in :mod:`ggo_cli.dicom.budgets`): every header is read within
+the header budget, the geometry budgets and every RescaleSlope/RescaleIntercept are checked
+before the volume is allocated, each file is read for decoding within the header budget plus
+twice its announced pixel bytes (a deflated file is inflated no further), and each slice is
+checked by :mod:`ggo_cli.dicom.slice_decoding`. A file that fails is named by its index in the
+series and a digest of its path (``instance 7 of 30 (file #3f9a2c)``); the path itself is
+logged at DEBUG only, since file names may hold patient names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+
+from ..config import SPACING_ABS_TOLERANCE_MM, SelectionRules
+from ..domain import CtVolume, HuArray, SeriesInfo
+from ..errors import SeriesGeometryError, UnsupportedSeriesError
+from ..logs import quiet_pydicom
+from .budgets import (
+    HEADER_READ_BYTES,
+    SLICE_SPACING_MM_RANGE,
+    file_tag,
+    geometry_problem,
+    read_bounded,
+    rescale_of,
+)
+from .slice_decoding import hu_slice
+
+log = logging.getLogger(__name__)
+
+PARENT_POLL_S = 0.5
+"""How often a decode worker checks that its run is still alive (besides the kernel's signal)."""
+SHEAR_TOLERANCE_PIXELS = 0.5
+"""Largest in-plane drift of slice origins (in pixels) accepted for a straight stack."""
+
+
+def slice_normal(orientation: Sequence[float]) -> npt.NDArray[np.float64]:
+    """Return the unit slice normal for an ImageOrientationPatient value.
+
+    Args:
+        orientation: six direction cosines (row direction, then column direction).
+
+    Returns:
+        The unit normal ``row x column``. Shape: ``(3,)``.
+    """
+    values = np.asarray(orientation, dtype=np.float64)
+    normal = np.cross(values[:3], values[3:])
+    return normal / np.linalg.norm(normal)
+
+
+def sort_by_position(
+    datasets: Sequence[Dataset],
+) -> tuple[list[Dataset], npt.NDArray[np.float64]]:
+    """Sort slices along the slice normal.
+
+    Args:
+        datasets: headers of one series (ImagePositionPatient and ImageOrientationPatient set).
+
+    Returns:
+        The sorted datasets and their positions along the normal in mm, ascending.
+    """
+    normal = slice_normal([float(v) for v in datasets[0].ImageOrientationPatient])
+    distances = np.array(
+        [float(np.dot([float(v) for v in ds.ImagePositionPatient], normal)) for ds in datasets]
+    )
+    order = np.argsort(distances, kind="stable")
+    return [datasets[i] for i in order], distances[order]
+
+
+def check_spacing(
+    distances: npt.NDArray[np.float64], *, tolerance: float, series_uid: str
+) -> float:
+    """Check that slices are evenly spaced and return the spacing in mm.
+
+    Args:
+        distances: sorted slice positions along the normal in mm. Shape: ``(n,)``.
+        tolerance: largest relative deviation of a gap from the median gap.
+        series_uid: for messages.
+
+    Returns:
+        The median gap in mm.
+
+    Raises:
+        SeriesGeometryError: on duplicate positions, gaps or uneven spacing.
+    """
+    gaps = np.diff(distances)
+    if gaps.size == 0:
+        raise SeriesGeometryError(f"series {series_uid}: a volume needs at least two slices")
+    if float(gaps.min()) <= SPACING_ABS_TOLERANCE_MM:
+        raise SeriesGeometryError(
+            f"series {series_uid}: two slices share a position (duplicate or overlapping "
+            "acquisitions); one slice per position is required (use --series to choose another)"
+        )
+    spacing = float(np.median(gaps))
+    allowed = max(SPACING_ABS_TOLERANCE_MM, tolerance * spacing)
+    if float(np.abs(gaps - spacing).max()) > allowed:
+        raise SeriesGeometryError(
+            f"series {series_uid}: slice spacing varies {gaps.min():.3g}-{gaps.max():.3g} mm "
+            f"(median {spacing:.3g} mm, tolerance {100 * tolerance:g} %); evenly spaced slices "
+            "without gaps are required (see --spacing-tolerance)"
+        )
+    return spacing
+
+
+def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) -> None:
+    """Reject stacks whose slice origins drift in-plane (gantry tilt, stitched series)."""
+    orientation = np.asarray([float(v) for v in datasets[0].ImageOrientationPatient])
+    positions = np.asarray([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    in_plane = positions @ np.stack([orientation[:3], orientation[3:]]).T
+    drift = float(np.abs(in_plane - in_plane[0]).max())
+    if drift > SHEAR_TOLERANCE_PIXELS * pixel_mm:
+        raise SeriesGeometryError(
+            f"series {series_uid}: slice origins drift {drift:.2f} mm in-plane (gantry tilt or "
+            "a stitched series); a straight stack of slices is required"
+        )
+
+
+PIXEL_READ_SLACK_BYTES = 64 << 10
+"""Allowed beyond the header budget and twice the announced pixel bytes when a file is read
+for decoding (lossless JPEG 2000 of noise can be a little larger than the raw pixels)."""
+
+
+MAX_DECODE_WORKERS = 8
+DECODE_CHUNK_SLICES = 8
+MIN_POOL_SLICES = 32
+"""Smaller series decode in the calling thread: starting worker processes costs more."""
+
+
+_core_budget: int | None = None
+
+
+def set_core_budget(cores: int | None) -> None:
+    """Cap :func:`usable_cores` in this process (a ``--jobs`` worker's share); ``None``: no cap."""
+    global _core_budget
+    _core_budget = None if cores is None else max(1, cores)
+
+
+def core_budget() -> int | None:
+    """The cap set by :func:`set_core_budget`, or ``None``."""
+    return _core_budget
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS has one, within the
+    process's budget), at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = cores or 1
+    return cores if _core_budget is None else min(cores, _core_budget)
+
+
+def default_decode_workers() -> int:
+    """Worker processes for decoding: one per usable core (at most 8); 0 on a single core."""
+    cores = usable_cores()
+    return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
+
+
+def _decode_file(task: tuple[str, str, int]) -> HuArray:
+    """Read one file (at most ``limit`` bytes) and return its slice in HU; ``task`` is
+    ``(path, where, limit)``, ``where`` naming the series and instance for messages. Runs in
+    a :class:`DecodePool` process or in the calling thread."""
+    path, where, limit = task
+    try:
+        ds = read_bounded(Path(path), limit_bytes=limit, stop_before_pixels=False)
+    except UnsupportedSeriesError as exc:
+        raise UnsupportedSeriesError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails
+        log.debug("%s is %s", where, path)
+        raise UnsupportedSeriesError(
+            f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
+        ) from None
+    return hu_slice(ds, where)
+
+
+def _init_decoder(main_pid: int) -> None:
+    """Decode-pool worker set-up: quiet pydicom, and die with the run (even by ``kill -9``)."""
+    quiet_pydicom()
+    _die_with_parent(main_pid)
+
+
+def _die_with_parent(main_pid: int) -> None:
+    """End this worker when the process that started the run ends (as
+    :mod:`ggo_cli.run.series_pool` does for its workers).
+
+    Linux: the kernel kills it when its parent (the forkserver, which exits with the run)
+    dies (``PR_SET_PDEATHSIG``). As a second guard, and elsewhere, a thread polls the parent
+    process id and the run's process.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread guards
+            pass
+
+    def alive() -> bool:
+        try:
+            os.kill(main_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # pragma: no cover - exists, owned by someone else
+            return True
+        return os.getppid() == parent
+
+    if not alive():  # pragma: no cover - the run died before the guard was set
+        os._exit(1)
+
+    def watch() -> None:
+        while alive():
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
+
+
+class DecodePool:
+    """Worker processes that decode slices (a context manager).
+
+    The processes start on first use (``forkserver`` on Linux, so they never inherit ONNX
+    Runtime's threads; ``spawn`` elsewhere). A worker that dies (a decoder crash) fails only
+    the series being decoded: the pool is rebuilt for the next one.
+
+    Compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE: native decoders) is always decoded
+    in worker processes, whatever the series' length, so that a decoder crash never ends the
+    run; with ``workers=0`` one process does it. Uncompressed and deflated data (pure Python
+    and zlib) decode in the calling thread when ``workers`` is 0 or the series is short.
+
+    Args:
+        workers: number of processes; 0: only compressed data, in one process.
+        min_slices: shorter uncompressed series are decoded in the calling thread.
+    """
+
+    def __init__(self, workers: int, *, min_slices: int = MIN_POOL_SLICES) -> None:
+        self.workers = max(0, workers)
+        self.min_slices = min_slices
+        self._executor: ProcessPoolExecutor | None = None
+
+    def runs(self, n_slices: int, *, compressed: bool) -> bool:
+        """Whether a series of ``n_slices`` is decoded in the worker processes."""
+        return compressed or (self.workers > 0 and n_slices >= self.min_slices)
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else (
+                "spawn"
+            )
+            self._executor = ProcessPoolExecutor(
+                max_workers=max(1, self.workers),
+                mp_context=multiprocessing.get_context(method),
+                initializer=_init_decoder,
+                initargs=(os.getpid(),),
+            )
+        return self._executor
+
+    def iter_decode(
+        self, tasks: Sequence[tuple[str, str, int]], series_uid: str
+    ) -> Iterator[HuArray]:
+        """Decode files to HU slices, yielded in order as they arrive.
+
+        Args:
+            tasks: ``(path, where, limit)`` per slice (see :func:`_decode_file`).
+            series_uid: for messages.
+
+        Raises:
+            UnsupportedSeriesError: a file cannot be read or decoded, or a worker died.
+        """
+        try:
+            yield from self._pool().map(_decode_file, tasks, chunksize=DECODE_CHUNK_SLICES)
+        except BrokenProcessPool as exc:
+            self.close()
+            raise UnsupportedSeriesError(
+                f"series {series_uid}: a decoder process died while decoding its pixel data"
+            ) from exc
+
+    def close(self) -> None:
+        """Stop the worker processes (a later :meth:`decode` starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> DecodePool:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def _header_problem(headers: Sequence[Dataset]) -> str | None:
+    """The budgets of :func:`~ggo_cli.dicom.budgets.geometry_problem` on loaded headers (discovery
+    checked them too; a series may come from elsewhere), before anything is allocated."""
+    try:
+        first = headers[0]
+        sizes = {(int(ds.Rows), int(ds.Columns)) for ds in headers}
+        if len(sizes) != 1:
+            return f"mixed image sizes {sorted(sizes)}; all slices must have the same size"
+        return geometry_problem(
+            rows=int(first.Rows),
+            columns=int(first.Columns),
+            pixel_spacing=[float(v) for v in first.PixelSpacing],
+            orientation=[float(v) for v in first.ImageOrientationPatient],
+            positions=[[float(v) for v in ds.ImagePositionPatient] for ds in headers],
+        )
+    except (AttributeError, KeyError, TypeError, ValueError, OverflowError) as exc:
+        return f"slice geometry is missing or malformed ({type(exc).__name__})"
+
+
+def _compressed(header: Dataset) -> bool:
+    """Whether a header's pixel data is encapsulated (decoded by a native library)."""
+    meta = getattr(header, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    try:
+        return bool(syntax is not None and UID(str(syntax)).is_compressed)
+    except (ValueError, AttributeError):  # an unknown syntax: decoded where nothing else runs
+        return True
+
+
+def load_volume(
+    series: SeriesInfo,
+    rules: SelectionRules | None = None,
+    *,
+    on_slice: Callable[[int], None] | None = None,
+    pool: DecodePool | None = None,
+) -> CtVolume:
+    """Read, decode and stack an eligible series.
+
+    Args:
+        series: an eligible series from discovery.
+        rules: selection rules (the spacing tolerance is used).
+        on_slice: optional callback, called with 1 after each decoded slice.
+        pool: decode in these worker processes (see :class:`DecodePool` for when;
+            ``None``: in this thread).
+
+    Returns:
+        The :class:`CtVolume`; its datasets keep every header attribute but no pixel data.
+
+    Raises:
+        SeriesGeometryError: irregular spacing, duplicate positions, sheared stack, or
+            slices that differ in size.
+        UnsupportedSeriesError: unreadable files, missing rescale attributes, undecodable
+            pixel data.
+    """
+    rules = rules or SelectionRules()
+    uid = series.series_instance_uid
+    n_files = len(series.files)
+    base = Path(os.path.commonpath([str(p.parent) for p in series.files]))
+    headers: list[Dataset] = []
+    where_of: dict[int, str] = {}
+    path_of: dict[int, str] = {}
+    for index, path in enumerate(series.files):
+        where = (
+            f"series {uid}: instance {index + 1} of {n_files} "
+            f"(file {file_tag(Path(series.location) / path.relative_to(base))})"
+        )
+        try:
+            header = read_bounded(path, limit_bytes=HEADER_READ_BYTES, stop_before_pixels=True)
+        except UnsupportedSeriesError as exc:  # a deflate bomb
+            log.debug("%s is %s", where, path)
+            raise UnsupportedSeriesError(f"{where}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails, run goes on
+            log.debug("%s is %s", where, path)
+            raise UnsupportedSeriesError(
+                f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
+            ) from None
+        headers.append(header)
+        where_of[id(header)], path_of[id(header)] = where, str(path)
+    problem = _header_problem(headers)
+    if problem is not None:
+        raise UnsupportedSeriesError(f"series {uid}: {problem}")
+    ordered, distances = sort_by_position(headers)
+    spacing = check_spacing(distances, tolerance=rules.spacing_tolerance, series_uid=uid)
+    low_mm, high_mm = SLICE_SPACING_MM_RANGE
+    if not low_mm <= spacing <= high_mm:
+        raise SeriesGeometryError(
+            f"series {uid}: slice spacing {spacing:g} mm outside {low_mm:g}..{high_mm:g} mm; "
+            "not a CT volume this tool supports"
+        )
+    pixel_spacing = (float(ordered[0].PixelSpacing[0]), float(ordered[0].PixelSpacing[1]))
+    _check_stack(ordered, min(pixel_spacing), uid)
+    rows, cols = int(ordered[0].Rows), int(ordered[0].Columns)
+    for ds in ordered:
+        if "ModalityLUTSequence" not in ds:
+            rescale_of(ds, where_of[id(ds)])  # every rescale is checked before any decoding
+    bits = int(ordered[0].get("BitsAllocated", 16) or 16)
+    limit = HEADER_READ_BYTES + 2 * rows * cols * max(1, bits // 8) + PIXEL_READ_SLACK_BYTES
+    tasks = [(path_of[id(ds)], where_of[id(ds)], limit) for ds in ordered]
+    # int16 while every slice's HU are exact integers (CT as scanners write it); the first
+    # fractional slice turns the volume into float32 (one copy, then no more).
+    hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
+    source: Iterator[HuArray]
+    if pool is not None and pool.runs(len(ordered), compressed=_compressed(ordered[0])):
+        source = pool.iter_decode(tasks, uid)
+    else:
+        source = (_decode_file(task) for task in tasks)
+    for index, slice_hu in enumerate(source):
+        if slice_hu.shape != (rows, cols):
+            raise SeriesGeometryError(
+                f"series {uid}: slice {index + 1} decodes to {slice_hu.shape}, expected "
+                f"{(rows, cols)}; all slices must have the same size"
+            )
+        if slice_hu.dtype != hu.dtype and hu.dtype == np.int16:
+            hu = hu.astype(np.float32)
+        hu[index] = slice_hu
+        if on_slice is not None:
+            on_slice(1)
+    log.debug(
+        "series %s: %d slices %dx%d, spacing %.4g mm, pixels %.4g x %.4g mm",
+        uid,
+        len(ordered),
+        rows,
+        cols,
+        spacing,
+        *pixel_spacing,
+    )
+    return CtVolume(
+        series=series,
+        hu=hu,
+        datasets=tuple(ordered),
+        slice_spacing_mm=spacing,
+        pixel_spacing_mm=pixel_spacing,
+    )

@@ -1,0 +1,379 @@
+"""Whole series in worker processes (``--jobs N``), for hosts whose GPU outruns the CPU work.
+
+On a GPU the model is the quick part: for a 300-slice series on the lent H200 host, decoding
+took about 1 s, the lung mask about 11 s, the SEG build and read-back about 5 s, and inference
+under 1 s (docs/benchmarks.md). One process can therefore keep the GPU busy only a few
+percent of the time; ``N`` worker processes each run whole series (decode, lungs, inference,
+SEG, PNGs), each with its own ONNX Runtime session, and the main process records the outcomes
+(state store, CSV) as they arrive. The CPU path keeps one process (``--jobs 1``, the staged
+pipeline of :mod:`ggo_cli.run.runner`): there the model already uses every core.
+
+Memory: at most ``N`` series are in flight, each in one worker; :func:`auto_jobs` sizes ``N``
+from the usable cores, the available memory and the GPU's memory. Each worker holds its own
+session (on a GPU: its own CUDA context and memory arena; an out-of-memory error halves that
+worker's batch).
+
+Failure handling:
+    * A series-level failure is that series' ``failed`` row, as in one process.
+    * A worker that dies (a decoder crash, the kernel's out-of-memory killer) breaks the pool:
+      the series then in flight are tried again one at a time in a fresh pool, and a series
+      whose worker dies while it runs alone fails with that reason.
+    * A fatal output error or a session that cannot be created stops the run, as in one
+      process; the other workers are stopped at once.
+    * Workers ignore Ctrl-C (the main process stops them) and die with the process that
+      started them, even when it is killed, so no worker writes into an output folder after
+      its run. They are spawned (a fresh interpreter each), not forked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Generator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import SimpleITK
+
+from ..config import RunConfig
+from ..dicom.volume import set_core_budget, usable_cores
+from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from ..logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
+from ..onnx.explain_graph import ExplainInfo
+from ..onnx.model_info import ModelInfo
+from ..onnx.runtime import cuda_wanted, nvidia_smi_query, parse_device
+from ..onnx.sessions import Sessions
+from .pipeline import now_utc, process_series
+
+log = logging.getLogger(__name__)
+
+MAX_JOBS = 8
+"""Largest automatic ``--jobs`` (an explicit value may be higher)."""
+CORES_PER_JOB = 2
+"""Automatic ``--jobs`` leaves two cores per worker (the lung mask and decoding use threads)."""
+BYTES_PER_VOXEL = 12
+"""Peak resident bytes per voxel of a series in one worker (a 1000 x 512 x 512 series peaked
+at 2.66 GiB on the CPU, ONNX Runtime session included; docs/benchmarks.md)."""
+WORKER_BASE_BYTES = 2 << 30
+"""Resident memory assumed for a worker besides its series: Python, the libraries, a session
+and, on a GPU, a CUDA context with its libraries (about 0.3 GB on the CPU here; the GPU part
+is an allowance, not yet measured)."""
+ASSUMED_PIXELS_PER_SLICE = 512 * 512
+"""Slice size assumed when sizing ``--jobs`` (discovery does not read Rows and Columns)."""
+GPU_BYTES_PER_JOB = 4 << 30
+"""GPU memory allowed per worker: a CUDA context, cuDNN workspace and the arena of a batch of
+16 slices in fp16 (an allowance, not yet measured)."""
+GPU_JOBS_UNKNOWN_MEMORY = 2
+"""Automatic ``--jobs`` on a GPU whose memory cannot be read (no ``nvidia-smi``)."""
+PARENT_POLL_S = 0.5
+"""How often a worker checks that its run is still alive (besides the kernel's signal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """Where inference ran (for the manifest and the summary).
+
+    Attributes:
+        device: ``cpu`` or ``cuda:N``.
+        providers: ONNX Runtime providers in use.
+        batch_size: the final batch size.
+        precision: the model variant that ran.
+        int8_recipe: the int8 recipe in use (``""`` unless int8).
+        variant_check: the last variant self-check's verdict
+            (:meth:`ggo_cli.onnx.variant_check.VariantCheck.to_dict`), or ``None`` when no variant
+            was considered.
+    """
+
+    device: str
+    providers: tuple[str, ...]
+    batch_size: int
+    precision: str
+    int8_recipe: str = ""
+    variant_check: dict[str, Any] | None = None
+
+
+def summarize(sessions: Sessions) -> SessionSummary | None:
+    """The summary of the segmenter of ``sessions``, or ``None`` if it was never created."""
+    segmenter = sessions.started
+    if segmenter is None:
+        return None
+    return SessionSummary(
+        segmenter.device_label,
+        tuple(segmenter.providers),
+        segmenter.batch_size,
+        segmenter.precision.value,
+        segmenter.int8_recipe,
+        segmenter.variant_check.to_dict() if segmenter.variant_check is not None else None,
+    )
+
+
+def available_memory_bytes() -> int | None:
+    """``MemAvailable`` from ``/proc/meminfo`` (Linux), else ``None``."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def gpu_memory_bytes(index: int) -> int | None:
+    """Total memory of NVIDIA GPU ``index`` from ``nvidia-smi`` (shipped with the driver), or
+    ``None`` when it cannot be read."""
+    total_mib = nvidia_smi_query("memory.total", index)
+    try:
+        return int(float(total_mib)) << 20 if total_mib is not None else None
+    except ValueError:
+        return None
+
+
+def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
+    """Series processed at once for ``todo``: ``cfg.jobs`` when given (never more than the
+    series), else :func:`jobs_for` the run's device and its largest series."""
+    if not todo:
+        return 1
+    if cfg.jobs is not None:
+        return max(1, min(cfg.jobs, len(todo)))
+    return jobs_for(
+        cfg.device, largest_slices=max(len(s.files) for s in todo), n_series=len(todo)
+    )
+
+
+def jobs_for(device: str, *, largest_slices: int, n_series: int = MAX_JOBS) -> int:
+    """The automatic ``--jobs``: 1 on the CPU; on a GPU one per :data:`CORES_PER_JOB`
+    usable cores, at most :data:`MAX_JOBS`, within three quarters of the available memory
+    for series of ``largest_slices`` and within 80 % of the GPU's memory
+    (:data:`GPU_BYTES_PER_JOB` each); never more than ``n_series``.
+
+    Raises:
+        InputError: an invalid ``device``.
+    """
+    request = parse_device(device)
+    if not cuda_wanted(request):
+        return 1
+    jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, n_series)
+    memory = available_memory_bytes()
+    if memory is not None:
+        per_job = largest_slices * ASSUMED_PIXELS_PER_SLICE * BYTES_PER_VOXEL + WORKER_BASE_BYTES
+        jobs = min(jobs, int(0.75 * memory) // per_job)
+    gpu = gpu_memory_bytes(request.index)
+    by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB
+    return max(1, min(jobs, by_gpu))
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker when the run ``parent`` that started it ends, even by ``kill -9``.
+
+    Linux: the kernel kills it (``PR_SET_PDEATHSIG``). Elsewhere, and as a second guard, a
+    thread polls the parent process id, which changes when the parent dies (also when it
+    died while this worker was starting).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread guards
+            pass
+    if os.getppid() != parent:  # pragma: no cover - the parent died before the guard was set
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
+
+
+# The one worker state of a worker process (set by _init_worker).
+_worker: Sessions | None = None
+
+
+def _init_worker(
+    parent: int,
+    records: Any,
+    level: int,
+    cores: int,
+    cfg: RunConfig,
+    model: ModelInfo,
+    explain_info: ExplainInfo | None,
+) -> None:
+    """Set up a worker process: signals, logging, privacy, its share of the cores."""
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the workers
+    _die_with_parent(parent)
+    configure_worker_logging(records, level)
+    quiet_pydicom()
+    set_core_budget(cores)
+    sitk: Any = SimpleITK  # no type hints in SimpleITK
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cores)
+    _worker = Sessions(cfg, model, explain_info)
+
+
+def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
+    """Worker task: one whole series (decode in this process; its own session)."""
+    sessions = _worker
+    if sessions is None:  # pragma: no cover - only reached if the initializer did not run
+        raise RuntimeError("series worker used without its initializer")
+    outcome = process_series(
+        sessions.cfg, series, sessions.segmenter(), explainer=sessions.explainer()
+    )
+    return outcome, summarize(sessions)
+
+
+def _lost(series: SeriesInfo) -> SeriesOutcome:
+    """The outcome of a series whose worker process died while it ran alone."""
+    message = (
+        "the worker process died while processing this series (a decoder crash, or memory "
+        "exhausted: try fewer --jobs)"
+    )
+    log.error("%s failed: %s", series.label, message)
+    log.debug("%s is %s", series.label, series.location)
+    return SeriesOutcome(
+        series=series,
+        status=SeriesStatus.FAILED,
+        message=message,
+        n_slices=len(series.files),
+        processed_at=now_utc(),
+    )
+
+
+class SeriesPool:
+    """Worker processes that each run whole series (a context manager).
+
+    Args:
+        cfg: the run configuration.
+        model: the validated model.
+        explain_info: the validated explain graph, or ``None``.
+        jobs: number of worker processes (and of series in flight).
+        task: the worker function (tests substitute their own; it runs in the worker).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: ModelInfo,
+        explain_info: ExplainInfo | None,
+        jobs: int,
+        *,
+        task: Any = _process,
+    ) -> None:
+        # Spawned, not forked from the forkserver: a forkserver's children keep it alive, so
+        # they would outlive a killed run; a spawned worker is the run's own child.
+        self._context = multiprocessing.get_context("spawn")
+        self._records = self._context.Queue()
+        self._init_args = (
+            os.getpid(),
+            self._records,
+            logging.getLogger("ggo_cli").getEffectiveLevel(),
+            max(1, usable_cores() // jobs),
+            cfg,
+            model,
+            explain_info,
+        )
+        self.jobs = jobs
+        self._task = task
+        self._executor: ProcessPoolExecutor | None = None
+        self.summary: SessionSummary | None = None
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._executor is None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=self._context,
+                initializer=_init_worker,
+                initargs=self._init_args,
+            )
+        return self._executor
+
+    def run(self, todo: Sequence[SeriesInfo]) -> Generator[SeriesOutcome, None, None]:
+        """Process ``todo``, at most ``jobs`` at once; yields outcomes as they complete.
+
+        A worker's death fails every series then in flight; each of them is tried again on
+        its own, and one that kills its worker alone fails (:func:`_lost`).
+
+        Raises:
+            OutputError: a fatal output error in a worker (the other workers are stopped).
+            ModelError: a worker could not create its session.
+        """
+        queue: deque[SeriesInfo] = deque(todo)
+        suspects: deque[SeriesInfo] = deque()  # run one at a time after a worker died
+        in_flight: dict[Future[Any], SeriesInfo] = {}
+        with relay_worker_logs(self._records):
+            try:
+                while queue or suspects or in_flight:
+                    if suspects:
+                        if not in_flight:
+                            series = suspects.popleft()
+                            in_flight[self._pool().submit(self._task, series)] = series
+                    else:
+                        while queue and len(in_flight) < self.jobs:
+                            series = queue.popleft()
+                            in_flight[self._pool().submit(self._task, series)] = series
+                    done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                    if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                        wait(in_flight)  # a broken pool fails every pending task at once
+                        done = set(in_flight)
+                    crashed: list[SeriesInfo] = []
+                    for future in [f for f in in_flight if f in done]:  # in submission order
+                        series = in_flight.pop(future)
+                        if isinstance(future.exception(), BrokenProcessPool):
+                            crashed.append(series)
+                            continue
+                        outcome, summary = future.result()  # re-raises a fatal error
+                        self.summary = self.summary or summary
+                        yield outcome
+                    if crashed:
+                        self.terminate()
+                        if len(crashed) == 1:
+                            yield _lost(crashed[0])
+                        else:
+                            log.warning(
+                                "a worker process died; the %d series in flight are tried "
+                                "again one at a time",
+                                len(crashed),
+                            )
+                            suspects.extend(crashed)
+            except BaseException:
+                self.terminate()
+                raise
+            self.close()
+
+    def terminate(self) -> None:
+        """Stop the workers now (their unfinished outputs are only temporary files)."""
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        # ProcessPoolExecutor (Python < 3.14) has no way to stop running tasks but its
+        # processes; they are killed, then the executor is shut down.
+        processes = list(getattr(executor, "_processes", {}).values())
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.join(timeout=10)
+        executor.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Wait for the workers to exit (all work is done)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True)
+
+    def __enter__(self) -> SeriesPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+        self._records.close()
+        self._records.join_thread()
+

@@ -1,0 +1,431 @@
+"""Nightly-cron safety: idempotent reruns, the run lock, settle, faults, kill -9, bad input."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from ggo_cli.cli.app import app
+from ggo_cli.dicom.discovery import read_header
+from ggo_cli.errors import EXIT_PARTIAL
+from ggo_cli.run.lock import RunLock
+from ggo_cli.synthetic.phantom import make_cube_phantom
+from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.onnx_models import base_metadata, write_band_model
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _segment(*args: str | Path) -> object:
+    """``ggo-cli segment`` without the lung mask: these cube phantoms have no lungs."""
+    return runner.invoke(
+        app, ["segment", *map(str, args), "--no-progress", "--settle", "0", "--no-lung-mask"]
+    )
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with (out / "ggo_volumes.csv").open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "run_manifest.json").read_text())
+
+
+def _studies(tmp_path: Path, n: int = 3) -> tuple[Path, list[FactorySeries]]:
+    root = tmp_path / "in"
+    series = [
+        make_ct_series(
+            root,
+            phantom=make_cube_phantom((12, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4, 6, 6)),
+            folder=f"study{k}",
+            seed=k + 1,
+        )
+        for k in range(n)
+    ]
+    return root, series
+
+
+def test_second_run_only_skips_and_keeps_the_csv(tmp_path: Path, band_model_path: Path) -> None:
+    root, series = _studies(tmp_path)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    csv_before = (out / "ggo_volumes.csv").read_bytes()
+    seg = out / _rows(out)[0]["seg_path"]
+    seg_mtime = seg.stat().st_mtime_ns
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["counts"]["unchanged"] == len(series)
+    assert _manifest(out)["counts"]["slices_segmented"] == 0
+    assert (out / "ggo_volumes.csv").read_bytes() == csv_before
+    assert seg.stat().st_mtime_ns == seg_mtime
+    assert len(list((out / ".ggo-cli" / "runs").glob("*.json"))) == 2
+
+
+def test_changed_series_new_model_and_force_reprocess(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    series[0].paths[0].unlink()  # the series lost an instance (end slice: spacing stays even)
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == len(series) - 1
+    rows = {r["series_instance_uid"]: r for r in _rows(out)}
+    assert rows[series[0].series_instance_uid]["n_slices"] == "11"
+    assert len(rows) == len(series)
+    other = write_band_model(tmp_path / "m2.onnx", 64, metadata=base_metadata(64, version="2"))
+    assert _segment(root, "-o", out, "-m", other).exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 0
+    assert {r["model_version"] for r in _rows(out)} == {"2"}
+    assert _segment(root, "-o", out, "-m", other, "--force").exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 0
+
+
+def test_deleted_seg_is_rebuilt(tmp_path: Path, band_model_path: Path) -> None:
+    root, _ = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    seg = out / _rows(out)[0]["seg_path"]
+    seg.unlink()
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert seg.is_file()
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, _ = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from ggo_cli.run.lock import RunLock\n"
+            "with RunLock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(30)",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        result = _segment(root, "-o", out, "-m", band_model_path)
+        assert result.exit_code == 8, result.output
+        assert (
+            f"pid {holder.pid}" in result.stderr
+            and "in use by another ggo-cli run" in result.stderr
+        )
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing anything: the next run takes the lock over
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 0, result.output
+
+
+def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
+    from ggo_cli.errors import RunLockedError
+
+    with RunLock(tmp_path), pytest.raises(RunLockedError, match="in use by another ggo-cli run"):
+        RunLock(tmp_path).__enter__()
+
+
+def test_a_fresh_copy_is_segmented_with_the_default_settle(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 1)  # files written just now, as by a hand copy
+    out = tmp_path / "out"
+    command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    result = runner.invoke(app, [*command, "--no-lung-mask"])  # no --settle: the default applies
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "ok", row["message"]
+    assert (out / row["seg_path"]).is_file()
+    assert "still arriving" not in result.stderr
+
+
+def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_path: Path) -> None:
+    root, series = _studies(tmp_path, 1)
+    out = tmp_path / "out"
+    command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
+    command += ["--no-lung-mask", "--settle", "5"]
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    (row,) = _rows(out)
+    assert row["status"] == "pending" and "--settle" in row["message"]
+    assert not list(out.rglob("*.seg.dcm"))
+    (warning,) = [line for line in result.stderr.splitlines() if "eligible series are" in line]
+    assert " WARNING ggo_cli.cli.app: " in warning and warning.endswith(
+        "all 1 eligible series are still arriving (a file modified within the last 5 min, "
+        "--settle 5); nothing was segmented: rerun later or with --settle 0"
+    )
+    old = time.time() - 600
+    for path in series[0].paths:
+        os.utime(path, (old, old))
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert _rows(out)[0]["status"] == "ok"
+    assert "still arriving" not in result.stderr
+
+
+def test_no_all_pending_warning_while_some_series_are_done(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 2)
+    old = time.time() - 600
+    for path in series[0].paths:
+        os.utime(path, (old, old))
+    out = tmp_path / "out"
+    result = runner.invoke(
+        app,
+        ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress",
+         "--no-lung-mask", "--settle", "5"],
+    )
+    assert result.exit_code == 0, result.output
+    status = {r["series_instance_uid"]: r["status"] for r in _rows(out)}
+    assert status == {series[0].series_instance_uid: "ok", series[1].series_instance_uid: "pending"}
+    assert "eligible series are still arriving" not in result.stderr
+
+
+def _scheduled_commands() -> list[list[str]]:
+    """The ``ggo-cli`` arguments of the README's crontab and systemd ExecStart lines."""
+    commands = []
+    for line in (REPO / "README.md").read_text(encoding="utf-8").splitlines():
+        if "bin/ggo-cli " in line and not line.lstrip().startswith("#"):
+            words = shlex.split(line.split("ExecStart=")[-1])
+            start = next(k for k, word in enumerate(words) if word.endswith("bin/ggo-cli"))
+            commands.append(words[start + 1 :])
+    return commands
+
+
+def test_the_readme_schedules_still_settle(tmp_path: Path, band_model_path: Path) -> None:
+    commands = _scheduled_commands()
+    assert len(commands) == 2  # crontab and systemd
+    root, _ = _studies(tmp_path, 1)  # still being written by the PACS export
+    for k, words in enumerate(commands):
+        assert "--settle" in words and float(words[words.index("--settle") + 1]) >= 1
+        out, log_file = tmp_path / f"out{k}", tmp_path / f"ggo{k}.log"
+        local = {"/data/pacs-export": root, "/data/ggo-results": out}
+        args = [str(local.get(word, word)) for word in words]
+        args[args.index("--log-file") + 1] = str(log_file)
+        args += ["-m", str(band_model_path), "--no-lung-mask"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert [r["status"] for r in _rows(out)] == ["pending"]
+        assert "nothing was segmented" in log_file.read_text(encoding="utf-8")
+
+
+def test_disk_full_is_a_clean_output_error(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ggo_cli.fsutil
+
+    root, _ = _studies(tmp_path, 2)
+    out = tmp_path / "out"
+
+    def full(src: str, dst: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ggo_cli.fsutil.os, "replace", full)
+    result = _segment(root, "-o", out, "-m", band_model_path)
+    assert result.exit_code == 6, result.output
+    assert "no space left on device" in result.stderr
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.dcm"))
+    assert not (out / "ggo_volumes.csv").exists()
+
+
+def _pixels(out: Path) -> dict[str, np.ndarray]:
+    found = {}
+    for row in _rows(out):
+        seg = hd.seg.segread(out / row["seg_path"])
+        found[row["series_instance_uid"]] = seg.get_volume().array
+    return found
+
+
+def _stable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k != "processed_at"} for r in rows]
+
+
+def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 4)
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    reference = tmp_path / "reference"
+    assert _segment(root, "-o", reference, "-m", band_model_path).exit_code == 0
+    out = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "ggo_cli",
+        "segment",
+        str(root),
+        "-o",
+        str(out),
+        "-m",
+        str(band_model_path),
+        "--no-progress",
+        "--settle",
+        "0",
+        "--no-lung-mask",
+    ]
+    rng = random.Random(5)
+    for _ in range(3):
+        proc = subprocess.Popen(
+            command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        time.sleep(rng.uniform(0.8, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert final.returncode == 0, final.stderr
+    assert _stable(_rows(out)) == _stable(_rows(reference))
+    assert len(_rows(out)) == len(series)
+    ours, theirs = _pixels(out), _pixels(reference)
+    assert ours.keys() == theirs.keys()
+    for uid in ours:
+        np.testing.assert_array_equal(ours[uid], theirs[uid])
+    assert not list(out.rglob("*.tmp"))
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+
+
+def test_bad_files_fail_their_series_and_the_run_goes_on(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    root, series = _studies(tmp_path, 2)
+    odd = root / "Patiënt Ünïcode ü"
+    odd.mkdir()
+    for path in series[1].paths:
+        path.rename(odd / path.name)
+    truncated = series[0].paths[5]
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    (root / "garbage.dcm").write_bytes(b"DICM" * 100)
+    (root / "empty").write_bytes(b"")
+    os.symlink(root, root / "loop")
+    result = _segment(root, "-o", tmp_path / "out", "-m", band_model_path)
+    assert result.exit_code == 7, result.output
+    status = {
+        r["series_instance_uid"]: (r["status"], r["message"]) for r in _rows(tmp_path / "out")
+    }
+    assert status[series[1].series_instance_uid][0] == "ok"
+    bad_status, message = status[series[0].series_instance_uid]
+    assert bad_status == "failed" and message and "\n" not in message
+
+
+def test_enhanced_multiframe_ct_is_skipped_with_a_reason(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    fs = make_ct_series(tmp_path)
+    for path in fs.paths:
+        ds = pydicom.dcmread(path)
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.save_as(path)
+    result = _segment(fs.root, "-o", tmp_path / "out", "-m", band_model_path)
+    assert result.exit_code == 3, result.output
+    (row,) = _rows(tmp_path / "out")
+    assert "multi-frame (enhanced) CT is not supported" in row["message"]
+
+
+def test_pseudonym_column_is_salted_and_stable(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root, _ = _studies(tmp_path, 1)
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "a-long-site-secret-salt")
+    out = tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 0
+    (row,) = _rows(out)
+    assert len(row["patient_pseudonym"]) == 16 and "PHANTOM" not in row["patient_pseudonym"]
+    assert "patient_id" not in row
+    monkeypatch.setenv("GGO_PSEUDONYM_SALT", "short")
+    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 2
+
+
+@pytest.fixture(scope="module", params=["real", "synthetic"])
+def seed_file(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A real CT file from the shared data (when present) and a small synthetic one."""
+    from tests.shared_data import REAL_CT_DIR, require_shared
+
+    if request.param == "real":
+        return sorted(require_shared(REAL_CT_DIR).glob("*.dcm"))[0].read_bytes()
+    fs = make_ct_series(tmp_path_factory.mktemp("fuzz"), shape=(10, 16, 16))
+    return fs.paths[0].read_bytes()
+
+
+@settings(
+    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_header_reader_never_raises_on_mutated_files(
+    seed_file: bytes, tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    blob = bytearray(seed_file)
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(blob) - 1))
+        blob[position] = data.draw(st.integers(0, 255))
+    if data.draw(st.booleans()):
+        blob = blob[: data.draw(st.integers(0, len(blob)))]
+    path = tmp_path_factory.mktemp("mutant") / "x.dcm"
+    path.write_bytes(bytes(blob))
+    result = read_header(path)
+    assert result is None or hasattr(result, "SOPInstanceUID")
+
+
+def test_decode_ahead_and_write_behind_give_the_same_outputs(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    """Four series of 40 slices through decoder processes and the writer thread, one of them
+    broken mid-way, against a run that does everything in order in one thread."""
+    root = tmp_path / "in"
+    series = [
+        make_ct_series(
+            root,
+            phantom=make_cube_phantom((40, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4 + k, 6, 6)),
+            folder=f"study{k}",
+            seed=k + 1,
+        )
+        for k in range(4)
+    ]
+    raw = series[2].paths[7].read_bytes()
+    series[2].paths[7].write_bytes(raw[: len(raw) - 500])  # pixel data cut short
+    rows = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"out{workers}"
+        result = _segment(root, "-o", out, "-m", band_model_path, "--decode-workers", workers)
+        assert result.exit_code == EXIT_PARTIAL, result.output
+        rows[workers] = _rows(out)
+        assert _manifest(out)["options"]["decode_workers"] == int(workers)
+    keys = ("series_instance_uid", "status", "ggo_voxels", "ggo_volume_ml", "n_slices")
+    assert [{k: r[k] for k in keys} for r in rows["0"]] == [
+        {k: r[k] for k in keys} for r in rows["2"]
+    ]
+    by_uid = {r["series_instance_uid"]: r for r in rows["2"]}
+    assert by_uid[series[2].series_instance_uid]["status"] == "failed"
+    for k in (0, 1, 3):
+        row = by_uid[series[k].series_instance_uid]
+        assert row["status"] == "ok"
+        assert int(row["ggo_voxels"]) > 0
+        seg_0 = hd.seg.segread(tmp_path / "out0" / row["seg_path"])
+        seg_2 = hd.seg.segread(tmp_path / "out2" / row["seg_path"])
+        assert seg_0.SOPInstanceUID == seg_2.SOPInstanceUID  # deterministic UIDs
+        np.testing.assert_array_equal(seg_0.pixel_array, seg_2.pixel_array)
