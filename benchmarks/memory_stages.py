@@ -25,6 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ggo_cli.analysis.lungs import segment_lungs  # noqa: E402
+from ggo_cli.analysis.masks import (  # noqa: E402
+    keep_inside_lungs,
+    model_masks,
+    segment_planes,
+)
 from ggo_cli.analysis.segmenter import OnnxSegmenter  # noqa: E402
 from ggo_cli.dicom.discovery import discover_series  # noqa: E402
 from ggo_cli.dicom.volume import load_volume  # noqa: E402
@@ -33,11 +38,6 @@ from ggo_cli.synthetic.ct_writer import write_ct_series  # noqa: E402
 from ggo_cli.synthetic.phantom import make_chest_phantom  # noqa: E402
 from ggo_cli.writers.dicom_seg import write_seg  # noqa: E402
 from ggo_cli.writers.overlay_png import write_overlay  # noqa: E402
-from ggo_cli.writers.seg_verify import (  # noqa: E402
-    keep_inside_lungs,
-    model_masks,
-    segment_planes,
-)
 from tests.onnx_models import write_band_model  # noqa: E402
 
 

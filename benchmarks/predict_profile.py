@@ -36,7 +36,7 @@ STEPS = {
     "predict_logits": "inference.py",
     "sigmoid": "preprocessing.py",
     "to_source_grid": "preprocessing.py",
-    "threshold_probabilities": "postprocessing.py",
+    "threshold_probabilities": "masks.py",
     "_predict_windowed": "inference.py",
 }
 """Functions reported, by name and the file that defines them."""

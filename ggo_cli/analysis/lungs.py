@@ -68,7 +68,7 @@ import numpy.typing as npt
 import SimpleITK
 
 from ..dicom.volume import usable_cores
-from ..domain import CtVolume, HuArray, LungMeasurement
+from ..domain import CtVolume, HuArray
 from ..errors import UnsupportedSeriesError
 from . import morphology as morph
 
@@ -185,66 +185,6 @@ def segment_lungs(
     log.debug("lungs: right %d, left %d voxels", int(np.count_nonzero(right_crop)),
               int(np.count_nonzero(left_crop)))
     return out
-
-
-def restrict_to_lungs(mask: BoolVolume, lungs: LungMasks) -> BoolVolume:
-    """Keep only the voxels of a mask that lie in either lung.
-
-    Args:
-        mask: any mask (e.g. GGO). Shape: ``(slices, rows, cols)``.
-        lungs: the lung masks of the same volume.
-
-    Returns:
-        ``mask & (right | left)``. Shape: as ``mask``.
-
-    Raises:
-        ValueError: the shapes differ.
-    """
-    if mask.shape != lungs.right.shape:
-        raise ValueError(f"mask shape {mask.shape} differs from lung shape {lungs.right.shape}")
-    return np.logical_and(mask, lungs.both)
-
-
-def lung_measurements(lungs: LungMasks, ggo: BoolVolume, voxel_volume_ml: float) -> (
-    LungMeasurement
-):
-    """Measure lung volumes and the GGO inside each lung.
-
-    Args:
-        lungs: the lung masks.
-        ggo: the GGO mask; voxels outside both lungs are not counted. Shape: as the lungs.
-        voxel_volume_ml: volume of one voxel in mL.
-
-    Returns:
-        Volumes in mL and percentages (``nan`` for a lung of volume 0).
-
-    Raises:
-        ValueError: the shapes differ or ``voxel_volume_ml`` is not positive.
-    """
-    if ggo.shape != lungs.right.shape or lungs.left.shape != lungs.right.shape:
-        raise ValueError(f"GGO shape {ggo.shape} differs from lung shapes {lungs.right.shape} "
-                         f"and {lungs.left.shape}")
-    if not voxel_volume_ml > 0:
-        raise ValueError(f"voxel_volume_ml {voxel_volume_ml} must be positive")
-    right_ml = int(np.count_nonzero(lungs.right)) * voxel_volume_ml
-    left_ml = int(np.count_nonzero(lungs.left)) * voxel_volume_ml
-    right_ggo_ml = int(np.count_nonzero(ggo & lungs.right)) * voxel_volume_ml
-    left_ggo_ml = int(np.count_nonzero(ggo & lungs.left)) * voxel_volume_ml
-    return LungMeasurement(
-        lung_volume_ml=left_ml + right_ml,
-        left_lung_volume_ml=left_ml,
-        right_lung_volume_ml=right_ml,
-        ggo_percent_of_lung=_percent(left_ggo_ml + right_ggo_ml, left_ml + right_ml),
-        left_ggo_volume_ml=left_ggo_ml,
-        right_ggo_volume_ml=right_ggo_ml,
-        left_ggo_percent=_percent(left_ggo_ml, left_ml),
-        right_ggo_percent=_percent(right_ggo_ml, right_ml),
-    )
-
-
-def _percent(part_ml: float, whole_ml: float) -> float:
-    """``100 * part / whole``, or ``nan`` when the whole is empty."""
-    return 100.0 * part_ml / whole_ml if whole_ml > 0 else math.nan
 
 
 def _orientation(volume: CtVolume) -> tuple[bool, bool]:

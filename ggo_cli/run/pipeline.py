@@ -22,8 +22,9 @@ import numpy.typing as npt
 
 from .. import __version__
 from ..analysis.explainer import OnnxExplainer
-from ..analysis.lungs import LungMasks, lung_measurements, segment_lungs
-from ..analysis.measurements import measure_ggo
+from ..analysis.lungs import LungMasks, segment_lungs
+from ..analysis.masks import keep_inside_lungs, model_masks, segment_planes
+from ..analysis.measurements import lung_measurements, measure_ggo
 from ..analysis.quality import assess_series, format_flags
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import (
@@ -51,7 +52,6 @@ from ..onnx.model_info import ModelInfo
 from ..writers.dicom_seg import check_source_headers, write_seg
 from ..writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from ..writers.overlay_png import write_overlay, write_slice_pngs
-from ..writers.seg_verify import keep_inside_lungs, model_masks, segment_planes
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class PreparedSeries:
         volume: the CT volume.
         lungs: the lung masks, or ``None`` with ``--no-lung-mask``.
         planes: with the lung mask, the SEG's segment planes (see
-            :func:`~ggo_cli.writers.seg_verify.segment_planes`) that ``lungs`` are views of and
+            :func:`~ggo_cli.analysis.masks.segment_planes`) that ``lungs`` are views of and
             the model's masks will be written into; ``None`` otherwise.
     """
 

@@ -52,6 +52,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import __version__
+from ..analysis.masks import seg_masks
 from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, OutputError, UnsupportedSeriesError
@@ -63,7 +64,7 @@ from .seg_segments import (
     lung_descriptions,
     segment_descriptions,
 )
-from .seg_verify import seg_masks, verify_seg
+from .seg_verify import verify_seg
 
 if TYPE_CHECKING:
     from ..analysis.lungs import LungMasks

@@ -3,14 +3,15 @@ algorithm as contributing equipment: the descriptive half of the SEG, built with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import highdicom as hd
 from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
 
 from .. import __version__
 from ..onnx.model_info import ModelInfo
-from .seg_verify import LUNG_SEGMENTS
 
 SEG_MANUFACTURER = "ggo-cli"
 GGO_ANATOMIC_REGION = codes.SCT.Lung
@@ -28,6 +29,26 @@ SEGMENT_COLORS_RGB: tuple[tuple[int, int, int], ...] = (
     (255, 128, 0),
 )
 """Recommended display colours per segment, cycled; fixed so reruns look the same."""
+
+
+@dataclass(frozen=True, slots=True)
+class LungSegment:
+    """How a lung is coded as a SEG segment."""
+
+    label: str
+    category: Code
+    property_type: Code
+    laterality: Code
+    rgb: tuple[int, int, int]
+
+
+LUNG_SEGMENTS: tuple[LungSegment, LungSegment] = (
+    LungSegment("Right lung", codes.SCT.AnatomicalStructure, codes.SCT.Lung, codes.SCT.Right,
+                (128, 174, 128)),
+    LungSegment("Left lung", codes.SCT.AnatomicalStructure, codes.SCT.Lung, codes.SCT.Left,
+                (111, 184, 210)),
+)
+"""Right then left lung, after the model's segments (codes as issue 6 and dcmqi use them)."""
 
 
 def lung_descriptions(first_number: int) -> list[hd.seg.SegmentDescription]:

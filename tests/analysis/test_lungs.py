@@ -10,11 +10,13 @@ import numpy.typing as npt
 import pytest
 from pydicom.dataset import Dataset
 
-from ggo_cli.analysis.lungs import LungMasks, lung_measurements, restrict_to_lungs, segment_lungs
+from ggo_cli.analysis.lungs import LungMasks, segment_lungs
+from ggo_cli.analysis.masks import keep_inside_lungs
+from ggo_cli.analysis.measurements import lung_measurements
 from ggo_cli.config import SelectionRules
 from ggo_cli.dicom.discovery import discover_series
 from ggo_cli.dicom.volume import load_volume
-from ggo_cli.domain import CtVolume, SeriesInfo
+from ggo_cli.domain import CtVolume, Prediction, SeriesInfo
 from ggo_cli.errors import UnsupportedSeriesError
 from ggo_cli.synthetic.phantom import (
     _LUNG_APEX,
@@ -210,11 +212,12 @@ def test_ggo_restricted_to_the_lungs_has_no_voxel_outside_them(chest: Phantom,
                                                                chest_lungs: LungMasks) -> None:
     ggo = chest.ggo_mask.copy()
     ggo[:, :10, :] = True  # false GGO in the air and the anterior chest wall
-    kept = restrict_to_lungs(ggo, chest_lungs)
+    kept = keep_inside_lungs(Prediction(masks=ggo[..., None], threshold=0.5), chest_lungs).ggo
     assert not np.any(kept & ~chest_lungs.both)
     assert np.count_nonzero(kept & chest.ggo_mask) >= 0.99 * np.count_nonzero(chest.ggo_mask)
-    with pytest.raises(ValueError, match=r"mask shape \(2, 2\) differs"):
-        restrict_to_lungs(np.zeros((2, 2), bool), chest_lungs)
+    with pytest.raises(ValueError, match=r"masks \(2, 2, 2, 1\) do not match lung shapes"):
+        keep_inside_lungs(Prediction(masks=np.zeros((2, 2, 2, 1), bool), threshold=0.5),
+                          chest_lungs)
 
 
 def test_lung_measurements_are_volumes_and_percentages() -> None:

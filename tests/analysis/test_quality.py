@@ -218,7 +218,8 @@ def test_the_shared_real_series_has_whole_lungs_and_thick_slices(real_ct_dir: Pa
     end slices 3 % and 0 % of the largest), lungs 2797 mL, not at the field of view's edge:
     of the rules that need no model, only thick_slices (the shipped model adds
     ggo_outside_lungs: README "Quality flags")."""
-    from ggo_cli.analysis.lungs import lung_measurements, segment_lungs
+    from ggo_cli.analysis.lungs import segment_lungs
+    from ggo_cli.analysis.measurements import lung_measurements
     from ggo_cli.dicom.discovery import discover_series
     from ggo_cli.dicom.volume import load_volume
 

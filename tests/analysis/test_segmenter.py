@@ -117,7 +117,7 @@ def test_non_memory_failure_is_a_model_error(
 def test_predict_fills_the_given_planes_and_int16_hu_gives_the_same_masks(
     band_model_path: Path,
 ) -> None:
-    from ggo_cli.writers.seg_verify import model_masks, segment_planes
+    from ggo_cli.analysis.masks import model_masks, segment_planes
 
     rng = np.random.default_rng(5)
     hu16 = rng.choice([-1000, -850, -500, -400, 40], size=(5, 64, 64)).astype(np.int16)

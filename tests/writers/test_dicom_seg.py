@@ -16,19 +16,19 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage
 
 from ggo_cli.analysis.lungs import LungMasks
-from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
-from ggo_cli.domain import CtVolume, Prediction
-from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
-from ggo_cli.onnx.model_info import ModelInfo
-from ggo_cli.writers import dicom_seg, seg_verify
-from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
-from ggo_cli.writers.seg_verify import (
+from ggo_cli.analysis.masks import (
     keep_inside_lungs,
     model_masks,
     seg_masks,
     segment_planes,
     stack_segments,
 )
+from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
+from ggo_cli.domain import CtVolume, Prediction
+from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
+from ggo_cli.onnx.model_info import ModelInfo
+from ggo_cli.writers import dicom_seg, seg_verify
+from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
 from tests.shared_data import DCMQI_SEG, require_shared
 from tests.writers.ct_data import blob_masks, make_model
