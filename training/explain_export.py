@@ -176,7 +176,10 @@ def reference_outputs(
 def _hint(value: Any) -> int:
     """A concrete size from a (symbolic) int."""
     if isinstance(value, torch.SymInt):
-        return int(value.node.hint)
+        hint = value.node.hint
+        if not isinstance(hint, int):
+            raise TypeError(f"symbolic size {value} has no integer hint (got {hint!r})")
+        return hint
     return int(value)
 
 

@@ -295,7 +295,7 @@ class Trainer:
             load_pretrained_encoder(model, self.config.arch, self.config.pretrained)
         model = model.to(self.device)
         if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            model = model.to(memory_format=torch.channels_last)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
