@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument(
         "--stand-in-model",
         action="store_true",
-        help="run a trivial 512 x 512 HU-band model (tests/onnx_models.py) instead of the "
+        help="run a trivial 512 x 512 HU-band model (benchmarks/_models.py) instead of the "
         "network: times the CPU stages alone, as if inference were free",
     )
     parser.add_argument(
@@ -179,10 +179,10 @@ def main() -> int:
     runs = [VARIANTS[key] for key in args.variants]
     runs += [(f"--jobs {n}", ["--jobs", str(n)]) for n in args.jobs]
     if args.stand_in_model:
-        from tests.onnx_models import write_band_model
+        from _models import write_stand_in_model
 
         args.work.mkdir(parents=True, exist_ok=True)
-        args.model = write_band_model(args.work / "band512.onnx", 512)
+        args.model = write_stand_in_model(args.work / "band512.onnx", 512)
     if args.model is not None:
         runs = [(name, [*extra, "--model", str(args.model.resolve())]) for name, extra in runs]
 

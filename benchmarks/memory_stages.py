@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _models import write_stand_in_model  # noqa: E402
+
 from ggo_cli.analysis.lungs import segment_lungs  # noqa: E402
 from ggo_cli.analysis.masks import (  # noqa: E402
     keep_inside_lungs,
@@ -38,7 +40,6 @@ from ggo_cli.synthetic.ct_writer import write_ct_series  # noqa: E402
 from ggo_cli.synthetic.phantom import make_chest_phantom  # noqa: E402
 from ggo_cli.writers.dicom_seg import write_seg  # noqa: E402
 from ggo_cli.writers.overlay_png import write_overlay  # noqa: E402
-from tests.onnx_models import write_band_model  # noqa: E402
 
 
 def main() -> int:
@@ -70,7 +71,7 @@ def main() -> int:
         )
         print(json.dumps(rows[-1]), flush=True)
 
-    model = write_band_model(args.work / "band512.onnx", 512)
+    model = write_stand_in_model(args.work / "band512.onnx", 512)
     stage("start")
     volume = load_volume(discover_series([source]).eligible[0])
     stage("decode")
