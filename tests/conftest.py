@@ -32,15 +32,12 @@ def strict_dicom_writing() -> Iterator[None]:
 def variant_check_cache(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
-    """Each test gets its own self-check cache folder (never the user's) and no verdicts
-    remembered in the process from an earlier test."""
+    """Each test gets its own self-check cache folder (never the user's)."""
     from ggo_cli.onnx import variant_check
 
     folder = tmp_path_factory.mktemp("ggo-cache")
     monkeypatch.setenv(variant_check.CACHE_ENV, str(folder))
-    variant_check._VERDICTS.clear()
     yield folder
-    variant_check._VERDICTS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,8 @@ from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from ggo_cli.synthetic.ct_writer import SeriesAttributes, write_ct_series
-from ggo_cli.synthetic.phantom import Phantom, make_chest_phantom, make_cube_phantom
+from ggo_cli.synthetic.phantom import Phantom, make_chest_phantom
+from tests.phantoms import make_cube_phantom
 
 UNEVEN_GAP_FACTOR = 1.5
 """With ``uneven_spacing`` the gap before the middle slice is this many slice spacings."""

@@ -12,9 +12,9 @@ from pydicom.fileset import FileSet
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dciodvfy import dciodvfy_errors
 from tests.dicom_factory import UNEVEN_GAP_FACTOR, FactorySeries, make_ct_series
+from tests.phantoms import make_cube_phantom
 
 GEOMETRIES = {
     "plain": {},

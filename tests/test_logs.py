@@ -14,8 +14,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import JPEG2000Lossless
 
 from ggo_cli.logs import ThirdPartyDemotion, configure_logging
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.phantoms import make_cube_phantom
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,6 @@ writer gets them back as one array without a copy.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -88,28 +87,6 @@ def keep_inside_lungs(prediction: Prediction, lungs: LungMasks) -> Prediction:
         both = np.logical_or(lungs.right[z], lungs.left[z])
         masks[z] &= both[..., None]
     return prediction
-
-
-def stack_segments(prediction: Prediction, lungs: LungMasks) -> tuple[Prediction, LungMasks]:
-    """Copy separate masks and lungs into :func:`segment_planes`, the masks kept inside the
-    lungs (what the pipeline gets without copies when it fills the planes directly).
-
-    Returns:
-        The restricted prediction and the lungs, both views of one set of planes.
-
-    Raises:
-        ValueError: the shapes differ.
-    """
-    masks = prediction.masks
-    _check_lung_shapes(masks, lungs)
-    n_channels = masks.shape[-1]
-    planes, stacked = segment_planes(lungs.right.shape, n_channels)
-    np.copyto(stacked.right, lungs.right)
-    np.copyto(stacked.left, lungs.left)
-    restricted = model_masks(planes, n_channels)
-    np.copyto(restricted, masks)
-    # replace(): the prediction's GGO counts (before the restriction) travel with it
-    return keep_inside_lungs(replace(prediction, masks=restricted), stacked), stacked
 
 
 def _offset(view: npt.NDArray[np.bool_], base: npt.NDArray[np.bool_]) -> int:

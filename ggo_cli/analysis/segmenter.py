@@ -38,7 +38,7 @@ from ..onnx.runtime import (
     parse_device,
     run_in_batches,
 )
-from ..onnx.variant_check import VariantCheck
+from ..onnx.variant_check import VariantCheck, VerdictCache
 from ..onnx.variants import VariantChoice, choose_fp16, choose_int8
 from .masks import threshold_probabilities
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
@@ -63,6 +63,8 @@ class OnnxSegmenter:
             the host's windowing and thresholding showed in the profile.
         force_check: run a variant's self-check against float32 again even when this machine's
             verdict is cached (``--force``).
+        verdicts: self-check verdicts shared with other segmenters of this process (each
+            key is then measured or read once); ``None``: this segmenter's own.
 
     Raises:
         DeviceError: CUDA requested but not usable.
@@ -81,6 +83,7 @@ class OnnxSegmenter:
         precision: str = "auto",
         window_in_graph: bool | None = None,
         force_check: bool = False,
+        verdicts: VerdictCache | None = None,
     ) -> None:
         import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
@@ -102,6 +105,7 @@ class OnnxSegmenter:
         self.variant_check: VariantCheck | None = None  # the last self-check's verdict
         self.int8_recipe = ""  # the int8 recipe in use
         self.force_check = force_check
+        self.verdicts = VerdictCache() if verdicts is None else verdicts
         self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
         self.session = self._create_session(request)
         self.providers: list[str] = list(self.session.get_providers())
@@ -148,7 +152,7 @@ class OnnxSegmenter:
                 if variant is not None:
                     choice = choose_fp16(
                         self.model, variant, request, explicit=wanted is Precision.FP16,
-                        force=self.force_check,
+                        force=self.force_check, verdicts=self.verdicts,
                     )
                     self._take(choice)
                     if choice.data is None:
@@ -161,7 +165,8 @@ class OnnxSegmenter:
             log.debug("CUDA fell back to the CPU: CPU session instead")
         if wanted in (Precision.AUTO, Precision.INT8):
             choice = choose_int8(
-                self.model, request, explicit=wanted is Precision.INT8, force=self.force_check
+                self.model, request, explicit=wanted is Precision.INT8, force=self.force_check,
+                verdicts=self.verdicts,
             )
             self._take(choice)
             if choice.data is not None:

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..config import DeviceKind
 from ..errors import OutputError
 from ..fsutil import atomic_write_text
 from ..scratch import lock_exclusive
@@ -72,7 +73,6 @@ change would dominate their Dice)."""
 CACHE_ENV = "GGO_CACHE_DIR"
 CHECK_BATCH = 4
 _PROCESS_STARTED = time.time()
-_VERDICTS: dict[str, VariantCheck] = {}
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,7 +281,7 @@ def _measure(
     """Run float32 (CPU) and the variant (on ``request``) over the reference slices."""
     batch = reference.batch()
     logit_threshold = math.log(model.threshold / (1.0 - model.threshold))
-    fp32 = create_session(model.path, DeviceRequest("cpu"))
+    fp32 = create_session(model.path, DeviceRequest(DeviceKind.CPU))
     started = time.perf_counter()
     want = _masks(fp32, batch, logit_threshold, on_cuda=False)
     fp32_s = (time.perf_counter() - started) / len(batch)
@@ -299,6 +299,23 @@ def _measure(
     )
 
 
+class VerdictCache:
+    """Verdicts already settled, by cache key digest: owned by the caller (one per segmenter,
+    or one shared by the segmenters of a process) so that a key is measured or read from disk
+    once per owner."""
+
+    def __init__(self) -> None:
+        self._verdicts: dict[str, VariantCheck] = {}
+
+    def get(self, digest: str) -> VariantCheck | None:
+        """The verdict settled for a key, or ``None``."""
+        return self._verdicts.get(digest)
+
+    def put(self, digest: str, verdict: VariantCheck) -> None:
+        """Remember the verdict of a key."""
+        self._verdicts[digest] = verdict
+
+
 def check_variant(
     model: ModelInfo,
     variant_bytes: bytes,
@@ -309,6 +326,7 @@ def check_variant(
     on_cuda: bool,
     cuda_options: dict[str, Any] | None = None,
     force: bool = False,
+    verdicts: VerdictCache | None = None,
 ) -> VariantCheck:
     """Check a model variant against float32 on this machine (or read the cached verdict).
 
@@ -322,6 +340,8 @@ def check_variant(
         cuda_options: the CUDA provider options the variant runs with.
         force: measure again even when a verdict is cached (once per process: workers
             started for the same run reuse a verdict written after they started).
+        verdicts: verdicts this caller already settled; a key found there is neither
+            measured nor read again (``None``: look in the cache folder only).
 
     Returns:
         The verdict; ``ran`` is ``False`` when the model ships no reference slices.
@@ -347,8 +367,9 @@ def check_variant(
         "cuda_options": cuda_options or {},
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-    if digest in _VERDICTS:
-        return _VERDICTS[digest]
+    known = verdicts.get(digest) if verdicts is not None else None
+    if known is not None:
+        return known
     folder = cache_dir() / "variant-checks"
     entry = folder / f"{digest[:32]}.json"
     newer_than = _PROCESS_STARTED if force else None
@@ -356,7 +377,8 @@ def check_variant(
         cached = _read_cached(entry, key, newer_than=newer_than) if cacheable else None
         if cached is not None:
             log.debug("%s self-check verdict read from %s", variant, entry)
-            _VERDICTS[digest] = cached
+            if verdicts is not None:
+                verdicts.put(digest, cached)
             return cached
         log.info("checking the %s variant against float32 on this machine (once; cached)",
                  variant)
@@ -380,5 +402,6 @@ def check_variant(
                 atomic_write_text(entry, json.dumps(record, indent=1) + "\n")
             except OutputError as exc:
                 log.debug("self-check verdict not cached: %s", exc)
-    _VERDICTS[digest] = verdict
+    if verdicts is not None:
+        verdicts.put(digest, verdict)
     return verdict

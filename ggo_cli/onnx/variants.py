@@ -28,7 +28,7 @@ from .int8_recipes import (
 from .model_info import ModelInfo
 from .precision import CUDA_NHWC_OPTIONS, int8_model_bytes
 from .runtime import DeviceRequest
-from .variant_check import VariantCheck, check_variant
+from .variant_check import VariantCheck, VerdictCache, check_variant
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,13 @@ def _verdict_allows(
 
 
 def choose_fp16(
-    model: ModelInfo, data: bytes, request: DeviceRequest, *, explicit: bool, force: bool
+    model: ModelInfo,
+    data: bytes,
+    request: DeviceRequest,
+    *,
+    explicit: bool,
+    force: bool,
+    verdicts: VerdictCache | None = None,
 ) -> VariantChoice:
     """Check the fp16 graph on the GPU; ``data`` is ``None`` in the result when float32 runs.
 
@@ -89,7 +95,7 @@ def choose_fp16(
     choice = VariantChoice()
     verdict = check_variant(
         model, data, variant="fp16", request=request, on_cuda=True,
-        cuda_options=CUDA_NHWC_OPTIONS, force=force,
+        cuda_options=CUDA_NHWC_OPTIONS, force=force, verdicts=verdicts,
     )
     if _verdict_allows(choice, verdict, "fp16", explicit=explicit):
         choice.data = data
@@ -137,7 +143,12 @@ def _recipe_bytes(
 
 
 def choose_int8(
-    model: ModelInfo, request: DeviceRequest, *, explicit: bool, force: bool
+    model: ModelInfo,
+    request: DeviceRequest,
+    *,
+    explicit: bool,
+    force: bool,
+    verdicts: VerdictCache | None = None,
 ) -> VariantChoice:
     """The int8 variant for this CPU (``data`` is ``None`` when float32 runs; logged why).
 
@@ -177,7 +188,7 @@ def choose_int8(
                 continue
             verdict = check_variant(
                 model, data, variant="int8", recipe=recipe.name, request=request,
-                on_cuda=False, force=force,
+                on_cuda=False, force=force, verdicts=verdicts,
             )
             if _verdict_allows(choice, verdict, f"int8 ({recipe.name})", explicit=explicit):
                 choice.data, choice.recipe = data, recipe.name

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from .dicom_seg import build_seg, verify_seg, write_seg
 from .overlay_png import write_overlay, write_slice_pngs
-from .report_csv import CSV_COLUMNS, read_csv, write_csv
+from .report_csv import CSV_COLUMNS
 
 __all__ = [
     "CSV_COLUMNS",
     "build_seg",
-    "read_csv",
     "verify_seg",
-    "write_csv",
     "write_overlay",
     "write_seg",
     "write_slice_pngs",

@@ -200,51 +200,6 @@ def outcome_row(
     return row
 
 
-def write_csv(
-    outcomes: Sequence[SeriesOutcome],
-    path: Path,
-    *,
-    model_name: str,
-    model_version: str,
-    include_patient_id: bool = False,
-    out_dir: Path | None = None,
-) -> Path:
-    """Write the CSV of GGO volumes atomically, one row per outcome, in the given order.
-
-    Args:
-        outcomes: one outcome per series found (ok, skipped or failed).
-        path: the CSV file.
-        model_name: model name written in every row.
-        model_version: model version written in every row.
-        include_patient_id: add a ``patient_id`` column (last); off by default, because the
-            CSV otherwise holds no patient identifiers.
-        out_dir: the folder ``seg_path`` cells are relative to; defaults to the CSV's folder.
-
-    Returns:
-        ``path``.
-
-    Raises:
-        OutputError: the file cannot be written.
-    """
-    columns = [*CSV_COLUMNS, PATIENT_ID_COLUMN] if include_patient_id else list(CSV_COLUMNS)
-    buffer = io.StringIO(newline="")
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\r\n")
-    writer.writeheader()
-    for outcome in outcomes:
-        writer.writerow(
-            outcome_row(
-                outcome,
-                path.parent if out_dir is None else out_dir,
-                model_name=model_name,
-                model_version=model_version,
-                include_patient_id=include_patient_id,
-            )
-        )
-    atomic_write_text(path, buffer.getvalue(), encoding=CSV_ENCODING)
-    log.debug("CSV with %d rows written to %s", len(outcomes), path)
-    return path
-
-
 PSEUDONYM_COLUMN = "patient_pseudonym"
 PSEUDONYM_HEX_CHARS = 16
 PSEUDONYM_SALT_TAG_KEY = "_pseudonym_salt_tag"
@@ -309,18 +264,3 @@ def write_rows(
     log.debug("CSV with %d rows written to %s", len(rows), path)
     return path
 
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    """Read a CSV written by :func:`write_csv` back as rows of cell text.
-
-    Args:
-        path: the CSV file.
-
-    Returns:
-        One dict per data row, keyed by column name, in file order.
-
-    Raises:
-        OSError: the file cannot be read.
-    """
-    with path.open(newline="", encoding=CSV_ENCODING) as fh:
-        return [dict(row) for row in csv.DictReader(fh)]

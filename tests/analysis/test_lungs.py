@@ -23,9 +23,9 @@ from ggo_cli.synthetic.phantom import (
     _LUNG_BASE,
     Phantom,
     make_chest_phantom,
-    make_cube_phantom,
 )
 from tests.dicom_factory import make_ct_series
+from tests.phantoms import make_cube_phantom
 from tests.shared_data import DCMQI_CT, require_shared
 
 # A whole adult chest at a coarse grid (36 x 36 cm field of view, 30 cm long): fast to segment.

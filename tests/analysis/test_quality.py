@@ -32,8 +32,8 @@ from ggo_cli.analysis.segmenter import OnnxSegmenter
 from ggo_cli.cli.app import app
 from ggo_cli.domain import CtVolume, LungMeasurement, SeriesInfo
 from ggo_cli.onnx.model_info import load_model_info
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import make_ct_series
+from tests.phantoms import make_cube_phantom
 
 runner = CliRunner()
 

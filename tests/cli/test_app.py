@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dciodvfy import dciodvfy_errors
 from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.phantoms import make_cube_phantom
 
 runner = CliRunner()
 PHI = ("GGO^Phantom", "PHANTOM-001", "19600101")

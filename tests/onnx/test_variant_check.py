@@ -20,7 +20,12 @@ from ggo_cli.onnx.int8_recipes import INT8_SPEC_NAME
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.onnx.precision import Precision
 from ggo_cli.onnx.reference_slices import REFERENCE_SET_NAME, write_reference_set
-from ggo_cli.onnx.variant_check import MAX_GGO_CHANGE, VariantCheck, compare_masks
+from ggo_cli.onnx.variant_check import (
+    MAX_GGO_CHANGE,
+    VariantCheck,
+    VerdictCache,
+    compare_masks,
+)
 from tests.dicom_factory import make_ct_series
 from tests.onnx.test_precision import _conv_model_with_recipe
 
@@ -77,13 +82,15 @@ def test_a_good_int8_variant_passes_once_and_its_verdict_is_cached(
     entries = list((variant_check_cache / "variant-checks").glob("*.json"))
     assert len(entries) == 1
     assert json.loads(entries[0].read_text())["verdict"]["passed"] is True
-    # a later run (a new process: nothing remembered in memory) reads the cache
-    variant_check._VERDICTS.clear()
+    # a later segmenter (its own verdicts, as in a new process) reads the cache
     again = OnnxSegmenter(info, device="cpu").variant_check
     assert again is not None and again.cached and again.passed
     assert again.figures == verdict.figures
+    # segmenters sharing their verdicts settle a key once: the first one's verdict, unread
+    shared = VerdictCache()
+    settled = OnnxSegmenter(info, device="cpu", verdicts=shared).variant_check
+    assert OnnxSegmenter(info, device="cpu", verdicts=shared).variant_check is settled
     # --force measures again (a verdict written before this process started is not reused)
-    variant_check._VERDICTS.clear()
     monkeypatch.setattr(variant_check, "_PROCESS_STARTED", time.time() + 1.0)
     forced = OnnxSegmenter(info, device="cpu", force_check=True).variant_check
     assert forced is not None and not forced.cached and forced.passed
@@ -93,7 +100,6 @@ def test_a_changed_key_measures_again(tmp_path: Path) -> None:
     model_path = _conv_model_with_recipe(tmp_path)
     info = load_model_info(model_path)
     assert OnnxSegmenter(info, device="cpu").variant_check is not None
-    variant_check._VERDICTS.clear()
     images = np.full((2, 64, 64), 0.9)
     write_reference_set(tmp_path / REFERENCE_SET_NAME, images, ["bright0", "bright1"])
     verdict = OnnxSegmenter(info, device="cpu").variant_check

@@ -18,8 +18,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.phantoms import make_cube_phantom
 
 runner = CliRunner()
 PATIENT_ID = "PHANTOM-001"  # what ct_writer writes by default

@@ -26,9 +26,9 @@ from ggo_cli.cli.app import app
 from ggo_cli.dicom.discovery import read_header
 from ggo_cli.errors import EXIT_PARTIAL
 from ggo_cli.run.lock import RunLock
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import FactorySeries, make_ct_series
 from tests.onnx_models import base_metadata, write_band_model
+from tests.phantoms import make_cube_phantom
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]

@@ -24,8 +24,8 @@ from ggo_cli.errors import EXIT_PARTIAL, OutputError
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.run import series_pool
 from ggo_cli.run.series_pool import SeriesPool, SessionSummary, auto_jobs
-from ggo_cli.synthetic.phantom import make_cube_phantom
 from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.phantoms import make_cube_phantom
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]

@@ -28,9 +28,9 @@ from ggo_cli.synthetic.phantom import (
     GgoLesion,
     Phantom,
     make_chest_phantom,
-    make_cube_phantom,
 )
 from tests.dciodvfy import dciodvfy_errors
+from tests.phantoms import make_cube_phantom
 
 # A whole chest at a coarse grid: 36 x 30 cm field of view, 30 cm long, fast to draw.
 SHAPE = (24, 128, 128)

@@ -1,4 +1,5 @@
-"""Test data for the writer tests: real CT series as CtVolumes, a tiny ModelInfo, masks.
+"""Test data for the writer tests: real CT series as CtVolumes, a tiny ModelInfo, masks
+(also stacked with lungs as the SEG's planes).
 
 The volumes are loaded with pydicom alone (headers without pixel data, slices sorted by
 position along the slice normal, HU = stored value x slope + intercept), so the writer tests
@@ -7,6 +8,7 @@ do not depend on ``ggo_cli.dicom.volume``.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,9 @@ import pydicom
 import pytest
 from pydicom.sr.codedict import codes
 
-from ggo_cli.domain import CtVolume, SeriesInfo
+from ggo_cli.analysis.lungs import LungMasks
+from ggo_cli.analysis.masks import keep_inside_lungs, model_masks, segment_planes
+from ggo_cli.domain import CtVolume, Prediction, SeriesInfo
 from ggo_cli.onnx.model_info import ModelInfo, SegmentSpec
 from tests.shared_data import require_shared
 
@@ -113,3 +117,28 @@ def blob_masks(volume: CtVolume, n_channels: int = 1) -> np.ndarray:
     # an irregular edge so orientation errors would show
     masks[first, rows // 3, cols // 4, 0] = False
     return masks
+
+
+def stack_segments(
+    prediction: Prediction, lungs: LungMasks
+) -> tuple[Prediction, LungMasks]:
+    """Copy separate masks and lungs into :func:`segment_planes`, the masks kept inside the
+    lungs (what the pipeline gets without copies when it fills the planes directly).
+
+    Returns:
+        The restricted prediction and the lungs, both views of one set of planes.
+
+    Raises:
+        ValueError: the shapes differ.
+    """
+    masks = prediction.masks
+    if masks.shape[:3] != lungs.right.shape:
+        raise ValueError(f"masks {masks.shape} do not match lung shape {lungs.right.shape}")
+    n_channels = masks.shape[-1]
+    planes, stacked = segment_planes(lungs.right.shape, n_channels)
+    np.copyto(stacked.right, lungs.right)
+    np.copyto(stacked.left, lungs.left)
+    restricted = model_masks(planes, n_channels)
+    np.copyto(restricted, masks)
+    # replace(): the prediction's GGO counts (before the restriction) travel with it
+    return keep_inside_lungs(replace(prediction, masks=restricted), stacked), stacked

@@ -21,7 +21,6 @@ from ggo_cli.analysis.masks import (
     model_masks,
     seg_masks,
     segment_planes,
-    stack_segments,
 )
 from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ggo_cli.domain import CtVolume, Prediction
@@ -31,7 +30,7 @@ from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
 from tests.shared_data import DCMQI_SEG, require_shared
-from tests.writers.ct_data import blob_masks, make_model
+from tests.writers.ct_data import blob_masks, make_model, stack_segments
 
 SOFTWARE_VERSION = "9.9.9-test"
 COPIED_ATTRIBUTES = (

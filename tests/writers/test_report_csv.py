@@ -8,7 +8,8 @@ import pytest
 
 from ggo_cli.domain import GgoMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
 from ggo_cli.errors import OutputError
-from ggo_cli.writers.report_csv import CSV_COLUMNS, PATIENT_ID_COLUMN, read_csv, write_csv
+from ggo_cli.writers.report_csv import CSV_COLUMNS, PATIENT_ID_COLUMN
+from tests.writers.csv_rows import read_csv, write_outcomes
 
 PATIENT_ID = "PAT-000123"
 ROW_MM, COL_MM, SLICE_MM = 0.646484375, 0.646484375, 8.0
@@ -81,7 +82,7 @@ def _outcomes(out_dir: Path) -> list[SeriesOutcome]:
 @pytest.fixture
 def rows(tmp_path: Path) -> list[dict[str, str]]:
     """The three example rows, written and read back."""
-    path = write_csv(
+    path = write_outcomes(
         _outcomes(tmp_path), tmp_path / "ggo_volumes.csv", model_name="m", model_version="1.2"
     )
     return read_csv(path)
@@ -89,7 +90,7 @@ def rows(tmp_path: Path) -> list[dict[str, str]]:
 
 def test_header_has_required_columns_in_order(tmp_path: Path) -> None:
     """The header is CSV_COLUMNS; the issue's columns appear in the issue's order."""
-    path = write_csv([], tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
+    path = write_outcomes([], tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
     header = path.read_text(encoding="utf-8").splitlines()[0].split(",")
     assert tuple(header) == CSV_COLUMNS
     positions = [header.index(name) for name in REQUIRED_ORDER]
@@ -151,7 +152,7 @@ def test_qc_flags_cell_joins_the_flags_and_is_empty_when_none(tmp_path: Path) ->
 
     ok, skipped, failed = _outcomes(tmp_path)
     flagged = replace(ok, qc_flags=("thick_slices", "low_confidence"))
-    path = write_csv(
+    path = write_outcomes(
         [flagged, ok, skipped, failed], tmp_path / "qc.csv", model_name="m", model_version="1"
     )
     assert CSV_COLUMNS.index("qc_flags") + 1 == CSV_COLUMNS.index("status")
@@ -167,7 +168,7 @@ def test_seg_path_is_relative_to_the_output_folder(rows: list[dict[str, str]]) -
 def test_seg_path_relative_to_an_explicit_output_folder(tmp_path: Path) -> None:
     """out_dir overrides the CSV's folder as the base of seg_path."""
     out = tmp_path / "results"
-    path = write_csv(
+    path = write_outcomes(
         _outcomes(out),
         tmp_path / "elsewhere" / "ggo_volumes.csv",
         model_name="m",
@@ -187,9 +188,9 @@ def test_text_cells_are_single_line_and_formula_safe(rows: list[dict[str, str]])
 def test_patient_id_only_on_request(tmp_path: Path) -> None:
     """Without the option no patient ID is in the file; with it, a last patient_id column."""
     outcomes = _outcomes(tmp_path)
-    plain = write_csv(outcomes, tmp_path / "plain.csv", model_name="m", model_version="1")
+    plain = write_outcomes(outcomes, tmp_path / "plain.csv", model_name="m", model_version="1")
     assert PATIENT_ID not in plain.read_text(encoding="utf-8")
-    with_id = write_csv(
+    with_id = write_outcomes(
         outcomes,
         tmp_path / "with_id.csv",
         model_name="m",
@@ -213,7 +214,7 @@ def test_file_is_rfc4180_utf8_and_rewritten_atomically(tmp_path: Path) -> None:
             message="x",
         )
     ]
-    write_csv(outcomes, target, model_name="m", model_version="1")
+    write_outcomes(outcomes, target, model_name="m", model_version="1")
     data = target.read_bytes()
     assert not data.startswith(b"\xef\xbb\xbf")
     assert data.count(b"\r\n") == 2
@@ -225,7 +226,7 @@ def test_unwritable_destination_raises_output_error(tmp_path: Path) -> None:
     """A CSV that cannot be written is an OutputError naming the path."""
     (tmp_path / "not-a-folder").write_text("x")
     with pytest.raises(OutputError, match="not-a-folder"):
-        write_csv(
+        write_outcomes(
             [], tmp_path / "not-a-folder" / "ggo_volumes.csv", model_name="m", model_version="1"
         )
 
@@ -242,7 +243,7 @@ def test_uid_cells_get_the_formula_prefix(tmp_path: Path, prefix: str) -> None:
         files=(),
         location="study/series",
     )
-    path = write_csv(
+    path = write_outcomes(
         [SeriesOutcome(series=series, status=SeriesStatus.SKIPPED, message="x")],
         tmp_path / "ggo_volumes.csv",
         model_name="m",
@@ -267,7 +268,7 @@ def test_control_characters_in_any_text_cell_cannot_split_a_row(tmp_path: Path) 
         SeriesOutcome(series=series, status=SeriesStatus.FAILED, message="m\r\nx\x85y\x7f"),
         SeriesOutcome(series=_series("1.2.9"), status=SeriesStatus.SKIPPED, message="ok"),
     ]
-    path = write_csv(outcomes, tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
+    path = write_outcomes(outcomes, tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
     data = path.read_bytes()
     assert data.count(b"\r\n") == 3 and data.count(b"\n") == 3  # header + two rows
     assert b"\x1b" not in data and b"\r" not in data.replace(b"\r\n", b"")
@@ -294,7 +295,9 @@ def test_the_message_names_no_folder_or_file_of_the_series(tmp_path: Path) -> No
         f"{folder / 'DOE^JANE_12345_002.dcm'}); in DOE^JANE_12345/CT, patient 12345"
     )
     outcome = SeriesOutcome(series=series, status=SeriesStatus.FAILED, message=message)
-    path = write_csv([outcome], tmp_path / "ggo_volumes.csv", model_name="m", model_version="1")
+    path = write_outcomes(
+        [outcome], tmp_path / "ggo_volumes.csv", model_name="m", model_version="1"
+    )
     text = path.read_text(encoding="utf-8")
     assert "DOE" not in text and "JANE" not in text and "12345" not in text, text
     (row,) = read_csv(path)
