@@ -6,11 +6,14 @@ defaults below. Nothing here reads or writes ``os.environ``; Typer resolves the 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 
+from .errors import InputError
 from .fsutil import OutputTree
+from .onnx.precision import Precision
 
 ENV_MODEL = "GGO_MODEL"
 ENV_DEVICE = "GGO_DEVICE"
@@ -29,6 +32,10 @@ SPACING_ABS_TOLERANCE_MM = 0.01
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "GGO AI segmentation - research use only"
+SEG_SERIES_NUMBER_MAX = 2**31 - 1
+"""Largest SEG SeriesNumber: DICOM IS, as the SEG builder checks it (1 to 2**31 - 1)."""
+SEG_SERIES_DESCRIPTION_MAX_CHARS = 64
+"""Longest SEG SeriesDescription: DICOM LO (no backslash, no control characters)."""
 SETTLE_MINUTES = 0.0
 """Default of ``--settle``: none, so a folder copied by hand is processed at once. Scheduled
 runs on a folder that a PACS export is still filling pass ``--settle 5`` (README)."""
@@ -42,6 +49,66 @@ GRADCAM_FOLDER = "gradcam"
 
 CPU_BATCH_SIZE = 4
 CUDA_BATCH_SIZE = 16
+
+
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+class DeviceKind(StrEnum):
+    """Where ``--device`` asks inference to run."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRequest:
+    """A parsed ``--device`` value.
+
+    Attributes:
+        kind: ``auto``, ``cpu`` or ``cuda``.
+        ordinal: the CUDA device ordinal as given (``cuda:N``), or ``None``.
+    """
+
+    kind: DeviceKind = DeviceKind.AUTO
+    ordinal: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kind", DeviceKind(self.kind))  # "cpu" -> DeviceKind.CPU
+
+    @property
+    def index(self) -> int:
+        """The CUDA device ordinal (0 unless ``cuda:N`` named another)."""
+        return self.ordinal or 0
+
+    def __str__(self) -> str:
+        """The value as written on the command line (lower case): ``cuda``, ``cuda:1``..."""
+        return self.kind.value if self.ordinal is None else f"{self.kind.value}:{self.ordinal}"
+
+
+def parse_device(value: str | DeviceRequest) -> DeviceRequest:
+    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a parsed value is returned as is).
+
+    Raises:
+        InputError: for anything else.
+    """
+    if isinstance(value, DeviceRequest):
+        return value
+    match = _DEVICE_PATTERN.match(value.strip().lower())
+    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
+        raise InputError(f"invalid --device {value!r}; use auto, cpu, cuda or cuda:N")
+    ordinal = match.group(2)
+    return DeviceRequest(DeviceKind(match.group(1)), None if ordinal is None else int(ordinal))
+
+
+class ExplainMode(Enum):
+    """Whether a run writes GradCAM++ maps: not at all, besides the SEG (``segment
+    --explain``), or only them (``ggo-cli explain``: no SEG, CSV or state)."""
+
+    OFF = "off"
+    WITH_SEGMENT = "with_segment"
+    ONLY = "only"
 
 
 class PngMode(StrEnum):
@@ -86,7 +153,7 @@ class RunConfig:
         inputs: files or folders to search for DICOM.
         out_dir: the output folder (created if missing; never inside an input).
         model_path: the ONNX model file.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: the parsed ``--device``.
         batch_size: slices per inference batch; ``None`` picks a per-device default.
         threshold: probability threshold; ``None`` takes the model's.
         selection: the series selection rules.
@@ -98,12 +165,12 @@ class RunConfig:
             (0: none).
         force: reprocess every series even when the state store shows it done.
         pseudonym_salt: when set, the CSV gets a salted SHA-256 pseudonym of PatientID.
-        explain: also write GradCAM++ maps (``gradcam.npz``, ``gradcam/slice_NNNN.png``).
-        explain_only: write only the GradCAM++ maps (``ggo-cli explain``): no SEG, CSV, state.
+        explain: whether GradCAM++ maps (``gradcam.npz``, ``gradcam/slice_NNNN.png``) are
+            written, besides the SEG or alone (``ggo-cli explain``: no SEG, CSV, state).
         explain_layer: the explained layer; ``None`` takes the explain graph's default.
         explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
-        precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU); see
-            :class:`ggo_cli.onnx.precision.Precision`.
+        precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU)
+            (:class:`ggo_cli.onnx.precision.Precision`).
         decode_workers: processes that decode pixel data (``None``: one per usable core, at
             most 8, none on a single core; 0: decode in the main process).
         jobs: series processed at once, each whole in its own worker process (``None``: 1 on
@@ -118,7 +185,7 @@ class RunConfig:
     inputs: tuple[Path, ...]
     out_dir: Path
     model_path: Path
-    device: str = "auto"
+    device: DeviceRequest = DeviceRequest()
     batch_size: int | None = None
     threshold: float | None = None
     selection: SelectionRules = SelectionRules()
@@ -129,15 +196,19 @@ class RunConfig:
     settle_minutes: float = SETTLE_MINUTES
     force: bool = False
     pseudonym_salt: str | None = None
-    explain: bool = False
-    explain_only: bool = False
+    explain: ExplainMode = ExplainMode.OFF
     explain_layer: str | None = None
     explain_slices: str = "ggo"
     lung_mask: bool = True
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     decode_workers: int | None = None
     jobs: int | None = None
     group_readable: bool = False
+
+    @property
+    def explain_only(self) -> bool:
+        """Whether the run writes GradCAM++ maps only (no SEG, CSV or state)."""
+        return self.explain is ExplainMode.ONLY
 
     @property
     def tree(self) -> OutputTree:

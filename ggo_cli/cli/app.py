@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,13 +21,12 @@ from .. import __version__
 from ..analysis.explainer import ExplainSlices
 from ..config import (
     AXIAL_TOLERANCE_DEG,
-    ENV_MODEL,
-    ENV_PSEUDONYM_SALT,
     MIN_SLICES,
     SEG_SERIES_DESCRIPTION,
     SEG_SERIES_NUMBER,
     SETTLE_MINUTES,
     SPACING_TOLERANCE,
+    ExplainMode,
     PngMode,
     RunConfig,
     SelectionRules,
@@ -44,6 +42,7 @@ from ..errors import (
 )
 from ..logs import configure_logging, level_from_flags, quiet_pydicom
 from ..onnx.precision import Precision
+from .build import build_run_config
 from .display import (
     all_pending_note,
     exit_code,
@@ -84,7 +83,6 @@ from .options import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MIN_SALT_CHARS = 16
 
 app = typer.Typer(
     name="ggo-cli",
@@ -172,18 +170,6 @@ def _guarded(action: Callable[[], T]) -> T:
         raise typer.Exit(EXIT_BUG) from None
 
 
-def _resolve_model(model: Path | None) -> Path:
-    if model is not None:
-        return model
-    path = default_model_path()
-    if not path.is_file():
-        raise ModelError(
-            f"no --model given and the default model {path} is not present; pass --model PATH "
-            f"or set {ENV_MODEL}"
-        )
-    return path
-
-
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
     from ..run.manifest import summary_json
     from ..run.runner import run_segment
@@ -263,10 +249,10 @@ def segment(
     """
 
     def body() -> int:
-        cfg = RunConfig(
-            inputs=tuple(inputs),
-            out_dir=out,
-            model_path=_resolve_model(model),
+        cfg = build_run_config(
+            inputs,
+            out,
+            model=model,
             device=device,
             batch_size=batch_size,
             threshold=threshold,
@@ -276,18 +262,18 @@ def segment(
                 spacing_tolerance=spacing_tolerance,
                 series_uids=tuple(series or ()),
             ),
-            png_mode=png,
+            png=png,
             include_patient_id=include_patient_id,
-            seg_series_number=series_number,
-            seg_series_description=_check_description(series_description),
-            settle_minutes=settle,
+            series_number=series_number,
+            series_description=series_description,
+            settle=settle,
             force=force,
-            pseudonym_salt=_pseudonym_salt(pseudonymize, include_patient_id),
-            explain=explain,
-            explain_layer=layer,
-            explain_slices=slices.value,
+            pseudonymize=pseudonymize,
+            explain=ExplainMode.WITH_SEGMENT if explain else ExplainMode.OFF,
+            layer=layer,
+            slices=slices,
             lung_mask=lung_mask,
-            precision=precision.value,
+            precision=precision,
             decode_workers=decode_workers,
             jobs=jobs,
             group_readable=group_readable,
@@ -332,20 +318,19 @@ def explain(
     """
 
     def body() -> int:
-        cfg = RunConfig(
-            inputs=tuple(inputs),
-            out_dir=out,
-            model_path=_resolve_model(model),
+        cfg = build_run_config(
+            inputs,
+            out,
+            model=model,
             device=device,
             batch_size=batch_size,
             threshold=threshold,
             selection=SelectionRules(min_slices=min_slices, series_uids=tuple(series or ())),
-            png_mode=PngMode.NONE,
-            settle_minutes=settle,
-            explain=True,
-            explain_only=True,
-            explain_layer=layer,
-            explain_slices=slices.value,
+            png=PngMode.NONE,
+            settle=settle,
+            explain=ExplainMode.ONLY,
+            layer=layer,
+            slices=slices,
             lung_mask=lung_mask,
             jobs=jobs,
             group_readable=group_readable,
@@ -355,33 +340,6 @@ def explain(
     code = _guarded(body)
     if code:
         raise typer.Exit(code)
-
-
-def _pseudonym_salt(pseudonymize: bool, include_patient_id: bool) -> str | None:
-    from ..errors import InputError
-
-    if not pseudonymize:
-        return None
-    if include_patient_id:
-        raise InputError("--pseudonymize and --include-patient-id exclude each other; pick one")
-    salt = os.environ.get(ENV_PSEUDONYM_SALT, "")
-    if len(salt) < MIN_SALT_CHARS:
-        raise InputError(
-            f"--pseudonymize needs a secret salt of at least {MIN_SALT_CHARS} characters in "
-            f"{ENV_PSEUDONYM_SALT} (keep it the same across runs to keep pseudonyms stable)"
-        )
-    return salt
-
-
-def _check_description(text: str) -> str:
-    from ..errors import InputError
-
-    if len(text) > 64 or "\\" in text:
-        raise InputError(
-            f"--seg-series-description is {len(text)} characters; "
-            "DICOM allows at most 64 and no backslash"
-        )
-    return text
 
 
 @app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results")
@@ -419,22 +377,17 @@ def demo(
         from ..synthetic.phantom import make_chest_phantom
         from .demo import compare_with_truth
 
-        model_path = _resolve_model(model)
         # The synthetic study goes to the documented cache folder's scratch (swept if killed).
         with scratch_folder("demo-", redirect_tempfile=False) as tmp:
             folder = study_dir or tmp / "study"
+            # Every option is checked before the synthetic study is written.
+            cfg = build_run_config(
+                [folder], out, model=model, device=device, precision=precision, force=force
+            )
             phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
             paths = write_ct_series(phantom, folder, seed=seed)
             log.info(
                 "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
-            )
-            cfg = RunConfig(
-                inputs=(folder,),
-                out_dir=out,
-                model_path=model_path,
-                device=device,
-                precision=precision.value,
-                force=force,
             )
             with progress_display(not no_progress, 1) as sink:
                 result = run_segment(cfg, progress=sink)

@@ -123,6 +123,7 @@ def int8_status(info: Any) -> dict[str, Any] | None:
     import onnxruntime as ort
 
     from ..analysis.segmenter import OnnxSegmenter
+    from ..config import DeviceKind, DeviceRequest
     from ..onnx.int8_recipes import cpu_flag_set, load_int8_spec
     from ..onnx.precision import Precision
 
@@ -147,7 +148,7 @@ def int8_status(info: Any) -> dict[str, Any] | None:
                 for r in spec.recipes
             ],
         }
-        segmenter = OnnxSegmenter(info, device="cpu", precision="auto")
+        segmenter = OnnxSegmenter(info, device=DeviceRequest(DeviceKind.CPU))
     except GgoError as exc:
         return {"used_on_cpu": False, "error": str(exc)}
     status["used_on_cpu"] = segmenter.precision is Precision.INT8
@@ -157,7 +158,9 @@ def int8_status(info: Any) -> dict[str, Any] | None:
     if not status["used_on_cpu"]:
         # What --precision int8 would do here: the recipe for this CPU and its self-check.
         try:
-            forced = OnnxSegmenter(info, device="cpu", precision="int8")
+            forced = OnnxSegmenter(
+                info, device=DeviceRequest(DeviceKind.CPU), precision=Precision.INT8
+            )
         except GgoError as exc:
             status["if_forced"] = {"error": str(exc)}
         else:
@@ -202,6 +205,7 @@ def collect_info(model_path: Path) -> dict[str, Any]:
 def host_status() -> dict[str, Any]:
     """Cores and memory, and the ``--jobs`` that ``segment`` would choose for 300-slice series
     with ``--device auto`` (see :func:`ggo_cli.run.series_pool.jobs_for`)."""
+    from ..config import DeviceRequest
     from ..dicom.volume import usable_cores
     from ..run.series_pool import available_memory_bytes, gpu_memory_bytes, jobs_for
 
@@ -213,7 +217,7 @@ def host_status() -> dict[str, Any]:
     if _gpu_visible():
         gpu = gpu_memory_bytes(0)
         status["gpu0_memory_gib"] = None if gpu is None else round(gpu / 2**30, 1)
-    status["auto_jobs_300_slices"] = jobs_for("auto", largest_slices=300)
+    status["auto_jobs_300_slices"] = jobs_for(DeviceRequest(), largest_slices=300)
     return status
 
 

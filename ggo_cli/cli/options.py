@@ -23,7 +23,13 @@ ModelOpt = Annotated[
     ),
 ]
 DeviceOpt = Annotated[
-    str, typer.Option("--device", "-d", envvar=ENV_DEVICE, help="auto, cpu, cuda or cuda:N.")
+    str,
+    typer.Option(
+        "--device",
+        "-d",
+        envvar=ENV_DEVICE,
+        help="auto, cpu, cuda or cuda:N (parsed and checked before any work).",
+    ),
 ]
 BatchOpt = Annotated[
     int | None,
@@ -130,7 +136,10 @@ GroupReadableOpt = Annotated[
     ),
 ]
 SegSeriesNumberOpt = Annotated[
-    int, typer.Option("--seg-series-number", min=0, help="SeriesNumber of the SEG objects.")
+    int,
+    typer.Option(
+        "--seg-series-number", help="SeriesNumber of the SEG objects (1 to 2147483647)."
+    ),
 ]
 SegSeriesDescriptionOpt = Annotated[
     str,

@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..config import DeviceKind
+from ..config import DeviceRequest as DeviceRequest  # re-exported: onnx.variants, variant_check
 from ..dicom.volume import core_budget, usable_cores
-from ..errors import DeviceError, InputError, ModelError
+from ..errors import DeviceError, ModelError
 from ..scratch import sweep_scratch
 
 log = logging.getLogger(__name__)
 
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 _T = TypeVar("_T")
 _OOM_MARKERS = ("out of memory", "failed to allocate", "cudaerrormemoryallocation", "bfc_arena")
 ORT_TELEMETRY_ENV = "ORT_DISABLE_TELEMETRY"
@@ -48,31 +47,6 @@ def disable_ort_telemetry() -> None:
 
 
 disable_ort_telemetry()
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceRequest:
-    """A parsed ``--device`` value.
-
-    Attributes:
-        kind: ``auto``, ``cpu`` or ``cuda``.
-        index: CUDA device ordinal.
-    """
-
-    kind: str
-    index: int = 0
-
-
-def parse_device(value: str) -> DeviceRequest:
-    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Raises:
-        InputError: for anything else.
-    """
-    match = _DEVICE_PATTERN.match(value.strip().lower())
-    if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
-        raise InputError(f"invalid --device {value!r}; use auto, cpu, cuda or cuda:N")
-    return DeviceRequest(match.group(1), int(match.group(2) or 0))
 
 
 def _nvidia_gpu_visible() -> bool:
@@ -114,8 +88,8 @@ def cuda_wanted(request: DeviceRequest) -> bool:
     """Whether a session for ``request`` tries CUDA (explicitly, or ``auto`` with a GPU)."""
     import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
 
-    return request.kind == "cuda" or (
-        request.kind == "auto"
+    return request.kind == DeviceKind.CUDA or (
+        request.kind == DeviceKind.AUTO
         and CUDA_PROVIDER in ort.get_available_providers()
         and _nvidia_gpu_visible()
     )
@@ -154,7 +128,7 @@ def create_session(
     sweep_scratch()  # what a run killed with kill -9 left in ggo-cli's cache (scratch.py)
     available = ort.get_available_providers()
     want_cuda = cuda_wanted(request)
-    if request.kind == "cuda" and CUDA_PROVIDER not in available:
+    if request.kind == DeviceKind.CUDA and CUDA_PROVIDER not in available:
         raise DeviceError(
             f"--device {request.kind} requested but this ONNX Runtime build has no CUDA "
             f"provider (available: {', '.join(available)}); install onnxruntime-gpu or use "
@@ -183,7 +157,7 @@ def create_session(
         raise ModelError(f"ONNX Runtime cannot load {path.name}: {exc}") from exc
     in_use = session.get_providers()
     if want_cuda and in_use[0] != CUDA_PROVIDER:
-        if request.kind == "cuda":
+        if request.kind == DeviceKind.CUDA:
             raise DeviceError(
                 f"--device {request.kind}:{request.index} requested but ONNX Runtime fell "
                 "back to the CPU (no usable GPU, driver, CUDA or cuDNN); use --device cpu "

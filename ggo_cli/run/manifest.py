@@ -50,9 +50,9 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
         "versions": _versions(),
         "host": {"platform": platform.platform(), "machine": platform.machine()},
         "options": {
-            "device": cfg.device,
+            "device": str(cfg.device),
             "batch_size": cfg.batch_size,
-            "precision": cfg.precision,
+            "precision": cfg.precision.value,
             "decode_workers": cfg.decode_workers,
             "jobs": cfg.jobs,
             "threshold": cfg.threshold,
@@ -76,7 +76,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "window_width_hu": model.window_width_hu,
         },
         "device": {
-            "requested": cfg.device,
+            "requested": str(cfg.device),
             "used": result.device,
             "providers": result.providers,
             "batch_size": result.batch_size,

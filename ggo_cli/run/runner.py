@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import __version__
 from ..analysis.quality import parse_flags
-from ..config import CSV_NAME, MANIFEST_NAME, RunConfig
+from ..config import CSV_NAME, MANIFEST_NAME, ExplainMode, RunConfig
 from ..dicom.discovery import discover_series
 from ..dicom.volume import DecodePool, default_decode_workers
 from ..domain import (
@@ -117,9 +117,11 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "seg_series_number": cfg.seg_series_number,
         "seg_series_description": cfg.seg_series_description,
         "spacing_tolerance": cfg.selection.spacing_tolerance,
-        "explain": [cfg.explain_layer, cfg.explain_slices] if cfg.explain else None,
+        "explain": (
+            None if cfg.explain is ExplainMode.OFF else [cfg.explain_layer, cfg.explain_slices]
+        ),
         "lung_mask": cfg.lung_mask,
-        "precision": cfg.precision,
+        "precision": cfg.precision.value,
     }
 
 
@@ -230,7 +232,9 @@ class _Run:
                 log.info("erased the patient IDs of %d series from the state store", scrubbed)
         # Validate the explain graph before any work (a missing explain.onnx fails at once).
         explain_info = (
-            load_explain_info(default_explain_path(model.path), model) if cfg.explain else None
+            None
+            if cfg.explain is ExplainMode.OFF
+            else load_explain_info(default_explain_path(model.path), model)
         )
         self.sessions = Sessions(cfg, model, explain_info)
 

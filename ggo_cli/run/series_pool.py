@@ -44,13 +44,13 @@ from typing import Any
 
 import SimpleITK
 
-from ..config import RunConfig
+from ..config import DeviceRequest, RunConfig
 from ..dicom.volume import set_core_budget, usable_cores
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from ..logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo
-from ..onnx.runtime import cuda_wanted, nvidia_smi_query, parse_device
+from ..onnx.runtime import cuda_wanted, nvidia_smi_query
 from ..onnx.sessions import Sessions
 from .pipeline import now_utc, process_series
 
@@ -150,24 +150,20 @@ def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
     )
 
 
-def jobs_for(device: str, *, largest_slices: int, n_series: int = MAX_JOBS) -> int:
+def jobs_for(device: DeviceRequest, *, largest_slices: int, n_series: int = MAX_JOBS) -> int:
     """The automatic ``--jobs``: 1 on the CPU; on a GPU one per :data:`CORES_PER_JOB`
     usable cores, at most :data:`MAX_JOBS`, within three quarters of the available memory
     for series of ``largest_slices`` and within 80 % of the GPU's memory
     (:data:`GPU_BYTES_PER_JOB` each); never more than ``n_series``.
-
-    Raises:
-        InputError: an invalid ``device``.
     """
-    request = parse_device(device)
-    if not cuda_wanted(request):
+    if not cuda_wanted(device):
         return 1
     jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, n_series)
     memory = available_memory_bytes()
     if memory is not None:
         per_job = largest_slices * ASSUMED_PIXELS_PER_SLICE * BYTES_PER_VOXEL + WORKER_BASE_BYTES
         jobs = min(jobs, int(0.75 * memory) // per_job)
-    gpu = gpu_memory_bytes(request.index)
+    gpu = gpu_memory_bytes(device.index)
     by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB
     return max(1, min(jobs, by_gpu))
 

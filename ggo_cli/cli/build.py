@@ -1,0 +1,186 @@
+"""Command-line values -> one checked :class:`~ggo_cli.config.RunConfig`.
+
+Every option is parsed and checked here, once, before any lock is taken or any input is
+walked: a bad value raises :class:`~ggo_cli.errors.InputError` (exit 2) with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..analysis.explainer import ExplainSlices
+from ..config import (
+    ENV_MODEL,
+    ENV_PSEUDONYM_SALT,
+    SEG_SERIES_DESCRIPTION,
+    SEG_SERIES_DESCRIPTION_MAX_CHARS,
+    SEG_SERIES_NUMBER,
+    SEG_SERIES_NUMBER_MAX,
+    SETTLE_MINUTES,
+    ExplainMode,
+    PngMode,
+    RunConfig,
+    SelectionRules,
+    default_model_path,
+    parse_device,
+)
+from ..errors import InputError, ModelError
+from ..onnx.precision import Precision
+
+MIN_SALT_CHARS = 16
+DEFAULT_SELECTION = SelectionRules()
+
+
+def build_run_config(
+    inputs: Sequence[Path],
+    out: Path,
+    *,
+    model: Path | None,
+    device: str,
+    selection: SelectionRules = DEFAULT_SELECTION,
+    batch_size: int | None = None,
+    threshold: float | None = None,
+    png: PngMode = PngMode.OVERLAY,
+    include_patient_id: bool = False,
+    series_number: int = SEG_SERIES_NUMBER,
+    series_description: str = SEG_SERIES_DESCRIPTION,
+    settle: float = SETTLE_MINUTES,
+    force: bool = False,
+    pseudonymize: bool = False,
+    explain: ExplainMode = ExplainMode.OFF,
+    layer: str | None = None,
+    slices: ExplainSlices = ExplainSlices.GGO,
+    lung_mask: bool = True,
+    precision: Precision = Precision.AUTO,
+    decode_workers: int | None = None,
+    jobs: int | None = None,
+    group_readable: bool = False,
+) -> RunConfig:
+    """Build the run's configuration from the command line's values, checking each.
+
+    Args:
+        inputs: the INPUTS arguments.
+        out: ``--out``.
+        model: ``--model`` (``None``: the shipped default model, which must be present).
+        device: ``--device`` as given.
+        selection: the series selection rules.
+        batch_size: ``--batch-size``.
+        threshold: ``--threshold``.
+        png: ``--png``.
+        include_patient_id: ``--include-patient-id``.
+        series_number: ``--seg-series-number``.
+        series_description: ``--seg-series-description``.
+        settle: ``--settle`` in minutes.
+        force: ``--force``.
+        pseudonymize: ``--pseudonymize`` (the salt is read from the environment).
+        explain: whether GradCAM++ maps are written, besides the SEG or alone.
+        layer: ``--layer``.
+        slices: ``--slices``.
+        lung_mask: ``--lung-mask/--no-lung-mask``.
+        precision: ``--precision``.
+        decode_workers: ``--decode-workers``.
+        jobs: ``--jobs``.
+        group_readable: ``--group-readable``.
+
+    Returns:
+        The frozen, checked configuration.
+
+    Raises:
+        ModelError: no ``--model`` and the default model is missing.
+        InputError: a bad ``--device``, SEG series option or pseudonym salt.
+    """
+    model_path = resolve_model(model)
+    return RunConfig(
+        inputs=tuple(inputs),
+        out_dir=out,
+        model_path=model_path,
+        device=parse_device(device),
+        batch_size=batch_size,
+        threshold=threshold,
+        selection=selection,
+        png_mode=png,
+        include_patient_id=include_patient_id,
+        seg_series_number=check_series_number(series_number),
+        seg_series_description=check_description(series_description),
+        settle_minutes=settle,
+        force=force,
+        pseudonym_salt=pseudonym_salt(pseudonymize, include_patient_id),
+        explain=explain,
+        explain_layer=layer,
+        explain_slices=slices.value,
+        lung_mask=lung_mask,
+        precision=precision,
+        decode_workers=decode_workers,
+        jobs=jobs,
+        group_readable=group_readable,
+    )
+
+
+def resolve_model(model: Path | None) -> Path:
+    """``--model``, or the shipped default model when it is present.
+
+    Raises:
+        ModelError: no ``--model`` and the default model is missing.
+    """
+    if model is not None:
+        return model
+    path = default_model_path()
+    if not path.is_file():
+        raise ModelError(
+            f"no --model given and the default model {path} is not present; pass --model PATH "
+            f"or set {ENV_MODEL}"
+        )
+    return path
+
+
+def pseudonym_salt(pseudonymize: bool, include_patient_id: bool) -> str | None:
+    """The salt of ``--pseudonymize`` from the environment, or ``None`` without it.
+
+    Raises:
+        InputError: combined with ``--include-patient-id``, or the salt is too short.
+    """
+    if not pseudonymize:
+        return None
+    if include_patient_id:
+        raise InputError("--pseudonymize and --include-patient-id exclude each other; pick one")
+    salt = os.environ.get(ENV_PSEUDONYM_SALT, "")
+    if len(salt) < MIN_SALT_CHARS:
+        raise InputError(
+            f"--pseudonymize needs a secret salt of at least {MIN_SALT_CHARS} characters in "
+            f"{ENV_PSEUDONYM_SALT} (keep it the same across runs to keep pseudonyms stable)"
+        )
+    return salt
+
+
+def check_series_number(number: int) -> int:
+    """``--seg-series-number`` as the SEG builder requires it (DICOM IS: 1 to 2**31 - 1).
+
+    Raises:
+        InputError: out of that range.
+    """
+    if not 1 <= number <= SEG_SERIES_NUMBER_MAX:
+        raise InputError(
+            f"invalid --seg-series-number {number}; DICOM allows 1 to {SEG_SERIES_NUMBER_MAX}"
+        )
+    return number
+
+
+def check_description(text: str) -> str:
+    """``--seg-series-description`` as the SEG builder requires it (DICOM LO).
+
+    Raises:
+        InputError: too long, or with a backslash or a control character.
+    """
+    if len(text) > SEG_SERIES_DESCRIPTION_MAX_CHARS or "\\" in text:
+        raise InputError(
+            f"--seg-series-description is {len(text)} characters; "
+            f"DICOM allows at most {SEG_SERIES_DESCRIPTION_MAX_CHARS} and no backslash"
+        )
+    if any(ord(ch) < 32 for ch in text):
+        raise InputError(
+            "--seg-series-description holds a control character (a tab or a line break); "
+            "DICOM allows none"
+        )
+    return text
