@@ -6,7 +6,7 @@ their reasons (the README's "Threat model and limits" cites this list):
 
 * ``HEADER_READ_BYTES`` = 2 MiB: discovery reads at most this much of a file (the header; CT
   headers are a few kB, up to a few hundred kB with private CSA blocks). A header that does
-  not end within it is read as far as it goes. Parsing is about 0.5 s per MiB of garbage.
+  not end within it is read as far as it goes (parsing garbage is slow: docs/benchmarks.md).
 * ``MAX_INFLATED_FILE_BYTES`` = 18 MiB: a Deflated Explicit VR Little Endian file (PS3.5 A.5)
   is inflated by us, never by pydicom (which inflates the whole file at once: a 1 MB bomb
   became 2.3 GB). Discovery inflates a deflated file completely, but to at most the header

@@ -7,8 +7,8 @@ stacks are errors: a measurement in mL is only honest on a regular grid. Nothing
 resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
 
 Decoding can run in a :class:`DecodePool` (worker processes, one per usable core by default):
-compressed pixel data (JPEG Lossless about 130, JPEG 2000 about 25 slices/s per core here) is
-then decoded on every core, and a series can be decoded while another one is segmented.
+compressed pixel data (slow to decode, docs/benchmarks.md) is then decoded on every core, and
+a series can be decoded while another one is segmented.
 The workers die with the run, even when it is killed (``PR_SET_PDEATHSIG`` and a poll, as in
 :mod:`ggo_cli.run.series_pool`).
 

@@ -4,16 +4,16 @@ The shipped ``model.onnx`` stores float16 weights that ``Cast`` nodes widen to f
 provider computes in float32. On CUDA, :func:`fp16_model_bytes` makes the float16-compute
 variant with float32 inputs and outputs (the model contract is unchanged): the ``Cast`` nodes
 on weights are folded, then ``onnxruntime.transformers.float16.convert_float_to_float16``
-(``keep_io_types=True``) converts the graph. It takes about 0.7 s and is deterministic, so no
-second 40 MB file is shipped. Measured on an H200 (docs/benchmarks.md): with the CUDA
-provider's ``prefer_nhwc`` it runs 1.65 times as many slices/s as the float32 graph in NCHW.
+(``keep_io_types=True``) converts the graph. It is quick and deterministic, so no second
+40 MB file is shipped. With the CUDA provider's ``prefer_nhwc`` it runs faster than the
+float32 graph in NCHW (measured on an H200: docs/benchmarks.md).
 
 On the CPU, :func:`int8_model_bytes` makes a static int8 (QDQ) variant with ONNX Runtime's
 quantizer from the calibration ranges shipped beside the model (``int8_calibration.json``,
 written by ``python -m training quantize``; its recipes per CPU class are read by
 :mod:`ggo_cli.onnx.int8_recipes`). The same steps run here (fold the weight casts,
-``quant_pre_process`` without symbolic shapes, ``quantize_static`` from the calibration cache:
-about 3 s). A variant is considered only when its graph digest equals the validated one (this
+``quant_pre_process`` without symbolic shapes, ``quantize_static`` from the calibration
+cache). A variant is considered only when its graph digest equals the validated one (this
 ONNX Runtime quantizes exactly as the one that was measured), and used only after it agreed
 with float32 on this machine (:mod:`ggo_cli.onnx.variant_check`). No 20 MB int8 file ships.
 """
@@ -244,9 +244,9 @@ def upsampling_as_depth_to_space(model: Any) -> dict[str, str]:
     ``4 * C_out`` channels (weight ``W'[4 co + 2 a + b, ci] = W[ci, co, a, b]``) followed by
     ``DepthToSpace`` (block 2, mode CRD) computes the same sums, as a plain matrix product.
     ONNX Runtime's CPU quantizer turns that ``Conv`` into an int8 ``QLinearConv``, while it
-    leaves a ``ConvTranspose`` in float32 (27 % of the int8 model's time on the 2-core CPU),
-    so the int8 recipe can ask for it (``"upsampling": "depth_to_space"``). On an H200 in fp16
-    + NHWC it was slower (807 against 846 slices/s at batch 64), so CUDA does not use it.
+    leaves a ``ConvTranspose`` in float32 (a large share of the int8 model's time on the CPU:
+    docs/training.md), so the int8 recipe can ask for it (``"upsampling": "depth_to_space"``).
+    On an H200 in fp16 + NHWC it was slower (docs/benchmarks.md), so CUDA does not use it.
     Nodes with other kernels, strides, pads, groups, output padding or non-constant weights
     are left alone.
 

@@ -138,8 +138,8 @@ def create_session(
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if not want_cuda:
         # ORT's memory pattern plans one block for a whole batch's activations and keeps it:
-        # without it the CPU session (int8, batch 4) stays at 0.62 GB resident instead of
-        # 0.98 GB, at the same speed (1.40-1.46 s against 1.41 s a batch on the 2-core CPU).
+        # without it the CPU session (int8, batch 4) holds far less resident memory at the
+        # same speed (docs/benchmarks.md, the memory of long series).
         options.enable_mem_pattern = False
         if core_budget() is not None:
             options.intra_op_num_threads = usable_cores()  # a --jobs worker's share

@@ -1,8 +1,8 @@
 """Whole series in worker processes (``--jobs N``), for hosts whose GPU outruns the CPU work.
 
-On a GPU the model is the quick part: for a 300-slice series on the lent H200 host, decoding
-took about 1 s, the lung mask about 11 s, the SEG build and read-back about 5 s, and inference
-under 1 s (docs/benchmarks.md). One process can therefore keep the GPU busy only a few
+On a GPU the model is the quick part: on the lent H200 host decoding, the lung mask and the
+SEG build and read-back of a series took many times as long as its inference
+(docs/benchmarks.md, "GPU end to end"). One process can therefore keep the GPU busy only a few
 percent of the time; ``N`` worker processes each run whole series (decode, lungs, inference,
 SEG, PNGs), each with its own ONNX Runtime session, and the main process records the outcomes
 (state store, CSV) as they arrive. The CPU path keeps one process (``--jobs 1``, the staged
