@@ -18,7 +18,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from ..config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+from ..config import DeviceRequest, parse_device
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, ModelError
 from ..onnx.explain_graph import (
@@ -29,7 +29,8 @@ from ..onnx.explain_graph import (
     layer_subgraph,
 )
 from ..onnx.model_info import INPUT_NAME, ModelInfo
-from ..onnx.runtime import CUDA_PROVIDER, create_session, parse_device, run_in_batches
+from ..onnx.runtime import create_session
+from .onnx_session import OnnxSessionBase, check_batch_size
 from .preprocessing import GridMapping, bilinear_matrix, preprocess_hu, to_model_grid
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def select_slices(ggo: npt.NDArray[np.bool_], slices: str | Sequence[int]) -> tu
     return tuple(indices)
 
 
-class OnnxExplainer:
+class OnnxExplainer(OnnxSessionBase):
     """Runs an explain graph over CT volumes and returns GradCAM++ maps of the predicted GGO.
 
     Args:
@@ -263,7 +264,7 @@ class OnnxExplainer:
         model: ModelInfo,
         explain: ExplainInfo,
         *,
-        device: str = "auto",
+        device: str | DeviceRequest = "auto",
         batch_size: int | None = None,
         layer: str | None = None,
     ) -> None:
@@ -274,21 +275,17 @@ class OnnxExplainer:
             raise InputError(
                 f"unknown --layer {self.layer!r}; choose one of {', '.join(explain.layers)}"
             )
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         request = parse_device(device)
         self.model = model
         self.explain_info = explain
-        self.session = create_session(
+        session = create_session(
             explain.path,
             request,
             cuda_options=CUDA_OPTIONS,
             model_bytes=layer_subgraph(explain.path, self.layer),
         )
-        self.providers: list[str] = list(self.session.get_providers())
-        self.on_cuda = self.providers[0] == CUDA_PROVIDER
-        self.device_label = f"cuda:{request.index}" if self.on_cuda else "cpu"
-        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
+        self._use_session(session, request, batch_size)
         self._outputs = [activations_name(self.layer), gradients_name(self.layer)]
         log.info(
             "explain layer %s on %s (providers %s), batch %d",
@@ -297,9 +294,6 @@ class OnnxExplainer:
             ",".join(self.providers),
             self.batch_size,
         )
-
-    def _set_batch_size(self, size: int) -> None:
-        self.batch_size = size
 
     def compute_cam(self, image: FloatArray, target: FloatArray) -> FloatArray:
         """Raw GradCAM++ maps at the layer's resolution for a preprocessed batch.
@@ -322,14 +316,7 @@ class OnnxExplainer:
             a, g = self.session.run(self._outputs, feeds)
             return gradcam_plus_plus(np.asarray(a, np.float32), np.asarray(g, np.float32))
 
-        parts = run_in_batches(
-            run,
-            image.shape[0],
-            batch_size=self.batch_size,
-            on_cuda=self.on_cuda,
-            on_halve=self._set_batch_size,
-            what="explain",
-        )
+        parts = self._in_batches(run, image.shape[0], what="explain")
         cam = np.concatenate(parts) if len(parts) > 1 else parts[0]
         if not np.isfinite(cam).all():
             raise ModelError(

@@ -4,7 +4,9 @@ onnxruntime-gpu silently falls back to the CPU when CUDA cannot be used, so the 
 use are read back with ``session.get_providers()`` and logged; an explicit ``--device cuda``
 that ends up on the CPU is an error. On CUDA, inputs and outputs are bound to device buffers
 of a fixed batch shape (IO binding), and an out-of-memory error halves the batch and retries.
-Session creation, ``--device`` parsing and batching live in :mod:`ggo_cli.onnx.runtime`.
+Session creation and batching live in :mod:`ggo_cli.onnx.runtime`; what the segmenter shares
+with the explainer (providers, device, batch size, IO binding) in
+:mod:`ggo_cli.analysis.onnx_session`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from ..config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE
+from ..config import DeviceRequest, parse_device
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, ModelError
 from ..onnx.model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
@@ -32,22 +34,20 @@ from ..onnx.precision import (
 )
 from ..onnx.runtime import (
     CUDA_PROVIDER,
-    DeviceRequest,
     create_session,
     cuda_wanted,
-    parse_device,
-    run_in_batches,
 )
 from ..onnx.variant_check import VariantCheck, VerdictCache
 from ..onnx.variants import VariantChoice, choose_fp16, choose_int8
 from .masks import threshold_probabilities
+from .onnx_session import OnnxSessionBase, check_batch_size
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
 from .quality import NEAR_THRESHOLD_BAND, near_threshold_logit
 
 log = logging.getLogger(__name__)
 
 
-class OnnxSegmenter:
+class OnnxSegmenter(OnnxSessionBase):
     """Runs a contract-checked ONNX model over CT volumes.
 
     Args:
@@ -77,7 +77,7 @@ class OnnxSegmenter:
         self,
         model: ModelInfo,
         *,
-        device: str = "auto",
+        device: str | DeviceRequest = "auto",
         batch_size: int | None = None,
         threshold: float | None = None,
         precision: str = "auto",
@@ -85,9 +85,6 @@ class OnnxSegmenter:
         force_check: bool = False,
         verdicts: VerdictCache | None = None,
     ) -> None:
-        import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
-
-        self._ort = ort
         self.model = model
         request = parse_device(device)
         if threshold is not None and not 0.0 < threshold < 1.0:
@@ -107,16 +104,10 @@ class OnnxSegmenter:
         self.force_check = force_check
         self.verdicts = VerdictCache() if verdicts is None else verdicts
         self._variant_bytes: bytes | None = None  # the serialized variant, None: the file
-        self.session = self._create_session(request)
-        self.providers: list[str] = list(self.session.get_providers())
-        self.on_cuda = self.providers[0] == CUDA_PROVIDER
-        self.device_label = f"cuda:{request.index}" if self.on_cuda else "cpu"
-        self.device_index = request.index
-        if batch_size is not None and batch_size < 1:
-            raise InputError(f"--batch-size must be at least 1, got {batch_size}")
-        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
-        # Device buffers of a fixed batch shape per graph ("model", "windowed"): IO binding.
-        self._bound: dict[str, tuple[int, Any, Any, Any]] = {}
+        session = self._create_session(request)
+        check_batch_size(batch_size)
+        # On CUDA, the graphs ("model", "windowed") run through bound device buffers.
+        self._use_session(session, request, batch_size)
         self.window_in_graph = self.on_cuda if window_in_graph is None else window_in_graph
         if not self.window_in_graph:
             self._variant_bytes = None  # only the windowed graph needs them again
@@ -185,55 +176,6 @@ class OnnxSegmenter:
         out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
         return np.asarray(out, dtype=np.float32)
 
-    def _run_bound(
-        self,
-        key: str,
-        session: Any,
-        batch: npt.NDArray[Any],
-        input_name: str,
-        outputs: tuple[tuple[str, int, Any], ...],
-    ) -> list[npt.NDArray[Any]]:
-        """Run one batch through buffers of a fixed shape on the session's device (IO
-        binding; a short batch is padded with zeros).
-
-        Args:
-            key: which graph the buffers belong to.
-            session: its session.
-            batch: the input. Shape: ``(n, 1, S, S)``.
-            input_name: the graph's input.
-            outputs: name, channels and dtype of each output fetched.
-
-        Returns:
-            One array per output. Shape: ``(n, channels, S, S)``.
-        """
-        ort = self._ort
-        n = batch.shape[0]
-        size = self.model.input_size
-        device = "cuda" if self.on_cuda else "cpu"
-        bound = self._bound.get(key)
-        if bound is None or bound[0] != self.batch_size:
-            x = ort.OrtValue.ortvalue_from_shape_and_type(
-                (self.batch_size, 1, size, size), batch.dtype, device, self.device_index
-            )
-            binding = session.io_binding()
-            binding.bind_ortvalue_input(input_name, x)
-            ys = []
-            for name, channels, dtype in outputs:
-                y = ort.OrtValue.ortvalue_from_shape_and_type(
-                    (self.batch_size, channels, size, size), dtype, device, self.device_index
-                )
-                binding.bind_ortvalue_output(name, y)
-                ys.append(y)
-            bound = self._bound[key] = (self.batch_size, x, ys, binding)
-        _, x, ys, binding = bound
-        if n < self.batch_size:
-            padded = np.zeros((self.batch_size, *batch.shape[1:]), dtype=batch.dtype)
-            padded[:n] = batch
-            batch = padded
-        x.update_inplace(np.ascontiguousarray(batch))
-        session.run_with_iobinding(binding)
-        return [np.asarray(y.numpy()[:n]) for y in ys]
-
     def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Run one preprocessed batch on the GPU. Shape: ``(n, 1, S, S)`` -> ``(n, C, S, S)``."""
         out = self._run_bound(
@@ -288,13 +230,7 @@ class OnnxSegmenter:
             )
             return mask, int(np.count_nonzero(near))
 
-        def on_halve(size: int) -> None:
-            self.batch_size = size
-            self._bound.clear()
-
-        results = run_in_batches(
-            run, hu.shape[0], batch_size=self.batch_size, on_cuda=self.on_cuda, on_halve=on_halve
-        )
+        results = self._in_batches(run, hu.shape[0])
         masks = [mask for mask, _ in results]
         near = sum(count for _, count in results)
         return (np.concatenate(masks) if len(masks) > 1 else masks[0]), near
@@ -316,17 +252,7 @@ class OnnxSegmenter:
             chunk = batch[start:stop]
             return self._run_cuda(chunk) if self.on_cuda else self._run_cpu(chunk)
 
-        def on_halve(size: int) -> None:
-            self.batch_size = size
-            self._bound.clear()
-
-        results = run_in_batches(
-            run,
-            batch.shape[0],
-            batch_size=self.batch_size,
-            on_cuda=self.on_cuda,
-            on_halve=on_halve,
-        )
+        results = self._in_batches(run, batch.shape[0])
         return np.concatenate(results) if len(results) > 1 else results[0]
 
     def predict(
