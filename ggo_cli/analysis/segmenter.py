@@ -23,15 +23,7 @@ from ..config import DeviceRequest, parse_device
 from ..domain import CtVolume, Prediction
 from ..errors import InputError, ModelError
 from ..onnx.model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
-from ..onnx.precision import (
-    CUDA_NHWC_OPTIONS,
-    HU_INPUT_NAME,
-    MASK_OUTPUT_NAME,
-    NEAR_OUTPUT_NAME,
-    Precision,
-    fp16_model_bytes,
-    windowed_model_bytes,
-)
+from ..onnx.precision import CUDA_NHWC_OPTIONS, Precision, fp16_model_bytes
 from ..onnx.runtime import (
     CUDA_PROVIDER,
     create_session,
@@ -39,6 +31,12 @@ from ..onnx.runtime import (
 )
 from ..onnx.variant_check import VariantCheck, VerdictCache
 from ..onnx.variants import VariantChoice, choose_fp16, choose_int8
+from ..onnx.windowing import (
+    HU_INPUT_NAME,
+    MASK_OUTPUT_NAME,
+    NEAR_OUTPUT_NAME,
+    windowed_model_bytes,
+)
 from .masks import threshold_probabilities
 from .onnx_session import OnnxSessionBase, check_batch_size
 from .preprocessing import GridMapping, preprocess_hu, sigmoid, to_source_grid
@@ -59,7 +57,7 @@ class OnnxSegmenter(OnnxSessionBase):
             ships beside the model, else fp32), ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU).
         window_in_graph: run int16 series on the model's own grid through a second session
             whose graph windows the HU and thresholds the logits itself
-            (:func:`~ggo_cli.onnx.precision.windowed_model_bytes`); ``None``: on CUDA only, where
+            (:func:`~ggo_cli.onnx.windowing.windowed_model_bytes`); ``None``: on CUDA only, where
             the host's windowing and thresholding showed in the profile.
         force_check: run a variant's self-check against float32 again even when this machine's
             verdict is cached (``--force``).
