@@ -4,7 +4,7 @@ the all-pending note) and the exit code a run's outcomes give."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -68,7 +68,7 @@ def progress_display(enabled: bool, n_series: int) -> Iterator[RichProgress | No
         yield RichProgress(progress, n_series)
 
 
-def summary_table(outcomes: list[SeriesOutcome]) -> Table:
+def summary_table(outcomes: Sequence[SeriesOutcome]) -> Table:
     """One row per series: slices, GGO and lung volumes, quality flags, status and message."""
     table = Table(title="ggo-cli segment", show_lines=False)
     for name in ("series", "slices", "GGO mL", "lung mL", "GGO %", "QC", "status", "message"):
@@ -90,7 +90,7 @@ def summary_table(outcomes: list[SeriesOutcome]) -> Table:
     return table
 
 
-def exit_code(outcomes: list[SeriesOutcome]) -> int:
+def exit_code(outcomes: Sequence[SeriesOutcome]) -> int:
     """The run's exit code from its outcomes (0, 3 none eligible, 4 all failed, 7 some)."""
     ok = sum(o.status is SeriesStatus.OK for o in outcomes)
     failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
@@ -102,7 +102,7 @@ def exit_code(outcomes: list[SeriesOutcome]) -> int:
     return EXIT_PARTIAL if ok else SeriesError.exit_code
 
 
-def all_pending_note(outcomes: list[SeriesOutcome], settle_minutes: float) -> str | None:
+def all_pending_note(outcomes: Sequence[SeriesOutcome], settle_minutes: float) -> str | None:
     """The one-line warning for a run whose every eligible series is still arriving.
 
     Such a run writes nothing and still exits 0 (pending never fails a run), so a person who
@@ -125,7 +125,7 @@ def all_pending_note(outcomes: list[SeriesOutcome], settle_minutes: float) -> st
     )
 
 
-def review_lines(outcomes: list[SeriesOutcome]) -> list[str]:
+def review_lines(outcomes: Sequence[SeriesOutcome]) -> list[str]:
     """The run summary's "review these" list: series with quality flags, no patient data.
 
     Lists the series analysed in this run with flags (UID, the digest of its folder, flags);

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from ..config import RunConfig
 from ..domain import SeriesOutcome, SeriesStatus
 
 if TYPE_CHECKING:
-    from .pipeline import RunResult
+    from .result import RunResult
 
 _VERSIONED_PACKAGES = ("numpy", "pydicom", "highdicom", "onnxruntime-gpu", "onnxruntime", "pillow")
 
@@ -77,12 +78,12 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
         },
         "device": {
             "requested": str(cfg.device),
-            "used": result.device,
-            "providers": result.providers,
-            "batch_size": result.batch_size,
-            "precision": result.precision,
-            "int8_recipe": result.int8_recipe,
-            "variant_check": result.variant_check,
+            "used": result.session.device,
+            "providers": list(result.session.providers),
+            "batch_size": result.session.batch_size,
+            "precision": result.session.precision,
+            "int8_recipe": result.session.int8_recipe,
+            "variant_check": result.session.variant_check,
             "jobs": result.jobs,
         },
         "counts": {
@@ -122,7 +123,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
     }
 
 
-def qc_flag_counts(outcomes: list[SeriesOutcome]) -> dict[str, int]:
+def qc_flag_counts(outcomes: Sequence[SeriesOutcome]) -> dict[str, int]:
     """Series per quality flag (every flag listed, 0 included; series reused from earlier runs
     counted, as in the CSV)."""
     return {flag.value: sum(flag.value in o.qc_flags for o in outcomes) for flag in QcFlag}

@@ -9,18 +9,15 @@ as :class:`~ggo_cli.errors.GgoError` for ``cli.py`` to map to exit codes.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from .. import __version__
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.lungs import LungMasks, segment_lungs
 from ..analysis.masks import keep_inside_lungs, model_masks, segment_planes
@@ -28,14 +25,9 @@ from ..analysis.measurements import lung_measurements, measure_ggo
 from ..analysis.quality import assess_series, format_flags
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import (
-    GRADCAM_FOLDER,
-    GRADCAM_NPZ_NAME,
-    OVERLAY_NAME,
-    SEG_NAME,
-    PngMode,
     RunConfig,
+    SelectionRules,
 )
-from ..dicom.discovery import Discovery
 from ..dicom.volume import DecodePool, load_volume
 from ..domain import (
     CtVolume,
@@ -46,84 +38,19 @@ from ..domain import (
     SeriesOutcome,
     SeriesStatus,
 )
-from ..errors import InputError, OutputError, SeriesError, UnsupportedSeriesError
+from ..errors import OutputError, SeriesError, UnsupportedSeriesError
 from ..host import release_freed_memory
-from ..onnx.model_info import ModelInfo
-from ..writers.dicom_seg import check_source_headers, write_seg
-from ..writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
-from ..writers.overlay_png import write_overlay, write_slice_pngs
+from ..writers.dicom_seg import check_source_headers
+from .outputs import write_explanation, write_outputs
+from .result import ProgressSink
 
 log = logging.getLogger(__name__)
-
-_TEMP_PATTERN = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
 
 RETRY_NOTE = " (retried by the next run)"
 """Ends the message of a failure that may pass on another try (a write error, a crash): the
 state store does not keep such a result, so the next run retries the series without
 ``--force``. A :class:`~ggo_cli.errors.SeriesError` (bad geometry, missing attributes) is
 deterministic and stays failed until the series' files change."""
-
-
-class ProgressSink(Protocol):
-    """Receives progress events (implemented by ``cli.py`` with rich)."""
-
-    def discovered(self, n_series: int) -> None:
-        """Discovery found ``n_series`` CT series (eligible or not)."""
-
-    def series_started(self, series: SeriesInfo, n_slices: int) -> None:
-        """A series starts; ``n_slices`` units of work follow."""
-
-    def work_started(self, n_units: int, description: str) -> None:
-        """Units of work not tied to one series follow (series in worker processes)."""
-
-    def advance(self, n: int) -> None:
-        """``n`` more units of the current series are done."""
-
-    def series_finished(self, outcome: SeriesOutcome) -> None:
-        """A series ended (ok, skipped or failed)."""
-
-
-@dataclass(slots=True)
-class RunResult:
-    """Everything a run produced, for the summary, the manifest and the exit code.
-
-    Attributes:
-        outcomes: one per CT series found, in discovery order (unchanged series from the state
-            store included, marked ``reused``).
-        discovery: what the walk found.
-        model: the model used.
-        device: ``cpu`` or ``cuda:N`` (``""`` when no series needed the model).
-        providers: ONNX Runtime providers in use.
-        batch_size: final batch size.
-        precision: the model variant that ran (``fp32``, ``fp16`` or ``int8``; ``""`` if none).
-        int8_recipe: the int8 recipe that ran (``""`` unless int8).
-        variant_check: the verdict of the variant's self-check against float32 on this
-            machine (see :class:`ggo_cli.onnx.variant_check.VariantCheck`), when one was considered.
-        csv_path: the CSV written.
-        manifest_path: the manifest written.
-        timings_s: named wall times in seconds.
-        n_unchanged: series skipped because the state store showed them already done.
-        jobs: series processed at once (worker processes when more than 1).
-    """
-
-    outcomes: list[SeriesOutcome]
-    discovery: Discovery
-    model: ModelInfo
-    device: str = ""
-    providers: list[str] = field(default_factory=list)
-    batch_size: int = 0
-    precision: str = ""
-    int8_recipe: str = ""
-    variant_check: dict[str, Any] | None = None
-    csv_path: Path | None = None
-    manifest_path: Path | None = None
-    timings_s: dict[str, float] = field(default_factory=dict)
-    n_unchanged: int = 0
-    jobs: int = 1
-
-    def count(self, status: SeriesStatus) -> int:
-        """Number of series with the given status."""
-        return sum(o.status is status for o in self.outcomes)
 
 
 def now_utc() -> str:
@@ -145,80 +72,6 @@ def skipped_outcome(series: SeriesInfo) -> SeriesOutcome:
         n_slices=len(series.files),
         processed_at=now_utc(),
     )
-
-
-def _write_outputs(
-    cfg: RunConfig,
-    volume: CtVolume,
-    segmenter: OnnxSegmenter,
-    prediction: Prediction,
-    lungs: LungMasks | None,
-    folder: Path,
-) -> tuple[Path, tuple[Path, ...]]:
-    """Write the SEG (read back and checked) and the PNGs of one series."""
-    model = segmenter.model
-    seg_path = write_seg(
-        volume,
-        prediction,
-        model,
-        folder / SEG_NAME,
-        lungs=lungs,
-        series_number=cfg.seg_series_number,
-        series_description=cfg.seg_series_description,
-        software_version=__version__,
-        tree=cfg.tree,
-    )
-    pngs: list[Path] = []
-    if cfg.png_mode is not PngMode.NONE:
-        pngs.append(
-            write_overlay(
-                volume,
-                prediction.ggo,
-                folder / OVERLAY_NAME,
-                window_center_hu=model.window_center_hu,
-                window_width_hu=model.window_width_hu,
-                tree=cfg.tree,
-            )
-        )
-    if cfg.png_mode is PngMode.ALL:
-        pngs.extend(
-            write_slice_pngs(
-                volume,
-                prediction.ggo,
-                folder / "slices",
-                window_center_hu=model.window_center_hu,
-                window_width_hu=model.window_width_hu,
-                tree=cfg.tree,
-            )
-        )
-    return seg_path, tuple(pngs)
-
-
-def _write_explanation(
-    cfg: RunConfig,
-    volume: CtVolume,
-    prediction: Prediction,
-    explainer: OnnxExplainer,
-    folder: Path,
-) -> tuple[Path, ...]:
-    """Write ``gradcam.npz`` and ``gradcam/slice_NNNN.png`` of one series."""
-    explanation = explainer.explain(volume, prediction, slices=cfg.explain_slices)
-    npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation, tree=cfg.tree)
-    pngs = write_gradcam_pngs(
-        volume,
-        explanation,
-        folder / GRADCAM_FOLDER,
-        window_center_hu=explainer.model.window_center_hu,
-        window_width_hu=explainer.model.window_width_hu,
-        tree=cfg.tree,
-    )
-    log.info(
-        "series %s: GradCAM++ (%s) on %d slices",
-        volume.series.series_instance_uid,
-        explanation.layer,
-        len(explanation.slice_indices),
-    )
-    return (npz, *pngs)
 
 
 @dataclass
@@ -272,9 +125,10 @@ VolumeSource = Callable[[], PreparedSeries]
 
 
 def prepare_series(
-    cfg: RunConfig,
     series: SeriesInfo,
+    selection: SelectionRules,
     *,
+    lung_mask: bool = True,
     n_channels: int = 1,
     pool: DecodePool | None = None,
     on_slice: Callable[[int], None] | None = None,
@@ -285,11 +139,19 @@ def prepare_series(
     (``n_channels`` model channels, then the two lungs), which inference then fills: the
     masks of a series exist once.
 
+    Args:
+        series: an eligible series.
+        selection: the selection rules (their spacing tolerance checks the geometry).
+        lung_mask: segment the lungs too (``--lung-mask``).
+        n_channels: the model's output channels (planes before the lungs').
+        pool: decodes compressed pixel data in worker processes.
+        on_slice: told the number of slices just decoded.
+
     Raises:
         SeriesError: the series cannot be loaded or its lungs not segmented.
     """
-    volume = load_volume(series, cfg.selection, on_slice=on_slice, pool=pool)
-    if not cfg.lung_mask:
+    volume = load_volume(series, selection, on_slice=on_slice, pool=pool)
+    if not lung_mask:
         return PreparedSeries(volume, None)
     planes, lungs = segment_planes(volume.hu.shape, n_channels)
     segment_lungs(volume, out=lungs)
@@ -368,7 +230,13 @@ def compute_series(
     try:
         n_channels = segmenter.model.n_channels
         if volume_source is None:
-            prepared = prepare_series(cfg, series, n_channels=n_channels, on_slice=advance)
+            prepared = prepare_series(
+                series,
+                cfg.selection,
+                lung_mask=cfg.lung_mask,
+                n_channels=n_channels,
+                on_slice=advance,
+            )
         else:
             prepared = volume_source()
             if advance is not None:
@@ -404,7 +272,9 @@ def compute_series(
         folder = series_dir(cfg.out_dir, series)
         pngs: tuple[Path, ...] = ()
         if explainer is not None:
-            pngs = _write_explanation(cfg, volume, prediction, explainer, folder)
+            pngs = write_explanation(
+                volume, prediction, explainer, folder, slices=cfg.explain_slices, tree=cfg.tree
+            )
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
         return _failed(series, exc, started, volume)
     return ComputedSeries(
@@ -435,7 +305,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
     pngs = done.png_paths
     try:
         if not cfg.explain_only:
-            seg_path, written = _write_outputs(
+            seg_path, written = write_outputs(
                 cfg, volume, segmenter, done.prediction, done.lungs, done.folder
             )
             pngs = written + pngs
@@ -515,33 +385,3 @@ def process_series(
     if isinstance(done, SeriesOutcome):
         return done
     return write_series(cfg, done, segmenter)
-
-
-def check_output_location(cfg: RunConfig) -> None:
-    """Refuse missing inputs and input and output folders nested either way.
-
-    An output folder inside an input would be walked as input; an input inside the output
-    folder could be touched by the run (the sweep of stale temporary files, replaced outputs).
-    Both are compared after resolving links, so a link cannot hide the nesting.
-
-    Raises:
-        InputError: an input is missing, or an input and the output folder nest.
-    """
-    out = cfg.out_dir.resolve()
-    for source in cfg.inputs:
-        if not source.exists():
-            raise InputError(f"input not found: {source} (give an existing file or folder)")
-        resolved = source.resolve()
-        root = resolved if resolved.is_dir() else resolved.parent
-        if out == root or root in out.parents:
-            raise InputError(
-                f"output folder {cfg.out_dir} is inside the input {source}; choose an output "
-                "folder outside the input tree (the input is never modified)"
-            )
-        if out in resolved.parents:
-            raise InputError(
-                f"input {source} is inside the output folder {cfg.out_dir}; move the input "
-                "or choose an output folder outside it (ggo-cli cleans its output folder)"
-            )
-
-

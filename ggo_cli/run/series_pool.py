@@ -39,7 +39,6 @@ from collections import deque
 from collections.abc import Generator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
 from typing import Any
 
 import SimpleITK
@@ -53,6 +52,7 @@ from ..onnx.model_info import ModelInfo
 from ..onnx.runtime import cuda_wanted, nvidia_smi_query
 from ..onnx.sessions import Sessions
 from .pipeline import now_utc, process_series
+from .result import SessionSummary
 
 log = logging.getLogger(__name__)
 
@@ -76,29 +76,6 @@ GPU_JOBS_UNKNOWN_MEMORY = 2
 """Automatic ``--jobs`` on a GPU whose memory cannot be read (no ``nvidia-smi``)."""
 PARENT_POLL_S = 0.5
 """How often a worker checks that its run is still alive (besides the kernel's signal)."""
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSummary:
-    """Where inference ran (for the manifest and the summary).
-
-    Attributes:
-        device: ``cpu`` or ``cuda:N``.
-        providers: ONNX Runtime providers in use.
-        batch_size: the final batch size.
-        precision: the model variant that ran.
-        int8_recipe: the int8 recipe in use (``""`` unless int8).
-        variant_check: the last variant self-check's verdict
-            (:meth:`ggo_cli.onnx.variant_check.VariantCheck.to_dict`), or ``None`` when no variant
-            was considered.
-    """
-
-    device: str
-    providers: tuple[str, ...]
-    batch_size: int
-    precision: str
-    int8_recipe: str = ""
-    variant_check: dict[str, Any] | None = None
 
 
 def summarize(sessions: Sessions) -> SessionSummary | None:

@@ -23,7 +23,8 @@ from ggo_cli.domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from ggo_cli.errors import EXIT_PARTIAL, OutputError
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.run import series_pool
-from ggo_cli.run.series_pool import SeriesPool, SessionSummary, auto_jobs
+from ggo_cli.run.result import SessionSummary
+from ggo_cli.run.series_pool import SeriesPool, auto_jobs
 from tests.dicom_factory import FactorySeries, make_ct_series
 from tests.phantoms import make_cube_phantom
 

@@ -1,0 +1,344 @@
+"""What a run does with each series, decided from the state store, and what it records.
+
+:class:`RunPlan` tells per series whether work is due (a series that is skipped, still
+arriving or unchanged since an earlier run gets its outcome at once), stores each outcome
+and rebuilds the CSV. :func:`check_output_location` refuses inputs and outputs that nest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..analysis.quality import parse_flags
+from ..config import CSV_NAME, ExplainMode, RunConfig
+from ..domain import (
+    GgoMeasurement,
+    LungMeasurement,
+    SeriesInfo,
+    SeriesOutcome,
+    SeriesStatus,
+)
+from ..errors import InputError
+from ..fsutil import GROUP_FILE_MODE, set_file_mode
+from ..onnx.explain_graph import default_explain_path, load_explain_info
+from ..onnx.model_info import ModelInfo
+from ..onnx.sessions import Sessions
+from ..writers.report_csv import (
+    PSEUDONYM_COLUMN,
+    PSEUDONYM_SALT_TAG_KEY,
+    outcome_row,
+    pseudonymize_row,
+    salt_tag,
+    write_rows,
+)
+from .pipeline import RETRY_NOTE, now_utc, skipped_outcome
+from .state import (
+    PATIENT_ID_KEY,
+    StateStore,
+    StoredSeries,
+    options_digest,
+    series_fingerprint,
+    settle_digest,
+)
+
+log = logging.getLogger(__name__)
+
+WORKER_DIED = "the worker process died"
+"""How :mod:`ggo_cli.run.series_pool` starts the message of a series whose worker died."""
+
+
+def check_output_location(inputs: Sequence[Path], out_dir: Path) -> None:
+    """Refuse missing inputs and input and output folders nested either way.
+
+    An output folder inside an input would be walked as input; an input inside the output
+    folder could be touched by the run (the sweep of stale temporary files, replaced outputs).
+    Both are compared after resolving links, so a link cannot hide the nesting.
+
+    Raises:
+        InputError: an input is missing, or an input and the output folder nest.
+    """
+    out = out_dir.resolve()
+    for source in inputs:
+        if not source.exists():
+            raise InputError(f"input not found: {source} (give an existing file or folder)")
+        resolved = source.resolve()
+        root = resolved if resolved.is_dir() else resolved.parent
+        if out == root or root in out.parents:
+            raise InputError(
+                f"output folder {out_dir} is inside the input {source}; choose an output "
+                "folder outside the input tree (the input is never modified)"
+            )
+        if out in resolved.parents:
+            raise InputError(
+                f"input {source} is inside the output folder {out_dir}; move the input "
+                "or choose an output folder outside it (ggo-cli cleans its output folder)"
+            )
+
+
+def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
+    """The options that change a series' outputs (a change reprocesses the series)."""
+    return {
+        "ggo_cli": __version__,
+        "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
+        "png": cfg.png_mode.value,
+        "seg_series_number": cfg.seg_series_number,
+        "seg_series_description": cfg.seg_series_description,
+        "spacing_tolerance": cfg.selection.spacing_tolerance,
+        "explain": (
+            None if cfg.explain is ExplainMode.OFF else [cfg.explain_layer, cfg.explain_slices]
+        ),
+        "lung_mask": cfg.lung_mask,
+        "precision": cfg.precision.value,
+    }
+
+
+def _still_arriving(
+    series: SeriesInfo, settle_minutes: float, *, seen_before: str, seen_now: str
+) -> bool:
+    """Whether a file of the series was modified within the last ``settle_minutes``.
+
+    A modification time in the future (a modality's clock ahead, ``cp -p`` from such a
+    machine) says nothing about when the file arrived: such a series is settled once a
+    previous run saw it exactly as now (same files, sizes and modification times,
+    :func:`~ggo_cli.run.state.settle_digest`), i.e. one run later, not on that future date.
+    """
+    if settle_minutes <= 0:
+        return False
+    newest = 0.0
+    for path in series.files:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except OSError:
+            continue
+    now = time.time()
+    if newest > now:
+        return seen_before != seen_now
+    return now - newest < settle_minutes * 60
+
+
+def _retryable(stored: StoredSeries) -> bool:
+    """Whether a stored failure may pass on another try (write error, crash, dead worker)."""
+    message = stored.row.get("message", "")
+    return message.endswith(RETRY_NOTE) or message.startswith(WORKER_DIED)
+
+
+def _stale_patient_keys(patient_column: str | None) -> tuple[str, ...]:
+    """The patient keys stored rows must lose for this run's CSV (a PatientID unless asked)."""
+    if patient_column == PATIENT_ID_KEY:
+        return (PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY)
+    if patient_column == PSEUDONYM_COLUMN:
+        return (PATIENT_ID_KEY,)
+    return (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY)
+
+
+def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
+    """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
+    row = stored.row
+    measurement = None
+    if row.get("ggo_voxels"):
+        measurement = GgoMeasurement(
+            voxel_volume_ml=float(row["voxel_volume_ml"]),
+            ggo_voxels=int(row["ggo_voxels"]),
+            ggo_volume_ml=float(row["ggo_volume_ml"]),
+            ggo_slice_count=int(row["ggo_slice_count"] or 0),
+        )
+    lungs = None
+    if row.get("lung_volume_ml"):
+        lungs = LungMeasurement(
+            **{name: float(row.get(name) or "nan") for name in LungMeasurement.__dataclass_fields__}
+        )
+    return SeriesOutcome(
+        series=series,
+        status=SeriesStatus(stored.status),
+        message=row.get("message", ""),
+        n_slices=int(row.get("n_slices") or 0),
+        measurement=measurement,
+        lungs=lungs,
+        processed_at=row.get("processed_at", ""),
+        reused=True,
+        qc_flags=parse_flags(row.get("qc_flags", "")),  # a store older than the column: none
+    )
+
+
+def _reusable(
+    stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
+) -> bool:
+    """Whether an earlier run's result still stands (same files, model, options; SEG present)."""
+    if cfg.force:
+        return False
+    if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
+        fingerprint,
+        model.file_sha256,
+        options,
+    ):
+        return False
+    if stored.status == SeriesStatus.OK.value:
+        return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
+    # A deterministic failure stands until the files change; a transient one is retried.
+    return stored.status == SeriesStatus.FAILED.value and not _retryable(stored)
+
+
+class RunPlan:
+    """One locked run over an output folder: decides per series, records, rebuilds the CSV.
+
+    Args:
+        cfg: the run configuration.
+        model: the validated model.
+        store: the output folder's state store (opened under the run's lock).
+    """
+
+    def __init__(self, cfg: RunConfig, model: ModelInfo, store: StateStore) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.store = store
+        self.options = options_digest(_output_options(cfg, model))
+        # Fingerprint of each series as planned (before any work), recorded with its outcome,
+        # and how its files looked (names, sizes, mtimes) for settling.
+        self.fingerprints: dict[str, str] = {}
+        self.seen: dict[str, str] = {}
+        # PatientID is kept in the store only with --include-patient-id; --pseudonymize keeps
+        # the pseudonym alone (no PHI at rest otherwise).
+        self.patient_column = cfg.patient_column
+        if not cfg.explain_only:
+            scrubbed = store.scrub_patient_keys(_stale_patient_keys(cfg.patient_column))
+            if scrubbed:
+                log.info("erased the patient IDs of %d series from the state store", scrubbed)
+        # Validate the explain graph before any work (a missing explain.onnx fails at once).
+        explain_info = (
+            None
+            if cfg.explain is ExplainMode.OFF
+            else load_explain_info(default_explain_path(model.path), model)
+        )
+        self.sessions = Sessions(cfg, model, explain_info)
+
+    def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
+        """Store a series' outcome and rebuild the CSV.
+
+        A ``pending`` series that has a result (``ok``, ``failed`` or ``skipped``) keeps it:
+        its row, volumes included, stays in the CSV until the new result replaces it; only
+        how its files looked is remembered (and the log says it is pending).
+        """
+        uid = outcome.series.series_instance_uid
+        seen = self.seen.get(uid, "")
+        if outcome.status is SeriesStatus.PENDING:
+            stored = self.store.get(uid)
+            if stored is not None and stored.status != SeriesStatus.PENDING.value:
+                self.store.mark_seen(uid, seen)
+                return
+        row = self._row(outcome)
+        self.store.put(
+            outcome.series,
+            fingerprint=fingerprint,
+            model_sha256=self.model.file_sha256,
+            options=self.options,
+            row=row,
+            updated_at=now_utc(),
+            seen=seen,
+        )
+        self.write_csv()
+
+    def _row(self, outcome: SeriesOutcome) -> dict[str, str]:
+        """The row to store: the CSV cells plus the patient column asked for (ID or pseudonym)."""
+        row = outcome_row(
+            outcome,
+            self.cfg.out_dir,
+            model_name=self.model.name,
+            model_version=self.model.version,
+            include_patient_id=self.patient_column is not None,
+        )
+        if self.cfg.pseudonym_salt is not None:
+            row = pseudonymize_row(row, self.cfg.pseudonym_salt)
+        return row
+
+    def _add_patient_column(self, series: SeriesInfo, stored: StoredSeries) -> None:
+        """Give a reused row the patient column the CSV now asks for, from the series' header.
+
+        A row stored without it, or with a pseudonym made with another salt, gets it anew;
+        nothing else in the row changes.
+        """
+        if self.patient_column == PATIENT_ID_KEY:
+            if PATIENT_ID_KEY in stored.row:
+                return
+        elif self.cfg.pseudonym_salt is not None:
+            if stored.row.get(PSEUDONYM_SALT_TAG_KEY) == salt_tag(self.cfg.pseudonym_salt):
+                return
+        else:
+            return
+        fresh = self._row(replace(_outcome_from_row(series, stored), reused=False))
+        row = dict(stored.row)
+        for key in (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY):
+            row.pop(key, None)
+            if key in fresh:
+                row[key] = fresh[key]
+        self.store.put(
+            series,
+            fingerprint=stored.fingerprint,
+            model_sha256=stored.model_sha256,
+            options=stored.options_digest,
+            row=row,
+            updated_at=now_utc(),
+            seen=self.seen.get(series.series_instance_uid, stored.seen),
+        )
+
+    def write_csv(self) -> Path:
+        """Rebuild the CSV from the state store; returns its path."""
+        path = write_rows(
+            self.store.rows(),
+            self.cfg.out_dir / CSV_NAME,
+            patient_column=self.cfg.patient_column,
+        )
+        if self.cfg.group_readable:  # written owner-only like every output, then widened
+            set_file_mode(path, GROUP_FILE_MODE)
+        return path
+
+    def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
+        """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
+        fingerprint = series_fingerprint(series)
+        uid = series.series_instance_uid
+        self.fingerprints[uid] = fingerprint
+        self.seen[uid] = settle_digest(series)
+        if not series.eligible:
+            return skipped_outcome(series)
+        stored = self.store.get(uid)
+        if _still_arriving(
+            series,
+            self.cfg.settle_minutes,
+            seen_before=stored.seen if stored is not None else "",
+            seen_now=self.seen[uid],
+        ):
+            outcome = SeriesOutcome(
+                series=series,
+                status=SeriesStatus.PENDING,
+                message=f"files modified within the last {self.cfg.settle_minutes:g} minutes "
+                "(still arriving?); left for a later run (see --settle)",
+                n_slices=len(series.files),
+                processed_at=now_utc(),
+            )
+            log.info("%s pending: %s", series.label, outcome.message)
+            log.debug("%s is in %s", series.label, series.location)
+            return outcome
+        if self.cfg.explain_only:
+            stored = None
+        if stored is not None and _reusable(
+            stored, self.cfg, fingerprint, self.model, self.options
+        ):
+            log.debug(
+                "series %s unchanged since %s",
+                series.series_instance_uid,
+                stored.row.get("processed_at", "?"),
+            )
+            self._add_patient_column(series, stored)
+            return _outcome_from_row(series, stored)
+        return None
+
+    def finish(self, outcome: SeriesOutcome) -> SeriesOutcome:
+        """Record a series' outcome (not for unchanged ones, nor in explain-only runs)."""
+        if not self.cfg.explain_only and not outcome.reused:
+            self.record(outcome, self.fingerprints[outcome.series.series_instance_uid])
+        return outcome
