@@ -23,14 +23,14 @@ Rules (documented in the README, controlled by :class:`~ggo_cli.config.Selection
    before its UIDs, a parse error after the preamble, a deflate bomb) would leave a gap in
    its series: every series with files in the same folder is skipped naming it by a digest
    of its path (``file #3f9a2c``; the path at DEBUG only).
+
+Rules 3 and 5 are checked by :mod:`ggo_cli.dicom.selection`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
-import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -42,20 +42,18 @@ from pydicom.errors import InvalidDicomError
 from ..config import SelectionRules
 from ..domain import SeriesInfo
 from ..errors import InputError
-from .budgets import HEADER_READ_BYTES, file_tag, geometry_problem, read_bounded
+from .budgets import HEADER_READ_BYTES, file_tag, read_bounded
+from .selection import (
+    CT_IMAGE_CLASSES,
+    broken_files_reason,
+    header_text,
+    salvage_series_uid,
+    skip_reason,
+)
 
 log = logging.getLogger(__name__)
 
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
-ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
-LEGACY_ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-UID_PATTERN = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-"""A DICOM UID (PS3.5 section 9.1); also makes UIDs safe as folder names."""
-LOCALIZER_TYPES = frozenset({"LOCALIZER", "SCOUT", "TOPOGRAM"})
-_GEOMETRY_KEYWORDS = ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing")
-_ORIENTATION_ATOL = 1e-3
-_SPACING_RTOL = 1e-3
 _HEADER_TAGS = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -74,9 +72,6 @@ _HEADER_TAGS = (
     "SeriesDescription",
     "SeriesNumber",
     "PatientID",
-)
-CT_IMAGE_CLASSES = frozenset(
-    {CT_IMAGE_STORAGE, ENHANCED_CT_IMAGE_STORAGE, LEGACY_ENHANCED_CT_STORAGE}
 )
 
 
@@ -207,168 +202,6 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool]:
     return ds, False
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword, "")
-    return "" if value is None else str(value)
-
-
-def _float_list(ds: Dataset, keyword: str) -> list[float] | None:
-    value = ds.get(keyword)
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value]
-    except (TypeError, ValueError):
-        return None
-
-
-def _skip_reason(
-    headers: Sequence[Dataset], rules: SelectionRules, tags: Sequence[str] = ()
-) -> str | None:
-    """Return the first selection rule the series breaks, or ``None``.
-
-    A header value that cannot be read as its type (text in a number, say) is itself a
-    reason: selection never raises on malformed input.
-    """
-    try:
-        return _first_broken_rule(headers, rules, tags)
-    except (TypeError, ValueError, OverflowError, AttributeError, KeyError) as exc:
-        log.debug("malformed header value: %s: %s", type(exc).__name__, exc)
-        return f"malformed header value ({type(exc).__name__}); the headers cannot be trusted"
-
-
-def _first_broken_rule(
-    headers: Sequence[Dataset], rules: SelectionRules, tags: Sequence[str] = ()
-) -> str | None:
-    """The rules of :func:`_skip_reason`, in order; ``tags`` name the headers' files."""
-
-    def named(index: int) -> str:
-        return f" (file {tags[index]})" if index < len(tags) else ""
-
-    first = headers[0]
-    for keyword in ("StudyInstanceUID", "SeriesInstanceUID"):
-        if not UID_PATTERN.match(_text(first, keyword)):
-            return f"{keyword} is not a valid DICOM UID"
-    sop_class = _text(first, "SOPClassUID")
-    if sop_class != CT_IMAGE_STORAGE or any(
-        int(ds.get("NumberOfFrames", 1) or 1) > 1 for ds in headers
-    ):
-        return "multi-frame (enhanced) CT is not supported; export the series as single-frame CT"
-    for ds in headers:
-        image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-        if not image_type or image_type[0] != "ORIGINAL":
-            return f"ImageType {'/'.join(image_type) or 'missing'} is not ORIGINAL"
-        hit = LOCALIZER_TYPES.intersection(image_type)
-        if hit:
-            return f"localizer image (ImageType contains {sorted(hit)[0]})"
-    if len(headers) < rules.min_slices:
-        return f"{len(headers)} slices; at least {rules.min_slices} required (see --min-slices)"
-    for index, ds in enumerate(headers):
-        missing = [k for k in _GEOMETRY_KEYWORDS if _float_list(ds, k) is None]
-        if missing:
-            return (
-                f"instance without {missing[0]}{named(index)}; slice geometry is required "
-                "(a truncated or damaged file?)"
-            )
-    frames = {_text(ds, "FrameOfReferenceUID") for ds in headers}
-    if len(frames) != 1 or "" in frames:
-        return f"{len(frames - {''})} frames of reference; exactly one is required"
-    sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in headers}
-    if len(sizes) != 1:
-        return f"mixed image sizes {sorted(sizes)}; all slices must have the same rows and columns"
-    spacings = [_float_list(ds, "PixelSpacing") or [] for ds in headers]
-    if any(len(s) != 2 or min(s) <= 0 for s in spacings) or any(
-        not math.isclose(a, b, rel_tol=_SPACING_RTOL)
-        for s in spacings
-        for a, b in zip(s, spacings[0], strict=True)
-    ):
-        return "pixel spacing differs between slices (or is invalid)"
-    orientations = [_float_list(ds, "ImageOrientationPatient") or [] for ds in headers]
-    if any(len(o) != 6 for o in orientations) or any(
-        abs(a - b) > _ORIENTATION_ATOL
-        for o in orientations
-        for a, b in zip(o, orientations[0], strict=True)
-    ):
-        return "image orientation differs between slices (or is invalid)"
-    budget = geometry_problem(
-        rows=next(iter(sizes))[0],
-        columns=next(iter(sizes))[1],
-        pixel_spacing=spacings[0],
-        orientation=orientations[0],
-        positions=[_float_list(ds, "ImagePositionPatient") or [] for ds in headers],
-    )
-    if budget is not None:
-        return budget
-    tilt = _tilt_from_axial_deg(orientations[0])
-    if tilt > rules.axial_tolerance_deg:
-        return (
-            f"not axial: slice normal is {tilt:.1f} degrees from the patient z axis "
-            f"(tolerance {rules.axial_tolerance_deg:g}, see --axial-tolerance)"
-        )
-    return None
-
-
-_SERIES_UID_ELEMENT = re.compile(
-    rb"\x20\x00\x0e\x00(?:UI(?P<explicit>[\x00-\xff]{2})|(?P<implicit>[\x00-\xff]{4}))"
-)
-
-
-def salvage_series_uid(path: Path) -> str | None:
-    """The SeriesInstanceUID of a broken file, found in its first bytes, if it is readable.
-
-    A file truncated after its header, or whose header a parser rejects further on, usually
-    still holds the Series Instance UID element (0020,000E) near its start. Only a valid UID
-    counts; a deflated or unreadable file gives ``None``.
-    """
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(HEADER_READ_BYTES)
-    except OSError:
-        return None
-    for match in _SERIES_UID_ELEMENT.finditer(head):
-        size_bytes = match.group("explicit") or match.group("implicit")
-        size = int.from_bytes(size_bytes, "little")
-        if not 0 < size <= 64:
-            continue
-        start = match.end()
-        value = head[start : start + size].rstrip(b"\x00 ").decode("ascii", errors="replace")
-        if UID_PATTERN.match(value):
-            return value
-    return None
-
-
-def _broken_files_reason(
-    series_uid: str, files: Sequence[Path], broken: dict[Path, list[tuple[str, str | None]]]
-) -> str | None:
-    """A series sharing a folder with broken image files of its own (or of unknown series)
-    would load with a gap: name them."""
-    tags = sorted(
-        {
-            tag
-            for folder in {p.parent for p in files}
-            for tag, owner in broken.get(folder, [])
-            if owner is None or owner == series_uid
-        }
-    )
-    if not tags:
-        return None
-    shown = ", ".join(f"file {tag}" for tag in tags[:3]) + (", ..." if len(tags) > 3 else "")
-    return (
-        f"{len(tags)} unreadable, truncated or oversized DICOM file(s) in its folder ({shown}); "
-        "the series would have a gap: repair or remove them (-v --log-file shows the paths at "
-        "DEBUG)"
-    )
-
-
-def _tilt_from_axial_deg(orientation: Sequence[float]) -> float:
-    """Angle between the slice normal (row x column cosines) and the patient z axis."""
-    rx, ry, rz, cx, cy, cz = orientation
-    nx, ny, nz = ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx
-    norm = math.sqrt(nx * nx + ny * ny + nz * nz)
-    if norm < 1e-6:
-        return 90.0
-    return math.degrees(math.acos(min(1.0, abs(nz) / norm)))
-
 
 def _series_number(value: object) -> int | None:
     """SeriesNumber as an int, or ``None`` when missing or malformed."""
@@ -409,21 +242,21 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
                 log.debug("broken image file %s is %s", path, tag)
             continue
         if (
-            _text(ds, "Modality").upper() != "CT"
-            or _text(ds, "SOPClassUID") not in CT_IMAGE_CLASSES
+            header_text(ds, "Modality").upper() != "CT"
+            or header_text(ds, "SOPClassUID") not in CT_IMAGE_CLASSES
         ):
             # SR, PR, SEG, RT, KO and images of other modalities are not CT series to analyse.
             log.debug(
                 "ignored %s: modality %s, SOP class %s",
                 path.name,
-                _text(ds, "Modality") or "missing",
-                _text(ds, "SOPClassUID") or "missing",
+                header_text(ds, "Modality") or "missing",
+                header_text(ds, "SOPClassUID") or "missing",
             )
             n_ignored += 1
             continue
         n_images += 1
-        series_uid = _text(ds, "SeriesInstanceUID")
-        sop_uid = _text(ds, "SOPInstanceUID")
+        series_uid = header_text(ds, "SeriesInstanceUID")
+        sop_uid = header_text(ds, "SOPInstanceUID")
         if sop_uid in groups[series_uid]:
             n_duplicates += 1
             log.debug("dropped duplicate instance %s", path.name)
@@ -435,7 +268,7 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         ordered = sorted(instances.values(), key=lambda item: str(item[0]))
         headers = [ds for _, ds in ordered]
         files = tuple(path for path, _ in ordered)
-        reason = _broken_files_reason(series_uid, files, broken) or _skip_reason(
+        reason = broken_files_reason(series_uid, files, broken) or skip_reason(
             headers, rules, [file_tag(_relative(p, roots[series_uid])) for p in files]
         )
         if reason is None and rules.series_uids and series_uid not in rules.series_uids:
@@ -443,18 +276,18 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         first = headers[0]
         number = first.get("SeriesNumber")
         info = SeriesInfo(
-            study_instance_uid=_text(first, "StudyInstanceUID"),
+            study_instance_uid=header_text(first, "StudyInstanceUID"),
             series_instance_uid=series_uid,
             files=files,
             location=_relative(
                 Path(os.path.commonpath([str(p.parent) for p in files])), roots[series_uid]
             ),
             modality="CT",
-            study_date=_text(first, "StudyDate"),
-            series_description=_text(first, "SeriesDescription"),
+            study_date=header_text(first, "StudyDate"),
+            series_description=header_text(first, "SeriesDescription"),
             series_number=_series_number(number),
             skip_reason=reason,
-            patient_id=_text(first, "PatientID"),
+            patient_id=header_text(first, "PatientID"),
         )
         if reason is not None:
             log.info("skipped %s: %s", info.label, info.redact(reason))

@@ -19,7 +19,8 @@ from pydicom.tag import Tag
 
 from ggo_cli.config import SelectionRules
 from ggo_cli.dicom.budgets import HU_RANGE, RESCALE_SLOPE_RANGE, geometry_problem, rescale_of
-from ggo_cli.dicom.discovery import _skip_reason, discover_series
+from ggo_cli.dicom.discovery import discover_series
+from ggo_cli.dicom.selection import skip_reason
 from ggo_cli.dicom.slice_decoding import hu_slice
 from ggo_cli.dicom.volume import load_volume
 from ggo_cli.errors import SeriesError
@@ -101,7 +102,7 @@ def _headers_mutated(headers: list[Dataset], data: st.DataObject) -> list[Datase
 def test_selection_gives_a_reason_and_never_raises(
     headers: list[Dataset], data: st.DataObject
 ) -> None:
-    reason = _skip_reason(_headers_mutated(headers, data), SelectionRules(min_slices=2))
+    reason = skip_reason(_headers_mutated(headers, data), SelectionRules(min_slices=2))
     assert reason is None or (isinstance(reason, str) and "\n" not in reason)
 
 
