@@ -30,16 +30,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STEPS = {
-    "window_hu": "preprocessing.py",
-    "to_model_grid": "preprocessing.py",
-    "predict_logits": "inference.py",
-    "sigmoid": "preprocessing.py",
-    "to_source_grid": "preprocessing.py",
-    "threshold_probabilities": "masks.py",
-    "_predict_windowed": "inference.py",
-}
-"""Functions reported, by name and the file that defines them."""
+STEPS = (
+    "window_hu",
+    "to_model_grid",
+    "predict_logits",
+    "sigmoid",
+    "to_source_grid",
+    "threshold_probabilities",
+    "_predict_windowed",
+)
+"""Functions reported, by name, wherever in ``ggo_cli`` they are defined."""
+PACKAGE_DIR = (ROOT / "ggo_cli").as_posix()
 
 
 def main() -> int:
@@ -87,7 +88,7 @@ def main() -> int:
     stats = pstats.Stats(profiler)
     steps: dict[str, float] = {}
     for (filename, _, name), row in stats.stats.items():  # type: ignore[attr-defined]
-        if name in STEPS and filename.endswith(STEPS[name]):
+        if name in STEPS and Path(filename).resolve().as_posix().startswith(PACKAGE_DIR):
             steps[name] = steps.get(name, 0.0) + float(row[3])  # cumulative seconds
     report: dict[str, Any] = {
         "host": {"platform": platform.platform(), "python": platform.python_version()},
