@@ -8,12 +8,13 @@ others succeeded; 8 another run holds the output folder; 1 an unexpected error (
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, ParamSpec
 
 import typer
 
@@ -30,19 +31,18 @@ from ..config import (
     PngMode,
     RunConfig,
     SelectionRules,
-    default_model_path,
 )
 from ..domain import SeriesStatus
 from ..errors import (
     EXIT_BUG,
     GgoError,
-    ModelError,
     NoEligibleSeriesError,
     OutputError,
 )
 from ..logs import configure_logging, level_from_flags, quiet_pydicom
 from ..onnx.precision import Precision
 from .build import build_run_config
+from .demo import demo_command
 from .display import (
     all_pending_note,
     exit_code,
@@ -51,6 +51,7 @@ from .display import (
     stderr_console,
     summary_table,
 )
+from .info import info_command
 from .options import (
     AxialToleranceOpt,
     BatchOpt,
@@ -82,7 +83,7 @@ from .options import (
 )
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+P = ParamSpec("P")
 
 app = typer.Typer(
     name="ggo-cli",
@@ -147,27 +148,39 @@ def main(
     _state.debug = debug
 
 
-def _guarded(action: Callable[[], T]) -> T:
-    """Run a command body at the error boundary: GgoError -> its exit code, anything else -> 1."""
-    try:
-        return action()
-    except GgoError as exc:
-        log.error("%s", exc)
-        raise typer.Exit(exc.exit_code) from None
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        raise typer.Exit(130) from None
-    except Exception as exc:
-        log.error(
-            "unexpected %s: %s (a bug; rerun with --debug for the traceback)",
-            type(exc).__name__,
-            exc,
-        )
-        if _state.debug:
-            log.exception("traceback")
-        raise typer.Exit(EXIT_BUG) from None
+def guarded(command: Callable[P, int]) -> Callable[P, None]:
+    """Wrap a command body in the error boundary, the one place errors become exit codes.
+
+    The body returns its exit code (0: success); a :class:`~ggo_cli.errors.GgoError` exits
+    with its code after a one-line message, Ctrl-C with 130, anything else (a bug) with 1
+    (the traceback only with ``--debug``).
+    """
+
+    @functools.wraps(command)
+    def boundary(*args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            code = command(*args, **kwargs)
+        except GgoError as exc:
+            log.error("%s", exc)
+            raise typer.Exit(exc.exit_code) from None
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            log.error("interrupted")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            log.error(
+                "unexpected %s: %s (a bug; rerun with --debug for the traceback)",
+                type(exc).__name__,
+                exc,
+            )
+            if _state.debug:
+                log.exception("traceback")
+            raise typer.Exit(EXIT_BUG) from None
+        if code:
+            raise typer.Exit(code)
+
+    return boundary
 
 
 def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> int:
@@ -213,6 +226,7 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
         "  ggo-cli -v --log-file ggo.log segment /data/studies -o results --png all"
     )
 )
+@guarded
 def segment(
     inputs: InputsArg,
     out: OutOpt,
@@ -241,48 +255,43 @@ def segment(
     group_readable: GroupReadableOpt = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Segment GGO in every chest CT series found below INPUTS.
 
     Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/ggo.seg.dcm (DICOM-SEG) and
     overlay.png, plus <out>/ggo_volumes.csv (one row per CT series) and <out>/run_manifest.json.
     """
 
-    def body() -> int:
-        cfg = build_run_config(
-            inputs,
-            out,
-            model=model,
-            device=device,
-            batch_size=batch_size,
-            threshold=threshold,
-            selection=SelectionRules(
-                min_slices=min_slices,
-                axial_tolerance_deg=axial_tolerance,
-                spacing_tolerance=spacing_tolerance,
-                series_uids=tuple(series or ()),
-            ),
-            png=png,
-            include_patient_id=include_patient_id,
-            series_number=series_number,
-            series_description=series_description,
-            settle=settle,
-            force=force,
-            pseudonymize=pseudonymize,
-            explain=ExplainMode.WITH_SEGMENT if explain else ExplainMode.OFF,
-            layer=layer,
-            slices=slices,
-            lung_mask=lung_mask,
-            precision=precision,
-            decode_workers=decode_workers,
-            jobs=jobs,
-            group_readable=group_readable,
-        )
-        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
-
-    code = _guarded(body)
-    if code:
-        raise typer.Exit(code)
+    cfg = build_run_config(
+        inputs,
+        out,
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        threshold=threshold,
+        selection=SelectionRules(
+            min_slices=min_slices,
+            axial_tolerance_deg=axial_tolerance,
+            spacing_tolerance=spacing_tolerance,
+            series_uids=tuple(series or ()),
+        ),
+        png=png,
+        include_patient_id=include_patient_id,
+        series_number=series_number,
+        series_description=series_description,
+        settle=settle,
+        force=force,
+        pseudonymize=pseudonymize,
+        explain=ExplainMode.WITH_SEGMENT if explain else ExplainMode.OFF,
+        layer=layer,
+        slices=slices,
+        lung_mask=lung_mask,
+        precision=precision,
+        decode_workers=decode_workers,
+        jobs=jobs,
+        group_readable=group_readable,
+    )
+    return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
 
 @app.command(
@@ -292,6 +301,7 @@ def segment(
         "  ggo-cli explain /data/studies --out results --slices all --layer decoder.2"
     )
 )
+@guarded
 def explain(
     inputs: InputsArg,
     out: OutOpt,
@@ -309,7 +319,7 @@ def explain(
     group_readable: GroupReadableOpt = False,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
-) -> None:
+) -> int:
     """Draw GradCAM++ heat maps of what drove each GGO call, with ONNX Runtime alone.
 
     Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/gradcam.npz (cam, mask,
@@ -317,158 +327,27 @@ def explain(
     explain.onnx next to the model. Does not write SEG, CSV or state (use segment --explain).
     """
 
-    def body() -> int:
-        cfg = build_run_config(
-            inputs,
-            out,
-            model=model,
-            device=device,
-            batch_size=batch_size,
-            threshold=threshold,
-            selection=SelectionRules(min_slices=min_slices, series_uids=tuple(series or ())),
-            png=PngMode.NONE,
-            settle=settle,
-            explain=ExplainMode.ONLY,
-            layer=layer,
-            slices=slices,
-            lung_mask=lung_mask,
-            jobs=jobs,
-            group_readable=group_readable,
-        )
-        return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
-
-    code = _guarded(body)
-    if code:
-        raise typer.Exit(code)
+    cfg = build_run_config(
+        inputs,
+        out,
+        model=model,
+        device=device,
+        batch_size=batch_size,
+        threshold=threshold,
+        selection=SelectionRules(min_slices=min_slices, series_uids=tuple(series or ())),
+        png=PngMode.NONE,
+        settle=settle,
+        explain=ExplainMode.ONLY,
+        layer=layer,
+        slices=slices,
+        lung_mask=lung_mask,
+        jobs=jobs,
+        group_readable=group_readable,
+    )
+    return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
 
-@app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results")
-def demo(
-    out: OutOpt = Path("ggo-demo-results"),
-    model: ModelOpt = None,
-    device: DeviceOpt = "auto",
-    slices: Annotated[
-        int, typer.Option("--slices", min=10, max=400, help="Slices of the synthetic study.")
-    ] = 48,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic study.")] = 0,
-    precision: PrecisionOpt = Precision.AUTO,
-    force: ForceOpt = False,
-    study_dir: Annotated[
-        Path | None,
-        typer.Option(
-            "--study-dir",
-            help="Keep the synthetic DICOM study here (default: a scratch folder in the cache "
-            "folder, removed after the run).",
-        ),
-    ] = None,
-    no_progress: NoProgressOpt = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Write a synthetic chest CT study (with GGO of known volume) as DICOM and segment it.
-
-    Needs no data and no network: a quick check that an installation works end to end.
-    """
-
-    def body() -> int:
-        from ..run.manifest import summary_json
-        from ..run.runner import run_segment
-        from ..scratch import scratch_folder
-        from ..synthetic.ct_writer import write_ct_series
-        from ..synthetic.phantom import make_chest_phantom
-        from .demo import compare_with_truth
-
-        # The synthetic study goes to the documented cache folder's scratch (swept if killed).
-        with scratch_folder("demo-", redirect_tempfile=False) as tmp:
-            folder = study_dir or tmp / "study"
-            # Every option is checked before the synthetic study is written.
-            cfg = build_run_config(
-                [folder], out, model=model, device=device, precision=precision, force=force
-            )
-            phantom = make_chest_phantom(shape=(slices, 512, 512), seed=seed)
-            paths = write_ct_series(phantom, folder, seed=seed)
-            log.info(
-                "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
-            )
-            with progress_display(not no_progress, 1) as sink:
-                result = run_segment(cfg, progress=sink)
-            code = exit_code(result.outcomes)
-            (outcome,) = result.outcomes
-            check = None
-            if outcome.seg_path is not None:
-                check = compare_with_truth(phantom, paths, outcome.seg_path)
-                log.info(
-                    "demo: true GGO %.2f mL, measured %.2f mL, Dice %.3f (a synthetic phantom; "
-                    "the model was trained on real COVID-19 CT)",
-                    check.true_ggo_ml,
-                    check.measured_ggo_ml,
-                    check.dice,
-                )
-                if check.measured_lung_ml is not None:
-                    log.info(
-                        "demo: lungs true %.0f + %.0f mL (right + left), measured %.0f + %.0f mL",
-                        *check.true_lung_ml,
-                        *check.measured_lung_ml,
-                    )
-        if sys.stderr.isatty():
-            stderr_console.print(summary_table(result.outcomes))
-        if as_json:
-            summary = summary_json(result)
-            if check is not None:
-                summary["demo"] = {
-                    "true_ggo_ml": round(check.true_ggo_ml, 3),
-                    "measured_ggo_ml": round(check.measured_ggo_ml, 3),
-                    "dice": round(check.dice, 4),
-                    "true_lung_ml": [round(v, 1) for v in check.true_lung_ml],
-                    "measured_lung_ml": (
-                        [round(v, 1) for v in check.measured_lung_ml]
-                        if check.measured_lung_ml is not None
-                        else None
-                    ),
-                }
-            typer.echo(json.dumps(summary, indent=2))
-        else:
-            typer.echo(str(result.csv_path))
-        if code:
-            log.error("demo failed: %s", outcome.message or outcome.status.value)
-        return code
-
-    code = _guarded(body)
-    if code:
-        raise typer.Exit(code)
-
-
-@app.command()
-def info(
-    model: ModelOpt = None,
-    out: Annotated[
-        Path | None,
-        typer.Option("--out", "-o", help="Also check that this output folder is writable."),
-    ] = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Check this installation: versions, ONNX Runtime providers, DICOM decoders, the model's
-    integrity against its recorded sha256, and (with --out) write access.
-
-    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable.
-    """
-
-    def body() -> int:
-        from .info import collect_info, output_status
-
-        report: dict[str, Any] = collect_info(model or default_model_path())
-        if out is not None:
-            report["output_folder"] = output_status(out)
-        if as_json:
-            typer.echo(json.dumps(report, indent=2))
-        else:
-            for key, value in report.items():
-                typer.echo(f"{key}: {json.dumps(value)}")
-        if not report["model"].get("ok"):
-            return ModelError.exit_code
-        if out is not None and not report["output_folder"]["writable"]:
-            return OutputError.exit_code
-        return 0
-
-    code = _guarded(body)
-    if code:
-        raise typer.Exit(code)
+app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results", name="demo")(
+    guarded(demo_command)
+)
+app.command(name="info")(guarded(info_command))

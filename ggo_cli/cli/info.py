@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+import json
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from ..errors import GgoError
+import typer
+
+from ..config import default_model_path
+from ..errors import GgoError, ModelError, OutputError
+from .options import JsonOpt, ModelOpt
 
 TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
@@ -236,3 +241,32 @@ def output_status(folder: Path) -> dict[str, Any]:
     except GgoError as exc:
         return {"path": str(folder), "writable": False, "error": str(exc)}
     return {"path": str(folder), "writable": True}
+
+
+def info_command(
+    model: ModelOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Also check that this output folder is writable."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> int:
+    """Check this installation: versions, ONNX Runtime providers, DICOM decoders, the model's
+    integrity against its recorded sha256, and (with --out) write access.
+
+    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable.
+    """
+
+    report: dict[str, Any] = collect_info(model or default_model_path())
+    if out is not None:
+        report["output_folder"] = output_status(out)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for key, value in report.items():
+            typer.echo(f"{key}: {json.dumps(value)}")
+    if not report["model"].get("ok"):
+        return ModelError.exit_code
+    if out is not None and not report["output_folder"]["writable"]:
+        return OutputError.exit_code
+    return 0
