@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ggo_cli.synthetic.phantom import AIR_HU, LUNG_HU, SOFT_TISSUE_HU, Phantom
+from ggo_cli.synthetic.anatomy import AIR_HU, LUNG_HU, SOFT_TISSUE_HU
+from ggo_cli.synthetic.phantom import Phantom
 
 
 def make_cube_phantom(

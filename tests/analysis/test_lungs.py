@@ -18,12 +18,8 @@ from ggo_cli.dicom.discovery import discover_series
 from ggo_cli.dicom.volume import load_volume
 from ggo_cli.domain import CtVolume, Prediction, SeriesInfo
 from ggo_cli.errors import UnsupportedSeriesError
-from ggo_cli.synthetic.phantom import (
-    _LUNG_APEX,
-    _LUNG_BASE,
-    Phantom,
-    make_chest_phantom,
-)
+from ggo_cli.synthetic.anatomy import LUNG_APEX, LUNG_BASE
+from ggo_cli.synthetic.phantom import Phantom, make_chest_phantom
 from tests.dicom_factory import make_ct_series
 from tests.phantoms import make_cube_phantom
 from tests.shared_data import DCMQI_CT, require_shared
@@ -66,9 +62,9 @@ def _mm_grid(phantom: Phantom) -> tuple[npt.NDArray[np.float64], ...]:
 
 
 def _lung_height_mm(phantom: Phantom, fraction: float) -> float:
-    """z in mm at a fraction of the phantom's lung height (0 base, 1 apex; see phantom.py)."""
+    """z in mm at a fraction of the phantom's lung height (0 base, 1 apex; see synthetic/anatomy.py)."""
     length = phantom.hu.shape[0] * phantom.spacing_mm[0]
-    return float((fraction * (_LUNG_APEX - _LUNG_BASE) + _LUNG_BASE - 0.5) * length)
+    return float((fraction * (LUNG_APEX - LUNG_BASE) + LUNG_BASE - 0.5) * length)
 
 
 @pytest.fixture(scope="module")

@@ -13,22 +13,14 @@ from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from ggo_cli.errors import OutputError
+from ggo_cli.synthetic.anatomy import AIR_HU, CORTICAL_BONE_HU, FAT_HU, LUNG_HU
 from ggo_cli.synthetic.ct_writer import (
     SUPPORTED_TRANSFER_SYNTAXES,
     SeriesAttributes,
     transcode_file,
     write_ct_series,
 )
-from ggo_cli.synthetic.phantom import (
-    AIR_HU,
-    CORTICAL_BONE_HU,
-    FAT_HU,
-    GGO_HU_RANGE,
-    LUNG_HU,
-    GgoLesion,
-    Phantom,
-    make_chest_phantom,
-)
+from ggo_cli.synthetic.phantom import GGO_HU_RANGE, GgoLesion, Phantom, make_chest_phantom
 from tests.dciodvfy import dciodvfy_errors
 from tests.phantoms import make_cube_phantom
 
