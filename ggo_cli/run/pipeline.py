@@ -40,7 +40,7 @@ from ..domain import (
 )
 from ..errors import OutputError, SeriesError, UnsupportedSeriesError
 from ..host import release_freed_memory
-from ..writers.dicom_seg import check_source_headers
+from ..writers.seg_source import check_source_headers
 from .outputs import write_explanation, write_outputs
 from .result import ProgressSink
 

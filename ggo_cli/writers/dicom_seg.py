@@ -28,7 +28,7 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
 - Deterministic UIDs: SeriesInstanceUID and SOPInstanceUID are derived (``generate_uid`` with
   entropy sources) from the source SeriesInstanceUID, the model digest, the threshold and the
   SEG series number and description, so a rerun writes the same UIDs while any change in
-  content or series identity gets new ones.
+  content or series identity gets new ones (:mod:`ggo_cli.writers.seg_source`).
 - Transfer syntax Explicit VR Little Endian. BINARY pixels are always bit-packed (1 bit per
   pixel, about 32 KiB per 512 x 512 frame), so compression gains little; the only
   encapsulated syntax highdicom allows for BINARY is JPEG 2000, which many PACS and viewers
@@ -39,23 +39,20 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
 from __future__ import annotations
 
 import logging
-import re
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
 from pydicom import dcmwrite
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
 from ..analysis.masks import seg_masks
 from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
-from ..errors import InputError, OutputError, UnsupportedSeriesError
+from ..errors import OutputError
 from ..fsutil import OutputTree, atomic_write_path
 from ..onnx.model_info import ModelInfo
 from .seg_segments import (
@@ -64,6 +61,13 @@ from .seg_segments import (
     lung_descriptions,
     segment_descriptions,
 )
+from .seg_source import (
+    check_seg_series_options,
+    check_source_headers,
+    derive_seg_uids,
+    redact_source_values,
+    source_character_set,
+)
 from .seg_verify import verify_seg
 
 if TYPE_CHECKING:
@@ -71,9 +75,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "build_seg",
-    "check_seg_series_options",
-    "check_source_headers",
-    "derive_seg_uids",
     "verify_seg",
     "write_seg",
 ]
@@ -85,45 +86,6 @@ SEG_CONTENT_DESCRIPTION = "AI ground-glass opacity segmentation - research use o
 SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SEG_INSTANCE_NUMBER = 1
 
-REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
-    "SOPClassUID",
-    "SOPInstanceUID",
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "FrameOfReferenceUID",
-    "Modality",
-    "Rows",
-    "Columns",
-    "PixelSpacing",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-    # Type 2 attributes highdicom copies by attribute access (present, possibly empty):
-    "PatientID",
-    "PatientName",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-)
-"""Attributes every source header must have for a SEG to be built (values may be empty for
-the Type 2 ones; they are copied, never filled in)."""
-
-MAX_LO_CHARS = 64
-MAX_IS_VALUE = 2**31 - 1
-_UID_NAMESPACE = "ggo-cli/seg/v1"
-_MIN_REDACT_CHARS = 2
-_PHI_KEYWORDS = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "OtherPatientIDs",
-    "OtherPatientNames",
-    "ReferringPhysicianName",
-    "AccessionNumber",
-    "InstitutionName",
-)
 _BUILD_ERRORS = (ValueError, TypeError)
 
 
@@ -149,96 +111,6 @@ class _SegmentStack(np.ndarray):
         return super().sum(axis=axis, dtype=dtype, out=out, keepdims=keepdims, **kwargs)
 
 
-def check_seg_series_options(series_number: int, series_description: str) -> None:
-    """Check the configurable SEG SeriesNumber and SeriesDescription before any work is done.
-
-    Args:
-        series_number: SeriesNumber (IS): 1 to 2**31 - 1.
-        series_description: SeriesDescription (LO): up to 64 characters, no backslash or
-            control characters.
-
-    Raises:
-        InputError: naming the bad value and the limits.
-    """
-    if isinstance(series_number, bool) or not 1 <= series_number <= MAX_IS_VALUE:
-        raise InputError(
-            f"SEG series number must be an integer from 1 to {MAX_IS_VALUE}, got {series_number}"
-        )
-    if (
-        len(series_description) > MAX_LO_CHARS
-        or "\\" in series_description
-        or any(ord(ch) < 32 for ch in series_description)
-    ):
-        raise InputError(
-            f"SEG series description {series_description!r} must be at most {MAX_LO_CHARS} "
-            "characters without backslash or control characters"
-        )
-
-
-def check_source_headers(datasets: Sequence[Dataset], series_uid: str) -> None:
-    """Check that source headers carry every attribute a SEG needs (values not inspected).
-
-    Discovery or loading may call this early, so a series fails before inference.
-
-    Args:
-        datasets: the series' headers.
-        series_uid: SeriesInstanceUID, for the message.
-
-    Raises:
-        UnsupportedSeriesError: naming the missing keywords (never their values).
-    """
-    if not datasets:
-        raise UnsupportedSeriesError(f"series {series_uid}: no source headers to reference")
-    missing = sorted({kw for ds in datasets for kw in REQUIRED_SOURCE_KEYWORDS if kw not in ds})
-    if missing:
-        raise UnsupportedSeriesError(
-            f"series {series_uid}: source headers lack {', '.join(missing)}, required to write a "
-            "DICOM-SEG (Type 2 attributes may be empty but must be present); ggo-cli does not "
-            "fill in missing attributes"
-        )
-
-
-def derive_seg_uids(
-    source_series_uid: str,
-    model_sha256: str,
-    *,
-    threshold: float,
-    series_number: int,
-    series_description: str,
-    lung_segments: bool = False,
-) -> tuple[str, str]:
-    """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
-
-    Each UID is ``pydicom.uid.generate_uid`` (pydicom's root) over a SHA-512 of its entropy
-    sources: the source series, the model digest and everything else that changes the SEG's
-    content or series identity. Reruns therefore reproduce the UIDs, and PACS never receives two
-    different objects under one UID.
-
-    Args:
-        source_series_uid: SeriesInstanceUID of the CT.
-        model_sha256: the model's recorded graph digest.
-        threshold: probability threshold applied.
-        series_number: the SEG's SeriesNumber.
-        series_description: the SEG's SeriesDescription.
-        lung_segments: whether the SEG carries the lung segments (and GGO kept inside them).
-
-    Returns:
-        ``(series_instance_uid, sop_instance_uid)``.
-    """
-    common = [
-        _UID_NAMESPACE,
-        source_series_uid,
-        model_sha256,
-        repr(float(threshold)),
-        str(series_number),
-        series_description,
-    ]
-    if lung_segments:
-        common.append(f"lungs {__version__}")
-    series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
-    sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
-    return str(series_uid), str(sop_uid)
-
 
 def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) -> None:
     """Raise ``ValueError`` (a pipeline bug, not a user error) when arrays do not line up."""
@@ -255,39 +127,6 @@ def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) ->
         raise ValueError(f"volume has {volume.hu.shape} voxels but {n_slices} headers")
 
 
-def _redact(text: str, source: Dataset) -> str:
-    """Replace any patient-identifying source value quoted in ``text`` by ``***``."""
-    for keyword in _PHI_KEYWORDS:
-        value = source.get(keyword)
-        if value is None:
-            continue
-        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
-        for item in values:
-            whole = str(item).strip()
-            # a person name may also be quoted by component (family, given, ...)
-            parts = [whole, *re.split(r"[\^=]", whole)] if "^" in whole else [whole]
-            for part in sorted(parts, key=len, reverse=True):
-                if len(part.strip()) >= _MIN_REDACT_CHARS:
-                    text = text.replace(part.strip(), "***")
-    return text
-
-
-def _character_set(source: Dataset) -> str | list[str] | None:
-    """The source's Specific Character Set in a form highdicom accepts, meaning unchanged.
-
-    An empty value is the default repertoire, the same as no value at all; an empty first value
-    of several is ``ISO 2022 IR 6`` (DICOM PS3.3 C.12.1.1.2). highdicom rejects both empty
-    forms, which some scanners write.
-    """
-    value = source.get("SpecificCharacterSet")
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return value.strip() or None
-    values = [str(item).strip() for item in value]
-    if values and not values[0]:
-        values[0] = "ISO 2022 IR 6"
-    return values
 
 
 def build_seg(
@@ -362,19 +201,19 @@ def build_seg(
                 omit_empty_frames=False,
                 contributing_equipment=[algorithm_equipment(model)],
                 series_description=series_description,
-                specific_character_set=_character_set(volume.datasets[0]),
+                specific_character_set=source_character_set(volume.datasets[0]),
             )
         except _BUILD_ERRORS as exc:
             raise OutputError(
                 f"series {series_uid}: cannot build the DICOM-SEG: "
-                f"{_redact(str(exc), volume.datasets[0])}"
+                f"{redact_source_values(str(exc), volume.datasets[0])}"
             ) from exc
     for warning in caught:
         log.debug(
             "series %s: highdicom %s: %s",
             series_uid,
             warning.category.__name__,
-            _redact(str(warning.message), volume.datasets[0]),
+            redact_source_values(str(warning.message), volume.datasets[0]),
         )
     log.debug(
         "series %s: SEG %s built, %d frames, %d segments",

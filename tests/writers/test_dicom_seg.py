@@ -27,7 +27,12 @@ from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
 from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers import dicom_seg, seg_verify
-from ggo_cli.writers.dicom_seg import build_seg, derive_seg_uids, verify_seg, write_seg
+from ggo_cli.writers.dicom_seg import build_seg, verify_seg, write_seg
+from ggo_cli.writers.seg_source import (
+    derive_seg_uids,
+    redact_source_values,
+    source_character_set,
+)
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
 from tests.shared_data import DCMQI_SEG, require_shared
 from tests.writers.ct_data import blob_masks, make_model, stack_segments
@@ -481,7 +486,7 @@ def test_redaction_hides_patient_values_and_name_components() -> None:
     source = pydicom.Dataset()
     source.PatientName = "Doe^John"
     source.PatientID = "12345"
-    text = dicom_seg._redact('name "Doe^John", or Doe, John; id 12345', source)
+    text = redact_source_values('name "Doe^John", or Doe, John; id 12345', source)
     assert text == 'name "***", or ***, ***; id ***'
 
 
@@ -495,7 +500,7 @@ def test_empty_specific_character_set_means_default_repertoire(
     assert "SpecificCharacterSet" not in seg
     source = pydicom.Dataset()
     source.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
-    assert dicom_seg._character_set(source) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
+    assert source_character_set(source) == ["ISO 2022 IR 6", "ISO 2022 IR 87"]
 
 
 def _lungs_of(volume: CtVolume) -> LungMasks:

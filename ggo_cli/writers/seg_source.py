@@ -1,0 +1,197 @@
+"""What a ggo-cli SEG takes from its options and source series, checked before it is built.
+
+The SeriesNumber and SeriesDescription options and the source headers are checked first; the
+SEG's UIDs are derived deterministically from the source series, the model and the options; the
+source's Specific Character Set is carried over in a form highdicom accepts; and any patient
+value that highdicom quotes in a message is redacted before it is raised or logged.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from .. import __version__
+from ..errors import InputError, UnsupportedSeriesError
+
+REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "Modality",
+    "Rows",
+    "Columns",
+    "PixelSpacing",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    # Type 2 attributes highdicom copies by attribute access (present, possibly empty):
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+"""Attributes every source header must have for a SEG to be built (values may be empty for
+the Type 2 ones; they are copied, never filled in)."""
+
+MAX_LO_CHARS = 64
+MAX_IS_VALUE = 2**31 - 1
+_UID_NAMESPACE = "ggo-cli/seg/v1"
+_MIN_REDACT_CHARS = 2
+_PHI_KEYWORDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "ReferringPhysicianName",
+    "AccessionNumber",
+    "InstitutionName",
+)
+
+
+def check_seg_series_options(series_number: int, series_description: str) -> None:
+    """Check the configurable SEG SeriesNumber and SeriesDescription before any work is done.
+
+    Args:
+        series_number: SeriesNumber (IS): 1 to 2**31 - 1.
+        series_description: SeriesDescription (LO): up to 64 characters, no backslash or
+            control characters.
+
+    Raises:
+        InputError: naming the bad value and the limits.
+    """
+    if isinstance(series_number, bool) or not 1 <= series_number <= MAX_IS_VALUE:
+        raise InputError(
+            f"SEG series number must be an integer from 1 to {MAX_IS_VALUE}, got {series_number}"
+        )
+    if (
+        len(series_description) > MAX_LO_CHARS
+        or "\\" in series_description
+        or any(ord(ch) < 32 for ch in series_description)
+    ):
+        raise InputError(
+            f"SEG series description {series_description!r} must be at most {MAX_LO_CHARS} "
+            "characters without backslash or control characters"
+        )
+
+
+def check_source_headers(datasets: Sequence[Dataset], series_uid: str) -> None:
+    """Check that source headers carry every attribute a SEG needs (values not inspected).
+
+    Discovery or loading may call this early, so a series fails before inference.
+
+    Args:
+        datasets: the series' headers.
+        series_uid: SeriesInstanceUID, for the message.
+
+    Raises:
+        UnsupportedSeriesError: naming the missing keywords (never their values).
+    """
+    if not datasets:
+        raise UnsupportedSeriesError(f"series {series_uid}: no source headers to reference")
+    missing = sorted({kw for ds in datasets for kw in REQUIRED_SOURCE_KEYWORDS if kw not in ds})
+    if missing:
+        raise UnsupportedSeriesError(
+            f"series {series_uid}: source headers lack {', '.join(missing)}, required to write a "
+            "DICOM-SEG (Type 2 attributes may be empty but must be present); ggo-cli does not "
+            "fill in missing attributes"
+        )
+
+
+def derive_seg_uids(
+    source_series_uid: str,
+    model_sha256: str,
+    *,
+    threshold: float,
+    series_number: int,
+    series_description: str,
+    lung_segments: bool = False,
+) -> tuple[str, str]:
+    """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
+
+    Each UID is ``pydicom.uid.generate_uid`` (pydicom's root) over a SHA-512 of its entropy
+    sources: the source series, the model digest and everything else that changes the SEG's
+    content or series identity. Reruns therefore reproduce the UIDs, and PACS never receives two
+    different objects under one UID.
+
+    Args:
+        source_series_uid: SeriesInstanceUID of the CT.
+        model_sha256: the model's recorded graph digest.
+        threshold: probability threshold applied.
+        series_number: the SEG's SeriesNumber.
+        series_description: the SEG's SeriesDescription.
+        lung_segments: whether the SEG carries the lung segments (and GGO kept inside them).
+
+    Returns:
+        ``(series_instance_uid, sop_instance_uid)``.
+    """
+    common = [
+        _UID_NAMESPACE,
+        source_series_uid,
+        model_sha256,
+        repr(float(threshold)),
+        str(series_number),
+        series_description,
+    ]
+    if lung_segments:
+        common.append(f"lungs {__version__}")
+    series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
+    sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
+    return str(series_uid), str(sop_uid)
+
+def redact_source_values(text: str, source: Dataset) -> str:
+    """Replace any patient-identifying source value quoted in ``text`` by ``***``.
+
+    Args:
+        text: a message, e.g. highdicom's, that may quote source values.
+        source: the source header whose patient values are looked for.
+
+    Returns:
+        ``text`` with every such value (and each component of a person name) replaced.
+    """
+    for keyword in _PHI_KEYWORDS:
+        value = source.get(keyword)
+        if value is None:
+            continue
+        values = value if isinstance(value, Sequence) and not isinstance(value, str) else [value]
+        for item in values:
+            whole = str(item).strip()
+            # a person name may also be quoted by component (family, given, ...)
+            parts = [whole, *re.split(r"[\^=]", whole)] if "^" in whole else [whole]
+            for part in sorted(parts, key=len, reverse=True):
+                if len(part.strip()) >= _MIN_REDACT_CHARS:
+                    text = text.replace(part.strip(), "***")
+    return text
+
+
+def source_character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set in a form highdicom accepts, meaning unchanged.
+
+    An empty value is the default repertoire, the same as no value at all; an empty first value
+    of several is ``ISO 2022 IR 6`` (DICOM PS3.3 C.12.1.1.2). highdicom rejects both empty
+    forms, which some scanners write.
+
+    Args:
+        source: a source header.
+
+    Returns:
+        The value to pass to highdicom, or ``None`` for the default repertoire.
+    """
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value.strip() or None
+    values = [str(item).strip() for item in value]
+    if values and not values[0]:
+        values[0] = "ISO 2022 IR 6"
+    return values
