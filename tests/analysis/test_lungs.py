@@ -62,7 +62,7 @@ def _mm_grid(phantom: Phantom) -> tuple[npt.NDArray[np.float64], ...]:
 
 
 def _lung_height_mm(phantom: Phantom, fraction: float) -> float:
-    """z in mm at a fraction of the phantom's lung height (0 base, 1 apex; see synthetic/anatomy.py)."""
+    """z in mm at a fraction of the phantom's lung height (0 base, 1 apex; see anatomy.py)."""
     length = phantom.hu.shape[0] * phantom.spacing_mm[0]
     return float((fraction * (LUNG_APEX - LUNG_BASE) + LUNG_BASE - 0.5) * length)
 
