@@ -88,8 +88,8 @@ def main() -> int:
     import numpy as np
     import onnxruntime as ort
 
-    from ggo_cli.cli.info import cpu_features
     from ggo_cli.config import default_model_path
+    from ggo_cli.host import cpu_features
     from ggo_cli.onnx.int8_recipes import load_int8_spec
     from ggo_cli.onnx.model_info import load_model_info
     from ggo_cli.onnx.precision import graph_digest, quantize_int8

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from ggo_cli.analysis.lungs import segment_lungs  # noqa: E402
 from ggo_cli.dicom.discovery import discover_series  # noqa: E402
-from ggo_cli.dicom.volume import load_volume, usable_cores  # noqa: E402
+from ggo_cli.dicom.volume import load_volume  # noqa: E402
+from ggo_cli.host import usable_cores  # noqa: E402
 
 
 def main() -> int:

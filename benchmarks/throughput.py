@@ -50,8 +50,8 @@ sys.path.insert(0, str(ROOT))
 
 from ggo_cli.analysis.preprocessing import preprocess_hu  # noqa: E402
 from ggo_cli.analysis.segmenter import OnnxSegmenter  # noqa: E402
-from ggo_cli.cli.info import cpu_features  # noqa: E402
 from ggo_cli.config import default_model_path  # noqa: E402
+from ggo_cli.host import cpu_features  # noqa: E402
 from ggo_cli.onnx.model_info import load_model_info  # noqa: E402
 from ggo_cli.synthetic.ct_writer import (  # noqa: E402
     SUPPORTED_TRANSFER_SYNTAXES,

@@ -38,8 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from ggo_cli.cli.info import cpu_features
 from ggo_cli.errors import InputError
+from ggo_cli.host import cpu_features
 from ggo_cli.onnx.int8_recipes import (
     INT8_SPEC_FORMAT,
     INT8_SPEC_FORMAT_1,

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK
 
-from ..dicom.volume import usable_cores
+from ..host import usable_cores
 
 # SimpleITK ships without type hints: calls go through an Any alias, so that mypy --strict
 # still checks everything around them.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import platform
 from importlib import metadata
@@ -47,36 +46,6 @@ _PACKAGES = (
     "typer",
     "rich",
 )
-
-
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-"""Vector extensions that decide int8 and bf16 inference speed."""
-
-
-@functools.lru_cache(maxsize=1)
-def read_cpuinfo() -> tuple[str, frozenset[str] | None]:
-    """This CPU's model name and all its feature flags, from Linux ``/proc/cpuinfo`` (read
-    once a process; ``("", None)`` elsewhere, flags ``None`` when no flags line was found).
-    The first processor's entry speaks for all."""
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith(("flags", "Features")):  # Features: ARM
-                return model, frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return model, None
-
-
-def cpu_features() -> dict[str, Any]:
-    """The CPU's model name and which of :data:`CPU_FLAGS` it has (Linux; ``{}`` elsewhere)."""
-    model, flags = read_cpuinfo()
-    found: dict[str, Any] = {"model": model} if model else {}
-    if flags is not None:
-        found["flags"] = [f for f in CPU_FLAGS if f in flags]
-    return found
 
 
 def decoder_status() -> dict[str, list[str]]:
@@ -188,7 +157,7 @@ def collect_info(model_path: Path) -> dict[str, Any]:
     """
     import onnxruntime as ort
 
-    from ..onnx.runtime import _nvidia_gpu_visible
+    from ..host import nvidia_gpu_visible
 
     versions = {"python": platform.python_version()}
     for name in _PACKAGES:
@@ -200,7 +169,7 @@ def collect_info(model_path: Path) -> dict[str, Any]:
         "versions": versions,
         "platform": platform.platform(),
         "onnxruntime_providers": ort.get_available_providers(),
-        "nvidia_gpu_visible": _nvidia_gpu_visible(),
+        "nvidia_gpu_visible": nvidia_gpu_visible(),
         "decoders": decoder_status(),
         "host": host_status(),
         "model": model_status(model_path),
@@ -211,25 +180,19 @@ def host_status() -> dict[str, Any]:
     """Cores and memory, and the ``--jobs`` that ``segment`` would choose for 300-slice series
     with ``--device auto`` (see :func:`ggo_cli.run.series_pool.jobs_for`)."""
     from ..config import DeviceRequest
-    from ..dicom.volume import usable_cores
-    from ..run.series_pool import available_memory_bytes, gpu_memory_bytes, jobs_for
+    from ..host import available_memory_bytes, gpu_memory_bytes, nvidia_gpu_visible, usable_cores
+    from ..run.series_pool import jobs_for
 
     memory = available_memory_bytes()
     status: dict[str, Any] = {
         "usable_cores": usable_cores(),
         "memory_available_gib": None if memory is None else round(memory / 2**30, 1),
     }
-    if _gpu_visible():
+    if nvidia_gpu_visible():
         gpu = gpu_memory_bytes(0)
         status["gpu0_memory_gib"] = None if gpu is None else round(gpu / 2**30, 1)
     status["auto_jobs_300_slices"] = jobs_for(DeviceRequest(), largest_slices=300)
     return status
-
-
-def _gpu_visible() -> bool:
-    from ..onnx.runtime import _nvidia_gpu_visible
-
-    return _nvidia_gpu_visible()
 
 
 def output_status(folder: Path) -> dict[str, Any]:

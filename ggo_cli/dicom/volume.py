@@ -150,38 +150,9 @@ PIXEL_READ_SLACK_BYTES = 64 << 10
 for decoding (lossless JPEG 2000 of noise can be a little larger than the raw pixels)."""
 
 
-MAX_DECODE_WORKERS = 8
 DECODE_CHUNK_SLICES = 8
 MIN_POOL_SLICES = 32
 """Smaller series decode in the calling thread: starting worker processes costs more."""
-
-
-_core_budget: int | None = None
-
-
-def set_core_budget(cores: int | None) -> None:
-    """Cap :func:`usable_cores` in this process (a ``--jobs`` worker's share); ``None``: no cap."""
-    global _core_budget
-    _core_budget = None if cores is None else max(1, cores)
-
-
-def core_budget() -> int | None:
-    """The cap set by :func:`set_core_budget`, or ``None``."""
-    return _core_budget
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS has one, within the
-    process's budget), at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    return cores if _core_budget is None else min(cores, _core_budget)
-
-
-def default_decode_workers() -> int:
-    """Worker processes for decoding: one per usable core (at most 8); 0 on a single core."""
-    cores = usable_cores()
-    return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
 
 
 def _decode_file(task: tuple[str, str, int]) -> HuArray:

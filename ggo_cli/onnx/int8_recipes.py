@@ -191,6 +191,6 @@ def load_int8_spec(model: ModelInfo) -> Int8Spec | None:
 
 def cpu_flag_set() -> set[str]:
     """All of this CPU's feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
-    from ..cli.info import read_cpuinfo
+    from ..host import read_cpuinfo
 
     return set(read_cpuinfo()[1] or ())

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..config import DeviceKind
 from ..config import DeviceRequest as DeviceRequest  # re-exported: onnx.variants, variant_check
-from ..dicom.volume import core_budget, usable_cores
 from ..errors import DeviceError, ModelError
+from ..host import core_budget, nvidia_gpu_visible, usable_cores
 from ..scratch import sweep_scratch
 
 log = logging.getLogger(__name__)
@@ -49,39 +47,9 @@ def disable_ort_telemetry() -> None:
 disable_ort_telemetry()
 
 
-def _nvidia_gpu_visible() -> bool:
-    """Cheap check for an NVIDIA driver, so ``auto`` never makes ORT try (and log) CUDA in vain."""
-    if sys.platform.startswith("linux"):
-        gpus = Path("/proc/driver/nvidia/gpus")
-        return gpus.is_dir() and any(gpus.iterdir())
-    return True  # elsewhere let ONNX Runtime decide; its choice is read back anyway
-
-
 def _is_oom(exc: Exception) -> bool:
     text = str(exc).lower()
     return any(marker in text for marker in _OOM_MARKERS)
-
-
-def nvidia_smi_query(fields: str, index: int) -> str | None:
-    """``nvidia-smi --query-gpu=<fields>`` (shipped with the driver) of GPU ``index``: its
-    first CSV line without header or units, or ``None`` when it cannot be read."""
-    try:
-        done = subprocess.run(
-            [
-                "nvidia-smi",
-                f"--query-gpu={fields}",
-                "--format=csv,noheader,nounits",
-                "-i",
-                str(index),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return done.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 def cuda_wanted(request: DeviceRequest) -> bool:
@@ -91,7 +59,7 @@ def cuda_wanted(request: DeviceRequest) -> bool:
     return request.kind == DeviceKind.CUDA or (
         request.kind == DeviceKind.AUTO
         and CUDA_PROVIDER in ort.get_available_providers()
-        and _nvidia_gpu_visible()
+        and nvidia_gpu_visible()
     )
 
 

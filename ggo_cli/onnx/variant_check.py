@@ -43,17 +43,12 @@ import numpy.typing as npt
 from ..config import DeviceKind
 from ..errors import OutputError
 from ..fsutil import atomic_write_text
+from ..host import nvidia_smi_query
 from ..scratch import lock_exclusive
 from .int8_recipes import cpu_flag_set
 from .model_info import INPUT_NAME, OUTPUT_NAME, ModelInfo
 from .reference_slices import REFERENCE_SET_NAME, ReferenceSet, load_reference_set
-from .runtime import (
-    CUDA_PROVIDER,
-    DeviceRequest,
-    create_session,
-    nvidia_smi_query,
-    run_in_batches,
-)
+from .runtime import CUDA_PROVIDER, DeviceRequest, create_session, run_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +206,7 @@ def machine_identity(on_cuda: bool, device_index: int = 0) -> dict[str, str]:
     """What identifies this machine's arithmetic: CPU model and flags, GPU, ONNX Runtime."""
     import onnxruntime as ort
 
-    from ..cli.info import read_cpuinfo
+    from ..host import read_cpuinfo
 
     cpu_model = read_cpuinfo()[0] or platform.processor() or platform.machine()
     flags = " ".join(sorted(cpu_flag_set()))

@@ -44,12 +44,12 @@ from typing import Any
 import SimpleITK
 
 from ..config import DeviceRequest, RunConfig
-from ..dicom.volume import set_core_budget, usable_cores
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from ..host import available_memory_bytes, gpu_memory_bytes, set_core_budget, usable_cores
 from ..logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo
-from ..onnx.runtime import cuda_wanted, nvidia_smi_query
+from ..onnx.runtime import cuda_wanted
 from ..onnx.sessions import Sessions
 from .pipeline import now_utc, process_series
 from .result import SessionSummary
@@ -91,28 +91,6 @@ def summarize(sessions: Sessions) -> SessionSummary | None:
         segmenter.int8_recipe,
         segmenter.variant_check.to_dict() if segmenter.variant_check is not None else None,
     )
-
-
-def available_memory_bytes() -> int | None:
-    """``MemAvailable`` from ``/proc/meminfo`` (Linux), else ``None``."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def gpu_memory_bytes(index: int) -> int | None:
-    """Total memory of NVIDIA GPU ``index`` from ``nvidia-smi`` (shipped with the driver), or
-    ``None`` when it cannot be read."""
-    total_mib = nvidia_smi_query("memory.total", index)
-    try:
-        return int(float(total_mib)) << 20 if total_mib is not None else None
-    except ValueError:
-        return None
 
 
 def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:

@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..dicom.volume import DecodePool, default_decode_workers
+from ..dicom.volume import DecodePool
 from ..domain import SeriesInfo, SeriesOutcome
+from ..host import default_decode_workers
 from .pipeline import PreparedSeries, VolumeSource, compute_series, prepare_series, write_series
 from .plan import RunPlan
 from .result import ProgressSink
