@@ -1,10 +1,7 @@
-"""Atomic file output: write to a hidden temporary file beside the target, then rename.
+"""The output folder: file and folder modes, links refused, write errors as ``OutputError``.
 
-PACS folder watchers and users must never see a half-written SEG, CSV or PNG (STYLE.md
-section 8). Every output therefore goes to ``.<name>.<random>.tmp`` in the destination folder
-(same file system, so the rename is atomic), is flushed with ``fsync``, moved into place with
-:func:`os.replace` and made durable by an ``fsync`` of the folder. On any failure the temporary
-file is removed and an existing file at the destination is left untouched.
+Files are written atomically by :mod:`ggo_cli.atomic_output`, through the rules here (STYLE.md
+section 8).
 
 **Links and permissions.** ggo-cli often runs as root from cron, writing into a folder that
 other accounts may be able to write to, so nothing below ``--out`` is trusted:
@@ -40,8 +37,6 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,11 +55,11 @@ GROUP_FILE_MODE = 0o640
 """File mode with ``--group-readable`` (read access for the folder's group, e.g. a PACS group)."""
 GROUP_DIR_MODE = 0o750
 """Folder mode with ``--group-readable``."""
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+"""``os.O_NOFOLLOW`` where the platform has it (0 elsewhere): open no symbolic link."""
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-# Folder fsync is impossible on some file systems, or on a write-only (-wx) folder: skip it.
-_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EISDIR, errno.EACCES}
+CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+"""``os.O_CLOEXEC`` where the platform has it (0 elsewhere): no descriptor leaks to children."""
 
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 _HINTS = {
@@ -111,13 +106,23 @@ def output_error(exc: OSError, path: Path, action: str = "write") -> OutputError
     return OutputError(f"cannot {action} {path}: {hint}", fatal=code in _FATAL_ERRNOS)
 
 
-def _create_temp(final: Path, mode: int = FILE_MODE) -> Path:
+def create_temp_file(final: Path, mode: int = FILE_MODE) -> Path:
     """Create a new, empty, uniquely named hidden temp file beside ``final`` with ``mode``.
 
     ``O_EXCL | O_NOFOLLOW``: never opens an existing file or a link; the mode is set with
     ``fchmod`` so that the umask cannot change it.
+
+    Args:
+        final: the file the temporary one will become; it is named ``.<name>.<hex>.tmp``.
+        mode: the temporary file's mode.
+
+    Returns:
+        The temporary file's path.
+
+    Raises:
+        OSError: the file cannot be created (``FileExistsError`` when no free name is found).
     """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _CLOEXEC
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | NOFOLLOW | CLOEXEC
     for _ in range(_CREATE_ATTEMPTS):
         temp = final.with_name(f"{TEMP_PREFIX}{final.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
         try:
@@ -132,45 +137,6 @@ def _create_temp(final: Path, mode: int = FILE_MODE) -> Path:
         return temp
     raise FileExistsError(errno.EEXIST, "could not find a free temporary file name", str(final))
 
-
-def _fsync_file(path: Path) -> None:
-    """Flush a file's data and metadata to stable storage."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable; a no-op where folders cannot be synced (Windows)."""
-    if os.name == "nt":
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as exc:
-        if exc.errno in _DIR_FSYNC_UNSUPPORTED:
-            log.debug("cannot open folder %s to fsync it: %s", folder, exc)
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems (network mounts, FUSE) refuse fsync on a folder; the file itself
-        # is already synced and in place, so this only weakens crash durability.
-        if exc.errno not in _DIR_FSYNC_UNSUPPORTED:
-            raise
-        log.debug("fsync of folder %s not supported: %s", folder, exc)
-    finally:
-        os.close(fd)
-
-
-def _remove_quietly(path: Path) -> None:
-    """Remove a temp file after a failure; a failure to remove is logged, not raised."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("could not remove temporary file %s: %s", path, exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,7 +260,7 @@ def _make_folder(path: Path, mode: int) -> None:
     if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
         return
     try:
-        fd = os.open(path, os.O_RDONLY | _DIRECTORY | _NOFOLLOW | _CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | _DIRECTORY | NOFOLLOW | CLOEXEC)
     except OSError as exc:
         raise output_error(exc, path, "open folder") from exc
     try:
@@ -337,7 +303,7 @@ def set_file_mode(path: Path, mode: int) -> None:
     if not hasattr(os, "fchmod"):  # pragma: no cover - Windows
         return
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
         try:
             os.fchmod(fd, mode)
         finally:
@@ -373,101 +339,9 @@ def ensure_writable_dir(folder: Path, *, group_readable: bool = False) -> Path:
                 raise output_error(exc, folder, "set the permissions of") from exc
     probe = folder / "write-probe"
     try:
-        _create_temp(probe).unlink()
+        create_temp_file(probe).unlink()
     except OSError as exc:
         error = output_error(exc, folder, "write into folder")
         error.fatal = True
         raise error from exc
     return folder
-
-
-@contextmanager
-def atomic_write_path(final: Path, *, tree: OutputTree | None = None) -> Iterator[Path]:
-    """Yield a temporary path to write; on success it atomically becomes ``final``.
-
-    The temporary file is created empty (mode ``0600``, or the tree's file mode; the umask
-    plays no part) with ``O_EXCL | O_NOFOLLOW`` in ``final``'s folder, named
-    ``.<final name>.<random hex>.tmp``. Write it by path (``open(tmp, "wb")``,
-    ``dataset.save_as(tmp)``, ``image.save(tmp)``). When the block ends normally, the file is
-    fsynced, renamed over ``final`` with :func:`os.replace`, and the folder is fsynced. When the
-    block raises, the temporary file is removed and ``final`` (if it existed) is unchanged.
-
-    Args:
-        final: the destination file; missing parent folders are created.
-        tree: the output folder ``final`` lies in: its folders are checked for links
-            (:class:`OutputTree`) and the file gets the tree's mode.
-
-    Yields:
-        The temporary path to write.
-
-    Raises:
-        OutputError: creating, writing, syncing or renaming failed with an ``OSError`` (full
-            disk, read-only file system, permission denied...); the message names ``final``.
-            ``fatal`` for a link inside the output folder. Other exceptions from the block
-            propagate unchanged (after clean-up).
-    """
-    final = Path(final)
-    if tree is not None:
-        tree.file(final)
-    else:
-        ensure_folder(final.parent)
-    try:
-        temp = _create_temp(final, FILE_MODE if tree is None else tree.file_mode)
-    except OSError as exc:
-        raise output_error(exc, final) from exc
-    try:
-        yield temp
-        _fsync_file(temp)
-        os.replace(temp, final)
-    except OSError as exc:
-        _remove_quietly(temp)
-        raise output_error(exc, final) from exc
-    except BaseException:
-        _remove_quietly(temp)
-        raise
-    try:
-        _fsync_dir(final.parent)
-    except OSError as exc:
-        raise output_error(exc, final, "sync the folder of") from exc
-    log.debug("wrote %s", final)
-
-
-def atomic_write_bytes(final: Path, data: bytes, *, tree: OutputTree | None = None) -> Path:
-    """Write ``data`` to ``final`` atomically (see :func:`atomic_write_path`).
-
-    Args:
-        final: the destination file.
-        data: the complete content.
-        tree: the output folder (links refused, its file mode).
-
-    Returns:
-        ``final``.
-
-    Raises:
-        OutputError: the file cannot be written.
-    """
-    with atomic_write_path(final, tree=tree) as temp:
-        fd = os.open(temp, os.O_WRONLY | os.O_TRUNC | _NOFOLLOW | _CLOEXEC)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-    return final
-
-
-def atomic_write_text(
-    final: Path, text: str, *, encoding: str = "utf-8", tree: OutputTree | None = None
-) -> Path:
-    """Write ``text`` to ``final`` atomically, with no newline translation.
-
-    Args:
-        final: the destination file.
-        text: the complete content; line endings are written exactly as given.
-        encoding: text encoding.
-        tree: the output folder (links refused, its file mode).
-
-    Returns:
-        ``final``.
-
-    Raises:
-        OutputError: the file cannot be written.
-    """
-    return atomic_write_bytes(final, text.encode(encoding), tree=tree)

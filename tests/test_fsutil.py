@@ -8,14 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from ggo_cli.atomic_output import atomic_write_bytes, atomic_write_path, atomic_write_text
 from ggo_cli.errors import OutputError
-from ggo_cli.fsutil import (
-    OutputTree,
-    atomic_write_bytes,
-    atomic_write_path,
-    atomic_write_text,
-    ensure_writable_dir,
-)
+from ggo_cli.fsutil import OutputTree, ensure_writable_dir
 
 
 def _names(folder: Path) -> list[str]:
@@ -104,7 +99,7 @@ def test_failed_rename_keeps_old_file(
     def failing_replace(src: object, dst: object) -> None:
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr("ggo_cli.fsutil.os.replace", failing_replace)
+    monkeypatch.setattr("ggo_cli.atomic_output.os.replace", failing_replace)
     with pytest.raises(OutputError, match=match) as caught:
         atomic_write_text(target, "new")
     assert caught.value.fatal is fatal
@@ -208,7 +203,7 @@ def test_ensure_writable_dir_reports_unwritable_folder_as_fatal(
     def refuse(final: Path) -> Path:
         raise PermissionError(errno.EACCES, "Permission denied", str(final))
 
-    monkeypatch.setattr("ggo_cli.fsutil._create_temp", refuse)
+    monkeypatch.setattr("ggo_cli.fsutil.create_temp_file", refuse)
     with pytest.raises(
         OutputError, match=r"cannot write into folder .*results: permission"
     ) as caught:

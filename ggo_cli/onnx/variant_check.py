@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ..atomic_output import atomic_write_text
 from ..config import DeviceKind
 from ..errors import OutputError
-from ..fsutil import atomic_write_text
 from ..host import nvidia_smi_query
 from ..scratch import lock_exclusive
 from .int8_recipes import cpu_flag_set

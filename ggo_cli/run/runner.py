@@ -20,10 +20,11 @@ from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
+from ..atomic_output import atomic_write_text
 from ..config import MANIFEST_NAME, RunConfig
 from ..dicom.discovery import discover_series
 from ..domain import SeriesInfo, SeriesOutcome
-from ..fsutil import TEMP_PREFIX, TEMP_SUFFIX, atomic_write_text, ensure_writable_dir
+from ..fsutil import TEMP_PREFIX, TEMP_SUFFIX, ensure_writable_dir
 from ..onnx.model_info import ModelInfo, load_model_info
 from .lock import RunLock
 from .manifest import build_manifest

@@ -36,8 +36,8 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from ..atomic_output import atomic_write_path
 from ..errors import OutputError
-from ..fsutil import atomic_write_path
 from .phantom import Phantom
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def transcode_file(src: Path, dst: Path, transfer_syntax_uid: str, *, verify: bo
     first); JPEG Lossless (.57, .70) and JPEG 2000 (.91, written reversibly) go through
     python-gdcm, which pydicom cannot encode. The SOPInstanceUID is kept: lossless transcoding
     does not make a new instance (PS3.5 section 8.2). ``dst`` may be ``src``; it is written
-    atomically (``fsutil.atomic_write_path``).
+    atomically (``atomic_output.atomic_write_path``).
 
     Args:
         src: the file to read.

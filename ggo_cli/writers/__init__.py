@@ -1,6 +1,6 @@
 """Output writers: DICOM-SEG (highdicom), the CSV of GGO volumes and overlay PNGs (Pillow).
 
-Every writer is atomic (:mod:`ggo_cli.fsutil`) and raises :class:`ggo_cli.errors.OutputError`
+Every writer is atomic (:mod:`ggo_cli.atomic_output`) and raises :class:`ggo_cli.errors.OutputError`
 when its output cannot be written or fails its read-back check.
 """
 

@@ -50,10 +50,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
 from ..analysis.masks import seg_masks
+from ..atomic_output import atomic_write_path
 from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
 from ..errors import OutputError
-from ..fsutil import OutputTree, atomic_write_path
+from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
 from .seg_segments import (
     SEG_MANUFACTURER,

@@ -25,8 +25,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..analysis.explainer import Explanation
 from ..analysis.preprocessing import window_hu
+from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
-from ..fsutil import OutputTree, atomic_write_path, ensure_folder
+from ..fsutil import OutputTree, ensure_folder
 from .overlay_png import BACKGROUND_RGB, LABEL_PX, TEXT_RGB, render_slice, slice_png_name
 
 log = logging.getLogger(__name__)

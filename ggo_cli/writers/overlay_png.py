@@ -23,8 +23,9 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from ..analysis.preprocessing import window_hu
+from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
-from ..fsutil import OutputTree, atomic_write_path, ensure_folder
+from ..fsutil import OutputTree, ensure_folder
 
 log = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..analysis.quality import format_flags
+from ..atomic_output import atomic_write_text
 from ..domain import SeriesOutcome
-from ..fsutil import atomic_write_text
 from ..logs import escape_control
 
 log = logging.getLogger(__name__)

@@ -199,7 +199,7 @@ def test_the_readme_schedules_still_settle(tmp_path: Path, band_model_path: Path
 def test_disk_full_is_a_clean_output_error(
     tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ggo_cli.fsutil
+    import ggo_cli.atomic_output
 
     root, _ = _studies(tmp_path, 2)
     out = tmp_path / "out"
@@ -207,7 +207,7 @@ def test_disk_full_is_a_clean_output_error(
     def full(src: str, dst: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ggo_cli.fsutil.os, "replace", full)
+    monkeypatch.setattr(ggo_cli.atomic_output.os, "replace", full)
     result = _segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 6, result.output
     assert "no space left on device" in result.stderr
