@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from ggo_cli.errors import DeviceError
-from tests.training.conftest import tiny_config
 from training.checkpoints import load_checkpoint
 from training.cli import main
-from training.config import AugmentConfig
-from training.loop import TrainResult, autocast_dtype, select_device, train
+from training.loop import TrainResult, autocast_dtype, select_device
 
 
 def test_two_epochs_lower_the_training_loss(tiny_run: TrainResult) -> None:
@@ -39,56 +37,6 @@ def test_run_writes_checkpoints_split_and_metrics(tiny_run: TrainResult) -> None
     fp16 = load_checkpoint(run / "best_fp16.pt")
     assert fp16["model_state"]["head.weight"].dtype == torch.float16
     assert (run / "best_fp16.pt").stat().st_size < 0.6 * (run / "best.pt").stat().st_size
-
-
-def test_resume_continues_exactly_where_it_stopped(tiny_npz: Path, tmp_path: Path) -> None:
-    common = {"arch": "densenet121-unet", "size": 32, "augment": AugmentConfig()}
-    straight = train(tiny_config(tiny_npz, tmp_path / "a", epochs=2, **common), progress=False)
-    train(tiny_config(tiny_npz, tmp_path / "b", epochs=1, **common), progress=False)
-    resumed = train(
-        tiny_config(tiny_npz, tmp_path / "b", epochs=2, **common),
-        resume=tmp_path / "b" / "last.pt",
-        progress=False,
-    )
-    assert resumed.epochs_run == 2 and len(resumed.history) == 2
-    a = load_checkpoint(straight.last_path)["model_state"]
-    b = load_checkpoint(resumed.last_path)["model_state"]
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=key)
-    rows = list(csv.DictReader((tmp_path / "b" / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2]
-
-
-def test_cli_train_prints_the_result_as_json(
-    tiny_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "cli"
-    code = main(
-        [
-            "train",
-            "--arch",
-            "densenet121-unet",
-            "--data",
-            str(tiny_npz),
-            "--out",
-            str(out),
-            "--size",
-            "32",
-            "--epochs",
-            "1",
-            "--batch-size",
-            "4",
-            "--device",
-            "cpu",
-            "--amp",
-            "bf16",
-            "--no-progress",
-            "-q",
-        ]
-    )
-    assert code == 0
-    result = json.loads(capsys.readouterr().out)
-    assert result["epochs_run"] == 1 and Path(result["best"]).is_file()
 
 
 def test_cli_train_without_data_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
