@@ -19,6 +19,7 @@ import logging
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -27,36 +28,54 @@ log = logging.getLogger(__name__)
 
 
 MAX_DECODE_WORKERS = 8
-"""Most decode processes by default (:func:`default_decode_workers`)."""
+"""Most decode processes by default (:attr:`HostLimits.decode_workers`)."""
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 """Vector extensions that decide int8 and bf16 inference speed."""
 
-_core_budget: int | None = None
-
-
-def set_core_budget(cores: int | None) -> None:
-    """Cap :func:`usable_cores` in this process (a ``--jobs`` worker's share); ``None``: no cap."""
-    global _core_budget
-    _core_budget = None if cores is None else max(1, cores)
-
-
-def core_budget() -> int | None:
-    """The cap set by :func:`set_core_budget`, or ``None``."""
-    return _core_budget
-
 
 def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity where the OS has one, within the
-    process's budget), at least 1."""
+    """CPU cores this process may run on (its affinity where the OS has one), at least 1."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cores = cores or 1
-    return cores if _core_budget is None else min(cores, _core_budget)
+    return cores or 1
 
 
-def default_decode_workers() -> int:
-    """Worker processes for decoding: one per usable core (at most 8); 0 on a single core."""
-    cores = usable_cores()
-    return 0 if cores < 2 else min(cores, MAX_DECODE_WORKERS)
+@dataclass(frozen=True, slots=True)
+class HostLimits:
+    """The CPU cores one process of a run may use: computed once by the runner (or, in a
+    ``--jobs`` worker, its share) and passed to the decode pool, the lung mask and ONNX
+    Runtime's sessions.
+
+    Attributes:
+        cores: cores for this process's work, at least 1 (threads of the lung mask and of
+            slice-by-slice work; decode processes).
+        shared: ``cores`` is this process's share of the host (a ``--jobs`` worker): ONNX
+            Runtime's CPU sessions then run on as many threads; otherwise they keep ONNX
+            Runtime's own default.
+    """
+
+    cores: int
+    shared: bool = False
+
+    @classmethod
+    def of_this_process(cls) -> HostLimits:
+        """Every usable core of this process (:func:`usable_cores`), not shared."""
+        return cls(usable_cores())
+
+    def share(self, jobs: int) -> HostLimits:
+        """One of ``jobs`` worker processes' equal share of these cores (at least 1)."""
+        return HostLimits(max(1, self.cores // jobs), shared=True)
+
+    @property
+    def decode_workers(self) -> int:
+        """Worker processes for decoding: one per core (at most :data:`MAX_DECODE_WORKERS`);
+        0 on a single core."""
+        return 0 if self.cores < 2 else min(self.cores, MAX_DECODE_WORKERS)
+
+    @property
+    def intra_op_threads(self) -> int | None:
+        """ONNX Runtime's intra-op threads for a CPU session: ``cores`` when shared, else
+        ``None`` (ONNX Runtime's default)."""
+        return self.cores if self.shared else None
 
 
 def available_memory_bytes() -> int | None:

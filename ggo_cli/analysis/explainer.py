@@ -252,6 +252,8 @@ class OnnxExplainer(OnnxSessionBase):
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch; ``None`` picks 16 on CUDA and 4 on CPU.
         layer: target layer; ``None`` takes the graph's default.
+        intra_op_threads: threads of its CPU session (a ``--jobs`` worker's share,
+            :attr:`ggo_cli.host.HostLimits.intra_op_threads`); ``None``: ONNX Runtime's default.
 
     Raises:
         InputError: unknown layer, bad device or batch size.
@@ -267,6 +269,7 @@ class OnnxExplainer(OnnxSessionBase):
         device: str | DeviceRequest = "auto",
         batch_size: int | None = None,
         layer: str | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
         if explain.model_sha256 != model.recorded_sha256:
             raise ModelError(f"explain graph {explain.path.name} pairs with another model")
@@ -284,6 +287,7 @@ class OnnxExplainer(OnnxSessionBase):
             request,
             cuda_options=CUDA_OPTIONS,
             model_bytes=layer_subgraph(explain.path, self.layer),
+            intra_op_threads=intra_op_threads,
         )
         self._use_session(session, request, batch_size)
         self._outputs = [activations_name(self.layer), gradients_name(self.layer)]

@@ -29,7 +29,8 @@ BoolVolume = morph.BoolVolume
 
 
 def refine_lung(lung: BoolVolume, other: BoolVolume, allowed: BoolVolume,
-                spacing: tuple[float, float, float], *, medial_sign: float) -> BoolVolume:
+                spacing: tuple[float, float, float], *, medial_sign: float,
+                cores: int) -> BoolVolume:
     """Close, fill holes and fill chest-wall bites of one lung (module docstring).
 
     Args:
@@ -40,6 +41,7 @@ def refine_lung(lung: BoolVolume, other: BoolVolume, allowed: BoolVolume,
         spacing: ``(slice, row, col)`` voxel spacing in mm.
         medial_sign: 1.0 when the mediastinum lies at higher columns than this lung, -1.0
             when at lower ones.
+        cores: the cores its slice-by-slice work may use (:attr:`ggo_cli.host.HostLimits.cores`).
 
     Returns:
         The refined lung, a new array. Shape: as ``lung``.
@@ -56,12 +58,12 @@ def refine_lung(lung: BoolVolume, other: BoolVolume, allowed: BoolVolume,
     closed = morph.distance_mm(~dilated, spacing) > CLOSING_RADIUS_MM
     grown = (closed & limit) | crop
     grown = (morph.to_mask(sitk.BinaryFillhole(morph.to_image(grown))) & limit) | crop
-    grown |= _fill_bites(grown, limit, spacing, medial_sign=medial_sign)
+    grown |= _fill_bites(grown, limit, spacing, medial_sign=medial_sign, cores=cores)
     return morph.uncrop(grown, box, pad, lung.shape)
 
 
 def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float, float], *,
-                medial_sign: float) -> BoolVolume:
+                medial_sign: float, cores: int) -> BoolVolume:
     """Chest-wall bites of each slice, extended from the hull chord out to the chest wall."""
     # A bite voxel must have lung beneath and above it: a diaphragm dome or the heart has not.
     below = np.logical_or.accumulate(lung, axis=0)
@@ -73,7 +75,7 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
         if lung[k].any():
             bites[k] = _bites(lung[k], spacing, medial_sign=medial_sign) & limit[k]
 
-    morph.each_slice(bite, lung.shape[0])
+    morph.each_slice(bite, lung.shape[0], cores=cores)
     if not bites.any():
         return bites
     # A curved chest wall bulges beyond the hull chord: extend each bite in its slice over the

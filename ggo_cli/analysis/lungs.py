@@ -112,7 +112,11 @@ class LungMasks:
 
 
 def segment_lungs(
-    volume: CtVolume, *, threshold_hu: float = LUNG_THRESHOLD_HU, out: LungMasks | None = None
+    volume: CtVolume,
+    *,
+    threshold_hu: float = LUNG_THRESHOLD_HU,
+    out: LungMasks | None = None,
+    cores: int | None = None,
 ) -> LungMasks:
     """Segment the right and left lungs of a chest CT (method and limits: module docstring).
 
@@ -121,6 +125,8 @@ def segment_lungs(
         threshold_hu: upper density of aerated lung in HU.
         out: all-False bool arrays (or views, e.g. of the SEG's planes) to write the masks
             into; only the lungs' box is written, so untouched zero pages stay uncommitted.
+        cores: the cores it may use (:attr:`ggo_cli.host.HostLimits.cores`); ``None``: every
+            usable core of this process.
 
     Returns:
         Disjoint right and left masks (either may be empty when no lung is found); ``out``
@@ -129,6 +135,7 @@ def segment_lungs(
     Raises:
         UnsupportedSeriesError: the volume has no headers or is not axial.
     """
+    cores = usable_cores() if cores is None else cores
     right_is_low_col, head_is_last = _orientation(volume)
     hu = volume.hu
     shape = hu.shape
@@ -138,7 +145,7 @@ def segment_lungs(
         raise ValueError(f"out masks {out.right.shape}, {out.left.shape} differ from {shape}")
     spacing = (volume.slice_spacing_mm, *volume.pixel_spacing_mm)
     threshold = np.float32(threshold_hu)
-    body = _body(hu, threshold)
+    body = _body(hu, threshold, cores=cores)
     centre_col = _centre_col(body)
     body_area = np.count_nonzero(body, axis=(1, 2))
     candidates = np.less(hu, threshold)
@@ -164,14 +171,15 @@ def segment_lungs(
     del airway
     # The lungs are refined independently; with a second core, side by side (their distance
     # maps run on one thread each in ITK, and SimpleITK and numpy release the GIL).
-    if usable_cores() > 1:
+    if cores > 1:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-lung") as pool:
-            high_future = pool.submit(refine_lung, high, low, allowed, spacing, medial_sign=-1.0)
-            low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0)
+            high_future = pool.submit(refine_lung, high, low, allowed, spacing, medial_sign=-1.0,
+                                      cores=cores)
+            low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores)
             high_done = high_future.result()
     else:
-        low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0)
-        high_done = refine_lung(high, low, allowed, spacing, medial_sign=-1.0)
+        low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores)
+        high_done = refine_lung(high, low, allowed, spacing, medial_sign=-1.0, cores=cores)
     del low, high, allowed
     # Neither refinement enters the other lung, so a voxel both claim is junction tissue.
     overlap = low_done & high_done
@@ -210,7 +218,7 @@ def _centre_col(mask: BoolVolume) -> float:
         (per_col.size - 1) / 2.0)
 
 
-def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
+def _body(hu: HuArray, threshold: np.float32, *, cores: int) -> BoolVolume:
     """The largest non-air (``hu >= threshold``) component with its holes (lungs, airways)
     filled slice by slice.
 
@@ -232,7 +240,7 @@ def _body(hu: HuArray, threshold: np.float32) -> BoolVolume:
             one.SetNumberOfThreads(1)  # a slice: ITK's threads cost more than they give
             body[k][box] = morph.to_mask(one.Execute(morph.to_image(body[k][box])))
 
-    morph.each_slice(fill, body.shape[0])
+    morph.each_slice(fill, body.shape[0], cores=cores)
     return body
 
 

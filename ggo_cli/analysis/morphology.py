@@ -15,8 +15,6 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK
 
-from ..host import usable_cores
-
 # SimpleITK ships without type hints: calls go through an Any alias, so that mypy --strict
 # still checks everything around them.
 sitk: Any = SimpleITK
@@ -49,20 +47,16 @@ more than the work (a 512 x 512 connected-component pass: 0.6 ms on one thread, 
 two)."""
 
 
-def _slice_threads() -> int:
-    """Threads for slice-by-slice work: the usable cores, at most 8."""
-    return min(MAX_SLICE_THREADS, usable_cores())
-
-
-def each_slice(work: Callable[[int], None], n: int) -> None:
+def each_slice(work: Callable[[int], None], n: int, *, cores: int) -> None:
     """Run ``work(k)`` for slices ``k = 0 .. n - 1`` on up to :data:`MAX_SLICE_THREADS`
-    threads within the usable cores (SimpleITK and numpy release the GIL).
+    threads within ``cores`` (SimpleITK and numpy release the GIL).
 
     Args:
         work: the per-slice step; it must write only its own slice.
         n: number of slices.
+        cores: the cores this process may use (:attr:`ggo_cli.host.HostLimits.cores`).
     """
-    threads = min(_slice_threads(), n)
+    threads = min(MAX_SLICE_THREADS, cores, n)
     if threads <= 1:
         for k in range(n):
             work(k)

@@ -63,6 +63,9 @@ class OnnxSegmenter(OnnxSessionBase):
             verdict is cached (``--force``).
         verdicts: self-check verdicts shared with other segmenters of this process (each
             key is then measured or read once); ``None``: this segmenter's own.
+        intra_op_threads: threads of its CPU sessions, self-checks included (a ``--jobs``
+            worker's share, :attr:`ggo_cli.host.HostLimits.intra_op_threads`); ``None``: ONNX
+            Runtime's default.
 
     Raises:
         DeviceError: CUDA requested but not usable.
@@ -82,8 +85,10 @@ class OnnxSegmenter(OnnxSessionBase):
         window_in_graph: bool | None = None,
         force_check: bool = False,
         verdicts: VerdictCache | None = None,
+        intra_op_threads: int | None = None,
     ) -> None:
         self.model = model
+        self.intra_op_threads = intra_op_threads
         request = parse_device(device)
         if threshold is not None and not 0.0 < threshold < 1.0:
             raise InputError(f"--threshold must be between 0 and 1, got {threshold}")
@@ -135,18 +140,21 @@ class OnnxSegmenter(OnnxSessionBase):
             fp16 = wanted in (Precision.AUTO, Precision.FP16)
             variant = fp16_model_bytes(self.model.path, self.model.file_sha256) if fp16 else None
             session = create_session(
-                self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS, model_bytes=variant
+                self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS, model_bytes=variant,
+                intra_op_threads=self.intra_op_threads,
             )
             if session.get_providers()[0] == CUDA_PROVIDER:
                 if variant is not None:
                     choice = choose_fp16(
                         self.model, variant, request, explicit=wanted is Precision.FP16,
                         force=self.force_check, verdicts=self.verdicts,
+                        intra_op_threads=self.intra_op_threads,
                     )
                     self._take(choice)
                     if choice.data is None:
                         return create_session(
-                            self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS
+                            self.model.path, request, cuda_options=CUDA_NHWC_OPTIONS,
+                            intra_op_threads=self.intra_op_threads,
                         )
                 self.precision = Precision.FP16 if fp16 else Precision.FP32
                 self._variant_bytes = variant
@@ -155,14 +163,17 @@ class OnnxSegmenter(OnnxSessionBase):
         if wanted in (Precision.AUTO, Precision.INT8):
             choice = choose_int8(
                 self.model, request, explicit=wanted is Precision.INT8, force=self.force_check,
-                verdicts=self.verdicts,
+                verdicts=self.verdicts, intra_op_threads=self.intra_op_threads,
             )
             self._take(choice)
             if choice.data is not None:
                 self.precision = Precision.INT8
                 self._variant_bytes = choice.data
-                return create_session(self.model.path, request, model_bytes=choice.data)
-        return create_session(self.model.path, request)
+                return create_session(
+                    self.model.path, request, model_bytes=choice.data,
+                    intra_op_threads=self.intra_op_threads,
+                )
+        return create_session(self.model.path, request, intra_op_threads=self.intra_op_threads)
 
     def _take(self, choice: VariantChoice) -> None:
         """Record a variant choice's self-check."""
@@ -204,6 +215,7 @@ class OnnxSegmenter(OnnxSessionBase):
                 self._request,
                 cuda_options=CUDA_NHWC_OPTIONS if self.on_cuda else None,
                 model_bytes=data,
+                intra_op_threads=self.intra_op_threads,
             )
             log.debug("windowed graph in use: HU in, masks out")
         return self._windowed

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from ..config import DeviceKind
 from ..config import DeviceRequest as DeviceRequest  # re-exported: onnx.variants, variant_check
 from ..errors import DeviceError, ModelError
-from ..host import core_budget, nvidia_gpu_visible, usable_cores
+from ..host import nvidia_gpu_visible
 from ..scratch import sweep_scratch
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def create_session(
     *,
     cuda_options: Mapping[str, Any] | None = None,
     model_bytes: bytes | None = None,
+    intra_op_threads: int | None = None,
 ) -> Any:
     """Create an ONNX Runtime session on the requested device and check where it landed.
 
@@ -81,6 +82,8 @@ def create_session(
         request: the parsed ``--device``.
         cuda_options: extra CUDA provider options (e.g. ``{"use_tf32": 0}``).
         model_bytes: a serialized model to load instead of ``path`` (e.g. a pruned subgraph).
+        intra_op_threads: threads of a CPU session (a ``--jobs`` worker's share of the cores,
+            :attr:`ggo_cli.host.HostLimits.intra_op_threads`); ``None``: ONNX Runtime's default.
 
     Returns:
         The ``onnxruntime.InferenceSession``; ``get_providers()[0]`` tells the device in use.
@@ -109,8 +112,8 @@ def create_session(
         # without it the CPU session (int8, batch 4) holds far less resident memory at the
         # same speed (docs/benchmarks.md, the memory of long series).
         options.enable_mem_pattern = False
-        if core_budget() is not None:
-            options.intra_op_num_threads = usable_cores()  # a --jobs worker's share
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads  # a --jobs worker's share
     providers: list[Any] = [CPU_PROVIDER]
     if want_cuda:
         if hasattr(ort, "preload_dlls"):

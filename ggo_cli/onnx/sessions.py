@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import RunConfig
+from ..host import HostLimits
 from .explain_graph import ExplainInfo
 from .model_info import ModelInfo
 
@@ -16,12 +17,22 @@ class Sessions:
         cfg: the run configuration (device, batch size, threshold, precision, explain layer).
         model: the validated model.
         explain_info: the validated explain graph, or ``None`` when no maps are asked for.
+        limits: the cores of this process (a ``--jobs`` worker's share holds the CPU sessions
+            to it).
     """
 
-    def __init__(self, cfg: RunConfig, model: ModelInfo, explain_info: ExplainInfo | None) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: ModelInfo,
+        explain_info: ExplainInfo | None,
+        *,
+        limits: HostLimits,
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.explain_info = explain_info
+        self.limits = limits
         self._segmenter: OnnxSegmenter | None = None
         self._explainer: OnnxExplainer | None = None
 
@@ -40,6 +51,7 @@ class Sessions:
                 threshold=self.cfg.threshold,
                 precision=self.cfg.precision,
                 force_check=self.cfg.force,
+                intra_op_threads=self.limits.intra_op_threads,
             )
         return self._segmenter
 
@@ -52,5 +64,6 @@ class Sessions:
                 device=self.cfg.device,
                 batch_size=self.cfg.batch_size,
                 layer=self.cfg.explain_layer,
+                intra_op_threads=self.limits.intra_op_threads,
             )
         return self._explainer

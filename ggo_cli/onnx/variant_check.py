@@ -272,17 +272,25 @@ def _measure(
     variant_bytes: bytes,
     request: DeviceRequest,
     cuda_options: dict[str, Any] | None,
+    intra_op_threads: int | None,
 ) -> CheckFigures:
-    """Run float32 (CPU) and the variant (on ``request``) over the reference slices."""
+    """Run float32 (CPU) and the variant (on ``request``) over the reference slices, CPU
+    sessions on ``intra_op_threads`` (``None``: ONNX Runtime's default)."""
     batch = reference.batch()
     logit_threshold = math.log(model.threshold / (1.0 - model.threshold))
-    fp32 = create_session(model.path, DeviceRequest(DeviceKind.CPU))
+    fp32 = create_session(
+        model.path, DeviceRequest(DeviceKind.CPU), intra_op_threads=intra_op_threads
+    )
     started = time.perf_counter()
     want = _masks(fp32, batch, logit_threshold, on_cuda=False)
     fp32_s = (time.perf_counter() - started) / len(batch)
     del fp32
     session = create_session(
-        model.path, request, cuda_options=cuda_options, model_bytes=variant_bytes
+        model.path,
+        request,
+        cuda_options=cuda_options,
+        model_bytes=variant_bytes,
+        intra_op_threads=intra_op_threads,
     )
     on_cuda = session.get_providers()[0] == CUDA_PROVIDER
     started = time.perf_counter()
@@ -322,6 +330,7 @@ def check_variant(
     cuda_options: dict[str, Any] | None = None,
     force: bool = False,
     verdicts: VerdictCache | None = None,
+    intra_op_threads: int | None = None,
 ) -> VariantCheck:
     """Check a model variant against float32 on this machine (or read the cached verdict).
 
@@ -337,6 +346,8 @@ def check_variant(
             started for the same run reuse a verdict written after they started).
         verdicts: verdicts this caller already settled; a key found there is neither
             measured nor read again (``None``: look in the cache folder only).
+        intra_op_threads: threads of the check's CPU sessions (a ``--jobs`` worker's share);
+            ``None``: ONNX Runtime's default.
 
     Returns:
         The verdict; ``ran`` is ``False`` when the model ships no reference slices.
@@ -378,7 +389,9 @@ def check_variant(
         log.info("checking the %s variant against float32 on this machine (once; cached)",
                  variant)
         started = time.perf_counter()
-        figures = _measure(model, reference, variant_bytes, request, cuda_options)
+        figures = _measure(
+            model, reference, variant_bytes, request, cuda_options, intra_op_threads
+        )
         broken = figures.failures()
         verdict = VariantCheck(
             variant=variant,

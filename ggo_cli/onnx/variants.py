@@ -86,8 +86,11 @@ def choose_fp16(
     explicit: bool,
     force: bool,
     verdicts: VerdictCache | None = None,
+    intra_op_threads: int | None = None,
 ) -> VariantChoice:
     """Check the fp16 graph on the GPU; ``data`` is ``None`` in the result when float32 runs.
+    The float32 reference runs on the CPU on ``intra_op_threads`` (``None``: ONNX Runtime's
+    default).
 
     Raises:
         ModelError: ``--precision fp16`` and the self-check failed.
@@ -96,6 +99,7 @@ def choose_fp16(
     verdict = check_variant(
         model, data, variant="fp16", request=request, on_cuda=True,
         cuda_options=CUDA_NHWC_OPTIONS, force=force, verdicts=verdicts,
+        intra_op_threads=intra_op_threads,
     )
     if _verdict_allows(choice, verdict, "fp16", explicit=explicit):
         choice.data = data
@@ -149,8 +153,10 @@ def choose_int8(
     explicit: bool,
     force: bool,
     verdicts: VerdictCache | None = None,
+    intra_op_threads: int | None = None,
 ) -> VariantChoice:
-    """The int8 variant for this CPU (``data`` is ``None`` when float32 runs; logged why).
+    """The int8 variant for this CPU (``data`` is ``None`` when float32 runs; logged why),
+    self-checked on ``intra_op_threads`` (``None``: ONNX Runtime's default).
 
     Raises:
         InputError: ``--precision int8`` without an int8 recipe beside the model.
@@ -189,6 +195,7 @@ def choose_int8(
             verdict = check_variant(
                 model, data, variant="int8", recipe=recipe.name, request=request,
                 on_cuda=False, force=force, verdicts=verdicts,
+                intra_op_threads=intra_op_threads,
             )
             if _verdict_allows(choice, verdict, f"int8 ({recipe.name})", explicit=explicit):
                 choice.data, choice.recipe = data, recipe.name

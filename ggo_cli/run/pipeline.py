@@ -132,6 +132,7 @@ def prepare_series(
     n_channels: int = 1,
     pool: DecodePool | None = None,
     on_slice: Callable[[int], None] | None = None,
+    cores: int,
 ) -> PreparedSeries:
     """Decode a series and segment its lungs (the CPU work that needs no model).
 
@@ -146,6 +147,7 @@ def prepare_series(
         n_channels: the model's output channels (planes before the lungs').
         pool: decodes compressed pixel data in worker processes.
         on_slice: told the number of slices just decoded.
+        cores: cores of this process for the lung mask (:attr:`ggo_cli.host.HostLimits.cores`).
 
     Raises:
         SeriesError: the series cannot be loaded or its lungs not segmented.
@@ -154,7 +156,7 @@ def prepare_series(
     if not lung_mask:
         return PreparedSeries(volume, None)
     planes, lungs = segment_planes(volume.hu.shape, n_channels)
-    segment_lungs(volume, out=lungs)
+    segment_lungs(volume, out=lungs, cores=cores)
     release_freed_memory()  # the lung mask's temporaries, kept by glibc's thread arenas
     return PreparedSeries(volume, lungs, planes)
 
@@ -203,6 +205,7 @@ def compute_series(
     explainer: OnnxExplainer | None = None,
     progress: ProgressSink | None = None,
     volume_source: VolumeSource | None = None,
+    cores: int,
 ) -> ComputedSeries | SeriesOutcome:
     """Load (or receive), segment and measure one series; write its GradCAM++ maps if asked.
 
@@ -214,6 +217,7 @@ def compute_series(
         progress: optional progress sink (two units per slice: decode, then inference).
         volume_source: supplies the volume and lungs (prepared ahead of time, see
             :func:`prepare_series`); ``None`` prepares them here.
+        cores: cores of this process, for preparing here (:attr:`ggo_cli.host.HostLimits.cores`).
 
     Returns:
         The :class:`ComputedSeries`, or the ``failed`` outcome of a series-level failure.
@@ -236,6 +240,7 @@ def compute_series(
                 lung_mask=cfg.lung_mask,
                 n_channels=n_channels,
                 on_slice=advance,
+                cores=cores,
             )
         else:
             prepared = volume_source()
@@ -357,6 +362,7 @@ def process_series(
     explainer: OnnxExplainer | None = None,
     progress: ProgressSink | None = None,
     volume_source: VolumeSource | None = None,
+    cores: int,
 ) -> SeriesOutcome:
     """Load, segment, measure and write one eligible series (both stages, in this thread).
 
@@ -367,6 +373,7 @@ def process_series(
         explainer: when given, GradCAM++ maps are written too (``cfg.explain_only``: only them).
         progress: optional progress sink (two units per slice: decode, then inference).
         volume_source: supplies the volume (decoded ahead of time); ``None`` decodes here.
+        cores: cores of this process (:attr:`ggo_cli.host.HostLimits.cores`).
 
     Returns:
         The outcome; a series-level failure gives status ``failed`` with its reason.
@@ -381,6 +388,7 @@ def process_series(
         explainer=explainer,
         progress=progress,
         volume_source=volume_source,
+        cores=cores,
     )
     if isinstance(done, SeriesOutcome):
         return done

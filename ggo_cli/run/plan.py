@@ -26,6 +26,7 @@ from ..domain import (
 )
 from ..errors import InputError
 from ..fsutil import GROUP_FILE_MODE, set_file_mode
+from ..host import HostLimits
 from ..onnx.explain_graph import default_explain_path, load_explain_info
 from ..onnx.model_info import ModelInfo
 from ..onnx.sessions import Sessions
@@ -191,12 +192,16 @@ class RunPlan:
         cfg: the run configuration.
         model: the validated model.
         store: the output folder's state store (opened under the run's lock).
+        limits: the cores of the run's process (:meth:`ggo_cli.host.HostLimits.of_this_process`).
     """
 
-    def __init__(self, cfg: RunConfig, model: ModelInfo, store: StateStore) -> None:
+    def __init__(
+        self, cfg: RunConfig, model: ModelInfo, store: StateStore, *, limits: HostLimits
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.store = store
+        self.limits = limits
         self.options = options_digest(_output_options(cfg, model))
         # Fingerprint of each series as planned (before any work), recorded with its outcome,
         # and how its files looked (names, sizes, mtimes) for settling.
@@ -215,7 +220,7 @@ class RunPlan:
             if cfg.explain is ExplainMode.OFF
             else load_explain_info(default_explain_path(model.path), model)
         )
-        self.sessions = Sessions(cfg, model, explain_info)
+        self.sessions = Sessions(cfg, model, explain_info, limits=limits)
 
     def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:
         """Store a series' outcome and rebuild the CSV.

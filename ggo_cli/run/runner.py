@@ -25,6 +25,7 @@ from ..config import MANIFEST_NAME, RunConfig
 from ..dicom.discovery import discover_series
 from ..domain import SeriesInfo, SeriesOutcome
 from ..fsutil import TEMP_PREFIX, TEMP_SUFFIX, ensure_writable_dir
+from ..host import HostLimits
 from ..onnx.model_info import ModelInfo, load_model_info
 from .lock import RunLock
 from .manifest import build_manifest
@@ -108,7 +109,9 @@ def _run_in_workers(
         progress.work_started(sum(len(s.files) for s in todo), f"slices, {jobs} workers")
     try:
         with (
-            SeriesPool(run.cfg, run.model, run.sessions.explain_info, jobs) as pool,
+            SeriesPool(
+                run.cfg, run.model, run.sessions.explain_info, jobs, limits=run.limits
+            ) as pool,
             closing(pool.run(todo)) as outcomes,  # stopped at once if recording fails
         ):
             for outcome in outcomes:
@@ -157,7 +160,7 @@ def run_segment(
         timings = {"discovery": time.perf_counter() - t0}
         if progress is not None:
             progress.discovered(len(discovery.series))
-        run = RunPlan(cfg, model, store)
+        run = RunPlan(cfg, model, store, limits=HostLimits.of_this_process())
         t_series = time.perf_counter()
         outcomes, jobs, summary = _run_series(run, discovery.series, progress)
         timings["series"] = time.perf_counter() - t_series

@@ -45,7 +45,7 @@ import SimpleITK
 
 from ..config import DeviceRequest, RunConfig
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
-from ..host import available_memory_bytes, gpu_memory_bytes, set_core_budget, usable_cores
+from ..host import HostLimits, available_memory_bytes, gpu_memory_bytes, usable_cores
 from ..logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo
@@ -146,7 +146,8 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
 
 
-# The one worker state of a worker process (set by _init_worker).
+# The one worker state of a worker process (set by _init_worker): its sessions and its share
+# of the cores (Sessions.limits).
 _worker: Sessions | None = None
 
 
@@ -154,21 +155,22 @@ def _init_worker(
     parent: int,
     records: Any,
     level: int,
-    cores: int,
+    share: HostLimits,
     cfg: RunConfig,
     model: ModelInfo,
     explain_info: ExplainInfo | None,
 ) -> None:
-    """Set up a worker process: signals, logging, privacy, its share of the cores."""
+    """Set up a worker process: signals, logging, privacy, its ``share`` of the cores (for
+    SimpleITK, the lung mask and ONNX Runtime's CPU sessions)."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the workers
     _die_with_parent(parent)
     configure_worker_logging(records, level)
     quiet_pydicom()
-    set_core_budget(cores)
     sitk: Any = SimpleITK  # no type hints in SimpleITK
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(cores)
-    _worker = Sessions(cfg, model, explain_info)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(share.cores)
+    limits = HostLimits(min(usable_cores(), share.cores), shared=True)
+    _worker = Sessions(cfg, model, explain_info, limits=limits)
 
 
 def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
@@ -177,7 +179,11 @@ def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
     if sessions is None:  # pragma: no cover - only reached if the initializer did not run
         raise RuntimeError("series worker used without its initializer")
     outcome = process_series(
-        sessions.cfg, series, sessions.segmenter(), explainer=sessions.explainer()
+        sessions.cfg,
+        series,
+        sessions.segmenter(),
+        explainer=sessions.explainer(),
+        cores=sessions.limits.cores,
     )
     return outcome, summarize(sessions)
 
@@ -207,6 +213,7 @@ class SeriesPool:
         model: the validated model.
         explain_info: the validated explain graph, or ``None``.
         jobs: number of worker processes (and of series in flight).
+        limits: the cores of the run's process; each worker gets an equal share.
         task: the worker function (tests substitute their own; it runs in the worker).
     """
 
@@ -217,6 +224,7 @@ class SeriesPool:
         explain_info: ExplainInfo | None,
         jobs: int,
         *,
+        limits: HostLimits,
         task: Any = _process,
     ) -> None:
         # Spawned, not forked from the forkserver: a forkserver's children keep it alive, so
@@ -227,7 +235,7 @@ class SeriesPool:
             os.getpid(),
             self._records,
             logging.getLogger("ggo_cli").getEffectiveLevel(),
-            max(1, usable_cores() // jobs),
+            limits.share(jobs),
             cfg,
             model,
             explain_info,

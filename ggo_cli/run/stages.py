@@ -13,7 +13,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..dicom.volume import DecodePool
 from ..domain import SeriesInfo, SeriesOutcome
-from ..host import default_decode_workers
 from .pipeline import PreparedSeries, VolumeSource, compute_series, prepare_series, write_series
 from .plan import RunPlan
 from .result import ProgressSink
@@ -59,6 +58,7 @@ class Stages:
                 lung_mask=self.run.cfg.lung_mask,
                 n_channels=self.run.model.n_channels,
                 pool=self.pool,
+                cores=self.run.limits.cores,
             )
 
     def source(self, series: SeriesInfo) -> VolumeSource:
@@ -119,7 +119,7 @@ def run_staged(
         progress: optional progress sink.
     """
     workers = run.cfg.decode_workers
-    with DecodePool(default_decode_workers() if workers is None else workers) as pool:
+    with DecodePool(run.limits.decode_workers if workers is None else workers) as pool:
         stages = Stages(run, todo, pool)
         try:
             if todo:
@@ -138,6 +138,7 @@ def run_staged(
                         explainer=run.sessions.explainer(),
                         progress=progress,
                         volume_source=volume_source,
+                        cores=run.limits.cores,
                     )
                     outcomes = []
                     previous = stages.drain()

@@ -332,10 +332,10 @@ def test_an_unchecked_variant_flags_the_series_in_the_pipeline(
     )
     seg = OnnxSegmenter(load_model_info(band_model_path), device="cpu")
     series = discover_series([fs.root]).eligible[0]
-    done = compute_series(cfg, series, seg)
+    done = compute_series(cfg, series, seg, cores=1)
     assert isinstance(done, ComputedSeries) and done.qc_flags == ()
     seg.variant_checked = False  # as the numeric self-check leaves a variant it did not run
-    done = compute_series(cfg, series, seg)
+    done = compute_series(cfg, series, seg, cores=1)
     assert isinstance(done, ComputedSeries)
     assert done.qc_flags == (QcFlag.VARIANT_UNCHECKED,)
 

@@ -22,6 +22,7 @@ from ggo_cli.cli.app import app
 from ggo_cli.config import RunConfig
 from ggo_cli.domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from ggo_cli.errors import EXIT_PARTIAL, OutputError
+from ggo_cli.host import HostLimits
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.run.result import SessionSummary
 from ggo_cli.run.series_pool import SeriesPool
@@ -138,7 +139,8 @@ def fake_task(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]
 
 def _pool(tmp_path: Path, band_model_path: Path, jobs: int) -> SeriesPool:
     cfg = RunConfig(inputs=(tmp_path,), out_dir=tmp_path / "out", model_path=band_model_path)
-    return SeriesPool(cfg, load_model_info(band_model_path), None, jobs, task=fake_task)
+    model = load_model_info(band_model_path)
+    return SeriesPool(cfg, model, None, jobs, limits=HostLimits(jobs), task=fake_task)
 
 
 def test_a_worker_that_dies_fails_only_its_own_series(

@@ -3,7 +3,6 @@ runs are in tests/e2e/test_series_pool_e2e.py."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -56,18 +55,3 @@ def test_auto_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def _fields(cfg: RunConfig) -> dict[str, object]:
     return {name: getattr(cfg, name) for name in RunConfig.__dataclass_fields__}
-
-
-def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
-    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        assert command[0] == "nvidia-smi" and command[-1] == "1"
-        return subprocess.CompletedProcess(command, 0, "81559\n", "")
-
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    assert series_pool.gpu_memory_bytes(1) == 81559 << 20
-
-    def missing(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        raise FileNotFoundError("nvidia-smi")
-
-    monkeypatch.setattr(subprocess, "run", missing)
-    assert series_pool.gpu_memory_bytes(0) is None
