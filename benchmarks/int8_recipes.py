@@ -4,7 +4,8 @@ For each candidate recipe (quantizer settings applied to the shipped activation 
 
 - rebuilds the int8 model as ggo-cli does (:func:`ggo_cli.onnx.precision.quantize_int8`);
 - runs ggo-cli's self-check figures against float32 on the model's reference slices
-  (:func:`ggo_cli.onnx.variant_check.compare_masks`: GGO pixel change, pooled and worst-slice Dice);
+  (:func:`ggo_cli.onnx.variant_verdict.compare_masks`: GGO pixel change, pooled and worst-slice
+  Dice);
 - scores float32 and int8 on the model card's 10 test slices (pooled GGO Dice), as
   ``python -m training quantize`` does;
 - times float32 and int8 with ONNX Runtime's CPU defaults in one process, alternating, two
@@ -94,7 +95,7 @@ def main() -> int:
     from ggo_cli.onnx.model_info import load_model_info
     from ggo_cli.onnx.precision import graph_digest, quantize_int8
     from ggo_cli.onnx.reference_slices import load_reference_set
-    from ggo_cli.onnx.variant_check import compare_masks
+    from ggo_cli.onnx.variant_verdict import compare_masks
     from training import data as training_data
     from training.quantize import _accuracy
     from training.splits import Split

@@ -2,7 +2,7 @@
 
 A run killed with ``kill -9`` cannot delete its scratch folder, and the int8 rebuild writes
 about 160 MB there. So scratch folders never go to the system temp folder: they are made under
-``<cache>/tmp/`` (the cache folder of :func:`ggo_cli.onnx.variant_check.cache_dir`), each holds a
+``<cache>/tmp/`` (the cache folder of :func:`ggo_cli.onnx.verdict_cache.cache_dir`), each holds a
 lock file locked while it is in use, and every new scratch folder first removes the folders
 whose lock is free (their process is gone: the operating system drops the locks of a killed
 process). While one is open, Python's :mod:`tempfile` default folder points into it, so the
@@ -34,7 +34,7 @@ _TEMPDIR_LOCK = threading.Lock()
 
 def scratch_root() -> Path:
     """``<cache>/tmp``: where scratch folders are made."""
-    from .onnx.variant_check import cache_dir  # deferred: variant_check imports the runtime
+    from .onnx.verdict_cache import cache_dir  # deferred: verdict_cache imports this module
 
     return cache_dir() / SCRATCH_FOLDER
 

@@ -33,10 +33,10 @@ def variant_check_cache(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Path]:
     """Each test gets its own self-check cache folder (never the user's)."""
-    from ggo_cli.onnx import variant_check
+    from ggo_cli.onnx import verdict_cache
 
     folder = tmp_path_factory.mktemp("ggo-cache")
-    monkeypatch.setenv(variant_check.CACHE_ENV, str(folder))
+    monkeypatch.setenv(verdict_cache.CACHE_ENV, str(folder))
     yield folder
 
 

@@ -29,8 +29,9 @@ from ..onnx.runtime import (
     create_session,
     cuda_wanted,
 )
-from ..onnx.variant_check import VariantCheck, VerdictCache
+from ..onnx.variant_verdict import VariantCheck
 from ..onnx.variants import VariantChoice, choose_fp16, choose_int8
+from ..onnx.verdict_cache import VerdictCache
 from ..onnx.windowing import (
     HU_INPUT_NAME,
     MASK_OUTPUT_NAME,

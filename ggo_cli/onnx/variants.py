@@ -28,7 +28,9 @@ from .int8_recipes import (
 from .model_info import ModelInfo
 from .precision import CUDA_NHWC_OPTIONS, int8_model_bytes
 from .runtime import DeviceRequest
-from .variant_check import VariantCheck, VerdictCache, check_variant
+from .variant_check import check_variant
+from .variant_verdict import VariantCheck
+from .verdict_cache import VerdictCache
 
 log = logging.getLogger(__name__)
 

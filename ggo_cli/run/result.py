@@ -42,7 +42,7 @@ class SessionSummary:
         precision: the model variant that ran.
         int8_recipe: the int8 recipe in use (``""`` unless int8).
         variant_check: the last variant self-check's verdict
-            (:meth:`ggo_cli.onnx.variant_check.VariantCheck.to_dict`), or ``None`` when no variant
+            (:meth:`ggo_cli.onnx.variant_verdict.VariantCheck.to_dict`), or ``None`` when no variant
             was considered.
     """
 

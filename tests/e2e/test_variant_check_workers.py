@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ggo_cli.onnx import variant_check
+from ggo_cli.onnx import verdict_cache
 from tests.dicom_factory import make_ct_series
 from tests.onnx.test_precision import _conv_model_with_recipe
 
@@ -24,7 +24,7 @@ def test_worker_processes_share_one_self_check(tmp_path: Path, variant_check_cac
         [sys.executable, "-m", "ggo_cli", "segment", str(tmp_path / "in"), "-o", str(out),
          "-m", str(model), "--device", "cpu", "--no-progress", "--no-lung-mask", "--jobs", "2"],
         capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, variant_check.CACHE_ENV: str(variant_check_cache)},
+        env={**os.environ, verdict_cache.CACHE_ENV: str(variant_check_cache)},
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("checking the int8 variant against float32") == 1, done.stderr

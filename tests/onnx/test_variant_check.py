@@ -15,17 +15,13 @@ from typer.testing import CliRunner
 from ggo_cli.analysis.segmenter import OnnxSegmenter
 from ggo_cli.cli.app import app
 from ggo_cli.errors import ModelError
-from ggo_cli.onnx import variant_check
+from ggo_cli.onnx import variant_check, verdict_cache
 from ggo_cli.onnx.int8_recipes import INT8_SPEC_NAME
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.onnx.precision import Precision
 from ggo_cli.onnx.reference_slices import REFERENCE_SET_NAME, write_reference_set
-from ggo_cli.onnx.variant_check import (
-    MAX_GGO_CHANGE,
-    VariantCheck,
-    VerdictCache,
-    compare_masks,
-)
+from ggo_cli.onnx.variant_verdict import MAX_GGO_CHANGE, VariantCheck, compare_masks
+from ggo_cli.onnx.verdict_cache import VerdictCache
 from tests.dicom_factory import make_ct_series
 from tests.onnx.test_precision import _conv_model_with_recipe
 
@@ -202,7 +198,7 @@ def test_an_unwritable_cache_folder_only_costs_a_check_per_run(
 ) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    monkeypatch.setenv(variant_check.CACHE_ENV, str(blocker / "cache"))
+    monkeypatch.setenv(verdict_cache.CACHE_ENV, str(blocker / "cache"))
     info = load_model_info(_conv_model_with_recipe(tmp_path / "m"))
     segmenter = OnnxSegmenter(info, device="cpu")
     assert segmenter.precision is Precision.INT8
