@@ -6,11 +6,8 @@ the positions, not from SliceThickness. Gaps, uneven spacing, duplicate position
 stacks are errors: a measurement in mL is only honest on a regular grid. Nothing is flipped or
 resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
 
-Decoding can run in a :class:`DecodePool` (worker processes, one per usable core by default):
-compressed pixel data (slow to decode, docs/benchmarks.md) is then decoded on every core, and
-a series can be decoded while another one is segmented.
-The workers die with the run, even when it is killed (``PR_SET_PDEATHSIG`` and a poll, as in
-:mod:`ggo_cli.run.series_pool`).
+Decoding can run in a :class:`~ggo_cli.dicom.decode_pool.DecodePool` (worker processes, one
+per usable core by default; :mod:`ggo_cli.dicom.decode_pool`).
 
 Nothing is trusted (issue 15, values in :mod:`ggo_cli.dicom.budgets`): every header is read within
 the header budget, the geometry budgets and every RescaleSlope/RescaleIntercept are checked
@@ -23,19 +20,10 @@ logged at DEBUG only, since file names may hold patient names.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import multiprocessing
 import os
-import signal
-import sys
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import numpy as np
 import numpy.typing as npt
@@ -45,7 +33,6 @@ from pydicom.uid import UID
 from ..config import SPACING_ABS_TOLERANCE_MM, SelectionRules
 from ..domain import CtVolume, HuArray, SeriesInfo
 from ..errors import SeriesGeometryError, UnsupportedSeriesError
-from ..logs import quiet_pydicom
 from .budgets import (
     HEADER_READ_BYTES,
     SLICE_SPACING_MM_RANGE,
@@ -54,12 +41,10 @@ from .budgets import (
     read_bounded,
     rescale_of,
 )
-from .slice_decoding import hu_slice
+from .decode_pool import DecodePool, decode_slices
 
 log = logging.getLogger(__name__)
 
-PARENT_POLL_S = 0.5
-"""How often a decode worker checks that its run is still alive (besides the kernel's signal)."""
 SHEAR_TOLERANCE_PIXELS = 0.5
 """Largest in-plane drift of slice origins (in pixels) accepted for a straight stack."""
 
@@ -148,146 +133,6 @@ def _check_stack(datasets: Sequence[Dataset], pixel_mm: float, series_uid: str) 
 PIXEL_READ_SLACK_BYTES = 64 << 10
 """Allowed beyond the header budget and twice the announced pixel bytes when a file is read
 for decoding (lossless JPEG 2000 of noise can be a little larger than the raw pixels)."""
-
-
-DECODE_CHUNK_SLICES = 8
-MIN_POOL_SLICES = 32
-"""Smaller series decode in the calling thread: starting worker processes costs more."""
-
-
-def _decode_file(task: tuple[str, str, int]) -> HuArray:
-    """Read one file (at most ``limit`` bytes) and return its slice in HU; ``task`` is
-    ``(path, where, limit)``, ``where`` naming the series and instance for messages. Runs in
-    a :class:`DecodePool` process or in the calling thread."""
-    path, where, limit = task
-    try:
-        ds = read_bounded(Path(path), limit_bytes=limit, stop_before_pixels=False)
-    except UnsupportedSeriesError as exc:
-        raise UnsupportedSeriesError(f"{where}: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails
-        log.debug("%s is %s", where, path)
-        raise UnsupportedSeriesError(
-            f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
-        ) from None
-    return hu_slice(ds, where)
-
-
-def _init_decoder(main_pid: int) -> None:
-    """Decode-pool worker set-up: quiet pydicom, and die with the run (even by ``kill -9``)."""
-    quiet_pydicom()
-    _die_with_parent(main_pid)
-
-
-def _die_with_parent(main_pid: int) -> None:
-    """End this worker when the process that started the run ends (as
-    :mod:`ggo_cli.run.series_pool` does for its workers).
-
-    Linux: the kernel kills it when its parent (the forkserver, which exits with the run)
-    dies (``PR_SET_PDEATHSIG``). As a second guard, and elsewhere, a thread polls the parent
-    process id and the run's process.
-    """
-    parent = os.getppid()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):  # pragma: no cover - no prctl: the thread guards
-            pass
-
-    def alive() -> bool:
-        try:
-            os.kill(main_pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # pragma: no cover - exists, owned by someone else
-            return True
-        return os.getppid() == parent
-
-    if not alive():  # pragma: no cover - the run died before the guard was set
-        os._exit(1)
-
-    def watch() -> None:
-        while alive():
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
-
-
-class DecodePool:
-    """Worker processes that decode slices (a context manager).
-
-    The processes start on first use (``forkserver`` on Linux, so they never inherit ONNX
-    Runtime's threads; ``spawn`` elsewhere). A worker that dies (a decoder crash) fails only
-    the series being decoded: the pool is rebuilt for the next one.
-
-    Compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE: native decoders) is always decoded
-    in worker processes, whatever the series' length, so that a decoder crash never ends the
-    run; with ``workers=0`` one process does it. Uncompressed and deflated data (pure Python
-    and zlib) decode in the calling thread when ``workers`` is 0 or the series is short.
-
-    Args:
-        workers: number of processes; 0: only compressed data, in one process.
-        min_slices: shorter uncompressed series are decoded in the calling thread.
-    """
-
-    def __init__(self, workers: int, *, min_slices: int = MIN_POOL_SLICES) -> None:
-        self.workers = max(0, workers)
-        self.min_slices = min_slices
-        self._executor: ProcessPoolExecutor | None = None
-
-    def runs(self, n_slices: int, *, compressed: bool) -> bool:
-        """Whether a series of ``n_slices`` is decoded in the worker processes."""
-        return compressed or (self.workers > 0 and n_slices >= self.min_slices)
-
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else (
-                "spawn"
-            )
-            self._executor = ProcessPoolExecutor(
-                max_workers=max(1, self.workers),
-                mp_context=multiprocessing.get_context(method),
-                initializer=_init_decoder,
-                initargs=(os.getpid(),),
-            )
-        return self._executor
-
-    def iter_decode(
-        self, tasks: Sequence[tuple[str, str, int]], series_uid: str
-    ) -> Iterator[HuArray]:
-        """Decode files to HU slices, yielded in order as they arrive.
-
-        Args:
-            tasks: ``(path, where, limit)`` per slice (see :func:`_decode_file`).
-            series_uid: for messages.
-
-        Raises:
-            UnsupportedSeriesError: a file cannot be read or decoded, or a worker died.
-        """
-        try:
-            yield from self._pool().map(_decode_file, tasks, chunksize=DECODE_CHUNK_SLICES)
-        except BrokenProcessPool as exc:
-            self.close()
-            raise UnsupportedSeriesError(
-                f"series {series_uid}: a decoder process died while decoding its pixel data"
-            ) from exc
-
-    def close(self) -> None:
-        """Stop the worker processes (a later :meth:`decode` starts new ones)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
-
-    def __enter__(self) -> DecodePool:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _header_problem(headers: Sequence[Dataset]) -> str | None:
@@ -391,11 +236,7 @@ def load_volume(
     # int16 while every slice's HU are exact integers (CT as scanners write it); the first
     # fractional slice turns the volume into float32 (one copy, then no more).
     hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
-    source: Iterator[HuArray]
-    if pool is not None and pool.runs(len(ordered), compressed=_compressed(ordered[0])):
-        source = pool.iter_decode(tasks, uid)
-    else:
-        source = (_decode_file(task) for task in tasks)
+    source = decode_slices(tasks, uid, pool=pool, compressed=_compressed(ordered[0]))
     for index, slice_hu in enumerate(source):
         if slice_hu.shape != (rows, cols):
             raise SeriesGeometryError(

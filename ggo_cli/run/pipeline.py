@@ -28,7 +28,8 @@ from ..config import (
     RunConfig,
     SelectionRules,
 )
-from ..dicom.volume import DecodePool, load_volume
+from ..dicom.decode_pool import DecodePool
+from ..dicom.volume import load_volume
 from ..domain import (
     CtVolume,
     GgoMeasurement,

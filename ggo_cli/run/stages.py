@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from ..dicom.volume import DecodePool
+from ..dicom.decode_pool import DecodePool
 from ..domain import SeriesInfo, SeriesOutcome
 from .pipeline import PreparedSeries, VolumeSource, compute_series, prepare_series, write_series
 from .plan import RunPlan

@@ -11,8 +11,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from ggo_cli.config import SelectionRules
+from ggo_cli.dicom.decode_pool import DecodePool
 from ggo_cli.dicom.discovery import discover_series
-from ggo_cli.dicom.volume import DecodePool, load_volume
+from ggo_cli.dicom.volume import load_volume
 from ggo_cli.errors import SeriesGeometryError, UnsupportedSeriesError
 from tests.dicom_factory import FactorySeries, make_ct_series
 
@@ -153,16 +154,16 @@ def test_decode_pool_checks_rescale_before_decoding(tmp_path: Path, pool) -> Non
 def test_a_dead_decoder_fails_only_its_series(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import ggo_cli.dicom.volume as volume_module
+    import ggo_cli.dicom.decode_pool as decode_pool_module
 
     fs = make_ct_series(tmp_path, shape=(12, 32, 32))
     series = discover_series([fs.root]).series[0]
     with DecodePool(1, min_slices=1) as decoders:
-        real = volume_module._decode_file
-        monkeypatch.setattr(volume_module, "_decode_file", _die)
+        real = decode_pool_module._decode_file
+        monkeypatch.setattr(decode_pool_module, "_decode_file", _die)
         with pytest.raises(UnsupportedSeriesError, match="decoder process died"):
             load_volume(series, pool=decoders)
-        monkeypatch.setattr(volume_module, "_decode_file", real)
+        monkeypatch.setattr(decode_pool_module, "_decode_file", real)
         np.testing.assert_array_equal(load_volume(series, pool=decoders).hu, fs.hu)
 
 

@@ -346,8 +346,8 @@ def _refuse_in_this_process(task: tuple[str, str, int]) -> object:
 
 
 # Pickled by reference under the real function's name, so a worker process (which imports
-# ggo_cli.dicom.volume afresh) runs the real decoder while this process would run the refusal.
-_refuse_in_this_process.__module__ = "ggo_cli.dicom.volume"
+# ggo_cli.dicom.decode_pool afresh) runs the real decoder while this process would run the refusal.
+_refuse_in_this_process.__module__ = "ggo_cli.dicom.decode_pool"
 _refuse_in_this_process.__qualname__ = "_decode_file"
 
 
@@ -361,12 +361,13 @@ def test_short_compressed_series_decode_in_a_worker_process(
     fails: the volume still loads, so the child decoded it."""
     from pydicom.uid import RLELossless
 
+    from ggo_cli.dicom.decode_pool import DecodePool
     from ggo_cli.dicom.discovery import discover_series
-    from ggo_cli.dicom.volume import DecodePool, load_volume
+    from ggo_cli.dicom.volume import load_volume
 
     fs = make_ct_series(tmp_path, shape=(12, 32, 32), transfer_syntax=RLELossless)
     (series,) = discover_series([fs.root]).series
-    monkeypatch.setattr("ggo_cli.dicom.volume._decode_file", _refuse_in_this_process)
+    monkeypatch.setattr("ggo_cli.dicom.decode_pool._decode_file", _refuse_in_this_process)
     with DecodePool(workers) as pool:
         np.testing.assert_array_equal(load_volume(series, pool=pool).hu, fs.hu)
     # Uncompressed data of a short series stays in this process (no process start-up).
