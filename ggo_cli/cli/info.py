@@ -100,7 +100,11 @@ def int8_status(info: Any) -> dict[str, Any] | None:
     from ..config import DeviceKind, DeviceRequest
     from ..onnx.int8_recipes import cpu_flag_set, load_int8_spec
     from ..onnx.precision import Precision
+    from ..onnx.verdict_cache import VerdictCache
 
+    # One set of verdicts for both segmenters, so that the forced int8 one reuses a verdict
+    # the automatic one has just settled (``self_check.cached`` as a run reports it).
+    verdicts = VerdictCache()
     try:
         spec = load_int8_spec(info)
         if spec is None:
@@ -122,7 +126,7 @@ def int8_status(info: Any) -> dict[str, Any] | None:
                 for r in spec.recipes
             ],
         }
-        segmenter = OnnxSegmenter(info, device=DeviceRequest(DeviceKind.CPU))
+        segmenter = OnnxSegmenter(info, device=DeviceRequest(DeviceKind.CPU), verdicts=verdicts)
     except GgoError as exc:
         return {"used_on_cpu": False, "error": str(exc)}
     status["used_on_cpu"] = segmenter.precision is Precision.INT8
@@ -133,7 +137,10 @@ def int8_status(info: Any) -> dict[str, Any] | None:
         # What --precision int8 would do here: the recipe for this CPU and its self-check.
         try:
             forced = OnnxSegmenter(
-                info, device=DeviceRequest(DeviceKind.CPU), precision=Precision.INT8
+                info,
+                device=DeviceRequest(DeviceKind.CPU),
+                precision=Precision.INT8,
+                verdicts=verdicts,
             )
         except GgoError as exc:
             status["if_forced"] = {"error": str(exc)}
