@@ -228,9 +228,32 @@ def real_ct_resampled(slices: int) -> tuple[npt.NDArray[np.int16], tuple[float, 
     below = np.clip(np.searchsorted(z, target, side="right") - 1, 0, len(z) - 2)
     weight = ((target - z[below]) / (z[below + 1] - z[below])).astype(np.float32)[:, None, None]
     volume = np.rint(hu[below] * (1.0 - weight) + hu[below + 1] * weight).astype(np.int16)
+    _check_resampling(volume, hu, z, target)
     row_mm, col_mm = (float(v) for v in datasets[0].PixelSpacing)
     x0, y0 = (float(v) for v in datasets[0].ImagePositionPatient[:2])
     return volume, (float(target[1] - target[0]), row_mm, col_mm), (x0, y0, float(z[0]))
+
+
+def _check_resampling(
+    volume: npt.NDArray[np.int16],
+    hu: npt.NDArray[np.float32],
+    z: npt.NDArray[np.float64],
+    target: npt.NDArray[np.float64],
+) -> None:
+    """Stop the benchmark if its series is not the real CT: every target position that is a
+    real slice's must hold that slice exactly, the ends are the real ends, and every slice lies
+    between its two real neighbours (a weighted mean)."""
+    if target[0] != z[0] or target[-1] != z[-1]:
+        raise AssertionError("the resampled series does not span the real extent")
+    for index, position in enumerate(target):
+        match = np.flatnonzero(np.isclose(z, position, rtol=0.0, atol=1e-6))
+        if match.size and not np.array_equal(volume[index], np.rint(hu[match[0]])):
+            raise AssertionError(f"resampled slice {index} is not the real slice it sits on")
+    upper = np.searchsorted(z, target, side="left").clip(1, len(z) - 1)
+    low = np.minimum(hu[upper - 1], hu[upper]) - 0.5
+    high = np.maximum(hu[upper - 1], hu[upper]) + 0.5
+    if np.any(volume < low) or np.any(volume > high):
+        raise AssertionError("a resampled slice lies outside its two real neighbours")
 
 
 def build_studies(work: Path, slices: int, real_slices: int) -> dict[str, tuple[Path, int]]:

@@ -8,9 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -43,33 +40,6 @@ def test_throughput_benchmark_quick_mode(tmp_path: Path) -> None:
     assert all(row["slices_per_s"] > 0 for row in report["decode"])
     markdown = out.with_suffix(".md").read_text()
     assert "x ORT plain fp32" in markdown and report["machine"]["cores_usable"] >= 1
-
-
-def test_real_ct_resampled_keeps_the_real_slices_and_interpolates_between(
-    real_ct_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The benchmark's 255-slice series is the real CT: real slices where the positions match,
-    weighted means of the two neighbours elsewhere, the real extent and pixel size."""
-    import pydicom
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    import throughput
-
-    real = sorted(
-        (pydicom.dcmread(p) for p in real_ct_dir.glob("*.dcm")),
-        key=lambda ds: float(ds.ImagePositionPatient[2]),
-    )
-    hu = [ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept) for ds in real]
-    # 59 slices over 29 gaps of 8 mm: every other slice is a real one, the others midpoints
-    volume, spacing, origin = throughput.real_ct_resampled(59)
-    assert volume.shape == (59, 512, 512) and volume.dtype == np.int16
-    assert spacing == (4.0, 0.646484375, 0.646484375)
-    assert origin[2] == float(real[0].ImagePositionPatient[2])
-    np.testing.assert_array_equal(volume[::2], np.stack(hu))
-    midpoint = (hu[0] + hu[1]) / 2.0
-    assert np.abs(volume[1] - midpoint).max() <= 0.5
-    long_volume, long_spacing, _ = throughput.real_ct_resampled(255)
-    assert long_volume.shape[0] == 255 and abs(long_spacing[0] * 254 - 232.0) < 1e-6
 
 
 def test_predict_profile_reports_the_steps_on_a_real_series(
