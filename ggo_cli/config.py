@@ -1,4 +1,5 @@
-"""Run configuration: one frozen :class:`RunConfig`, built once in ``cli.py``.
+"""Run configuration: one frozen :class:`RunConfig` of typed, checked values, built once by
+:func:`ggo_cli.cli.build.build_run_config`.
 
 Precedence: command-line option > environment variable (``GGO_MODEL``, ``GGO_DEVICE``) > the
 defaults below. Nothing here reads or writes ``os.environ``; Typer resolves the variables.

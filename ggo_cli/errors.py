@@ -1,7 +1,8 @@
 """The ggo-cli error hierarchy and its exit codes (STYLE.md section 5).
 
-Only ``cli.py`` catches these; everything else raises them with a message that names what
-failed, the offending value and the fix. Messages never contain patient identifiers.
+Only ``cli/`` catches these (one boundary, ``guarded`` in ``cli/app.py``); everything else
+raises them with a message that names what failed, the offending value and the fix. Messages
+never contain patient identifiers.
 """
 
 from __future__ import annotations

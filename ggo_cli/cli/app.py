@@ -1,9 +1,11 @@
-"""The ``ggo-cli`` command line: options -> RunConfig, progress, errors -> exit codes.
+"""The ``ggo-cli`` command line: the commands, their progress display and the error boundary.
 
-This is the only module that catches :class:`~ggo_cli.errors.GgoError`, prints to stdout or
-exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible series; 4 every
-eligible series failed; 5 model or device error; 6 output error; 7 some series failed while
-others succeeded; 8 another run holds the output folder; 1 an unexpected error (a bug).
+Options become a :class:`~ggo_cli.config.RunConfig` in :mod:`ggo_cli.cli.build`. The ``guarded``
+boundary here is the only place that catches :class:`~ggo_cli.errors.GgoError`; only ``cli/``
+prints to stdout or exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible
+series; 4 every eligible series failed; 5 model or device error; 6 output error; 7 some series
+failed while others succeeded; 8 another run holds the output folder; 1 an unexpected error (a
+bug).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""The segment pipeline: discover -> load -> preprocess + infer -> measure -> write.
+"""One series through the pipeline: load -> preprocess + infer -> measure -> write.
 
-``run_segment`` drives a whole run; ``process_series`` one series. A failing series is
+:func:`ggo_cli.run.runner.run_segment` drives a whole run; ``process_series`` here one series
+(``prepare_series``, ``compute_series`` and ``write_series`` are its stages). A failing series is
 recorded in its :class:`~ggo_cli.domain.SeriesOutcome` and never stops the others. Nothing
 here prints or exits: progress goes to an optional :class:`ProgressSink`, errors are raised
-as :class:`~ggo_cli.errors.GgoError` for ``cli.py`` to map to exit codes.
+as :class:`~ggo_cli.errors.GgoError` for ``cli/`` to map to exit codes.
 """
 
 from __future__ import annotations
