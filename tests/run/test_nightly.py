@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
 from ggo_cli.dicom.discovery import read_header
-from ggo_cli.run.lock import RunLock
 from tests.dicom_factory import FactorySeries, make_ct_series
 from tests.onnx_models import base_metadata, write_band_model
 from tests.phantoms import make_cube_phantom
@@ -102,13 +101,6 @@ def test_deleted_seg_is_rebuilt(tmp_path: Path, band_model_path: Path) -> None:
     seg.unlink()
     assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
     assert seg.is_file()
-
-
-def test_lock_is_exclusive_within_one_process_too(tmp_path: Path) -> None:
-    from ggo_cli.errors import RunLockedError
-
-    with RunLock(tmp_path), pytest.raises(RunLockedError, match="in use by another ggo-cli run"):
-        RunLock(tmp_path).__enter__()
 
 
 def test_a_fresh_copy_is_segmented_with_the_default_settle(
