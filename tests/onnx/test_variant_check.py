@@ -20,7 +20,6 @@ from ggo_cli.onnx.int8_recipes import INT8_SPEC_NAME
 from ggo_cli.onnx.model_info import load_model_info
 from ggo_cli.onnx.precision import Precision
 from ggo_cli.onnx.reference_slices import REFERENCE_SET_NAME, write_reference_set
-from ggo_cli.onnx.variant_verdict import MAX_GGO_CHANGE, VariantCheck, compare_masks
 from ggo_cli.onnx.verdict_cache import VerdictCache
 from tests.dicom_factory import make_ct_series
 from tests.onnx.test_precision import _conv_model_with_recipe
@@ -39,30 +38,6 @@ def _recipes(folder: Path, replace: list[dict[str, Any]] | None = None) -> list[
         spec["recipes"] = replace
         path.write_text(json.dumps(spec))
     return list(spec["recipes"])
-
-
-def _masks(counts: list[int], size: int = 40) -> np.ndarray:
-    """Masks of ``size x size`` with the first ``counts[i]`` pixels of slice i set."""
-    masks = np.zeros((len(counts), size * size), dtype=bool)
-    for i, n in enumerate(counts):
-        masks[i, :n] = True
-    return masks.reshape(len(counts), size, size)
-
-
-def test_compare_masks_passes_equal_masks_and_names_each_broken_tolerance() -> None:
-    names = ("a", "b", "c")
-    ref = _masks([1000, 800, 10])
-    same = compare_masks(ref, ref.copy(), names)
-    assert same.failures() == [] and same.dice == 1.0 and same.ggo_change == 0.0
-    fewer = compare_masks(ref, _masks([1000, 400, 10]), names)  # slice b loses half
-    assert fewer.ggo_pixels_fp32 == 1810 and fewer.ggo_pixels_variant == 1410
-    assert fewer.worst_slice == "b" and fewer.worst_slice_dice == pytest.approx(2 * 400 / 1200)
-    broken = " ".join(fewer.failures())
-    assert "GGO pixels -22.1%" in broken and "mask Dice" in broken and "on slice b" in broken
-    # a small slice's change counts in the pool but not as a slice of its own
-    small = compare_masks(ref, _masks([1000, 800, 30]), names)
-    assert small.worst_slice_dice == 1.0 and abs(small.ggo_change) < MAX_GGO_CHANGE
-    assert small.failures() == []
 
 
 def test_a_good_int8_variant_passes_once_and_its_verdict_is_cached(
@@ -155,56 +130,6 @@ def test_without_reference_slices_auto_runs_fp32_and_an_explicit_int8_runs_unche
     assert "--precision int8 runs unchecked" in caplog.text
 
 
-def test_recipes_are_picked_by_the_cpu_features(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    import ggo_cli.onnx.variants as variants
-
-    model_path = _conv_model_with_recipe(tmp_path, cpu_any=("avx512_vnni",))
-    info = load_model_info(model_path)
-    monkeypatch.setattr(variants, "cpu_flag_set", lambda: {"avx2", "fma"})
-    caplog.set_level(logging.INFO, logger="ggo_cli")
-    assert OnnxSegmenter(info, device="cpu").precision is Precision.FP32
-    assert "int8 not used on this CPU (test needs avx512_vnni); running float32" in caplog.text
-    with pytest.raises(ModelError, match="no int8 recipe for this CPU"):
-        OnnxSegmenter(info, device="cpu", precision="int8")
-    monkeypatch.setattr(variants, "cpu_flag_set", lambda: {"avx2", "avx512_vnni"})
-    assert OnnxSegmenter(info, device="cpu").int8_recipe == "test"
-
-
-def test_the_next_recipe_is_tried_when_the_first_fails_its_check(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import ggo_cli.onnx.variants as variants
-
-    model_path = _conv_model_with_recipe(tmp_path)
-    recipe = _recipes(tmp_path)[0]
-    _recipes(tmp_path, [{**recipe, "name": "fast"}, {**recipe, "name": "portable"}])
-    real = variants.check_variant
-
-    def failing_first(*args: object, **kwargs: object) -> VariantCheck:
-        verdict = real(*args, **kwargs)  # type: ignore[arg-type]
-        if kwargs["recipe"] == "fast":  # as on a CPU where the fast recipe saturates
-            return VariantCheck("int8", "fast", ran=True, passed=False, reason="GGO pixels -37%")
-        return verdict
-
-    monkeypatch.setattr(variants, "check_variant", failing_first)
-    segmenter = OnnxSegmenter(load_model_info(model_path), device="cpu")
-    assert segmenter.precision is Precision.INT8 and segmenter.int8_recipe == "portable"
-
-
-def test_an_unwritable_cache_folder_only_costs_a_check_per_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    blocker = tmp_path / "not-a-folder"
-    blocker.write_text("x")
-    monkeypatch.setenv(verdict_cache.CACHE_ENV, str(blocker / "cache"))
-    info = load_model_info(_conv_model_with_recipe(tmp_path / "m"))
-    segmenter = OnnxSegmenter(info, device="cpu")
-    assert segmenter.precision is Precision.INT8
-    assert segmenter.variant_check is not None and segmenter.variant_check.passed
-
-
 def test_a_corrupt_reference_file_is_a_model_error(tmp_path: Path) -> None:
     model_path = _conv_model_with_recipe(tmp_path)
     (tmp_path / REFERENCE_SET_NAME).write_bytes(b"not an npz")
@@ -231,21 +156,13 @@ def test_a_recipe_measured_no_faster_than_fp32_is_used_only_when_asked_for(
     assert explicit.precision is Precision.INT8 and explicit.variant_checked
 
 
-def test_a_format_1_recipe_file_loads_as_one_recipe_for_any_cpu(tmp_path: Path) -> None:
-    from ggo_cli.onnx.int8_recipes import INT8_SPEC_FORMAT_1, parse_int8_spec
-
-    data = {
-        "format": INT8_SPEC_FORMAT_1,
-        "model_sha256": "ab" * 32,
-        "settings": {"activation_type": "QUInt8"},
-        "int8_graph_sha256": "cd" * 32,
-        "onnxruntime": "1.31.1",
-        "validation": {"pooled_dice_change": 0.0003, "speed_cpu": {"speedup": 3.09}},
-        "tensors_data": {"data": {}},
-    }
-    spec = parse_int8_spec(tmp_path / INT8_SPEC_NAME, data, "ef" * 32)
-    (recipe,) = spec.recipes
-    assert recipe.cpu_any == () and recipe.fits(set()) and recipe.speedup == 3.09
-    assert spec.candidates({"avx2"}) == [recipe]
-    with pytest.raises(ValueError, match="format 'other'"):
-        parse_int8_spec(tmp_path / INT8_SPEC_NAME, {**data, "format": "other"}, "")
+def test_an_unwritable_cache_folder_only_costs_a_check_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv(verdict_cache.CACHE_ENV, str(blocker / "cache"))
+    info = load_model_info(_conv_model_with_recipe(tmp_path / "m"))
+    segmenter = OnnxSegmenter(info, device="cpu")
+    assert segmenter.precision is Precision.INT8
+    assert segmenter.variant_check is not None and segmenter.variant_check.passed
