@@ -25,6 +25,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +35,17 @@ sys.path.insert(0, str(REPO))
 
 # Cells and elements that differ between two runs of the same code (time of the run).
 VOLATILE_CSV = {"processed_at"}
+# DimensionOrganizationUID: highdicom makes a new random one for every SEG (the SEG's Series and
+# SOP Instance UIDs are ggo-cli's, derived from the source and the model, and are compared).
 VOLATILE_SEG = {
     "InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime",
-    "SeriesDate", "SeriesTime",
+    "SeriesDate", "SeriesTime", "ContributionDateTime", "DimensionOrganizationUID",
+    "DimensionOrganizationSequence", "DimensionIndexSequence",
 }
 VOLATILE_JSON = {"seconds", "elapsed_s", "started_at", "finished_at", "processed_at", "wall_s",
-                 "manifest", "log_file", "timings"}
+                 "manifest", "log_file", "timings", "timings_s"}
+# A log line is compared by its level and message: its time and logger (module) name may differ.
+LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>[\w.]+): (?P<message>.*)$")
 
 
 def _shared_series() -> Path:
@@ -87,15 +93,21 @@ def _run(args: list[str], out: Path) -> dict[str, object]:
         summary = json.loads(done.stdout) if done.stdout.strip() else None
     except json.JSONDecodeError:
         summary = done.stdout
+    last = done.stderr.strip().splitlines()[-1:] if done.returncode else []
     return {"exit_code": done.returncode, "summary": _drop(summary),
-            "stderr_last": done.stderr.strip().splitlines()[-1:] if done.returncode else []}
+            "stderr_last": [_log_message(line) for line in last]}
 
 
-def _drop(value: object) -> object:
+def _log_message(line: str) -> str:
+    match = LOG_LINE.match(line)
+    return f"{match['level']}: {match['message']}" if match else line
+
+
+def _drop(value: object, keys: set[str] = VOLATILE_JSON) -> object:
     if isinstance(value, dict):
-        return {k: _drop(v) for k, v in value.items() if k not in VOLATILE_JSON}
+        return {k: _drop(v, keys) for k, v in value.items() if k not in keys}
     if isinstance(value, list):
-        return [_drop(v) for v in value]
+        return [_drop(v, keys) for v in value]
     return value
 
 
@@ -163,11 +175,13 @@ def _diff(a: object, b: object, where: str, out: list[str]) -> None:
 
 
 def compare(before: Path, after: Path) -> int:
-    a = json.loads((before / "capture.json").read_text())
-    b = json.loads((after / "capture.json").read_text())
+    a = _drop(json.loads((before / "capture.json").read_text()), VOLATILE_SEG | VOLATILE_JSON)
+    b = _drop(json.loads((after / "capture.json").read_text()), VOLATILE_SEG | VOLATILE_JSON)
     # Absolute paths of the two capture folders differ; compare them as the same.
     text_b = json.dumps(b).replace(str(after.resolve()), str(before.resolve()))
     b = json.loads(text_b)
+    for case in (*a.values(), *b.values()):  # captures older than the log-line rule
+        case["run"]["stderr_last"] = [_log_message(line) for line in case["run"]["stderr_last"]]
     differences: list[str] = []
     _diff(a, b, "", differences)
     for line in differences:
