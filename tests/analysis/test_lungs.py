@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -214,42 +213,6 @@ def test_ggo_restricted_to_the_lungs_has_no_voxel_outside_them(chest: Phantom,
     with pytest.raises(ValueError, match=r"masks \(2, 2, 2, 1\) do not match lung shapes"):
         keep_inside_lungs(Prediction(masks=np.zeros((2, 2, 2, 1), bool), threshold=0.5),
                           chest_lungs)
-
-
-def test_lung_measurements_are_volumes_and_percentages() -> None:
-    right = np.zeros((2, 4, 8), bool)
-    left = np.zeros_like(right)
-    ggo = np.zeros_like(right)
-    right[0, :, :5] = True  # 20 voxels
-    left[1, :, 3:8] = True  # 20 voxels
-    left[0, 0, 6:8] = True  # 22 in all
-    ggo[0, 0, :2] = True  # 2 in the right lung
-    ggo[1, :, 7] = True  # 4 in the left lung
-    ggo[0, 3, 6] = True  # 1 outside both: not counted
-    m = lung_measurements(LungMasks(right=right, left=left), ggo, 0.5)
-    assert (m.right_lung_volume_ml, m.left_lung_volume_ml, m.lung_volume_ml) == (10.0, 11.0, 21.0)
-    assert (m.right_ggo_volume_ml, m.left_ggo_volume_ml) == (1.0, 2.0)
-    assert m.right_ggo_percent == pytest.approx(10.0)
-    assert m.left_ggo_percent == pytest.approx(100.0 * 2.0 / 11.0)
-    assert m.ggo_percent_of_lung == pytest.approx(100.0 * 3.0 / 21.0)
-
-
-def test_lung_measurements_of_an_empty_lung_are_nan_percent() -> None:
-    right = np.ones((1, 2, 2), bool)
-    empty = np.zeros_like(right)
-    m = lung_measurements(LungMasks(right=right, left=empty), right, 1.0)
-    assert m.left_lung_volume_ml == 0.0 and math.isnan(m.left_ggo_percent)
-    assert m.right_ggo_percent == 100.0 and m.ggo_percent_of_lung == 100.0
-    m = lung_measurements(LungMasks(right=empty, left=empty), empty, 1.0)
-    assert math.isnan(m.ggo_percent_of_lung) and m.lung_volume_ml == 0.0
-
-
-def test_lung_measurements_reject_bad_input() -> None:
-    lungs = LungMasks(right=np.zeros((1, 2, 2), bool), left=np.zeros((1, 2, 2), bool))
-    with pytest.raises(ValueError, match=r"GGO shape \(1, 2, 3\) differs"):
-        lung_measurements(lungs, np.zeros((1, 2, 3), bool), 1.0)
-    with pytest.raises(ValueError, match="voxel_volume_ml 0.0 must be positive"):
-        lung_measurements(lungs, np.zeros((1, 2, 2), bool), 0.0)
 
 
 def test_a_volume_without_air_has_empty_lungs() -> None:
