@@ -7,14 +7,16 @@ A renovation (moves and splits) must not change what ggo-cli does. This script r
 3. ``ggo-cli segment`` on a folder of bad inputs built in code (a good series beside a
    truncated file, RescaleSlope 0, a localizer, a non-DICOM file, NaN positions, a forged UID),
 4. ``ggo-cli segment ... --device bogus`` (a bad option),
+5. ``ggo-cli explain`` on the bad-input folder (GradCAM++ maps of its two good series),
 
 and keeps, per case, the exit code, the CSV, every SEG (all elements but the creation dates and
-times, and its pixel data), every PNG (its bytes) and the ``--json`` summary (timings dropped).
+times, and its pixel data), every PNG (its bytes), every ``.npz`` (each array's digest) and the
+``--json`` summary (timings dropped). ``capture DIR CASE ...`` runs only the named cases.
 ``compare`` prints each difference and exits 1 when there is one.
 
 Usage::
 
-    python scripts/renovation_check.py capture BEFORE_DIR
+    python scripts/renovation_check.py capture BEFORE_DIR [CASE ...]
     python scripts/renovation_check.py capture AFTER_DIR
     python scripts/renovation_check.py compare BEFORE_DIR AFTER_DIR
 """
@@ -28,6 +30,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,12 +142,16 @@ def _outputs(out: Path) -> dict[str, object]:
                           "shape": list(pixels.shape), "elements": elements}
         elif path.suffix == ".png":
             found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+        elif path.suffix == ".npz":
+            with np.load(path) as arrays:
+                found[rel] = {name: hashlib.sha256(np.ascontiguousarray(arrays[name]).tobytes())
+                              .hexdigest() for name in sorted(arrays.files)}
         elif path.suffix == ".json":
             found[rel] = _drop(json.loads(path.read_text()))
     return found
 
 
-def capture(dest: Path) -> None:
+def capture(dest: Path, only: Sequence[str] = ()) -> None:
     dest.mkdir(parents=True, exist_ok=False)
     bad = _bad_inputs(dest / "inputs" / "bad")
     cases = {
@@ -152,7 +159,10 @@ def capture(dest: Path) -> None:
         "real": ["segment", str(_shared_series()), "-o", str(dest / "real"), "--device", "cpu"],
         "bad": ["segment", str(bad), "-o", str(dest / "bad"), "--device", "cpu"],
         "bogus_device": ["segment", str(bad), "-o", str(dest / "bogus"), "--device", "bogus"],
+        "explain": ["explain", str(bad), "-o", str(dest / "explain"), "--device", "cpu"],
     }
+    if only:
+        cases = {name: args for name, args in cases.items() if name in only}
     result = {}
     for name, args in cases.items():
         result[name] = {"run": _run(args, dest / name), "outputs": _outputs(dest / name)}
@@ -192,8 +202,8 @@ def compare(before: Path, after: Path) -> int:
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "capture":
-        capture(Path(sys.argv[2]))
+    if len(sys.argv) >= 3 and sys.argv[1] == "capture":
+        capture(Path(sys.argv[2]), sys.argv[3:])
         return 0
     if len(sys.argv) == 4 and sys.argv[1] == "compare":
         return compare(Path(sys.argv[2]), Path(sys.argv[3]))
