@@ -126,7 +126,8 @@ def upsampling_as_depth_to_space(model: Any) -> dict[str, str]:
     ``DepthToSpace`` (block 2, mode CRD) computes the same sums, as a plain matrix product.
     ONNX Runtime's CPU quantizer turns that ``Conv`` into an int8 ``QLinearConv``, while it
     leaves a ``ConvTranspose`` in float32 (a large share of the int8 model's time on the CPU:
-    docs/training.md), so the int8 recipe can ask for it (``"upsampling": "depth_to_space"``).
+    docs/benchmarks.md, "Training and quantization times"), so the int8 recipe can ask for it
+    (``"upsampling": "depth_to_space"``).
     On an H200 in fp16 + NHWC it was slower (docs/benchmarks.md), so CUDA does not use it.
     Nodes with other kernels, strides, pads, groups, output padding or non-constant weights
     are left alone.
