@@ -112,6 +112,19 @@ class ExplainMode(Enum):
     ONLY = "only"
 
 
+class SegFrames(StrEnum):
+    """``--seg-frames``: which frames a SEG holds.
+
+    ``all`` (default): one frame per slice and segment, so an empty SEG still says "analysed,
+    nothing found" and every viewer can page through it with the CT. ``nonempty``: only frames
+    with a segmented pixel (a SEG without any keeps all its frames), far fewer frames for
+    viewers that refuse large SEGs (e.g. Weasis 4.6 and later skip SEGs over 400 frames).
+    """
+
+    ALL = "all"
+    NONEMPTY = "nonempty"
+
+
 class PngMode(StrEnum):
     """Which PNGs ``segment`` writes per series."""
 
@@ -161,6 +174,7 @@ class RunConfig:
         png_mode: which PNGs to write.
         include_patient_id: write PatientID into the CSV (off by default).
         seg_series_number: SeriesNumber of every SEG written.
+        seg_frames: which frames every SEG holds (``--seg-frames``).
         seg_series_description: SeriesDescription of every SEG written.
         settle_minutes: series with a file modified this recently are left for a later run
             (0: none).
@@ -193,6 +207,7 @@ class RunConfig:
     png_mode: PngMode = PngMode.OVERLAY
     include_patient_id: bool = False
     seg_series_number: int = SEG_SERIES_NUMBER
+    seg_frames: SegFrames = SegFrames.ALL
     seg_series_description: str = SEG_SERIES_DESCRIPTION
     settle_minutes: float = SETTLE_MINUTES
     force: bool = False

@@ -32,6 +32,7 @@ from ..config import (
     ExplainMode,
     PngMode,
     RunConfig,
+    SegFrames,
     SelectionRules,
 )
 from ..domain import SeriesStatus
@@ -75,6 +76,7 @@ from .options import (
     PngOpt,
     PrecisionOpt,
     PseudonymizeOpt,
+    SegFramesOpt,
     SegSeriesDescriptionOpt,
     SegSeriesNumberOpt,
     SeriesOpt,
@@ -237,6 +239,7 @@ def segment(
     batch_size: BatchOpt = None,
     threshold: ThresholdOpt = None,
     png: PngOpt = PngMode.OVERLAY,
+    seg_frames: SegFramesOpt = SegFrames.ALL,
     series: SeriesOpt = None,
     min_slices: MinSlicesOpt = MIN_SLICES,
     axial_tolerance: AxialToleranceOpt = AXIAL_TOLERANCE_DEG,
@@ -278,6 +281,7 @@ def segment(
             series_uids=tuple(series or ()),
         ),
         png=png,
+        seg_frames=seg_frames,
         include_patient_id=include_patient_id,
         series_number=series_number,
         series_description=series_description,

@@ -22,6 +22,7 @@ from ..config import (
     ExplainMode,
     PngMode,
     RunConfig,
+    SegFrames,
     SelectionRules,
     default_model_path,
     parse_device,
@@ -43,6 +44,7 @@ def build_run_config(
     batch_size: int | None = None,
     threshold: float | None = None,
     png: PngMode = PngMode.OVERLAY,
+    seg_frames: SegFrames = SegFrames.ALL,
     include_patient_id: bool = False,
     series_number: int = SEG_SERIES_NUMBER,
     series_description: str = SEG_SERIES_DESCRIPTION,
@@ -69,6 +71,7 @@ def build_run_config(
         batch_size: ``--batch-size``.
         threshold: ``--threshold``.
         png: ``--png``.
+        seg_frames: ``--seg-frames``.
         include_patient_id: ``--include-patient-id``.
         series_number: ``--seg-series-number``.
         series_description: ``--seg-series-description``.
@@ -101,6 +104,7 @@ def build_run_config(
         threshold=threshold,
         selection=selection,
         png_mode=png,
+        seg_frames=seg_frames,
         include_patient_id=include_patient_id,
         seg_series_number=check_series_number(series_number),
         seg_series_description=check_description(series_description),

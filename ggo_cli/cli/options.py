@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..analysis.explainer import ExplainSlices
-from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode
+from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode, SegFrames
 from ..onnx.precision import Precision
 
 InputsArg = Annotated[
@@ -96,6 +96,15 @@ PngOpt = Annotated[
     PngMode,
     typer.Option(
         "--png", help="overlay: one montage per series; all: also one PNG per GGO slice; none."
+    ),
+]
+SegFramesOpt = Annotated[
+    SegFrames,
+    typer.Option(
+        "--seg-frames",
+        help="all: one SEG frame per slice and segment (an empty SEG still says 'nothing "
+        "found'); nonempty: only frames with a segmented pixel (fewer frames, for viewers that "
+        "refuse large SEGs).",
     ),
 ]
 SeriesOpt = Annotated[

@@ -64,6 +64,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "spacing_tolerance": cfg.selection.spacing_tolerance,
             "include_patient_id": cfg.include_patient_id,
             "seg_series_number": cfg.seg_series_number,
+            "seg_frames": cfg.seg_frames.value,
         },
         "model": {
             "name": model.name,

@@ -9,7 +9,15 @@ from .. import __version__
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.lungs import LungMasks
 from ..analysis.segmenter import OnnxSegmenter
-from ..config import GRADCAM_FOLDER, GRADCAM_NPZ_NAME, OVERLAY_NAME, SEG_NAME, PngMode, RunConfig
+from ..config import (
+    GRADCAM_FOLDER,
+    GRADCAM_NPZ_NAME,
+    OVERLAY_NAME,
+    SEG_NAME,
+    PngMode,
+    RunConfig,
+    SegFrames,
+)
 from ..domain import CtVolume, Prediction
 from ..fsutil import OutputTree
 from ..writers.dicom_seg import write_seg
@@ -43,6 +51,7 @@ def write_outputs(
         folder / SEG_NAME,
         lungs=lungs,
         series_number=cfg.seg_series_number,
+        nonempty_frames=cfg.seg_frames is SegFrames.NONEMPTY,
         series_description=cfg.seg_series_description,
         software_version=__version__,
         tree=cfg.tree,

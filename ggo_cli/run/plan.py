@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import __version__
 from ..analysis.quality import parse_flags
-from ..config import CSV_NAME, ExplainMode, RunConfig
+from ..config import CSV_NAME, ExplainMode, RunConfig, SegFrames
 from ..domain import (
     GgoMeasurement,
     LungMeasurement,
@@ -84,7 +84,7 @@ def check_output_location(inputs: Sequence[Path], out_dir: Path) -> None:
 
 def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
     """The options that change a series' outputs (a change reprocesses the series)."""
-    return {
+    options: dict[str, Any] = {
         "ggo_cli": __version__,
         "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
         "png": cfg.png_mode.value,
@@ -97,6 +97,9 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "lung_mask": cfg.lung_mask,
         "precision": cfg.precision.value,
     }
+    if cfg.seg_frames is not SegFrames.ALL:  # absent when default: stored series stay reusable
+        options["seg_frames"] = cfg.seg_frames.value
+    return options
 
 
 def _still_arriving(

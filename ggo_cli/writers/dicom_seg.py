@@ -13,8 +13,10 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
   Modifier Code Sequence, algorithm ``ggo-cli lung mask`` (family Morphological Operations,
   threshold -320 HU) from :mod:`ggo_cli.analysis.lungs`.
 - One frame per source slice and segment, empty frames included (``omit_empty_frames=False``),
-  so a GGO-free series still yields a SEG that says "analysed, nothing found". Each frame
-  references its source CT instance (Derivation Image Sequence); the Referenced Series
+  so a GGO-free series still yields a SEG that says "analysed, nothing found". With
+  ``--seg-frames nonempty`` only the frames with a segmented pixel are kept (for viewers that
+  refuse SEGs of many frames); a SEG with none keeps all (highdicom cannot omit every frame).
+  Each frame references its source CT instance (Derivation Image Sequence); the Referenced Series
   Sequence lists every source instance. Geometry (positions, orientation, pixel spacing) is
   copied from the source headers; no pixel data of the source is needed.
 - Patient, study and specimen attributes are copied from the first source header by
@@ -139,6 +141,7 @@ def build_seg(
     series_description: str = SEG_SERIES_DESCRIPTION,
     software_version: str = __version__,
     lungs: LungMasks | None = None,
+    nonempty_frames: bool = False,
 ) -> hd.seg.Segmentation:
     """Build the DICOM-SEG of a prediction over its source CT series (in memory).
 
@@ -151,9 +154,12 @@ def build_seg(
         series_description: SeriesDescription of the SEG (mark it as AI research output).
         software_version: ggo-cli's version (Software Versions).
         lungs: when given, right and left lung segments follow the model's.
+        nonempty_frames: keep only the frames with a segmented pixel (``--seg-frames
+            nonempty``; a SEG without any keeps all its frames).
 
     Returns:
-        The Segmentation: BINARY, ``slices x segments`` frames, deterministic UIDs.
+        The Segmentation: BINARY, ``slices x segments`` frames (or the non-empty ones),
+        deterministic UIDs.
 
     Raises:
         InputError: series number or description out of range.
@@ -172,6 +178,7 @@ def build_seg(
         series_number=series_number,
         series_description=series_description,
         lung_segments=lungs is not None,
+        nonempty_frames=nonempty_frames,
     )
     descriptions = segment_descriptions(model, prediction.threshold)
     if lungs is not None:
@@ -199,7 +206,7 @@ def build_seg(
                 content_label=SEG_CONTENT_LABEL,
                 content_description=SEG_CONTENT_DESCRIPTION,
                 transfer_syntax_uid=SEG_TRANSFER_SYNTAX_UID,
-                omit_empty_frames=False,
+                omit_empty_frames=nonempty_frames,
                 contributing_equipment=[algorithm_equipment(model)],
                 series_description=series_description,
                 specific_character_set=source_character_set(volume.datasets[0]),
@@ -238,6 +245,7 @@ def write_seg(
     verify: bool = True,
     lungs: LungMasks | None = None,
     tree: OutputTree | None = None,
+    nonempty_frames: bool = False,
 ) -> Path:
     """Build the SEG, write it atomically and (by default) verify it before it appears.
 
@@ -257,6 +265,7 @@ def write_seg(
         lungs: when given, right and left lung segments follow the model's.
         tree: the output folder ``path`` lies in: no link is followed below it and the file
             gets its mode (``0600`` by default: the SEG holds patient data).
+        nonempty_frames: keep only the frames with a segmented pixel (``--seg-frames``).
 
     Returns:
         ``path``.
@@ -274,10 +283,14 @@ def write_seg(
         series_description=series_description,
         software_version=software_version,
         lungs=lungs,
+        nonempty_frames=nonempty_frames,
     )
     with atomic_write_path(path, tree=tree) as temp:
         dcmwrite(temp, seg, enforce_file_format=True)
         if verify:
-            verify_seg(temp, volume, prediction, model=model, shown=path, lungs=lungs)
+            verify_seg(
+                temp, volume, prediction, model=model, shown=path, lungs=lungs,
+                nonempty_frames=nonempty_frames,
+            )
     log.debug("series %s: SEG written to %s", volume.series.series_instance_uid, path)
     return path

@@ -115,6 +115,7 @@ def derive_seg_uids(
     series_number: int,
     series_description: str,
     lung_segments: bool = False,
+    nonempty_frames: bool = False,
 ) -> tuple[str, str]:
     """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
 
@@ -130,6 +131,7 @@ def derive_seg_uids(
         series_number: the SEG's SeriesNumber.
         series_description: the SEG's SeriesDescription.
         lung_segments: whether the SEG carries the lung segments (and GGO kept inside them).
+        nonempty_frames: whether the SEG holds only its non-empty frames (``--seg-frames``).
 
     Returns:
         ``(series_instance_uid, sop_instance_uid)``.
@@ -144,6 +146,8 @@ def derive_seg_uids(
     ]
     if lung_segments:
         common.append(f"lungs {__version__}")
+    if nonempty_frames:  # absent for all frames: those SEGs keep their UIDs
+        common.append("frames nonempty")
     series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
     sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
     return str(series_uid), str(sop_uid)

@@ -145,6 +145,7 @@ def verify_seg(
     model: ModelInfo | None = None,
     shown: Path | None = None,
     lungs: LungMasks | None = None,
+    nonempty_frames: bool = False,
 ) -> None:
     """Read a written SEG back with highdicom and check it against its source and masks.
 
@@ -162,6 +163,8 @@ def verify_seg(
         shown: the path to name in messages (the final path when ``path`` is a temp file);
             defaults to ``path``.
         lungs: the lung masks written after the model's segments, if any.
+        nonempty_frames: the SEG holds only its non-empty frames (all when every frame is
+            empty); the pixels are checked the same way, missing frames reading as zeros.
 
     Raises:
         OutputError: the file cannot be read as a SEG or a check fails; the message names the
@@ -177,11 +180,15 @@ def verify_seg(
     if seg.SOPClassUID != SegmentationStorage or seg.SegmentationType != "BINARY":
         raise _fail(shown, f"SOP class {seg.SOPClassUID}, type {seg.SegmentationType}")
     _check_references(seg, shown, volume)
-    if int(seg.NumberOfFrames) != n_slices * n_segments:
-        raise _fail(
-            shown,
-            f"{seg.NumberOfFrames} frames, expected {n_slices} slices x {n_segments} segments",
-        )
+    n_frames = n_slices * n_segments
+    if nonempty_frames:
+        n_nonempty = int(np.count_nonzero(expected.any(axis=(1, 2))))
+        n_frames = n_nonempty or n_frames
+        wanted = f"{n_frames} non-empty frames"
+    else:
+        wanted = f"{n_slices} slices x {n_segments} segments"
+    if int(seg.NumberOfFrames) != n_frames:
+        raise _fail(shown, f"{seg.NumberOfFrames} frames, expected {wanted}")
     _check_segments(seg, shown, n_segments, model, lungs=lungs is not None)
     # Slab by slab: the whole stack read back at once is another uint8 copy of every frame
     # (786 MB for 1000 slices and 3 segments), and its comparison a third.

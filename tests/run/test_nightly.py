@@ -287,3 +287,34 @@ def test_header_reader_never_raises_on_mutated_files(
     path.write_bytes(bytes(blob))
     result = read_header(path)
     assert result is None or hasattr(result, "SOPInstanceUID")
+
+
+def test_seg_frames_nonempty_writes_fewer_frames_and_reprocesses_once(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    """``--seg-frames nonempty`` is an output option: switching to it redoes each series once
+    (SEGs of non-empty frames only, same volumes); the default leaves a store reusable."""
+    import numpy as np
+    import pydicom
+
+    hu = np.full((12, 48, 48), -1000.0, np.float32)  # slices 1-4: air only, nothing in the band
+    hu[4:, 6:42, 6:42] = 40.0
+    hu[6:9, 20:26, 20:26] = -500.0
+    make_ct_series(tmp_path / "in", phantom=hu, folder="study", seed=1)
+    root, out = tmp_path / "in", tmp_path / "out"
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    (seg_path,) = out.rglob("*.seg.dcm")
+    assert int(pydicom.dcmread(seg_path).NumberOfFrames) == 12
+    (row,) = _rows(out)
+    assert 0 < int(row["ggo_slice_count"]) <= 8
+    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 1  # the default: nothing to redo
+    result = _segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
+    assert result.exit_code == 0, result.output
+    assert _manifest(out)["counts"]["unchanged"] == 0
+    assert _manifest(out)["options"]["seg_frames"] == "nonempty"
+    assert int(pydicom.dcmread(seg_path).NumberOfFrames) == int(row["ggo_slice_count"])
+    assert [r["ggo_volume_ml"] for r in _rows(out)] == [row["ggo_volume_ml"]]
+    again = _segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
+    assert again.exit_code == 0
+    assert _manifest(out)["counts"]["unchanged"] == 1

@@ -588,3 +588,49 @@ def test_verify_reads_back_slab_by_slab_and_finds_a_late_mismatch(
     other[2, 0, 0, 0] = False  # one pixel of the last slab
     with pytest.raises(OutputError, match="1 pixels differ"):
         verify_seg(path, dcmqi_volume, Prediction(masks=other, threshold=0.5))
+
+
+# -- --seg-frames nonempty ---------------------------------------------------------------------
+
+
+def test_nonempty_frames_keep_only_segmented_frames_and_read_back_equal(
+    tmp_path: Path, lung_volume: CtVolume, lung_prediction: Prediction, model: ModelInfo
+) -> None:
+    """``--seg-frames nonempty``: one frame per (slice, segment) with a segmented pixel; the
+    pixels read back per source instance equal the masks (missing frames are empty); the SEG
+    gets its own UIDs (other content) and is valid."""
+    lungs = _lungs_of(lung_volume)
+    path = write_seg(
+        lung_volume, lung_prediction, model, tmp_path / "nonempty.seg.dcm", lungs=lungs,
+        software_version=SOFTWARE_VERSION, nonempty_frames=True,
+    )
+    full = write_seg(
+        lung_volume, lung_prediction, model, tmp_path / "all.seg.dcm", lungs=lungs,
+        software_version=SOFTWARE_VERSION,
+    )
+    expected = np.stack(
+        [lung_prediction.masks[..., 0], lungs.right, lungs.left], axis=-1
+    )
+    want_frames = int(np.count_nonzero(expected.any(axis=(1, 2))))
+    assert 0 < want_frames < expected.shape[0] * 3
+    seg = hd.seg.segread(path)
+    assert int(seg.NumberOfFrames) == want_frames
+    assert int(pydicom.dcmread(full).NumberOfFrames) == expected.shape[0] * 3
+    pixels = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=list(lung_volume.sop_instance_uids), segment_numbers=[1, 2, 3]
+    )
+    assert_array_equal(pixels.astype(bool), expected)
+    assert seg.SOPInstanceUID != pydicom.dcmread(full).SOPInstanceUID
+    assert dciodvfy_errors(path) == []
+
+
+def test_nonempty_frames_of_an_empty_seg_keep_every_frame(
+    tmp_path: Path, lung_volume: CtVolume, model: ModelInfo
+) -> None:
+    """A GGO-free series still says "analysed, nothing found": all frames, all empty."""
+    empty = Prediction(masks=np.zeros((*lung_volume.hu.shape, 1), dtype=bool), threshold=0.5)
+    path = write_seg(
+        lung_volume, empty, model, tmp_path / "empty.seg.dcm",
+        software_version=SOFTWARE_VERSION, nonempty_frames=True,
+    )
+    assert int(pydicom.dcmread(path).NumberOfFrames) == len(lung_volume.datasets)
