@@ -7,14 +7,18 @@ when its output cannot be written or fails its read-back check.
 from __future__ import annotations
 
 from .dicom_seg import build_seg, verify_seg, write_seg
+from .dicom_sr import build_sr, verify_sr, write_sr
 from .overlay_png import write_overlay, write_slice_pngs
 from .report_csv import CSV_COLUMNS
 
 __all__ = [
     "CSV_COLUMNS",
     "build_seg",
+    "build_sr",
     "verify_seg",
+    "verify_sr",
     "write_overlay",
     "write_seg",
+    "write_sr",
     "write_slice_pngs",
 ]

@@ -1,0 +1,281 @@
+"""DICOM SR measurement report (TID 1500, Comprehensive 3D SR) of a series' SEG: build with
+highdicom, write atomically, read back and check.
+
+One report per series, next to its SEG (issue 17 items 1 and 6):
+
+- Content (:mod:`ggo_cli.writers.sr_content`): TID 1411 volumetric groups that reference the
+  SEG's segments (GGO; right and left lung when the SEG has them) with the GGO volume, each
+  lung's volume, the GGO volume per lung and the GGO percent of each lung and of both, each
+  rounded exactly as the CSV prints it; the algorithm as device observer and, per group, the
+  Algorithm Identification (TID 4019) the SEG records for that segment; the QC flags as TEXT
+  qualitative evaluations of the report (TID 1500 row 14).
+- Evidence: the SEG and the source CT instances (Current Requested Procedure Evidence
+  Sequence, same study), so a PACS can link the SR to the SEG series and the CT.
+- Patient and study modules: copied by highdicom from the first source CT header, as the SEG
+  copies them; nothing is invented (a missing Type 2 attribute is refused, see
+  :func:`ggo_cli.writers.seg_source.check_source_headers`).
+- Equipment: Manufacturer ``ggo-cli``, Manufacturer's Model Name = model name, Software
+  Versions = ggo-cli's version, Device Serial Number = the graph digest's first 16 hex digits,
+  and the algorithm as Contributing Equipment (IHE AI Results) built by
+  :func:`ggo_cli.writers.seg_segments.algorithm_equipment`, as in the SEG, plus its Device UID
+  (0018,1002) (:func:`ggo_cli.writers.sr_content.algorithm_device_uid`).
+- Flags: COMPLETE, UNVERIFIED, PRELIMINARY (an algorithm's output that no person has
+  verified; PS3.3 C.17.2).
+- Deterministic UIDs (:func:`derive_sr_uids`): from the SEG's SOP Instance UID (which already
+  depends on the source series, model, threshold, lungs and SEG series identity), the printed
+  values, the QC flags and the SR's series number and description, in a namespace of their own.
+- Transfer syntax Explicit VR Little Endian, as the SEG.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import highdicom as hd
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .. import __version__
+from ..atomic_output import atomic_write_path
+from ..domain import CtVolume, GgoMeasurement, LungMeasurement
+from ..errors import InputError, OutputError
+from ..fsutil import OutputTree
+from ..onnx.model_info import ModelInfo
+from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
+from .seg_source import (
+    check_seg_series_options,
+    check_source_headers,
+    redact_source_values,
+    source_character_set,
+)
+from .sr_content import (
+    algorithm_device_uid,
+    measurement_report,
+    reported_values,
+    seg_reference,
+)
+from .sr_verify import verify_sr
+
+__all__ = ["build_sr", "derive_sr_uids", "verify_sr", "write_sr"]
+
+log = logging.getLogger(__name__)
+
+SR_SERIES_NUMBER = 9902
+SR_SERIES_DESCRIPTION = "GGO AI measurements - research use only"
+SR_INSTANCE_NUMBER = 1
+SR_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
+_UID_NAMESPACE = "ggo-cli/sr/v1"
+_BUILD_ERRORS = (ValueError, TypeError, AttributeError)
+
+
+def derive_sr_uids(
+    seg_sop_instance_uid: str,
+    *,
+    values: Sequence[str],
+    qc_flags: Sequence[str],
+    series_number: int,
+    series_description: str,
+) -> tuple[str, str]:
+    """Derive the SR's SeriesInstanceUID and SOPInstanceUID deterministically.
+
+    As :func:`ggo_cli.writers.seg_source.derive_seg_uids`: ``generate_uid`` over a SHA-512 of
+    the entropy sources, in the ``ggo-cli/sr/v1`` namespace. A rerun with the same SEG and
+    values reproduces the UIDs; another SEG, value, flag or series identity gets new ones.
+
+    Args:
+        seg_sop_instance_uid: the referenced SEG's SOPInstanceUID.
+        values: the reported values as printed (``column=value``).
+        qc_flags: the QC flag names.
+        series_number: the SR's SeriesNumber.
+        series_description: the SR's SeriesDescription.
+
+    Returns:
+        ``(series_instance_uid, sop_instance_uid)``.
+    """
+    common = [
+        _UID_NAMESPACE,
+        seg_sop_instance_uid,
+        *values,
+        "qc:" + ";".join(qc_flags),
+        str(series_number),
+        series_description,
+    ]
+    series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
+    sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
+    return str(series_uid), str(sop_uid)
+
+
+def _check_series_options(series_number: int, series_description: str) -> None:
+    """The SEG's checks, with messages that name the SR."""
+    try:
+        check_seg_series_options(series_number, series_description)
+    except InputError as exc:
+        raise InputError(str(exc).replace("SEG series", "SR series", 1)) from None
+
+
+def build_sr(
+    volume: CtVolume,
+    seg: Dataset,
+    *,
+    measurement: GgoMeasurement,
+    model: ModelInfo,
+    lungs: LungMeasurement | None = None,
+    qc_flags: Sequence[str] = (),
+    series_number: int = SR_SERIES_NUMBER,
+    series_description: str = SR_SERIES_DESCRIPTION,
+    software_version: str = __version__,
+) -> hd.sr.Comprehensive3DSR:
+    """Build the measurement report of a series (in memory).
+
+    Args:
+        volume: the source CT volume; ``volume.datasets`` are its headers (no pixels needed).
+        seg: the SEG written for the series (from :func:`ggo_cli.writers.dicom_seg.build_seg`
+            or read back).
+        measurement: the GGO volumetry (as the CSV row).
+        model: the model that made the SEG.
+        lungs: the lung volumetry; needs the SEG's lung segments. ``None`` without a lung mask.
+        qc_flags: the series' QC flag names (:class:`ggo_cli.analysis.quality.QcFlag`).
+        series_number: SeriesNumber of the SR.
+        series_description: SeriesDescription of the SR (mark it as AI research output).
+        software_version: ggo-cli's version (Software Versions).
+
+    Returns:
+        The Comprehensive 3D SR.
+
+    Raises:
+        InputError: series number or description out of range.
+        UnsupportedSeriesError: the source headers lack attributes the SR copies.
+        OutputError: highdicom refused to build the SR (the message says why).
+        ValueError: the SEG does not belong to the series or lacks a measured segment (a bug
+            in the caller).
+    """
+    series_uid = volume.series.series_instance_uid
+    _check_series_options(series_number, series_description)
+    check_source_headers(volume.datasets, series_uid)
+    ref = seg_reference(seg, model)
+    if ref.source_series_uid != series_uid or seg.StudyInstanceUID != volume.datasets[0].get(
+        "StudyInstanceUID"
+    ):
+        raise ValueError(f"the SEG {ref.sop_instance_uid} is not of series {series_uid}")
+    values = reported_values(measurement, lungs)
+    flags = [str(flag) for flag in qc_flags]
+    sr_series_uid, sr_sop_uid = derive_sr_uids(
+        ref.sop_instance_uid,
+        values=[f"{value.column}={value.value!r}" for value in values],
+        qc_flags=flags,
+        series_number=series_number,
+        series_description=series_description,
+    )
+    report = measurement_report(values, ref, model, qc_flags=flags, tracking_seed=sr_sop_uid)
+    equipment = algorithm_equipment(model)
+    equipment.DeviceUID = algorithm_device_uid(model)
+    # highdicom quotes source values in warnings: record them, log them redacted.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            sr = hd.sr.Comprehensive3DSR(
+                evidence=[*volume.datasets, seg],
+                content=report,
+                series_instance_uid=sr_series_uid,
+                series_number=series_number,
+                sop_instance_uid=sr_sop_uid,
+                instance_number=SR_INSTANCE_NUMBER,
+                manufacturer=SEG_MANUFACTURER,
+                is_complete=True,
+                transfer_syntax_uid=SR_TRANSFER_SYNTAX_UID,
+                contributing_equipment=[equipment],
+                series_description=series_description,
+                manufacturer_model_name=model.name,
+                software_versions=software_version,
+                device_serial_number=model.recorded_sha256[:16],
+                specific_character_set=source_character_set(volume.datasets[0]),
+            )
+        except _BUILD_ERRORS as exc:
+            raise OutputError(
+                f"series {series_uid}: cannot build the DICOM SR: "
+                f"{redact_source_values(str(exc), volume.datasets[0])}"
+            ) from exc
+    for warning in caught:
+        log.debug(
+            "series %s: highdicom %s: %s",
+            series_uid,
+            warning.category.__name__,
+            redact_source_values(str(warning.message), volume.datasets[0]),
+        )
+    log.debug("series %s: SR %s built, %d values", series_uid, sr_sop_uid, len(values))
+    return sr
+
+
+def write_sr(
+    volume: CtVolume,
+    seg: Dataset,
+    *,
+    measurement: GgoMeasurement,
+    model: ModelInfo,
+    path: Path,
+    lungs: LungMeasurement | None = None,
+    qc_flags: Sequence[str] = (),
+    series_number: int = SR_SERIES_NUMBER,
+    series_description: str = SR_SERIES_DESCRIPTION,
+    software_version: str = __version__,
+    verify: bool = True,
+    tree: OutputTree | None = None,
+) -> Path:
+    """Build the SR, write it atomically and (by default) verify it before it appears.
+
+    The SR goes to a hidden temporary file beside ``path``, is read back and checked with
+    :func:`verify_sr`, and only then renamed to ``path``; an SR that fails its check is never
+    left at ``path`` (an older file there stays as it was).
+
+    Args:
+        volume: the source CT volume.
+        seg: the SEG written for the series.
+        measurement: the GGO volumetry.
+        model: the model that made the SEG.
+        path: the destination file (parents are created).
+        lungs: the lung volumetry (the SEG must have the lung segments); ``None`` without.
+        qc_flags: the series' QC flag names.
+        series_number: SeriesNumber of the SR.
+        series_description: SeriesDescription of the SR.
+        software_version: ggo-cli's version.
+        verify: read the file back and check it before renaming it into place.
+        tree: the output folder ``path`` lies in (no link followed, the tree's file mode:
+            ``0600`` by default, the SR holds patient data).
+
+    Returns:
+        ``path``.
+
+    Raises:
+        InputError: series number or description out of range.
+        UnsupportedSeriesError: the source headers lack attributes the SR copies.
+        OutputError: the SR cannot be built, written, or fails its read-back check.
+    """
+    sr = build_sr(
+        volume,
+        seg,
+        measurement=measurement,
+        model=model,
+        lungs=lungs,
+        qc_flags=qc_flags,
+        series_number=series_number,
+        series_description=series_description,
+        software_version=software_version,
+    )
+    with atomic_write_path(path, tree=tree) as temp:
+        dcmwrite(temp, sr, enforce_file_format=True)
+        if verify:
+            verify_sr(
+                temp,
+                volume,
+                seg,
+                values=reported_values(measurement, lungs),
+                model=model,
+                qc_flags=[str(flag) for flag in qc_flags],
+                shown=path,
+            )
+    log.debug("series %s: SR written to %s", volume.series.series_instance_uid, path)
+    return path

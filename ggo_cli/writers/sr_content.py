@@ -1,0 +1,338 @@
+"""The content of a ggo-cli measurement report (TID 1500): which values it holds, how each is
+coded, and the highdicom content tree that holds them.
+
+Values (:func:`reported_values`) are the CSV's cells as numbers: each is rounded exactly as
+:mod:`ggo_cli.writers.report_csv` prints it (volumes to :data:`VOLUME_DECIMALS`, percentages to
+:data:`PERCENT_DECIMALS`) and a value whose cell is empty (an undefined percentage) is left
+out, so the SR and the CSV agree to the last printed digit.
+
+Coding choices (DICOM PS3.16):
+
+- Volumes: concept (118565006, SCT, "Volume"), unit (ml, UCUM, "milliliter").
+- Percentages: concept (118586006, SCT, "Ratio"), unit (%, UCUM, "Percent"). The value is the
+  ratio of two volumes (GGO inside a lung / that lung), so the generic SNOMED CT property
+  "Ratio", with UCUM ``%`` as the unit of the ratio, states exactly that; CID 7469 (Generic
+  Intensity and Size Measurements) has no "percent of organ involved" concept, and the
+  specific percent-of-volume codes of DCM (e.g. 112019, calcification extent) name other
+  findings.
+- Which lung a value belongs to: a Finding Site (363698007, SCT) Lung (39607008, SCT) with
+  laterality Right (24028007), Left (7771000) or Right and left (51440002) on the measurement
+  (TID 300 row "Finding Site", TID 1419).
+- Groups (TID 1411, one per referenced SEG segment): "GGO" (the model's channel 0: GGO volume,
+  GGO volume per lung and GGO percent of each lung and of both), "Right lung" and "Left lung"
+  (their volumes), each with its tracking identifier and UID, finding, finding site and the
+  Algorithm Identification (TID 4019) of the segment it references, as the SEG records it.
+- QC flags: TID 1500 rows 12-14 hold a "Qualitative Evaluations" container (C0034375, UMLS)
+  with CODE or TEXT items about the whole report. There are no standard codes for ggo-cli's
+  flags, so each flag is a TEXT item (row 14), concept (121106, DCM, "Comment"), value the
+  flag's CSV name (:class:`ggo_cli.analysis.quality.QcFlag`); the container is left out when
+  nothing is flagged (it is Type U).
+- Observer (TID 1001/1004): the algorithm as a device observer: Device Observer UID
+  (:func:`algorithm_device_uid`), name = model name, manufacturer ``ggo-cli``, model name =
+  model name and version, serial number = the SEG's Device Serial Number (the graph digest).
+- Procedure reported (CID 100): (25045-6, LN, "CT unspecified body region").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from ..domain import GgoMeasurement, LungMeasurement
+from ..onnx.model_info import ModelInfo
+from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
+from .seg_segments import LUNG_SEGMENTS, SEG_MANUFACTURER
+
+VOLUME_CONCEPT = codes.SCT.Volume
+PERCENT_CONCEPT = codes.SCT.Ratio
+ML_UNIT = Code("ml", "UCUM", "milliliter")
+PERCENT_UNIT = codes.UCUM.Percent
+LUNG_SITE = codes.SCT.Lung
+BOTH_LUNGS = codes.SCT.RightAndLeft
+QC_CONTAINER = Code("C0034375", "UMLS", "Qualitative Evaluations")
+QC_FLAG_CONCEPT = codes.DCM.Comment
+PROCEDURE_REPORTED = codes.cid100.CTUnspecifiedBodyRegion
+GGO_TRACKING_ID = "GGO"
+_DEVICE_UID_NAMESPACE = "ggo-cli/device/v1"
+_TRACKING_UID_NAMESPACE = "ggo-cli/sr-tracking/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class ReportedValue:
+    """One measurement of the report, as the CSV prints it.
+
+    Attributes:
+        column: the CSV column the value comes from.
+        group: tracking identifier of its measurement group (``GGO`` or a lung's label).
+        concept: the measurement's concept name.
+        unit: its UCUM unit.
+        value: the value rounded as the CSV cell prints it.
+        laterality: the lung(s) it is measured in (Finding Site laterality), or ``None`` for
+            the whole referenced segment.
+    """
+
+    column: str
+    group: str
+    concept: Code
+    unit: Code
+    value: float
+    laterality: Code | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SegReference:
+    """What the report takes from the SEG it references.
+
+    Attributes:
+        sop_class_uid: the SEG's SOPClassUID.
+        sop_instance_uid: the SEG's SOPInstanceUID.
+        source_series_uid: the CT series the SEG segments.
+        segments: segment number per tracking identifier (``GGO``, then the lungs found).
+        algorithms: ``(name, version)`` of each segment's algorithm, by tracking identifier.
+    """
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    source_series_uid: str
+    segments: dict[str, int]
+    algorithms: dict[str, tuple[str, str]]
+
+
+def _rounded(value: float, decimals: int) -> float | None:
+    """``value`` as the CSV prints it with ``decimals`` (``None``: an empty cell)."""
+    if not math.isfinite(value):
+        return None
+    return float(format(value, f".{decimals}f"))
+
+
+def reported_values(
+    measurement: GgoMeasurement, lungs: LungMeasurement | None
+) -> tuple[ReportedValue, ...]:
+    """The report's measurements, rounded as the CSV prints them.
+
+    Args:
+        measurement: the series' GGO volumetry.
+        lungs: the lung volumetry; ``None`` without a lung mask (GGO volume only).
+
+    Returns:
+        Values in report order; undefined percentages (a lung of volume 0) are left out.
+    """
+    right, left = (lung.label for lung in LUNG_SEGMENTS)
+    rows: list[tuple[str, str, Code, Code, float, int, Code | None]] = [
+        ("ggo_volume_ml", GGO_TRACKING_ID, VOLUME_CONCEPT, ML_UNIT, measurement.ggo_volume_ml,
+         VOLUME_DECIMALS, None),
+    ]
+    if lungs is not None:
+        rows += [
+            ("right_ggo_volume_ml", GGO_TRACKING_ID, VOLUME_CONCEPT, ML_UNIT,
+             lungs.right_ggo_volume_ml, VOLUME_DECIMALS, codes.SCT.Right),
+            ("left_ggo_volume_ml", GGO_TRACKING_ID, VOLUME_CONCEPT, ML_UNIT,
+             lungs.left_ggo_volume_ml, VOLUME_DECIMALS, codes.SCT.Left),
+            ("ggo_percent_of_lung", GGO_TRACKING_ID, PERCENT_CONCEPT, PERCENT_UNIT,
+             lungs.ggo_percent_of_lung, PERCENT_DECIMALS, BOTH_LUNGS),
+            ("right_ggo_percent", GGO_TRACKING_ID, PERCENT_CONCEPT, PERCENT_UNIT,
+             lungs.right_ggo_percent, PERCENT_DECIMALS, codes.SCT.Right),
+            ("left_ggo_percent", GGO_TRACKING_ID, PERCENT_CONCEPT, PERCENT_UNIT,
+             lungs.left_ggo_percent, PERCENT_DECIMALS, codes.SCT.Left),
+            ("right_lung_volume_ml", right, VOLUME_CONCEPT, ML_UNIT, lungs.right_lung_volume_ml,
+             VOLUME_DECIMALS, None),
+            ("left_lung_volume_ml", left, VOLUME_CONCEPT, ML_UNIT, lungs.left_lung_volume_ml,
+             VOLUME_DECIMALS, None),
+        ]
+    values = []
+    for column, group, concept, unit, raw, decimals, laterality in rows:
+        value = _rounded(raw, decimals)
+        if value is not None:
+            values.append(ReportedValue(column, group, concept, unit, value, laterality))
+    return tuple(values)
+
+
+def _codes_equal(seq: Sequence[Dataset] | None, code: Code) -> bool:
+    """Whether the first item of a code sequence is ``code`` (value and scheme)."""
+    if not seq:
+        return False
+    return bool(
+        seq[0].CodeValue == code.value and seq[0].CodingSchemeDesignator == code.scheme_designator
+    )
+
+
+def seg_reference(seg: Dataset, model: ModelInfo) -> SegReference:
+    """Find the GGO and lung segments of a ggo-cli SEG by their codes.
+
+    Args:
+        seg: the SEG (as written, or read back).
+        model: the model; its channel 0 is the GGO segment.
+
+    Returns:
+        The SEG's identity, segment numbers and algorithms.
+
+    Raises:
+        ValueError: the SEG has no segment coded as the model's GGO (a caller bug).
+    """
+    ggo_spec = model.segments[0]
+    segments: dict[str, int] = {}
+    algorithms: dict[str, tuple[str, str]] = {}
+    for item in seg.SegmentSequence:
+        key = None
+        if item.SegmentLabel == ggo_spec.label and _codes_equal(
+            item.get("SegmentedPropertyTypeCodeSequence"), ggo_spec.property_type
+        ):
+            key = GGO_TRACKING_ID
+        for lung in LUNG_SEGMENTS:
+            if _codes_equal(
+                item.get("SegmentedPropertyTypeCodeSequence"), lung.property_type
+            ) and _codes_equal(
+                item.get("SegmentedPropertyTypeModifierCodeSequence"), lung.laterality
+            ):
+                key = lung.label
+        if key is None or key in segments:
+            continue
+        segments[key] = int(item.SegmentNumber)
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        algorithms[key] = (str(algorithm.AlgorithmName), str(algorithm.AlgorithmVersion))
+    if GGO_TRACKING_ID not in segments:
+        raise ValueError(f"the SEG has no segment {ggo_spec.label!r} coded as the model's GGO")
+    return SegReference(
+        sop_class_uid=str(seg.SOPClassUID),
+        sop_instance_uid=str(seg.SOPInstanceUID),
+        source_series_uid=str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID),
+        segments=segments,
+        algorithms=algorithms,
+    )
+
+
+def algorithm_device_uid(model: ModelInfo) -> str:
+    """The algorithm's Device UID: derived from its graph digest, the same on every machine."""
+    return str(generate_uid(entropy_srcs=[_DEVICE_UID_NAMESPACE, model.recorded_sha256]))
+
+
+def observation_context(model: ModelInfo) -> hd.sr.ObservationContext:
+    """The algorithm as the report's device observer (TID 1001, TID 1004)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=algorithm_device_uid(model),
+        name=model.name,
+        manufacturer_name=SEG_MANUFACTURER,
+        model_name=f"{model.name} {model.version}",
+        serial_number=model.recorded_sha256[:16],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def _group(
+    key: str,
+    values: Sequence[ReportedValue],
+    ref: SegReference,
+    *,
+    finding: Code,
+    category: Code,
+    site: hd.sr.FindingSite,
+    tracking_seed: str,
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """One TID 1411 group: the measurements of one referenced segment."""
+    name, version = ref.algorithms[key]
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version)
+    measurements = [
+        hd.sr.Measurement(
+            name=value.concept,
+            value=value.value,
+            unit=value.unit,
+            finding_sites=(
+                [hd.sr.FindingSite(LUNG_SITE, laterality=value.laterality)]
+                if value.laterality is not None
+                else None
+            ),
+        )
+        for value in values
+    ]
+    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=str(generate_uid(entropy_srcs=[_TRACKING_UID_NAMESPACE, tracking_seed, key])),
+            identifier=key,
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=ref.sop_class_uid,
+            sop_instance_uid=ref.sop_instance_uid,
+            segment_number=ref.segments[key],
+            source_series=hd.sr.SourceSeriesForSegmentation(ref.source_series_uid),
+        ),
+        finding_type=finding,
+        finding_category=category,
+        finding_sites=[site],
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
+
+
+def measurement_report(
+    values: Sequence[ReportedValue],
+    ref: SegReference,
+    model: ModelInfo,
+    *,
+    qc_flags: Sequence[str],
+    tracking_seed: str,
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree: observer, one group per segment measured, QC flags.
+
+    Args:
+        values: from :func:`reported_values`.
+        ref: from :func:`seg_reference`.
+        model: the model (the GGO finding's codes, the observer).
+        qc_flags: QC flag names, in reporting order.
+        tracking_seed: makes the tracking UIDs unique to this report (its SOP Instance UID).
+
+    Returns:
+        The report's root container.
+
+    Raises:
+        ValueError: a value belongs to a segment the SEG does not have (lungs measured but
+            no lung segments: a caller bug).
+    """
+    ggo_spec = model.segments[0]
+    groups = []
+    for key in dict.fromkeys(value.group for value in values):
+        if key not in ref.segments:
+            raise ValueError(f"{key} measured, but the SEG has no {key} segment")
+        members = [value for value in values if value.group == key]
+        if key == GGO_TRACKING_ID:
+            site = hd.sr.FindingSite(LUNG_SITE)
+            finding, category = ggo_spec.property_type, ggo_spec.property_category
+        else:
+            lung = next(spec for spec in LUNG_SEGMENTS if spec.label == key)
+            site = hd.sr.FindingSite(LUNG_SITE, laterality=lung.laterality)
+            finding, category = lung.property_type, lung.category
+        groups.append(
+            _group(key, members, ref, finding=finding, category=category, site=site,
+                   tracking_seed=tracking_seed)
+        )
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(model),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=groups,
+    )
+    if qc_flags:
+        container = hd.sr.ContainerContentItem(
+            name=QC_CONTAINER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence(
+            [
+                hd.sr.TextContentItem(
+                    name=QC_FLAG_CONCEPT,
+                    value=str(flag),
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+                for flag in qc_flags
+            ]
+        )
+        report[0].ContentSequence.append(container)
+    return report
