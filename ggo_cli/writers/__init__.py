@@ -6,6 +6,7 @@ when its output cannot be written or fails its read-back check.
 
 from __future__ import annotations
 
+from .dicom_sc import write_sc
 from .dicom_seg import build_seg, verify_seg, write_seg
 from .dicom_sr import build_sr, verify_sr, write_sr
 from .overlay_png import write_overlay, write_slice_pngs
@@ -18,6 +19,7 @@ __all__ = [
     "verify_seg",
     "verify_sr",
     "write_overlay",
+    "write_sc",
     "write_seg",
     "write_sr",
     "write_slice_pngs",

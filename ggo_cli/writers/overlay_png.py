@@ -140,18 +140,16 @@ def _check_inputs(volume: CtVolume, ggo: BoolMask) -> None:
         )
 
 
-def write_overlay(
+def render_overlay(
     volume: CtVolume,
     ggo: BoolMask,
-    path: Path,
     *,
     window_center_hu: float,
     window_width_hu: float,
     max_tiles: int = MAX_TILES,
     tile_px: int = TILE_PX,
-    tree: OutputTree | None = None,
-) -> Path:
-    """Write the montage PNG of a series atomically.
+) -> Image.Image:
+    """Render the montage of a series (what ``overlay.png`` holds) in memory.
 
     Layout: a caption strip of ``CAPTION_PX``, then a grid of ``ceil(sqrt(k))`` columns; each
     cell is a ``LABEL_PX`` label bar over the tile, cells separated by ``GAP_PX``.
@@ -159,18 +157,15 @@ def write_overlay(
     Args:
         volume: the CT volume.
         ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
-        path: the PNG file.
         window_center_hu: display window centre in HU (the model's lung window).
         window_width_hu: display window width in HU.
         max_tiles: most slices shown.
         tile_px: longest side of a tile in pixels.
-        tree: the output folder: no link is followed below it, files get its mode.
 
     Returns:
-        ``path``.
+        The RGB montage.
 
     Raises:
-        OutputError: the file cannot be written.
         ValueError: the mask does not match the volume, or ``max_tiles`` < 1.
     """
     _check_inputs(volume, ggo)
@@ -204,15 +199,101 @@ def write_overlay(
         montage.paste(tile, (left, top + LABEL_PX))
         label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
         draw.text((left + 2, top + 2), label, fill=TEXT_RGB, font=font)
+    log.debug("overlay montage of %d tiles rendered", len(indices))
+    return montage
+
+
+def write_overlay(
+    volume: CtVolume,
+    ggo: BoolMask,
+    path: Path,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+    max_tiles: int = MAX_TILES,
+    tile_px: int = TILE_PX,
+    tree: OutputTree | None = None,
+) -> Path:
+    """Write the montage PNG of a series (:func:`render_overlay`) atomically.
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        path: the PNG file.
+        window_center_hu: display window centre in HU (the model's lung window).
+        window_width_hu: display window width in HU.
+        max_tiles: most slices shown.
+        tile_px: longest side of a tile in pixels.
+        tree: the output folder: no link is followed below it, files get its mode.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        OutputError: the file cannot be written.
+        ValueError: the mask does not match the volume, or ``max_tiles`` < 1.
+    """
+    montage = render_overlay(
+        volume,
+        ggo,
+        window_center_hu=window_center_hu,
+        window_width_hu=window_width_hu,
+        max_tiles=max_tiles,
+        tile_px=tile_px,
+    )
     with atomic_write_path(path, tree=tree) as temp:
         montage.save(temp, format="PNG", optimize=False)
-    log.debug("overlay with %d tiles written to %s", len(indices), path)
+    log.debug("overlay written to %s", path)
     return path
 
 
 def slice_png_name(index: int, n_slices: int) -> str:
     """File name of slice ``index`` (0-based) for ``--png all``: ``slice_NNNN.png``, 1-based."""
     return SLICE_PNG_PATTERN.format(index=index + 1, width=max(4, len(str(n_slices))))
+
+
+def render_slice_overlay(
+    volume: CtVolume,
+    ggo: BoolMask,
+    index: int,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Image.Image:
+    """Render one slice as a per-slice PNG holds it: a ``LABEL_PX`` label bar ("slice k/n",
+    GGO volume) over the slice at its native size.
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        index: the slice (0-based).
+        window_center_hu: display window centre in HU.
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The RGB image. Shape: ``(LABEL_PX + rows, cols)`` pixels.
+
+    Raises:
+        ValueError: the mask does not match the volume.
+    """
+    _check_inputs(volume, ggo)
+    n_slices, rows, cols = ggo.shape
+    image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
+    image.paste(
+        Image.fromarray(
+            render_slice(
+                volume.hu[index],
+                ggo[index],
+                window_center_hu=window_center_hu,
+                window_width_hu=window_width_hu,
+            ),
+            mode="RGB",
+        ),
+        (0, LABEL_PX),
+    )
+    label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
+    ImageDraw.Draw(image).text((2, 2), label, fill=TEXT_RGB, font=_font())
+    return image
 
 
 def write_slice_pngs(
@@ -226,8 +307,7 @@ def write_slice_pngs(
 ) -> list[Path]:
     """Write one full-resolution PNG per slice with GGO (``--png all``), each atomically.
 
-    Each PNG is a ``LABEL_PX`` label bar ("slice k/n", GGO volume) over the slice at its
-    native size. Slices without GGO get no file.
+    Each PNG is :func:`render_slice_overlay` of its slice. Slices without GGO get no file.
 
     Args:
         volume: the CT volume.
@@ -245,28 +325,19 @@ def write_slice_pngs(
         ValueError: the mask does not match the volume.
     """
     _check_inputs(volume, ggo)
-    n_slices, rows, cols = ggo.shape
+    n_slices = ggo.shape[0]
     counts = ggo.reshape(n_slices, -1).sum(axis=1)
-    font = _font()
     written: list[Path] = []
     if counts.any():
         ensure_folder(folder, tree=tree)
     for index in np.flatnonzero(counts).tolist():
-        image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
-        image.paste(
-            Image.fromarray(
-                render_slice(
-                    volume.hu[index],
-                    ggo[index],
-                    window_center_hu=window_center_hu,
-                    window_width_hu=window_width_hu,
-                ),
-                mode="RGB",
-            ),
-            (0, LABEL_PX),
+        image = render_slice_overlay(
+            volume,
+            ggo,
+            index,
+            window_center_hu=window_center_hu,
+            window_width_hu=window_width_hu,
         )
-        label = _slice_label(index, n_slices, int(counts[index]), volume.voxel_volume_ml)
-        ImageDraw.Draw(image).text((2, 2), label, fill=TEXT_RGB, font=font)
         path = folder / slice_png_name(index, n_slices)
         with atomic_write_path(path, tree=tree) as temp:
             image.save(temp, format="PNG")

@@ -1,0 +1,226 @@
+"""What a ggo-cli Secondary Capture shows: the overlay images with the results burned in.
+
+Each SC image is an overlay image of :mod:`ggo_cli.writers.overlay_png` (the montage of
+``overlay.png``, or one slice as ``--png all`` draws it) under a text band that carries the
+research-use warning, the volumes (with the CSV's decimals) and the model. A viewer that shows
+only pixels, as many PACS viewers do for Secondary Capture, therefore still shows what the image
+is and what was measured.
+
+The text is built from the measurements and the model only: no function here receives a
+source header, so no patient name, ID or birth date can be drawn. Pillow's default font is
+used, so no font file is needed.
+
+Further panels (GradCAM++ maps) become SC images by producing more :class:`ScPanel` values;
+the DICOM side (:mod:`ggo_cli.writers.dicom_sc`) takes any panel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageDraw, ImageFont
+
+from ..domain import CtVolume, GgoMeasurement, LungMeasurement
+from .overlay_png import (
+    BACKGROUND_RGB,
+    TEXT_RGB,
+    render_overlay,
+    render_slice_overlay,
+    select_overlay_slices,
+    slice_png_name,
+)
+from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
+
+RESEARCH_USE_TEXT = "RESEARCH USE ONLY - not for diagnosis"
+WARNING_RGB = (255, 255, 0)
+"""The research-use line is drawn in yellow, the other lines as the overlay's labels."""
+LINE_PX = 14
+"""Height of one text line of Pillow's default font (10 px glyphs)."""
+BAND_PAD_PX = 4
+"""Margin around the text band's lines."""
+NOT_AVAILABLE = "n/a"
+"""Drawn for a value the CSV leaves empty (undefined, e.g. the GGO share of an empty lung)."""
+MONTAGE_NAME = "montage.dcm"
+"""File name of instance 1 (the montage) in the SC series folder."""
+SC_SUFFIX = ".dcm"
+
+Rgb = npt.NDArray[np.uint8]
+
+
+@dataclass(frozen=True, slots=True)
+class ScPanel:
+    """One image of the SC series, ready for DICOM.
+
+    Attributes:
+        pixels: the RGB image. Shape: ``(rows, cols, 3)``, uint8.
+        source_indices: the slices (0-based, volume order) the image shows.
+        file_name: file name in the SC series folder.
+        description: what the image is (the DICOM Derivation Description); no patient data.
+        montage: several slices in one image (Source Image purpose "Source image for
+            montage") rather than one slice.
+    """
+
+    pixels: Rgb
+    source_indices: tuple[int, ...]
+    file_name: str
+    description: str
+    montage: bool
+
+
+def _clean(text: str) -> str:
+    """One line of printable text: control characters become spaces."""
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()
+
+
+def _volume(value: float) -> str:
+    """A volume in mL as the CSV prints it (:data:`VOLUME_DECIMALS`), ``n/a`` if undefined."""
+    return format(value, f".{VOLUME_DECIMALS}f") if math.isfinite(value) else NOT_AVAILABLE
+
+
+def _percent(value: float) -> str:
+    """A percentage as the CSV prints it (:data:`PERCENT_DECIMALS`), ``n/a`` if undefined."""
+    return format(value, f".{PERCENT_DECIMALS}f") if math.isfinite(value) else NOT_AVAILABLE
+
+
+def sc_text_lines(
+    measurement: GgoMeasurement,
+    lungs: LungMeasurement | None,
+    *,
+    model_name: str,
+    model_version: str,
+    software_version: str,
+) -> tuple[str, ...]:
+    """The lines burned into every SC image, from measurements and the model only.
+
+    Numbers have the CSV's decimals (``ggo_volumes.csv`` prints the same digits).
+
+    Args:
+        measurement: the series' GGO volumetry.
+        lungs: lung volumes and GGO per lung, when the lung mask was on.
+        model_name: the model's name.
+        model_version: the model's version.
+        software_version: ggo-cli's version.
+
+    Returns:
+        The lines, top to bottom; the first is :data:`RESEARCH_USE_TEXT`.
+    """
+    lines = [RESEARCH_USE_TEXT, f"GGO {_volume(measurement.ggo_volume_ml)} mL"]
+    if lungs is not None:
+        lines += [
+            f"lungs {_volume(lungs.lung_volume_ml)} mL, "
+            f"GGO {_percent(lungs.ggo_percent_of_lung)} % of lungs",
+            f"right lung {_volume(lungs.right_lung_volume_ml)} mL, "
+            f"GGO {_volume(lungs.right_ggo_volume_ml)} mL = {_percent(lungs.right_ggo_percent)} %",
+            f"left lung {_volume(lungs.left_lung_volume_ml)} mL, "
+            f"GGO {_volume(lungs.left_ggo_volume_ml)} mL = {_percent(lungs.left_ggo_percent)} %",
+        ]
+    lines.append(
+        f"model {_clean(model_name)} {_clean(model_version)}, ggo-cli {_clean(software_version)}"
+    )
+    return tuple(lines)
+
+
+def text_band_px(lines: Sequence[str]) -> int:
+    """Height of the text band above the image for ``lines`` (0 without lines)."""
+    return len(lines) * LINE_PX + 2 * BAND_PAD_PX if lines else 0
+
+
+def burn_in_text(image: Image.Image, lines: Sequence[str]) -> Rgb:
+    """Put a text band with ``lines`` above ``image``.
+
+    The image keeps its pixels and sits at the band's lower left; the canvas widens (black on
+    the right) when a line is wider than the image.
+
+    Args:
+        image: an RGB image.
+        lines: the text, top to bottom; the first line is drawn in :data:`WARNING_RGB`.
+
+    Returns:
+        The RGB image. Shape: ``(text_band_px(lines) + height, max(width, text width), 3)``.
+    """
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max((int(measure.textlength(line, font=font)) for line in lines), default=0)
+    band_h = text_band_px(lines)
+    width = max(image.width, text_w + 2 * BAND_PAD_PX)
+    canvas = Image.new("RGB", (width, band_h + image.height), BACKGROUND_RGB)
+    canvas.paste(image.convert("RGB"), (0, band_h))
+    draw = ImageDraw.Draw(canvas)
+    for number, line in enumerate(lines):
+        colour = WARNING_RGB if number == 0 else TEXT_RGB
+        draw.text((BAND_PAD_PX, BAND_PAD_PX + number * LINE_PX), line, fill=colour, font=font)
+    pixels: Rgb = np.asarray(canvas, dtype=np.uint8).copy()
+    return pixels
+
+
+def overlay_panels(
+    volume: CtVolume,
+    ggo: npt.NDArray[np.bool_],
+    lines: Sequence[str],
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+    per_slice: bool = False,
+) -> list[ScPanel]:
+    """The overlay images of a series as SC panels: the montage, then (optionally) each slice
+    with GGO.
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        lines: the text to burn in (:func:`sc_text_lines`).
+        window_center_hu: display window centre in HU (the model's lung window).
+        window_width_hu: display window width in HU.
+        per_slice: add one panel per slice with GGO, at the slice's native size.
+
+    Returns:
+        The montage first, then the slices in volume order.
+
+    Raises:
+        ValueError: the mask does not match the volume.
+    """
+    montage = render_overlay(
+        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+    )
+    shown = select_overlay_slices(ggo)  # the slices render_overlay shows
+    panels = [
+        ScPanel(
+            pixels=burn_in_text(montage, lines),
+            source_indices=shown,
+            file_name=MONTAGE_NAME,
+            description=(
+                f"Montage of {len(shown)} lung-window CT slices, AI GGO segmentation in red; "
+                "research use only"
+            ),
+            montage=True,
+        )
+    ]
+    if per_slice:
+        n_slices = ggo.shape[0]
+        counts = ggo.reshape(n_slices, -1).sum(axis=1)
+        for index in np.flatnonzero(counts).tolist():
+            image = render_slice_overlay(
+                volume,
+                ggo,
+                index,
+                window_center_hu=window_center_hu,
+                window_width_hu=window_width_hu,
+            )
+            panels.append(
+                ScPanel(
+                    pixels=burn_in_text(image, lines),
+                    source_indices=(index,),
+                    file_name=Path(slice_png_name(index, n_slices)).stem + SC_SUFFIX,
+                    description=(
+                        f"Lung-window CT slice {index + 1}/{n_slices}, AI GGO segmentation in "
+                        "red; research use only"
+                    ),
+                    montage=False,
+                )
+            )
+    return panels
