@@ -76,7 +76,7 @@ __all__ = ["build_sc", "derive_sc_series_uid", "verify_sc", "write_sc", "write_s
 
 log = logging.getLogger(__name__)
 
-SC_SERIES_NUMBER = 9902
+SC_SERIES_NUMBER = 9903
 SC_SERIES_DESCRIPTION = "GGO AI overlay - research use only"
 SC_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SC_CONVERSION_TYPE = "WSD"
