@@ -1,0 +1,1 @@
+"""Tests of the delivery senders (C-STORE, STOW-RS) and destination parsing."""
