@@ -33,10 +33,11 @@ SPACING_ABS_TOLERANCE_MM = 0.01
 
 SEG_SERIES_NUMBER = 9901
 SEG_SERIES_DESCRIPTION = "GGO AI segmentation - research use only"
-SEG_SERIES_NUMBER_MAX = 2**31 - 1
-"""Largest SEG SeriesNumber: DICOM IS, as the SEG builder checks it (1 to 2**31 - 1)."""
-SEG_SERIES_DESCRIPTION_MAX_CHARS = 64
-"""Longest SEG SeriesDescription: DICOM LO (no backslash, no control characters)."""
+SERIES_NUMBER_MAX = 2**31 - 1
+"""Largest SeriesNumber of a series ggo-cli writes (SEG, SR, SC): DICOM IS, 1 to 2**31 - 1."""
+SERIES_DESCRIPTION_MAX_CHARS = 64
+"""Longest SeriesDescription of a series ggo-cli writes: DICOM LO (no backslash, no control
+characters)."""
 SETTLE_MINUTES = 0.0
 """Default of ``--settle``: none, so a folder copied by hand is processed at once. Scheduled
 runs on a folder that a PACS export is still filling pass ``--settle 5`` (README)."""

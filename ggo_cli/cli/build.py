@@ -15,9 +15,9 @@ from ..config import (
     ENV_MODEL,
     ENV_PSEUDONYM_SALT,
     SEG_SERIES_DESCRIPTION,
-    SEG_SERIES_DESCRIPTION_MAX_CHARS,
     SEG_SERIES_NUMBER,
-    SEG_SERIES_NUMBER_MAX,
+    SERIES_DESCRIPTION_MAX_CHARS,
+    SERIES_NUMBER_MAX,
     SETTLE_MINUTES,
     ExplainMode,
     PngMode,
@@ -164,9 +164,9 @@ def check_series_number(number: int) -> int:
     Raises:
         InputError: out of that range.
     """
-    if not 1 <= number <= SEG_SERIES_NUMBER_MAX:
+    if not 1 <= number <= SERIES_NUMBER_MAX:
         raise InputError(
-            f"invalid --seg-series-number {number}; DICOM allows 1 to {SEG_SERIES_NUMBER_MAX}"
+            f"invalid --seg-series-number {number}; DICOM allows 1 to {SERIES_NUMBER_MAX}"
         )
     return number
 
@@ -177,10 +177,10 @@ def check_description(text: str) -> str:
     Raises:
         InputError: too long, or with a backslash or a control character.
     """
-    if len(text) > SEG_SERIES_DESCRIPTION_MAX_CHARS or "\\" in text:
+    if len(text) > SERIES_DESCRIPTION_MAX_CHARS or "\\" in text:
         raise InputError(
             f"--seg-series-description is {len(text)} characters; "
-            f"DICOM allows at most {SEG_SERIES_DESCRIPTION_MAX_CHARS} and no backslash"
+            f"DICOM allows at most {SERIES_DESCRIPTION_MAX_CHARS} and no backslash"
         )
     if any(ord(ch) < 32 for ch in text):
         raise InputError(

@@ -61,7 +61,6 @@ from ..onnx.model_info import ModelInfo
 from .sc_header import (
     acquisition_equipment,
     add_references,
-    check_sc_series_options,
     copy_body_part,
     derive_sc_instance_uid,
     derive_sc_series_uid,
@@ -69,7 +68,12 @@ from .sc_header import (
 )
 from .sc_render import ScPanel, overlay_panels, sc_text_lines
 from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
-from .seg_source import check_source_headers, redact_source_values, source_character_set
+from .seg_source import (
+    check_series_options,
+    check_source_headers,
+    redact_source_values,
+    source_character_set,
+)
 from .sr_content import algorithm_device_uid
 
 __all__ = ["build_sc", "derive_sc_series_uid", "verify_sc", "write_sc", "write_sc_series"]
@@ -131,7 +135,7 @@ def build_sc(
         ValueError: the SEG belongs to another study (a bug in the caller).
     """
     series_uid_ct = volume.series.series_instance_uid
-    check_sc_series_options(series_number, series_description)
+    check_series_options("SC", series_number, series_description)
     check_source_headers(volume.datasets, series_uid_ct)
     source = volume.datasets[0]
     if seg is not None and seg.StudyInstanceUID != source.StudyInstanceUID:
@@ -338,7 +342,7 @@ def write_sc(
         OutputError: an instance cannot be built, written, or fails its read-back check.
         ValueError: the masks do not match the volume, or the SEG is in another study.
     """
-    check_sc_series_options(series_number, series_description)
+    check_series_options("SC", series_number, series_description)
     lines = sc_text_lines(
         measurement,
         lungs,

@@ -65,7 +65,7 @@ from .seg_segments import (
     segment_descriptions,
 )
 from .seg_source import (
-    check_seg_series_options,
+    check_series_options,
     check_source_headers,
     derive_seg_uids,
     redact_source_values,
@@ -168,7 +168,7 @@ def build_seg(
         ValueError: masks and volume do not line up (a bug in the caller).
     """
     series_uid = volume.series.series_instance_uid
-    check_seg_series_options(series_number, series_description)
+    check_series_options("SEG", series_number, series_description)
     check_source_headers(volume.datasets, series_uid)
     _check_shapes(volume, prediction, model)
     seg_series_uid, seg_sop_uid = derive_seg_uids(

@@ -42,12 +42,12 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from .. import __version__
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume, GgoMeasurement, LungMeasurement
-from ..errors import InputError, OutputError
+from ..errors import OutputError
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
 from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
 from .seg_source import (
-    check_seg_series_options,
+    check_series_options,
     check_source_headers,
     redact_source_values,
     source_character_set,
@@ -109,14 +109,6 @@ def derive_sr_uids(
     return str(series_uid), str(sop_uid)
 
 
-def _check_series_options(series_number: int, series_description: str) -> None:
-    """The SEG's checks, with messages that name the SR."""
-    try:
-        check_seg_series_options(series_number, series_description)
-    except InputError as exc:
-        raise InputError(str(exc).replace("SEG series", "SR series", 1)) from None
-
-
 def build_sr(
     volume: CtVolume,
     seg: Dataset,
@@ -154,7 +146,7 @@ def build_sr(
             in the caller).
     """
     series_uid = volume.series.series_instance_uid
-    _check_series_options(series_number, series_description)
+    check_series_options("SR", series_number, series_description)
     check_source_headers(volume.datasets, series_uid)
     ref = seg_reference(seg, model)
     if ref.source_series_uid != series_uid or seg.StudyInstanceUID != volume.datasets[0].get(

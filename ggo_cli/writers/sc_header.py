@@ -19,9 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from ..domain import CtVolume
-from ..errors import InputError
 from .sc_render import ScPanel
-from .seg_source import MAX_IS_VALUE, MAX_LO_CHARS
 
 SC_DERIVATION = codes.cid7203.SegmentationImageDerivation
 """Derivation Code (CID 7203 "Image Derivation"): 113076 "Segmentation"."""
@@ -32,32 +30,6 @@ SLICE_PURPOSE = codes.cid7202.SourceImageForImageProcessingOperation
 _UID_NAMESPACE = "ggo-cli/sc/v1"
 # Patient axes of DICOM patient space (+x left, +y posterior, +z head): (negative, positive).
 _AXIS_LETTERS = (("R", "L"), ("A", "P"), ("F", "H"))
-
-
-def check_sc_series_options(series_number: int, series_description: str) -> None:
-    """Check the SC's SeriesNumber and SeriesDescription before any work is done.
-
-    Args:
-        series_number: SeriesNumber (IS): 1 to 2**31 - 1.
-        series_description: SeriesDescription (LO): up to 64 characters, no backslash or
-            control characters.
-
-    Raises:
-        InputError: naming the bad value and the limits.
-    """
-    if isinstance(series_number, bool) or not 1 <= series_number <= MAX_IS_VALUE:
-        raise InputError(
-            f"SC series number must be an integer from 1 to {MAX_IS_VALUE}, got {series_number}"
-        )
-    if (
-        len(series_description) > MAX_LO_CHARS
-        or "\\" in series_description
-        or any(ord(ch) < 32 for ch in series_description)
-    ):
-        raise InputError(
-            f"SC series description {series_description!r} must be at most {MAX_LO_CHARS} "
-            "characters without backslash or control characters"
-        )
 
 
 def derive_sc_series_uid(

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .. import __version__
+from ..config import SERIES_DESCRIPTION_MAX_CHARS, SERIES_NUMBER_MAX
 from ..errors import InputError, UnsupportedSeriesError
 
 REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
@@ -42,8 +43,6 @@ REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
 """Attributes every source header must have for a SEG to be built (values may be empty for
 the Type 2 ones; they are copied, never filled in)."""
 
-MAX_LO_CHARS = 64
-MAX_IS_VALUE = 2**31 - 1
 _UID_NAMESPACE = "ggo-cli/seg/v1"
 _MIN_REDACT_CHARS = 2
 _PHI_KEYWORDS = (
@@ -58,10 +57,11 @@ _PHI_KEYWORDS = (
 )
 
 
-def check_seg_series_options(series_number: int, series_description: str) -> None:
-    """Check the configurable SEG SeriesNumber and SeriesDescription before any work is done.
+def check_series_options(kind: str, series_number: int, series_description: str) -> None:
+    """Check the SeriesNumber and SeriesDescription of a series ggo-cli writes, before any work.
 
     Args:
+        kind: the object, for messages (``SEG``, ``SR``, ``SC``).
         series_number: SeriesNumber (IS): 1 to 2**31 - 1.
         series_description: SeriesDescription (LO): up to 64 characters, no backslash or
             control characters.
@@ -69,18 +69,19 @@ def check_seg_series_options(series_number: int, series_description: str) -> Non
     Raises:
         InputError: naming the bad value and the limits.
     """
-    if isinstance(series_number, bool) or not 1 <= series_number <= MAX_IS_VALUE:
+    if isinstance(series_number, bool) or not 1 <= series_number <= SERIES_NUMBER_MAX:
         raise InputError(
-            f"SEG series number must be an integer from 1 to {MAX_IS_VALUE}, got {series_number}"
+            f"{kind} series number must be an integer from 1 to {SERIES_NUMBER_MAX}, "
+            f"got {series_number}"
         )
     if (
-        len(series_description) > MAX_LO_CHARS
+        len(series_description) > SERIES_DESCRIPTION_MAX_CHARS
         or "\\" in series_description
         or any(ord(ch) < 32 for ch in series_description)
     ):
         raise InputError(
-            f"SEG series description {series_description!r} must be at most {MAX_LO_CHARS} "
-            "characters without backslash or control characters"
+            f"{kind} series description {series_description!r} must be at most "
+            f"{SERIES_DESCRIPTION_MAX_CHARS} characters without backslash or control characters"
         )
 
 
