@@ -40,7 +40,6 @@ What the SC series holds (issue 17, items 2 and 6):
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -71,7 +70,7 @@ from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
 from .seg_source import (
     check_series_options,
     check_source_headers,
-    redact_source_values,
+    highdicom_build,
     source_character_set,
 )
 from .sr_content import algorithm_device_uid
@@ -85,7 +84,6 @@ SC_SERIES_DESCRIPTION = "GGO AI overlay - research use only"
 SC_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SC_CONVERSION_TYPE = "WSD"
 """Workstation (DICOM PS3.3 C.8.6.1.1): the image was made by software from other images."""
-_BUILD_ERRORS = (ValueError, TypeError)
 _CHECKED_KEYWORDS = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -150,40 +148,26 @@ def build_sc(
     equipment = algorithm_equipment(model)
     equipment.DeviceUID = algorithm_device_uid(model)
     # highdicom warns about source values and quotes them: record, redact, log at DEBUG.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            sc = hd.sc.SCImage(
-                pixel_array=panel.pixels,
-                photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-                bits_allocated=8,
-                coordinate_system=hd.CoordinateSystemNames.PATIENT,
-                study_instance_uid=source.StudyInstanceUID,
-                series_instance_uid=series_uid,
-                series_number=series_number,
-                sop_instance_uid=sop_uid,
-                instance_number=instance_number,
-                manufacturer=SEG_MANUFACTURER,
-                patient_orientation=patient_orientation(source),
-                transfer_syntax_uid=SC_TRANSFER_SYNTAX_UID,
-                contributing_equipment=[*acquisition_equipment(source), equipment],
-                series_description=series_description,
-                manufacturer_model_name=model.name,
-                software_versions=software_version,
-                device_serial_number=model.recorded_sha256[:16],
-                specific_character_set=source_character_set(source),
-            )
-        except _BUILD_ERRORS as exc:
-            raise OutputError(
-                f"series {series_uid_ct}: cannot build the Secondary Capture: "
-                f"{redact_source_values(str(exc), source)}"
-            ) from exc
-    for warning in caught:
-        log.debug(
-            "series %s: highdicom %s: %s",
-            series_uid_ct,
-            warning.category.__name__,
-            redact_source_values(str(warning.message), source),
+    with highdicom_build("Secondary Capture", series_uid_ct, source):
+        sc = hd.sc.SCImage(
+            pixel_array=panel.pixels,
+            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
+            bits_allocated=8,
+            coordinate_system=hd.CoordinateSystemNames.PATIENT,
+            study_instance_uid=source.StudyInstanceUID,
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=SEG_MANUFACTURER,
+            patient_orientation=patient_orientation(source),
+            transfer_syntax_uid=SC_TRANSFER_SYNTAX_UID,
+            contributing_equipment=[*acquisition_equipment(source), equipment],
+            series_description=series_description,
+            manufacturer_model_name=model.name,
+            software_versions=software_version,
+            device_serial_number=model.recorded_sha256[:16],
+            specific_character_set=source_character_set(source),
         )
     # Copied, never invented: every patient and study attribute the source has (PS3.3 A.8.1).
     sc.copy_patient_and_study_information(source)

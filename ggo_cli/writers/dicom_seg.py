@@ -41,7 +41,6 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,7 +54,6 @@ from ..analysis.masks import seg_masks
 from ..atomic_output import atomic_write_path
 from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
-from ..errors import OutputError
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
 from .seg_segments import (
@@ -68,7 +66,7 @@ from .seg_source import (
     check_series_options,
     check_source_headers,
     derive_seg_uids,
-    redact_source_values,
+    highdicom_build,
     source_character_set,
 )
 from .seg_verify import verify_seg
@@ -88,8 +86,6 @@ SEG_CONTENT_LABEL = "GGO"
 SEG_CONTENT_DESCRIPTION = "AI ground-glass opacity segmentation - research use only"
 SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SEG_INSTANCE_NUMBER = 1
-
-_BUILD_ERRORS = (ValueError, TypeError)
 
 
 class _SegmentStack(np.ndarray):
@@ -187,41 +183,27 @@ def build_seg(
         descriptions += lung_descriptions(len(descriptions) + 1)
     # highdicom warns about source values (e.g. a PatientName without '^' components) and
     # quotes them; record the warnings so they never reach the console unredacted.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            seg = hd.seg.Segmentation(
-                source_images=list(volume.datasets),
-                pixel_array=seg_masks(prediction, lungs).view(_SegmentStack),
-                segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-                segment_descriptions=descriptions,
-                series_instance_uid=seg_series_uid,
-                series_number=series_number,
-                sop_instance_uid=seg_sop_uid,
-                instance_number=SEG_INSTANCE_NUMBER,
-                manufacturer=SEG_MANUFACTURER,
-                manufacturer_model_name=model.name,
-                software_versions=software_version,
-                device_serial_number=model.recorded_sha256[:16],
-                content_label=SEG_CONTENT_LABEL,
-                content_description=SEG_CONTENT_DESCRIPTION,
-                transfer_syntax_uid=SEG_TRANSFER_SYNTAX_UID,
-                omit_empty_frames=nonempty_frames,
-                contributing_equipment=[algorithm_equipment(model)],
-                series_description=series_description,
-                specific_character_set=source_character_set(volume.datasets[0]),
-            )
-        except _BUILD_ERRORS as exc:
-            raise OutputError(
-                f"series {series_uid}: cannot build the DICOM-SEG: "
-                f"{redact_source_values(str(exc), volume.datasets[0])}"
-            ) from exc
-    for warning in caught:
-        log.debug(
-            "series %s: highdicom %s: %s",
-            series_uid,
-            warning.category.__name__,
-            redact_source_values(str(warning.message), volume.datasets[0]),
+    with highdicom_build("DICOM-SEG", series_uid, volume.datasets[0]):
+        seg = hd.seg.Segmentation(
+            source_images=list(volume.datasets),
+            pixel_array=seg_masks(prediction, lungs).view(_SegmentStack),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=seg_series_uid,
+            series_number=series_number,
+            sop_instance_uid=seg_sop_uid,
+            instance_number=SEG_INSTANCE_NUMBER,
+            manufacturer=SEG_MANUFACTURER,
+            manufacturer_model_name=model.name,
+            software_versions=software_version,
+            device_serial_number=model.recorded_sha256[:16],
+            content_label=SEG_CONTENT_LABEL,
+            content_description=SEG_CONTENT_DESCRIPTION,
+            transfer_syntax_uid=SEG_TRANSFER_SYNTAX_UID,
+            omit_empty_frames=nonempty_frames,
+            contributing_equipment=[algorithm_equipment(model)],
+            series_description=series_description,
+            specific_character_set=source_character_set(volume.datasets[0]),
         )
     log.debug(
         "series %s: SEG %s built, %d frames, %d segments",

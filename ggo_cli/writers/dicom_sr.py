@@ -30,7 +30,6 @@ One report per series, next to its SEG (issue 17 items 1 and 6):
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,14 +41,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from .. import __version__
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume, GgoMeasurement, LungMeasurement
-from ..errors import OutputError
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
 from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
 from .seg_source import (
     check_series_options,
     check_source_headers,
-    redact_source_values,
+    highdicom_build,
     source_character_set,
 )
 from .sr_content import (
@@ -166,37 +164,23 @@ def build_sr(
     equipment = algorithm_equipment(model)
     equipment.DeviceUID = algorithm_device_uid(model)
     # highdicom quotes source values in warnings: record them, log them redacted.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            sr = hd.sr.Comprehensive3DSR(
-                evidence=[*volume.datasets, seg],
-                content=report,
-                series_instance_uid=sr_series_uid,
-                series_number=series_number,
-                sop_instance_uid=sr_sop_uid,
-                instance_number=SR_INSTANCE_NUMBER,
-                manufacturer=SEG_MANUFACTURER,
-                is_complete=True,
-                transfer_syntax_uid=SR_TRANSFER_SYNTAX_UID,
-                contributing_equipment=[equipment],
-                series_description=series_description,
-                manufacturer_model_name=model.name,
-                software_versions=software_version,
-                device_serial_number=model.recorded_sha256[:16],
-                specific_character_set=source_character_set(volume.datasets[0]),
-            )
-        except _BUILD_ERRORS as exc:
-            raise OutputError(
-                f"series {series_uid}: cannot build the DICOM SR: "
-                f"{redact_source_values(str(exc), volume.datasets[0])}"
-            ) from exc
-    for warning in caught:
-        log.debug(
-            "series %s: highdicom %s: %s",
-            series_uid,
-            warning.category.__name__,
-            redact_source_values(str(warning.message), volume.datasets[0]),
+    with highdicom_build("DICOM SR", series_uid, volume.datasets[0], _BUILD_ERRORS):
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[*volume.datasets, seg],
+            content=report,
+            series_instance_uid=sr_series_uid,
+            series_number=series_number,
+            sop_instance_uid=sr_sop_uid,
+            instance_number=SR_INSTANCE_NUMBER,
+            manufacturer=SEG_MANUFACTURER,
+            is_complete=True,
+            transfer_syntax_uid=SR_TRANSFER_SYNTAX_UID,
+            contributing_equipment=[equipment],
+            series_description=series_description,
+            manufacturer_model_name=model.name,
+            software_versions=software_version,
+            device_serial_number=model.recorded_sha256[:16],
+            specific_character_set=source_character_set(volume.datasets[0]),
         )
     log.debug("series %s: SR %s built, %d values", series_uid, sr_sop_uid, len(values))
     return sr

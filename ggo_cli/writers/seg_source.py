@@ -8,15 +8,20 @@ value that highdicom quotes in a message is redacted before it is raised or logg
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from .. import __version__
 from ..config import SERIES_DESCRIPTION_MAX_CHARS, SERIES_NUMBER_MAX
-from ..errors import InputError, UnsupportedSeriesError
+from ..errors import InputError, OutputError, UnsupportedSeriesError
+
+log = logging.getLogger(__name__)
 
 REQUIRED_SOURCE_KEYWORDS: tuple[str, ...] = (
     "SOPClassUID",
@@ -200,3 +205,41 @@ def source_character_set(source: Dataset) -> str | list[str] | None:
     if values and not values[0]:
         values[0] = "ISO 2022 IR 6"
     return values
+
+
+@contextmanager
+def highdicom_build(
+    what: str,
+    series_uid: str,
+    source: Dataset,
+    errors: tuple[type[Exception], ...] = (ValueError, TypeError),
+) -> Iterator[None]:
+    """Build a highdicom object in this block: its refusal becomes an :class:`OutputError`,
+    its warnings DEBUG lines, both redacted of the source's patient values (highdicom quotes
+    source values, e.g. a PatientName without ``^`` components).
+
+    Args:
+        what: the object, for the message (``DICOM-SEG``, ``DICOM SR``, ...).
+        series_uid: the source series, for messages.
+        source: the source header whose patient values are redacted.
+        errors: the exceptions with which highdicom refuses its inputs.
+
+    Raises:
+        OutputError: highdicom refused to build the object (the message says why).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        except errors as exc:
+            raise OutputError(
+                f"series {series_uid}: cannot build the {what}: "
+                f"{redact_source_values(str(exc), source)}"
+            ) from exc
+    for warning in caught:
+        log.debug(
+            "series %s: highdicom %s: %s",
+            series_uid,
+            warning.category.__name__,
+            redact_source_values(str(warning.message), source),
+        )
