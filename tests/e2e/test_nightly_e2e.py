@@ -4,8 +4,6 @@ tests/run/test_nightly.py)."""
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 import signal
 import subprocess
@@ -15,51 +13,21 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-from typer.testing import CliRunner
 
-from ggo_cli.cli.app import app
 from ggo_cli.errors import EXIT_PARTIAL
-from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.dicom_factory import make_ct_series
+from tests.nightly_runs import csv_rows, cube_studies, manifest, segment
 from tests.phantoms import make_cube_phantom
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _segment(*args: str | Path) -> object:
-    """``ggo-cli segment`` without the lung mask: these cube phantoms have no lungs."""
-    return runner.invoke(
-        app, ["segment", *map(str, args), "--no-progress", "--settle", "0", "--no-lung-mask"]
-    )
-
-
-def _rows(out: Path) -> list[dict[str, str]]:
-    with (out / "ggo_volumes.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _manifest(out: Path) -> dict:
-    return json.loads((out / "run_manifest.json").read_text())
-
-
-def _studies(tmp_path: Path, n: int = 3) -> tuple[Path, list[FactorySeries]]:
-    root = tmp_path / "in"
-    series = [
-        make_ct_series(
-            root,
-            phantom=make_cube_phantom((12, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4, 6, 6)),
-            folder=f"study{k}",
-            seed=k + 1,
-        )
-        for k in range(n)
-    ]
-    return root, series
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_lock(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, _ = _studies(tmp_path, 1)
+    root, _ = cube_studies(tmp_path, 1)
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [
@@ -75,7 +43,7 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-        result = _segment(root, "-o", out, "-m", band_model_path)
+        result = segment(root, "-o", out, "-m", band_model_path)
         assert result.exit_code == 8, result.output
         assert (
             f"pid {holder.pid}" in result.stderr
@@ -85,13 +53,13 @@ def test_a_second_run_is_refused_while_the_first_holds_the_lock(
         holder.kill()
         holder.wait()
     # the holder died without releasing anything: the next run takes the lock over
-    result = _segment(root, "-o", out, "-m", band_model_path)
+    result = segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 0, result.output
 
 
 def _pixels(out: Path) -> dict[str, np.ndarray]:
     found = {}
-    for row in _rows(out):
+    for row in csv_rows(out):
         seg = hd.seg.segread(out / row["seg_path"])
         found[row["series_instance_uid"]] = seg.get_volume().array
     return found
@@ -104,10 +72,10 @@ def _stable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
 def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, series = _studies(tmp_path, 4)
+    root, series = cube_studies(tmp_path, 4)
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     reference = tmp_path / "reference"
-    assert _segment(root, "-o", reference, "-m", band_model_path).exit_code == 0
+    assert segment(root, "-o", reference, "-m", band_model_path).exit_code == 0
     out = tmp_path / "out"
     command = [
         sys.executable,
@@ -134,8 +102,8 @@ def test_kill_9_at_random_points_then_rerun_equals_an_uninterrupted_run(
         proc.wait()
     final = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert final.returncode == 0, final.stderr
-    assert _stable(_rows(out)) == _stable(_rows(reference))
-    assert len(_rows(out)) == len(series)
+    assert _stable(csv_rows(out)) == _stable(csv_rows(reference))
+    assert len(csv_rows(out)) == len(series)
     ours, theirs = _pixels(out), _pixels(reference)
     assert ours.keys() == theirs.keys()
     for uid in ours:
@@ -164,10 +132,10 @@ def test_decode_ahead_and_write_behind_give_the_same_outputs(
     rows = {}
     for workers in ("0", "2"):
         out = tmp_path / f"out{workers}"
-        result = _segment(root, "-o", out, "-m", band_model_path, "--decode-workers", workers)
+        result = segment(root, "-o", out, "-m", band_model_path, "--decode-workers", workers)
         assert result.exit_code == EXIT_PARTIAL, result.output
-        rows[workers] = _rows(out)
-        assert _manifest(out)["options"]["decode_workers"] == int(workers)
+        rows[workers] = csv_rows(out)
+        assert manifest(out)["options"]["decode_workers"] == int(workers)
     keys = ("series_instance_uid", "status", "ggo_voxels", "ggo_volume_ml", "n_slices")
     assert [{k: r[k] for k in keys} for r in rows["0"]] == [
         {k: r[k] for k in keys} for r in rows["2"]

@@ -3,9 +3,7 @@ the other runs across processes: tests/e2e/test_nightly_e2e.py)."""
 
 from __future__ import annotations
 
-import csv
 import errno
-import json
 import os
 import shlex
 import time
@@ -15,59 +13,29 @@ import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
 from ggo_cli.dicom.discovery import read_header
-from tests.dicom_factory import FactorySeries, make_ct_series
+from tests.dicom_factory import make_ct_series
+from tests.nightly_runs import csv_rows, cube_studies, manifest, runner, segment
 from tests.onnx_models import base_metadata, write_band_model
-from tests.phantoms import make_cube_phantom
 
-runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _segment(*args: str | Path) -> object:
-    """``ggo-cli segment`` without the lung mask: these cube phantoms have no lungs."""
-    return runner.invoke(
-        app, ["segment", *map(str, args), "--no-progress", "--settle", "0", "--no-lung-mask"]
-    )
-
-
-def _rows(out: Path) -> list[dict[str, str]]:
-    with (out / "ggo_volumes.csv").open(newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _manifest(out: Path) -> dict:
-    return json.loads((out / "run_manifest.json").read_text())
-
-
-def _studies(tmp_path: Path, n: int = 3) -> tuple[Path, list[FactorySeries]]:
-    root = tmp_path / "in"
-    series = [
-        make_ct_series(
-            root,
-            phantom=make_cube_phantom((12, 48, 48), (2.5, 0.7, 0.7), cube_voxels=(4, 6, 6)),
-            folder=f"study{k}",
-            seed=k + 1,
-        )
-        for k in range(n)
-    ]
-    return root, series
 
 
 def test_second_run_only_skips_and_keeps_the_csv(tmp_path: Path, band_model_path: Path) -> None:
-    root, series = _studies(tmp_path)
+    root, series = cube_studies(tmp_path)
     out = tmp_path / "out"
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
     csv_before = (out / "ggo_volumes.csv").read_bytes()
-    seg = out / _rows(out)[0]["seg_path"]
+    seg = out / csv_rows(out)[0]["seg_path"]
     seg_mtime = seg.stat().st_mtime_ns
-    result = _segment(root, "-o", out, "-m", band_model_path)
+    result = segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 0, result.output
-    assert _manifest(out)["counts"]["unchanged"] == len(series)
-    assert _manifest(out)["counts"]["slices_segmented"] == 0
+    assert manifest(out)["counts"]["unchanged"] == len(series)
+    assert manifest(out)["counts"]["slices_segmented"] == 0
     assert (out / "ggo_volumes.csv").read_bytes() == csv_before
     assert seg.stat().st_mtime_ns == seg_mtime
     assert len(list((out / ".ggo-cli" / "runs").glob("*.json"))) == 2
@@ -76,55 +44,55 @@ def test_second_run_only_skips_and_keeps_the_csv(tmp_path: Path, band_model_path
 def test_changed_series_new_model_and_force_reprocess(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, series = _studies(tmp_path)
+    root, series = cube_studies(tmp_path)
     out = tmp_path / "out"
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
     series[0].paths[0].unlink()  # the series lost an instance (end slice: spacing stays even)
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
-    assert _manifest(out)["counts"]["unchanged"] == len(series) - 1
-    rows = {r["series_instance_uid"]: r for r in _rows(out)}
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == len(series) - 1
+    rows = {r["series_instance_uid"]: r for r in csv_rows(out)}
     assert rows[series[0].series_instance_uid]["n_slices"] == "11"
     assert len(rows) == len(series)
     other = write_band_model(tmp_path / "m2.onnx", 64, metadata=base_metadata(64, version="2"))
-    assert _segment(root, "-o", out, "-m", other).exit_code == 0
-    assert _manifest(out)["counts"]["unchanged"] == 0
-    assert {r["model_version"] for r in _rows(out)} == {"2"}
-    assert _segment(root, "-o", out, "-m", other, "--force").exit_code == 0
-    assert _manifest(out)["counts"]["unchanged"] == 0
+    assert segment(root, "-o", out, "-m", other).exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 0
+    assert {r["model_version"] for r in csv_rows(out)} == {"2"}
+    assert segment(root, "-o", out, "-m", other, "--force").exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 0
 
 
 def test_deleted_seg_is_rebuilt(tmp_path: Path, band_model_path: Path) -> None:
-    root, _ = _studies(tmp_path, 1)
+    root, _ = cube_studies(tmp_path, 1)
     out = tmp_path / "out"
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
-    seg = out / _rows(out)[0]["seg_path"]
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    seg = out / csv_rows(out)[0]["seg_path"]
     seg.unlink()
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
     assert seg.is_file()
 
 
 def test_a_fresh_copy_is_segmented_with_the_default_settle(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, series = _studies(tmp_path, 1)  # files written just now, as by a hand copy
+    root, series = cube_studies(tmp_path, 1)  # files written just now, as by a hand copy
     out = tmp_path / "out"
     command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
     result = runner.invoke(app, [*command, "--no-lung-mask"])  # no --settle: the default applies
     assert result.exit_code == 0, result.output
-    (row,) = _rows(out)
+    (row,) = csv_rows(out)
     assert row["status"] == "ok", row["message"]
     assert (out / row["seg_path"]).is_file()
     assert "still arriving" not in result.stderr
 
 
 def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_path: Path) -> None:
-    root, series = _studies(tmp_path, 1)
+    root, series = cube_studies(tmp_path, 1)
     out = tmp_path / "out"
     command = ["segment", str(root), "-o", str(out), "-m", str(band_model_path), "--no-progress"]
     command += ["--no-lung-mask", "--settle", "5"]
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
-    (row,) = _rows(out)
+    (row,) = csv_rows(out)
     assert row["status"] == "pending" and "--settle" in row["message"]
     assert not list(out.rglob("*.seg.dcm"))
     (warning,) = [line for line in result.stderr.splitlines() if "eligible series are" in line]
@@ -137,14 +105,14 @@ def test_series_still_arriving_waits_for_a_later_run(tmp_path: Path, band_model_
         os.utime(path, (old, old))
     result = runner.invoke(app, command)
     assert result.exit_code == 0, result.output
-    assert _rows(out)[0]["status"] == "ok"
+    assert csv_rows(out)[0]["status"] == "ok"
     assert "still arriving" not in result.stderr
 
 
 def test_no_all_pending_warning_while_some_series_are_done(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, series = _studies(tmp_path, 2)
+    root, series = cube_studies(tmp_path, 2)
     old = time.time() - 600
     for path in series[0].paths:
         os.utime(path, (old, old))
@@ -155,7 +123,7 @@ def test_no_all_pending_warning_while_some_series_are_done(
          "--no-lung-mask", "--settle", "5"],
     )
     assert result.exit_code == 0, result.output
-    status = {r["series_instance_uid"]: r["status"] for r in _rows(out)}
+    status = {r["series_instance_uid"]: r["status"] for r in csv_rows(out)}
     assert status == {series[0].series_instance_uid: "ok", series[1].series_instance_uid: "pending"}
     assert "eligible series are still arriving" not in result.stderr
 
@@ -174,7 +142,7 @@ def _scheduled_commands() -> list[list[str]]:
 def test_the_readme_schedules_still_settle(tmp_path: Path, band_model_path: Path) -> None:
     commands = _scheduled_commands()
     assert len(commands) == 2  # crontab and systemd
-    root, _ = _studies(tmp_path, 1)  # still being written by the PACS export
+    root, _ = cube_studies(tmp_path, 1)  # still being written by the PACS export
     for k, words in enumerate(commands):
         assert "--settle" in words and float(words[words.index("--settle") + 1]) >= 1
         out, log_file = tmp_path / f"out{k}", tmp_path / f"ggo{k}.log"
@@ -184,7 +152,7 @@ def test_the_readme_schedules_still_settle(tmp_path: Path, band_model_path: Path
         args += ["-m", str(band_model_path), "--no-lung-mask"]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
-        assert [r["status"] for r in _rows(out)] == ["pending"]
+        assert [r["status"] for r in csv_rows(out)] == ["pending"]
         assert "nothing was segmented" in log_file.read_text(encoding="utf-8")
 
 
@@ -193,14 +161,14 @@ def test_disk_full_is_a_clean_output_error(
 ) -> None:
     import ggo_cli.atomic_output
 
-    root, _ = _studies(tmp_path, 2)
+    root, _ = cube_studies(tmp_path, 2)
     out = tmp_path / "out"
 
     def full(src: str, dst: str) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ggo_cli.atomic_output.os, "replace", full)
-    result = _segment(root, "-o", out, "-m", band_model_path)
+    result = segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 6, result.output
     assert "no space left on device" in result.stderr
     assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.dcm"))
@@ -210,7 +178,7 @@ def test_disk_full_is_a_clean_output_error(
 def test_bad_files_fail_their_series_and_the_run_goes_on(
     tmp_path: Path, band_model_path: Path
 ) -> None:
-    root, series = _studies(tmp_path, 2)
+    root, series = cube_studies(tmp_path, 2)
     odd = root / "Patiënt Ünïcode ü"
     odd.mkdir()
     for path in series[1].paths:
@@ -220,10 +188,10 @@ def test_bad_files_fail_their_series_and_the_run_goes_on(
     (root / "garbage.dcm").write_bytes(b"DICM" * 100)
     (root / "empty").write_bytes(b"")
     os.symlink(root, root / "loop")
-    result = _segment(root, "-o", tmp_path / "out", "-m", band_model_path)
+    result = segment(root, "-o", tmp_path / "out", "-m", band_model_path)
     assert result.exit_code == 7, result.output
     status = {
-        r["series_instance_uid"]: (r["status"], r["message"]) for r in _rows(tmp_path / "out")
+        r["series_instance_uid"]: (r["status"], r["message"]) for r in csv_rows(tmp_path / "out")
     }
     assert status[series[1].series_instance_uid][0] == "ok"
     bad_status, message = status[series[0].series_instance_uid]
@@ -239,24 +207,24 @@ def test_enhanced_multiframe_ct_is_skipped_with_a_reason(
         ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2.1"
         ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
         ds.save_as(path)
-    result = _segment(fs.root, "-o", tmp_path / "out", "-m", band_model_path)
+    result = segment(fs.root, "-o", tmp_path / "out", "-m", band_model_path)
     assert result.exit_code == 3, result.output
-    (row,) = _rows(tmp_path / "out")
+    (row,) = csv_rows(tmp_path / "out")
     assert "multi-frame (enhanced) CT is not supported" in row["message"]
 
 
 def test_pseudonym_column_is_salted_and_stable(
     tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root, _ = _studies(tmp_path, 1)
+    root, _ = cube_studies(tmp_path, 1)
     monkeypatch.setenv("GGO_PSEUDONYM_SALT", "a-long-site-secret-salt")
     out = tmp_path / "out"
-    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 0
-    (row,) = _rows(out)
+    assert segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 0
+    (row,) = csv_rows(out)
     assert len(row["patient_pseudonym"]) == 16 and "PHANTOM" not in row["patient_pseudonym"]
     assert "patient_id" not in row
     monkeypatch.setenv("GGO_PSEUDONYM_SALT", "short")
-    assert _segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 2
+    assert segment(root, "-o", out, "-m", band_model_path, "--pseudonymize").exit_code == 2
 
 
 @pytest.fixture(scope="module", params=["real", "synthetic"])
@@ -302,19 +270,19 @@ def test_seg_frames_nonempty_writes_fewer_frames_and_reprocesses_once(
     hu[6:9, 20:26, 20:26] = -500.0
     make_ct_series(tmp_path / "in", phantom=hu, folder="study", seed=1)
     root, out = tmp_path / "in", tmp_path / "out"
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
     (seg_path,) = out.rglob("*.seg.dcm")
     assert int(pydicom.dcmread(seg_path).NumberOfFrames) == 12
-    (row,) = _rows(out)
+    (row,) = csv_rows(out)
     assert 0 < int(row["ggo_slice_count"]) <= 8
-    assert _segment(root, "-o", out, "-m", band_model_path).exit_code == 0
-    assert _manifest(out)["counts"]["unchanged"] == 1  # the default: nothing to redo
-    result = _segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
+    assert segment(root, "-o", out, "-m", band_model_path).exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 1  # the default: nothing to redo
+    result = segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
     assert result.exit_code == 0, result.output
-    assert _manifest(out)["counts"]["unchanged"] == 0
-    assert _manifest(out)["options"]["seg_frames"] == "nonempty"
+    assert manifest(out)["counts"]["unchanged"] == 0
+    assert manifest(out)["options"]["seg_frames"] == "nonempty"
     assert int(pydicom.dcmread(seg_path).NumberOfFrames) == int(row["ggo_slice_count"])
-    assert [r["ggo_volume_ml"] for r in _rows(out)] == [row["ggo_volume_ml"]]
-    again = _segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
+    assert [r["ggo_volume_ml"] for r in csv_rows(out)] == [row["ggo_volume_ml"]]
+    again = segment(root, "-o", out, "-m", band_model_path, "--seg-frames", "nonempty")
     assert again.exit_code == 0
-    assert _manifest(out)["counts"]["unchanged"] == 1
+    assert manifest(out)["counts"]["unchanged"] == 1
