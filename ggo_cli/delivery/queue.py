@@ -1,0 +1,457 @@
+"""The delivery queue: each object ggo-cli wrote, to each destination, ``pending``, ``sent`` or
+``failed``, kept in the run's SQLite state database beside the series table.
+
+Two tables. ``delivery_objects`` lists the DICOM files written per source series (SEG, SR, SC),
+keyed by SOPInstanceUID; ``deliveries`` holds one row per object and destination with its
+status, the number of attempts and the last error. ggo-cli's UIDs are deterministic, so a series
+processed again with an identical result registers the same SOPInstanceUIDs and keeps their
+delivery rows: an object a PACS already holds is never sent twice. An object that disappears
+from its series (a changed result) loses its rows, and its successor is queued as new.
+
+Rows are served oldest first (insertion order), so earlier results reach the PACS first. Each
+write is one committed transaction (the connection is in autocommit mode; multi-statement
+writes run in ``BEGIN IMMEDIATE`` ... ``COMMIT``), so a run killed at any instant leaves the
+queue consistent: at worst the last chunk's results are unrecorded, stay pending and are sent
+again, which a PACS takes as the same SOP instance.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ..errors import OutputError
+from .results import SendOutcome, SendResult
+
+log = logging.getLogger(__name__)
+
+
+class ObjectKind(StrEnum):
+    """The kinds of DICOM object ggo-cli writes and can send."""
+
+    SEG = "seg"
+    """DICOM Segmentation."""
+    SR = "sr"
+    """TID 1500 measurement report (Comprehensive 3D SR)."""
+    SC = "sc"
+    """RGB Secondary Capture of the overlay."""
+
+
+ALL_KINDS: frozenset[ObjectKind] = frozenset(ObjectKind)
+
+
+class DeliveryStatus(StrEnum):
+    """Where one object stands with one destination."""
+
+    PENDING = "pending"
+    """Not delivered yet (new, or the destination was down): sent on the next pass."""
+    SENT = "sent"
+    """The destination stored it (possibly with a warning)."""
+    FAILED = "failed"
+    """The destination refused it, or the file cannot be sent; retried only when asked."""
+
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS delivery_objects (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        sop_instance_uid TEXT NOT NULL UNIQUE,
+        sop_class_uid TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        series_instance_uid TEXT NOT NULL,
+        path TEXT NOT NULL
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS delivery_objects_series "
+    "ON delivery_objects (series_instance_uid)",
+    """
+    CREATE TABLE IF NOT EXISTS deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        sop_instance_uid TEXT NOT NULL,
+        destination TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT '',
+        updated_at TEXT NOT NULL DEFAULT '',
+        UNIQUE (sop_instance_uid, destination)
+    )
+    """,
+    "CREATE INDEX IF NOT EXISTS deliveries_destination ON deliveries (destination, status)",
+)
+_ROW_COLUMNS = (
+    "o.sop_instance_uid, o.sop_class_uid, o.kind, o.series_instance_uid, o.path, "
+    "d.destination, d.status, d.attempts, d.last_error, d.updated_at"
+)
+_JOIN = "deliveries d JOIN delivery_objects o ON o.sop_instance_uid = d.sop_instance_uid"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """One DICOM file ggo-cli wrote.
+
+    Attributes:
+        sop_instance_uid: its SOPInstanceUID.
+        sop_class_uid: its SOPClassUID.
+        kind: SEG, SR or SC.
+        series_instance_uid: the SeriesInstanceUID of the source CT series it belongs to (the
+            state store's key), not the object's own series.
+        path: the file, relative to the output folder, with ``/`` separators.
+    """
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    kind: ObjectKind
+    series_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRow:
+    """One object's delivery to one destination.
+
+    Attributes:
+        obj: the object.
+        destination: the destination's text (``str(Destination)``: no secret in it).
+        status: pending, sent or failed.
+        attempts: how many times it was sent.
+        last_error: the reason of the last attempt that did not deliver it (``""`` when sent).
+        updated_at: when its status last changed (ISO 8601, as the caller gave it).
+    """
+
+    obj: StoredObject
+    destination: str
+    status: DeliveryStatus
+    attempts: int
+    last_error: str
+    updated_at: str
+
+
+def _row(values: tuple[Any, ...]) -> DeliveryRow:
+    """A :class:`DeliveryRow` from a ``SELECT`` of :data:`_ROW_COLUMNS`."""
+    uid, sop_class, kind, series, path, destination, status, attempts, error, at = values
+    obj = StoredObject(uid, sop_class, ObjectKind(kind), series, path)
+    return DeliveryRow(obj, destination, DeliveryStatus(status), int(attempts), error, at)
+
+
+def _in(column: str, values: Collection[str]) -> tuple[str, tuple[str, ...]]:
+    """An SQL ``column IN (?, ...)`` test and its parameters (false for no values)."""
+    ordered = tuple(sorted(values))
+    if not ordered:
+        return "0", ()
+    return f"{column} IN ({', '.join('?' for _ in ordered)})", ordered
+
+
+def _relative(path: Path, out_dir: Path | None) -> str | None:
+    """``path`` relative to ``out_dir`` with ``/`` separators, or ``None`` when outside it."""
+    if out_dir is None:
+        return None
+    try:
+        return PurePosixPath(Path(path).relative_to(out_dir)).as_posix()
+    except ValueError:
+        return None
+
+
+class DeliveryQueue:
+    """The delivery queue in an open SQLite database (the state store's).
+
+    Args:
+        db: a connection in autocommit mode (``isolation_level=None``); its tables are created
+            if they do not exist.
+
+    Raises:
+        ValueError: the connection is not in autocommit mode (a programming error).
+        OutputError: the database cannot be read or written (fatal).
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        if db.isolation_level is not None:
+            raise ValueError("DeliveryQueue needs a connection opened with isolation_level=None")
+        self._db = db
+        self._path = "the state database"
+        with self._errors("open"):
+            for entry in db.execute("PRAGMA database_list"):
+                if entry[1] == "main" and entry[2]:
+                    self._path = f"the state database {entry[2]}"
+            for statement in _SCHEMA:
+                db.execute(statement)
+
+    @contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        """SQLite and OS errors as a fatal :class:`OutputError` naming the database."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise OutputError(
+                f"cannot {action} the delivery queue in {self._path}: {exc}; check free space "
+                "and permissions of the --out folder (or move the damaged file away to start "
+                "afresh)",
+                fatal=True,
+            ) from exc
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One committed write transaction, rolled back on any exception."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def register_series(self, series_uid: str, objects: Sequence[StoredObject]) -> None:
+        """Make a source series' objects exactly ``objects`` (one transaction).
+
+        An object already registered (same SOPInstanceUID) keeps its delivery rows, with its
+        path and attributes updated; an object no longer listed loses its row and its delivery
+        rows. New objects are appended in the order given.
+
+        Args:
+            series_uid: the source CT series' SeriesInstanceUID.
+            objects: every object written for it now (each with that ``series_instance_uid``).
+
+        Raises:
+            ValueError: an object belongs to another series (a programming error).
+            OutputError: the database cannot be written (fatal).
+        """
+        strays = [o for o in objects if o.series_instance_uid != series_uid]
+        if strays:
+            raise ValueError(f"objects registered for series {series_uid} belong to "
+                             f"{strays[0].series_instance_uid}")
+        keep = {o.sop_instance_uid for o in objects}
+        with self._errors("write"), self._transaction():
+            known = [uid for (uid,) in self._db.execute(
+                "SELECT sop_instance_uid FROM delivery_objects WHERE series_instance_uid = ?",
+                (series_uid,),
+            )]
+            gone = [(uid,) for uid in known if uid not in keep]
+            self._db.executemany("DELETE FROM deliveries WHERE sop_instance_uid = ?", gone)
+            self._db.executemany("DELETE FROM delivery_objects WHERE sop_instance_uid = ?", gone)
+            self._db.executemany(
+                "INSERT INTO delivery_objects "
+                "(sop_instance_uid, sop_class_uid, kind, series_instance_uid, path) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (sop_instance_uid) DO UPDATE SET "
+                "sop_class_uid = excluded.sop_class_uid, kind = excluded.kind, "
+                "series_instance_uid = excluded.series_instance_uid, path = excluded.path",
+                [(o.sop_instance_uid, o.sop_class_uid, str(o.kind), o.series_instance_uid,
+                  o.path) for o in objects],
+            )
+        log.debug("delivery queue: series %s has %d objects (%d dropped)",
+                  series_uid, len(objects), len(gone))
+
+    def objects(self) -> list[StoredObject]:
+        """Every registered object, in registration order."""
+        with self._errors("read"):
+            found = self._db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, kind, series_instance_uid, path "
+                "FROM delivery_objects ORDER BY seq"
+            ).fetchall()
+        return [StoredObject(uid, cls, ObjectKind(kind), series, path)
+                for uid, cls, kind, series, path in found]
+
+    def enqueue(self, destination: str, kinds: Collection[ObjectKind], *, at: str = "") -> int:
+        """Queue every registered object of ``kinds`` that has no row for ``destination`` yet.
+
+        Args:
+            destination: the destination's text.
+            kinds: which objects go there.
+            at: the time to stamp the new rows with.
+
+        Returns:
+            How many rows were added (0 when every object already has one).
+
+        Raises:
+            OutputError: the database cannot be written (fatal).
+        """
+        test, values = _in("o.kind", {str(kind) for kind in kinds})
+        with self._errors("write"):
+            cursor = self._db.execute(
+                "INSERT INTO deliveries (sop_instance_uid, destination, status, updated_at) "
+                "SELECT o.sop_instance_uid, ?, ?, ? FROM delivery_objects o "
+                f"WHERE {test} AND NOT EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.sop_instance_uid = o.sop_instance_uid AND d.destination = ?) "
+                "ORDER BY o.seq",
+                (destination, str(DeliveryStatus.PENDING), at, *values, destination),
+            )
+        return max(cursor.rowcount, 0)
+
+    def rows(self, destination: str, *, kinds: Collection[ObjectKind] | None = None,
+             statuses: Collection[DeliveryStatus] | None = None) -> list[DeliveryRow]:
+        """The rows of ``destination``, oldest first, optionally of some kinds and statuses."""
+        where = ["d.destination = ?"]
+        params: list[str] = [destination]
+        for column, chosen in (("o.kind", kinds), ("d.status", statuses)):
+            if chosen is not None:
+                test, values = _in(column, {str(value) for value in chosen})
+                where.append(test)
+                params.extend(values)
+        with self._errors("read"):
+            found = self._db.execute(
+                f"SELECT {_ROW_COLUMNS} FROM {_JOIN} WHERE {' AND '.join(where)} ORDER BY d.seq",
+                params,
+            ).fetchall()
+        return [_row(values) for values in found]
+
+    def due(self, destination: str, *, include_failed: bool = False,
+            kinds: Collection[ObjectKind] | None = None) -> list[DeliveryRow]:
+        """The rows of ``destination`` still to send, oldest first (earlier results go first).
+
+        Args:
+            destination: the destination's text.
+            include_failed: also the ``failed`` rows (retry what the destination refused).
+            kinds: only objects of these kinds (default all).
+
+        Returns:
+            The pending (and failed) rows in insertion order.
+        """
+        statuses = {DeliveryStatus.PENDING}
+        if include_failed:
+            statuses.add(DeliveryStatus.FAILED)
+        return self.rows(destination, kinds=kinds, statuses=statuses)
+
+    def reset(self, destination: str, kinds: Collection[ObjectKind], *, at: str = "") -> int:
+        """Put every row of ``destination`` of ``kinds`` back to pending (``--force``).
+
+        Args:
+            destination: the destination's text.
+            kinds: which objects.
+            at: the time to stamp the rows with (default: keep their time).
+
+        Returns:
+            How many rows were reset (whatever their status was).
+
+        Raises:
+            OutputError: the database cannot be written (fatal).
+        """
+        test, values = _in("kind", {str(kind) for kind in kinds})
+        with self._errors("write"):
+            cursor = self._db.execute(
+                "UPDATE deliveries SET status = ?, "
+                "updated_at = CASE WHEN ? = '' THEN updated_at ELSE ? END "
+                "WHERE destination = ? AND sop_instance_uid IN "
+                f"(SELECT sop_instance_uid FROM delivery_objects WHERE {test})",
+                (str(DeliveryStatus.PENDING), at, at, destination, *values),
+            )
+        return max(cursor.rowcount, 0)
+
+    def record(self, destination: str, results: Sequence[SendResult], *, at: str,
+               out_dir: Path | None = None) -> None:
+        """Record what sending came to (one transaction).
+
+        Each result is matched to its row by SOPInstanceUID; a result without one (the file was
+        unreadable) is matched by its path: relative to ``out_dir`` when given, else by the
+        longest registered path its path ends with. A delivered object becomes ``sent`` (its
+        error cleared), a ``FAILED`` one ``failed``, a ``TRANSIENT`` one stays ``pending``;
+        every matched row counts one more attempt and keeps the result's reason.
+
+        Args:
+            destination: the destination's text.
+            results: the sender's results.
+            at: the time to stamp the rows with.
+            out_dir: the output folder the sent paths lie in.
+
+        Raises:
+            OutputError: the database cannot be written (fatal).
+        """
+        if not results:
+            return
+        with self._errors("write"), self._transaction():
+            known = self._db.execute(
+                f"SELECT o.sop_instance_uid, o.path FROM {_JOIN} WHERE d.destination = ?",
+                (destination,),
+            ).fetchall()
+            uids = {uid for uid, _ in known}
+            by_path = {path: uid for uid, path in known}
+            updates: list[tuple[str, str, str, str, str]] = []
+            for result in results:
+                uid = result.sop_instance_uid if result.sop_instance_uid in uids else None
+                if uid is None and not result.sop_instance_uid:
+                    uid = self._uid_of_path(result.path, by_path, out_dir)
+                if uid is None:
+                    log.debug("delivery queue: a result for %s matches no row of %s",
+                              result.path.name, destination)
+                    continue
+                if result.outcome.delivered:
+                    status, error = DeliveryStatus.SENT, ""
+                elif result.outcome is SendOutcome.FAILED:
+                    status, error = DeliveryStatus.FAILED, result.reason
+                else:
+                    status, error = DeliveryStatus.PENDING, result.reason
+                updates.append((str(status), error, at, uid, destination))
+            self._db.executemany(
+                "UPDATE deliveries SET status = ?, attempts = attempts + 1, "
+                "last_error = ?, updated_at = ? "
+                "WHERE sop_instance_uid = ? AND destination = ?",
+                updates,
+            )
+
+    @staticmethod
+    def _uid_of_path(path: Path, by_path: Mapping[str, str], out_dir: Path | None) -> str | None:
+        """The SOPInstanceUID registered at ``path`` (see :meth:`record`), or ``None``."""
+        relative = _relative(path, out_dir)
+        if relative is not None:
+            return by_path.get(relative)
+        text = PurePosixPath(Path(path)).as_posix()
+        ends = [known for known in by_path if text == known or text.endswith(f"/{known}")]
+        return by_path[max(ends, key=len)] if ends else None
+
+    def series_states(
+        self, destinations: Collection[str] | Mapping[str, Collection[ObjectKind]]
+    ) -> dict[str, str]:
+        """Each source series' delivery state over some destinations (the CSV column).
+
+        Args:
+            destinations: the destinations' texts; a mapping also limits each destination to
+                its kinds (``{target.key: target.kinds}``).
+
+        Returns:
+            Source SeriesInstanceUID -> ``"failed"`` when any of its rows failed, else
+            ``"pending"`` when any is pending, else ``"sent"``. Series without a row for those
+            destinations are absent.
+        """
+        with self._errors("read"):
+            found = self._db.execute(
+                f"SELECT o.series_instance_uid, d.destination, o.kind, d.status FROM {_JOIN}"
+            ).fetchall()
+        chosen: Mapping[str, Collection[ObjectKind] | None] = (
+            dict(destinations) if isinstance(destinations, Mapping)
+            else dict.fromkeys(destinations)
+        )
+        seen: dict[str, set[str]] = {}
+        for series, destination, kind, status in found:
+            if destination not in chosen:
+                continue
+            kinds = chosen[destination]
+            if kinds is not None and ObjectKind(kind) not in kinds:
+                continue
+            seen.setdefault(series, set()).add(status)
+        states: dict[str, str] = {}
+        for series, statuses in seen.items():
+            for state in (DeliveryStatus.FAILED, DeliveryStatus.PENDING, DeliveryStatus.SENT):
+                if state in statuses:
+                    states[series] = str(state)
+                    break
+        return states
+
+    def counts(self, destination: str, *,
+               kinds: Collection[ObjectKind] | None = None) -> dict[DeliveryStatus, int]:
+        """How many rows of ``destination`` (of ``kinds``, default all) are in each status."""
+        totals = dict.fromkeys(DeliveryStatus, 0)
+        for row in self.rows(destination, kinds=kinds):
+            totals[row.status] += 1
+        return totals
+
+    def last_error(self, destination: str, *,
+                   kinds: Collection[ObjectKind] | None = None) -> str:
+        """The error of the most recently updated undelivered row of ``destination`` (or ``""``)."""
+        rows = [row for row in self.rows(destination, kinds=kinds,
+                                         statuses=(DeliveryStatus.PENDING, DeliveryStatus.FAILED))
+                if row.last_error]
+        # newest first on a tie of times, so the latest row wins
+        return max(reversed(rows), key=lambda row: row.updated_at).last_error if rows else ""
