@@ -21,9 +21,9 @@ What the SC series holds (issue 17, items 2 and 6):
   PixelSpacing: the montage is scaled and partly text, so nothing should be measured on it.
 - Equipment as the SEG's: Manufacturer ``ggo-cli``, Manufacturer's Model Name = model name,
   Software Versions = ggo-cli's, Device Serial Number = the model digest's first 16 hex digits.
-  Contributing Equipment holds the source's acquisition equipment, the algorithm item as the
-  SR has it (IHE AI Results: the SEG's :func:`~ggo_cli.writers.seg_segments.algorithm_equipment`
-  with the Device UID of :func:`~ggo_cli.writers.sr_content.algorithm_device_uid`) and highdicom.
+  Contributing Equipment holds the source's acquisition equipment, the algorithm item the SEG
+  and the SR carry too (IHE AI Results: :func:`~ggo_cli.writers.seg_segments.algorithm_equipment`,
+  with its Device UID) and highdicom.
 - References, so a viewer can link the SC to the CT and the SEG: each CT instance shown is in
   the Source Image Sequence (General Reference, C.12.4) with purpose 121329 "Source image for
   montage" (or 121322 "Source image for image processing operation" for a single slice); the
@@ -73,7 +73,6 @@ from .seg_source import (
     highdicom_build,
     source_character_set,
 )
-from .sr_content import algorithm_device_uid
 
 __all__ = ["build_sc", "derive_sc_series_uid", "verify_sc", "write_sc", "write_sc_series"]
 
@@ -144,9 +143,6 @@ def build_sc(
         pixels=panel.pixels,
         seg_uid=str(seg.SOPInstanceUID) if seg is not None else "",
     )
-    # The SEG's algorithm item with the Device UID the SR gives it (IHE AIR).
-    equipment = algorithm_equipment(model)
-    equipment.DeviceUID = algorithm_device_uid(model)
     # highdicom warns about source values and quotes them: record, redact, log at DEBUG.
     with highdicom_build("Secondary Capture", series_uid_ct, source):
         sc = hd.sc.SCImage(
@@ -162,7 +158,7 @@ def build_sc(
             manufacturer=SEG_MANUFACTURER,
             patient_orientation=patient_orientation(source),
             transfer_syntax_uid=SC_TRANSFER_SYNTAX_UID,
-            contributing_equipment=[*acquisition_equipment(source), equipment],
+            contributing_equipment=[*acquisition_equipment(source), algorithm_equipment(model)],
             series_description=series_description,
             manufacturer_model_name=model.name,
             software_versions=software_version,

@@ -25,8 +25,10 @@ What the SEG holds (issue 2 part 7, STYLE.md section 8):
 - Equipment: Manufacturer ``ggo-cli``, Manufacturer's Model Name = model name, Software
   Versions = ggo-cli version, Device Serial Number = the first 16 hex digits of the model's
   graph digest (identifies the weights, not a machine or person). A Contributing Equipment
-  item (purpose Processing Equipment) records the algorithm as IHE AI Results (AIR) asks;
-  highdicom adds the source's acquisition equipment and itself.
+  item records the algorithm as IHE AI Results (AIR) asks, the same item the SR and the SC
+  carry (purpose Processing Equipment, model name, version, serial number and Device UID:
+  :func:`~ggo_cli.writers.seg_segments.algorithm_equipment`, where the choice of code is
+  explained); highdicom adds the source's acquisition equipment and itself.
 - Deterministic UIDs: SeriesInstanceUID and SOPInstanceUID are derived (``generate_uid`` with
   entropy sources) from the source SeriesInstanceUID, the model digest, the threshold and the
   SEG series number and description, so a rerun writes the same UIDs while any change in

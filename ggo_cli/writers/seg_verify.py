@@ -22,7 +22,12 @@ from ..analysis.masks import seg_masks
 from ..domain import CtVolume, Prediction
 from ..errors import OutputError
 from ..onnx.model_info import ModelInfo
-from .seg_segments import LUNG_SEGMENTS
+from .seg_segments import (
+    ALGORITHM_PURPOSE,
+    LUNG_SEGMENTS,
+    SEG_MANUFACTURER,
+    algorithm_device_uid,
+)
 
 if TYPE_CHECKING:
     from ..analysis.lungs import LungMasks
@@ -110,6 +115,25 @@ def _check_segments(
             raise _fail(shown, f"segment {item.SegmentNumber} label, codes or algorithm differ")
 
 
+def _check_algorithm_item(seg: hd.seg.Segmentation, shown: Path, model: ModelInfo) -> None:
+    """Check that one Contributing Equipment item is the algorithm's, with its Device UID."""
+    device_uid = algorithm_device_uid(model)
+    found = [
+        item
+        for item in seg.get("ContributingEquipmentSequence", [])
+        if item.get("Manufacturer") == SEG_MANUFACTURER
+        and _codes_match(item, "PurposeOfReferenceCodeSequence", ALGORITHM_PURPOSE)
+    ]
+    if len(found) != 1 or (
+        found[0].get("ManufacturerModelName"),
+        found[0].get("SoftwareVersions"),
+        found[0].get("DeviceUID"),
+    ) != (model.name, model.version, device_uid):
+        raise _fail(
+            shown, "no single Contributing Equipment item names the algorithm and its Device UID"
+        )
+
+
 def _check_references(seg: hd.seg.Segmentation, shown: Path, volume: CtVolume) -> None:
     """Check study, frame of reference, copied patient attributes and referenced instances."""
     source = volume.datasets[0]
@@ -153,7 +177,8 @@ def verify_seg(
     attributes equal the source's; the Referenced Series Sequence lists exactly the source
     instances; the number of frames is ``slices x segments``; the pixels retrieved per source
     instance (``get_pixels_by_source_instance``) equal the masks; segment numbering and
-    algorithm type, plus labels, codes and algorithm name and version when ``model`` is given.
+    algorithm type, plus labels, codes, algorithm name and version and the algorithm's
+    Contributing Equipment item (with its Device UID) when ``model`` is given.
 
     Args:
         path: the SEG file.
@@ -190,6 +215,8 @@ def verify_seg(
     if int(seg.NumberOfFrames) != n_frames:
         raise _fail(shown, f"{seg.NumberOfFrames} frames, expected {wanted}")
     _check_segments(seg, shown, n_segments, model, lungs=lungs is not None)
+    if model is not None:
+        _check_algorithm_item(seg, shown, model)
     # Slab by slab: the whole stack read back at once is another uint8 copy of every frame
     # (786 MB for 1000 slices and 3 segments), and its comparison a third.
     uids = volume.sop_instance_uids

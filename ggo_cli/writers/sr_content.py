@@ -28,8 +28,10 @@ Coding choices (DICOM PS3.16):
   flag's CSV name (:class:`ggo_cli.analysis.quality.QcFlag`); the container is left out when
   nothing is flagged (it is Type U).
 - Observer (TID 1001/1004): the algorithm as a device observer: Device Observer UID
-  (:func:`algorithm_device_uid`), name = model name, manufacturer ``ggo-cli``, model name =
-  model name and version, serial number = the SEG's Device Serial Number (the graph digest).
+  (:func:`~ggo_cli.writers.seg_segments.algorithm_device_uid`, the Device UID of the
+  algorithm's Contributing Equipment item), name = model name, manufacturer ``ggo-cli``,
+  model name = model name and version, serial number = the SEG's Device Serial Number (the
+  graph digest).
 - Procedure reported (CID 100): (25045-6, LN, "CT unspecified body region").
 """
 
@@ -50,6 +52,10 @@ from ..onnx.model_info import ModelInfo
 from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
 from .seg_segments import LUNG_SEGMENTS, SEG_MANUFACTURER
 
+# Defined beside the algorithm's Contributing Equipment item, which carries it in the SEG, SR
+# and SC alike; re-exported for the SR's read-back check.
+from .seg_segments import algorithm_device_uid as algorithm_device_uid
+
 VOLUME_CONCEPT = codes.SCT.Volume
 PERCENT_CONCEPT = codes.SCT.Ratio
 ML_UNIT = Code("ml", "UCUM", "milliliter")
@@ -60,7 +66,6 @@ QC_CONTAINER = Code("C0034375", "UMLS", "Qualitative Evaluations")
 QC_FLAG_CONCEPT = codes.DCM.Comment
 PROCEDURE_REPORTED = codes.cid100.CTUnspecifiedBodyRegion
 GGO_TRACKING_ID = "GGO"
-_DEVICE_UID_NAMESPACE = "ggo-cli/device/v1"
 _TRACKING_UID_NAMESPACE = "ggo-cli/sr-tracking/v1"
 
 
@@ -206,11 +211,6 @@ def seg_reference(seg: Dataset, model: ModelInfo) -> SegReference:
         segments=segments,
         algorithms=algorithms,
     )
-
-
-def algorithm_device_uid(model: ModelInfo) -> str:
-    """The algorithm's Device UID: derived from its graph digest, the same on every machine."""
-    return str(generate_uid(entropy_srcs=[_DEVICE_UID_NAMESPACE, model.recorded_sha256]))
 
 
 def observation_context(model: ModelInfo) -> hd.sr.ObservationContext:

@@ -47,10 +47,11 @@ from ggo_cli.writers.sc_render import (
     sc_text_lines,
     text_band_px,
 )
-from ggo_cli.writers.sr_content import algorithm_device_uid
+from ggo_cli.writers.seg_segments import algorithm_device_uid
 from tests.dciodvfy import dciodvfy_errors
 from tests.dicom_factory import make_ct_series
 from tests.writers.ct_data import load_ct_volume
+from tests.writers.test_dicom_seg import assert_known_dciodvfy_warnings
 
 SOFTWARE_VERSION = "9.9.9-test"
 GGO_SLICES = (2, 3)
@@ -379,11 +380,11 @@ def test_references_link_the_ct_and_the_seg(
     assert source.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
 
 
-def test_algorithm_equipment_is_the_segs_with_the_device_uid(
+def test_algorithm_equipment_is_the_segs_item_with_its_device_uid(
     sc_paths: list[Path], seg: Dataset, model: ModelInfo
 ) -> None:
-    """The AI algorithm's Contributing Equipment item is the SEG's, plus the Device UID the SR
-    gives it: manufacturer, model name, version and Device UID as IHE AI Results asks."""
+    """The AI algorithm's Contributing Equipment item is the SEG's, Device UID included:
+    manufacturer, model name, version, serial number and Device UID as IHE AI Results asks."""
     ignored = {"ContributionDateTime"}
 
     def algorithm_items(ds: Dataset) -> list[dict[str, object]]:
@@ -395,8 +396,8 @@ def test_algorithm_equipment_is_the_segs_with_the_device_uid(
 
     sc = pydicom.dcmread(sc_paths[0], stop_before_pixels=True)
     (item,) = algorithm_items(sc)
-    assert item.pop("DeviceUID") == algorithm_device_uid(model)
     assert [item] == algorithm_items(seg)
+    assert item["DeviceUID"] == algorithm_device_uid(model)
     assert (item["Manufacturer"], item["ManufacturerModelName"], item["SoftwareVersions"]) == (
         "ggo-cli",
         model.name,
@@ -437,9 +438,11 @@ def test_uids_are_deterministic_and_follow_the_content(
 
 
 def test_dciodvfy_reports_no_error(sc_paths: list[Path]) -> None:
-    """dicom3tools' dciodvfy finds no error in any instance."""
+    """dicom3tools' dciodvfy finds no error in any instance, and warns only about the Device
+    UID of the algorithm's Contributing Equipment item."""
     for path in sc_paths:
         assert dciodvfy_errors(path) == [], path.name
+        assert_known_dciodvfy_warnings(path)
 
 
 @pytest.mark.parametrize(
@@ -534,3 +537,4 @@ def test_real_series_montage(
         if keyword in source:
             assert ds[keyword].value == source[keyword].value, keyword
     assert dciodvfy_errors(path) == []
+    assert_known_dciodvfy_warnings(path)

@@ -30,11 +30,13 @@ from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers.dicom_seg import build_seg
 from ggo_cli.writers.dicom_sr import build_sr, write_sr
 from ggo_cli.writers.report_csv import outcome_row
-from ggo_cli.writers.sr_content import algorithm_device_uid, reported_values
+from ggo_cli.writers.seg_segments import algorithm_device_uid
+from ggo_cli.writers.sr_content import reported_values
 from ggo_cli.writers.sr_verify import verify_sr
 from tests.dciodvfy import dciodvfy_errors
 from tests.dicom_factory import make_ct_series
 from tests.writers.ct_data import load_ct_volume, stack_segments
+from tests.writers.test_dicom_seg import assert_known_dciodvfy_warnings
 
 QC_FLAGS = ("thick_slices", "low_confidence")
 SOFTWARE_VERSION = "9.9.9-test"
@@ -249,6 +251,15 @@ def test_header_copies_patient_and_study_and_names_the_algorithm(
     assert item.SoftwareVersions == model.version
     assert item.DeviceUID == algorithm_device_uid(model)
     assert item.PurposeOfReferenceCodeSequence[0].CodeValue == codes.DCM.ProcessingEquipment.value
+    (seg_item,) = (
+        seg_item
+        for seg_item in real_case.seg.ContributingEquipmentSequence
+        if seg_item.get("ManufacturerModelName") == model.name
+    )
+    # the SEG's algorithm item, Device UID included (only the contribution time differs)
+    assert {e.keyword: e.value for e in item if e.keyword != "ContributionDateTime"} == {
+        e.keyword: e.value for e in seg_item if e.keyword != "ContributionDateTime"
+    }
     assert (sr.Manufacturer, sr.SoftwareVersions) == ("ggo-cli", SOFTWARE_VERSION)
     assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     observer = hd.sr.MeasurementReport.from_sequence(
@@ -382,7 +393,9 @@ def test_no_patient_data_in_logs(
 def test_dciodvfy_reports_no_errors(
     which: str, real_case: Case, synthetic_case: Case, model: ModelInfo, tmp_path: Path
 ) -> None:
-    """dicom3tools' validator finds no Error in the SR."""
+    """dicom3tools' validator finds no Error in the SR, and warns only about the Device UID
+    of the algorithm's Contributing Equipment item."""
     case = real_case if which == "real" else synthetic_case
     path = _write(case, model, tmp_path / "ggo.sr.dcm", qc_flags=QC_FLAGS)
     assert dciodvfy_errors(path) == []
+    assert_known_dciodvfy_warnings(path)
