@@ -11,10 +11,14 @@ import re
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InputError
 from .fsutil import OutputTree
 from .onnx.precision import Precision
+
+if TYPE_CHECKING:  # the senders import pynetdicom and requests: only a run that sends needs them
+    from .delivery.deliver import Target
 
 ENV_MODEL = "GGO_MODEL"
 ENV_DEVICE = "GGO_DEVICE"
@@ -45,6 +49,10 @@ ENV_PSEUDONYM_SALT = "GGO_PSEUDONYM_SALT"
 CSV_NAME = "ggo_volumes.csv"
 MANIFEST_NAME = "run_manifest.json"
 SEG_NAME = "ggo.seg.dcm"
+SR_NAME = "ggo.sr.dcm"
+SC_FOLDER = "sc"
+"""The series folder's subfolder of the overlay as DICOM Secondary Capture (``montage.dcm``,
+``slice_NNNN.dcm``)."""
 OVERLAY_NAME = "overlay.png"
 GRADCAM_NPZ_NAME = "gradcam.npz"
 GRADCAM_FOLDER = "gradcam"
@@ -126,6 +134,18 @@ class SegFrames(StrEnum):
     NONEMPTY = "nonempty"
 
 
+class ScMode(StrEnum):
+    """``--sc``: the overlay as an RGB Secondary Capture series, for viewers without SEG support.
+
+    ``montage`` (default): one image, the montage of ``overlay.png`` with the volumes burned
+    in; ``slices``: the montage and one image per slice with GGO; ``none``: no SC.
+    """
+
+    MONTAGE = "montage"
+    SLICES = "slices"
+    NONE = "none"
+
+
 class PngMode(StrEnum):
     """Which PNGs ``segment`` writes per series."""
 
@@ -196,6 +216,12 @@ class RunConfig:
             lung, and add the lungs to the SEG (``--no-lung-mask`` turns all of it off).
         group_readable: output files ``0640`` and folders ``0750`` (``--group-readable``)
             instead of owner-only ``0600`` / ``0700`` (:mod:`ggo_cli.fsutil`).
+        sr: write the TID 1500 measurement report ``ggo.sr.dcm`` beside each SEG (``--no-sr``
+            turns it off).
+        sc_mode: which Secondary Capture images of the overlay are written (``--sc``).
+        targets: where the DICOM objects are sent and which kinds each receives (``--send``,
+            ``GGO_SEND``, ``GGO_SEND_CONFIG``: :func:`ggo_cli.delivery.settings.resolve_targets`);
+            empty: nothing is sent.
     """
 
     inputs: tuple[Path, ...]
@@ -221,6 +247,9 @@ class RunConfig:
     decode_workers: int | None = None
     jobs: int | None = None
     group_readable: bool = False
+    sr: bool = True
+    sc_mode: ScMode = ScMode.MONTAGE
+    targets: tuple[Target, ...] = ()
 
     @property
     def explain_only(self) -> bool:

@@ -13,6 +13,9 @@ EXIT_OK = 0
 EXIT_BUG = 1
 EXIT_PARTIAL = 7
 """The batch finished but at least one series failed while others succeeded."""
+EXIT_UNDELIVERED = 9
+"""Every series is done, but objects are still pending or refused at a destination (``--send``,
+``ggo-cli send``): they stay queued for the next run or ``ggo-cli send``."""
 
 
 class GgoError(Exception):

@@ -24,8 +24,23 @@ PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE_MAX_BYTES = 10 * 1024 * 1024
 LOG_FILE_BACKUPS = 5
 _HANDLER_MARK = "_ggo_cli_handler"
-THIRD_PARTY_LOGGERS = ("pydicom", "highdicom", "PIL", "pylibjpeg", "openjpeg", "libjpeg", "rle")
-"""Loggers (and their children) of the DICOM and image libraries whose records are demoted.
+THIRD_PARTY_LOGGERS = (
+    "pydicom",
+    "highdicom",
+    "PIL",
+    "pylibjpeg",
+    "openjpeg",
+    "libjpeg",
+    "rle",
+    "pynetdicom",
+    "dicomweb_client",
+    "urllib3",
+)
+"""Loggers (and their children) of the DICOM, image and network libraries whose records are
+demoted.
+
+pynetdicom logs a refused connection at ERROR and dicomweb-client an HTTP error with the request;
+the delivery queue turns each into one line per destination (:mod:`ggo_cli.delivery.deliver`).
 
 pydicom's pixel decoders log every failed plugin attempt at ERROR with its traceback
 (``pydicom.pixels.decoders.base``), then raise; ggo-cli turns that exception into the series'

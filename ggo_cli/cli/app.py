@@ -2,10 +2,11 @@
 
 Options become a :class:`~ggo_cli.config.RunConfig` in :mod:`ggo_cli.cli.build`. The ``guarded``
 boundary here is the only place that catches :class:`~ggo_cli.errors.GgoError`; only ``cli/``
-prints to stdout or exits. Exit codes: 0 all series ok; 2 bad input or option; 3 no eligible
-series; 4 every eligible series failed; 5 model or device error; 6 output error; 7 some series
-failed while others succeeded; 8 another run holds the output folder; 1 an unexpected error (a
-bug).
+prints to stdout or exits. Exit codes: 0 all series ok (and delivered); 2 bad input or
+option; 3 no eligible series; 4 every eligible series failed; 5 model or device error; 6 output
+error; 7 some series failed while others succeeded; 8 another run holds the output folder; 9
+every series ok but results not yet delivered to a destination (queued); 1 an unexpected error
+(a bug).
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ from ..config import (
     ExplainMode,
     PngMode,
     RunConfig,
+    ScMode,
     SegFrames,
     SelectionRules,
 )
+from ..delivery.settings import resolve_targets
 from ..domain import SeriesStatus
 from ..errors import (
     EXIT_BUG,
+    EXIT_UNDELIVERED,
     GgoError,
     NoEligibleSeriesError,
     OutputError,
 )
 from ..logs import configure_logging, level_from_flags, quiet_pydicom
 from ..onnx.precision import Precision
+from ..run.deliveries import report_lines
 from .build import build_run_config
 from .demo import demo_command
 from .display import (
@@ -58,6 +63,7 @@ from .info import info_command
 from .options import (
     AxialToleranceOpt,
     BatchOpt,
+    CallingAeOpt,
     DecodeWorkersOpt,
     DeviceOpt,
     ExplainOpt,
@@ -76,15 +82,21 @@ from .options import (
     PngOpt,
     PrecisionOpt,
     PseudonymizeOpt,
+    ScOpt,
     SegFramesOpt,
     SegSeriesDescriptionOpt,
     SegSeriesNumberOpt,
+    SendConfigOpt,
+    SendObjectsOpt,
+    SendOpt,
     SeriesOpt,
     SettleOpt,
     SlicesOpt,
     SpacingToleranceOpt,
+    SrOpt,
     ThresholdOpt,
 )
+from .send import send_command
 
 log = logging.getLogger(__name__)
 P = ParamSpec("P")
@@ -201,7 +213,9 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
         typer.echo(str(result.csv_path))
     for line in review_lines(result.outcomes):  # flagged series, also in cron logs
         log.warning("%s", line)
-    code = exit_code(result.outcomes)
+    for level, line in report_lines(result.deliveries):
+        log.log(level, "%s", line)
+    code = exit_code(result.outcomes, delivered=result.delivered)
     pending_note = all_pending_note(result.outcomes, cfg.settle_minutes)
     if pending_note is not None:
         log.warning("%s", pending_note)
@@ -211,6 +225,12 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
             len(result.outcomes),
             result.discovery.n_files,
             result.csv_path or "the messages above",
+        )
+    elif code == EXIT_UNDELIVERED:
+        log.error(
+            "every series is done, but results are not yet delivered (exit %d); they stay "
+            "queued for the next run",
+            code,
         )
     elif code != 0:
         log.error(
@@ -240,6 +260,8 @@ def segment(
     threshold: ThresholdOpt = None,
     png: PngOpt = PngMode.OVERLAY,
     seg_frames: SegFramesOpt = SegFrames.ALL,
+    sr: SrOpt = True,
+    sc: ScOpt = ScMode.MONTAGE,
     series: SeriesOpt = None,
     min_slices: MinSlicesOpt = MIN_SLICES,
     axial_tolerance: AxialToleranceOpt = AXIAL_TOLERANCE_DEG,
@@ -258,15 +280,28 @@ def segment(
     decode_workers: DecodeWorkersOpt = None,
     jobs: JobsOpt = None,
     group_readable: GroupReadableOpt = False,
+    send: SendOpt = None,
+    send_objects: SendObjectsOpt = None,
+    send_config: SendConfigOpt = None,
+    calling_ae_title: CallingAeOpt = None,
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
     """Segment GGO in every chest CT series found below INPUTS.
 
-    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/ggo.seg.dcm (DICOM-SEG) and
+    Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/ggo.seg.dcm (DICOM-SEG),
+    ggo.sr.dcm (SR measurement report), sc/montage.dcm (overlay as Secondary Capture) and
     overlay.png, plus <out>/ggo_volumes.csv (one row per CT series) and <out>/run_manifest.json.
+    With --send (or GGO_SEND, GGO_SEND_CONFIG) the DICOM objects go to the PACS; what cannot be
+    delivered stays queued for the next run (exit 9).
     """
 
+    targets = resolve_targets(
+        send or (),
+        objects=send_objects,
+        config_file=send_config,
+        calling_ae_title=calling_ae_title,
+    )
     cfg = build_run_config(
         inputs,
         out,
@@ -282,6 +317,8 @@ def segment(
         ),
         png=png,
         seg_frames=seg_frames,
+        sr=sr,
+        sc=sc,
         include_patient_id=include_patient_id,
         series_number=series_number,
         series_description=series_description,
@@ -296,6 +333,7 @@ def segment(
         decode_workers=decode_workers,
         jobs=jobs,
         group_readable=group_readable,
+        targets=targets,
     )
     return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 
@@ -357,3 +395,12 @@ app.command(epilog="Example:\n\n  ggo-cli demo --out demo-results", name="demo")
     guarded(demo_command)
 )
 app.command(name="info")(guarded(info_command))
+app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  ggo-cli send results --send dicom://PACS@pacs.example.org:104\n\n"
+        "  GGO_DICOMWEB_TOKEN_FILE=/etc/ggo/token ggo-cli send results "
+        "--send https://pacs.example.org/dicom-web --force"
+    ),
+    name="send",
+)(guarded(send_command))

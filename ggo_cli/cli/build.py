@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..analysis.explainer import ExplainSlices
 from ..config import (
@@ -22,6 +23,7 @@ from ..config import (
     ExplainMode,
     PngMode,
     RunConfig,
+    ScMode,
     SegFrames,
     SelectionRules,
     default_model_path,
@@ -29,6 +31,9 @@ from ..config import (
 )
 from ..errors import InputError, ModelError
 from ..onnx.precision import Precision
+
+if TYPE_CHECKING:
+    from ..delivery.deliver import Target
 
 MIN_SALT_CHARS = 16
 DEFAULT_SELECTION = SelectionRules()
@@ -59,6 +64,9 @@ def build_run_config(
     decode_workers: int | None = None,
     jobs: int | None = None,
     group_readable: bool = False,
+    sr: bool = True,
+    sc: ScMode = ScMode.MONTAGE,
+    targets: tuple[Target, ...] = (),
 ) -> RunConfig:
     """Build the run's configuration from the command line's values, checking each.
 
@@ -86,6 +94,9 @@ def build_run_config(
         decode_workers: ``--decode-workers``.
         jobs: ``--jobs``.
         group_readable: ``--group-readable``.
+        sr: ``--sr/--no-sr``.
+        sc: ``--sc``.
+        targets: the destinations (:func:`ggo_cli.delivery.settings.resolve_targets`).
 
     Returns:
         The frozen, checked configuration.
@@ -119,6 +130,9 @@ def build_run_config(
         decode_workers=decode_workers,
         jobs=jobs,
         group_readable=group_readable,
+        sr=sr,
+        sc_mode=sc,
+        targets=targets,
     )
 
 

@@ -21,7 +21,7 @@ from rich.text import Text
 
 from ..analysis.quality import format_flags
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
-from ..errors import EXIT_PARTIAL, NoEligibleSeriesError, SeriesError
+from ..errors import EXIT_PARTIAL, EXIT_UNDELIVERED, NoEligibleSeriesError, SeriesError
 from ..logs import escape_control
 
 stderr_console = Console(stderr=True)
@@ -90,15 +90,21 @@ def summary_table(outcomes: Sequence[SeriesOutcome]) -> Table:
     return table
 
 
-def exit_code(outcomes: Sequence[SeriesOutcome]) -> int:
-    """The run's exit code from its outcomes (0, 3 none eligible, 4 all failed, 7 some)."""
+def exit_code(outcomes: Sequence[SeriesOutcome], *, delivered: bool = True) -> int:
+    """The run's exit code: 0, 3 none eligible, 4 all failed, 7 some failed, 9 undelivered.
+
+    Args:
+        outcomes: the run's outcomes.
+        delivered: whether every destination holds every object it should (a series failure
+            takes precedence over a delivery that is not complete).
+    """
     ok = sum(o.status is SeriesStatus.OK for o in outcomes)
     failed = sum(o.status is SeriesStatus.FAILED for o in outcomes)
     pending = sum(o.status is SeriesStatus.PENDING for o in outcomes)
     if ok == 0 and failed == 0 and pending == 0:
         return NoEligibleSeriesError.exit_code
     if failed == 0:
-        return 0
+        return 0 if delivered else EXIT_UNDELIVERED
     return EXIT_PARTIAL if ok else SeriesError.exit_code
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..analysis.explainer import ExplainSlices
-from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode, SegFrames
+from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode, ScMode, SegFrames
 from ..onnx.precision import Precision
 
 InputsArg = Annotated[
@@ -105,6 +105,54 @@ SegFramesOpt = Annotated[
         help="all: one SEG frame per slice and segment (an empty SEG still says 'nothing "
         "found'); nonempty: only frames with a segmented pixel (fewer frames, for viewers that "
         "refuse large SEGs).",
+    ),
+]
+SrOpt = Annotated[
+    bool,
+    typer.Option(
+        "--sr/--no-sr",
+        help="Write ggo.sr.dcm, a DICOM SR measurement report (TID 1500) of the volumes beside "
+        "each SEG (default on).",
+    ),
+]
+ScOpt = Annotated[
+    ScMode,
+    typer.Option(
+        "--sc",
+        help="The overlay as DICOM Secondary Capture in sc/, for viewers without SEG support: "
+        "montage (one image, default), slices (also one per slice with GGO) or none.",
+    ),
+]
+SendOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--send",
+        help="Send the SEG, SR and SC to a PACS (repeatable): dicom://AE_TITLE@host:port "
+        "(C-STORE) or https://host/dicom-web (STOW-RS). Default: GGO_SEND. Credentials and TLS "
+        "come from the environment (README 'Sending results to the PACS').",
+    ),
+]
+SendObjectsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--send-objects",
+        help="Which objects the --send destinations receive: a comma list of seg, sr, sc, or "
+        "all (default).",
+    ),
+]
+SendConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--send-config",
+        help="TOML file of destinations, each with its own objects (default: GGO_SEND_CONFIG).",
+    ),
+]
+CallingAeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--calling-ae-title",
+        help="This side's AE title in DICOM associations (default: GGO_CALLING_AE_TITLE, the "
+        "config file's, else GGO_CLI).",
     ),
 ]
 SeriesOpt = Annotated[

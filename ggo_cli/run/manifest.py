@@ -65,6 +65,12 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "include_patient_id": cfg.include_patient_id,
             "seg_series_number": cfg.seg_series_number,
             "seg_frames": cfg.seg_frames.value,
+            "sr": cfg.sr,
+            "sc": cfg.sc_mode.value,
+            "send": [
+                {"destination": t.key, "objects": sorted(kind.value for kind in t.kinds)}
+                for t in cfg.targets
+            ],
         },
         "model": {
             "name": model.name,
@@ -103,6 +109,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             ),
         },
         "qc_flag_counts": qc_flag_counts(result.outcomes),
+        "delivery": [report.to_dict() for report in result.deliveries],
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
         "series": [
             {
@@ -149,6 +156,7 @@ def summary_json(result: RunResult) -> dict[str, Any]:
             "pending": result.count(SeriesStatus.PENDING),
             "unchanged": result.n_unchanged,
         },
+        "delivery": [report.to_dict() for report in result.deliveries],
         "series": [
             {
                 "study_instance_uid": o.series.study_instance_uid,

@@ -1,9 +1,23 @@
-"""The files of one series: its SEG and PNGs, and its GradCAM++ maps."""
+"""The files of one series: its SEG, SR, SC and PNGs, and its GradCAM++ maps.
+
+The SEG is written first (read back and checked); the SR measurement report and the Secondary
+Capture of the overlay reference it, so they follow, built from the SEG's header as read back.
+A DICOM object that this run's options no longer ask for (``--no-sr``, ``--sc none``, fewer
+SC slices) is removed from the series folder: what the folder holds is what the run
+delivers to a PACS (:mod:`ggo_cli.run.deliveries`).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
 
 from .. import __version__
 from ..analysis.explainer import OnnxExplainer
@@ -13,18 +27,76 @@ from ..config import (
     GRADCAM_FOLDER,
     GRADCAM_NPZ_NAME,
     OVERLAY_NAME,
+    SC_FOLDER,
     SEG_NAME,
+    SR_NAME,
     PngMode,
     RunConfig,
+    ScMode,
     SegFrames,
 )
-from ..domain import CtVolume, Prediction
+from ..domain import CtVolume, GgoMeasurement, LungMeasurement, Prediction
+from ..errors import OutputError
 from ..fsutil import OutputTree
+from ..writers.dicom_sc import write_sc
 from ..writers.dicom_seg import write_seg
+from ..writers.dicom_sr import write_sr
 from ..writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from ..writers.overlay_png import write_overlay, write_slice_pngs
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesFiles:
+    """What :func:`write_outputs` wrote for one series.
+
+    Attributes:
+        seg: the SEG.
+        sr: the SR measurement report, or ``None`` with ``--no-sr``.
+        sc: the Secondary Capture files (montage first), empty with ``--sc none``.
+        pngs: the PNGs.
+    """
+
+    seg: Path
+    sr: Path | None
+    sc: tuple[Path, ...]
+    pngs: tuple[Path, ...]
+
+
+def _read_header(path: Path) -> Dataset:
+    """The header of a file just written and checked (no pixel data)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (OSError, EOFError, ValueError) as exc:
+        raise OutputError(f"cannot read back {path.name} just written: {exc}") from exc
+
+
+def _remove_stale(paths: Sequence[Path], keep: Sequence[Path] = ()) -> int:
+    """Remove regular files among ``paths`` not in ``keep`` (a link is not followed); returns
+    how many."""
+    kept = set(keep)
+    removed = 0
+    for path in paths:
+        if path in kept:
+            continue
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise OutputError(f"cannot remove the outdated {path.name}: {exc}") from exc
+    return removed
+
+
+def _sc_files(folder: Path) -> list[Path]:
+    """The DICOM files in a series' SC folder (none when it is missing)."""
+    sc_dir = folder / SC_FOLDER
+    if not sc_dir.is_dir() or sc_dir.is_symlink():
+        return []
+    return sorted(path for path in sc_dir.iterdir() if path.suffix == ".dcm")
 
 
 def write_outputs(
@@ -32,16 +104,31 @@ def write_outputs(
     volume: CtVolume,
     segmenter: OnnxSegmenter,
     prediction: Prediction,
-    lungs: LungMasks | None,
     folder: Path,
-) -> tuple[Path, tuple[Path, ...]]:
-    """Write the SEG (read back and checked) and the PNGs of one series.
+    *,
+    lungs: LungMasks | None,
+    measurement: GgoMeasurement,
+    lung_measurement: LungMeasurement | None,
+    qc_flags: Sequence[str],
+) -> SeriesFiles:
+    """Write the SEG, SR and SC (each read back and checked) and the PNGs of one series.
+
+    Args:
+        cfg: the run configuration.
+        volume: the CT volume.
+        segmenter: the run's inference session (its model describes the outputs).
+        prediction: the masks.
+        folder: the series' output folder.
+        lungs: the lung masks, when the lung mask is on.
+        measurement: the GGO volumetry (the CSV's numbers, reported in the SR and SC).
+        lung_measurement: the lung volumetry, when the lung mask is on.
+        qc_flags: the quality flags raised (reported in the SR).
 
     Returns:
-        The SEG's path and the PNGs' paths.
+        The files written.
 
     Raises:
-        OutputError: a file cannot be written; SeriesError: the SEG cannot be built.
+        OutputError: a file cannot be written; SeriesError: an object cannot be built.
     """
     model = segmenter.model
     seg_path = write_seg(
@@ -56,6 +143,37 @@ def write_outputs(
         software_version=__version__,
         tree=cfg.tree,
     )
+    seg = _read_header(seg_path)
+    sr_path: Path | None = None
+    if cfg.sr:
+        sr_path = write_sr(
+            volume,
+            seg,
+            measurement=measurement,
+            model=model,
+            path=folder / SR_NAME,
+            lungs=lung_measurement,
+            qc_flags=qc_flags,
+            software_version=__version__,
+            tree=cfg.tree,
+        )
+    else:
+        _remove_stale([folder / SR_NAME])
+    sc_paths: list[Path] = []
+    if cfg.sc_mode is not ScMode.NONE:
+        sc_paths = write_sc(
+            volume,
+            prediction,
+            model,
+            folder / SC_FOLDER,
+            measurement=measurement,
+            lungs=lung_measurement,
+            seg=seg,
+            per_slice=cfg.sc_mode is ScMode.SLICES,
+            software_version=__version__,
+            tree=cfg.tree,
+        )
+    _remove_stale(_sc_files(folder), keep=sc_paths)
     pngs: list[Path] = []
     if cfg.png_mode is not PngMode.NONE:
         pngs.append(
@@ -79,7 +197,7 @@ def write_outputs(
                 tree=cfg.tree,
             )
         )
-    return seg_path, tuple(pngs)
+    return SeriesFiles(seg_path, sr_path, tuple(sc_paths), tuple(pngs))
 
 
 def write_explanation(

@@ -299,7 +299,7 @@ def compute_series(
 
 
 def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter) -> SeriesOutcome:
-    """Write the SEG (verified) and PNGs of a computed series and return its outcome.
+    """Write the SEG, SR and SC (verified) and PNGs of a computed series; return its outcome.
 
     Safe to run in a background thread while the next series is segmented: it reads only
     ``done`` and the segmenter's model description.
@@ -312,10 +312,19 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
     pngs = done.png_paths
     try:
         if not cfg.explain_only:
-            seg_path, written = write_outputs(
-                cfg, volume, segmenter, done.prediction, done.lungs, done.folder
+            files = write_outputs(
+                cfg,
+                volume,
+                segmenter,
+                done.prediction,
+                done.folder,
+                lungs=done.lungs,
+                measurement=done.measurement,
+                lung_measurement=done.lung_measurement,
+                qc_flags=done.qc_flags,
             )
-            pngs = written + pngs
+            seg_path = files.seg
+            pngs = files.pngs + pngs
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
         return _failed(series, exc, done.started, volume)
     finally:

@@ -9,14 +9,23 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..analysis.quality import parse_flags
-from ..config import CSV_NAME, ExplainMode, RunConfig, SegFrames
+from ..config import (
+    CSV_NAME,
+    SC_FOLDER,
+    SR_NAME,
+    ExplainMode,
+    RunConfig,
+    ScMode,
+    SegFrames,
+)
+from ..delivery.queue import ObjectKind
 from ..domain import (
     GgoMeasurement,
     LungMeasurement,
@@ -31,6 +40,7 @@ from ..onnx.explain_graph import default_explain_path, load_explain_info
 from ..onnx.model_info import ModelInfo
 from ..onnx.sessions import Sessions
 from ..writers.report_csv import (
+    DELIVERY_COLUMN,
     PSEUDONYM_COLUMN,
     PSEUDONYM_SALT_TAG_KEY,
     outcome_row,
@@ -38,6 +48,8 @@ from ..writers.report_csv import (
     salt_tag,
     write_rows,
 )
+from ..writers.sc_render import MONTAGE_NAME
+from .deliveries import register_series
 from .pipeline import RETRY_NOTE, now_utc, skipped_outcome
 from .state import (
     PATIENT_ID_KEY,
@@ -97,9 +109,26 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "lung_mask": cfg.lung_mask,
         "precision": cfg.precision.value,
     }
-    if cfg.seg_frames is not SegFrames.ALL:  # absent when default: stored series stay reusable
+    # Keys absent when default, so that series stored before the option existed stay reusable
+    # (a series stored before the SR and SC existed lacks their files: see _outputs_present).
+    if cfg.seg_frames is not SegFrames.ALL:
         options["seg_frames"] = cfg.seg_frames.value
+    if not cfg.sr:
+        options["sr"] = False
+    if cfg.sc_mode is not ScMode.MONTAGE:
+        options["sc"] = cfg.sc_mode.value
     return options
+
+
+def _outputs_present(cfg: RunConfig, seg_path: str) -> bool:
+    """Whether a stored series' SEG, and its SR and SC montage when asked for, are in place."""
+    seg = cfg.out_dir / seg_path
+    if not seg_path or not seg.is_file():
+        return False
+    folder = seg.parent
+    if cfg.sr and not (folder / SR_NAME).is_file():
+        return False
+    return cfg.sc_mode is ScMode.NONE or (folder / SC_FOLDER / MONTAGE_NAME).is_file()
 
 
 def _still_arriving(
@@ -173,7 +202,8 @@ def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome
 def _reusable(
     stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
 ) -> bool:
-    """Whether an earlier run's result still stands (same files, model, options; SEG present)."""
+    """Whether an earlier run's result still stands (same files, model, options; SEG, SR and
+    SC present)."""
     if cfg.force:
         return False
     if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
@@ -183,9 +213,44 @@ def _reusable(
     ):
         return False
     if stored.status == SeriesStatus.OK.value:
-        return (cfg.out_dir / stored.row.get("seg_path", "")).is_file()
+        return _outputs_present(cfg, stored.row.get("seg_path", ""))
     # A deterministic failure stands until the files change; a transient one is retried.
     return stored.status == SeriesStatus.FAILED.value and not _retryable(stored)
+
+
+def write_results_csv(
+    store: StateStore,
+    out_dir: Path,
+    *,
+    patient_column: str | None,
+    group_readable: bool,
+    destinations: Mapping[str, Collection[ObjectKind]] | None = None,
+) -> Path:
+    """Rebuild ``ggo_volumes.csv`` from the state store, with each series' delivery state.
+
+    Args:
+        store: the output folder's state store.
+        out_dir: the output folder.
+        patient_column: the patient column the CSV gets (``None``, ``patient_id`` or
+            ``patient_pseudonym``).
+        group_readable: widen the CSV to ``0640`` (``--group-readable``).
+        destinations: the destinations the ``delivery`` column reports on, each with the
+            kinds it receives; ``None`` or empty: every destination the queue has rows for
+            (the state an earlier run left).
+
+    Returns:
+        The CSV's path.
+    """
+    queue = store.queue
+    states = queue.series_states(destinations or queue.destinations())
+    rows = [
+        {**row, DELIVERY_COLUMN: states.get(row.get("series_instance_uid", ""), "")}
+        for row in store.rows()
+    ]
+    path = write_rows(rows, out_dir / CSV_NAME, patient_column=patient_column)
+    if group_readable:  # written owner-only like every output, then widened
+        set_file_mode(path, GROUP_FILE_MODE)
+    return path
 
 
 class RunPlan:
@@ -296,14 +361,13 @@ class RunPlan:
 
     def write_csv(self) -> Path:
         """Rebuild the CSV from the state store; returns its path."""
-        path = write_rows(
-            self.store.rows(),
-            self.cfg.out_dir / CSV_NAME,
+        return write_results_csv(
+            self.store,
+            self.cfg.out_dir,
             patient_column=self.cfg.patient_column,
+            group_readable=self.cfg.group_readable,
+            destinations={target.key: target.kinds for target in self.cfg.targets},
         )
-        if self.cfg.group_readable:  # written owner-only like every output, then widened
-            set_file_mode(path, GROUP_FILE_MODE)
-        return path
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
@@ -346,7 +410,14 @@ class RunPlan:
         return None
 
     def finish(self, outcome: SeriesOutcome) -> SeriesOutcome:
-        """Record a series' outcome (not for unchanged ones, nor in explain-only runs)."""
+        """Record a series' outcome (not for unchanged ones, nor in explain-only runs).
+
+        The DICOM objects of a series written in this run are registered in the delivery
+        queue first, so that a run killed after the record still has them queued.
+        """
         if not self.cfg.explain_only and not outcome.reused:
-            self.record(outcome, self.fingerprints[outcome.series.series_instance_uid])
+            uid = outcome.series.series_instance_uid
+            if outcome.status is SeriesStatus.OK and outcome.seg_path is not None:
+                register_series(self.store.queue, self.cfg.out_dir, outcome.seg_path.parent, uid)
+            self.record(outcome, self.fingerprints[uid])
         return outcome

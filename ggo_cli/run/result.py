@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..dicom.discovery import Discovery
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
 from ..onnx.model_info import ModelInfo
+
+if TYPE_CHECKING:
+    from ..delivery.deliver import DestinationReport
 
 
 class ProgressSink(Protocol):
@@ -72,6 +75,8 @@ class RunResult:
         manifest_path: the manifest written (``None`` in explain-only runs).
         timings_s: named wall times in seconds.
         jobs: series processed at once (worker processes when more than 1).
+        deliveries: per destination, what the run's delivery passes sent and what the queue
+            holds afterwards (empty without ``--send``).
     """
 
     outcomes: tuple[SeriesOutcome, ...]
@@ -82,6 +87,12 @@ class RunResult:
     manifest_path: Path | None = None
     timings_s: Mapping[str, float] = field(default_factory=dict)
     jobs: int = 1
+    deliveries: tuple[DestinationReport, ...] = ()
+
+    @property
+    def delivered(self) -> bool:
+        """Whether every destination holds every object it should (true without ``--send``)."""
+        return all(report.complete for report in self.deliveries)
 
     @property
     def device(self) -> str:

@@ -4,8 +4,9 @@
 (:class:`~ggo_cli.run.plan.RunPlan`), runs the pipeline's stages where work is due (decode
 ahead in worker processes, segment, write behind in a thread: :mod:`ggo_cli.run.stages`; or,
 with ``--jobs N``, whole series in N worker processes: :mod:`ggo_cli.run.series_pool`), and
-rebuilds the CSV and manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and
-leaves the SEG, CSV and state of the folder alone.
+sends the results to the configured destinations (what earlier runs left pending first,
+:mod:`ggo_cli.run.deliveries`) and rebuilds the CSV and manifests. With ``cfg.explain_only``
+it writes GradCAM++ maps only and leaves the SEG, CSV, state and queue of the folder alone.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ..domain import SeriesInfo, SeriesOutcome
 from ..fsutil import TEMP_PREFIX, TEMP_SUFFIX, ensure_writable_dir
 from ..host import HostLimits
 from ..onnx.model_info import ModelInfo, load_model_info
+from .deliveries import deliver_pass, merge_reports
 from .lock import RunLock
 from .manifest import build_manifest
 from .pipeline import now_utc
@@ -161,9 +163,18 @@ def run_segment(
         if progress is not None:
             progress.discovered(len(discovery.series))
         run = RunPlan(cfg, model, store, limits=HostLimits.of_this_process())
+        targets = () if cfg.explain_only else cfg.targets
+        # What earlier runs left pending goes first, before any series is segmented.
+        t_send = time.perf_counter()
+        retried = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=False)
+        timings["delivery"] = time.perf_counter() - t_send
         t_series = time.perf_counter()
         outcomes, jobs, summary = _run_series(run, discovery.series, progress)
         timings["series"] = time.perf_counter() - t_series
+        t_send = time.perf_counter()
+        sent = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=True)
+        timings["delivery"] += time.perf_counter() - t_send
+        deliveries = merge_reports(retried, sent)
         csv_path = None if cfg.explain_only else run.write_csv()
         timings["total"] = time.perf_counter() - t0
         result = RunResult(
@@ -175,6 +186,7 @@ def run_segment(
             manifest_path=None if cfg.explain_only else cfg.out_dir / MANIFEST_NAME,
             timings_s=timings,
             jobs=jobs,
+            deliveries=deliveries,
         )
         manifest = json.dumps(build_manifest(cfg, result, started_at), indent=2) + "\n"
         stamp = started_at.replace(":", "").replace("+0000", "Z")

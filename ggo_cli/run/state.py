@@ -20,6 +20,9 @@ folder checked for links.
 ``seen`` records, per series, the digest of its files' names, sizes and modification times as
 the latest run saw them (:func:`settle_digest`): a series whose files a clock-skewed modality
 stamped in the future is settled once a later run sees them unchanged.
+
+The same database holds the delivery queue (:attr:`StateStore.queue`): every DICOM object the
+folder holds and, per destination, whether it was sent.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..delivery.queue import DeliveryQueue
 from ..domain import SeriesInfo
 from ..errors import OutputError
 from ..fsutil import OutputTree
@@ -154,6 +158,8 @@ class StateStore:
             if "seen" not in columns:  # a store written by an older ggo-cli
                 self._db.execute(_SEEN_COLUMN)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self.queue = DeliveryQueue(self._db)
+        """The delivery queue of the folder's DICOM objects (tables of their own here)."""
 
     @contextmanager
     def _errors(self, action: str) -> Iterator[None]:

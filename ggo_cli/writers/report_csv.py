@@ -27,6 +27,10 @@ so each row is one line, and a cell that then begins with ``= + - @`` is prefixe
 spreadsheet programs do not run it as a formula (CSV injection). ``message`` names no path,
 folder or file of the series (:meth:`ggo_cli.domain.SeriesInfo.redact`).
 ``seg_path`` is relative to the CSV's folder (the ``--out`` folder), with ``/`` separators.
+``delivery``: where the series' DICOM objects stand in the delivery queue for the run's
+destinations (``--send``; every destination on record when the run has none): ``sent`` (every
+destination holds every object), ``pending`` (some wait for the next run or ``ggo-cli send``),
+``failed`` (a destination refused one: see the manifest); empty when nothing was sent.
 """
 
 from __future__ import annotations
@@ -74,9 +78,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "model_name",
     "model_version",
     "seg_path",
+    "delivery",
     "processed_at",
 )
 """Columns in order; ``patient_id`` is appended only with ``include_patient_id``."""
+DELIVERY_COLUMN = "delivery"
+"""Filled when the CSV is rebuilt from the state store and its delivery queue (never stored)."""
 
 PATIENT_ID_COLUMN = "patient_id"
 CSV_ENCODING = "utf-8"
