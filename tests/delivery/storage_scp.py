@@ -60,6 +60,7 @@ def storage_scp(
     abort_at: int | None = None,
     delay_s: float = 0.0,
     ssl_context: ssl.SSLContext | None = None,
+    port: int = 0,
 ) -> Iterator[RunningScp]:
     """Run a Storage SCP on an ephemeral port of 127.0.0.1 for the ``with`` block.
 
@@ -69,6 +70,7 @@ def storage_scp(
         abort_at: abort the association on this C-STORE (0-based), before answering.
         delay_s: wait this long before answering each C-STORE.
         ssl_context: serve DICOM TLS with this server context.
+        port: the port to listen on (0: an ephemeral one).
 
     Yields:
         The running SCP.
@@ -98,7 +100,7 @@ def storage_scp(
     ae = AE(ae_title=SCP_AE_TITLE)
     ae.require_called_aet = True
     ae.supported_contexts = list(contexts or StoragePresentationContexts)
-    server = ae.start_server((LOOPBACK, 0), block=False, ssl_context=ssl_context,
+    server = ae.start_server((LOOPBACK, port), block=False, ssl_context=ssl_context,
                              evt_handlers=[(evt.EVT_C_STORE, on_store),
                                            (evt.EVT_ESTABLISHED, on_established)])
     assert server is not None  # block=False returns the server
