@@ -57,31 +57,17 @@ class DeliveryStatus(StrEnum):
     """The destination refused it, or the file cannot be sent; retried only when asked."""
 
 
+# Insertion order (``seq``, a rowid alias) is the serving order: oldest results first.
 _SCHEMA = (
-    """
-    CREATE TABLE IF NOT EXISTS delivery_objects (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        sop_instance_uid TEXT NOT NULL UNIQUE,
-        sop_class_uid TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        series_instance_uid TEXT NOT NULL,
-        path TEXT NOT NULL
-    )
-    """,
+    "CREATE TABLE IF NOT EXISTS delivery_objects (seq INTEGER PRIMARY KEY, "
+    "sop_instance_uid TEXT NOT NULL UNIQUE, sop_class_uid TEXT NOT NULL, kind TEXT NOT NULL, "
+    "series_instance_uid TEXT NOT NULL, path TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS delivery_objects_series "
     "ON delivery_objects (series_instance_uid)",
-    """
-    CREATE TABLE IF NOT EXISTS deliveries (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        sop_instance_uid TEXT NOT NULL,
-        destination TEXT NOT NULL,
-        status TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        last_error TEXT NOT NULL DEFAULT '',
-        updated_at TEXT NOT NULL DEFAULT '',
-        UNIQUE (sop_instance_uid, destination)
-    )
-    """,
+    "CREATE TABLE IF NOT EXISTS deliveries (seq INTEGER PRIMARY KEY, "
+    "sop_instance_uid TEXT NOT NULL, destination TEXT NOT NULL, status TEXT NOT NULL, "
+    "attempts INTEGER NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '', "
+    "updated_at TEXT NOT NULL DEFAULT '', UNIQUE (sop_instance_uid, destination))",
     "CREATE INDEX IF NOT EXISTS deliveries_destination ON deliveries (destination, status)",
 )
 _ROW_COLUMNS = (
@@ -147,14 +133,13 @@ def _in(column: str, values: Collection[str]) -> tuple[str, tuple[str, ...]]:
     return f"{column} IN ({', '.join('?' for _ in ordered)})", ordered
 
 
-def _relative(path: Path, out_dir: Path | None) -> str | None:
-    """``path`` relative to ``out_dir`` with ``/`` separators, or ``None`` when outside it."""
-    if out_dir is None:
-        return None
-    try:
-        return PurePosixPath(Path(path).relative_to(out_dir)).as_posix()
-    except ValueError:
-        return None
+def _uid_of_path(path: Path, by_path: Mapping[str, str], out_dir: Path | None) -> str | None:
+    """The SOPInstanceUID registered at ``path`` (see :meth:`DeliveryQueue.record`), or ``None``."""
+    text = PurePosixPath(path).as_posix()
+    if out_dir is not None and path.is_relative_to(out_dir):
+        return by_path.get(PurePosixPath(path.relative_to(out_dir)).as_posix())
+    ends = [known for known in by_path if text == known or text.endswith(f"/{known}")]
+    return by_path[max(ends, key=len)] if ends else None
 
 
 class DeliveryQueue:
@@ -208,9 +193,8 @@ class DeliveryQueue:
     def register_series(self, series_uid: str, objects: Sequence[StoredObject]) -> None:
         """Make a source series' objects exactly ``objects`` (one transaction).
 
-        An object already registered (same SOPInstanceUID) keeps its delivery rows, with its
-        path and attributes updated; an object no longer listed loses its row and its delivery
-        rows. New objects are appended in the order given.
+        An object already registered (same SOPInstanceUID) keeps its delivery rows (its path
+        updated); one no longer listed loses them. New objects are appended in the order given.
 
         Args:
             series_uid: the source CT series' SeriesInstanceUID.
@@ -242,8 +226,6 @@ class DeliveryQueue:
                 [(o.sop_instance_uid, o.sop_class_uid, str(o.kind), o.series_instance_uid,
                   o.path) for o in objects],
             )
-        log.debug("delivery queue: series %s has %d objects (%d dropped)",
-                  series_uid, len(objects), len(gone))
 
     def objects(self) -> list[StoredObject]:
         """Every registered object, in registration order."""
@@ -372,7 +354,7 @@ class DeliveryQueue:
             for result in results:
                 uid = result.sop_instance_uid if result.sop_instance_uid in uids else None
                 if uid is None and not result.sop_instance_uid:
-                    uid = self._uid_of_path(result.path, by_path, out_dir)
+                    uid = _uid_of_path(result.path, by_path, out_dir)
                 if uid is None:
                     log.debug("delivery queue: a result for %s matches no row of %s",
                               result.path.name, destination)
@@ -391,15 +373,6 @@ class DeliveryQueue:
                 updates,
             )
 
-    @staticmethod
-    def _uid_of_path(path: Path, by_path: Mapping[str, str], out_dir: Path | None) -> str | None:
-        """The SOPInstanceUID registered at ``path`` (see :meth:`record`), or ``None``."""
-        relative = _relative(path, out_dir)
-        if relative is not None:
-            return by_path.get(relative)
-        text = PurePosixPath(Path(path)).as_posix()
-        ends = [known for known in by_path if text == known or text.endswith(f"/{known}")]
-        return by_path[max(ends, key=len)] if ends else None
 
     def series_states(
         self, destinations: Collection[str] | Mapping[str, Collection[ObjectKind]]
@@ -438,6 +411,14 @@ class DeliveryQueue:
                     states[series] = str(state)
                     break
         return states
+
+    def destinations(self) -> list[str]:
+        """Every destination the queue has rows for, in the order first queued."""
+        with self._errors("read"):
+            found = self._db.execute(
+                "SELECT destination FROM deliveries GROUP BY destination ORDER BY MIN(seq)"
+            ).fetchall()
+        return [destination for (destination,) in found]
 
     def counts(self, destination: str, *,
                kinds: Collection[ObjectKind] | None = None) -> dict[DeliveryStatus, int]:

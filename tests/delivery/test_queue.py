@@ -81,9 +81,11 @@ def test_enqueue_is_idempotent_and_follows_the_kinds(queue: DeliveryQueue) -> No
     assert queue.enqueue(WEB, {ObjectKind.SR, ObjectKind.SC}) == 0
     assert queue.enqueue(WEB, ALL_KINDS) == 1
     assert queue.enqueue(PACS, ()) == 0
+    assert queue.destinations() == [WEB]
+    queue.enqueue(PACS, {ObjectKind.SEG})
+    assert queue.destinations() == [WEB, PACS]
     assert [r.obj.sop_instance_uid for r in queue.due(WEB)] == ["1.2", "1.3", "1.1"]
     assert [r.obj.sop_instance_uid for r in queue.due(WEB, kinds={ObjectKind.SEG})] == ["1.1"]
-    assert queue.due(PACS) == []
     first = queue.due(WEB)[0]
     assert (first.status, first.attempts, first.last_error, first.updated_at) == (
         DeliveryStatus.PENDING, 0, "", "t0")
