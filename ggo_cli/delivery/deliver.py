@@ -227,7 +227,7 @@ def _deliver_target(queue: DeliveryQueue, target: Target, out_dir: Path, *, at: 
 def _log_pass(key: str, tally: _Tally, counts: dict[DeliveryStatus, int]) -> None:
     """One INFO line of counts, and one WARNING line each for undelivered and refused objects."""
     log.info(
-        "%s: %d objects sent this run (%d stored, %d refused, %d not delivered); queue: "
+        "%s: %d objects attempted this run (%d stored, %d refused, %d not delivered); queue: "
         "%d sent, %d pending, %d failed",
         key, tally.attempted, tally.stored, tally.failed, tally.transient,
         counts[DeliveryStatus.SENT], counts[DeliveryStatus.PENDING],

@@ -3,10 +3,11 @@ environment, resolved once into :class:`~ggo_cli.delivery.deliver.Target` values
 
 Rules:
 
-- **Destinations** are the command-line ``--send`` texts, each receiving the ``--objects`` kinds
-  (default all), plus the entries of the configuration file (``--send-config``, else the path in
-  ``GGO_SEND_CONFIG``). When neither gives any, the destinations in ``GGO_SEND`` (separated by
-  whitespace or commas) are used, with the ``--objects`` kinds.
+- **Destinations** are the command-line ``--send`` texts, each receiving the
+  ``--send-objects`` kinds (default all), plus the entries of the configuration file
+  (``--send-config``, else the path in ``GGO_SEND_CONFIG``). When neither gives any, the
+  destinations in ``GGO_SEND`` (separated by whitespace or commas) are used, with the
+  ``--send-objects`` kinds.
 - **Kinds** are ``seg``, ``sr`` and ``sc``, written as a list (``seg,sr`` or ``sr sc``) or
   ``all``.
 - **Calling AE title** (this side's, for ``dicom://`` destinations): the ``--calling-ae-title``
@@ -239,7 +240,7 @@ def resolve_targets(
 
     Args:
         send: the ``--send`` texts.
-        objects: the ``--objects`` kinds of the ``--send`` (and ``GGO_SEND``) destinations
+        objects: the ``--send-objects`` kinds of the ``--send`` (and ``GGO_SEND``) destinations
             (default all).
         config_file: the TOML file of destinations (default: the path in ``GGO_SEND_CONFIG``).
         calling_ae_title: this side's AE title (default: ``GGO_CALLING_AE_TITLE``, the file's,

@@ -126,7 +126,7 @@ def test_a_down_destination_is_left_after_one_chunk_with_one_warning(
                         "stay queued for the next run"]
     infos = [r.getMessage() for r in caplog.records
              if r.levelno == logging.INFO and r.name == "ggo_cli.delivery.deliver"]
-    assert len(infos) == 2 and infos[0].startswith(f"{PACS}: 2 objects sent this run")
+    assert len(infos) == 2 and infos[0].startswith(f"{PACS}: 2 objects attempted this run")
     assert [row.attempts for row in queue.rows(str(PACS))] == [1, 1, 0, 0, 0]
 
 
