@@ -17,7 +17,7 @@ from .errors import InputError
 from .fsutil import OutputTree
 from .onnx.precision import Precision
 
-if TYPE_CHECKING:  # the senders import pynetdicom and requests: only a run that sends needs them
+if TYPE_CHECKING:  # for the annotation only: config is imported before everything else
     from .delivery.deliver import Target
 
 ENV_MODEL = "GGO_MODEL"

@@ -18,17 +18,14 @@ import stat
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ..config import SC_FOLDER, SEG_NAME, SR_NAME
+from ..delivery.deliver import DestinationReport, Target, deliver
 from ..delivery.queue import DeliveryQueue, ObjectKind, StoredObject
 from ..errors import OutputError
-
-if TYPE_CHECKING:  # deliver.py imports pynetdicom and requests: only a run that sends needs them
-    from ..delivery.deliver import DestinationReport, Target
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +126,6 @@ def deliver_pass(
     """
     if not targets:
         return ()
-    from ..delivery.deliver import deliver  # imports pynetdicom and requests: only when sending
-
     return deliver(
         queue,
         targets,

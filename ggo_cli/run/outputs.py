@@ -43,6 +43,7 @@ from ..writers.dicom_seg import write_seg
 from ..writers.dicom_sr import write_sr
 from ..writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
 from ..writers.overlay_png import write_overlay, write_slice_pngs
+from ..writers.result_links import check_result_links
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def write_outputs(
     lung_measurement: LungMeasurement | None,
     qc_flags: Sequence[str],
 ) -> SeriesFiles:
-    """Write the SEG, SR and SC (each read back and checked) and the PNGs of one series.
+    """Write the SEG, SR and SC (each read back and checked, and their links checked) and the
+    PNGs of one series.
 
     Args:
         cfg: the run configuration.
@@ -174,6 +176,12 @@ def write_outputs(
             tree=cfg.tree,
         )
     _remove_stale(_sc_files(folder), keep=sc_paths)
+    check_result_links(
+        seg,
+        _read_header(sr_path) if sr_path is not None else None,
+        [_read_header(path) for path in sc_paths],
+        source_series_uid=volume.series.series_instance_uid,
+    )
     pngs: list[Path] = []
     if cfg.png_mode is not PngMode.NONE:
         pngs.append(

@@ -17,8 +17,8 @@ One report per series, next to its SEG (issue 17 items 1 and 6):
 - Equipment: Manufacturer ``ggo-cli``, Manufacturer's Model Name = model name, Software
   Versions = ggo-cli's version, Device Serial Number = the graph digest's first 16 hex digits,
   and the algorithm as Contributing Equipment (IHE AI Results) built by
-  :func:`ggo_cli.writers.seg_segments.algorithm_equipment`, as in the SEG, plus its Device UID
-  (0018,1002) (:func:`ggo_cli.writers.sr_content.algorithm_device_uid`).
+  :func:`ggo_cli.writers.seg_segments.algorithm_equipment`, the same item as in the SEG and SC,
+  Device UID (0018,1002) included.
 - Flags: COMPLETE, UNVERIFIED, PRELIMINARY (an algorithm's output that no person has
   verified; PS3.3 C.17.2).
 - Deterministic UIDs (:func:`derive_sr_uids`): from the SEG's SOP Instance UID (which already
@@ -51,7 +51,6 @@ from .seg_source import (
     source_character_set,
 )
 from .sr_content import (
-    algorithm_device_uid,
     measurement_report,
     reported_values,
     seg_reference,
@@ -161,8 +160,7 @@ def build_sr(
         series_description=series_description,
     )
     report = measurement_report(values, ref, model, qc_flags=flags, tracking_seed=sr_sop_uid)
-    equipment = algorithm_equipment(model)
-    equipment.DeviceUID = algorithm_device_uid(model)
+    equipment = algorithm_equipment(model)  # with its Device UID, as in the SEG and SC
     # highdicom quotes source values in warnings: record them, log them redacted.
     with highdicom_build("DICOM SR", series_uid, volume.datasets[0], _BUILD_ERRORS):
         sr = hd.sr.Comprehensive3DSR(

@@ -50,11 +50,7 @@ from pydicom.uid import generate_uid
 from ..domain import GgoMeasurement, LungMeasurement
 from ..onnx.model_info import ModelInfo
 from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
-from .seg_segments import LUNG_SEGMENTS, SEG_MANUFACTURER
-
-# Defined beside the algorithm's Contributing Equipment item, which carries it in the SEG, SR
-# and SC alike; re-exported for the SR's read-back check.
-from .seg_segments import algorithm_device_uid as algorithm_device_uid
+from .seg_segments import LUNG_SEGMENTS, SEG_MANUFACTURER, algorithm_device_uid
 
 VOLUME_CONCEPT = codes.SCT.Volume
 PERCENT_CONCEPT = codes.SCT.Ratio

@@ -23,13 +23,12 @@ from pydicom.uid import Comprehensive3DSRStorage
 from ..domain import CtVolume
 from ..errors import OutputError
 from ..onnx.model_info import ModelInfo
-from .seg_segments import SEG_MANUFACTURER
+from .seg_segments import SEG_MANUFACTURER, algorithm_device_uid
 from .seg_verify import COPIED_PATIENT_KEYWORDS
 from .sr_content import (
     QC_CONTAINER,
     QC_FLAG_CONCEPT,
     ReportedValue,
-    algorithm_device_uid,
     seg_reference,
 )
 
