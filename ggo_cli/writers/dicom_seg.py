@@ -69,6 +69,7 @@ from .seg_source import (
     check_source_headers,
     derive_seg_uids,
     highdicom_build,
+    seg_content_digest,
     source_character_set,
 )
 from .seg_verify import verify_seg
@@ -169,6 +170,9 @@ def build_seg(
     check_series_options("SEG", series_number, series_description)
     check_source_headers(volume.datasets, series_uid)
     _check_shapes(volume, prediction, model)
+    planes = [prediction.masks[..., k] for k in range(prediction.masks.shape[-1])]
+    if lungs is not None:
+        planes += [lungs.right, lungs.left]
     seg_series_uid, seg_sop_uid = derive_seg_uids(
         series_uid,
         model.recorded_sha256,
@@ -177,6 +181,7 @@ def build_seg(
         series_description=series_description,
         lung_segments=lungs is not None,
         nonempty_frames=nonempty_frames,
+        content_digest=seg_content_digest(volume.sop_instance_uids, planes),
     )
     descriptions = segment_descriptions(model, prediction.threshold)
     if lungs is not None:

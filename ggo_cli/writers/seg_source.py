@@ -8,12 +8,15 @@ value that highdicom quotes in a message is redacted before it is raised or logg
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import numpy as np
+import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -122,13 +125,17 @@ def derive_seg_uids(
     series_description: str,
     lung_segments: bool = False,
     nonempty_frames: bool = False,
+    content_digest: str = "",
 ) -> tuple[str, str]:
     """Derive the SEG's SeriesInstanceUID and SOPInstanceUID deterministically.
 
     Each UID is ``pydicom.uid.generate_uid`` (pydicom's root) over a SHA-512 of its entropy
-    sources: the source series, the model digest and everything else that changes the SEG's
-    content or series identity. Reruns therefore reproduce the UIDs, and PACS never receives two
-    different objects under one UID.
+    sources: the source series, the model digest, everything else that changes the SEG's
+    series identity, and the digest of its content (:func:`seg_content_digest`: the source
+    instances and the masks). Reruns therefore reproduce the UIDs, and a PACS never receives
+    two different objects under one UID: a series that gained a slice, or whose masks differ
+    on another machine, gets new UIDs (the delivery queue sends an object whose UID it has
+    sent before only when forced).
 
     Args:
         source_series_uid: SeriesInstanceUID of the CT.
@@ -138,6 +145,8 @@ def derive_seg_uids(
         series_description: the SEG's SeriesDescription.
         lung_segments: whether the SEG carries the lung segments (and GGO kept inside them).
         nonempty_frames: whether the SEG holds only its non-empty frames (``--seg-frames``).
+        content_digest: :func:`seg_content_digest` of the SEG's source instances and masks
+            (``""``: none, for callers that only need the identity part).
 
     Returns:
         ``(series_instance_uid, sop_instance_uid)``.
@@ -154,9 +163,32 @@ def derive_seg_uids(
         common.append(f"lungs {__version__}")
     if nonempty_frames:  # absent for all frames: those SEGs keep their UIDs
         common.append("frames nonempty")
+    if content_digest:
+        common.append(f"content {content_digest}")
     series_uid = generate_uid(entropy_srcs=[*common, "SeriesInstanceUID"])
     sop_uid = generate_uid(entropy_srcs=[*common, "SOPInstanceUID"])
     return str(series_uid), str(sop_uid)
+
+def seg_content_digest(
+    source_instance_uids: Sequence[str], masks: Sequence[npt.NDArray[np.bool_]]
+) -> str:
+    """SHA-256 of what a SEG shows: its source instances, in order, and its masks' bits.
+
+    Args:
+        source_instance_uids: the SOPInstanceUIDs of the source slices, in volume order.
+        masks: the segments' masks, in segment order (each ``(slices, rows, cols)``).
+
+    Returns:
+        The digest in hex.
+    """
+    digest = hashlib.sha256()
+    for uid in source_instance_uids:
+        digest.update(uid.encode() + b"\0")
+    for mask in masks:
+        digest.update(f"{mask.shape}".encode())
+        digest.update(np.packbits(mask, axis=None).tobytes())
+    return digest.hexdigest()
+
 
 def redact_source_values(text: str, source: Dataset) -> str:
     """Replace any patient-identifying source value quoted in ``text`` by ``***``.

@@ -32,6 +32,7 @@ from ggo_cli.writers.seg_segments import algorithm_device_uid
 from ggo_cli.writers.seg_source import (
     derive_seg_uids,
     redact_source_values,
+    seg_content_digest,
     source_character_set,
 )
 from tests.dciodvfy import dciodvfy_errors, dciodvfy_warnings
@@ -246,6 +247,29 @@ def test_uids_are_deterministic_across_reruns(
     assert first.SOPInstanceUID == second.SOPInstanceUID
     assert first.SeriesInstanceUID != first.SOPInstanceUID
     assert pydicom.uid.UID(first.SOPInstanceUID).is_valid
+
+
+def test_other_content_gets_other_uids(
+    lung_volume: CtVolume, lung_prediction: Prediction, model: ModelInfo
+) -> None:
+    """One voxel more, or a slice fewer, is another object: a PACS that holds the first one
+    must never get the second under the same UIDs (the delivery queue sends a UID once)."""
+    first = build_seg(lung_volume, lung_prediction, model, software_version=SOFTWARE_VERSION)
+    masks = lung_prediction.masks.copy()
+    masks[0, 0, 0, 0] = not masks[0, 0, 0, 0]
+    changed = build_seg(
+        lung_volume,
+        dataclasses.replace(lung_prediction, masks=masks),
+        model,
+        software_version=SOFTWARE_VERSION,
+    )
+    assert changed.SeriesInstanceUID != first.SeriesInstanceUID
+    assert changed.SOPInstanceUID != first.SOPInstanceUID
+    uids = lung_volume.sop_instance_uids
+    ggo = lung_prediction.ggo
+    assert seg_content_digest(uids, [ggo]) == seg_content_digest(uids, [ggo.copy()])
+    assert seg_content_digest(uids[:-1], [ggo[:-1]]) != seg_content_digest(uids, [ggo])
+    assert seg_content_digest(uids[::-1], [ggo]) != seg_content_digest(uids, [ggo])
 
 
 def test_uids_change_with_model_threshold_and_series_identity(lung_volume: CtVolume) -> None:
