@@ -36,7 +36,15 @@ def test_third_party_warnings_and_errors_become_debug_records(
     assert len(ours) == 1
     assert sum(isinstance(f, ThirdPartyDemotion) for f in ours[0].filters) == 1
     demotion = ThirdPartyDemotion(logging.INFO)
-    for name in ("pydicom", "pydicom.pixels.decoders.base", "highdicom.seg.sop", "PIL.Image"):
+    for name in (
+        "pydicom",
+        "pydicom.pixels.decoders.base",
+        "highdicom.seg.sop",
+        "PIL.Image",
+        "pynetdicom.transport",
+        "dicomweb_client.web",
+        "urllib3.connectionpool",
+    ):
         record = logging.LogRecord(name, logging.ERROR, __file__, 1, "boom", None, None)
         assert not demotion.filter(record)
         assert (record.levelno, record.levelname) == (logging.DEBUG, "DEBUG")

@@ -225,8 +225,11 @@ def _deliver_target(queue: DeliveryQueue, target: Target, out_dir: Path, *, at: 
 
 
 def _log_pass(key: str, tally: _Tally, counts: dict[DeliveryStatus, int]) -> None:
-    """One INFO line of counts, and one WARNING line each for undelivered and refused objects."""
-    log.info(
+    """One INFO line of counts (DEBUG when the pass had nothing to send) and one INFO line each
+    for undelivered and refused objects; the command's summary gives the one WARNING per
+    destination (:func:`ggo_cli.run.deliveries.report_lines`)."""
+    log.log(
+        logging.INFO if tally.attempted or tally.not_sent else logging.DEBUG,
         "%s: %d objects attempted this run (%d stored, %d refused, %d not delivered); queue: "
         "%d sent, %d pending, %d failed",
         key, tally.attempted, tally.stored, tally.failed, tally.transient,
@@ -236,11 +239,11 @@ def _log_pass(key: str, tally: _Tally, counts: dict[DeliveryStatus, int]) -> Non
     undelivered = tally.transient + tally.not_sent
     if undelivered:
         reason = tally.down_reason or tally.last_reason
-        log.warning("%s: %d objects not delivered (%s); they stay queued for the next run",
-                    key, undelivered, reason)
+        log.info("%s: %d objects not delivered (%s); they stay queued for the next run",
+                 key, undelivered, reason)
     if tally.failed:
-        log.warning("%s: %d objects refused (%s); they are not sent again unless forced",
-                    key, tally.failed, tally.refusal)
+        log.info("%s: %d objects refused (%s); they are not sent again unless forced",
+                 key, tally.failed, tally.refusal)
 
 
 def deliver(

@@ -247,5 +247,5 @@ def send_stow(
                 sent[id(item)] = by_path[item.path]
     results = [sent[id(entry)] if isinstance(entry, FileToSend) else entry for entry in read]
     stored = sum(result.outcome.delivered for result in results)
-    log.info("STOW-RS to %s: %d of %d files stored", dest, stored, len(results))
+    log.debug("STOW-RS to %s: %d of %d files stored", dest, stored, len(results))
     return results

@@ -145,7 +145,7 @@ def _send_group(dest: DimseDestination, items: Sequence[FileToSend], *,
                          tls_args=tls_args)
     if not assoc.is_established:
         reason = _no_association(dest, assoc, timeouts=timeouts)
-        log.info("C-STORE to %s: %s files not sent: %s", dest, len(items), reason)
+        log.debug("C-STORE to %s: %s files not sent: %s", dest, len(items), reason)
         return [transient(item, reason) for item in items]
     try:
         return _store_all(assoc, dest, items=items)
@@ -188,5 +188,5 @@ def send_dimse(
             sent[id(item)] = result
     results = [sent[id(entry)] if isinstance(entry, FileToSend) else entry for entry in read]
     stored = sum(result.outcome.delivered for result in results)
-    log.info("C-STORE to %s: %d of %d files stored", dest, stored, len(results))
+    log.debug("C-STORE to %s: %d of %d files stored", dest, stored, len(results))
     return results

@@ -120,6 +120,10 @@ def test_a_destination_down_keeps_the_results_and_the_next_run_delivers_them(
     (report,) = manifest(out)["delivery"]
     assert (report["sent"], report["pending"], report["complete"]) == (0, 6, False)
     assert report["last_error"]
+    # One WARNING for the destination in the log, none of pynetdicom's own ERROR lines.
+    warnings = [line for line in down.output.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and f"delivery to {dest}" in warnings[0]
+    assert "pynetdicom" not in down.output and "Association request failed" not in down.output
 
     with storage_scp(port=port) as scp:
         up = segment(root, "-o", out, "--model", band_model_path, "--send", dest)
