@@ -53,6 +53,9 @@ SR_NAME = "ggo.sr.dcm"
 SC_FOLDER = "sc"
 """The series folder's subfolder of the overlay as DICOM Secondary Capture (``montage.dcm``,
 ``slice_NNNN.dcm``)."""
+SC_GRADCAM_FOLDER = "sc_gradcam"
+"""The series folder's subfolder of the GradCAM++ figures as a second Secondary Capture series
+(``gradcam_NNNN.dcm``; ``segment --explain`` with an SC mode other than ``none``)."""
 OVERLAY_NAME = "overlay.png"
 GRADCAM_NPZ_NAME = "gradcam.npz"
 GRADCAM_FOLDER = "gradcam"

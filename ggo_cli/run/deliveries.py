@@ -22,7 +22,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from ..config import SC_FOLDER, SEG_NAME, SR_NAME
+from ..config import SC_FOLDER, SC_GRADCAM_FOLDER, SEG_NAME, SR_NAME
 from ..delivery.deliver import DestinationReport, Target, deliver
 from ..delivery.queue import DeliveryQueue, ObjectKind, StoredObject
 from ..errors import OutputError
@@ -64,7 +64,8 @@ def _regular(path: Path) -> bool:
 
 
 def folder_objects(out_dir: Path, folder: Path, series_uid: str) -> list[StoredObject]:
-    """The DICOM objects a series folder holds: ``ggo.seg.dcm``, ``ggo.sr.dcm``, ``sc/*.dcm``.
+    """The DICOM objects a series folder holds: ``ggo.seg.dcm``, ``ggo.sr.dcm``, ``sc/*.dcm``
+    and ``sc_gradcam/*.dcm`` (the GradCAM++ SC series of ``--explain``).
 
     Args:
         out_dir: the output folder.
@@ -72,7 +73,8 @@ def folder_objects(out_dir: Path, folder: Path, series_uid: str) -> list[StoredO
         series_uid: the source CT series' SeriesInstanceUID.
 
     Returns:
-        The objects, SEG first, then SR, then the SC instances in file-name order.
+        The objects, SEG first, then SR, then the SC instances in file-name order, the
+        overlay's before the GradCAM++ ones (all of kind SC).
 
     Raises:
         OutputError: a file there cannot be read.
@@ -81,9 +83,10 @@ def folder_objects(out_dir: Path, folder: Path, series_uid: str) -> list[StoredO
         (folder / SEG_NAME, ObjectKind.SEG),
         (folder / SR_NAME, ObjectKind.SR),
     ]
-    sc_dir = folder / SC_FOLDER
-    if sc_dir.is_dir() and not sc_dir.is_symlink():
-        found += [(path, ObjectKind.SC) for path in sorted(sc_dir.glob("*.dcm"))]
+    for name in (SC_FOLDER, SC_GRADCAM_FOLDER):
+        sc_dir = folder / name
+        if sc_dir.is_dir() and not sc_dir.is_symlink():
+            found += [(path, ObjectKind.SC) for path in sorted(sc_dir.glob("*.dcm"))]
     return [
         _object(out_dir, path, kind, series_uid) for path, kind in found if _regular(path)
     ]

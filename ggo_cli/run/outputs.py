@@ -2,9 +2,13 @@
 
 The SEG is written first (read back and checked); the SR measurement report and the Secondary
 Capture of the overlay reference it, so they follow, built from the SEG's header as read back.
-A DICOM object that this run's options no longer ask for (``--no-sr``, ``--sc none``, fewer
-SC slices) is removed from the series folder: what the folder holds is what the run
-delivers to a PACS (:mod:`ggo_cli.run.deliveries`).
+With ``--explain`` (and an SC mode other than ``none``) the GradCAM++ figures follow as a
+second SC series in ``sc_gradcam/``: the maps are computed before the SEG exists, so
+:func:`explain_series` keeps them compactly (:class:`~ggo_cli.writers.gradcam_png.GradcamFigures`)
+until :func:`write_outputs` draws them again. A DICOM object that this run's options no longer
+ask for (``--no-sr``, ``--sc none``, fewer SC slices, no ``--explain``) is removed from the
+series folder: what the folder holds is what the run delivers to a PACS
+(:mod:`ggo_cli.run.deliveries`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..config import (
     GRADCAM_NPZ_NAME,
     OVERLAY_NAME,
     SC_FOLDER,
+    SC_GRADCAM_FOLDER,
     SEG_NAME,
     SR_NAME,
     PngMode,
@@ -41,7 +46,8 @@ from ..fsutil import OutputTree
 from ..writers.dicom_sc import write_sc
 from ..writers.dicom_seg import write_seg
 from ..writers.dicom_sr import write_sr
-from ..writers.gradcam_png import write_gradcam_npz, write_gradcam_pngs
+from ..writers.gradcam_png import GradcamFigures, write_gradcam_npz, write_gradcam_pngs
+from ..writers.gradcam_sc import write_gradcam_sc
 from ..writers.overlay_png import write_overlay, write_slice_pngs
 from ..writers.result_links import check_result_links
 
@@ -57,12 +63,27 @@ class SeriesFiles:
         sr: the SR measurement report, or ``None`` with ``--no-sr``.
         sc: the Secondary Capture files (montage first), empty with ``--sc none``.
         pngs: the PNGs.
+        sc_gradcam: the GradCAM++ Secondary Capture files, empty without ``--explain``.
     """
 
     seg: Path
     sr: Path | None
     sc: tuple[Path, ...]
     pngs: tuple[Path, ...]
+    sc_gradcam: tuple[Path, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ExplainedSeries:
+    """What :func:`explain_series` wrote and kept for one series.
+
+    Attributes:
+        paths: ``gradcam.npz`` and the figures' PNGs.
+        figures: the maps kept for the GradCAM++ SC series, ``None`` when not asked for.
+    """
+
+    paths: tuple[Path, ...]
+    figures: GradcamFigures | None
 
 
 def _read_header(path: Path) -> Dataset:
@@ -92,9 +113,9 @@ def _remove_stale(paths: Sequence[Path], keep: Sequence[Path] = ()) -> int:
     return removed
 
 
-def _sc_files(folder: Path) -> list[Path]:
-    """The DICOM files in a series' SC folder (none when it is missing)."""
-    sc_dir = folder / SC_FOLDER
+def _sc_files(folder: Path, name: str = SC_FOLDER) -> list[Path]:
+    """The DICOM files in a series' SC folder ``name`` (none when it is missing)."""
+    sc_dir = folder / name
     if not sc_dir.is_dir() or sc_dir.is_symlink():
         return []
     return sorted(path for path in sc_dir.iterdir() if path.suffix == ".dcm")
@@ -111,6 +132,7 @@ def write_outputs(
     measurement: GgoMeasurement,
     lung_measurement: LungMeasurement | None,
     qc_flags: Sequence[str],
+    gradcam: GradcamFigures | None = None,
 ) -> SeriesFiles:
     """Write the SEG, SR and SC (each read back and checked, and their links checked) and the
     PNGs of one series.
@@ -125,6 +147,8 @@ def write_outputs(
         measurement: the GGO volumetry (the CSV's numbers, reported in the SR and SC).
         lung_measurement: the lung volumetry, when the lung mask is on.
         qc_flags: the quality flags raised (reported in the SR).
+        gradcam: the GradCAM++ maps of ``--explain``, written as a second SC series (unless
+            ``--sc none``); ``None`` removes an earlier run's.
 
     Returns:
         The files written.
@@ -176,11 +200,27 @@ def write_outputs(
             tree=cfg.tree,
         )
     _remove_stale(_sc_files(folder), keep=sc_paths)
+    gradcam_paths: list[Path] = []
+    if cfg.sc_mode is not ScMode.NONE and gradcam is not None:
+        gradcam_paths = write_gradcam_sc(
+            volume,
+            gradcam,
+            model,
+            folder / SC_GRADCAM_FOLDER,
+            threshold=prediction.threshold,
+            measurement=measurement,
+            lungs=lung_measurement,
+            seg=seg,
+            software_version=__version__,
+            tree=cfg.tree,
+        )
+    _remove_stale(_sc_files(folder, SC_GRADCAM_FOLDER), keep=gradcam_paths)
     check_result_links(
         seg,
         _read_header(sr_path) if sr_path is not None else None,
         [_read_header(path) for path in sc_paths],
         source_series_uid=volume.series.series_instance_uid,
+        gradcam_sc=[_read_header(path) for path in gradcam_paths],
     )
     pngs: list[Path] = []
     if cfg.png_mode is not PngMode.NONE:
@@ -205,7 +245,7 @@ def write_outputs(
                 tree=cfg.tree,
             )
         )
-    return SeriesFiles(seg_path, sr_path, tuple(sc_paths), tuple(pngs))
+    return SeriesFiles(seg_path, sr_path, tuple(sc_paths), tuple(pngs), tuple(gradcam_paths))
 
 
 def write_explanation(
@@ -221,6 +261,39 @@ def write_explanation(
 
     Returns:
         The paths written (the npz first).
+    """
+    return explain_series(volume, prediction, explainer, folder, slices=slices, tree=tree).paths
+
+
+def explain_series(
+    volume: CtVolume,
+    prediction: Prediction,
+    explainer: OnnxExplainer,
+    folder: Path,
+    *,
+    slices: str,
+    tree: OutputTree,
+    keep_figures: bool = False,
+) -> ExplainedSeries:
+    """Compute the GradCAM++ maps of one series and write ``gradcam.npz`` and
+    ``gradcam/slice_NNNN.png``; keep the maps for the GradCAM++ SC series if asked.
+
+    Args:
+        volume: the CT volume.
+        prediction: the masks whose GGO is explained.
+        explainer: the run's explain session.
+        folder: the series' output folder.
+        slices: the slice selection (``ggo``, ``all``).
+        tree: the output folder.
+        keep_figures: keep the maps compactly (:class:`GradcamFigures`, a quarter of the
+            float maps) for :func:`write_outputs`.
+
+    Returns:
+        The paths written (the npz first) and the kept maps.
+
+    Raises:
+        InputError: bad slice selection; ModelError: the explain graph failed;
+        OutputError: a file cannot be written.
     """
     explanation = explainer.explain(volume, prediction, slices=slices)
     npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation, tree=tree)
@@ -238,4 +311,5 @@ def write_explanation(
         explanation.layer,
         len(explanation.slice_indices),
     )
-    return (npz, *pngs)
+    figures = GradcamFigures.from_explanation(explanation) if keep_figures else None
+    return ExplainedSeries((npz, *pngs), figures)

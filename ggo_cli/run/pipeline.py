@@ -25,10 +25,7 @@ from ..analysis.masks import keep_inside_lungs, model_masks, segment_planes
 from ..analysis.measurements import lung_measurements, measure_ggo
 from ..analysis.quality import assess_series, format_flags
 from ..analysis.segmenter import OnnxSegmenter
-from ..config import (
-    RunConfig,
-    SelectionRules,
-)
+from ..config import RunConfig, ScMode, SelectionRules
 from ..dicom.decode_pool import DecodePool
 from ..dicom.volume import load_volume
 from ..domain import (
@@ -42,8 +39,9 @@ from ..domain import (
 )
 from ..errors import OutputError, SeriesError, UnsupportedSeriesError
 from ..host import release_freed_memory
+from ..writers.gradcam_png import GradcamFigures
 from ..writers.seg_source import check_source_headers
-from .outputs import write_explanation, write_outputs
+from .outputs import explain_series, write_outputs
 from .result import ProgressSink
 
 log = logging.getLogger(__name__)
@@ -91,6 +89,7 @@ class ComputedSeries:
         png_paths: files already written (GradCAM++ maps).
         started: ``time.perf_counter()`` when the series started.
         qc_flags: the quality flags raised (:mod:`ggo_cli.analysis.quality`).
+        gradcam: the GradCAM++ maps kept for their SC series (``--explain``), else ``None``.
     """
 
     series: SeriesInfo
@@ -103,6 +102,7 @@ class ComputedSeries:
     png_paths: tuple[Path, ...]
     started: float
     qc_flags: tuple[str, ...] = ()
+    gradcam: GradcamFigures | None = None
 
 
 @dataclass(frozen=True)
@@ -278,10 +278,14 @@ def compute_series(
         release_freed_memory()  # inference's per-batch temporaries, before the SEG is built
         folder = series_dir(cfg.out_dir, series)
         pngs: tuple[Path, ...] = ()
+        gradcam: GradcamFigures | None = None
         if explainer is not None:
-            pngs = write_explanation(
-                volume, prediction, explainer, folder, slices=cfg.explain_slices, tree=cfg.tree
+            keep = not cfg.explain_only and cfg.sc_mode is not ScMode.NONE  # for the SC series
+            explained = explain_series(
+                volume, prediction, explainer, folder, slices=cfg.explain_slices,
+                tree=cfg.tree, keep_figures=keep,
             )
+            pngs, gradcam = explained.paths, explained.figures
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
         return _failed(series, exc, started, volume)
     return ComputedSeries(
@@ -295,6 +299,7 @@ def compute_series(
         png_paths=pngs,
         started=started,
         qc_flags=qc_flags,
+        gradcam=gradcam,
     )
 
 
@@ -322,6 +327,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
                 measurement=done.measurement,
                 lung_measurement=done.lung_measurement,
                 qc_flags=done.qc_flags,
+                gradcam=done.gradcam,
             )
             seg_path = files.seg
             pngs = files.pngs + pngs

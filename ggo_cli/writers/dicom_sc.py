@@ -35,12 +35,15 @@ What the SC series holds (issue 17, items 2 and 6):
   threshold, the series number and description and the content options; each instance's UID
   from the series UID, its number, a SHA-256 of its pixels and the SEG it references. A rerun
   writes the same UIDs; any change of content gets new ones.
+
+The GradCAM++ figures of ``segment --explain`` become a second SC series the same way
+(:mod:`ggo_cli.writers.gradcam_sc`, through :func:`write_sc_series`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 import highdicom as hd
@@ -208,7 +211,7 @@ def verify_sc(
 
 def write_sc_series(
     volume: CtVolume,
-    panels: Sequence[ScPanel],
+    panels: Iterable[ScPanel],
     model: ModelInfo,
     folder: Path,
     *,
@@ -227,7 +230,8 @@ def write_sc_series(
 
     Args:
         volume: the source CT volume.
-        panels: the images, in instance order.
+        panels: the images, in instance order (taken one at a time: a generator keeps only
+            the image being written).
         model: the model whose output the images show.
         folder: the SC series folder (created if missing).
         series_uid: the SC's SeriesInstanceUID.

@@ -12,11 +12,17 @@ colour map is a numpy table.
 ``mask`` uint8 ``[k, rows, cols]`` (the predicted GGO used as the target), ``sop_instance_uids``
 ``[k]`` (unicode), ``slice_indices`` int64 ``[k]`` (0-based; the PNG number is index + 1) and
 ``layer`` (0-d unicode).
+
+The same figures also become a DICOM Secondary Capture series
+(:mod:`ggo_cli.writers.gradcam_sc`), written after the SEG it references. Between the two, a
+series keeps only :class:`GradcamFigures`: each map as the colour table's uint8 index (exactly
+what the figure draws) and the target mask as bits, about a quarter of the float maps.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +89,32 @@ def colourise(values: npt.NDArray[np.float32]) -> Rgb:
     Returns:
         uint8 RGB. Shape: ``(..., 3)``.
     """
-    index = np.rint(np.clip(values, 0.0, 1.0) * (_LUT_SIZE - 1)).astype(np.intp)
-    result: Rgb = JET_LUT[index]
+    result: Rgb = JET_LUT[lut_index(values)]
+    return result
+
+
+def lut_index(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """The :data:`JET_LUT` index of values in ``[0, 1]`` (clipped): ``round(255 * v)``.
+
+    Args:
+        values: float values. Shape: any ``(...)``.
+
+    Returns:
+        uint8 indices, ``JET_LUT[lut_index(v)] == colourise(v)``. Shape: as ``values``.
+    """
+    index: npt.NDArray[np.uint8] = np.rint(np.clip(values, 0.0, 1.0) * (_LUT_SIZE - 1)).astype(
+        np.uint8
+    )
+    return index
+
+
+def _blend(
+    hu: npt.NDArray[np.float32], jet: Rgb, window_center_hu: float, window_width_hu: float
+) -> Rgb:
+    """``(1 - a) * grey + a * jet`` on the lung-window CT."""
+    grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
+    blended = (1.0 - CAM_ALPHA) * grey[..., None] + CAM_ALPHA * jet
+    result: Rgb = np.rint(blended).astype(np.uint8)
     return result
 
 
@@ -106,10 +136,48 @@ def render_cam(
     Returns:
         uint8 RGB image. Shape: ``(rows, cols, 3)``.
     """
-    grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
-    blended = (1.0 - CAM_ALPHA) * grey[..., None] + CAM_ALPHA * colourise(cam)
-    result: Rgb = np.rint(blended).astype(np.uint8)
-    return result
+    return _blend(hu, colourise(cam), window_center_hu, window_width_hu)
+
+
+@dataclass(frozen=True, slots=True)
+class GradcamFigures:
+    """What the figures of an :class:`Explanation` need, kept compactly until they are drawn
+    again (as DICOM, after the SEG).
+
+    Attributes:
+        slice_indices: the explained slices (0-based, increasing).
+        cam_index: each map as :data:`JET_LUT` indices (:func:`lut_index`). Shape:
+            ``(k, rows, cols)``, uint8.
+        mask_bits: the target masks, ``np.packbits`` of each slice's flattened mask. Shape:
+            ``(k, ceil(rows * cols / 8))``, uint8.
+        layer: the explained layer.
+    """
+
+    slice_indices: tuple[int, ...]
+    cam_index: npt.NDArray[np.uint8]
+    mask_bits: npt.NDArray[np.uint8]
+    layer: str
+
+    @classmethod
+    def from_explanation(cls, explanation: Explanation) -> GradcamFigures:
+        """Keep what the figures of ``explanation`` draw (the float maps are not kept)."""
+        k, rows, cols = explanation.cam.shape
+        cam_index = np.empty((k, rows, cols), dtype=np.uint8)
+        for position in range(k):  # slice by slice: no float temporaries of the whole maps
+            cam_index[position] = lut_index(explanation.cam[position])
+        return cls(
+            slice_indices=tuple(explanation.slice_indices),
+            cam_index=cam_index,
+            mask_bits=np.packbits(explanation.mask.reshape(k, rows * cols).astype(bool), axis=1),
+            layer=explanation.layer,
+        )
+
+    def mask(self, position: int) -> npt.NDArray[np.bool_]:
+        """The target mask of explained slice ``position``. Shape: ``(rows, cols)``."""
+        rows, cols = self.cam_index.shape[1:]
+        bits = np.unpackbits(self.mask_bits[position], count=rows * cols)
+        result: npt.NDArray[np.bool_] = bits.reshape(rows, cols).astype(bool)
+        return result
 
 
 def _grey(hu: npt.NDArray[np.float32], center_hu: float, width_hu: float) -> Rgb:
@@ -170,21 +238,74 @@ def render_gradcam_png(
         The RGB image, ``3 * cols + 4 * GAP_PX + COLOURBAR_PX + COLOURBAR_LABEL_PX`` wide and
         ``2 * LABEL_PX + rows + GAP_PX`` high.
     """
+    return _draw_figure(
+        volume,
+        explanation.slice_indices[position],
+        explanation.mask[position].astype(bool),
+        colourise(explanation.cam[position]),
+        explanation.layer,
+        window_center_hu=window_center_hu,
+        window_width_hu=window_width_hu,
+    )
+
+
+def render_gradcam_figure(
+    volume: CtVolume,
+    figures: GradcamFigures,
+    position: int,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Image.Image:
+    """Draw the figure of one explained slice from :class:`GradcamFigures`: pixel for pixel
+    what :func:`render_gradcam_png` draws from the explanation they were kept from.
+
+    Args:
+        volume: the CT volume.
+        figures: the kept maps.
+        position: which explained slice (index into ``figures.slice_indices``).
+        window_center_hu: display window centre in HU.
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The RGB image (size as :func:`render_gradcam_png`).
+    """
+    return _draw_figure(
+        volume,
+        figures.slice_indices[position],
+        figures.mask(position),
+        JET_LUT[figures.cam_index[position]],
+        figures.layer,
+        window_center_hu=window_center_hu,
+        window_width_hu=window_width_hu,
+    )
+
+
+def _draw_figure(
+    volume: CtVolume,
+    index: int,
+    mask: npt.NDArray[np.bool_],
+    jet: Rgb,
+    layer: str,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Image.Image:
+    """The three-panel figure of slice ``index`` with its mask and its coloured map."""
     n_slices, rows, cols = volume.hu.shape
-    index = explanation.slice_indices[position]
     hu = volume.hu[index]
     window = {"window_center_hu": window_center_hu, "window_width_hu": window_width_hu}
     panels = (
         _grey(hu, window_center_hu, window_width_hu),
-        render_slice(hu, explanation.mask[position].astype(bool), **window),
-        render_cam(hu, explanation.cam[position], **window),
+        render_slice(hu, mask, **window),
+        _blend(hu, jet, window_center_hu, window_width_hu),
         _colour_bar(rows),
     )
     width = 4 * GAP_PX + 3 * cols + COLOURBAR_PX + COLOURBAR_LABEL_PX
     image = Image.new("RGB", (width, 2 * LABEL_PX + rows + GAP_PX), BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    label = f"slice {index + 1}/{n_slices}  layer {explanation.layer}  {CAPTION}"
+    label = f"slice {index + 1}/{n_slices}  layer {layer}  {CAPTION}"
     draw.text((GAP_PX, 2), label, fill=TEXT_RGB, font=font)
     for (x, y), panel, title in zip(
         panel_origins(rows, cols), panels, (*PANEL_TITLES, ""), strict=True

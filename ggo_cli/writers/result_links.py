@@ -6,12 +6,13 @@ three objects ggo-cli writes for one CT series must agree (issue 17 item 6):
 - one study (StudyInstanceUID), one patient (PatientID; compared, never shown) and, where an
   object has one, one FrameOfReferenceUID;
 - distinct series: the CT, the SEG, the SR and the SC series are four SeriesInstanceUIDs, and
-  every SC instance lies in the one SC series;
+  every SC instance lies in the one SC series; with ``segment --explain``, the GradCAM++ SC
+  instances (:mod:`ggo_cli.writers.gradcam_sc`) lie in a fifth series of their own;
 - the SEG references the CT series (Referenced Series Sequence, one series);
 - the SR's evidence (Current Requested Procedure Evidence Sequence) holds the SEG's series
   with the SEG instance and the CT series with CT instances the SEG references;
-- each SC instance references the SEG's series with the SEG instance and the CT series with CT
-  instances the SEG references (Referenced Series Sequence, as
+- each SC instance (GradCAM++ ones too) references the SEG's series with the SEG instance
+  and the CT series with CT instances the SEG references (Referenced Series Sequence, as
   :func:`ggo_cli.writers.sc_header.add_references` writes it);
 - the same algorithm item (:func:`ggo_cli.writers.seg_segments.algorithm_equipment`: Device
   UID, model name, version, serial number) in the Contributing Equipment of all of them.
@@ -122,23 +123,35 @@ def _seg_problems(
     return problems, ct_uid, referenced.get(ct_uid, set())
 
 
-def _shared_problems(named: Sequence[tuple[str, Dataset]], ct_uid: str) -> list[str]:
-    """Study, patient and frame of reference shared with the SEG; distinct series; one
-    algorithm item (``named[0]`` is the SEG)."""
+def _series_problems(
+    ct_uid: str, objects: Sequence[Dataset], sc_groups: Sequence[tuple[str, Sequence[Dataset]]]
+) -> list[str]:
+    """Each SC group in one series, and the CT, the ``objects`` (SEG, SR) and the SC groups
+    in distinct series."""
+    problems = []
+    kinds = [ct_uid, *(str(ds.get("SeriesInstanceUID", "")) for ds in objects)]
+    for label, images in sc_groups:
+        series = {str(ds.get("SeriesInstanceUID", "")) for ds in images}
+        if len(series) > 1:
+            problems.append(f"the {label} instances lie in {len(series)} series, not one")
+        kinds += sorted(series)
+    if len(set(kinds)) != len(kinds):
+        labels = ", ".join(["CT", "SEG", "SR", *(label for label, _ in sc_groups[:-1])])
+        problems.append(
+            f"the {labels} and {sc_groups[-1][0]} series do not have distinct SeriesInstanceUIDs"
+        )
+    return problems
+
+
+def _shared_problems(named: Sequence[tuple[str, Dataset]]) -> list[str]:
+    """Study, patient and frame of reference shared with the SEG; one algorithm item
+    (``named[0]`` is the SEG)."""
     seg = named[0][1]
     problems = []
     for keyword in ("StudyInstanceUID", "PatientID", "FrameOfReferenceUID"):
         for name, ds in named[1:]:
             if keyword in ds and ds.get(keyword) != seg.get(keyword):
                 problems.append(f"the {name}'s {keyword} differs from the SEG's")  # never shown
-    uids = {name: str(ds.get("SeriesInstanceUID", "")) for name, ds in named}
-    sc_series = {uid for name, uid in uids.items() if name.startswith("SC ")}
-    if len(sc_series) > 1:
-        problems.append(f"the SC instances lie in {len(sc_series)} series, not one")
-    kinds = [ct_uid, *(uid for name, uid in uids.items() if not name.startswith("SC "))]
-    kinds += sorted(sc_series)
-    if len(set(kinds)) != len(kinds):
-        problems.append("the CT, SEG, SR and SC series do not have distinct SeriesInstanceUIDs")
     reference = _algorithm(seg)
     if reference is None:
         problems.append("the SEG has no single algorithm Contributing Equipment item with a "
@@ -156,6 +169,7 @@ def check_result_links(
     sc: Sequence[Dataset],
     *,
     source_series_uid: str | None = None,
+    gradcam_sc: Sequence[Dataset] = (),
 ) -> None:
     """Check that a series' SEG, SR and SC form one linked result set.
 
@@ -165,6 +179,8 @@ def check_result_links(
         sc: the SC instances' headers (none when no SC was written).
         source_series_uid: the CT series' SeriesInstanceUID; when ``None``, the one series the
             SEG references is taken as the CT series.
+        gradcam_sc: the GradCAM++ SC instances' headers (none without ``--explain``),
+            checked as the SC instances are, as a series of their own.
 
     Raises:
         OutputError: (not fatal) a link does not hold; one line names every mismatch: what
@@ -179,17 +195,23 @@ def check_result_links(
                             "3D SR")
         evidence = _evidence_series(sr, str(seg.get("StudyInstanceUID", "")))
         problems += _links_to_seg_and_ct("SR", evidence, seg, ct_uid, ct_instances, "evidence")
-    for index, image in enumerate(sc, start=1):
-        name = f"SC {image.get('InstanceNumber', index)}"
-        named.append((name, image))
-        if image.get("SOPClassUID") != SecondaryCaptureImageStorage:
-            problems.append(f"the {name} has SOP class {image.get('SOPClassUID')}, not "
-                            "Secondary Capture")
-        problems += _links_to_seg_and_ct(
-            name, _referenced_series(image, "ReferencedSeriesSequence"), seg, ct_uid,
-            ct_instances, "Referenced Series Sequence",
-        )
-    problems += _shared_problems(named, ct_uid)
+    objects = [ds for _, ds in named]
+    sc_groups: list[tuple[str, Sequence[Dataset]]] = [("SC", sc)]
+    if gradcam_sc:
+        sc_groups.append(("GradCAM++ SC", gradcam_sc))
+    for label, images in sc_groups:
+        for index, image in enumerate(images, start=1):
+            name = f"{label} {image.get('InstanceNumber', index)}"
+            named.append((name, image))
+            if image.get("SOPClassUID") != SecondaryCaptureImageStorage:
+                problems.append(f"the {name} has SOP class {image.get('SOPClassUID')}, not "
+                                "Secondary Capture")
+            problems += _links_to_seg_and_ct(
+                name, _referenced_series(image, "ReferencedSeriesSequence"), seg, ct_uid,
+                ct_instances, "Referenced Series Sequence",
+            )
+    problems += _series_problems(ct_uid, objects, sc_groups)
+    problems += _shared_problems(named)
     if problems:
         raise OutputError(
             f"Series {ct_uid}: its SEG, SR and SC do not link up: {'; '.join(problems)} (they "

@@ -10,14 +10,15 @@ The text is built from the measurements and the model only: no function here rec
 source header, so no patient name, ID or birth date can be drawn. Pillow's default font is
 used, so no font file is needed.
 
-Further panels (GradCAM++ maps) become SC images by producing more :class:`ScPanel` values;
-the DICOM side (:mod:`ggo_cli.writers.dicom_sc`) takes any panel.
+The GradCAM++ figures of ``segment --explain`` (:mod:`ggo_cli.writers.gradcam_png`: CT |
+segmentation | GradCAM++) become SC images the same way, under the same text band
+(:func:`gradcam_panels`); the DICOM side (:mod:`ggo_cli.writers.dicom_sc`) takes any panel.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from ..domain import CtVolume, GgoMeasurement, LungMeasurement
+from .gradcam_png import GradcamFigures, render_gradcam_figure
 from .overlay_png import (
     BACKGROUND_RGB,
     TEXT_RGB,
@@ -48,6 +50,8 @@ NOT_AVAILABLE = "n/a"
 MONTAGE_NAME = "montage.dcm"
 """File name of instance 1 (the montage) in the SC series folder."""
 SC_SUFFIX = ".dcm"
+GRADCAM_SC_PATTERN = "gradcam_{index:0{width}d}.dcm"
+"""File name of a GradCAM++ SC instance: the slice's 1-based number, as ``slice_NNNN.png``."""
 
 Rgb = npt.NDArray[np.uint8]
 
@@ -224,3 +228,81 @@ def overlay_panels(
                 )
             )
     return panels
+
+
+def gradcam_sc_name(index: int, n_slices: int) -> str:
+    """File name of the GradCAM++ SC image of slice ``index`` (0-based): ``gradcam_NNNN.dcm``,
+    numbered as the figure's ``gradcam/slice_NNNN.png``."""
+    return GRADCAM_SC_PATTERN.format(index=index + 1, width=max(4, len(str(n_slices))))
+
+
+def gradcam_panels(
+    volume: CtVolume,
+    figures: GradcamFigures,
+    lines: Sequence[str],
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Iterator[ScPanel]:
+    """The GradCAM++ figures of a series as SC panels, one per explained slice, drawn one at
+    a time (a series explained on every slice never holds all its images).
+
+    Each image is the figure of ``gradcam/slice_NNNN.png``
+    (:func:`~ggo_cli.writers.gradcam_png.render_gradcam_figure`) under the text band of
+    ``lines``.
+
+    Args:
+        volume: the CT volume.
+        figures: the kept GradCAM++ maps.
+        lines: the text to burn in (:func:`sc_text_lines`).
+        window_center_hu: display window centre in HU (the model's lung window).
+        window_width_hu: display window width in HU.
+
+    Returns:
+        The panels in slice order, each drawn when it is reached.
+
+    Raises:
+        ValueError: the maps do not match the volume (raised at once, before any panel).
+    """
+    n_slices, rows, cols = volume.hu.shape
+    k = len(figures.slice_indices)
+    if figures.cam_index.shape != (k, rows, cols) or len(figures.mask_bits) != k:
+        raise ValueError(
+            f"GradCAM++ maps {figures.cam_index.shape} do not match {k} slices of "
+            f"{rows} x {cols}"
+        )
+    if any(not 0 <= i < n_slices for i in figures.slice_indices):
+        raise ValueError(f"GradCAM++ slice indices fall outside the volume's {n_slices} slices")
+    return _gradcam_panels(
+        volume, figures, lines, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+    )
+
+
+def _gradcam_panels(
+    volume: CtVolume,
+    figures: GradcamFigures,
+    lines: Sequence[str],
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Iterator[ScPanel]:
+    """Draw the panels of :func:`gradcam_panels` one at a time."""
+    n_slices = volume.hu.shape[0]
+    for position, index in enumerate(figures.slice_indices):
+        image = render_gradcam_figure(
+            volume,
+            figures,
+            position,
+            window_center_hu=window_center_hu,
+            window_width_hu=window_width_hu,
+        )
+        yield ScPanel(
+            pixels=burn_in_text(image, lines),
+            source_indices=(index,),
+            file_name=gradcam_sc_name(index, n_slices),
+            description=(
+                f"Lung-window CT slice {index + 1}/{n_slices} | AI GGO segmentation | "
+                f"GradCAM++ map of layer {_clean(figures.layer)}; research use only"
+            ),
+            montage=False,
+        )

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
+from ggo_cli.analysis.explainer import Explanation
 from ggo_cli.analysis.measurements import measure_ggo
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import OutputError
@@ -21,6 +22,8 @@ from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers.dicom_sc import write_sc
 from ggo_cli.writers.dicom_seg import write_seg
 from ggo_cli.writers.dicom_sr import write_sr
+from ggo_cli.writers.gradcam_png import GradcamFigures
+from ggo_cli.writers.gradcam_sc import write_gradcam_sc
 from ggo_cli.writers.result_links import check_result_links
 from tests.dicom_factory import make_ct_series
 from tests.writers.ct_data import load_ct_volume
@@ -247,3 +250,71 @@ def test_the_shared_real_series_links_up(
     _drop_series(_evidence(broken.sr), real.seg.SeriesInstanceUID)
     with pytest.raises(OutputError, match="the SR's evidence lacks the SEG"):
         _check(broken)
+
+
+@pytest.fixture(scope="module")
+def gradcam_sc(
+    tmp_path_factory: pytest.TempPathFactory,
+    volume: CtVolume,
+    prediction: Prediction,
+    model: ModelInfo,
+    results: ResultSet,
+) -> tuple[Dataset, ...]:
+    """The GradCAM++ SC of the GGO slices (``segment --explain``), referencing the set's SEG."""
+    rows, cols = volume.hu.shape[1:]
+    explanation = Explanation(
+        slice_indices=GGO_SLICES,
+        sop_instance_uids=tuple(volume.sop_instance_uids[i] for i in GGO_SLICES),
+        cam=np.full((len(GGO_SLICES), rows, cols), 0.5, dtype=np.float32),
+        mask=prediction.ggo[list(GGO_SLICES)].astype(np.uint8),
+        layer="conv",
+    )
+    paths = write_gradcam_sc(
+        volume, GradcamFigures.from_explanation(explanation), model,
+        tmp_path_factory.mktemp("sc_gradcam"), threshold=prediction.threshold,
+        measurement=measure_ggo(prediction.ggo, volume.voxel_volume_ml), seg=results.seg,
+    )
+    return tuple(_header(p) for p in paths)
+
+
+GradcamEdit = Callable[[ResultSet, list[Dataset]], None]
+BROKEN_GRADCAM_LINKS: dict[str, tuple[GradcamEdit, str]] = {
+    "in_the_overlay_series": (
+        lambda r, g: [setattr(ds, "SeriesInstanceUID", r.sc[0].SeriesInstanceUID) for ds in g],
+        "the CT, SEG, SR, SC and GradCAM\\+\\+ SC series do not have distinct",
+    ),
+    "in_two_series": (
+        lambda r, g: setattr(g[1], "SeriesInstanceUID", "1.2.3.4"),
+        "the GradCAM\\+\\+ SC instances lie in 2 series, not one",
+    ),
+    "without_seg": (
+        lambda r, g: _drop_series(g[0].ReferencedSeriesSequence, r.seg.SeriesInstanceUID),
+        "the GradCAM\\+\\+ SC 1's Referenced Series Sequence lacks the SEG",
+    ),
+    "other_study": (
+        lambda r, g: setattr(g[1], "StudyInstanceUID", "1.2.3.4"),
+        "the GradCAM\\+\\+ SC 2's StudyInstanceUID differs from the SEG's",
+    ),
+}
+
+
+def test_a_gradcam_series_written_with_the_set_links_up(
+    results: ResultSet, gradcam_sc: tuple[Dataset, ...]
+) -> None:
+    """The GradCAM++ SC instances pass as a series of their own, next to the overlay SC."""
+    assert len(gradcam_sc) == len(GGO_SLICES)
+    check_result_links(results.seg, results.sr, results.sc, source_series_uid=results.ct_uid,
+                       gradcam_sc=gradcam_sc)
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN_GRADCAM_LINKS))
+def test_each_broken_gradcam_link_is_named(
+    results: ResultSet, gradcam_sc: tuple[Dataset, ...], broken: str
+) -> None:
+    """One attribute edited in a copy of the GradCAM++ SC headers fails the check."""
+    edit, reason = BROKEN_GRADCAM_LINKS[broken]
+    copied = copy.deepcopy(list(gradcam_sc))
+    edit(results, copied)
+    with pytest.raises(OutputError, match=reason):
+        check_result_links(results.seg, results.sr, results.sc,
+                           source_series_uid=results.ct_uid, gradcam_sc=copied)
