@@ -19,6 +19,7 @@ from ..analysis.quality import parse_flags
 from ..config import (
     CSV_NAME,
     SC_FOLDER,
+    SC_GRADCAM_FOLDER,
     SR_NAME,
     ExplainMode,
     RunConfig,
@@ -120,15 +121,25 @@ def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
     return options
 
 
-def _outputs_present(cfg: RunConfig, seg_path: str) -> bool:
-    """Whether a stored series' SEG, and its SR and SC montage when asked for, are in place."""
+def _outputs_present(cfg: RunConfig, row: dict[str, str]) -> bool:
+    """Whether a stored series' SEG, and its SR, SC montage and GradCAM++ SC when asked for,
+    are in place (a series stored before an object existed, or whose file was deleted, is
+    written again)."""
+    seg_path = row.get("seg_path", "")
     seg = cfg.out_dir / seg_path
     if not seg_path or not seg.is_file():
         return False
     folder = seg.parent
     if cfg.sr and not (folder / SR_NAME).is_file():
         return False
-    return cfg.sc_mode is ScMode.NONE or (folder / SC_FOLDER / MONTAGE_NAME).is_file()
+    if cfg.sc_mode is ScMode.NONE:
+        return True
+    if not (folder / SC_FOLDER / MONTAGE_NAME).is_file():
+        return False
+    explained = cfg.explain is ExplainMode.WITH_SEGMENT and (
+        cfg.explain_slices == "all" or row.get("ggo_slice_count", "0") not in ("", "0")
+    )
+    return not explained or any((folder / SC_GRADCAM_FOLDER).glob("*.dcm"))
 
 
 def _still_arriving(
@@ -213,7 +224,7 @@ def _reusable(
     ):
         return False
     if stored.status == SeriesStatus.OK.value:
-        return _outputs_present(cfg, stored.row.get("seg_path", ""))
+        return _outputs_present(cfg, stored.row)
     # A deterministic failure stands until the files change; a transient one is retried.
     return stored.status == SeriesStatus.FAILED.value and not _retryable(stored)
 

@@ -350,6 +350,7 @@ def write_sc(
         series_description=series_description,
         per_slice=per_slice,
         lungs=lungs is not None,
+        seg_uid=str(seg.SOPInstanceUID) if seg is not None else "",
     )
     return write_sc_series(
         volume,

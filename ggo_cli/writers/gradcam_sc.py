@@ -51,6 +51,7 @@ def derive_gradcam_sc_series_uid(
     layer: str,
     slice_indices: tuple[int, ...],
     lungs: bool,
+    seg_uid: str = "",
 ) -> str:
     """Derive the GradCAM++ SC's SeriesInstanceUID deterministically (own namespace).
 
@@ -66,6 +67,8 @@ def derive_gradcam_sc_series_uid(
         layer: the explained layer.
         slice_indices: the explained slices (0-based).
         lungs: whether the lung mask was on (it changes the GGO and the text).
+        seg_uid: SOPInstanceUID of the SEG referenced (it changes with the SEG's content), ``""``
+            for none.
 
     Returns:
         ``pydicom.uid.generate_uid`` over a SHA-512 of these values.
@@ -82,6 +85,7 @@ def derive_gradcam_sc_series_uid(
                 layer,
                 ",".join(map(str, slice_indices)),
                 f"lungs={lungs}",
+                *([f"seg={seg_uid}"] if seg_uid else []),
                 "SeriesInstanceUID",
             ]
         )
@@ -160,6 +164,7 @@ def write_gradcam_sc(
         layer=figures.layer,
         slice_indices=figures.slice_indices,
         lungs=lungs is not None,
+        seg_uid=str(seg.SOPInstanceUID) if seg is not None else "",
     )
     return write_sc_series(
         volume,

@@ -41,8 +41,12 @@ def derive_sc_series_uid(
     series_description: str,
     per_slice: bool,
     lungs: bool,
+    seg_uid: str = "",
 ) -> str:
     """Derive the SC's SeriesInstanceUID deterministically (the SEG's pattern, own namespace).
+
+    With the SEG's SOPInstanceUID (which changes with the SEG's content), a changed result is
+    a new SC series, as it is a new SEG series, rather than a second image in the old one.
 
     Args:
         source_series_uid: SeriesInstanceUID of the CT.
@@ -52,6 +56,7 @@ def derive_sc_series_uid(
         series_description: the SC's SeriesDescription.
         per_slice: whether the series has one instance per slice with GGO.
         lungs: whether the lung mask was on (it changes the GGO and the text).
+        seg_uid: SOPInstanceUID of the SEG referenced, ``""`` for none.
 
     Returns:
         ``pydicom.uid.generate_uid`` over a SHA-512 of these values.
@@ -67,6 +72,7 @@ def derive_sc_series_uid(
                 series_description,
                 f"per_slice={per_slice}",
                 f"lungs={lungs}",
+                *([f"seg={seg_uid}"] if seg_uid else []),
                 "SeriesInstanceUID",
             ]
         )

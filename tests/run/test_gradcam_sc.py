@@ -209,6 +209,12 @@ def test_the_series_exists_only_with_explain_and_an_sc(tmp_path: Path, conv_mode
     assert (folder / "sc" / "montage.dcm").is_file()
     assert _segment(study, out, conv_model, "--explain").exit_code == 0
     assert len(_gradcam_files(folder)) == 4
+    for path in _gradcam_files(folder):  # deleted by hand: the series is written again, once
+        path.unlink()
+    assert _segment(study, out, conv_model, "--explain").exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 0 and len(_gradcam_files(folder)) == 4
+    assert _segment(study, out, conv_model, "--explain").exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 1
     no_sc = _segment(study, out, conv_model, "--explain", "--sc", "none")
     assert no_sc.exit_code == 0, no_sc.output
     assert _gradcam_files(folder) == [] and (folder / "gradcam.npz").is_file()
@@ -223,6 +229,9 @@ def test_a_series_without_ggo_gets_no_gradcam_series(tmp_path: Path, conv_model:
     folder = _folder(out, study)
     assert (folder / "ggo.seg.dcm").is_file() and (folder / "sc" / "montage.dcm").is_file()
     assert _gradcam_files(folder) == []
+    # No GradCAM++ series is due, so the next run reuses the series rather than redoing it.
+    assert _segment(study, out, conv_model, "--explain").exit_code == 0
+    assert manifest(out)["counts"]["unchanged"] == 1
 
 
 def test_explain_only_writes_no_dicom(tmp_path: Path, conv_model: Path) -> None:

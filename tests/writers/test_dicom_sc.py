@@ -538,3 +538,23 @@ def test_real_series_montage(
             assert ds[keyword].value == source[keyword].value, keyword
     assert dciodvfy_errors(path) == []
     assert_known_dciodvfy_warnings(path)
+
+
+def test_the_series_uid_follows_the_seg_it_shows() -> None:
+    """Same options, another SEG (another result): another SC series, as the SEG is one."""
+    from ggo_cli.writers.dicom_sc import derive_sc_series_uid
+    from ggo_cli.writers.gradcam_sc import derive_gradcam_sc_series_uid
+
+    common = {"threshold": 0.5, "series_number": 9903, "series_description": "d", "lungs": True}
+    sc = [
+        derive_sc_series_uid("1.2.3", "a" * 64, per_slice=False, seg_uid=seg, **common)
+        for seg in ("", "1.2.4", "1.2.4", "1.2.5")
+    ]
+    assert sc[1] == sc[2] and len({sc[0], sc[1], sc[3]}) == 3
+    cam = [
+        derive_gradcam_sc_series_uid(
+            "1.2.3", "a" * 64, layer="l", slice_indices=(1, 2), seg_uid=seg, **common
+        )
+        for seg in ("1.2.4", "1.2.5")
+    ]
+    assert cam[0] != cam[1] and not set(cam) & set(sc)
