@@ -2,34 +2,25 @@
 
 :class:`RunPlan` tells per series whether work is due (a series that is skipped, still
 arriving or unchanged since an earlier run gets its outcome at once), stores each outcome
-and rebuilds the CSV. :func:`check_output_location` refuses inputs and outputs that nest.
+and rebuilds the CSV (with each series' delivery state). Whether a stored result still stands
+is :mod:`ggo_cli.run.reuse`'s to say. :func:`check_output_location` refuses inputs and outputs
+that nest.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from .. import __version__
-from ..analysis.quality import parse_flags
 from ..config import (
     CSV_NAME,
-    SC_FOLDER,
-    SC_GRADCAM_FOLDER,
-    SR_NAME,
     ExplainMode,
     RunConfig,
-    ScMode,
-    SegFrames,
 )
 from ..delivery.queue import ObjectKind
 from ..domain import (
-    GgoMeasurement,
-    LungMeasurement,
     SeriesInfo,
     SeriesOutcome,
     SeriesStatus,
@@ -49,9 +40,14 @@ from ..writers.report_csv import (
     salt_tag,
     write_rows,
 )
-from ..writers.sc_render import MONTAGE_NAME
 from .deliveries import register_series
-from .pipeline import RETRY_NOTE, now_utc, skipped_outcome
+from .pipeline import now_utc, skipped_outcome
+from .reuse import (
+    outcome_from_row,
+    output_options,
+    reusable,
+    still_arriving,
+)
 from .state import (
     PATIENT_ID_KEY,
     StateStore,
@@ -63,8 +59,6 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
-WORKER_DIED = "the worker process died"
-"""How :mod:`ggo_cli.run.series_pool` starts the message of a series whose worker died."""
 
 
 def check_output_location(inputs: Sequence[Path], out_dir: Path) -> None:
@@ -95,83 +89,6 @@ def check_output_location(inputs: Sequence[Path], out_dir: Path) -> None:
             )
 
 
-def _output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
-    """The options that change a series' outputs (a change reprocesses the series)."""
-    options: dict[str, Any] = {
-        "ggo_cli": __version__,
-        "threshold": model.threshold if cfg.threshold is None else cfg.threshold,
-        "png": cfg.png_mode.value,
-        "seg_series_number": cfg.seg_series_number,
-        "seg_series_description": cfg.seg_series_description,
-        "spacing_tolerance": cfg.selection.spacing_tolerance,
-        "explain": (
-            None if cfg.explain is ExplainMode.OFF else [cfg.explain_layer, cfg.explain_slices]
-        ),
-        "lung_mask": cfg.lung_mask,
-        "precision": cfg.precision.value,
-    }
-    # Keys absent when default, so that series stored before the option existed stay reusable
-    # (a series stored before the SR and SC existed lacks their files: see _outputs_present).
-    if cfg.seg_frames is not SegFrames.ALL:
-        options["seg_frames"] = cfg.seg_frames.value
-    if not cfg.sr:
-        options["sr"] = False
-    if cfg.sc_mode is not ScMode.MONTAGE:
-        options["sc"] = cfg.sc_mode.value
-    return options
-
-
-def _outputs_present(cfg: RunConfig, row: dict[str, str]) -> bool:
-    """Whether a stored series' SEG, and its SR, SC montage and GradCAM++ SC when asked for,
-    are in place (a series stored before an object existed, or whose file was deleted, is
-    written again)."""
-    seg_path = row.get("seg_path", "")
-    seg = cfg.out_dir / seg_path
-    if not seg_path or not seg.is_file():
-        return False
-    folder = seg.parent
-    if cfg.sr and not (folder / SR_NAME).is_file():
-        return False
-    if cfg.sc_mode is ScMode.NONE:
-        return True
-    if not (folder / SC_FOLDER / MONTAGE_NAME).is_file():
-        return False
-    explained = cfg.explain is ExplainMode.WITH_SEGMENT and (
-        cfg.explain_slices == "all" or row.get("ggo_slice_count", "0") not in ("", "0")
-    )
-    return not explained or any((folder / SC_GRADCAM_FOLDER).glob("*.dcm"))
-
-
-def _still_arriving(
-    series: SeriesInfo, settle_minutes: float, *, seen_before: str, seen_now: str
-) -> bool:
-    """Whether a file of the series was modified within the last ``settle_minutes``.
-
-    A modification time in the future (a modality's clock ahead, ``cp -p`` from such a
-    machine) says nothing about when the file arrived: such a series is settled once a
-    previous run saw it exactly as now (same files, sizes and modification times,
-    :func:`~ggo_cli.run.state.settle_digest`), i.e. one run later, not on that future date.
-    """
-    if settle_minutes <= 0:
-        return False
-    newest = 0.0
-    for path in series.files:
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except OSError:
-            continue
-    now = time.time()
-    if newest > now:
-        return seen_before != seen_now
-    return now - newest < settle_minutes * 60
-
-
-def _retryable(stored: StoredSeries) -> bool:
-    """Whether a stored failure may pass on another try (write error, crash, dead worker)."""
-    message = stored.row.get("message", "")
-    return message.endswith(RETRY_NOTE) or message.startswith(WORKER_DIED)
-
-
 def _stale_patient_keys(patient_column: str | None) -> tuple[str, ...]:
     """The patient keys stored rows must lose for this run's CSV (a PatientID unless asked)."""
     if patient_column == PATIENT_ID_KEY:
@@ -179,54 +96,6 @@ def _stale_patient_keys(patient_column: str | None) -> tuple[str, ...]:
     if patient_column == PSEUDONYM_COLUMN:
         return (PATIENT_ID_KEY,)
     return (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY)
-
-
-def _outcome_from_row(series: SeriesInfo, stored: StoredSeries) -> SeriesOutcome:
-    """A SeriesOutcome for a series reused from the state store (nothing recomputed)."""
-    row = stored.row
-    measurement = None
-    if row.get("ggo_voxels"):
-        measurement = GgoMeasurement(
-            voxel_volume_ml=float(row["voxel_volume_ml"]),
-            ggo_voxels=int(row["ggo_voxels"]),
-            ggo_volume_ml=float(row["ggo_volume_ml"]),
-            ggo_slice_count=int(row["ggo_slice_count"] or 0),
-        )
-    lungs = None
-    if row.get("lung_volume_ml"):
-        lungs = LungMeasurement(
-            **{name: float(row.get(name) or "nan") for name in LungMeasurement.__dataclass_fields__}
-        )
-    return SeriesOutcome(
-        series=series,
-        status=SeriesStatus(stored.status),
-        message=row.get("message", ""),
-        n_slices=int(row.get("n_slices") or 0),
-        measurement=measurement,
-        lungs=lungs,
-        processed_at=row.get("processed_at", ""),
-        reused=True,
-        qc_flags=parse_flags(row.get("qc_flags", "")),  # a store older than the column: none
-    )
-
-
-def _reusable(
-    stored: StoredSeries, cfg: RunConfig, fingerprint: str, model: ModelInfo, options: str
-) -> bool:
-    """Whether an earlier run's result still stands (same files, model, options; SEG, SR and
-    SC present)."""
-    if cfg.force:
-        return False
-    if (stored.fingerprint, stored.model_sha256, stored.options_digest) != (
-        fingerprint,
-        model.file_sha256,
-        options,
-    ):
-        return False
-    if stored.status == SeriesStatus.OK.value:
-        return _outputs_present(cfg, stored.row)
-    # A deterministic failure stands until the files change; a transient one is retried.
-    return stored.status == SeriesStatus.FAILED.value and not _retryable(stored)
 
 
 def write_results_csv(
@@ -281,7 +150,7 @@ class RunPlan:
         self.model = model
         self.store = store
         self.limits = limits
-        self.options = options_digest(_output_options(cfg, model))
+        self.options = options_digest(output_options(cfg, model))
         # Fingerprint of each series as planned (before any work), recorded with its outcome,
         # and how its files looked (names, sizes, mtimes) for settling.
         self.fingerprints: dict[str, str] = {}
@@ -354,7 +223,7 @@ class RunPlan:
                 return
         else:
             return
-        fresh = self._row(replace(_outcome_from_row(series, stored), reused=False))
+        fresh = self._row(replace(outcome_from_row(series, stored), reused=False))
         row = dict(stored.row)
         for key in (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY):
             row.pop(key, None)
@@ -389,7 +258,7 @@ class RunPlan:
         if not series.eligible:
             return skipped_outcome(series)
         stored = self.store.get(uid)
-        if _still_arriving(
+        if still_arriving(
             series,
             self.cfg.settle_minutes,
             seen_before=stored.seen if stored is not None else "",
@@ -408,7 +277,7 @@ class RunPlan:
             return outcome
         if self.cfg.explain_only:
             stored = None
-        if stored is not None and _reusable(
+        if stored is not None and reusable(
             stored, self.cfg, fingerprint, self.model, self.options
         ):
             log.debug(
@@ -417,7 +286,7 @@ class RunPlan:
                 stored.row.get("processed_at", "?"),
             )
             self._add_patient_column(series, stored)
-            return _outcome_from_row(series, stored)
+            return outcome_from_row(series, stored)
         return None
 
     def finish(self, outcome: SeriesOutcome) -> SeriesOutcome:
