@@ -163,6 +163,18 @@ class OrthancServer:
             process.kill()
             process.wait()
 
+    def kill(self) -> None:
+        """Kill Orthanc at once (SIGKILL, as a crash or a power cut would); no-op if stopped.
+
+        Unlike :meth:`stop`, which lets Orthanc finish the associations it serves, this ends
+        an association in the middle; :meth:`start` brings it back with the same storage.
+        """
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.kill()
+        process.wait()
+
     def remove(self) -> None:
         """Stop Orthanc and delete its folder."""
         self.stop()
