@@ -12,7 +12,6 @@ sides: per UID in Orthanc, and in the delivery reports, which count what was sen
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import shutil
@@ -39,6 +38,7 @@ from ggo_cli.delivery.settings import ENV_CALLING_AE_TITLE, ENV_SEND, ENV_SEND_C
 from ggo_cli.errors import EXIT_UNDELIVERED
 from tests.dciodvfy import dciodvfy_errors
 from tests.e2e.orthanc import HTTP_TIMEOUT_S, OrthancServer, running_orthanc
+from tests.nightly_runs import csv_rows, manifest
 from tests.shared_data import REAL_CT_DIR, require_shared
 
 SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -86,7 +86,6 @@ class Run:
     """A ``segment`` run, with what it left in its folder and in its two destinations."""
 
     out: Path
-    result: Result
     row: dict[str, str]
     manifest: dict[str, Any]
     objects: dict[str, str]
@@ -147,14 +146,8 @@ def _local_objects(out: Path) -> dict[str, str]:
 
 def _csv_row(out: Path) -> dict[str, str]:
     """The one row of the run's CSV."""
-    with (out / "ggo_volumes.csv").open(newline="", encoding="utf-8") as fh:
-        (row,) = csv.DictReader(fh)
+    (row,) = csv_rows(out)
     return row
-
-
-def _manifest(out: Path) -> dict[str, Any]:
-    """The run's manifest."""
-    return json.loads((out / "run_manifest.json").read_text())  # type: ignore[no-any-return]
 
 
 def _reports(delivery: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -180,12 +173,6 @@ def _send_report(result: Result) -> dict[str, Any]:
     """The one destination report ``ggo-cli send --json`` printed."""
     (report,) = json.loads(result.stdout)["delivery"]
     return report  # type: ignore[no-any-return]
-
-
-def _ct_study_uid() -> str:
-    """The StudyInstanceUID of the shared real CT series."""
-    first = sorted(require_shared(REAL_CT_DIR).glob("*.dcm"))[0]
-    return str(pydicom.dcmread(first, stop_before_pixels=True).StudyInstanceUID)
 
 
 @pytest.fixture(scope="module")
@@ -223,9 +210,8 @@ def first_run(
     assert result.exit_code == 0, result.output
     return Run(
         out=out,
-        result=result,
         row=_csv_row(out),
-        manifest=_manifest(out),
+        manifest=manifest(out),
         objects=_local_objects(out),
         held={dest: _catalogue(server) for dest, server in zip(dests, (dimse_pacs, web_pacs),
                                                                  strict=True)},
@@ -242,20 +228,15 @@ def results_copy(first_run: Run, tmp_path: Path) -> Path:
 def test_segment_sends_one_seg_sr_and_sc_series_into_each_orthanc_in_the_ct_study(
     first_run: Run,
 ) -> None:
-    study_uid = _ct_study_uid()
+    ct = sorted(require_shared(REAL_CT_DIR).glob("*.dcm"))[0]
+    study_uid = str(pydicom.dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
     assert set(first_run.objects.values()) == RESULT_CLASSES
     assert first_run.row["status"] == "ok"
     assert first_run.row["delivery"] == "sent"
     for destination, held in first_run.held.items():
         _assert_each_once(held, first_run.objects)
-        classes_per_series: dict[str, set[str]] = {}
-        for instance in held:
-            classes_per_series.setdefault(instance.series_instance_uid, set()).add(
-                instance.sop_class_uid
-            )
-        assert sorted(map(sorted, classes_per_series.values())) == sorted(
-            [[SEG_CLASS], [SR_CLASS], [SC_CLASS]]
-        ), destination
+        series_of_class = {i.sop_class_uid: i.series_instance_uid for i in held}
+        assert len(set(series_of_class.values())) == len(RESULT_CLASSES), destination
         assert {instance.study_instance_uid for instance in held} == {study_uid}, destination
     reports = _reports(first_run.manifest["delivery"])
     assert set(reports) == set(first_run.held)
@@ -311,10 +292,10 @@ def test_a_second_identical_run_sends_nothing(
 ) -> None:
     again = _segment(first_run.out, dimse_pacs.dicom_destination, web_pacs.dicomweb_url)
     assert again.exit_code == 0, again.output
-    manifest = _manifest(first_run.out)
-    assert manifest["counts"]["unchanged"] == 1
-    assert manifest["counts"]["slices_segmented"] == 0
-    for report in _reports(manifest["delivery"]).values():
+    after = manifest(first_run.out)
+    assert after["counts"]["unchanged"] == 1
+    assert after["counts"]["slices_segmented"] == 0
+    for report in _reports(after["delivery"]).values():
         assert (report["attempted"], report["sent"], report["pending"]) == (0, 3, 0), report
     for destination, server in ((dimse_pacs.dicom_destination, dimse_pacs),
                                 (web_pacs.dicomweb_url, web_pacs)):
@@ -341,7 +322,7 @@ def test_orthancs_down_during_the_run_get_everything_once_from_the_next_run_with
         row = _csv_row(out)
         assert (row["status"], row["delivery"]) == ("ok", "pending")
         assert float(row["ggo_volume_ml"]) > 0
-        reports = _reports(_manifest(out)["delivery"])
+        reports = _reports(manifest(out)["delivery"])
         assert set(reports) == set(dests)
         for report in reports.values():
             assert (report["stored"], report["sent"], report["pending"]) == (0, 0, 3), report
@@ -351,12 +332,12 @@ def test_orthancs_down_during_the_run_get_everything_once_from_the_next_run_with
             server.start()  # same ports, same (empty) storage
         up = _segment(out, *dests)
         assert up.exit_code == 0, up.output
-        manifest = _manifest(out)
-        assert manifest["counts"]["unchanged"] == 1
-        assert manifest["counts"]["slices_segmented"] == 0
+        after = manifest(out)
+        assert after["counts"]["unchanged"] == 1
+        assert after["counts"]["slices_segmented"] == 0
         assert _local_objects(out) == objects  # nothing written again
         assert _csv_row(out)["delivery"] == "sent"
-        for report in _reports(manifest["delivery"]).values():
+        for report in _reports(after["delivery"]).values():
             assert (report["attempted"], report["stored"]) == (3, 3), report
             assert (report["sent"], report["pending"], report["complete"]) == (3, 0, True)
         for server in servers:
