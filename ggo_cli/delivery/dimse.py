@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 """PS3.8 section 9.3.2.2: presentation context IDs are the odd numbers 1-255."""
 _MESSAGE_ID_LIMIT = 0x10000
+_WATCH_INTERVAL_S = 0.05
+"""How often the C-STORE watcher looks whether the association has ended."""
 """PS3.7 section 9.3.1.1: the Message ID is an unsigned 16-bit value."""
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -124,6 +128,34 @@ def _store_all(assoc: Association, dest: DimseDestination, *,
     return results
 
 
+@contextmanager
+def _unblocked_when_gone(assoc: Association) -> Iterator[None]:
+    """While the block runs, end a C-STORE's wait for a response once the peer has gone.
+
+    pynetdicom 3.0 pauses its association reactor while ``send_c_store`` waits for the
+    response, so a peer that dies just before a C-STORE (killed, its host down) leaves that wait
+    to run for the whole DIMSE timeout (2 minutes) although the association is already aborted
+    and the DUL thread gone (see pydicom/pynetdicom#430). A watcher thread puts the queue's
+    "no response" item once that is so; the C-STORE then comes back at once without a status
+    and its file stays pending.
+    """
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(_WATCH_INTERVAL_S):
+            if assoc.is_aborted or assoc.is_released or not assoc.dul.is_alive():
+                assoc.dimse.msg_queue.put((None, None))
+                return
+
+    watcher = threading.Thread(target=watch, name="ggo-c-store-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _send_group(dest: DimseDestination, items: Sequence[FileToSend], *,
                 timeouts: DimseTimeouts) -> list[SendResult]:
     """One association for ``items`` (at most :data:`MAX_CONTEXTS` contexts)."""
@@ -148,7 +180,8 @@ def _send_group(dest: DimseDestination, items: Sequence[FileToSend], *,
         log.debug("C-STORE to %s: %s files not sent: %s", dest, len(items), reason)
         return [transient(item, reason) for item in items]
     try:
-        return _store_all(assoc, dest, items=items)
+        with _unblocked_when_gone(assoc):
+            return _store_all(assoc, dest, items=items)
     finally:
         if assoc.is_established:
             assoc.release()
