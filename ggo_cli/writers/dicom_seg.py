@@ -48,7 +48,6 @@ from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
-from pydicom import dcmwrite
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
@@ -58,6 +57,7 @@ from ..config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ..domain import CtVolume, Prediction
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
+from .seg_file import write_seg_file
 from .seg_segments import (
     SEG_MANUFACTURER,
     algorithm_equipment,
@@ -111,7 +111,6 @@ class _SegmentStack(np.ndarray):
         ):
             return np.add.reduce(self.view(np.ndarray), axis=-1, dtype=np.uint8, keepdims=keepdims)
         return super().sum(axis=axis, dtype=dtype, out=out, keepdims=keepdims, **kwargs)
-
 
 
 def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) -> None:
@@ -275,7 +274,7 @@ def write_seg(
         nonempty_frames=nonempty_frames,
     )
     with atomic_write_path(path, tree=tree) as temp:
-        dcmwrite(temp, seg, enforce_file_format=True)
+        write_seg_file(temp, seg)
         if verify:
             verify_seg(
                 temp, volume, prediction, model=model, shown=path, lungs=lungs,

@@ -28,6 +28,7 @@ from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
 from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, verify_seg, write_seg
+from ggo_cli.writers.seg_file import write_seg_file
 from ggo_cli.writers.seg_segments import algorithm_device_uid
 from ggo_cli.writers.seg_source import (
     derive_seg_uids,
@@ -704,3 +705,67 @@ def test_nonempty_frames_of_an_empty_seg_keep_every_frame(
         software_version=SOFTWARE_VERSION, nonempty_frames=True,
     )
     assert int(pydicom.dcmread(path).NumberOfFrames) == len(lung_volume.datasets)
+
+
+# -- the SEG's file and its read-back ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("nonempty_frames", [False, True])
+def test_seg_file_is_dcmwrites_bytes(
+    tmp_path: Path, lung_volume: CtVolume, lung_prediction: Prediction, model: ModelInfo,
+    nonempty_frames: bool,
+) -> None:
+    """The SEG written with each distinct per-frame value encoded once is byte for byte what
+    ``dcmwrite`` writes, with lungs (3 segments) and with the GGO segment alone."""
+    for lungs in (_lungs_of(lung_volume), None):
+        seg = build_seg(
+            lung_volume, lung_prediction, model, lungs=lungs, nonempty_frames=nonempty_frames
+        )
+        ours, theirs = tmp_path / "ours.dcm", tmp_path / "theirs.dcm"
+        write_seg_file(ours, seg)
+        pydicom.dcmwrite(theirs, seg, enforce_file_format=True)
+        assert ours.read_bytes() == theirs.read_bytes()
+        assert int(pydicom.dcmread(ours).NumberOfFrames) > 1
+
+
+def test_frames_bits_realign_frames_that_start_inside_a_byte() -> None:
+    """Frames of 3 x 5 pixels (not a multiple of 8) are read back from PS3.5 packing."""
+    rng = np.random.default_rng(3)
+    frames = rng.random((4, 3, 5)) > 0.5
+    packed = pydicom.pixels.pack_bits(frames.reshape(-1), pad=False)
+    got = seg_verify._frames_bits(packed, np.array([2, -1, 0, 3]), 15)
+    want = np.packbits(frames[[2, 0, 0, 3]].reshape(4, 15), axis=1, bitorder="little")
+    want[1] = 0  # an omitted frame reads as zeros
+    assert_array_equal(got, want)
+
+
+def test_verify_detects_frames_that_reference_the_wrong_source(
+    tmp_path: Path, lung_seg_path: Path, lung_volume: CtVolume, lung_prediction: Prediction
+) -> None:
+    """Two frames whose source references are swapped fail the read-back check, and so do
+    two frames that name the same source instance and segment."""
+    seg = pydicom.dcmread(lung_seg_path)
+    items = seg.PerFrameFunctionalGroupsSequence
+    slice_of = {uid: k for k, uid in enumerate(lung_volume.sop_instance_uids)}
+
+    def source(frame: int) -> pydicom.Dataset:
+        return items[frame].DerivationImageSequence[0].SourceImageSequence[0]
+
+    ggo = lung_prediction.masks[..., 0]
+    counts = [
+        int(ggo[slice_of[source(f).ReferencedSOPInstanceUID]].sum()) for f in range(len(items))
+    ]
+    first = int(np.argmax(counts))  # the GGO frame with the most pixels, and an empty one
+    other = counts.index(0)
+    assert counts[first] > 0
+    a, b = source(first).ReferencedSOPInstanceUID, source(other).ReferencedSOPInstanceUID
+    source(first).ReferencedSOPInstanceUID, source(other).ReferencedSOPInstanceUID = b, a
+    swapped = tmp_path / "swapped.seg.dcm"
+    seg.save_as(swapped)
+    with pytest.raises(OutputError, match="pixels differ"):
+        verify_seg(swapped, lung_volume, lung_prediction)
+    source(other).ReferencedSOPInstanceUID = b  # frames `first` and `other` both name b
+    twice = tmp_path / "twice.seg.dcm"
+    seg.save_as(twice)
+    with pytest.raises(OutputError, match="same source instance and segment"):
+        verify_seg(twice, lung_volume, lung_prediction)
