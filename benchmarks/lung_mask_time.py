@@ -1,53 +1,65 @@
 """Time the lung mask of one series in a fresh process: median of repeated calls.
 
-For A/B comparisons of lung-mask changes: run it alternately from two checkouts (e.g. a
-``git worktree`` of the base commit and the working tree) on the same series, in fresh
-processes, and compare medians; the voxel counts show whether the masks changed size.
+For A/B comparisons of lung-mask changes: run it alternately on two checkouts (``--checkout``,
+e.g. a ``git worktree`` of the base commit, and the working tree) on the same series, in fresh
+processes, and compare medians; the voxel counts show whether the masks changed size. It
+prints wall seconds, CPU seconds of the process (all its threads: core-seconds) and the
+process's peak RSS (``ru_maxrss``, decoded HU included; with ``--repeats 0`` the one call's).
 
 Usage::
 
     python benchmarks/lung_mask_time.py /data/one-series --repeats 3
     taskset -c 0 python benchmarks/lung_mask_time.py /data/one-series   # one core
+    python benchmarks/lung_mask_time.py /data/one-series --checkout /tmp/base --repeats 0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from ggo_cli.analysis.lungs import segment_lungs  # noqa: E402
-from ggo_cli.dicom.discovery import discover_series  # noqa: E402
-from ggo_cli.dicom.volume import load_volume  # noqa: E402
-from ggo_cli.host import usable_cores  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("series", type=Path, help="a folder with one CT series")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed calls after a warm-up call (0: the one call is timed)")
+    parser.add_argument("--checkout", type=Path, default=ROOT,
+                        help="the ggo-cli checkout whose lung mask runs (default: this one)")
     args = parser.parse_args()
+    sys.path.insert(0, str(args.checkout.resolve()))
+    from ggo_cli.analysis.lungs import segment_lungs
+    from ggo_cli.dicom.discovery import discover_series
+    from ggo_cli.dicom.volume import load_volume
+    from ggo_cli.host import usable_cores
+
     volume = load_volume(discover_series([args.series]).eligible[0])
-    lungs = segment_lungs(volume)  # warm-up: thread pools, SimpleITK's first calls
-    seconds = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
+    seconds, cpu_seconds = [], []
+    for _ in range(args.repeats + 1):  # the first call warms thread pools and SimpleITK up
+        start, cpu_start = time.perf_counter(), time.process_time()
         lungs = segment_lungs(volume)
         seconds.append(time.perf_counter() - start)
+        cpu_seconds.append(time.process_time() - cpu_start)
+    if args.repeats:
+        seconds, cpu_seconds = seconds[1:], cpu_seconds[1:]
     print(
         json.dumps(
             {
-                "checkout": str(ROOT),
+                "checkout": str(args.checkout),
                 "slices": volume.hu.shape[0],
                 "cores": usable_cores(),
                 "median_s": round(statistics.median(seconds), 3),
+                "median_cpu_s": round(statistics.median(cpu_seconds), 3),
                 "seconds": [round(s, 3) for s in seconds],
+                "cpu_seconds": [round(s, 3) for s in cpu_seconds],
+                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "right_voxels": int(lungs.right.sum()),
                 "left_voxels": int(lungs.left.sum()),
             }

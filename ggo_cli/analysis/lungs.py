@@ -34,17 +34,17 @@ Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (
 Laterality: the patient's right is at low column indices when the row cosine points to +x
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
-Speed: a 300 x 512 x 512 phantom takes about 4.3 s on the 2-core CI-like machine (median;
-5.6 s before the components stopped being sorted and relabelled and the chest-wall bites
-were worked on in their own boxes), the real 30-slice series about 0.6 s. Slice-by-slice
-steps run on a few threads.
+Speed: a 300 x 512 x 512 phantom takes 6.9 CPU seconds on one core of the 2-core CI-like
+machine, 14.9 with the source-grid closing (medians of 4 alternating runs of
+``benchmarks/lung_mask_time.py`` under load; a third of it is the body's components
+and hole filling, a third the chest-wall bites). Slice-by-slice steps run on a few threads.
 
 Memory: after the body, everything works in a box around the air inside the body (grown by
 more than the refinement reaches); connected components are labelled 64 slices at a time and
 merged across slabs (:class:`ggo_cli.analysis.morphology.Components`), never as one uint32
 volume; the
 result can be written into caller-given arrays (the SEG's planes). A 1000-slice series peaks
-at about 1.7 GB here, HU included.
+at about 1.9 GB here, HU included (2.1 GB with the source-grid closing).
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along
