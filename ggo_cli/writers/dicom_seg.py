@@ -44,10 +44,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
+import numpy.typing as npt
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
@@ -91,26 +92,51 @@ SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SEG_INSTANCE_NUMBER = 1
 
 
-class _SegmentStack(np.ndarray):
-    """The SEG's ``(slices, rows, cols, segments)`` bool stack, summed over segments in uint8.
+OVERLAP_SLAB_SLICES = 64
+"""Slices whose segments are counted at a time when checking whether segments overlap."""
 
-    highdicom (0.28) tells whether segments overlap from ``pixel_array.sum(axis=-1)``; numpy
-    sums booleans in int64, an 8-byte copy of the whole slice grid (2.1 GB for 1000 x 512 x
-    512). Over fewer than 256 segments uint8 gives the same counts at one byte a voxel. Any
-    other reduction is numpy's own.
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, with its pixel check on a bool segment stack done by slabs.
+
+    For a ``(frames, rows, cols, segments)`` stack, highdicom (0.28) checks that pixels are
+    0 or 1 (a bool array can hold nothing else) and tells whether segments overlap from
+    ``pixel_array.sum(axis=-1)`` and ``sum > 1``: two whole-volume temporaries (int64 in
+    numpy, 2.1 GB for 1000 x 512 x 512; 0.5 GB even in uint8), the peak of a long series'
+    SEG. Counted here a slab at a time in uint8 (exact below 256 segments), the same answer
+    takes one slab. Any other input is highdicom's to check.
     """
 
-    def sum(self, axis=None, dtype=None, out=None, keepdims=False, **kwargs):  # type: ignore[no-untyped-def]
-        if (
-            axis in (-1, self.ndim - 1)
-            and dtype is None
-            and out is None
-            and self.dtype == np.bool_
-            and self.shape[-1] < 256
-            and not kwargs
+    @classmethod
+    def _check_and_cast_pixel_array(
+        cls,
+        pixel_array: npt.NDArray[Any] | hd.Volume,
+        segment_numbers: npt.NDArray[np.integer],
+        segmentation_type: hd.seg.SegmentationTypeValues,
+        dtype: type,
+    ) -> tuple[npt.NDArray[Any] | hd.Volume, hd.seg.SegmentsOverlapValues]:
+        if not (
+            isinstance(pixel_array, np.ndarray)
+            and type(pixel_array) is np.ndarray
+            and pixel_array.dtype == np.bool_
+            and pixel_array.ndim == 4
+            and 1 < pixel_array.shape[-1] == len(segment_numbers) < 256
+            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
         ):
-            return np.add.reduce(self.view(np.ndarray), axis=-1, dtype=np.uint8, keepdims=keepdims)
-        return super().sum(axis=axis, dtype=dtype, out=out, keepdims=keepdims, **kwargs)
+            return super()._check_and_cast_pixel_array(
+                pixel_array, segment_numbers, segmentation_type, dtype
+            )
+        overlap = any(
+            int(
+                np.add.reduce(
+                    pixel_array[start : start + OVERLAP_SLAB_SLICES], axis=-1, dtype=np.uint8
+                ).max()
+            ) > 1
+            for start in range(0, pixel_array.shape[0], OVERLAP_SLAB_SLICES)
+        )
+        return pixel_array, (
+            hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+        )
 
 
 def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) -> None:
@@ -190,9 +216,9 @@ def build_seg(
     # highdicom warns about source values (e.g. a PatientName without '^' components) and
     # quotes them; record the warnings so they never reach the console unredacted.
     with highdicom_build("DICOM-SEG", series_uid, volume.datasets[0]):
-        seg = hd.seg.Segmentation(
+        seg = _Segmentation(
             source_images=list(volume.datasets),
-            pixel_array=seg_masks(prediction, lungs).view(_SegmentStack),
+            pixel_array=seg_masks(prediction, lungs),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
             series_instance_uid=seg_series_uid,

@@ -140,4 +140,19 @@ def write_seg_file(path: Path, seg: Dataset) -> None:
         fp.is_little_endian, fp.is_implicit_VR = True, False
         fp.write(per_frame)
         for tag in tail[1:]:  # the pixel data's VR ("OB or OW") as dcmwrite settles it
-            write_data_element(fp, correct_ambiguous_vr_element(seg[tag], seg, True), encodings)
+            elem = correct_ambiguous_vr_element(seg[tag], seg, True)
+            if (
+                isinstance(elem, DataElement)
+                and elem.VR in ("OB", "OW")
+                and isinstance(elem.value, bytes)
+                and not elem.is_undefined_length
+                and len(elem.value) % 2 == 0
+            ):
+                # as write_data_element writes it, without its two copies of the value
+                # (100 MB for 1000 slices and 3 segments)
+                fp.write_tag(tag)
+                fp.write(elem.VR.encode() + b"\0\0")
+                fp.write_UL(len(elem.value))
+                fp.write(elem.value)
+            else:
+                write_data_element(fp, elem, encodings)

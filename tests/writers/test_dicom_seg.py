@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import tracemalloc
 from pathlib import Path
 
 import highdicom as hd
@@ -624,18 +625,33 @@ def test_planes_filled_in_place_are_the_segs_pixels_without_copy(
     verify_seg(path, dcmqi_volume, prediction, lungs=lungs)  # what the writer checked too
 
 
-def test_overlapping_segments_sum_in_uint8_and_are_flagged(
-    tmp_path: Path, dcmqi_volume: CtVolume
+def test_overlapping_segments_are_found_slab_by_slab_and_flagged(
+    tmp_path: Path, dcmqi_volume: CtVolume, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    masks = blob_masks(dcmqi_volume)
+    """Whether segments overlap is highdicom's answer, counted a slab at a time (one slab's
+    temporaries, not the whole volume's), found in the last slab too; the SEG says so and its
+    pixels read back equal."""
+    monkeypatch.setattr(dicom_seg, "OVERLAP_SLAB_SLICES", 1)  # 3 slices: three slabs
+    masks = np.zeros((*dcmqi_volume.hu.shape, 1), dtype=bool)
+    masks[2, 100:140, 100:140, 0] = True  # inside the right lung, last slice only
     prediction, lungs = stack_segments(
         Prediction(masks=masks, threshold=0.5), _lungs_of(dcmqi_volume)
     )
-    stack = seg_masks(prediction, lungs).view(dicom_seg._SegmentStack)
-    counts = stack.sum(axis=-1)
-    assert counts.dtype == np.uint8  # not numpy's int64 copy of the slice grid
-    assert_array_equal(counts, seg_masks(prediction, lungs).sum(axis=-1))
-    assert int(stack.sum()) == int(seg_masks(prediction, lungs).sum())  # other sums: numpy's
+    binary, numbers = hd.seg.SegmentationTypeValues.BINARY, np.array([1, 2, 3])
+    stack = seg_masks(prediction, lungs)
+    disjoint = stack.copy()
+    disjoint[..., 0] = False
+    for pixels, overlap in ((stack, "YES"), (disjoint, "NO")):
+        tracemalloc.start()
+        ours = dicom_seg._Segmentation._check_and_cast_pixel_array(
+            pixels, numbers, binary, np.uint8
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        theirs = hd.seg.Segmentation._check_and_cast_pixel_array(pixels, numbers, binary, np.uint8)
+        assert ours[1] == theirs[1] == hd.seg.SegmentsOverlapValues(overlap)
+        assert ours[0] is pixels
+        assert peak < 2 * pixels[0, ..., 0].nbytes  # a slab's counts, not the volume's
     model = make_model(1)
     path = write_seg(dcmqi_volume, prediction, model, tmp_path / "ggo.seg.dcm", lungs=lungs)
     seg = hd.seg.segread(path)
