@@ -66,6 +66,49 @@ def each_slice(work: Callable[[int], None], n: int, *, cores: int) -> None:
             pass
 
 
+FILL_SLICES = 16
+"""Slices whose holes :func:`fill_holes_per_slice` fills in one labelling (16 x 512 x 512
+uint32 labels: 17 MB a thread)."""
+
+
+def fill_holes_per_slice(mask: BoolVolume, *, cores: int) -> None:
+    """Fill the holes of each slice in place: background not face-connected, in its slice, to
+    the slice's edge (a 2-D binary fill per slice).
+
+    One labelling covers :data:`FILL_SLICES` slices: their complements, cut to the mask's
+    bounding rows and columns and each framed by a ring of background, are the rows of one
+    tall 2-D image, so that no region crosses from one slice to the next and every region
+    reaching a slice's edge joins the frames (the first label). Outside the box all is
+    background joined to the edge, as before it. The same voxels as a fill per slice, in a
+    twentieth of the calls.
+
+    Args:
+        mask: the voxels, filled in place. Shape: ``(slice, row, col)``.
+        cores: the cores this process may use (:attr:`ggo_cli.host.HostLimits.cores`).
+    """
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    if not rows.size:
+        return
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    box = np.s_[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
+    height, width = int(rows[-1] - rows[0]) + 3, int(cols[-1] - cols[0]) + 3
+
+    def fill(index: int) -> None:
+        block = mask[index * FILL_SLICES : (index + 1) * FILL_SLICES]
+        framed = np.ones((block.shape[0], height, width), dtype=np.uint8)
+        np.logical_not(block[(slice(None), *box)], out=framed[:, 1:-1, 1:-1].view(np.bool_))
+        connected = sitk.ConnectedComponentImageFilter()
+        connected.SetFullyConnected(False)
+        connected.SetNumberOfThreads(1)  # one thread a block; blocks run on threads
+        image = connected.Execute(to_image(framed.reshape(-1, width)))
+        del framed
+        labels = np.asarray(sitk.GetArrayViewFromImage(image)).reshape(-1, height, width)
+        block[(slice(None), *box)] = labels[:, 1:-1, 1:-1] != labels[0, 0, 0]
+        del labels, image
+
+    each_slice(fill, -(-mask.shape[0] // FILL_SLICES), cores=cores)
+
+
 def _serial(image: Any) -> bool:
     """Whether a filter on ``image`` should run on one thread."""
     return bool(image.GetNumberOfPixels() <= SERIAL_MAX_PIXELS)
@@ -279,7 +322,8 @@ class Components:
     ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32] | npt.NDArray[np.uint16], list[int]]]:
         """``(first slice, first global label - 1, slab labels, voxels per label)`` for each
         slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``. Slabs kept
-        from the first pass are not labelled again."""
+        from the first pass are not labelled again. The labels are a read-only view, valid
+        until the next slab is asked for."""
         first = 0
         for index, start in enumerate(range(0, self._n, SLAB_SLICES)):
             kept = self._kept[index] if index < len(self._kept) and not with_counts else None
@@ -299,10 +343,12 @@ class Components:
                 counts = [0] * max(present, default=0)
                 for label in present:
                     counts[label - 1] = int(stats.GetNumberOfPixels(label))
-            labels = np.asarray(sitk.GetArrayFromImage(image), dtype=np.uint32)
-            del image
+            # A view of the image's buffer, not a copy (a fresh 64 MB array per slab cost
+            # more than the labelling); the image outlives every use of it.
+            labels = np.asarray(sitk.GetArrayViewFromImage(image), dtype=np.uint32)
             yield start, first, labels, counts
-            first += int(labels.max())
+            first += int(labels.max(initial=0))
+            del labels, image
 
     def _paint(self, chosen: npt.NDArray[np.bool_]) -> BoolVolume:
         """The voxels of the components whose root is marked in ``chosen`` (by global label)."""
