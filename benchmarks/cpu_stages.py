@@ -10,10 +10,12 @@ that no peak RSS mixes with another's. A stage's CPU seconds are the process's
 ``time.process_time()`` delta (every thread; plus its children's, although no stage starts a
 process), its core-seconds when ``--one-core`` pins the worker to one core with
 ``os.sched_setaffinity``. After each stage the worker reads the stage's own peak RSS (Linux:
-``VmHWM``, reset before each stage through ``/proc/self/clear_refs``) and the process's peak so
-far (after the last stage: the whole series' peak, imports included). The reset lowers
-``ru_maxrss`` as well (both read the memory map's high-water mark), so the peak so far is the
-running maximum of ``ru_maxrss`` read after each stage, not one final ``ru_maxrss``.
+``VmHWM``, reset before each stage through ``/proc/self/clear_refs``); the process's peak so
+far (after the last stage: the whole series' peak, imports included) is their running maximum.
+``ru_maxrss`` cannot serve: Linux carries the parent's high-water mark over ``fork`` + ``exec``
+into the child's ``ru_maxrss`` (the worker records it at its start: the parent's peak, which
+held the phantom), and the reset lowers it as well. Each worker also times a fixed pure-Python
+loop (``calibration_s``): the core's speed at the time, which drifts with the host's load.
 
 ``--ref REV`` (repeatable) runs the worker on a ``git worktree`` of ``REV`` (checked out under
 a temporary folder and removed afterwards; the worker imports that tree's ``ggo_cli`` through
@@ -53,6 +55,8 @@ CPU_STAGES = ("decode", "lung mask", "SEG build + write + read-back", "overlay")
 OTHER_STAGES = ("inference (stand-in) + restrict",)
 PHANTOM_SPACING_MM = (0.8, 0.7, 0.7)
 PHANTOM_SEED = 5
+CALIBRATION_LOOP = 5_000_000
+CALIBRATION = "calibration loop (5 M additions)"
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile")
 
 
@@ -77,8 +81,19 @@ def _reset_stage_peak() -> None:
         refs.write("5")
 
 
+def _calibration_seconds() -> float:
+    """CPU seconds of a fixed pure-Python loop: how fast this core is now (it varies with the
+    host's load, unseen from inside a virtual machine), to compare runs of different days."""
+    start = time.process_time()
+    total = 0
+    for value in range(CALIBRATION_LOOP):
+        total += value
+    return round(time.process_time() - start, 3)
+
+
 def _worker(args: argparse.Namespace) -> int:
     """Run every stage of one series in this process and print one JSON line of figures."""
+    inherited_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if args.one_core:  # before numpy, SimpleITK and ONNX Runtime size their thread pools
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     import ggo_cli
@@ -96,21 +111,19 @@ def _worker(args: argparse.Namespace) -> int:
     if package != (args.tree / "ggo_cli").resolve():
         raise SystemExit(f"imported {package}, not the tree under test {args.tree}")
     rows: list[dict[str, Any]] = []
+    calibration_s = _calibration_seconds()
     cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
 
     def stage(name: str) -> None:
         nonlocal cpu_start, wall_start
         cpu_now, wall_now = _cpu_seconds(), time.perf_counter()
-        # Linux's ru_maxrss is the memory map's high-water mark, which the reset below lowers
-        # too: after a reset it is the stage's peak, and the process's is their running max
-        stage_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        before = rows[-1]["peak_rss_mib"] if rows else 0
+        stage_peak = round(_stage_peak_mib())
         rows.append({
             "stage": name,
             "cpu_s": round(cpu_now - cpu_start, 3),
             "wall_s": round(wall_now - wall_start, 3),
-            "peak_rss_mib": max(before, round(stage_peak)),
-            "stage_peak_rss_mib": round(_stage_peak_mib()),
+            "peak_rss_mib": max(rows[-1]["peak_rss_mib"] if rows else 0, stage_peak),
+            "stage_peak_rss_mib": stage_peak,
         })
         _reset_stage_peak()
         cpu_start, wall_start = _cpu_seconds(), time.perf_counter()
@@ -138,6 +151,8 @@ def _worker(args: argparse.Namespace) -> int:
     stage("overlay")
     print(json.dumps({
         "ggo_cli": str(package),
+        "calibration_s": calibration_s,
+        "ru_maxrss_at_start_mib": round(inherited_mib),
         "slices": int(volume.hu.shape[0]),
         "hu_dtype": str(volume.hu.dtype),
         "affinity": sorted(os.sched_getaffinity(0)),
@@ -243,11 +258,15 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                   for run in ref_runs]
         walls = [sum(row["wall_s"] for row in run["stages"] if row["stage"] in CPU_STAGES)
                  for run in ref_runs]
+        series_peak = statistics.median(run["stages"][-1]["peak_rss_mib"] for run in ref_runs)
         per_stage["total"] = {
             "cpu_s": statistics.median(totals),
             "wall_s": statistics.median(walls),
-            "peak_rss_mib": statistics.median(run["stages"][-1]["peak_rss_mib"]
-                                              for run in ref_runs),
+            "peak_rss_mib": series_peak,
+            "stage_peak_rss_mib": series_peak,
+        }
+        per_stage[CALIBRATION] = {
+            "cpu_s": statistics.median(run["calibration_s"] for run in ref_runs),
         }
         medians[ref] = per_stage
     first, *others = list(runs)
@@ -262,19 +281,25 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return {"median": medians, "ratio": ratios}
 
 
+def _mib(value: float | None) -> str:
+    """A table cell of MiB: rounded, or empty."""
+    return "" if value is None else str(round(value))
+
+
 def _markdown(report: dict[str, Any]) -> str:
-    """A table of median core-seconds and peak RSS per stage and ref, with the ratios."""
+    """A table of median core-seconds per stage and ref, the ratios, and each stage's own peak
+    RSS (on the total's row: the whole series' peak)."""
     refs = list(report["refs"])
     ratio_keys = list(report["summary"]["ratio"])
     unit = "core-s" if report["one_core"] else "CPU s"
     head = ["stage", *(f"{ref} {unit}" for ref in refs), *(f"{key} {unit}" for key in ratio_keys),
-            *(f"{ref} peak RSS so far MiB" for ref in refs)]
+            *(f"{ref} peak RSS MiB" for ref in refs)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     median, ratio = report["summary"]["median"], report["summary"]["ratio"]
-    for name in (*CPU_STAGES, "total", *OTHER_STAGES):
+    for name in (*CPU_STAGES, "total", *OTHER_STAGES, CALIBRATION):
         cells = [name, *(f"{median[ref][name]['cpu_s']:.2f}" for ref in refs),
                  *(f"{ratio[key][name].get('cpu_s', float('nan')):.2f}" for key in ratio_keys),
-                 *(f"{median[ref][name]['peak_rss_mib']:.0f}" for ref in refs)]
+                 *(_mib(median[ref][name].get("stage_peak_rss_mib")) for ref in refs)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -45,18 +45,21 @@ def test_cpu_stages_benchmark_measures_base_and_head_alternately(tmp_path: Path)
             assert run["slices"] == SLICES and run["hu_dtype"] == "int16"
             assert run["right_lung_voxels"] > 0 and run["left_lung_voxels"] > 0
             assert run["ggo_voxels"] > 0 and run["seg_bytes"] > 0
-            peaks = [row["peak_rss_mib"] for row in run["stages"]]
-            assert peaks == sorted(peaks) and peaks[0] > 0  # ru_maxrss only grows
-            for row in run["stages"]:
-                assert 0 < row["stage_peak_rss_mib"] <= row["peak_rss_mib"] + 1
+            assert run["calibration_s"] > 0
+            # the peak so far is the running maximum of the stages' own peaks
+            peaks = [row["stage_peak_rss_mib"] for row in run["stages"]]
+            assert min(peaks) > 0
+            assert [row["peak_rss_mib"] for row in run["stages"]] == [
+                max(peaks[: i + 1]) for i in range(len(peaks))
+            ]
         median = report["summary"]["median"][ref]
         for stage in CPU_STAGES:
             assert median[stage]["cpu_s"] > 0 and median[stage]["wall_s"] > 0
         assert median["total"]["cpu_s"] >= max(median[stage]["cpu_s"] for stage in CPU_STAGES)
-        # the whole series' peak is the highest of the stages'
-        assert median["total"]["peak_rss_mib"] == max(
-            median[stage]["peak_rss_mib"] for stage in CPU_STAGES
-        )
+        # the whole series' peak is at least each stage's own
+        assert median["total"]["peak_rss_mib"] == median["overlay"]["peak_rss_mib"]
+        assert all(median["total"]["peak_rss_mib"] >= median[stage]["stage_peak_rss_mib"]
+                   for stage in CPU_STAGES)
     assert len(trees) == 2
     # the synthetic phantom is the same series for both: lungs of the same size within 5 %
     base, head = report["runs"][BASE][0], report["runs"]["HEAD"][0]
