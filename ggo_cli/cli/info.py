@@ -11,8 +11,8 @@ from typing import Annotated, Any
 import typer
 
 from ..config import default_model_path
-from ..errors import GgoError, ModelError, OutputError
-from .options import JsonOpt, ModelOpt
+from ..errors import EXIT_UNDELIVERED, GgoError, ModelError, OutputError
+from .options import CallingAeOpt, JsonOpt, ModelOpt, SendConfigOpt, SendOpt
 
 TRANSFER_SYNTAXES = {
     "1.2.840.10008.1.2": "Implicit VR Little Endian",
@@ -213,23 +213,60 @@ def output_status(folder: Path) -> dict[str, Any]:
     return {"path": str(folder), "writable": True}
 
 
+def destination_status(
+    send: list[str] | None, send_config: Path | None, calling_ae_title: str | None
+) -> list[dict[str, Any]]:
+    """Check each configured destination as a send would reach it: C-ECHO for a DICOM peer, a
+    QIDO-RS search for a DICOMweb server (no object is sent).
+
+    Raises:
+        InputError: a bad destination or configuration (exit 2).
+    """
+    from ..delivery.destinations import DimseDestination
+    from ..delivery.dicomweb import check_stow
+    from ..delivery.dimse import echo_dimse
+    from ..delivery.settings import resolve_targets
+
+    targets = resolve_targets(send or (), config_file=send_config,
+                              calling_ae_title=calling_ae_title)
+    found = []
+    for target in targets:
+        dest = target.destination
+        ok, detail = echo_dimse(dest) if isinstance(dest, DimseDestination) else check_stow(dest)
+        found.append({
+            "destination": target.key,
+            "objects": sorted(kind.value for kind in target.kinds),
+            "reachable": ok,
+            "detail": detail,
+        })
+    return found
+
+
 def info_command(
     model: ModelOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", "-o", help="Also check that this output folder is writable."),
     ] = None,
+    send: SendOpt = None,
+    send_config: SendConfigOpt = None,
+    calling_ae_title: CallingAeOpt = None,
     as_json: JsonOpt = False,
 ) -> int:
     """Check this installation: versions, ONNX Runtime providers, DICOM decoders, the model's
-    integrity against its recorded sha256, and (with --out) write access.
+    integrity against its recorded sha256, (with --out) write access, and (with --send,
+    --send-config, GGO_SEND or GGO_SEND_CONFIG) each destination: C-ECHO or a DICOMweb search.
 
-    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable.
+    Exit code 0 when all is well, 5 when the model is broken, 6 when --out is not writable, 9
+    when a destination does not answer.
     """
 
     report: dict[str, Any] = collect_info(model or default_model_path())
     if out is not None:
         report["output_folder"] = output_status(out)
+    destinations = destination_status(send, send_config, calling_ae_title)
+    if destinations:
+        report["destinations"] = destinations
     if as_json:
         typer.echo(json.dumps(report, indent=2))
     else:
@@ -239,4 +276,6 @@ def info_command(
         return ModelError.exit_code
     if out is not None and not report["output_folder"]["writable"]:
         return OutputError.exit_code
+    if not all(entry["reachable"] for entry in destinations):
+        return EXIT_UNDELIVERED
     return 0

@@ -249,3 +249,32 @@ def send_stow(
     stored = sum(result.outcome.delivered for result in results)
     log.debug("STOW-RS to %s: %d of %d files stored", dest, stored, len(results))
     return results
+
+
+def check_stow(dest: StowDestination, *, timeouts: StowTimeouts | None = None) -> tuple[bool, str]:
+    """Check a DICOMweb server: one QIDO-RS search (``GET {url}/studies?limit=1``, PS3.18 10.6)
+    with the destination's credentials and certificate checks, as a send would use them.
+
+    A server that answers 2xx is reachable and took the credentials; the answer's content is not
+    read (it may hold patient data).
+
+    Args:
+        dest: the server.
+        timeouts: the time limits (default :class:`StowTimeouts`).
+
+    Returns:
+        Whether the server answered 2xx, and a one-line detail (no secret, no response body).
+    """
+    limits = timeouts or StowTimeouts()
+    with _session(dest) as session:
+        try:
+            response = session.get(f"{dest.url}/studies", params={"limit": "1"},
+                                   timeout=(limits.connect_s, limits.read_s))
+        except requests.RequestException as exc:
+            return False, f"no answer from {dest}: {type(exc).__name__}"
+    code = response.status_code
+    if 200 <= code < 300:
+        return True, f"{dest} answered a QIDO-RS search (HTTP {code})"
+    hint = " (credentials refused: check GGO_DICOMWEB_*)" if code in (401, 403) else ""
+    return False, f"{dest} answered HTTP {code}{hint}"
+

@@ -21,10 +21,12 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from .credentials import tls_context
 from .destinations import DimseDestination
 from .results import (
+    STATUS_SUCCESS,
     FileToSend,
     SendResult,
     failed,
@@ -223,3 +225,44 @@ def send_dimse(
     stored = sum(result.outcome.delivered for result in results)
     log.debug("C-STORE to %s: %d of %d files stored", dest, stored, len(results))
     return results
+
+
+def echo_dimse(
+    dest: DimseDestination, *, timeouts: DimseTimeouts | None = None
+) -> tuple[bool, str]:
+    """Check a DICOM peer with C-ECHO (PS3.4 Annex A, Verification), as a PACS administrator would.
+
+    Args:
+        dest: the peer (its TLS settings and calling AE title are used as a send would).
+        timeouts: the time limits (default :class:`DimseTimeouts`).
+
+    Returns:
+        Whether the peer answered Success, and a one-line detail.
+    """
+    limits = timeouts or DimseTimeouts()
+    tls_args: tuple[ssl.SSLContext, str] | None = None
+    if dest.tls is not None:
+        try:
+            tls_args = (tls_context(dest.tls), dest.host)
+        except (OSError, ssl.SSLError) as exc:
+            return False, f"the DICOM TLS files are unusable ({type(exc).__name__})"
+    ae = AE(ae_title=dest.calling_ae_title)
+    ae.connection_timeout = limits.connect_s
+    ae.acse_timeout = limits.acse_s
+    ae.dimse_timeout = limits.acse_s
+    ae.network_timeout = limits.network_s
+    assoc = ae.associate(dest.host, dest.port, contexts=[build_context(Verification)],
+                         ae_title=dest.ae_title, tls_args=tls_args)
+    if not assoc.is_established:
+        return False, _no_association(dest, assoc, timeouts=limits)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        return False, f"no C-ECHO response from {dest}"
+    code = int(status.Status)
+    if code != STATUS_SUCCESS:
+        return False, f"C-ECHO status 0x{code:04X} from {dest}"
+    return True, f"C-ECHO accepted by {dest} (calling AE title {dest.calling_ae_title})"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 SCP_AE_TITLE = "TEST_SCP"
 LOOPBACK = "127.0.0.1"
@@ -100,6 +101,8 @@ def storage_scp(
     ae = AE(ae_title=SCP_AE_TITLE)
     ae.require_called_aet = True
     ae.supported_contexts = list(contexts or StoragePresentationContexts)
+    if contexts is None:
+        ae.add_supported_context(Verification)  # C-ECHO, as every PACS answers it
     server = ae.start_server((LOOPBACK, port), block=False, ssl_context=ssl_context,
                              evt_handlers=[(evt.EVT_C_STORE, on_store),
                                            (evt.EVT_ESTABLISHED, on_established)])

@@ -18,7 +18,7 @@ from pydicom.dataset import Dataset
 
 from ggo_cli.delivery import SendOutcome, StowDestination, parse_destination, send_stow
 from ggo_cli.delivery.credentials import ENV_DICOMWEB_BASIC, ENV_DICOMWEB_TOKEN
-from ggo_cli.delivery.dicomweb import results_of_response
+from ggo_cli.delivery.dicomweb import check_stow, results_of_response
 from ggo_cli.delivery.results import FileToSend
 from tests.dicom_factory import FactorySeries, make_ct_series
 
@@ -66,6 +66,15 @@ def fake_stow() -> Iterator[FakeStow]:
             state.requests.append((self.path, self.headers.get("Authorization", ""), length))
             state.accept.append(self.headers.get("Accept", ""))
             payload = json.dumps(state.body).encode()
+            self.send_response(state.status)
+            self.send_header("Content-Type", state.content_type)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            state.requests.append((self.path, self.headers.get("Authorization", ""), 0))
+            payload = b"[]"
             self.send_response(state.status)
             self.send_header("Content-Type", state.content_type)
             self.send_header("Content-Length", str(len(payload)))
@@ -227,3 +236,29 @@ def test_credentials_go_on_the_wire_and_never_into_a_log(
     assert "dicomweb_client" in caplog.text  # the libraries did log at DEBUG
     for secret in (TOKEN, PASSWORD, header.split()[1]):
         assert secret not in logged
+
+
+def test_check_stow_searches_once_with_the_credentials(fake_stow: FakeStow) -> None:
+    dest = _dest(fake_stow.url, {ENV_DICOMWEB_TOKEN: "s3cret-token"})
+    ok, detail = check_stow(dest)
+    assert ok, detail
+    assert fake_stow.requests == [("/dicom-web/studies?limit=1", "Bearer s3cret-token", 0)]
+    assert "s3cret" not in detail
+
+
+@pytest.mark.parametrize(("status", "needle"), [(401, "credentials refused"), (503, "HTTP 503")])
+def test_check_stow_says_why_a_server_is_not_usable(
+    fake_stow: FakeStow, status: int, needle: str
+) -> None:
+    fake_stow.status = status
+    ok, detail = check_stow(_dest(fake_stow.url))
+    assert not ok and needle in detail
+
+
+def test_check_stow_of_a_closed_port_is_one_line() -> None:
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    ok, detail = check_stow(_dest(f"http://{LOOPBACK}:{port}/dicom-web"))
+    assert not ok and detail.startswith("no answer from") and "\n" not in detail
+

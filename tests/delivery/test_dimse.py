@@ -18,6 +18,7 @@ from ggo_cli.delivery import (
     send_dimse,
 )
 from ggo_cli.delivery.credentials import ENV_DICOM_TLS_CA
+from ggo_cli.delivery.dimse import echo_dimse
 from tests.delivery.storage_scp import LOOPBACK, storage_scp
 from tests.delivery.tls_files import make_pki
 from tests.dicom_factory import FactorySeries, make_ct_series
@@ -157,3 +158,18 @@ def test_dicom_tls_verifies_the_peer_and_stores(series: FactorySeries, tmp_path:
     assert stored[0].outcome is SendOutcome.STORED
     assert plain[0].outcome is SendOutcome.TRANSIENT
     assert refused[0].outcome is SendOutcome.TRANSIENT
+
+
+def test_c_echo_answers_from_a_peer_and_says_why_not_from_others() -> None:
+    """What ``ggo-cli info --send`` reports: C-ECHO Success, a rejected AE title, a closed port."""
+    with storage_scp() as scp:
+        ok, detail = echo_dimse(_dest(scp.destination()), timeouts=FAST)
+        assert ok and "C-ECHO accepted" in detail
+        ok, detail = echo_dimse(_dest(scp.destination("WRONG_AE")), timeouts=FAST)
+        assert not ok and "association rejected by dicom://WRONG_AE@" in detail
+        assert scp.received.stores == []  # nothing stored by a check
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    ok, detail = echo_dimse(_dest(f"dicom://NOBODY@{LOOPBACK}:{port}"), timeouts=FAST)
+    assert not ok and "unreachable" in detail

@@ -6,6 +6,7 @@ PACS; the Orthanc tests in tests/e2e/test_pacs_e2e.py do the same against a real
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -187,3 +188,24 @@ def test_the_send_command_refuses_with_one_line(
     result = runner.invoke(app, ["send", str(tmp_path), *args])
     assert result.exit_code == 2, result.output
     assert needle in result.output
+
+
+def test_info_checks_each_destination_as_a_send_would(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    """``ggo-cli info --send``: C-ECHO each DICOM destination; 9 when one does not answer."""
+    with storage_scp() as scp:
+        up = runner.invoke(
+            app, ["info", "--model", str(band_model_path), "--send", scp.destination(), "--json"]
+        )
+        assert up.exit_code == 0, up.output
+        (entry,) = json.loads(up.stdout)["destinations"]
+        assert (entry["destination"], entry["reachable"]) == (scp.destination(), True)
+        assert scp.received.stores == []
+    down = runner.invoke(
+        app,
+        ["info", "--model", str(band_model_path), "--send",
+         f"dicom://{SCP_AE_TITLE}@{LOOPBACK}:{_free_port()}", "--json"],
+    )
+    assert down.exit_code == EXIT_UNDELIVERED, down.output
+    assert json.loads(down.stdout)["destinations"][0]["reachable"] is False
