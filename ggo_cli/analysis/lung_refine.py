@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import SimpleITK
 
 from . import morphology as morph
@@ -26,6 +27,8 @@ COARSE_CELL_MM = 1.6
 """Largest cell edge of the grid the closing runs on (voxels grouped by whole numbers per axis;
 an axis with coarser voxels keeps them)."""
 BITE_REACH_MM = 15.0
+BITE_SLICES = 32
+"""Slices whose chest-wall bites are found in one labelling."""
 MEDIAL_GUARD_DEG = 60.0
 
 BoolVolume = morph.BoolVolume
@@ -60,7 +63,7 @@ def refine_lung(lung: BoolVolume, other: BoolVolume, allowed: BoolVolume,
     limit = np.pad(allowed[box] & ~other[box], pad)
     closed = close_ball(crop, spacing, exact=exact)
     grown = (closed & limit) | crop
-    grown = (morph.to_mask(sitk.BinaryFillhole(morph.to_image(grown))) & limit) | crop
+    grown = (morph.fill_holes(grown) & limit) | crop
     grown |= _fill_bites(grown, limit, spacing, medial_sign=medial_sign, cores=cores)
     return morph.uncrop(grown, box, pad, lung.shape)
 
@@ -110,11 +113,12 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
     limit = limit & below & above & ~lung
     bites = np.zeros_like(lung)
 
-    def bite(k: int) -> None:
-        if lung[k].any():
-            bites[k] = _bites(lung[k], spacing, medial_sign=medial_sign) & limit[k]
+    def bite(index: int) -> None:
+        block = np.s_[index * BITE_SLICES : (index + 1) * BITE_SLICES]
+        bites[block] = _bites(lung[block], spacing, medial_sign=medial_sign)
+        bites[block] &= limit[block]
 
-    morph.each_slice(bite, lung.shape[0], cores=cores)
+    morph.each_slice(bite, -(-lung.shape[0] // BITE_SLICES), cores=cores)
     if not bites.any():
         return bites
     # A curved chest wall bulges beyond the hull chord: extend each bite in its slice over the
@@ -127,42 +131,95 @@ def _fill_bites(lung: BoolVolume, limit: BoolVolume, spacing: tuple[float, float
     near = morph.to_mask(sitk.BinaryDilate(morph.to_image(seeds), radius, sitk.sitkBall))
     reach = seeds | (near & limit[box])
     del near
-    bites[box] = morph.Components(lambda z: reach[z], reach.shape[0]).touching(seeds)
+    bites[box] = morph.Components(lambda z: reach[z], reach.shape[0],
+                                  sized=False).touching(seeds)
     return bites
 
 
-def _bites(section: BoolVolume, spacing: tuple[float, float, float], *,
+def _bites(block: BoolVolume, spacing: tuple[float, float, float], *,
            medial_sign: float) -> BoolVolume:
-    """Concave regions between a lung section and its convex hull that face the chest wall."""
-    rows = np.flatnonzero(section.any(axis=1))
-    first = section[rows].argmax(axis=1)
-    last = section.shape[1] - 1 - section[rows, ::-1].argmax(axis=1)
-    r = np.arange(section.shape[0])
-    low = np.ceil(np.interp(r, *morph.hull_envelope(rows, first, lower=True)) - 1e-6)
-    high = np.floor(np.interp(r, *morph.hull_envelope(rows, last, lower=False)) + 1e-6)
-    # The regions, labelled within the hull's bounding box (the rest of the slice has none).
-    r0, r1 = int(rows[0]), int(rows[-1]) + 1
-    c0 = max(int(low[r0:r1].min()), 0)
-    c1 = min(int(high[r0:r1].max()) + 1, section.shape[1])
-    c = np.arange(c0, c1)
-    hull = (c >= low[r0:r1, None]) & (c <= high[r0:r1, None])
-    labels = morph.component_labels(hull & ~section[r0:r1, c0:c1])
-    # Direction from the section's centroid to each region's centroid, in mm (sums over the
-    # regions' pixels in raster order).
-    centre = [float(i.mean()) for i in np.nonzero(section)]
+    """Concave regions between each slice's lung section and its convex hull that face the
+    chest wall, for a block of slices.
+
+    The regions of all the block's slices are labelled in one call: the slices are the rows
+    of one tall 2-D image, a background row between each two, so that no region crosses
+    slices (the same regions as labelling slice by slice, in raster order).
+    """
+    n, n_rows, n_cols = block.shape
+    present: BoolVolume = np.asarray(block.any(axis=2))
+    first = block.argmax(axis=2)
+    last = n_cols - 1 - block[..., ::-1].argmax(axis=2)
+    # Per row, the hull's first and last columns (none: rows outside the section's).
+    low = np.full((n, n_rows), np.inf)
+    high = np.full((n, n_rows), -np.inf)
+    r = np.arange(n_rows)
+    for k in np.flatnonzero(present.any(axis=1)).tolist():
+        rows = np.flatnonzero(present[k])
+        span = np.s_[int(rows[0]) : int(rows[-1]) + 1]
+        low[k, span] = np.ceil(np.interp(r[span], *hull_envelope(
+            rows, first[k, rows], lower=True)) - 1e-6)
+        high[k, span] = np.floor(np.interp(r[span], *hull_envelope(
+            rows, last[k, rows], lower=False)) + 1e-6)
+    c = np.arange(n_cols)
+    tall = np.zeros((n, n_rows + 1, n_cols), dtype=np.bool_)
+    regions = tall[:, 1:]
+    np.greater_equal(c, low[..., None], out=regions)
+    regions &= c <= high[..., None]
+    regions &= ~block
+    labels = morph.component_labels(tall.reshape(-1, n_cols)).reshape(tall.shape)
+    del tall, regions
+    # Direction from each section's centroid to each region's centroid, in mm (sums of whole
+    # pixel indices: exact, as the means of np.nonzero's indices per slice were).
+    area = np.count_nonzero(block, axis=(1, 2))
+    safe_area = np.maximum(area, 1)
+    centre_row = (np.count_nonzero(block, axis=2) @ r) / safe_area
+    centre_col = (np.count_nonzero(block, axis=1) @ c) / safe_area
     flat = labels.ravel()
     where = np.flatnonzero(flat)
     found = flat[where]
-    n = int(found.max(initial=0)) + 1
-    counts = np.maximum(np.bincount(found, minlength=n), 1)
-    row_of, col_of = np.divmod(where, c.size)
-    d_row = (np.bincount(found, row_of + r0, n) / counts - centre[0]) * spacing[1]
-    d_col = (np.bincount(found, col_of + c0, n) / counts - centre[1]) * spacing[2]
+    m = int(found.max(initial=0)) + 1
+    counts = np.maximum(np.bincount(found, minlength=m), 1)
+    tall_row, col_of = np.divmod(where, n_cols)
+    slice_of, row_of = np.divmod(tall_row, n_rows + 1)
+    row_of -= 1
+    slice_of_label = np.zeros(m, dtype=np.intp)
+    slice_of_label[found] = slice_of
+    d_row = (np.bincount(found, row_of, m) / counts - centre_row[slice_of_label]) * spacing[1]
+    d_col = (np.bincount(found, col_of, m) / counts - centre_col[slice_of_label]) * spacing[2]
     medial = d_col * medial_sign > math.cos(math.radians(MEDIAL_GUARD_DEG)) * np.hypot(
         d_row, d_col)
     keep = ~medial
     keep[0] = False
-    keep[labels[int(round(centre[0])) - r0, int(round(centre[1])) - c0]] = False  # ringed dome
-    out = np.zeros_like(section)
-    out[r0:r1, c0:c1] = keep[labels]
-    return out
+    for k in np.flatnonzero(area).tolist():  # the region around the centroid: a ringed dome
+        keep[labels[k, int(round(float(centre_row[k]))) + 1,
+                    int(round(float(centre_col[k])))]] = False
+    return np.asarray(keep[labels[:, 1:]])
+
+
+def hull_envelope(x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, lower: bool) -> (
+    tuple[list[float], list[float]]
+):
+    """Vertices of the lower (convex minorant) or upper (concave majorant) hull of points
+    sorted by ``x`` (Andrew's monotone chain)."""
+    sign = 1 if lower else -1
+    # A point on or beyond the chord of its two neighbours is no vertex: drop such points in
+    # whole-array passes first, so that the loop below sees few (the same vertices result).
+    x, y = np.asarray(x, dtype=np.int64), np.asarray(y, dtype=np.int64)
+    while x.size > 2:
+        turn = (x[1:-1] - x[:-2]) * (y[2:] - y[:-2]) - (y[1:-1] - y[:-2]) * (x[2:] - x[:-2])
+        inner = sign * turn <= 0
+        if not inner.any():
+            break
+        keep = np.ones(x.size, dtype=np.bool_)
+        keep[1:-1] = ~inner
+        x, y = x[keep], y[keep]
+    hx: list[float] = []
+    hy: list[float] = []
+    for xi, yi in zip(x.tolist(), y.tolist(), strict=True):
+        while len(hx) >= 2 and sign * ((hx[-1] - hx[-2]) * (yi - hy[-2])
+                                       - (hy[-1] - hy[-2]) * (xi - hx[-2])) <= 0:
+            hx.pop()
+            hy.pop()
+        hx.append(float(xi))
+        hy.append(float(yi))
+    return hx, hy

@@ -92,6 +92,7 @@ AIRWAY_GROWTH_LIMIT = 2.0  # bronchi narrow: a larger region is lung cut off by 
 SECOND_LUNG_MIN_FRACTION = 0.1  # of the largest component's voxels
 MERGED_SIDE_MIN_FRACTION = 0.15  # share of a component's voxels on its minority side
 SPLIT_DEPTHS_MM = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 18.0)  # erosions tried on a merged pair
+BODY_FILL_SLICES = 16  # slices a labelling of the body's holes: 16 x 512 x 512 uint32, 17 MB
 
 BoolVolume = morph.BoolVolume
 
@@ -236,8 +237,46 @@ def _body(hu: HuArray, threshold: np.float32, *, cores: int) -> BoolVolume:
     components = morph.Components(lambda z: np.greater_equal(hu[z], threshold), hu.shape[0])
     body = components.mask(0) if components.sizes else np.zeros(hu.shape, dtype=np.bool_)
     del components
-    morph.fill_holes_per_slice(body, cores=cores)
+    _fill_slice_holes(body, cores=cores)
     return body
+
+
+def _fill_slice_holes(mask: BoolVolume, *, cores: int) -> None:
+    """Fill the holes of each slice in place: background not face-connected, in its slice, to
+    the slice's edge (a 2-D binary fill per slice).
+
+    One labelling covers :data:`BODY_FILL_SLICES` slices: their complements, cut to the mask's
+    bounding rows and columns and each framed by a ring of background, are the rows of one
+    tall 2-D image, so that no region crosses from one slice to the next and every region
+    reaching a slice's edge joins the frames (the first label). Outside the box all is
+    background joined to the edge, as before it. The same voxels as a fill per slice, in a
+    twentieth of the calls.
+
+    Args:
+        mask: the voxels, filled in place. Shape: ``(slice, row, col)``.
+        cores: the cores this process may use (:attr:`ggo_cli.host.HostLimits.cores`).
+    """
+    rows = np.flatnonzero(mask.any(axis=(0, 2)))
+    if not rows.size:
+        return
+    cols = np.flatnonzero(mask.any(axis=(0, 1)))
+    box = np.s_[int(rows[0]) : int(rows[-1]) + 1, int(cols[0]) : int(cols[-1]) + 1]
+    height, width = int(rows[-1] - rows[0]) + 3, int(cols[-1] - cols[0]) + 3
+
+    def fill(index: int) -> None:
+        block = mask[index * BODY_FILL_SLICES : (index + 1) * BODY_FILL_SLICES]
+        framed = np.ones((block.shape[0], height, width), dtype=np.uint8)
+        np.logical_not(block[(slice(None), *box)], out=framed[:, 1:-1, 1:-1].view(np.bool_))
+        connected = sitk.ConnectedComponentImageFilter()
+        connected.SetFullyConnected(False)
+        connected.SetNumberOfThreads(1)  # one thread a block; blocks run on threads
+        image = connected.Execute(morph.to_image(framed.reshape(-1, width)))
+        del framed
+        labels = np.asarray(sitk.GetArrayViewFromImage(image)).reshape(-1, height, width)
+        block[(slice(None), *box)] = labels[:, 1:-1, 1:-1] != labels[0, 0, 0]
+        del labels, image
+
+    morph.each_slice(fill, -(-mask.shape[0] // BODY_FILL_SLICES), cores=cores)
 
 
 def _track_airways(candidates: BoolVolume, hu: HuArray, body_area: npt.NDArray[np.intp],

@@ -276,7 +276,7 @@ def test_slab_components_touching_seeds(monkeypatch: pytest.MonkeyPatch) -> None
 def test_hull_envelope_equals_the_plain_monotone_chain(lower: bool) -> None:
     """The envelope's whole-array pre-filter keeps exactly the vertices that Andrew's
     monotone chain finds on all the points (staircases, plateaus and collinear runs too)."""
-    from ggo_cli.analysis.morphology import hull_envelope
+    from ggo_cli.analysis.lung_refine import hull_envelope
 
     def chain(x: list[int], y: list[int]) -> tuple[list[float], list[float]]:
         sign = 1 if lower else -1
@@ -326,3 +326,57 @@ def test_body_holes_filled_in_each_slices_box_equal_a_whole_slice_fill() -> None
         np.testing.assert_array_equal(body[k], filled, err_msg=f"slice {k}")
     assert body[0, 12, 15] and not body[0, 25, 27] and body[1, 2, 6] and not body[1, 15, 1]
     assert body[2, 20, 25]
+
+
+def test_holes_filled_slice_by_slice_in_blocks_equal_a_2d_fill_of_each_slice() -> None:
+    """Blocks of slices filled as one framed tall image: regions touching a slice's edge
+    (also its first or last row, next to the neighbouring slice) stay open, per slice."""
+    import SimpleITK as sitk
+
+    from ggo_cli.analysis import lungs, morphology
+
+    rng = np.random.default_rng(3)
+    mask = rng.random((lungs.BODY_FILL_SLICES * 2 + 5, 30, 40)) < 0.6
+    mask[:, 0, :] = rng.random((mask.shape[0], 40)) < 0.5  # gaps on the slices' edges
+    expected = np.stack([morphology.to_mask(sitk.BinaryFillhole(morphology.to_image(s)))
+                         for s in mask])
+    filled = mask.copy()
+    lungs._fill_slice_holes(filled, cores=2)
+    assert np.count_nonzero(expected & ~mask) > 100
+    np.testing.assert_array_equal(filled, expected)
+
+
+@pytest.mark.parametrize("slab", [3, 64])
+def test_3d_holes_filled_slab_by_slab_equal_simpleitks_fill(
+        slab: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import SimpleITK as sitk
+
+    from ggo_cli.analysis import morphology
+
+    monkeypatch.setattr(morphology, "SLAB_SLICES", slab)
+    rng = np.random.default_rng(slab)
+    mask = rng.random((20, 24, 28)) < 0.62  # holes everywhere, some open at the faces
+    expected = morphology.to_mask(sitk.BinaryFillhole(morphology.to_image(mask)))
+    assert np.count_nonzero(expected & ~mask) > 50
+    np.testing.assert_array_equal(morphology.fill_holes(mask), expected)
+
+
+def test_chest_wall_bites_of_a_block_equal_those_of_each_slice_alone() -> None:
+    """The bites of a block's slices, labelled together, are each slice's own."""
+    from ggo_cli.analysis.lung_refine import _bites
+
+    rng = np.random.default_rng(5)
+    rows, cols = np.ogrid[:60, :50]
+    block = np.zeros((12, 60, 50), dtype=np.bool_)
+    for k in range(1, 12):  # discs with random bites out of their rims; slice 0 empty
+        radius = 18 + k % 4
+        disc = (rows - 30) ** 2 + (cols - 25) ** 2 <= radius**2
+        for _ in range(4):
+            r, c = rng.integers(8, 52), rng.integers(6, 44)
+            disc &= (rows - r) ** 2 + (cols - c) ** 2 > 25
+        block[k] = disc
+    together = _bites(block, (1.0, 0.7, 0.7), medial_sign=1.0)
+    alone = np.concatenate([_bites(block[k : k + 1], (1.0, 0.7, 0.7), medial_sign=1.0)
+                            for k in range(block.shape[0])])
+    assert together.any()
+    np.testing.assert_array_equal(together, alone)
