@@ -23,18 +23,21 @@ a temporary folder and removed afterwards; the worker imports that tree's ``ggo_
 the working tree itself is measured. The report gives medians per ref and stage and the ratio
 of the first ref's median to each other's (so ``--ref BASE --ref HEAD`` gives base / HEAD).
 The worker calls only functions and keywords that exist at 5f99e6c (issue 18's base).
+``--cli MODEL`` also runs the whole ``ggo-cli segment --device cpu`` of each ref after each
+worker under GNU ``time`` (its maximum resident set; ``stand-in`` or the ``shipped`` model).
 
 Usage::
 
     python benchmarks/cpu_stages.py --slices 300 --repeats 3 --one-core \\
         --ref 5f99e6c --ref HEAD --out benchmarks/results/cpu_stages_2core_<date>.json
     python benchmarks/cpu_stages.py --slices 1000 --repeats 1 --ref 5f99e6c --ref HEAD \\
-        --work /tmp/cpu1000 --out /tmp/cpu1000.json      # the series stays in /tmp/cpu1000
+        --cli stand-in --work /tmp/cpu1000 --out /tmp/cpu1000.json   # series kept there
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import platform
@@ -218,6 +221,32 @@ def _write_series(folder: Path, slices: int) -> Path:
     return series
 
 
+def _cli_run(series: Path, model: Path | None, tree: Path, scratch: Path) -> dict[str, Any]:
+    """``ggo-cli segment <series> --device cpu`` of ``tree`` under GNU ``time``: its maximum
+    resident set, CPU and wall seconds and volumes (``model`` ``None``: the shipped model)."""
+    scratch.mkdir(parents=True, exist_ok=True)  # the cwd: no ggo_cli to shadow the tree's
+    timer, times = shutil.which("time") or "/usr/bin/time", scratch / "time.txt"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    package = subprocess.run([sys.executable, "-c", "import ggo_cli; print(ggo_cli.__file__)"],
+                             cwd=scratch, env=env, capture_output=True, text=True, check=True)
+    if not package.stdout.startswith(str(tree)):
+        raise SystemExit(f"ggo-cli would run {package.stdout.strip()}, not {tree}")
+    command = [timer, "-f", "%M %e %U %S", "-o", str(times), sys.executable, "-m", "ggo_cli",
+               "segment", str(series), "--out", str(scratch / "out"), "--device", "cpu",
+               *(["--model", str(model)] if model else [])]
+    done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"ggo-cli failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    max_kib, wall, user, system = times.read_text().split()[-4:]
+    with open(next((scratch / "out").rglob("ggo_volumes.csv"))) as table:
+        row = next(csv.DictReader(table))
+    return {"max_rss_mib": round(int(max_kib) / 1024), "max_rss_kib": int(max_kib),
+            "wall_s": float(wall), "cpu_s": round(float(user) + float(system), 2),
+            "ggo_volume_ml": float(row["ggo_volume_ml"]),
+            "lung_volume_ml": float(row["lung_volume_ml"])}
+
+
 def _measure(args: argparse.Namespace, series: Path, model: Path, trees: dict[str, Path],
              scratch: Path) -> dict[str, list[dict[str, Any]]]:
     """Run the worker for each ref, alternating, ``--repeats`` times; the runs per ref."""
@@ -235,6 +264,9 @@ def _measure(args: argparse.Namespace, series: Path, model: Path, trees: dict[st
             if done.returncode != 0:
                 raise SystemExit(f"worker for {ref} failed:\n{done.stderr[-3000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
+            if args.cli:
+                shipped = args.cli == "shipped"
+                run["cli"] = _cli_run(series, None if shipped else model, tree, scratch)
             run.update(repeat=repeat, load_before=load_before, load_after=_load())
             runs[ref].append(run)
             total = sum(row["cpu_s"] for row in run["stages"] if row["stage"] in CPU_STAGES)
@@ -254,20 +286,14 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
             per_stage[name] = {key: statistics.median(row[key] for row in rows)
                                for key in ("cpu_s", "wall_s", "peak_rss_mib",
                                            "stage_peak_rss_mib")}
-        totals = [sum(row["cpu_s"] for row in run["stages"] if row["stage"] in CPU_STAGES)
-                  for run in ref_runs]
-        walls = [sum(row["wall_s"] for row in run["stages"] if row["stage"] in CPU_STAGES)
-                 for run in ref_runs]
+        total = {key: statistics.median(sum(row[key] for row in run["stages"]
+                                            if row["stage"] in CPU_STAGES) for run in ref_runs)
+                 for key in ("cpu_s", "wall_s")}
         series_peak = statistics.median(run["stages"][-1]["peak_rss_mib"] for run in ref_runs)
-        per_stage["total"] = {
-            "cpu_s": statistics.median(totals),
-            "wall_s": statistics.median(walls),
-            "peak_rss_mib": series_peak,
-            "stage_peak_rss_mib": series_peak,
-        }
-        per_stage[CALIBRATION] = {
-            "cpu_s": statistics.median(run["calibration_s"] for run in ref_runs),
-        }
+        per_stage["total"] = {**total, "peak_rss_mib": series_peak,
+                              "stage_peak_rss_mib": series_peak}
+        per_stage[CALIBRATION] = {"cpu_s": statistics.median(run["calibration_s"]
+                                                             for run in ref_runs)}
         medians[ref] = per_stage
     first, *others = list(runs)
     ratios = {
@@ -278,12 +304,10 @@ def _summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         }
         for other in others
     }
-    return {"median": medians, "ratio": ratios}
-
-
-def _mib(value: float | None) -> str:
-    """A table cell of MiB: rounded, or empty."""
-    return "" if value is None else str(round(value))
+    cli = {ref: {key: statistics.median(run["cli"][key] for run in ref_runs)
+                 for key in ("max_rss_mib", "cpu_s", "wall_s")}
+           for ref, ref_runs in runs.items() if "cli" in ref_runs[0]}
+    return {"median": medians, "ratio": ratios, "cli": cli}
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -299,8 +323,13 @@ def _markdown(report: dict[str, Any]) -> str:
     for name in (*CPU_STAGES, "total", *OTHER_STAGES, CALIBRATION):
         cells = [name, *(f"{median[ref][name]['cpu_s']:.2f}" for ref in refs),
                  *(f"{ratio[key][name].get('cpu_s', float('nan')):.2f}" for key in ratio_keys),
-                 *(_mib(median[ref][name].get("stage_peak_rss_mib")) for ref in refs)]
+                 *(str(round(median[ref][name]["stage_peak_rss_mib"]))
+                   if name != CALIBRATION else "" for ref in refs)]
         lines.append("| " + " | ".join(cells) + " |")
+    for ref, figures in report["summary"]["cli"].items():
+        lines.append(f"\n`ggo-cli segment --device cpu` ({report['cli']} model) at {ref}: "
+                     f"maximum RSS {figures['max_rss_mib']:.0f} MiB, "
+                     f"{figures['cpu_s']:.1f} CPU s, {figures['wall_s']:.1f} s")
     return "\n".join(lines)
 
 
@@ -341,6 +370,7 @@ def _parent(args: argparse.Namespace) -> int:
         "series": f"synthetic chest phantom {args.slices} x 512 x 512, spacing "
                   f"{PHANTOM_SPACING_MM} mm, seed {PHANTOM_SEED}, Explicit VR Little Endian",
         "one_core": args.one_core,
+        "cli": args.cli,
         "repeats": args.repeats,
         "refs": commits,
         "cpu_stages": list(CPU_STAGES),
@@ -361,6 +391,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="fresh processes per ref")
     parser.add_argument("--ref", action="append", help="a commit to measure (repeatable)")
     parser.add_argument("--one-core", action="store_true", help="pin each worker to one core")
+    parser.add_argument("--cli", choices=("stand-in", "shipped"),
+                        help="after each worker, time `ggo-cli segment` with this model too")
     parser.add_argument("--work", type=Path, help="keep the series here (default: temporary)")
     parser.add_argument("--out", type=Path, help="the JSON report")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

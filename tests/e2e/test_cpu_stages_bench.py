@@ -8,10 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "5f99e6c"
 """Issue 18's base commit: the worker must run on its stage functions as well as on HEAD's."""
 SLICES = 24
+VOXEL_ML = 0.8 * 0.7 * 0.7 / 1000
+"""The phantom's voxel (0.8 x 0.7 x 0.7 mm) in mL."""
 CPU_STAGES = ["decode", "lung mask", "SEG build + write + read-back", "overlay"]
 
 
@@ -19,7 +23,7 @@ def test_cpu_stages_benchmark_measures_base_and_head_alternately(tmp_path: Path)
     out = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "cpu_stages.py"), "--slices", str(SLICES),
-         "--repeats", "2", "--one-core", "--ref", BASE, "--ref", "HEAD",
+         "--repeats", "2", "--one-core", "--ref", BASE, "--ref", "HEAD", "--cli", "stand-in",
          "--work", str(tmp_path / "work"), "--out", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=600, check=False,
     )
@@ -46,6 +50,12 @@ def test_cpu_stages_benchmark_measures_base_and_head_alternately(tmp_path: Path)
             assert run["right_lung_voxels"] > 0 and run["left_lung_voxels"] > 0
             assert run["ggo_voxels"] > 0 and run["seg_bytes"] > 0
             assert run["calibration_s"] > 0
+            # the whole CLI on the same series and tree: the same lungs, a sane peak
+            cli = run["cli"]
+            assert cli["max_rss_mib"] > 0 and cli["cpu_s"] > 0 and cli["ggo_volume_ml"] > 0
+            assert cli["lung_volume_ml"] == pytest.approx(
+                (run["right_lung_voxels"] + run["left_lung_voxels"]) * VOXEL_ML, rel=1e-3
+            )
             # the peak so far is the running maximum of the stages' own peaks
             peaks = [row["stage_peak_rss_mib"] for row in run["stages"]]
             assert min(peaks) > 0
@@ -68,6 +78,7 @@ def test_cpu_stages_benchmark_measures_base_and_head_alternately(tmp_path: Path)
     ratio = report["summary"]["ratio"][f"{BASE} / HEAD"]
     assert ratio["total"]["cpu_s"] > 0 and ratio["total"]["peak_rss_mib"] > 0
     assert "| total |" in done.stdout and report["markdown"] in done.stdout
+    assert set(report["summary"]["cli"]) == {BASE, "HEAD"}
     # the checkouts are gone, the series stays where --work put it
     worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"],
                                capture_output=True, text=True, check=True).stdout
