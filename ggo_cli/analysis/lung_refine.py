@@ -27,7 +27,7 @@ COARSE_CELL_MM = 1.6
 """Largest cell edge of the grid the closing runs on (voxels grouped by whole numbers per axis;
 an axis with coarser voxels keeps them)."""
 BITE_REACH_MM = 15.0
-BITE_SLICES = 32
+BITE_SLICES = 16
 """Slices whose chest-wall bites are found in one labelling."""
 MEDIAL_GUARD_DEG = 60.0
 
@@ -193,7 +193,10 @@ def _bites(block: BoolVolume, spacing: tuple[float, float, float], *,
     for k in np.flatnonzero(area).tolist():  # the region around the centroid: a ringed dome
         keep[labels[k, int(round(float(centre_row[k]))) + 1,
                     int(round(float(centre_col[k])))]] = False
-    return np.asarray(keep[labels[:, 1:]])
+    out = np.empty(block.shape, dtype=np.bool_)
+    for k in range(n):  # slice by slice: np.take's index copy stays a slice's
+        np.take(keep, labels[k, 1:], out=out[k])
+    return out
 
 
 def hull_envelope(x: npt.NDArray[np.int64], y: npt.NDArray[np.int64], *, lower: bool) -> (

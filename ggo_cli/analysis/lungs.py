@@ -34,17 +34,23 @@ Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (
 Laterality: the patient's right is at low column indices when the row cosine points to +x
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
-Speed: a 300 x 512 x 512 phantom takes 6.9 CPU seconds on one core of the 2-core CI-like
-machine, 14.9 with the source-grid closing (medians of 4 alternating runs of
-``benchmarks/lung_mask_time.py`` under load; a third of it is the body's components
-and hole filling, a third the chest-wall bites). Slice-by-slice steps run on a few threads.
+Speed: a 300 x 512 x 512 phantom takes 4.4 CPU seconds on one core of the 2-core CI-like
+machine, 7.0 with a SimpleITK call per slice and 15.4 with that and the source-grid closing
+(issue 18's base; medians of 3 alternating runs of ``benchmarks/lung_mask_time.py`` under
+load; the first two give the same masks bit for bit). The slice-by-slice steps (the
+body's hole filling, the chest-wall bites) label blocks of slices in one call, as rows of one
+tall 2-D image with background between slices, on a few threads; the 3-D hole filling labels
+the framed background slab by slab. What is left is mostly SimpleITK's own work: the body's
+3-D components (about 1 s), the closing's distance maps (0.6 s), the bites' dilation.
 
 Memory: after the body, everything works in a box around the air inside the body (grown by
 more than the refinement reaches); connected components are labelled 64 slices at a time and
 merged across slabs (:class:`ggo_cli.analysis.morphology.Components`), never as one uint32
-volume; the
-result can be written into caller-given arrays (the SEG's planes). A 1000-slice series peaks
-at about 1.9 GB here, HU included (2.1 GB with the source-grid closing).
+volume (slabs of few labels kept as uint8 or uint16); the blocks of slices of the
+slice-by-slice steps are small (16 slices); the result can be written into caller-given
+arrays (the SEG's planes). A 1000-slice series peaks at 1835 MiB here on two cores, int16 HU
+included (``lung_mask_time.py --repeats 0``; 1850 with a call per slice, 2126 with that and
+the source-grid closing).
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along

@@ -213,6 +213,7 @@ SLAB_SLICES = 64
 67 MB; the whole 1000-slice volume's would be 1 GB)."""
 
 MaskSource = Callable[[slice], BoolVolume]
+Labels = npt.NDArray[np.uint8] | npt.NDArray[np.uint16] | npt.NDArray[np.uint32]
 """Returns the mask of slices ``[start, stop)`` (a fresh or a read-only array)."""
 
 
@@ -234,9 +235,10 @@ class Components:
         self._n = n_slices
         self._sized = sized
         self._plane: tuple[int, ...] = (0, 0)
-        # Each slab's labels kept as uint16 where they fit (2 bytes a voxel, half of uint32),
+        # Each slab's labels kept as uint8 or uint16 where they fit (1 or 2 bytes a voxel, not
+        # uint32's 4; a framed background slab of the 3-D hole filling has a few labels),
         # so that painting need not label the slab again; None: labelled again when painted.
-        self._kept: list[npt.NDArray[np.uint16] | None] = []
+        self._kept: list[Labels | None] = []
         self._n_labels: list[int] = []
         parent: list[int] = [0]  # global label -> parent (0: background)
         counts: list[int] = [0]
@@ -245,8 +247,12 @@ class Components:
             self._plane = labels.shape[1:]
             n_labels = len(slab_counts)
             self._n_labels.append(n_labels)
-            fits = n_labels <= np.iinfo(np.uint16).max
-            self._kept.append(labels.astype(np.uint16) if fits else None)
+            kept: Labels | None = None
+            if n_labels <= np.iinfo(np.uint8).max:
+                kept = labels.astype(np.uint8)
+            elif n_labels <= np.iinfo(np.uint16).max:
+                kept = labels.astype(np.uint16)
+            self._kept.append(kept)
             parent.extend(range(first + 1, first + 1 + len(slab_counts)))
             counts.extend(slab_counts)
             head = labels[0].astype(np.int64)
@@ -278,7 +284,7 @@ class Components:
 
     def _slabs(
         self, *, with_counts: bool = False
-    ) -> Iterator[tuple[int, int, npt.NDArray[np.uint32] | npt.NDArray[np.uint16], list[int]]]:
+    ) -> Iterator[tuple[int, int, Labels, list[int]]]:
         """``(first slice, first global label - 1, slab labels, voxels per label)`` for each
         slab, in order; the counts (of labels 1, 2, ...) only ``with_counts``. Slabs kept
         from the first pass are not labelled again. The labels are a read-only view, valid
