@@ -35,7 +35,7 @@ Laterality: the patient's right is at low column indices when the row cosine poi
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
 Speed: a 300 x 512 x 512 phantom takes 4.4 CPU seconds on one core of the 2-core CI-like
-machine, 7.0 with a SimpleITK call per slice and 15.4 with that and the source-grid closing
+machine, 6.7 with a SimpleITK call per slice and 14.5 with that and the source-grid closing
 (issue 18's base; medians of 3 alternating runs of ``benchmarks/lung_mask_time.py`` under
 load; the first two give the same masks bit for bit). The slice-by-slice steps (the
 body's hole filling, the chest-wall bites) label blocks of slices in one call, as rows of one
@@ -48,9 +48,9 @@ more than the refinement reaches); connected components are labelled 64 slices a
 merged across slabs (:class:`ggo_cli.analysis.morphology.Components`), never as one uint32
 volume (slabs of few labels kept as uint8 or uint16); the blocks of slices of the
 slice-by-slice steps are small (16 slices); the result can be written into caller-given
-arrays (the SEG's planes). A 1000-slice series peaks at 1835 MiB here on two cores, int16 HU
-included (``lung_mask_time.py --repeats 0``; 1850 with a call per slice, 2126 with that and
-the source-grid closing).
+arrays (the SEG's planes). A 1000-slice series peaks at 1835 to 1856 MiB here on two cores,
+int16 HU included (``lung_mask_time.py --repeats 0``, two runs; 1849 to 1854 with a call per
+slice, 2126 with that and the source-grid closing).
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along
