@@ -260,7 +260,7 @@ def test_a_full_disk_while_writing_the_seg_is_fatal_and_retried_later(
     root, _ = _study(tmp_path)
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr("ggo_cli.writers.dicom_seg.dcmwrite", _failing_dcmwrite(errno.ENOSPC))
+        patch.setattr("ggo_cli.writers.seg_file.dcmwrite", _failing_dcmwrite(errno.ENOSPC))
         result = _segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 6, result.output
     assert "no space left on device" in result.stderr
@@ -276,7 +276,7 @@ def test_a_transient_write_failure_is_retried_without_force(
     root, _ = _study(tmp_path)
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr("ggo_cli.writers.dicom_seg.dcmwrite", _failing_dcmwrite(errno.EIO))
+        patch.setattr("ggo_cli.writers.seg_file.dcmwrite", _failing_dcmwrite(errno.EIO))
         result = _segment(root, "-o", out, "-m", band_model_path)
     assert result.exit_code == 4, result.output
     [row] = _rows(out)
