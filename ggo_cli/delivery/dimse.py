@@ -158,25 +158,41 @@ def _unblocked_when_gone(assoc: Association) -> Iterator[None]:
         watcher.join()
 
 
-def _send_group(dest: DimseDestination, items: Sequence[FileToSend], *,
-                timeouts: DimseTimeouts) -> list[SendResult]:
-    """One association for ``items`` (at most :data:`MAX_CONTEXTS` contexts)."""
-    pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax_uid) for item in items)
-    contexts = [build_context(sop_class, _syntaxes(syntax)) for sop_class, syntax in pairs]
+def _associate(
+    dest: DimseDestination,
+    contexts: Sequence[PresentationContext],
+    *,
+    timeouts: DimseTimeouts,
+    dimse_s: float | None = None,
+) -> Association | str:
+    """Request an association with ``dest`` (its calling AE title and TLS files).
+
+    Returns:
+        The association (established or not), or why none was requested (TLS files unusable).
+    """
     tls_args: tuple[ssl.SSLContext, str] | None = None
     if dest.tls is not None:
         try:
             tls_args = (tls_context(dest.tls), dest.host)
         except (OSError, ssl.SSLError) as exc:
-            reason = f"the DICOM TLS files are unusable now ({type(exc).__name__})"
-            return [transient(item, reason) for item in items]
+            return f"the DICOM TLS files are unusable now ({type(exc).__name__})"
     ae = AE(ae_title=dest.calling_ae_title)
     ae.connection_timeout = timeouts.connect_s
     ae.acse_timeout = timeouts.acse_s
-    ae.dimse_timeout = timeouts.dimse_s
+    ae.dimse_timeout = timeouts.dimse_s if dimse_s is None else dimse_s
     ae.network_timeout = timeouts.network_s
-    assoc = ae.associate(dest.host, dest.port, contexts=contexts, ae_title=dest.ae_title,
-                         tls_args=tls_args)
+    return ae.associate(dest.host, dest.port, contexts=list(contexts), ae_title=dest.ae_title,
+                        tls_args=tls_args)
+
+
+def _send_group(dest: DimseDestination, items: Sequence[FileToSend], *,
+                timeouts: DimseTimeouts) -> list[SendResult]:
+    """One association for ``items`` (at most :data:`MAX_CONTEXTS` contexts)."""
+    pairs = dict.fromkeys((item.sop_class_uid, item.transfer_syntax_uid) for item in items)
+    contexts = [build_context(sop_class, _syntaxes(syntax)) for sop_class, syntax in pairs]
+    assoc = _associate(dest, contexts, timeouts=timeouts)
+    if isinstance(assoc, str):
+        return [transient(item, assoc) for item in items]
     if not assoc.is_established:
         reason = _no_association(dest, assoc, timeouts=timeouts)
         log.debug("C-STORE to %s: %s files not sent: %s", dest, len(items), reason)
@@ -240,19 +256,9 @@ def echo_dimse(
         Whether the peer answered Success, and a one-line detail.
     """
     limits = timeouts or DimseTimeouts()
-    tls_args: tuple[ssl.SSLContext, str] | None = None
-    if dest.tls is not None:
-        try:
-            tls_args = (tls_context(dest.tls), dest.host)
-        except (OSError, ssl.SSLError) as exc:
-            return False, f"the DICOM TLS files are unusable ({type(exc).__name__})"
-    ae = AE(ae_title=dest.calling_ae_title)
-    ae.connection_timeout = limits.connect_s
-    ae.acse_timeout = limits.acse_s
-    ae.dimse_timeout = limits.acse_s
-    ae.network_timeout = limits.network_s
-    assoc = ae.associate(dest.host, dest.port, contexts=[build_context(Verification)],
-                         ae_title=dest.ae_title, tls_args=tls_args)
+    assoc = _associate(dest, [build_context(Verification)], timeouts=limits, dimse_s=limits.acse_s)
+    if isinstance(assoc, str):
+        return False, assoc
     if not assoc.is_established:
         return False, _no_association(dest, assoc, timeouts=limits)
     try:
