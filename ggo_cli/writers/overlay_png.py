@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +297,31 @@ def render_slice_overlay(
     return image
 
 
+def slice_overlays(
+    volume: CtVolume, ggo: BoolMask, *, window_center_hu: float, window_width_hu: float
+) -> Iterator[tuple[int, Image.Image]]:
+    """Each slice with GGO and its :func:`render_slice_overlay`, in volume order, drawn when
+    it is reached (the per-slice PNGs and the per-slice SC images).
+
+    Args:
+        volume: the CT volume.
+        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
+        window_center_hu: display window centre in HU.
+        window_width_hu: display window width in HU.
+
+    Yields:
+        ``(0-based slice index, image)``.
+    """
+    for index in np.flatnonzero(ggo.any(axis=(1, 2))).tolist():
+        yield index, render_slice_overlay(
+            volume,
+            ggo,
+            index,
+            window_center_hu=window_center_hu,
+            window_width_hu=window_width_hu,
+        )
+
+
 def write_slice_pngs(
     volume: CtVolume,
     ggo: BoolMask,
@@ -326,18 +352,12 @@ def write_slice_pngs(
     """
     _check_inputs(volume, ggo)
     n_slices = ggo.shape[0]
-    counts = ggo.reshape(n_slices, -1).sum(axis=1)
     written: list[Path] = []
-    if counts.any():
-        ensure_folder(folder, tree=tree)
-    for index in np.flatnonzero(counts).tolist():
-        image = render_slice_overlay(
-            volume,
-            ggo,
-            index,
-            window_center_hu=window_center_hu,
-            window_width_hu=window_width_hu,
-        )
+    for index, image in slice_overlays(
+        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+    ):
+        if not written:
+            ensure_folder(folder, tree=tree)
         path = folder / slice_png_name(index, n_slices)
         with atomic_write_path(path, tree=tree) as temp:
             image.save(temp, format="PNG")

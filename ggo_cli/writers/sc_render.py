@@ -32,8 +32,8 @@ from .overlay_png import (
     BACKGROUND_RGB,
     TEXT_RGB,
     render_overlay,
-    render_slice_overlay,
     select_overlay_slices,
+    slice_overlays,
     slice_png_name,
 )
 from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
@@ -206,15 +206,9 @@ def overlay_panels(
     ]
     if per_slice:
         n_slices = ggo.shape[0]
-        counts = ggo.reshape(n_slices, -1).sum(axis=1)
-        for index in np.flatnonzero(counts).tolist():
-            image = render_slice_overlay(
-                volume,
-                ggo,
-                index,
-                window_center_hu=window_center_hu,
-                window_width_hu=window_width_hu,
-            )
+        for index, image in slice_overlays(
+            volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+        ):
             panels.append(
                 ScPanel(
                     pixels=burn_in_text(image, lines),
