@@ -27,8 +27,8 @@ from .results import (
     SendOutcome,
     SendResult,
     failed,
-    read_file_to_send,
     result_of_status,
+    send_in_order,
     transient,
 )
 
@@ -231,21 +231,21 @@ def send_stow(
         or ``TRANSIENT`` (HTTP error, connection error, timeout, out of resources, or not listed).
     """
     limits = timeouts or StowTimeouts()
-    read = [read_file_to_send(Path(path)) for path in paths]
-    items = [entry for entry in read if isinstance(entry, FileToSend)]
-    sent: dict[int, SendResult] = {}
-    with _session(dest) as session:
-        client = DICOMwebClient(dest.url, session=session,
-                                timeout=(limits.connect_s, limits.read_s))
-        # dicomweb-client retries 429/408/503/504 and every exception up to 5 times with
-        # exponential waits (about 30 s): retrying is the delivery queue's job, across runs.
-        client.set_http_retry_params(retry=False)
-        for batch in _batches(items):
-            batch_results = _send_batch(client, session, dest=dest, batch=batch)
-            by_path = {result.path: result for result in batch_results}
-            for item in batch:
-                sent[id(item)] = by_path[item.path]
-    results = [sent[id(entry)] if isinstance(entry, FileToSend) else entry for entry in read]
+
+    def send(items: list[FileToSend]) -> list[SendResult]:
+        sent: list[SendResult] = []
+        with _session(dest) as session:
+            client = DICOMwebClient(dest.url, session=session,
+                                    timeout=(limits.connect_s, limits.read_s))
+            # dicomweb-client retries 429/408/503/504 and every exception up to 5 times with
+            # exponential waits (about 30 s): retrying is the delivery queue's job, across runs.
+            client.set_http_retry_params(retry=False)
+            for batch in _batches(items):
+                by_path = {r.path: r for r in _send_batch(client, session, dest=dest, batch=batch)}
+                sent.extend(by_path[item.path] for item in batch)
+        return sent
+
+    results = send_in_order(paths, send)
     stored = sum(result.outcome.delivered for result in results)
     log.debug("STOW-RS to %s: %d of %d files stored", dest, stored, len(results))
     return results

@@ -30,8 +30,8 @@ from .results import (
     FileToSend,
     SendResult,
     failed,
-    read_file_to_send,
     result_of_status,
+    send_in_order,
     transient,
 )
 
@@ -225,19 +225,21 @@ def send_dimse(
         or a status such as out of resources).
     """
     limits = timeouts or DimseTimeouts()
-    read = [read_file_to_send(Path(path)) for path in paths]
-    items = [entry for entry in read if isinstance(entry, FileToSend)]
-    # More (SOP class, syntax) pairs than one association can propose: one association per group
-    pairs = list(dict.fromkeys((item.sop_class_uid, item.transfer_syntax_uid) for item in items))
-    sent: dict[int, SendResult] = {}
-    for start in range(0, len(pairs), MAX_CONTEXTS):
-        group = set(pairs[start:start + MAX_CONTEXTS])
-        members = [
-            item for item in items if (item.sop_class_uid, item.transfer_syntax_uid) in group
-        ]
-        for item, result in zip(members, _send_group(dest, members, timeouts=limits), strict=True):
-            sent[id(item)] = result
-    results = [sent[id(entry)] if isinstance(entry, FileToSend) else entry for entry in read]
+
+    def send(items: list[FileToSend]) -> list[SendResult]:
+        # More (SOP class, syntax) pairs than one association can propose: one association
+        # per group
+        pairs = list(dict.fromkeys((i.sop_class_uid, i.transfer_syntax_uid) for i in items))
+        sent: dict[int, SendResult] = {}
+        for start in range(0, len(pairs), MAX_CONTEXTS):
+            group = set(pairs[start:start + MAX_CONTEXTS])
+            members = [i for i in items if (i.sop_class_uid, i.transfer_syntax_uid) in group]
+            results = _send_group(dest, members, timeouts=limits)
+            for item, result in zip(members, results, strict=True):
+                sent[id(item)] = result
+        return [sent[id(item)] for item in items]
+
+    results = send_in_order(paths, send)
     stored = sum(result.outcome.delivered for result in results)
     log.debug("C-STORE to %s: %d of %d files stored", dest, stored, len(results))
     return results

@@ -8,6 +8,7 @@ later run (the peer was unreachable, busy, or the exchange broke off).
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,3 +160,21 @@ def transient(item: FileToSend, reason: str) -> SendResult:
 def failed(item: FileToSend, reason: str) -> SendResult:
     """A ``FAILED`` result for ``item`` (sending it again will not help)."""
     return SendResult(item.path, item.sop_instance_uid, SendOutcome.FAILED, None, reason)
+
+
+def send_in_order(
+    paths: Sequence[Path], send: Callable[[list[FileToSend]], list[SendResult]]
+) -> list[SendResult]:
+    """Read each file's header, send the readable ones, and give one result per path in order.
+
+    Args:
+        paths: DICOM Part 10 files.
+        send: sends the readable files; returns one result per file, in the order given.
+
+    Returns:
+        The results in the order of ``paths``; an unreadable file is ``FAILED`` and not sent.
+    """
+    read = [read_file_to_send(Path(path)) for path in paths]
+    sent = iter(send([entry for entry in read if isinstance(entry, FileToSend)]))
+    return [next(sent) if isinstance(entry, FileToSend) else entry for entry in read]
+

@@ -248,23 +248,6 @@ def write_outputs(
     return SeriesFiles(seg_path, sr_path, tuple(sc_paths), tuple(pngs), tuple(gradcam_paths))
 
 
-def write_explanation(
-    volume: CtVolume,
-    prediction: Prediction,
-    explainer: OnnxExplainer,
-    folder: Path,
-    *,
-    slices: str,
-    tree: OutputTree,
-) -> tuple[Path, ...]:
-    """Write ``gradcam.npz`` and ``gradcam/slice_NNNN.png`` of one series.
-
-    Returns:
-        The paths written (the npz first).
-    """
-    return explain_series(volume, prediction, explainer, folder, slices=slices, tree=tree).paths
-
-
 def explain_series(
     volume: CtVolume,
     prediction: Prediction,
