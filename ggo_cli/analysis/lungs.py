@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -77,9 +78,10 @@ import numpy as np
 import numpy.typing as npt
 import SimpleITK
 
-from ..domain import CtVolume, HuArray
+from ..domain import CtVolume
 from ..errors import UnsupportedSeriesError
 from ..host import usable_cores
+from . import lung_coarse as coarse
 from . import morphology as morph
 from .lung_refine import CLOSING_RADIUS_MM, refine_lung
 
@@ -158,13 +160,77 @@ def segment_lungs(
         raise ValueError(f"out masks {out.right.shape}, {out.left.shape} differ from {shape}")
     spacing = (volume.slice_spacing_mm, *volume.pixel_spacing_mm)
     threshold = np.float32(threshold_hu)
-    body = _body(hu, threshold, cores=cores)
+    factors = [1, 1, 1] if exact else coarse.coarse_factors(spacing)
+    source_grid = factors == [1, 1, 1]
+    mostly_air: BoolVolume | None = None
+    if source_grid:
+        air = np.less(hu, threshold)
+        grid_spacing = spacing
+
+        def hu_of(k: int, rows: slice, cols: slice) -> npt.NDArray[Any]:
+            return hu[k, rows, cols]
+    else:
+        counts = coarse.air_counts(hu, threshold, factors)
+        cell_voxels = factors[0] * factors[1] * factors[2]
+        air = counts == cell_voxels
+        mostly_air = counts >= (cell_voxels + 1) // 2
+        del counts
+        grid_spacing = (spacing[0] * factors[0], spacing[1] * factors[1],
+                        spacing[2] * factors[2])
+
+        def hu_of(k: int, rows: slice, cols: slice) -> npt.NDArray[Any]:
+            return coarse.cell_hu(hu, k, factors, rows, cols)
+
+    found = _lungs_on_grid(air, hu_of, grid_spacing, head_is_last=head_is_last, cores=cores,
+                           exact=exact, mostly_air=mostly_air)
+    if found is None:
+        return out
+    box, (low, high), lungs, allowed = found
+    low_out, high_out = (out.right, out.left) if right_is_low_col else (out.left, out.right)
+    if source_grid:
+        low_out[box] = low
+        high_out[box] = high
+    else:
+        coarse.paint_lungs(low_out, high_out, hu, threshold, factors, box, lungs, (low, high),
+                           allowed)
+    return out
+
+
+GridHu = Callable[[int, slice, slice], npt.NDArray[Any]]
+"""HU of grid slice ``k`` in a box of grid rows and columns (a cell's mean on a coarse grid)."""
+
+
+def _lungs_on_grid(air: BoolVolume, hu_of: GridHu, spacing: tuple[float, float, float], *,
+                   head_is_last: bool, cores: int, exact: bool,
+                   mostly_air: BoolVolume | None = None) -> (
+    tuple[tuple[slice, slice, slice], tuple[BoolVolume, BoolVolume],
+          tuple[BoolVolume, BoolVolume], BoolVolume] | None
+):
+    """Steps 2 to 5 on one grid (the source's or the coarse cells'), from its air.
+
+    Args:
+        air: the air voxels (or cells); used up (it becomes the air inside the body).
+        hu_of: the grid's HU (the airway seeds' mean).
+        spacing: the grid's ``(slice, row, col)`` spacing in mm.
+        head_is_last: the head end is at the last slice.
+        cores: the cores it may use.
+        exact: close on the source grid (:func:`ggo_cli.analysis.lung_refine.close_ball`).
+        mostly_air: on a coarse grid, the cells at least half air: those next to a lung's
+            cells (wholly air) join it before the refinement, so that it starts from the
+            lung's extent, not from a cell inside it.
+
+    Returns:
+        ``None`` without air in the body; else the box the lungs lie in, the refined lungs
+        (at low columns, at high columns; disjoint; shape of the box), the lungs before the
+        refinement, and where they could grow (inside the body, outside the airway).
+    """
+    body = _body(air, cores=cores)
     centre_col = _centre_col(body)
     body_area = np.count_nonzero(body, axis=(1, 2))
-    candidates = np.less(hu, threshold)
+    candidates = air
     candidates &= body
     if not candidates.any():
-        return out
+        return None
     # The rest works in a box around the air inside the body, grown by more than the
     # refinement's reach: the same result as on the whole grid, with a fraction of its memory
     # (a 1000-slice series is 262 MB per mask).
@@ -172,9 +238,10 @@ def segment_lungs(
     box = morph.bounding_box(candidates, margins)
     candidates = candidates[box].copy()
     allowed = body[box].copy()
-    del body
+    del body, air
     col0 = box[2].start
-    airway = _track_airways(candidates, hu[box], body_area[box[0]], spacing, centre_col - col0,
+    airway = _track_airways(candidates, lambda k: hu_of(box[0].start + k, box[1], box[2]),
+                            body_area[box[0]], spacing, centre_col - col0,
                             head_is_last=head_is_last)
     candidates &= ~airway
     low, high = _find_lungs(candidates, spacing, centre_col - col0)
@@ -182,6 +249,11 @@ def segment_lungs(
     allowed &= ~airway
     log.debug("lungs: airway %d voxels", int(np.count_nonzero(airway)))
     del airway
+    if mostly_air is not None:
+        near_low, near_high = coarse.dilate_cells(low), coarse.dilate_cells(high)
+        edge = mostly_air[box] & allowed & ~low & ~high
+        low, high = low | (edge & near_low & ~near_high), high | (edge & near_high & ~near_low)
+        del near_low, near_high, edge
     # The lungs are refined independently; with a second core, side by side (their distance
     # maps run on one thread each in ITK, and SimpleITK and numpy release the GIL).
     if cores > 1:
@@ -196,18 +268,14 @@ def segment_lungs(
                                exact=exact)
         high_done = refine_lung(high, low, allowed, spacing, medial_sign=-1.0, cores=cores,
                                 exact=exact)
-    del low, high, allowed
     # Neither refinement enters the other lung, so a voxel both claim is junction tissue.
     overlap = low_done & high_done
     low_done &= ~overlap
     high_done &= ~overlap
     del overlap
-    right_crop, left_crop = (low_done, high_done) if right_is_low_col else (high_done, low_done)
-    out.right[box] = right_crop
-    out.left[box] = left_crop
-    log.debug("lungs: right %d, left %d voxels", int(np.count_nonzero(right_crop)),
-              int(np.count_nonzero(left_crop)))
-    return out
+    log.debug("lungs: low-column %d, high-column %d grid voxels",
+              int(np.count_nonzero(low_done)), int(np.count_nonzero(high_done)))
+    return box, (low_done, high_done), (low, high), allowed
 
 
 def _orientation(volume: CtVolume) -> tuple[bool, bool]:
@@ -234,14 +302,13 @@ def _centre_col(mask: BoolVolume) -> float:
         (per_col.size - 1) / 2.0)
 
 
-def _body(hu: HuArray, threshold: np.float32, *, cores: int) -> BoolVolume:
-    """The largest non-air (``hu >= threshold``) component with its holes (lungs, airways)
-    filled slice by slice.
+def _body(air: BoolVolume, *, cores: int) -> BoolVolume:
+    """The largest non-air component with its holes (lungs, airways) filled slice by slice.
 
     The non-air mask is made slab by slab as the components are found (no full-size copy).
     """
-    components = morph.Components(lambda z: np.greater_equal(hu[z], threshold), hu.shape[0])
-    body = components.mask(0) if components.sizes else np.zeros(hu.shape, dtype=np.bool_)
+    components = morph.Components(lambda z: np.logical_not(air[z]), air.shape[0])
+    body = components.mask(0) if components.sizes else np.zeros(air.shape, dtype=np.bool_)
     del components
     _fill_slice_holes(body, cores=cores)
     return body
@@ -285,13 +352,14 @@ def _fill_slice_holes(mask: BoolVolume, *, cores: int) -> None:
     morph.each_slice(fill, -(-mask.shape[0] // BODY_FILL_SLICES), cores=cores)
 
 
-def _track_airways(candidates: BoolVolume, hu: HuArray, body_area: npt.NDArray[np.intp],
+def _track_airways(candidates: BoolVolume, hu: Callable[[int], npt.NDArray[Any]],
+                   body_area: npt.NDArray[np.intp],
                    spacing: tuple[float, float, float], centre_col: float, *,
                    head_is_last: bool) -> BoolVolume:
     """Trachea and main bronchi: small air regions tracked down from the head end.
 
-    ``body_area`` is the body's voxel count per slice; ``hu`` and ``candidates`` may be a box
-    of the volume, with ``centre_col`` in the box's columns.
+    ``body_area`` is the body's voxel count per slice; ``hu(k)`` is slice ``k``'s HU; ``hu``
+    and ``candidates`` may be a box of the volume, with ``centre_col`` in the box's columns.
     """
     n, _, cols = candidates.shape
     max_pixels = AIRWAY_MAX_AREA_MM2 / (spacing[1] * spacing[2])
@@ -311,7 +379,7 @@ def _track_airways(candidates: BoolVolume, hu: HuArray, body_area: npt.NDArray[n
             safe = np.maximum(areas, 1)
             col = np.bincount(labels.ravel(), np.tile(np.arange(cols, dtype=float),
                                                       labels.shape[0])) / safe
-            mean_hu = np.bincount(labels.ravel(), hu[k].ravel().astype(float)) / safe
+            mean_hu = np.bincount(labels.ravel(), hu(k).ravel().astype(float)) / safe
             seeds = (small & (areas <= AIRWAY_SEED_MAX_BODY_FRACTION * int(body_area[k]))
                      & (np.abs(col - centre_col) * spacing[2] <= AIRWAY_SEED_MAX_OFFSET_MM)
                      & (mean_hu <= AIRWAY_SEED_MAX_MEAN_HU))

@@ -319,7 +319,7 @@ def test_body_holes_filled_in_each_slices_box_equal_a_whole_slice_fill() -> None
     hu[2, 10:30, 10:40] = 40.0  # a ring: its inside is a hole
     hu[2, 14:26, 14:36] = -1000.0
     hu[:, 20, 20] = 40.0  # one body through all slices
-    body = lungs._body(hu, np.float32(-320.0), cores=2)
+    body = lungs._body(np.less(hu, np.float32(-320.0)), cores=2)
     for k in range(hu.shape[0]):
         whole = np.greater_equal(hu[k], -320.0)
         filled = morphology.to_mask(sitk.BinaryFillhole(morphology.to_image(whole)))

@@ -1,0 +1,188 @@
+"""The lung mask's coarse grid: the whole-volume steps of
+:func:`ggo_cli.analysis.lungs.segment_lungs` on cells of whole voxels, the answer painted back
+on the source grid with the air threshold deciding the voxels along each lung's rim.
+
+A cell groups ``factors`` voxels per axis (edges up to ``COARSE_CELL_MM``; an axis with
+coarser voxels keeps them) and is air only when all its voxels are (:func:`pooled_air`): a
+tissue voxel anywhere in a cell keeps a thin wall (the anterior junction, a bronchus wall)
+between the air on either side. The steps run on the cells with the cells' spacing; then
+(:func:`paint_lungs`) a cell of a refined lung is lung on all its voxels, and in the cells
+next to it (26-connected; not the other lung's, not near both, inside the body, outside the
+airway) the voxels below the threshold are lung: the cells wholly air lie a cell inside the
+lung's rim, and that rim is the threshold's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+
+from ..domain import HuArray
+from .lung_refine import COARSE_CELL_MM
+
+BoolVolume = npt.NDArray[np.bool_]
+Box = tuple[slice, slice, slice]
+
+CELL_SLABS = 16
+"""Cell slices pooled or painted at a time (a few MB of full-resolution temporaries)."""
+
+# Codes of a cell in paint_lungs.
+_LOW, _HIGH, _LOW_RIM, _HIGH_RIM = 1, 2, 3, 4
+
+
+def coarse_factors(spacing: tuple[float, float, float]) -> list[int]:
+    """Voxels per cell along ``(slice, row, col)``: the most whose cell edge stays within
+    ``COARSE_CELL_MM`` (1 where a voxel is already that coarse)."""
+    return [max(1, int(COARSE_CELL_MM / s + 1e-6)) for s in spacing]
+
+
+def cell_shape(shape: tuple[int, ...], factors: list[int]) -> tuple[int, int, int]:
+    """The cell grid's shape: ``ceil(shape / factors)`` per axis."""
+    n = [-(-size // f) for size, f in zip(shape, factors, strict=True)]
+    return n[0], n[1], n[2]
+
+
+def air_counts(hu: HuArray, threshold: np.float32, factors: list[int]) -> (
+    npt.NDArray[np.uint8]
+):
+    """Voxels below ``threshold`` in each cell (a cell past the volume's end counts its
+    voxels inside; at most 255 voxels a cell).
+
+    The threshold runs on :data:`CELL_SLABS` cell slices at a time: no full-size mask.
+
+    Args:
+        hu: the volume. Shape: ``(slice, row, col)``.
+        threshold: upper HU of air.
+        factors: voxels per cell along each axis.
+
+    Returns:
+        The counts. Shape: :func:`cell_shape`.
+    """
+    counts = np.zeros(cell_shape(hu.shape, factors), dtype=np.uint8)
+    for start in range(0, counts.shape[0], CELL_SLABS):
+        stop = min(start + CELL_SLABS, counts.shape[0])
+        pooled = np.less(hu[start * factors[0] : stop * factors[0]], threshold).view(np.uint8)
+        for axis, f in enumerate(factors):
+            if f > 1:
+                parts = [pooled[(slice(None),) * axis + (slice(j, None, f),)] for j in range(f)]
+                summed = parts[0].copy()
+                for part in parts[1:]:
+                    summed[(slice(None),) * axis + (slice(0, part.shape[axis]),)] += part
+                pooled = summed
+        counts[start:stop] = pooled
+    return counts
+
+
+def cell_hu(hu: HuArray, k: int, factors: list[int], rows: slice, cols: slice) -> (
+    npt.NDArray[np.float64]
+):
+    """Mean HU of each cell of cell slice ``k``, in a box of cell rows and columns (a cell
+    past the volume's edge: the mean of its voxels inside)."""
+    fz, fy, fx = factors
+    r0, r1 = rows.start * fy, min(rows.stop * fy, hu.shape[1])
+    c0, c1 = cols.start * fx, min(cols.stop * fx, hu.shape[2])
+    part = hu[k * fz : (k + 1) * fz, r0:r1, c0:c1]
+    ny, nx = rows.stop - rows.start, cols.stop - cols.start
+    sums = np.zeros((ny * fy, nx * fx))
+    counts = np.zeros((ny * fy, nx * fx))
+    sums[: r1 - r0, : c1 - c0] = part.sum(axis=0, dtype=np.float64)
+    counts[: r1 - r0, : c1 - c0] = part.shape[0]
+    cell_sums = sums.reshape(ny, fy, nx, fx).sum(axis=(1, 3))
+    cell_counts = np.maximum(counts.reshape(ny, fy, nx, fx).sum(axis=(1, 3)), 1.0)
+    return np.asarray(cell_sums / cell_counts, dtype=np.float64)
+
+
+def dilate_cells(mask: BoolVolume) -> BoolVolume:
+    """Dilation by one cell in each of the 26 directions (a 3 x 3 x 3 cube), separable."""
+    out = mask.copy()
+    for axis in range(3):
+        grown = out.copy()
+        lead = [slice(None)] * 3
+        lag = [slice(None)] * 3
+        lead[axis], lag[axis] = slice(1, None), slice(None, -1)
+        grown[tuple(lead)] |= out[tuple(lag)]
+        grown[tuple(lag)] |= out[tuple(lead)]
+        out = grown
+    return out
+
+
+def expand_cells(cells: npt.NDArray[np.uint8], factors: list[int]) -> npt.NDArray[np.uint8]:
+    """Each cell on all its voxels: shape ``cells.shape * factors`` (uncropped).
+
+    Columns are doubled or quadrupled as 2- or 4-byte words of equal bytes (a twentieth of a
+    6-D broadcast's time); rows and slices repeat whole rows.
+    """
+    fz, fy, fx = factors
+    cols: npt.NDArray[np.uint8]
+    if fx == 2:
+        cols = np.multiply(cells, 0x0101, dtype=np.uint16).view(np.uint8)
+    elif fx == 4:
+        cols = np.multiply(cells, 0x01010101, dtype=np.uint32).view(np.uint8)
+    elif fx > 1:
+        cols = np.repeat(cells, fx, axis=2)
+    else:
+        cols = cells
+    n, r, c = cols.shape
+    out = np.empty((n, fz, r, fy, c), dtype=np.uint8)
+    out[...] = cols[:, None, :, None, :]
+    return out.reshape(n * fz, r * fy, c)
+
+
+def paint_lungs(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshold: np.float32,
+                factors: list[int], box: Box, lungs: tuple[BoolVolume, BoolVolume],
+                refined: tuple[BoolVolume, BoolVolume], allowed: BoolVolume) -> None:
+    """Paint two refined coarse lungs on the source grid (module docstring).
+
+    Args:
+        out_low: the source-grid mask of the lung at low columns, written in the box only.
+        out_high: that of the lung at high columns.
+        hu: the volume. Shape: ``(slice, row, col)``, as the outputs.
+        threshold: upper HU of air.
+        factors: voxels per cell along each axis.
+        box: the cells the lungs were found in (cell indices; the arrays below cover it).
+        low: the refined lung at low columns, disjoint from ``high``. Shape: the box's.
+        high: the refined lung at high columns. Shape: the box's.
+        allowed: cells the lungs may hold (inside the body, outside the airway). Shape: the
+            box's.
+    """
+    code = np.zeros(allowed.shape, dtype=np.uint8)
+    near = [dilate_cells(lung) for lung in lungs]
+    for side in (0, 1):
+        lung, done, other = lungs[side], refined[side], refined[1 - side]
+        whole_code, air_code = (_LOW, _LOW_RIM) if side == 0 else (_HIGH, _HIGH_RIM)
+        rim = near[side] & ~near[1 - side] & allowed & ~done & ~other
+        code[rim] = air_code
+        # The refined lung's cells on its own edge that are the lung's (not added by the
+        # refinement) straddle its wall: the threshold decides them; the rest is lung whole.
+        edge = done & ~_erode_cells(done) & lung
+        code[done] = whole_code
+        code[edge] = air_code
+    _paint(out_low, out_high, hu, threshold, factors, box, code)
+
+
+def _erode_cells(mask: BoolVolume) -> BoolVolume:
+    """Erosion by one cell in the 26 directions (cells past the edges count as set)."""
+    return np.logical_not(dilate_cells(np.logical_not(mask)))
+
+
+def _paint(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshold: np.float32,
+           factors: list[int], box: Box, code: npt.NDArray[np.uint8]) -> None:
+    """Write each cell's voxels by its code, :data:`CELL_SLABS` cell slices at a time."""
+    fz, fy, fx = factors
+    shape = hu.shape
+    r0, r1 = box[1].start * fy, min(box[1].stop * fy, shape[1])
+    c0, c1 = box[2].start * fx, min(box[2].stop * fx, shape[2])
+    for start in range(0, code.shape[0], CELL_SLABS):
+        part = code[start : start + CELL_SLABS]
+        if not part.any():
+            continue
+        z0 = (box[0].start + start) * fz
+        z1 = min(z0 + part.shape[0] * fz, shape[0])
+        voxels = expand_cells(part, factors)[: z1 - z0, : r1 - r0, : c1 - c0]
+        air = np.less(hu[z0:z1, r0:r1, c0:c1], threshold)
+        for out, whole, rim in ((out_low, _LOW, _LOW_RIM), (out_high, _HIGH, _HIGH_RIM)):
+            target = out[z0:z1, r0:r1, c0:c1]
+            np.equal(voxels, rim, out=target)
+            target &= air
+            target |= voxels == whole
+
