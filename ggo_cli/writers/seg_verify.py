@@ -10,22 +10,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.sequence import Sequence
 from pydicom.sr.coding import Code
-from pydicom.tag import Tag
 from pydicom.uid import SegmentationStorage
 
 from ..analysis.masks import seg_masks
 from ..domain import CtVolume, Prediction
 from ..errors import OutputError
 from ..onnx.model_info import ModelInfo
+from .seg_frames import PixelFrames, frame_references, raw_value
 from .seg_segments import (
     ALGORITHM_PURPOSE,
     LUNG_SEGMENTS,
@@ -40,8 +40,10 @@ log = logging.getLogger(__name__)
 
 VERIFY_SLAB_SLICES = 64
 """Source slices read back and compared at a time."""
-SEGMENT_IDENTIFICATION_TAG = 0x0062000A
-DERIVATION_IMAGE_TAG = 0x00089124
+VERIFY_DEFER_BYTES = 1 << 20
+"""Elements larger than this (the pixel data of a long series) are not read with the header:
+the pixel frames are read a slab at a time, the per-frame items split from their bytes."""
+PIXEL_DATA_TAG = 0x7FE00010
 
 COPIED_PATIENT_KEYWORDS = ("PatientID", "PatientName", "PatientBirthDate", "PatientSex")
 # highdicom reports an unreadable file, or frames it cannot match to sources, with any of these
@@ -180,32 +182,9 @@ def _check_references(seg: Dataset, shown: Path, volume: CtVolume) -> None:
         )
 
 
-def _functional_group(
-    item: Dataset, shared: Dataset, tag: int, parsed: dict[bytes, Sequence]
-) -> Sequence:
-    """A functional group of one frame: its per-frame item's, else the shared one (PS3.3
-    C.7.6.16), parsed by pydicom once per distinct encoding.
-
-    The frames of one slice share their Derivation Image item, and those of one segment their
-    Segment Identification item: parsing each distinct encoding once instead of once a frame
-    leaves the reading (pydicom's) as it is and saves most of its time.
-    """
-    raw = item.get_item(tag)
-    if raw is None:
-        if tag not in shared:
-            raise KeyError(f"frame has no {Tag(tag)} functional group")
-        value: Sequence = shared[tag].value
-        return value
-    key = raw.value if raw.is_raw and isinstance(raw.value, bytes) else None
-    if key is not None and key in parsed:
-        return parsed[key]
-    value = item[tag].value
-    if key is not None:
-        parsed[key] = value
-    return value
-
-
-def _frame_map(seg: Dataset, shown: Path, volume: CtVolume, n_segments: int) -> FrameMap:
+def _frame_map(
+    seg: Dataset, file: BinaryIO, shown: Path, volume: CtVolume, n_segments: int
+) -> FrameMap:
     """Each frame's ``(segment index, slice index)``, from its per-frame functional group.
 
     Raises:
@@ -213,24 +192,18 @@ def _frame_map(seg: Dataset, shown: Path, volume: CtVolume, n_segments: int) -> 
             same slice and segment.
     """
     slice_of = {uid: index for index, uid in enumerate(volume.sop_instance_uids)}
-    parsed: dict[bytes, Sequence] = {}
-    items = seg.PerFrameFunctionalGroupsSequence
-    shared = seg.SharedFunctionalGroupsSequence[0]
-    segments = np.empty(len(items), dtype=np.int64)
-    slices = np.empty(len(items), dtype=np.int64)
-    for frame, item in enumerate(items):
-        identification = _functional_group(item, shared, SEGMENT_IDENTIFICATION_TAG, parsed)
-        derivation = _functional_group(item, shared, DERIVATION_IMAGE_TAG, parsed)
-        sources = [
-            str(source.ReferencedSOPInstanceUID)
-            for derived in derivation
-            for source in derived.SourceImageSequence
-        ]
-        segments[frame] = int(identification[0].ReferencedSegmentNumber) - 1
+    segment_list: list[int] = []
+    slice_list: list[int] = []
+    for frame, (numbers, sources) in enumerate(frame_references(seg, file)):
+        if len(numbers) != 1:
+            raise _fail(shown, f"frame {frame + 1} does not name one segment")
         if len(sources) != 1 or sources[0] not in slice_of:
             raise _fail(shown, f"frame {frame + 1} does not derive from one source instance")
-        slices[frame] = slice_of[sources[0]]
-    if len(items) and (segments.min() < 0 or segments.max() >= n_segments):
+        segment_list.append(numbers[0] - 1)
+        slice_list.append(slice_of[sources[0]])
+    segments = np.array(segment_list, dtype=np.int64)
+    slices = np.array(slice_list, dtype=np.int64)
+    if len(segments) and (segments.min() < 0 or segments.max() >= n_segments):
         raise _fail(shown, f"frames name segments outside 1..{n_segments}")
     cells = slices * n_segments + segments
     if np.unique(cells).size != cells.size:
@@ -238,48 +211,35 @@ def _frame_map(seg: Dataset, shown: Path, volume: CtVolume, n_segments: int) -> 
     return FrameMap(segments=segments, slices=slices)
 
 
-def _frames_bits(
-    pixel_data: bytes, frames: npt.NDArray[np.int64], n_pixels: int
-) -> npt.NDArray[np.uint8]:
-    """Frames of bit-packed BINARY pixel data, each packed again from its first pixel.
-
-    Frames follow one another without padding (DICOM PS3.5 section 8.1.1), so with a pixel
-    count that is not a multiple of 8 a frame starts inside a byte. A frame index of -1 (a
-    frame the SEG omits) reads as zeros.
-
-    Shape: ``(len(frames), ceil(n_pixels / 8))``.
-    """
-    n_bytes = -(-n_pixels // 8)
-    out = np.zeros((len(frames), n_bytes), dtype=np.uint8)
-    data = np.frombuffer(pixel_data, dtype=np.uint8)
-    if n_pixels % 8 == 0:
-        present = frames >= 0
-        whole = data[: data.size // n_bytes * n_bytes].reshape(-1, n_bytes)
-        out[present] = whole[frames[present]]
-        return out
-    for row, frame in enumerate(frames.tolist()):
-        if frame >= 0:
-            first = frame * n_pixels
-            chunk = data[first // 8 : -(-(first + n_pixels) // 8)]
-            bits = np.unpackbits(chunk, bitorder="little")[first % 8 : first % 8 + n_pixels]
-            out[row] = np.packbits(bits, bitorder="little")
-    return out
+def _pixel_frames(seg: Dataset, file: BinaryIO, n_pixels: int) -> tuple[PixelFrames, int]:
+    """The SEG's pixel frames (read from the file when pydicom deferred them) and the pixel
+    data's length in bytes."""
+    data = raw_value(seg, PIXEL_DATA_TAG, file)
+    if data is not None:
+        return PixelFrames.of(data, n_pixels), len(data)
+    raw = seg.get_item(PIXEL_DATA_TAG, keep_deferred=True)
+    if isinstance(raw, RawDataElement) and raw.value is None:  # deferred, undefined length
+        raise ValueError("pixel data of undefined length in a native transfer syntax")
+    pixel_data = seg.PixelData
+    return PixelFrames.of(pixel_data, n_pixels), len(pixel_data)
 
 
 def _differing_pixels(
-    seg: Dataset, frames: FrameMap, expected: npt.NDArray[np.bool_], shown: Path
+    seg: Dataset, file: BinaryIO, frames: FrameMap, expected: npt.NDArray[np.bool_],
+    shown: Path,
 ) -> int:
     """Pixels of the SEG's frames that differ from the masks (a missing frame reads as zeros).
 
     Source slices are compared a slab at a time, each frame once, as packed bits: the masks'
     planes are packed (1 bit a pixel, little-endian bit order, as PS3.5 section 8.1.1 stores
-    BINARY pixels) and XORed with the frames' bytes, so no frame is unpacked to a byte a pixel.
+    BINARY pixels) and XORed with the frames' bytes, read from the file a slab at a time, so
+    no frame is unpacked to a byte a pixel and the pixel data is never held whole.
     """
     n_slices, rows, cols, n_segments = expected.shape
     n_pixels = rows * cols
-    pixel_data = seg.PixelData
-    if len(pixel_data) < -(-len(frames.slices) * n_pixels // 8):
-        raise _fail(shown, f"pixel data of {len(pixel_data)} bytes is short of its frames")
+    pixels, length = _pixel_frames(seg, file, n_pixels)
+    if length < -(-len(frames.slices) * n_pixels // 8):
+        raise _fail(shown, f"pixel data of {length} bytes is short of its frames")
     frame_at = np.full((n_slices, n_segments), -1, dtype=np.int64)
     frame_at[frames.slices, frames.segments] = np.arange(len(frames.slices))
     differing = 0
@@ -291,9 +251,7 @@ def _differing_pixels(
                 axis=1,
                 bitorder="little",
             )
-            diff = np.bitwise_xor(
-                packed, _frames_bits(pixel_data, frame_at[start:stop, segment], n_pixels)
-            )
+            diff = np.bitwise_xor(packed, pixels.bits(frame_at[start:stop, segment]))
             changed = diff[diff != 0]
             if changed.size:
                 differing += int(np.unpackbits(changed).sum())
@@ -339,32 +297,52 @@ def verify_seg(
     """
     shown = path if shown is None else shown
     expected = seg_masks(prediction, lungs)
-    n_slices, rows, cols, n_segments = expected.shape
     try:
-        seg = dcmread(path)
-        if seg.SOPClassUID != SegmentationStorage or seg.SegmentationType != "BINARY":
-            raise _fail(shown, f"SOP class {seg.SOPClassUID}, type {seg.SegmentationType}")
-        if (int(seg.BitsAllocated), int(seg.Rows), int(seg.Columns)) != (1, rows, cols):
-            raise _fail(shown, f"{seg.BitsAllocated}-bit frames of {seg.Rows} x {seg.Columns}")
-        _check_references(seg, shown, volume)
-        n_frames = n_slices * n_segments
-        if nonempty_frames:
-            n_nonempty = int(np.count_nonzero(expected.any(axis=(1, 2))))
-            n_frames = n_nonempty or n_frames
-            wanted = f"{n_frames} non-empty frames"
-        else:
-            wanted = f"{n_slices} slices x {n_segments} segments"
-        if int(seg.NumberOfFrames) != n_frames:
-            raise _fail(shown, f"{seg.NumberOfFrames} frames, expected {wanted}")
-        _check_segments(seg, shown, n_segments, model, lungs=lungs is not None)
-        if model is not None:
-            _check_algorithm_item(seg, shown, model)
-        frames = _frame_map(seg, shown, volume, n_segments)
-        if len(frames.slices) != n_frames:
-            raise _fail(shown, f"{len(frames.slices)} per-frame items for {n_frames} frames")
-        differing = _differing_pixels(seg, frames, expected, shown)
+        with path.open("rb") as file:
+            seg = dcmread(path, defer_size=VERIFY_DEFER_BYTES)
+            differing = _check_file(
+                seg, file, shown, volume, expected, model, lungs=lungs is not None,
+                nonempty_frames=nonempty_frames,
+            )
     except _READ_ERRORS as exc:
         raise _fail(shown, f"it cannot be read as a SEG ({type(exc).__name__}: {exc})") from exc
     if differing:
         raise _fail(shown, f"{differing} pixels differ from the predicted masks")
     log.debug("SEG %s verified: %d frames", shown, int(seg.NumberOfFrames))
+
+
+def _check_file(
+    seg: Dataset,
+    file: BinaryIO,
+    shown: Path,
+    volume: CtVolume,
+    expected: npt.NDArray[np.bool_],
+    model: ModelInfo | None,
+    *,
+    lungs: bool,
+    nonempty_frames: bool,
+) -> int:
+    """The checks of :func:`verify_seg` on the SEG read from ``file``; returns the number of
+    differing pixels."""
+    n_slices, rows, cols, n_segments = expected.shape
+    if seg.SOPClassUID != SegmentationStorage or seg.SegmentationType != "BINARY":
+        raise _fail(shown, f"SOP class {seg.SOPClassUID}, type {seg.SegmentationType}")
+    if (int(seg.BitsAllocated), int(seg.Rows), int(seg.Columns)) != (1, rows, cols):
+        raise _fail(shown, f"{seg.BitsAllocated}-bit frames of {seg.Rows} x {seg.Columns}")
+    _check_references(seg, shown, volume)
+    n_frames = n_slices * n_segments
+    if nonempty_frames:
+        n_nonempty = int(np.count_nonzero(expected.any(axis=(1, 2))))
+        n_frames = n_nonempty or n_frames
+        wanted = f"{n_frames} non-empty frames"
+    else:
+        wanted = f"{n_slices} slices x {n_segments} segments"
+    if int(seg.NumberOfFrames) != n_frames:
+        raise _fail(shown, f"{seg.NumberOfFrames} frames, expected {wanted}")
+    _check_segments(seg, shown, n_segments, model, lungs=lungs)
+    if model is not None:
+        _check_algorithm_item(seg, shown, model)
+    frames = _frame_map(seg, file, shown, volume, n_segments)
+    if len(frames.slices) != n_frames:
+        raise _fail(shown, f"{len(frames.slices)} per-frame items for {n_frames} frames")
+    return _differing_pixels(seg, file, frames, expected, shown)

@@ -30,6 +30,7 @@ from ggo_cli.onnx.model_info import ModelInfo
 from ggo_cli.writers import dicom_seg, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, verify_seg, write_seg
 from ggo_cli.writers.seg_file import write_seg_file
+from ggo_cli.writers.seg_frames import PixelFrames
 from ggo_cli.writers.seg_segments import algorithm_device_uid
 from ggo_cli.writers.seg_source import (
     derive_seg_uids,
@@ -749,7 +750,7 @@ def test_frames_bits_realign_frames_that_start_inside_a_byte() -> None:
     rng = np.random.default_rng(3)
     frames = rng.random((4, 3, 5)) > 0.5
     packed = pydicom.pixels.pack_bits(frames.reshape(-1), pad=False)
-    got = seg_verify._frames_bits(packed, np.array([2, -1, 0, 3]), 15)
+    got = PixelFrames.of(packed, 15).bits(np.array([2, -1, 0, 3]))
     want = np.packbits(frames[[2, 0, 0, 3]].reshape(4, 15), axis=1, bitorder="little")
     want[1] = 0  # an omitted frame reads as zeros
     assert_array_equal(got, want)
