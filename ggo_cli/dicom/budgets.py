@@ -44,8 +44,10 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -58,6 +60,7 @@ from pydicom.tag import Tag
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from ..errors import UnsupportedSeriesError
+from .header_scan import PREAMBLE_BYTES, Incomplete, PixelElement, scan_header
 
 HEADER_READ_BYTES = 2 << 20
 ROWS_COLUMNS_RANGE = (16, 2048)
@@ -74,6 +77,9 @@ HU_RANGE = (-8192.0, 32767.0)
 _PREAMBLE_LESS_GROUPS = frozenset({0x0002, 0x0008})
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 _INFLATE_CHUNK = 1 << 16
+HEADER_CHUNK_BYTES = 64 << 10
+"""A header read first reads this much, and the rest of its budget only when the header goes
+on (CT headers are a few kB)."""
 _DIGEST_CHARS = 6
 
 
@@ -144,6 +150,11 @@ def read_bounded(
         Exception: whatever pydicom raises on a malformed file (callers treat it as
             unreadable).
     """
+    if stop_before_pixels:
+        tags = frozenset(int(Tag(t)) for t in specific_tags) if specific_tags else None
+        found = scan_bounded(path, limit_bytes=limit_bytes, specific_tags=tags)
+        if found is not None:
+            return found[0]
     with open(path, "rb") as raw:
         capped = io.BufferedReader(_CappedReader(raw, limit_bytes))
         preamble = capped.read(132)
@@ -184,6 +195,60 @@ def read_bounded(
         str(path), dataset, preamble=preamble[:128], file_meta=FileMetaDataset(meta)
     )
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """What identifies a file's content between two reads: device, inode, size and
+    modification time in nanoseconds (from ``fstat`` of the open file)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, fd: int) -> FileStamp:
+        """The stamp of an open file descriptor."""
+        stat = os.fstat(fd)
+        return cls(stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def scan_bounded(
+    path: Path, *, limit_bytes: int, specific_tags: frozenset[int] | None = None
+) -> tuple[FileDataset, PixelElement | None, FileStamp] | None:
+    """Read a file's header with :func:`~ggo_cli.dicom.header_scan.scan_header`, within
+    ``limit_bytes`` of it: the first :data:`HEADER_CHUNK_BYTES`, then the rest of the budget
+    only when the header goes on.
+
+    Args:
+        path: the file.
+        limit_bytes: the most bytes read from the file.
+        specific_tags: keep only these tags (as pydicom's ``specific_tags``).
+
+    Returns:
+        The header (as ``read_bounded(..., stop_before_pixels=True)`` returns it), its pixel
+        data element and the file's stamp when the read began; ``None`` when the file is not
+        of the common shape (:func:`read_bounded` then reads it with pydicom).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    with open(path, "rb") as raw:
+        stamp = FileStamp.of(raw.fileno())
+        first = min(limit_bytes, HEADER_CHUNK_BYTES)
+        data = raw.read(first)
+        if len(data) < PREAMBLE_BYTES:
+            return None
+        try:
+            found = scan_header(
+                data, raw.name, complete=len(data) < first or first == limit_bytes,
+                specific_tags=specific_tags,
+            )
+        except Incomplete:
+            data += raw.read(limit_bytes - len(data))
+            found = scan_header(data, raw.name, complete=True, specific_tags=specific_tags)
+    return None if found is None else (found[0], found[1], stamp)
 
 
 def _inflate(raw: io.BufferedReader, limit_bytes: int) -> bytes:

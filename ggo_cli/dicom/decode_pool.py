@@ -21,16 +21,18 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 from ..domain import HuArray
 from ..errors import UnsupportedSeriesError
 from ..logs import quiet_pydicom
 from .budgets import read_bounded
+from .native_pixels import native_hu, read_native_file
 from .slice_decoding import hu_slice
 
 log = logging.getLogger(__name__)
@@ -45,13 +47,36 @@ MIN_POOL_SLICES = 32
 """Smaller series decode in the calling thread: starting worker processes costs more."""
 
 
-def _decode_file(task: tuple[str, str, int]) -> HuArray:
-    """Read one file (at most ``limit`` bytes) and return its slice in HU; ``task`` is
-    ``(path, where, limit)``, ``where`` naming the series and instance for messages. Runs in
-    a :class:`DecodePool` process or in the calling thread."""
-    path, where, limit = task
+class DecodeTask(NamedTuple):
+    """One slice to decode.
+
+    Attributes:
+        path: the file.
+        where: the series and instance, for messages.
+        limit: the most bytes read of the file.
+        native: :func:`~ggo_cli.dicom.volume.load_volume`'s native read of the slice, tried
+            first in the calling thread (``None``: none; never sent to a worker process).
+    """
+
+    path: str
+    where: str
+    limit: int
+    native: Callable[[], HuArray | None] | None = None
+
+
+def _decode_file(task: DecodeTask) -> HuArray:
+    """Read one file (at most ``task.limit`` bytes) and return its slice in HU. Runs in a
+    :class:`DecodePool` process or in the calling thread. Uncompressed slices are read by
+    :mod:`ggo_cli.dicom.native_pixels`, others by pydicom."""
+    if task.native is not None:
+        hu = task.native()
+        if hu is not None:
+            return hu
+    path, where, limit, _ = task
     try:
-        ds = read_bounded(Path(path), limit_bytes=limit, stop_before_pixels=False)
+        found = read_native_file(Path(path), limit)
+        if found is None:
+            ds = read_bounded(Path(path), limit_bytes=limit, stop_before_pixels=False)
     except UnsupportedSeriesError as exc:
         raise UnsupportedSeriesError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - unreadable file: the series fails
@@ -59,6 +84,9 @@ def _decode_file(task: tuple[str, str, int]) -> HuArray:
         raise UnsupportedSeriesError(
             f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
         ) from None
+    if found is not None:
+        plan, header, stored = found
+        return native_hu(plan, stored, header, where)
     return hu_slice(ds, where)
 
 
@@ -143,12 +171,12 @@ class DecodePool:
         return self._executor
 
     def iter_decode(
-        self, tasks: Sequence[tuple[str, str, int]], series_uid: str
+        self, tasks: Sequence[DecodeTask], series_uid: str
     ) -> Iterator[HuArray]:
         """Decode files to HU slices, yielded in order as they arrive.
 
         Args:
-            tasks: ``(path, where, limit)`` per slice (see :func:`_decode_file`).
+            tasks: one per slice (see :func:`_decode_file`).
             series_uid: for messages.
 
         Raises:
@@ -181,7 +209,7 @@ class DecodePool:
 
 
 def decode_slices(
-    tasks: Sequence[tuple[str, str, int]],
+    tasks: Sequence[DecodeTask],
     series_uid: str,
     *,
     pool: DecodePool | None,
@@ -191,7 +219,7 @@ def decode_slices(
     runs the series (:meth:`DecodePool.runs`), else in the calling thread.
 
     Args:
-        tasks: ``(path, where, limit)`` per slice, in slice order (see :func:`_decode_file`).
+        tasks: one per slice, in slice order (see :func:`_decode_file`).
         series_uid: for messages.
         pool: the decode pool, or ``None`` to decode in the calling thread.
         compressed: whether the series' pixel data is encapsulated (decoded by a native
@@ -205,5 +233,5 @@ def decode_slices(
             while iterating).
     """
     if pool is not None and pool.runs(len(tasks), compressed=compressed):
-        return pool.iter_decode(tasks, series_uid)
+        return pool.iter_decode([task._replace(native=None) for task in tasks], series_uid)
     return (_decode_file(task) for task in tasks)

@@ -38,11 +38,12 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.tag import Tag
 
 from ..config import SelectionRules
 from ..domain import SeriesInfo
 from ..errors import InputError
-from .budgets import HEADER_READ_BYTES, file_tag, read_bounded
+from .budgets import HEADER_READ_BYTES, file_tag, read_bounded, scan_bounded
 from .selection import (
     CT_IMAGE_CLASSES,
     broken_files_reason,
@@ -73,6 +74,7 @@ _HEADER_TAGS = (
     "SeriesNumber",
     "PatientID",
 )
+_HEADER_TAG_SET = frozenset(int(Tag(keyword)) for keyword in _HEADER_TAGS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +167,12 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool]:
     or it has a DICOM preamble and cannot be parsed, or its file meta names a CT image but
     its header ends before the SOP Instance and Series UIDs (a truncated file)."""
     try:
+        scanned = scan_bounded(path, limit_bytes=HEADER_READ_BYTES, specific_tags=_HEADER_TAG_SET)
+    except OSError:
+        scanned = None  # reported below
+    if scanned is not None:  # a PS3.10 file of the common shape (header_scan)
+        return _checked_header(path, scanned[0], has_preamble=True)
+    try:
         if path.stat().st_size == 0:
             log.debug("ignored empty file %s", path.name)
             return None, False
@@ -186,6 +194,14 @@ def _read_header(path: Path) -> tuple[Dataset | None, bool]:
     except Exception as exc:  # noqa: BLE001 - unreadable or malformed: never stops discovery
         log.debug("unreadable file %s (%s: %s)", path, type(exc).__name__, exc)
         return None, has_preamble
+    return _checked_header(path, ds, has_preamble=has_preamble)
+
+
+def _checked_header(
+    path: Path, ds: Dataset, *, has_preamble: bool
+) -> tuple[Dataset | None, bool]:
+    """:func:`_read_header`'s verdict on a header read: DICOMDIR and files without the SOP
+    Instance or Series UID are ignored (broken when their file meta names a CT image)."""
     try:
         meta = getattr(ds, "file_meta", None)
         meta_class = str(getattr(meta, "MediaStorageSOPClassUID", "") or "")

@@ -128,7 +128,28 @@ def hu_slice(ds: Dataset, where: str) -> HuArray:
     :data:`~ggo_cli.dicom.budgets.HU_RANGE`.
     """
     rescale = None if "ModalityLUTSequence" in ds else rescale_of(ds, where)
-    pixels = _decode_pixels(ds, where)
+    return hu_from_pixels(_decode_pixels(ds, where), ds, rescale, where)
+
+
+def hu_from_pixels(
+    pixels: npt.NDArray[Any], ds: Dataset, rescale: tuple[float, float] | None, where: str
+) -> HuArray:
+    """The modality transform of :func:`hu_slice` on decoded stored values.
+
+    Args:
+        pixels: the stored values of one slice. Shape: ``(rows, cols)``.
+        ds: the slice's header (Modality LUT, padding).
+        rescale: ``(slope, intercept)`` from :func:`~ggo_cli.dicom.budgets.rescale_of`, or
+            ``None`` to apply the header's Modality LUT.
+        where: the series and instance, for messages.
+
+    Returns:
+        The slice in HU: int16 or float32 as :func:`hu_slice` says. Shape: ``(rows, cols)``.
+
+    Raises:
+        UnsupportedSeriesError: the Modality LUT cannot be applied, or HU outside
+            :data:`~ggo_cli.dicom.budgets.HU_RANGE`.
+    """
     if rescale is None:
         try:
             hu_lut = pydicom.pixels.apply_modality_lut(pixels, ds)  # type: ignore[attr-defined]

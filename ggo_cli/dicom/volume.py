@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +41,10 @@ from .budgets import (
     geometry_problem,
     read_bounded,
     rescale_of,
+    scan_bounded,
 )
-from .decode_pool import DecodePool, decode_slices
+from .decode_pool import DecodePool, DecodeTask, decode_slices
+from .native_pixels import NativeSlice, native_hu, plan_native, read_native
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +167,43 @@ def _compressed(header: Dataset) -> bool:
         return True
 
 
+class _Stack:
+    """The HU volume being filled: int16 while every slice's HU are exact integers (CT as
+    scanners write it); the first fractional slice turns it into float32 (one copy, then no
+    more). Native reads land in it in place while it is int16."""
+
+    def __init__(self, n_slices: int, rows: int, cols: int) -> None:
+        self.hu: HuArray = np.empty((n_slices, rows, cols), dtype=np.int16)
+        self._in_place = -1  # the slice index last read in place
+
+    def read_native(
+        self, index: int, plan: NativeSlice, header: Dataset, limit: int, where: str
+    ) -> HuArray | None:
+        """Slice ``index`` by :mod:`ggo_cli.dicom.native_pixels`, or ``None`` when its file
+        changed since its header was read (then the pydicom path decodes it)."""
+        in_place = self.hu.dtype == np.int16
+        target = self.hu[index] if in_place else np.empty(self.hu.shape[1:], np.int16)
+        try:
+            if not read_native(plan, target, limit_bytes=limit):
+                log.debug("%s: changed since its header was read; decoded by pydicom", where)
+                return None
+        except OSError as exc:
+            raise UnsupportedSeriesError(
+                f"{where} cannot be read ({type(exc).__name__}); fix or remove the file"
+            ) from None
+        slice_hu = native_hu(plan, target, header, where)
+        if in_place and slice_hu is target:
+            self._in_place = index
+        return slice_hu
+
+    def put(self, index: int, slice_hu: HuArray) -> None:
+        """Store slice ``index`` (unless it was read in place)."""
+        if slice_hu.dtype != self.hu.dtype and self.hu.dtype == np.int16:
+            self.hu = self.hu.astype(np.float32)
+        if self._in_place != index:
+            self.hu[index] = slice_hu
+
+
 def load_volume(
     series: SeriesInfo,
     rules: SelectionRules | None = None,
@@ -196,13 +236,19 @@ def load_volume(
     headers: list[Dataset] = []
     where_of: dict[int, str] = {}
     path_of: dict[int, str] = {}
+    native_of: dict[int, NativeSlice | None] = {}
     for index, path in enumerate(series.files):
         where = (
             f"series {uid}: instance {index + 1} of {n_files} "
             f"(file {file_tag(Path(series.location) / path.relative_to(base))})"
         )
         try:
-            header = read_bounded(path, limit_bytes=HEADER_READ_BYTES, stop_before_pixels=True)
+            scanned = scan_bounded(path, limit_bytes=HEADER_READ_BYTES)
+            if scanned is None:
+                header = read_bounded(path, limit_bytes=HEADER_READ_BYTES, stop_before_pixels=True)
+            else:
+                header = scanned[0]
+                native_of[id(header)] = plan_native(header, scanned[1], scanned[2], str(path))
         except UnsupportedSeriesError as exc:  # a deflate bomb
             log.debug("%s is %s", where, path)
             raise UnsupportedSeriesError(f"{where}: {exc}") from None
@@ -232,10 +278,18 @@ def load_volume(
             rescale_of(ds, where_of[id(ds)])  # every rescale is checked before any decoding
     bits = int(ordered[0].get("BitsAllocated", 16) or 16)
     limit = HEADER_READ_BYTES + 2 * rows * cols * max(1, bits // 8) + PIXEL_READ_SLACK_BYTES
-    tasks = [(path_of[id(ds)], where_of[id(ds)], limit) for ds in ordered]
-    # int16 while every slice's HU are exact integers (CT as scanners write it); the first
-    # fractional slice turns the volume into float32 (one copy, then no more).
-    hu: HuArray = np.empty((len(ordered), rows, cols), dtype=np.int16)
+    stack = _Stack(len(ordered), rows, cols)
+    tasks = [
+        DecodeTask(
+            path_of[id(ds)],
+            where_of[id(ds)],
+            limit,
+            None
+            if (plan := native_of.get(id(ds))) is None
+            else partial(stack.read_native, index, plan, ds, limit, where_of[id(ds)]),
+        )
+        for index, ds in enumerate(ordered)
+    ]
     source = decode_slices(tasks, uid, pool=pool, compressed=_compressed(ordered[0]))
     for index, slice_hu in enumerate(source):
         if slice_hu.shape != (rows, cols):
@@ -243,11 +297,10 @@ def load_volume(
                 f"series {uid}: slice {index + 1} decodes to {slice_hu.shape}, expected "
                 f"{(rows, cols)}; all slices must have the same size"
             )
-        if slice_hu.dtype != hu.dtype and hu.dtype == np.int16:
-            hu = hu.astype(np.float32)
-        hu[index] = slice_hu
+        stack.put(index, slice_hu)
         if on_slice is not None:
             on_slice(1)
+    hu = stack.hu
     log.debug(
         "series %s: %d slices %dx%d, spacing %.4g mm, pixels %.4g x %.4g mm",
         uid,
