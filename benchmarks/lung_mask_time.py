@@ -5,12 +5,17 @@ e.g. a ``git worktree`` of the base commit, and the working tree) on the same se
 processes, and compare medians; the voxel counts show whether the masks changed size. It
 prints wall seconds, CPU seconds of the process (all its threads: core-seconds) and the
 process's peak RSS (``ru_maxrss``, decoded HU included; with ``--repeats 0`` the one call's).
+With ``--planes N`` the masks are written into the SEG's planes as the CLI does
+(:func:`ggo_cli.analysis.masks.segment_planes` of N model channels), and the lung calls' own
+peak RSS is printed too (``VmHWM`` reset through ``/proc/self/clear_refs`` after decoding,
+Linux only), with the RSS they started from.
 
 Usage::
 
     python benchmarks/lung_mask_time.py /data/one-series --repeats 3
     taskset -c 0 python benchmarks/lung_mask_time.py /data/one-series   # one core
     python benchmarks/lung_mask_time.py /data/one-series --checkout /tmp/base --repeats 0
+    python benchmarks/lung_mask_time.py /data/one-series --repeats 0 --planes 1   # as the CLI
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,6 +39,8 @@ def main() -> int:
                         help="timed calls after a warm-up call (0: the one call is timed)")
     parser.add_argument("--checkout", type=Path, default=ROOT,
                         help="the ggo-cli checkout whose lung mask runs (default: this one)")
+    parser.add_argument("--planes", type=int, default=0, metavar="N",
+                        help="write into the SEG's planes of N model channels (0: fresh masks)")
     args = parser.parse_args()
     sys.path.insert(0, str(args.checkout.resolve()))
     from ggo_cli.analysis.lungs import segment_lungs
@@ -41,10 +49,20 @@ def main() -> int:
     from ggo_cli.host import usable_cores
 
     volume = load_volume(discover_series([args.series]).eligible[0])
+    out = None
+    if args.planes:
+        from ggo_cli.analysis.masks import segment_planes
+
+        _, out = segment_planes(volume.hu.shape, args.planes)
+    before = _memory()
+    _reset_peak()
     seconds, cpu_seconds = [], []
     for _ in range(args.repeats + 1):  # the first call warms thread pools and SimpleITK up
+        if out is not None:
+            out.right[...] = False
+            out.left[...] = False
         start, cpu_start = time.perf_counter(), time.process_time()
-        lungs = segment_lungs(volume)
+        lungs = segment_lungs(volume, out=out)
         seconds.append(time.perf_counter() - start)
         cpu_seconds.append(time.process_time() - cpu_start)
     if args.repeats:
@@ -60,12 +78,33 @@ def main() -> int:
                 "seconds": [round(s, 3) for s in seconds],
                 "cpu_seconds": [round(s, 3) for s in cpu_seconds],
                 "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+                "lung_start_rss_mib": before.get("VmRSS"),
+                "lung_peak_rss_mib": _memory().get("VmHWM"),
                 "right_voxels": int(lungs.right.sum()),
                 "left_voxels": int(lungs.left.sum()),
             }
         )
     )
     return 0
+
+
+def _memory() -> dict[str, Any]:
+    """``VmRSS`` and ``VmHWM`` of this process in MiB (empty off Linux)."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: round(int(value.split()[0]) / 1024) for key, value in
+            (line.split(":", 1) for line in lines if ":" in line) if key in ("VmRSS", "VmHWM")}
+
+
+def _reset_peak() -> None:
+    """Start ``VmHWM`` afresh from the current RSS (Linux 4.0+; elsewhere nothing)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

@@ -128,22 +128,23 @@ def expand_cells(cells: npt.NDArray[np.uint8], factors: list[int]) -> npt.NDArra
     return out.reshape(n * fz, r * fy, c)
 
 
-def paint_lungs(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshold: np.float32,
-                factors: list[int], box: Box, lungs: tuple[BoolVolume, BoolVolume],
-                refined: tuple[BoolVolume, BoolVolume], allowed: BoolVolume) -> None:
-    """Paint two refined coarse lungs on the source grid (module docstring).
+def cell_codes(lungs: tuple[BoolVolume, BoolVolume], refined: tuple[BoolVolume, BoolVolume],
+               allowed: BoolVolume) -> npt.NDArray[np.uint8]:
+    """How :func:`paint` fills each cell of two refined coarse lungs (module docstring).
+
+    A refined lung's cells are lung on all their voxels, but for those on its edge that the
+    lung held before the refinement (they straddle its wall): there, and in the cells next
+    to the lung (not near the other, inside ``allowed``), the voxels below the threshold.
 
     Args:
-        out_low: the source-grid mask of the lung at low columns, written in the box only.
-        out_high: that of the lung at high columns.
-        hu: the volume. Shape: ``(slice, row, col)``, as the outputs.
-        threshold: upper HU of air.
-        factors: voxels per cell along each axis.
-        box: the cells the lungs were found in (cell indices; the arrays below cover it).
-        low: the refined lung at low columns, disjoint from ``high``. Shape: the box's.
-        high: the refined lung at high columns. Shape: the box's.
+        lungs: the lungs at low and at high columns before the refinement. Shape: the box's.
+        refined: the refined lungs (disjoint, each holding its lung). Shape: the box's.
         allowed: cells the lungs may hold (inside the body, outside the airway). Shape: the
             box's.
+
+    Returns:
+        Per cell 0 (neither lung), 1 or 2 (all the voxels of the lung at low or at high
+        columns), 3 or 4 (their air voxels). Shape: the box's.
     """
     code = np.zeros(allowed.shape, dtype=np.uint8)
     near = [dilate_cells(lung) for lung in lungs]
@@ -152,12 +153,10 @@ def paint_lungs(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshol
         whole_code, air_code = (_LOW, _LOW_RIM) if side == 0 else (_HIGH, _HIGH_RIM)
         rim = near[side] & ~near[1 - side] & allowed & ~done & ~other
         code[rim] = air_code
-        # The refined lung's cells on its own edge that are the lung's (not added by the
-        # refinement) straddle its wall: the threshold decides them; the rest is lung whole.
         edge = done & ~_erode_cells(done) & lung
         code[done] = whole_code
         code[edge] = air_code
-    _paint(out_low, out_high, hu, threshold, factors, box, code)
+    return code
 
 
 def _erode_cells(mask: BoolVolume) -> BoolVolume:
@@ -165,24 +164,43 @@ def _erode_cells(mask: BoolVolume) -> BoolVolume:
     return np.logical_not(dilate_cells(np.logical_not(mask)))
 
 
-def _paint(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshold: np.float32,
-           factors: list[int], box: Box, code: npt.NDArray[np.uint8]) -> None:
-    """Write each cell's voxels by its code, :data:`CELL_SLABS` cell slices at a time."""
+def paint(out_low: BoolVolume, out_high: BoolVolume, hu: HuArray, threshold: np.float32,
+          factors: list[int], box: Box, code: npt.NDArray[np.uint8]) -> None:
+    """Write the lungs' voxels by their cells' codes (:func:`cell_codes`).
+
+    :data:`CELL_SLABS` cell slices at a time, each lung only within the rows and columns
+    its codes reach in the slab, and only its True voxels written: pages of the outputs
+    that stay False are never touched.
+
+    Args:
+        out_low: the source-grid mask of the lung at low columns (all False in the box).
+        out_high: that of the lung at high columns.
+        hu: the volume. Shape: ``(slice, row, col)``, as the outputs.
+        threshold: upper HU of air.
+        factors: voxels per cell along each axis.
+        box: the cells ``code`` covers (cell indices).
+        code: the cells' codes.
+    """
     fz, fy, fx = factors
     shape = hu.shape
-    r0, r1 = box[1].start * fy, min(box[1].stop * fy, shape[1])
-    c0, c1 = box[2].start * fx, min(box[2].stop * fx, shape[2])
     for start in range(0, code.shape[0], CELL_SLABS):
         part = code[start : start + CELL_SLABS]
-        if not part.any():
-            continue
-        z0 = (box[0].start + start) * fz
-        z1 = min(z0 + part.shape[0] * fz, shape[0])
-        voxels = expand_cells(part, factors)[: z1 - z0, : r1 - r0, : c1 - c0]
-        air = np.less(hu[z0:z1, r0:r1, c0:c1], threshold)
         for out, whole, rim in ((out_low, _LOW, _LOW_RIM), (out_high, _HIGH, _HIGH_RIM)):
-            target = out[z0:z1, r0:r1, c0:c1]
-            np.equal(voxels, rim, out=target)
-            target &= air
-            target |= voxels == whole
-
+            mine = (part == whole) | (part == rim)
+            rows = np.flatnonzero(mine.any(axis=(0, 2)))
+            cols = np.flatnonzero(mine.any(axis=(0, 1)))
+            if not rows.size:
+                continue
+            cells = part[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+            z0 = (box[0].start + start) * fz
+            r0 = (box[1].start + int(rows[0])) * fy
+            c0 = (box[2].start + int(cols[0])) * fx
+            z1 = min(z0 + cells.shape[0] * fz, shape[0])
+            r1 = min(r0 + cells.shape[1] * fy, shape[1])
+            c1 = min(c0 + cells.shape[2] * fx, shape[2])
+            voxels = expand_cells(cells, factors)[: z1 - z0, : r1 - r0, : c1 - c0]
+            lung = np.less(hu[z0:z1, r0:r1, c0:c1], threshold)
+            lung &= voxels == rim
+            lung |= voxels == whole
+            # Only the True voxels are written: a page with none stays uncommitted.
+            np.copyto(out[z0:z1, r0:r1, c0:c1], lung, where=lung)

@@ -183,16 +183,18 @@ def segment_lungs(
 
     found = _lungs_on_grid(air, hu_of, grid_spacing, head_is_last=head_is_last, cores=cores,
                            exact=exact, mostly_air=mostly_air)
+    del air, mostly_air
     if found is None:
         return out
-    box, (low, high), lungs, allowed = found
+    box, refined, lungs, allowed = found
     low_out, high_out = (out.right, out.left) if right_is_low_col else (out.left, out.right)
     if source_grid:
-        low_out[box] = low
-        high_out[box] = high
-    else:
-        coarse.paint_lungs(low_out, high_out, hu, threshold, factors, box, lungs, (low, high),
-                           allowed)
+        low_out[box] = refined[0]
+        high_out[box] = refined[1]
+        return out
+    code = coarse.cell_codes(lungs, refined, allowed)
+    del found, refined, lungs, allowed  # the cells' arrays go before the source grid's work
+    coarse.paint(low_out, high_out, hu, threshold, factors, box, code)
     return out
 
 
