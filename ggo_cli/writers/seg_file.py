@@ -33,6 +33,25 @@ _UNDEFINED = b"\xff\xff\xff\xff"
 _ZERO_LENGTH = b"\0\0\0\0"
 
 
+_INTEGER_FORMATS = {"UL": "I", "US": "H", "SL": "i", "SS": "h"}
+"""struct formats of the integer VRs with a 2-byte length (PS3.5 Table 6.2-1)."""
+
+
+def _integers(elem: DataElement) -> bytes | None:
+    """An integer element of a short VR encoded as pydicom's ``write_numbers`` encodes it
+    (Little Endian, values packed one after the other), or ``None`` for anything else (left
+    to pydicom). Each frame's Dimension Index Values differ, so caching cannot spare them."""
+    value = elem.value
+    values = value if isinstance(value, MultiValue | list) else [value]
+    fmt = _INTEGER_FORMATS.get(elem.VR)
+    if fmt is None or not values or any(type(v) is not int for v in values):
+        return None
+    data = struct.pack(f"<{len(values)}{fmt}", *values)
+    if len(data) > 0xFFFF:
+        return None
+    return b"".join([_tag_bytes(elem.tag), elem.VR.encode(), struct.pack("<H", len(data)), data])
+
+
 def _leaf_key(elem: DataElement) -> Hashable:
     """What decides a non-sequence element's encoding, as a hashable key.
 
@@ -56,17 +75,24 @@ class _SequenceEncoder:
     of a SEG's writing time encoding them again and again. Sequences and items are laid out
     as ``pydicom.filewriter`` lays them out (PS3.5 section 7.5): elements in tag order
     without group lengths, a sequence's and an item's length given unless it is marked
-    undefined, then delimited. Every other element is written by pydicom's
+    undefined, then delimited. Integers of short VRs are packed as pydicom packs them
+    (:func:`_integers`); every other element is written by pydicom's
     ``write_data_element``; an ambiguous VR (which ``dcmwrite`` settles from the pixel
     description) is refused there, never guessed.
     """
 
     def __init__(self) -> None:
         self._encoded: dict[Hashable, bytes] = {}
+        # items by identity: highdicom hands the same item objects to many frames (a slice's
+        # plane position and source reference to each segment's frame, the codes to all);
+        # each entry keeps its item alive, so no other object can take its id meanwhile
+        self._items: dict[tuple[int, str], tuple[Dataset, bytes]] = {}
 
     def element(self, elem: DataElement, encodings: str | list[str]) -> bytes:
         """One element, sequences recursively."""
         if elem.VR != "SQ":
+            if elem.VR in _INTEGER_FORMATS and (integers := _integers(elem)) is not None:
+                return integers
             key = (_leaf_key(elem), str(encodings))
             data = self._encoded.get(key)
             if data is None:
@@ -85,20 +111,27 @@ class _SequenceEncoder:
         """The items of a sequence, one after the other."""
         chunks: list[bytes] = []
         for item in items:
-            item_encodings = (
-                item[_CHARACTER_SET_TAG].value if _CHARACTER_SET_TAG in item else encodings
-            )
-            content = b"".join(
-                self.element(elem, item_encodings)
-                for elem in item  # in tag order
-                if not (elem.tag.element == 0 and elem.tag.group > 6)  # retired group lengths
-            )
-            if getattr(item, "is_undefined_length_sequence_item", False):
-                chunks += [_tag_bytes(ItemTag), _UNDEFINED, content,
-                           _tag_bytes(ItemDelimiterTag), _ZERO_LENGTH]
-            else:
-                chunks += [_tag_bytes(ItemTag), struct.pack("<I", len(content)), content]
+            key = (id(item), str(encodings))
+            known = self._items.get(key)
+            if known is None:
+                known = self._items[key] = (item, self._item(item, encodings))
+            chunks.append(known[1])
         return b"".join(chunks)
+
+    def _item(self, item: Dataset, encodings: str | list[str]) -> bytes:
+        """One item, its item tag and length (or delimiter) included."""
+        item_encodings = (
+            item[_CHARACTER_SET_TAG].value if _CHARACTER_SET_TAG in item else encodings
+        )
+        content = b"".join(
+            self.element(elem, item_encodings)
+            for elem in item  # in tag order
+            if not (elem.tag.element == 0 and elem.tag.group > 6)  # retired group lengths
+        )
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            return b"".join([_tag_bytes(ItemTag), _UNDEFINED, content,
+                             _tag_bytes(ItemDelimiterTag), _ZERO_LENGTH])
+        return b"".join([_tag_bytes(ItemTag), struct.pack("<I", len(content)), content])
 
 
 def _tag_bytes(tag: int) -> bytes:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import numpy.typing as npt
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -107,7 +108,9 @@ def check_source_headers(datasets: Sequence[Dataset], series_uid: str) -> None:
     """
     if not datasets:
         raise UnsupportedSeriesError(f"series {series_uid}: no source headers to reference")
-    missing = sorted({kw for ds in datasets for kw in REQUIRED_SOURCE_KEYWORDS if kw not in ds})
+    required = {tag_for_keyword(keyword): keyword for keyword in REQUIRED_SOURCE_KEYWORDS}
+    wanted = frozenset(required)  # tags: one set difference a header, no keyword look-ups
+    missing = sorted({required[tag] for ds in datasets for tag in wanted.difference(ds.keys())})
     if missing:
         raise UnsupportedSeriesError(
             f"series {series_uid}: source headers lack {', '.join(missing)}, required to write a "

@@ -1,0 +1,117 @@
+"""The SEG that write_seg builds only to write: the same bytes as highdicom's full object."""
+
+from __future__ import annotations
+
+import copy
+from io import BytesIO
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+from numpy.testing import assert_array_equal
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+
+from ggo_cli.analysis.masks import keep_inside_lungs, model_masks, seg_masks, segment_planes
+from ggo_cli.domain import CtVolume, Prediction
+from ggo_cli.errors import UnsupportedSeriesError
+from ggo_cli.onnx.model_info import ModelInfo
+from ggo_cli.writers import dicom_seg, seg_file
+from ggo_cli.writers.dicom_seg import build_seg, write_seg
+from ggo_cli.writers.seg_source import check_source_headers
+from tests.writers.ct_data import blob_masks
+
+_CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
+def _same_clock_and_dimension_uid(seg: pydicom.Dataset, like: pydicom.Dataset) -> None:
+    """Give ``seg`` the values of ``like`` that differ from build to build: the creation
+    clock (the contributions' too) and the Dimension Organization UID (highdicom draws a new
+    one each time)."""
+    for keyword in _CLOCK:
+        setattr(seg, keyword, like[keyword].value)
+    for ours, theirs in zip(
+        seg.ContributingEquipmentSequence, like.ContributingEquipmentSequence, strict=True
+    ):
+        if "ContributionDateTime" in theirs:
+            ours.ContributionDateTime = theirs.ContributionDateTime
+    uid = like.DimensionOrganizationSequence[0].DimensionOrganizationUID
+    seg.DimensionOrganizationSequence[0].DimensionOrganizationUID = uid
+    for item in seg.DimensionIndexSequence:
+        item.DimensionOrganizationUID = uid
+
+
+@pytest.mark.parametrize("nonempty_frames", [False, True])
+def test_written_seg_is_the_full_segmentations_bytes(
+    tmp_path: Path, lung_volume: CtVolume, model: ModelInfo, nonempty_frames: bool
+) -> None:
+    """write_seg (highdicom's Segmentation without its read-side lookup tables) writes byte
+    for byte what dcmwrite writes of build_seg's full object, given the same clock."""
+    planes, lungs = segment_planes(lung_volume.hu.shape, 1)
+    masks = model_masks(planes, 1)
+    masks[...] = blob_masks(lung_volume)
+    lungs.right[:, 10:-10, 10:250] = True
+    lungs.left[3:-3, 10:-10, 260:-10] = True
+    prediction = keep_inside_lungs(Prediction(masks=masks, threshold=0.5), lungs)
+    path = write_seg(
+        lung_volume, prediction, model, tmp_path / "seg.dcm", lungs=lungs,
+        nonempty_frames=nonempty_frames,
+    )
+    written = pydicom.dcmread(path)
+    full = build_seg(lung_volume, prediction, model, lungs=lungs, nonempty_frames=nonempty_frames)
+    _same_clock_and_dimension_uid(full, written)
+    buffer = BytesIO()
+    pydicom.dcmwrite(buffer, full, enforce_file_format=True)
+    assert path.read_bytes() == buffer.getvalue()
+    pixels = full.get_pixels_by_source_instance(  # the full object keeps highdicom's reading
+        source_sop_instance_uids=list(lung_volume.sop_instance_uids), segment_numbers=[1, 2, 3]
+    )
+    assert_array_equal(pixels.astype(bool), seg_masks(prediction, lungs))
+
+
+def test_only_the_lookup_tables_are_skipped(lung_volume: CtVolume, model: ModelInfo) -> None:
+    """The override names a method highdicom's constructor calls (if highdicom renamed it,
+    this test fails and the override is dead code, the SEG unchanged), and the written-only
+    object lacks exactly the tables built there."""
+    assert callable(getattr(hd.seg.Segmentation, "_build_luts", None))
+    prediction = Prediction(masks=blob_masks(lung_volume), threshold=0.5)
+    built = {
+        cls: dicom_seg._build(
+            lung_volume, prediction, model, series_number=77, series_description="AI",
+            software_version="1", lungs=None, nonempty_frames=False, segmentation=cls,
+        )
+        for cls in (dicom_seg._Segmentation, dicom_seg._WrittenSegmentation)
+    }
+    full, written = built[dicom_seg._Segmentation], built[dicom_seg._WrittenSegmentation]
+    assert hasattr(full, "_dim_ind_pointers") and not hasattr(written, "_dim_ind_pointers")
+    _same_clock_and_dimension_uid(written, full)
+    assert written == full  # every DICOM element equal
+
+
+def test_missing_source_attributes_are_named(lung_volume: CtVolume) -> None:
+    """The header check names each missing keyword once, whichever headers lack it."""
+    headers = [copy.deepcopy(ds) for ds in lung_volume.datasets[:3]]
+    del headers[0].PatientSex
+    del headers[2].PatientSex
+    del headers[2].StudyID
+    with pytest.raises(UnsupportedSeriesError, match=r"lack PatientSex, StudyID, required"):
+        check_source_headers(headers, "1.2.3")
+    check_source_headers(list(lung_volume.datasets), "1.2.3")
+
+
+@pytest.mark.parametrize(
+    ("vr", "value"),
+    [("UL", [1, 300]), ("UL", 7), ("US", 3), ("US", [1, 2, 65535]), ("SL", [-5, 2**31 - 1]),
+     ("SS", -2), ("UL", []), ("UL", None)],
+)
+def test_integers_are_packed_as_pydicom_packs_them(vr: str, value: object) -> None:
+    """The writer's own packing of integer elements equals pydicom's element writer, and
+    anything else (empty, not integers) is left to pydicom."""
+    elem = pydicom.DataElement(0x00209157, vr, value)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_data_element(buffer, elem)
+    ours = seg_file._integers(elem)
+    assert ours is None or ours == buffer.getvalue()
+    assert (ours is None) == (value is None or value == [])
