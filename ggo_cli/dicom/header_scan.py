@@ -160,7 +160,7 @@ def _meta(data: bytes, *, complete: bool) -> tuple[FileMetaDataset, int] | None:
     try:
         file_meta[next(iter(file_meta.keys()))]  # pydicom retries as implicit VR on failure
         group_length = file_meta.get("FileMetaInformationGroupLength")
-    except (NotImplementedError, ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - pydicom's own reader then meets (and reports) it
         return None
     if group_length is not None and group_length != pos - (PREAMBLE_BYTES + 12):
         return None  # pydicom logs the mismatch: let it
@@ -221,7 +221,7 @@ def scan_header(
         return None
     try:
         implicit = _is_implicit(file_meta.get("TransferSyntaxUID"))
-    except (ValueError, TypeError):
+    except Exception:  # noqa: BLE001 - pydicom's own reader then meets (and reports) it
         return None
     first_vr = data[pos + 4 : pos + 6]
     if implicit is None or implicit == (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B):
@@ -237,8 +237,11 @@ def scan_header(
     encoding: str | list[str] = default_encoding
     if _SPECIFIC_CHARACTER_SET in raw:
         element = raw[BaseTag(_SPECIFIC_CHARACTER_SET)]
-        char_set = convert_raw_data_element(cast(RawDataElement, element)).value
-        encoding = convert_encodings(char_set)
+        try:
+            char_set = convert_raw_data_element(cast(RawDataElement, element)).value
+            encoding = convert_encodings(char_set)
+        except Exception:  # noqa: BLE001 - pydicom's own reader then meets (and reports) it
+            return None
     dataset.set_original_encoding(implicit, True, encoding)
     header = FileDataset(name, dataset, data[:128], file_meta, implicit, True)
     header.set_original_encoding(implicit, True, dataset._character_set)
