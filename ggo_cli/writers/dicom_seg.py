@@ -97,7 +97,8 @@ OVERLAP_SLAB_SLICES = 64
 
 
 class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, with its pixel check on a bool segment stack done by slabs.
+    """highdicom's Segmentation, with its pixel check on a bool segment stack done by slabs
+    and its 1-bit frames packed without pydicom's per-frame re-check.
 
     For a ``(frames, rows, cols, segments)`` stack, highdicom (0.28) checks that pixels are
     0 or 1 (a bool array can hold nothing else) and tells whether segments overlap from
@@ -137,6 +138,27 @@ class _Segmentation(hd.seg.Segmentation):
         return pixel_array, (
             hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
         )
+
+
+    def _encode_pixels_native(self, planes: npt.NDArray[Any]) -> bytes:
+        """A frame's pixels as highdicom encodes them, the 1-bit case packed directly.
+
+        highdicom (0.28) packs each BINARY frame with pydicom's ``pack_bits``, which first
+        checks, in two whole-frame passes and a copy, that every value is 0 or 1; a frame
+        highdicom cast from a bool mask is exactly that, so one pass checks it here and
+        ``np.packbits`` packs it as ``pack_bits`` does (little-endian bit order, PS3.5
+        section 8.1.1). Anything else is highdicom's to encode.
+        """
+        if (
+            int(self.BitsAllocated) == 1
+            and planes.dtype == np.uint8
+            and planes.ndim == 1
+            and planes.size % 8 == 0
+            and (planes.size == 0 or int(planes.max()) <= 1)
+        ):
+            return np.packbits(planes, bitorder="little").tobytes()
+        encoded: bytes = super()._encode_pixels_native(planes)
+        return encoded
 
 
 class _WrittenSegmentation(_Segmentation):
@@ -221,7 +243,7 @@ def _build(
     software_version: str,
     lungs: LungMasks | None,
     nonempty_frames: bool,
-    segmentation: type[_Segmentation],
+    segmentation: type[hd.seg.Segmentation],
 ) -> hd.seg.Segmentation:
     """:func:`build_seg` with the Segmentation class to build (``_WrittenSegmentation`` for a
     SEG only written)."""

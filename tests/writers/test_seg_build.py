@@ -7,6 +7,7 @@ from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
 from numpy.testing import assert_array_equal
@@ -70,23 +71,47 @@ def test_written_seg_is_the_full_segmentations_bytes(
     assert_array_equal(pixels.astype(bool), seg_masks(prediction, lungs))
 
 
-def test_only_the_lookup_tables_are_skipped(lung_volume: CtVolume, model: ModelInfo) -> None:
-    """The override names a method highdicom's constructor calls (if highdicom renamed it,
-    this test fails and the override is dead code, the SEG unchanged), and the written-only
-    object lacks exactly the tables built there."""
-    assert callable(getattr(hd.seg.Segmentation, "_build_luts", None))
-    prediction = Prediction(masks=blob_masks(lung_volume), threshold=0.5)
+def test_overrides_change_no_element_of_highdicoms_segmentation(
+    lung_volume: CtVolume, model: ModelInfo
+) -> None:
+    """Every override names a method highdicom's constructor calls (if highdicom renamed one,
+    this test fails and the override is dead code, the SEG unchanged), and the SEG built with
+    them (bool masks of three segments) equals highdicom's own in every element, pixel data
+    included; only the read-side lookup tables are missing from the written-only object."""
+    for name in ("_build_luts", "_encode_pixels_native", "_check_and_cast_pixel_array"):
+        assert callable(getattr(hd.seg.Segmentation, name, None))
+    planes, lungs = segment_planes(lung_volume.hu.shape, 1)
+    model_masks(planes, 1)[...] = blob_masks(lung_volume)
+    lungs.right[:, 10:-10, 10:250] = True
+    lungs.left[3:-3, 10:-10, 260:-10] = True
+    prediction = Prediction(masks=model_masks(planes, 1), threshold=0.5)
     built = {
         cls: dicom_seg._build(
             lung_volume, prediction, model, series_number=77, series_description="AI",
-            software_version="1", lungs=None, nonempty_frames=False, segmentation=cls,
+            software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
         )
-        for cls in (dicom_seg._Segmentation, dicom_seg._WrittenSegmentation)
+        for cls in (hd.seg.Segmentation, dicom_seg._WrittenSegmentation)
     }
-    full, written = built[dicom_seg._Segmentation], built[dicom_seg._WrittenSegmentation]
-    assert hasattr(full, "_dim_ind_pointers") and not hasattr(written, "_dim_ind_pointers")
-    _same_clock_and_dimension_uid(written, full)
-    assert written == full  # every DICOM element equal
+    theirs, ours = built[hd.seg.Segmentation], built[dicom_seg._WrittenSegmentation]
+    assert hasattr(theirs, "_dim_ind_pointers") and not hasattr(ours, "_dim_ind_pointers")
+    _same_clock_and_dimension_uid(ours, theirs)
+    assert ours == theirs  # every DICOM element equal
+    assert ours.PixelData == theirs.PixelData
+
+
+@pytest.mark.parametrize("size", [0, 8, 64, 512 * 512])
+def test_frames_are_packed_as_pydicom_packs_them(size: int) -> None:
+    """1-bit frames packed directly equal pydicom's pack_bits; a frame with another value is
+    left to highdicom, which refuses it."""
+    seg = dicom_seg._Segmentation.__new__(dicom_seg._Segmentation)
+    pydicom.Dataset.__init__(seg)  # only the attribute the encoder reads
+    seg.BitsAllocated = 1
+    frame = (np.random.default_rng(size).random(size) > 0.5).astype(np.uint8)
+    assert seg._encode_pixels_native(frame) == pydicom.pixels.pack_bits(frame, pad=False)
+    if size:
+        frame[size // 2] = 2
+        with pytest.raises(ValueError, match="binary"):
+            seg._encode_pixels_native(frame)
 
 
 def test_missing_source_attributes_are_named(lung_volume: CtVolume) -> None:
