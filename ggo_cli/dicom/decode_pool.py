@@ -8,7 +8,8 @@ The workers die with the run, even when it is killed (``PR_SET_PDEATHSIG`` and a
 
 Each file is read within the limit :func:`ggo_cli.dicom.volume.load_volume` gives it (the
 header budget plus twice its announced pixel bytes: a deflated file is inflated no further)
-and each slice is checked by :mod:`ggo_cli.dicom.slice_decoding`.
+and each slice is checked by :mod:`ggo_cli.dicom.slice_decoding`. A worker reads an uncompressed
+file by :mod:`ggo_cli.dicom.native_pixels` (its header once, its pixels at the offset found).
 """
 
 from __future__ import annotations

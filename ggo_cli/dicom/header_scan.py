@@ -6,9 +6,9 @@ lengths for every element before the pixel data. For such a header this module w
 elements of the bytes already read and builds the same :class:`~pydicom.dataset.FileDataset`
 that :func:`pydicom.dcmread` builds with ``stop_before_pixels=True``: the same raw elements
 (tag, VR, length, value bytes, value offset), so pydicom converts every value exactly as it
-would have, lazily, on access. It is about three times cheaper than pydicom's generic reader
-(docs/benchmarks.md), and it also tells where the pixel data element starts, so that
-:mod:`ggo_cli.dicom.native_pixels` reads uncompressed pixels without parsing the file again.
+would have, lazily, on access. It skips the generic reader's per-element machinery, and it
+also tells where the pixel data element starts, so that :mod:`ggo_cli.dicom.native_pixels`
+reads uncompressed pixels without parsing the file again.
 
 Anything else (no preamble, a deflated or big-endian dataset, an undefined length, a VR
 pydicom does not know, a VR encoding that differs from the transfer syntax, command elements,

@@ -6,8 +6,12 @@ the positions, not from SliceThickness. Gaps, uneven spacing, duplicate position
 stacks are errors: a measurement in mL is only honest on a regular grid. Nothing is flipped or
 resampled; ``CtVolume.datasets[i]`` is the source instance of slice ``i``.
 
-Decoding can run in a :class:`~ggo_cli.dicom.decode_pool.DecodePool` (worker processes, one
-per usable core by default; :mod:`ggo_cli.dicom.decode_pool`).
+Each header is read once (:mod:`ggo_cli.dicom.header_scan`, pydicom's reader for unusual
+files), and an uncompressed slice's pixels are then read from the offset that read found,
+straight into the int16 volume (:mod:`ggo_cli.dicom.native_pixels`; the same HU bit for bit).
+Other slices, and files changed since their header was read, are decoded by pydicom, in a
+:class:`~ggo_cli.dicom.decode_pool.DecodePool` (worker processes, one per usable core by
+default; :mod:`ggo_cli.dicom.decode_pool`) when it runs the series.
 
 Nothing is trusted (issue 15, values in :mod:`ggo_cli.dicom.budgets`): every header is read within
 the header budget, the geometry budgets and every RescaleSlope/RescaleIntercept are checked
