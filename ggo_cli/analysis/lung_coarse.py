@@ -18,11 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from ..domain import HuArray
-from .lung_refine import COARSE_CELL_MM
 
 BoolVolume = npt.NDArray[np.bool_]
 Box = tuple[slice, slice, slice]
 
+COARSE_CELL_MM = 1.6
+"""Largest cell edge (voxels grouped by whole numbers per axis; an axis with coarser voxels
+keeps them): 2 x 2 x 2 voxels of a 0.8 mm, 0.7 mm pixel series, 1 x 2 x 2 on thick slices."""
 CELL_SLABS = 16
 """Cell slices pooled or painted at a time (a few MB of full-resolution temporaries)."""
 

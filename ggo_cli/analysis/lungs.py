@@ -1,6 +1,13 @@
 """Right and left lung masks from CT density alone (no network), and GGO per lung.
 
-Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (SimpleITK):
+Method of :func:`segment_lungs`, with distances in mm (SimpleITK). Steps 2 to 5 run on a
+grid of cells of whole voxels, up to 1.6 mm an edge (2 x 2 x 2 voxels of a 0.8 mm series of
+0.7 mm pixels, 1 x 2 x 2 on thick slices; :mod:`ggo_cli.analysis.lung_coarse`): a cell is
+air when all its voxels are, and the airways are tracked in the cells at least half air.
+The refined lungs are painted back on the source grid, where the threshold decides each
+lung's edge cells and the cells next to it. ``exact=True`` runs every step on the source
+grid: the reference the default is tested against (``tests/analysis/test_lung_agreement.py``:
+each lung's Dice >= 0.99 and volume within 1 %).
 
 1. **Air**: voxels below ``threshold_hu`` (-320 HU). GGO (about -750 to -300 HU) is air-like.
 2. **Body**: the largest 3-D component of non-air voxels, holes filled slice by slice. Air
@@ -17,10 +24,9 @@ Method of :func:`segment_lungs`, on the source voxel grid with distances in mm (
    each side grow back by a marker watershed on the distance map, which cuts at the thin
    anterior or posterior junction. A junction too thick to erode is cut at the column that
    halves the voxels.
-5. **Dense lung kept in**, per lung: a 3-D closing with a 10 mm ball (vessels, nodules up
-   to about 2 cm, hilum), on a grid of cells up to 1.6 mm (cells wholly lung; an eighth of
-   the voxels on thin slices; ``exact=True`` closes on the source grid, and the two agree
-   within a Dice of 0.99 and 1 % of each lung's volume); 3-D hole filling (consolidation
+5. **Dense lung kept in**, per lung (on cells, from the lung's cells and the cells next to
+   them at least half air): a 3-D closing with a 10 mm ball (vessels, nodules up
+   to about 2 cm, hilum); 3-D hole filling (consolidation
    surrounded by lung); and per slice the bites between the lung and its convex hull
    (consolidation on the chest wall), each extended up to 15 mm past the hull chord to a
    curved chest wall. A bite voxel needs lung beneath and above it in its column (a
@@ -83,6 +89,7 @@ from ..errors import UnsupportedSeriesError
 from ..host import usable_cores
 from . import lung_coarse as coarse
 from . import morphology as morph
+from .lung_parts import find_lungs, track_airways
 from .lung_refine import CLOSING_RADIUS_MM, refine_lung
 
 log = logging.getLogger(__name__)
@@ -92,14 +99,6 @@ log = logging.getLogger(__name__)
 sitk: Any = SimpleITK
 
 LUNG_THRESHOLD_HU = -320.0  # aerated lung and GGO below; soft tissue, consolidation above
-AIRWAY_SEED_MAX_MEAN_HU = -800.0  # a trachea averages about -850 HU even on 8 mm slices
-AIRWAY_MAX_AREA_MM2 = 1200.0  # adult trachea or main bronchus section: 2-6 cm^2
-AIRWAY_SEED_MAX_BODY_FRACTION = 0.04  # adult trachea: about 2 % of the neck or chest section
-AIRWAY_SEED_MAX_OFFSET_MM = 30.0  # from the body's centre column
-AIRWAY_GROWTH_LIMIT = 2.0  # bronchi narrow: a larger region is lung cut off by vessels
-SECOND_LUNG_MIN_FRACTION = 0.1  # of the largest component's voxels
-MERGED_SIDE_MIN_FRACTION = 0.15  # share of a component's voxels on its minority side
-SPLIT_DEPTHS_MM = (1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 18.0)  # erosions tried on a merged pair
 BODY_FILL_SLICES = 16  # slices a labelling of the body's holes: 16 x 512 x 512 uint32, 17 MB
 
 BoolVolume = morph.BoolVolume
@@ -182,7 +181,7 @@ def segment_lungs(
             return coarse.cell_hu(hu, k, factors, rows, cols)
 
     found = _lungs_on_grid(air, hu_of, grid_spacing, head_is_last=head_is_last, cores=cores,
-                           exact=exact, mostly_air=mostly_air)
+                           mostly_air=mostly_air)
     del air, mostly_air
     if found is None:
         return out
@@ -203,8 +202,7 @@ GridHu = Callable[[int, slice, slice], npt.NDArray[Any]]
 
 
 def _lungs_on_grid(air: BoolVolume, hu_of: GridHu, spacing: tuple[float, float, float], *,
-                   head_is_last: bool, cores: int, exact: bool,
-                   mostly_air: BoolVolume | None = None) -> (
+                   head_is_last: bool, cores: int, mostly_air: BoolVolume | None = None) -> (
     tuple[tuple[slice, slice, slice], tuple[BoolVolume, BoolVolume],
           tuple[BoolVolume, BoolVolume], BoolVolume] | None
 ):
@@ -216,7 +214,6 @@ def _lungs_on_grid(air: BoolVolume, hu_of: GridHu, spacing: tuple[float, float, 
         spacing: the grid's ``(slice, row, col)`` spacing in mm.
         head_is_last: the head end is at the last slice.
         cores: the cores it may use.
-        exact: close on the source grid (:func:`ggo_cli.analysis.lung_refine.close_ball`).
         mostly_air: on a coarse grid, the cells at least half air: those next to a lung's
             cells (wholly air) join it before the refinement, so that it starts from the
             lung's extent, not from a cell inside it.
@@ -242,11 +239,14 @@ def _lungs_on_grid(air: BoolVolume, hu_of: GridHu, spacing: tuple[float, float, 
     allowed = body[box].copy()
     del body, air
     col0 = box[2].start
-    airway = _track_airways(candidates, lambda k: hu_of(box[0].start + k, box[1], box[2]),
+    # On cells, airways are tracked in the cells at least half air: a lumen at its extent,
+    # joining the lung in a slice about where it does on the source grid.
+    tracked = candidates if mostly_air is None else mostly_air[box] & allowed
+    airway = track_airways(tracked, lambda k: hu_of(box[0].start + k, box[1], box[2]),
                             body_area[box[0]], spacing, centre_col - col0,
                             head_is_last=head_is_last)
     candidates &= ~airway
-    low, high = _find_lungs(candidates, spacing, centre_col - col0)
+    low, high = find_lungs(candidates, spacing, centre_col - col0)
     del candidates
     allowed &= ~airway
     log.debug("lungs: airway %d voxels", int(np.count_nonzero(airway)))
@@ -261,15 +261,12 @@ def _lungs_on_grid(air: BoolVolume, hu_of: GridHu, spacing: tuple[float, float, 
     if cores > 1:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggo-lung") as pool:
             high_future = pool.submit(refine_lung, high, low, allowed, spacing, medial_sign=-1.0,
-                                      cores=cores, exact=exact)
-            low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores,
-                                   exact=exact)
+                                      cores=cores)
+            low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores)
             high_done = high_future.result()
     else:
-        low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores,
-                               exact=exact)
-        high_done = refine_lung(high, low, allowed, spacing, medial_sign=-1.0, cores=cores,
-                                exact=exact)
+        low_done = refine_lung(low, high, allowed, spacing, medial_sign=1.0, cores=cores)
+        high_done = refine_lung(high, low, allowed, spacing, medial_sign=-1.0, cores=cores)
     # Neither refinement enters the other lung, so a voxel both claim is junction tissue.
     overlap = low_done & high_done
     low_done &= ~overlap
@@ -352,102 +349,3 @@ def _fill_slice_holes(mask: BoolVolume, *, cores: int) -> None:
         del labels, image
 
     morph.each_slice(fill, -(-mask.shape[0] // BODY_FILL_SLICES), cores=cores)
-
-
-def _track_airways(candidates: BoolVolume, hu: Callable[[int], npt.NDArray[Any]],
-                   body_area: npt.NDArray[np.intp],
-                   spacing: tuple[float, float, float], centre_col: float, *,
-                   head_is_last: bool) -> BoolVolume:
-    """Trachea and main bronchi: small air regions tracked down from the head end.
-
-    ``body_area`` is the body's voxel count per slice; ``hu(k)`` is slice ``k``'s HU; ``hu``
-    and ``candidates`` may be a box of the volume, with ``centre_col`` in the box's columns.
-    """
-    n, _, cols = candidates.shape
-    max_pixels = AIRWAY_MAX_AREA_MM2 / (spacing[1] * spacing[2])
-    airway = np.zeros_like(candidates)
-    previous: BoolVolume | None = None
-    seeding, largest_seed = True, 0.0
-    for k in range(n - 1, -1, -1) if head_is_last else range(n):
-        labels = morph.component_labels(candidates[k])
-        areas = np.bincount(labels.ravel())
-        small = areas <= max_pixels
-        small[0] = False
-        keep = np.zeros_like(small)
-        if previous is not None:
-            overlaps = np.bincount(labels[previous], minlength=areas.size) > 0
-            keep |= small & overlaps & (areas <= AIRWAY_GROWTH_LIMIT * largest_seed)
-        if seeding:
-            safe = np.maximum(areas, 1)
-            col = np.bincount(labels.ravel(), np.tile(np.arange(cols, dtype=float),
-                                                      labels.shape[0])) / safe
-            mean_hu = np.bincount(labels.ravel(), hu(k).ravel().astype(float)) / safe
-            seeds = (small & (areas <= AIRWAY_SEED_MAX_BODY_FRACTION * int(body_area[k]))
-                     & (np.abs(col - centre_col) * spacing[2] <= AIRWAY_SEED_MAX_OFFSET_MM)
-                     & (mean_hu <= AIRWAY_SEED_MAX_MEAN_HU))
-            keep |= seeds
-            largest_seed = max([largest_seed, *areas[seeds].tolist()])
-            seeding = bool(small[1:].all())  # lungs become large: no new seeds below
-        if not keep.any():
-            if seeding:
-                continue
-            break
-        airway[k] = previous = keep[labels]
-    return airway
-
-
-def _find_lungs(candidates: BoolVolume, spacing: tuple[float, float, float],
-                centre_col: float) -> tuple[BoolVolume, BoolVolume]:
-    """The lung at low columns and the one at high columns (either may be empty)."""
-    components = morph.ranked_components(candidates)
-    sizes = np.asarray([0, *components.sizes])  # index = rank + 1, as a bincount would give
-    empty = np.zeros_like(candidates)
-    if sizes.size < 2:
-        return empty, empty.copy()
-    middle = int(round(centre_col))
-    first = components.mask(0)
-    low_share = np.count_nonzero(first[..., :middle]) / sizes[1]
-    if min(low_share, 1.0 - low_share) >= MERGED_SIDE_MIN_FRACTION:
-        log.debug("lungs merged in one component: splitting at the junction")
-        return _split(first, spacing, centre_col)
-    second = empty
-    if sizes.size > 2 and sizes[2] >= SECOND_LUNG_MIN_FRACTION * sizes[1]:
-        second = components.mask(1)
-        if (low_share >= 0.5) == (np.count_nonzero(second[..., :middle]) >= sizes[2] / 2):
-            second = empty  # both on one side: the smaller one is not a lung
-    return (first, second) if low_share >= 0.5 else (second, first)
-
-
-def _split(merged: BoolVolume, spacing: tuple[float, float, float], centre_col: float) -> (
-    tuple[BoolVolume, BoolVolume]
-):
-    """Cut a merged pair: erode until no core straddles the midline, then grow the cores of
-    each side back by a marker watershed on the distance map."""
-    box, pad = morph.padded_box(merged, [1, 1, 1])
-    crop = np.pad(merged[box], pad)
-    depth_mm = morph.distance_mm(~crop, spacing)
-    low_cols = np.broadcast_to(np.arange(crop.shape[2]) - pad[2][0] + box[2].start < centre_col,
-                               crop.shape).ravel()
-    for depth in SPLIT_DEPTHS_MM:
-        labels = morph.component_labels(depth_mm > depth)
-        sizes = np.maximum(np.bincount(labels.ravel()), 1)
-        low_share = np.bincount(labels.ravel(), low_cols) / sizes
-        # Erode until no core straddles the midline; every core then marks its side's lung.
-        if np.any(np.minimum(low_share, 1 - low_share)[1:] >= MERGED_SIDE_MIN_FRACTION):
-            continue
-        side = np.where(low_share >= 0.5, 1, 2).astype(np.uint32)
-        side[0] = 0
-        totals = [sizes[side == i].sum() for i in (1, 2)]
-        if min(totals) < SECOND_LUNG_MIN_FRACTION * max(totals):
-            continue
-        grown = np.asarray(sitk.GetArrayFromImage(sitk.MorphologicalWatershedFromMarkers(
-            morph.to_image(-depth_mm), morph.to_image(side[labels]), markWatershedLine=False,
-            fullyConnected=False)))
-        low, high = (morph.uncrop((grown == i) & crop, box, pad, merged.shape) for i in (1, 2))
-        return low, high
-    # No thin junction (e.g. a block): split where the columns hold half the voxels each.
-    log.debug("merged lungs did not separate by erosion; splitting at the median column")
-    per_col = np.count_nonzero(merged, axis=(0, 1)).cumsum()
-    low = merged.copy()
-    low[..., int(np.searchsorted(per_col, per_col[-1] / 2)) + 1:] = False
-    return low, merged & ~low

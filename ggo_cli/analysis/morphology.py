@@ -121,46 +121,6 @@ def distance_mm(mask: BoolVolume, spacing: tuple[float, ...]) -> npt.NDArray[np.
     return np.maximum(values, np.float32(0.0), out=values)  # in place: no second volume
 
 
-def pool_all(mask: BoolVolume, factors: list[int]) -> BoolVolume:
-    """A coarse mask whose cell is True where all of its ``factors`` voxels per axis are.
-
-    Args:
-        mask: the voxels; cells past its end count them as False. Shape: ``(slice, row, col)``.
-        factors: voxels per cell along each axis.
-
-    Returns:
-        The cells. Shape: ``ceil(mask.shape / factors)``.
-    """
-    pad = [(0, -n % f) for n, f in zip(mask.shape, factors, strict=True)]
-    cells = np.pad(mask, pad) if any(after for _, after in pad) else mask
-    for axis, f in enumerate(factors):
-        if f > 1:  # AND of strided views: no float copy, as a reshaped mean would make
-            parts = [cells[(slice(None),) * axis + (slice(j, None, f),)] for j in range(f)]
-            pooled = np.logical_and(parts[0], parts[1])
-            for part in parts[2:]:
-                pooled &= part
-            cells = pooled
-    return np.ascontiguousarray(cells)
-
-
-def expand(cells: BoolVolume, factors: list[int], shape: tuple[int, ...]) -> BoolVolume:
-    """Paint coarse cells back onto the source grid (each cell on all its voxels).
-
-    Args:
-        cells: the coarse mask. Shape: ``ceil(shape / factors)``.
-        factors: voxels per cell along each axis.
-        shape: the source grid's ``(slice, row, col)`` shape.
-
-    Returns:
-        The voxels. Shape: ``shape``.
-    """
-    c = cells.shape
-    out = np.empty((c[0], factors[0], c[1], factors[1], c[2], factors[2]), dtype=np.bool_)
-    out[...] = cells[:, None, :, None, :, None]
-    full = out.reshape(c[0] * factors[0], c[1] * factors[1], c[2] * factors[2])
-    return np.ascontiguousarray(full[: shape[0], : shape[1], : shape[2]])
-
-
 def padded_box(mask: BoolVolume, margins: list[int]) -> (
     tuple[tuple[slice, ...], list[tuple[int, int]]]
 ):
