@@ -44,11 +44,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import highdicom as hd
 import numpy as np
-import numpy.typing as npt
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
@@ -59,6 +58,7 @@ from ..domain import CtVolume, Prediction
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
 from .seg_file import write_seg_file
+from .seg_highdicom import SlabCheckedSegmentation, WrittenSegmentation
 from .seg_segments import (
     SEG_MANUFACTURER,
     algorithm_equipment,
@@ -90,90 +90,6 @@ SEG_CONTENT_LABEL = "GGO"
 SEG_CONTENT_DESCRIPTION = "AI ground-glass opacity segmentation - research use only"
 SEG_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 SEG_INSTANCE_NUMBER = 1
-
-
-OVERLAP_SLAB_SLICES = 64
-"""Slices whose segments are counted at a time when checking whether segments overlap."""
-
-
-class _Segmentation(hd.seg.Segmentation):
-    """highdicom's Segmentation, with its pixel check on a bool segment stack done by slabs
-    and its 1-bit frames packed without pydicom's per-frame re-check.
-
-    For a ``(frames, rows, cols, segments)`` stack, highdicom (0.28) checks that pixels are
-    0 or 1 (a bool array can hold nothing else) and tells whether segments overlap from
-    ``pixel_array.sum(axis=-1)`` and ``sum > 1``: two whole-volume temporaries (int64 in
-    numpy, 2.1 GB for 1000 x 512 x 512; 0.5 GB even in uint8), the peak of a long series'
-    SEG. Counted here a slab at a time in uint8 (exact below 256 segments), the same answer
-    takes one slab. Any other input is highdicom's to check.
-    """
-
-    @classmethod
-    def _check_and_cast_pixel_array(
-        cls,
-        pixel_array: npt.NDArray[Any] | hd.Volume,
-        segment_numbers: npt.NDArray[np.integer],
-        segmentation_type: hd.seg.SegmentationTypeValues,
-        dtype: type,
-    ) -> tuple[npt.NDArray[Any] | hd.Volume, hd.seg.SegmentsOverlapValues]:
-        if not (
-            isinstance(pixel_array, np.ndarray)
-            and type(pixel_array) is np.ndarray
-            and pixel_array.dtype == np.bool_
-            and pixel_array.ndim == 4
-            and 1 < pixel_array.shape[-1] == len(segment_numbers) < 256
-            and segmentation_type == hd.seg.SegmentationTypeValues.BINARY
-        ):
-            return super()._check_and_cast_pixel_array(
-                pixel_array, segment_numbers, segmentation_type, dtype
-            )
-        overlap = any(
-            int(
-                np.add.reduce(
-                    pixel_array[start : start + OVERLAP_SLAB_SLICES], axis=-1, dtype=np.uint8
-                ).max()
-            ) > 1
-            for start in range(0, pixel_array.shape[0], OVERLAP_SLAB_SLICES)
-        )
-        return pixel_array, (
-            hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
-        )
-
-
-    def _encode_pixels_native(self, planes: npt.NDArray[Any]) -> bytes:
-        """A frame's pixels as highdicom encodes them, the 1-bit case packed directly.
-
-        highdicom (0.28) packs each BINARY frame with pydicom's ``pack_bits``, which first
-        checks, in two whole-frame passes and a copy, that every value is 0 or 1; a frame
-        highdicom cast from a bool mask is exactly that, so one pass checks it here and
-        ``np.packbits`` packs it as ``pack_bits`` does (little-endian bit order, PS3.5
-        section 8.1.1). Anything else is highdicom's to encode.
-        """
-        if (
-            int(self.BitsAllocated) == 1
-            and planes.dtype == np.uint8
-            and planes.ndim == 1
-            and planes.size % 8 == 0
-            and (planes.size == 0 or int(planes.max()) <= 1)
-        ):
-            return np.packbits(planes, bitorder="little").tobytes()
-        encoded: bytes = super()._encode_pixels_native(planes)
-        return encoded
-
-
-class _WrittenSegmentation(_Segmentation):
-    """A Segmentation built only to be written: without the lookup tables for reading.
-
-    At the end of its constructor highdicom (0.28) indexes the new object's frames for its
-    reading methods (``get_pixels_by_source_instance`` and the like: ``_build_luts``, about a
-    tenth of a 300-slice SEG's build); a SEG that :func:`write_seg` writes, reads back from
-    the file and drops never calls them, so the indexing is skipped. Should a later highdicom
-    rename the method, it builds the tables again: the same file, only slower (a test holds
-    the bytes equal to the full object's).
-    """
-
-    def _build_luts(self) -> None:
-        """Skip the read-side lookup tables (this object is only written)."""
 
 
 def _check_shapes(volume: CtVolume, prediction: Prediction, model: ModelInfo) -> None:
@@ -229,7 +145,7 @@ def build_seg(
     return _build(
         volume, prediction, model, series_number=series_number,
         series_description=series_description, software_version=software_version,
-        lungs=lungs, nonempty_frames=nonempty_frames, segmentation=_Segmentation,
+        lungs=lungs, nonempty_frames=nonempty_frames, segmentation=SlabCheckedSegmentation,
     )
 
 
@@ -245,7 +161,7 @@ def _build(
     nonempty_frames: bool,
     segmentation: type[hd.seg.Segmentation],
 ) -> hd.seg.Segmentation:
-    """:func:`build_seg` with the Segmentation class to build (``_WrittenSegmentation`` for a
+    """:func:`build_seg` with the Segmentation class to build (``WrittenSegmentation`` for a
     SEG only written)."""
     series_uid = volume.series.series_instance_uid
     check_series_options("SEG", series_number, series_description)
@@ -354,10 +270,12 @@ def write_seg(
         software_version=software_version,
         lungs=lungs,
         nonempty_frames=nonempty_frames,
-        segmentation=_WrittenSegmentation,
+        segmentation=WrittenSegmentation,
     )
     with atomic_write_path(path, tree=tree) as temp:
-        write_seg_file(temp, seg)
+        write_seg_file(
+            temp, seg, pixel_data=seg.frames if isinstance(seg, WrittenSegmentation) else None
+        )
         del seg  # its pixel data and frame items, before the file is read back
         if verify:
             verify_seg(

@@ -29,6 +29,7 @@ __all__ = ["write_seg_file"]
 
 PER_FRAME_GROUPS_TAG = Tag(0x52009230)
 _CHARACTER_SET_TAG = Tag(0x00080005)
+_PIXEL_DATA_TAG = Tag(0x7FE00010)
 _UNDEFINED = b"\xff\xff\xff\xff"
 _ZERO_LENGTH = b"\0\0\0\0"
 
@@ -139,7 +140,7 @@ def _tag_bytes(tag: int) -> bytes:
     return struct.pack("<HH", tag >> 16, tag & 0xFFFF)
 
 
-def write_seg_file(path: Path, seg: Dataset) -> None:
+def write_seg_file(path: Path, seg: Dataset, *, pixel_data: memoryview | None = None) -> None:
     """Write a SEG as ``dcmwrite(path, seg, enforce_file_format=True)`` does, byte for byte,
     in a fraction of its time.
 
@@ -151,11 +152,19 @@ def write_seg_file(path: Path, seg: Dataset) -> None:
     Args:
         path: the file to write.
         seg: the SEG (Explicit VR Little Endian).
+        pixel_data: the Pixel Data's value, written in place of the dataset's (a
+            :class:`~ggo_cli.writers.seg_highdicom.WrittenSegmentation` keeps its frames
+            apart: :attr:`~ggo_cli.writers.seg_highdicom.WrittenSegmentation.frames`).
+
+    Raises:
+        ValueError: ``pixel_data`` given for a SEG that ``dcmwrite`` would have to write.
     """
     tail = sorted(tag for tag in seg.keys() if tag >= PER_FRAME_GROUPS_TAG)
     if tail[:1] != [PER_FRAME_GROUPS_TAG] or seg.file_meta.TransferSyntaxUID != (
         ExplicitVRLittleEndian
     ):
+        if pixel_data is not None:
+            raise ValueError("separate pixel data needs an Explicit VR Little Endian SEG")
         dcmwrite(path, seg, enforce_file_format=True)
         return
     head = Dataset()
@@ -174,18 +183,23 @@ def write_seg_file(path: Path, seg: Dataset) -> None:
         fp.write(per_frame)
         for tag in tail[1:]:  # the pixel data's VR ("OB or OW") as dcmwrite settles it
             elem = correct_ambiguous_vr_element(seg[tag], seg, True)
+            value = pixel_data if tag == _PIXEL_DATA_TAG and pixel_data is not None else (
+                elem.value
+            )
             if (
                 isinstance(elem, DataElement)
                 and elem.VR in ("OB", "OW")
-                and isinstance(elem.value, bytes)
+                and isinstance(value, bytes | memoryview)
                 and not elem.is_undefined_length
-                and len(elem.value) % 2 == 0
+                and len(value) % 2 == 0
             ):
                 # as write_data_element writes it, without its two copies of the value
                 # (100 MB for 1000 slices and 3 segments)
                 fp.write_tag(tag)
                 fp.write(elem.VR.encode() + b"\0\0")
-                fp.write_UL(len(elem.value))
-                fp.write(elem.value)
+                fp.write_UL(len(value))
+                fp.write(value)
+            elif value is not elem.value:
+                raise ValueError("separate pixel data must be OB or OW of even length")
             else:
                 write_data_element(fp, elem, encodings)

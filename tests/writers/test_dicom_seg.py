@@ -27,7 +27,7 @@ from ggo_cli.config import SEG_SERIES_DESCRIPTION, SEG_SERIES_NUMBER
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import InputError, OutputError, UnsupportedSeriesError
 from ggo_cli.onnx.model_info import ModelInfo
-from ggo_cli.writers import dicom_seg, seg_verify
+from ggo_cli.writers import dicom_seg, seg_highdicom, seg_verify
 from ggo_cli.writers.dicom_seg import build_seg, verify_seg, write_seg
 from ggo_cli.writers.seg_file import write_seg_file
 from ggo_cli.writers.seg_frames import PixelFrames
@@ -632,7 +632,7 @@ def test_overlapping_segments_are_found_slab_by_slab_and_flagged(
     """Whether segments overlap is highdicom's answer, counted a slab at a time (one slab's
     temporaries, not the whole volume's), found in the last slab too; the SEG says so and its
     pixels read back equal."""
-    monkeypatch.setattr(dicom_seg, "OVERLAP_SLAB_SLICES", 1)  # 3 slices: three slabs
+    monkeypatch.setattr(seg_highdicom, "OVERLAP_SLAB_SLICES", 1)  # 3 slices: three slabs
     masks = np.zeros((*dcmqi_volume.hu.shape, 1), dtype=bool)
     masks[2, 100:140, 100:140, 0] = True  # inside the right lung, last slice only
     prediction, lungs = stack_segments(
@@ -644,7 +644,7 @@ def test_overlapping_segments_are_found_slab_by_slab_and_flagged(
     disjoint[..., 0] = False
     for pixels, overlap in ((stack, "YES"), (disjoint, "NO")):
         tracemalloc.start()
-        ours = dicom_seg._Segmentation._check_and_cast_pixel_array(
+        ours = seg_highdicom.SlabCheckedSegmentation._check_and_cast_pixel_array(
             pixels, numbers, binary, np.uint8
         )
         peak = tracemalloc.get_traced_memory()[1]

@@ -18,7 +18,7 @@ from ggo_cli.analysis.masks import keep_inside_lungs, model_masks, seg_masks, se
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import UnsupportedSeriesError
 from ggo_cli.onnx.model_info import ModelInfo
-from ggo_cli.writers import dicom_seg, seg_file
+from ggo_cli.writers import dicom_seg, seg_file, seg_highdicom
 from ggo_cli.writers.dicom_seg import build_seg, write_seg
 from ggo_cli.writers.seg_source import check_source_headers
 from tests.writers.ct_data import blob_masks
@@ -90,20 +90,22 @@ def test_overrides_change_no_element_of_highdicoms_segmentation(
             lung_volume, prediction, model, series_number=77, series_description="AI",
             software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
         )
-        for cls in (hd.seg.Segmentation, dicom_seg._WrittenSegmentation)
+        for cls in (hd.seg.Segmentation, seg_highdicom.WrittenSegmentation)
     }
-    theirs, ours = built[hd.seg.Segmentation], built[dicom_seg._WrittenSegmentation]
+    theirs, ours = built[hd.seg.Segmentation], built[seg_highdicom.WrittenSegmentation]
     assert hasattr(theirs, "_dim_ind_pointers") and not hasattr(ours, "_dim_ind_pointers")
     _same_clock_and_dimension_uid(ours, theirs)
+    assert ours.PixelData == b"" and ours.frames is not None  # the frames are kept apart
+    assert ours.frames.tobytes() == theirs.PixelData
+    ours.PixelData = ours.frames.tobytes()
     assert ours == theirs  # every DICOM element equal
-    assert ours.PixelData == theirs.PixelData
 
 
 @pytest.mark.parametrize("size", [0, 8, 64, 512 * 512])
 def test_frames_are_packed_as_pydicom_packs_them(size: int) -> None:
     """1-bit frames packed directly equal pydicom's pack_bits; a frame with another value is
     left to highdicom, which refuses it."""
-    seg = dicom_seg._Segmentation.__new__(dicom_seg._Segmentation)
+    seg = seg_highdicom.SlabCheckedSegmentation.__new__(seg_highdicom.SlabCheckedSegmentation)
     pydicom.Dataset.__init__(seg)  # only the attribute the encoder reads
     seg.BitsAllocated = 1
     frame = (np.random.default_rng(size).random(size) > 0.5).astype(np.uint8)
