@@ -41,6 +41,8 @@ PREAMBLE_BYTES = 132
 """The 128-byte preamble and the ``DICM`` prefix (PS3.10 section 7.1)."""
 
 _SPECIFIC_CHARACTER_SET = 0x00080005
+_GROUP_LENGTH = 0x00020000
+_TRANSFER_SYNTAX = 0x00020010
 _ITEM_DELIMITATION = 0xFFFEE00D
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 _VR_NAMES = {vr.value.encode("ascii"): vr.value for vr in VR}
@@ -153,18 +155,41 @@ def _meta(data: bytes, *, complete: bool) -> tuple[FileMetaDataset, int] | None:
     if found is None or not found[0]:
         return None
     raw, pos, _ = found
+    first = next(iter(raw.values()))
+    # The group length first, as written by every PS3.10 writer; anything else (no group
+    # length, a wrong one that pydicom logs) is left to pydicom's reader. Its values stay raw
+    # (pydicom converts them on access, as it would have on reading).
+    if (
+        not isinstance(first, RawDataElement)
+        or first.tag != _GROUP_LENGTH
+        or first.VR != "UL"
+        or first.length != 4
+        or int.from_bytes(cast(bytes, first.value), "little") != pos - (PREAMBLE_BYTES + 12)
+    ):
+        return None
     file_meta = FileMetaDataset(raw)  # pydicom's intermediate Dataset shares this dict
     file_meta.set_original_encoding(
         is_implicit_vr=False, is_little_endian=True, character_encoding=default_encoding
     )
-    try:
-        file_meta[next(iter(file_meta.keys()))]  # pydicom retries as implicit VR on failure
-        group_length = file_meta.get("FileMetaInformationGroupLength")
-    except Exception:  # noqa: BLE001 - pydicom's own reader then meets (and reports) it
-        return None
-    if group_length is not None and group_length != pos - (PREAMBLE_BYTES + 12):
-        return None  # pydicom logs the mismatch: let it
     return file_meta, pos
+
+
+def transfer_syntax(file_meta: Dataset) -> str | None:
+    """The TransferSyntaxUID of a file meta group as pydicom reads it, from its raw bytes
+    while it is still raw; ``None`` when it is missing, empty or multi-valued."""
+    element = file_meta._dict.get(BaseTag(_TRANSFER_SYNTAX))
+    if element is None:
+        return None
+    if not isinstance(element, RawDataElement):
+        value = element.value
+        return value if isinstance(value, str) and value else None
+    if element.VR not in ("UI", None) or not isinstance(element.value, bytes):
+        return None
+    # as pydicom's convert_UI and UID: ISO 8859-1, padding off, one value, whitespace off
+    text = element.value.decode("latin-1").rstrip("\0 ")
+    if "\\" in text or not text.strip():
+        return None
+    return text.strip()
 
 
 def _is_implicit(syntax: object) -> bool | None:
@@ -219,10 +244,7 @@ def scan_header(
         return None
     if data[pos : pos + 2] == b"\x00\x00":  # a command set: pydicom's reader handles it
         return None
-    try:
-        implicit = _is_implicit(file_meta.get("TransferSyntaxUID"))
-    except Exception:  # noqa: BLE001 - pydicom's own reader then meets (and reports) it
-        return None
+    implicit = _is_implicit(transfer_syntax(file_meta))
     first_vr = data[pos + 4 : pos + 6]
     if implicit is None or implicit == (0x40 < first_vr[0] < 0x5B and 0x40 < first_vr[1] < 0x5B):
         return None  # the dataset's VR encoding differs from its transfer syntax

@@ -32,7 +32,7 @@ from pydicom.tag import BaseTag
 
 from ..domain import HuArray
 from .budgets import HU_RANGE, FileStamp, rescale_of, scan_bounded
-from .header_scan import PixelElement
+from .header_scan import PixelElement, transfer_syntax
 from .slice_decoding import HU_INT16_MAX, HU_INT16_MIN, hu_from_pixels
 
 NATIVE_SYNTAXES = frozenset(
@@ -104,15 +104,11 @@ def plan_native(
         The plan, or ``None`` for anything but the common uncompressed CT slice.
     """
     meta = getattr(header, "file_meta", None)
-    raw_syntax = getattr(meta, "_dict", {}).get(0x00020010)
-    if pixel is None or raw_syntax is None or pixel.tag != PIXEL_DATA_TAG:
+    if pixel is None or meta is None or pixel.tag != PIXEL_DATA_TAG:
         return None
     if pixel.vr not in (None, "OW", "OB") or "ModalityLUTSequence" in header:
         return None
-    try:
-        if meta.TransferSyntaxUID not in NATIVE_SYNTAXES:  # type: ignore[union-attr]
-            return None
-    except (AttributeError, ValueError, TypeError):
+    if transfer_syntax(meta) not in NATIVE_SYNTAXES:
         return None
     values = {keyword: _raw_us(header, tag) for keyword, tag in _US_TAGS.items()}
     photometric = header._dict.get(BaseTag(_PHOTOMETRIC_INTERPRETATION))

@@ -91,8 +91,10 @@ def _first_broken_rule(
             return f"localizer image (ImageType contains {sorted(hit)[0]})"
     if len(headers) < rules.min_slices:
         return f"{len(headers)} slices; at least {rules.min_slices} required (see --min-slices)"
+    geometry: list[dict[str, list[float] | None]] = []  # each value read once
     for index, ds in enumerate(headers):
-        missing = [k for k in _GEOMETRY_KEYWORDS if _float_list(ds, k) is None]
+        geometry.append({k: _float_list(ds, k) for k in _GEOMETRY_KEYWORDS})
+        missing = [k for k in _GEOMETRY_KEYWORDS if geometry[-1][k] is None]
         if missing:
             return (
                 f"instance without {missing[0]}{named(index)}; slice geometry is required "
@@ -104,14 +106,14 @@ def _first_broken_rule(
     sizes = {(int(ds.get("Rows", 0)), int(ds.get("Columns", 0))) for ds in headers}
     if len(sizes) != 1:
         return f"mixed image sizes {sorted(sizes)}; all slices must have the same rows and columns"
-    spacings = [_float_list(ds, "PixelSpacing") or [] for ds in headers]
+    spacings = [g["PixelSpacing"] or [] for g in geometry]
     if any(len(s) != 2 or min(s) <= 0 for s in spacings) or any(
         not math.isclose(a, b, rel_tol=_SPACING_RTOL)
         for s in spacings
         for a, b in zip(s, spacings[0], strict=True)
     ):
         return "pixel spacing differs between slices (or is invalid)"
-    orientations = [_float_list(ds, "ImageOrientationPatient") or [] for ds in headers]
+    orientations = [g["ImageOrientationPatient"] or [] for g in geometry]
     if any(len(o) != 6 for o in orientations) or any(
         abs(a - b) > _ORIENTATION_ATOL
         for o in orientations
@@ -123,7 +125,7 @@ def _first_broken_rule(
         columns=next(iter(sizes))[1],
         pixel_spacing=spacings[0],
         orientation=orientations[0],
-        positions=[_float_list(ds, "ImagePositionPatient") or [] for ds in headers],
+        positions=[g["ImagePositionPatient"] or [] for g in geometry],
     )
     if budget is not None:
         return budget
