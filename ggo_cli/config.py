@@ -60,7 +60,13 @@ OVERLAY_NAME = "overlay.png"
 GRADCAM_NPZ_NAME = "gradcam.npz"
 GRADCAM_FOLDER = "gradcam"
 
-CPU_BATCH_SIZE = 4
+CPU_BATCH_SIZE = 1
+"""Slices per batch on the CPU in float32. A batch of 4 took the same CPU seconds per slice on
+the 2-core CPU but held 0.9 GB more of ONNX Runtime's activations (0.2 GB at 1): the difference
+between a 1000-slice series fitting in 2 GB or not (docs/benchmarks.md, issue 18)."""
+CPU_INT8_BATCH_SIZE = 4
+"""Slices per batch on the CPU with the int8 variant (its activations are a quarter of float32's:
+a batch of 4 holds about 0.26 GB)."""
 CUDA_BATCH_SIZE = 16
 
 

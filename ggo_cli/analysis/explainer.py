@@ -250,7 +250,7 @@ class OnnxExplainer(OnnxSessionBase):
         model: the validated segmentation model (window, input size).
         explain: the validated explain graph paired with ``model``.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        batch_size: slices per batch; ``None`` picks 16 on CUDA and 4 on CPU.
+        batch_size: slices per batch; ``None`` picks 16 on CUDA and 1 on the CPU.
         layer: target layer; ``None`` takes the graph's default.
         intra_op_threads: threads of its CPU session (a ``--jobs`` worker's share,
             :attr:`ggo_cli.host.HostLimits.intra_op_threads`); ``None``: ONNX Runtime's default.

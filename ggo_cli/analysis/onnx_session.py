@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from ..config import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, DeviceRequest
+from ..config import CPU_BATCH_SIZE, CPU_INT8_BATCH_SIZE, CUDA_BATCH_SIZE, DeviceRequest
 from ..errors import InputError
 from ..onnx.runtime import CUDA_PROVIDER, run_in_batches
 
@@ -46,15 +46,19 @@ class OnnxSessionBase:
     # Device buffers of a fixed batch shape per graph: see _run_bound.
     _bound: dict[str, tuple[int, Any, Any, Any]]
 
-    def _use_session(self, session: Any, request: DeviceRequest, batch_size: int | None) -> None:
+    def _use_session(
+        self, session: Any, request: DeviceRequest, batch_size: int | None, *, int8: bool = False
+    ) -> None:
         """Adopt a session: providers in use, device label and index, batch size (``None``:
-        16 on CUDA, 4 on the CPU)."""
+        16 on CUDA; on the CPU 1, or 4 for the int8 variant (``int8``): see
+        :data:`ggo_cli.config.CPU_BATCH_SIZE`)."""
         self.session = session
         self.providers = list(session.get_providers())
         self.on_cuda = self.providers[0] == CUDA_PROVIDER
         self.device_label = f"cuda:{request.index}" if self.on_cuda else "cpu"
         self.device_index = request.index
-        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else CPU_BATCH_SIZE)
+        cpu_batch = CPU_INT8_BATCH_SIZE if int8 else CPU_BATCH_SIZE
+        self.batch_size = batch_size or (CUDA_BATCH_SIZE if self.on_cuda else cpu_batch)
         self._bound = {}
 
     def _on_halve(self, size: int) -> None:

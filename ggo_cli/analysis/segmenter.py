@@ -52,7 +52,7 @@ class OnnxSegmenter(OnnxSessionBase):
     Args:
         model: the validated model description.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-        batch_size: slices per batch; ``None`` picks 16 on CUDA and 4 on CPU.
+        batch_size: slices per batch; ``None`` picks 16 on CUDA, 1 on the CPU (4 for int8).
         threshold: probability threshold; ``None`` takes the model's.
         precision: ``auto`` (fp16 on CUDA; on the CPU int8 where a validated int8 variant
             ships beside the model, else fp32), ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU).
@@ -111,7 +111,7 @@ class OnnxSegmenter(OnnxSessionBase):
         session = self._create_session(request)
         check_batch_size(batch_size)
         # On CUDA, the graphs ("model", "windowed") run through bound device buffers.
-        self._use_session(session, request, batch_size)
+        self._use_session(session, request, batch_size, int8=self.precision is Precision.INT8)
         self.window_in_graph = self.on_cuda if window_in_graph is None else window_in_graph
         if not self.window_in_graph:
             self._variant_bytes = None  # only the windowed graph needs them again
@@ -182,8 +182,19 @@ class OnnxSegmenter(OnnxSessionBase):
         self.variant_checked = choice.checked
         self.int8_recipe = choice.recipe
 
-    def _run_cpu(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch})[0]
+    def _run_cpu(
+        self, batch: npt.NDArray[np.float32], *, release_arena: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Run one batch on the CPU; with ``release_arena``, ONNX Runtime hands its arena's
+        free blocks (the activations, 0.2 GB a slice in float32) back after the run, so they
+        are not held while the SEG is built (``memory.enable_memory_arena_shrinkage``)."""
+        options = None
+        if release_arena:
+            import onnxruntime as ort  # deferred: keeps `ggo-cli --help` fast
+
+            options = ort.RunOptions()
+            options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAME: batch}, options)[0]
         return np.asarray(out, dtype=np.float32)
 
     def _run_cuda(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -246,11 +257,14 @@ class OnnxSegmenter(OnnxSessionBase):
         near = sum(count for _, count in results)
         return (np.concatenate(masks) if len(masks) > 1 else masks[0]), near
 
-    def predict_logits(self, batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def predict_logits(
+        self, batch: npt.NDArray[np.float32], *, last: bool = False
+    ) -> npt.NDArray[np.float32]:
         """Run the model on a preprocessed batch, halving the batch on GPU out-of-memory.
 
         Args:
             batch: model input. Shape: ``(n, 1, S, S)``.
+            last: the series' last batch: on the CPU, ONNX Runtime's arena is shrunk after it.
 
         Returns:
             Logits. Shape: ``(n, C, S, S)``.
@@ -261,7 +275,9 @@ class OnnxSegmenter(OnnxSessionBase):
 
         def run(start: int, stop: int) -> npt.NDArray[np.float32]:
             chunk = batch[start:stop]
-            return self._run_cuda(chunk) if self.on_cuda else self._run_cpu(chunk)
+            if self.on_cuda:
+                return self._run_cuda(chunk)
+            return self._run_cpu(chunk, release_arena=last and stop == batch.shape[0])
 
         results = self._in_batches(run, batch.shape[0])
         return np.concatenate(results) if len(results) > 1 else results[0]
@@ -339,7 +355,7 @@ class OnnxSegmenter(OnnxSessionBase):
                 center_hu=self.model.window_center_hu,
                 width_hu=self.model.window_width_hu,
             )
-            logits = self.predict_logits(batch)
+            logits = self.predict_logits(batch, last=stop == n)
             if logit_threshold is not None:
                 decided = np.greater(logits, logit_threshold)
                 below = np.less(logits[:, 0], near_logit)

@@ -34,7 +34,7 @@ DeviceOpt = Annotated[
 BatchOpt = Annotated[
     int | None,
     typer.Option(
-        "--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA, 4 on CPU)."
+        "--batch-size", "-b", min=1, help="Slices per batch (default 16 on CUDA; CPU: 1, int8 4)."
     ),
 ]
 ThresholdOpt = Annotated[

@@ -178,6 +178,7 @@ def test_int8_recipe_is_rebuilt_and_chosen_on_the_cpu(tmp_path: Path) -> None:
     info = load_model_info(model_path)
     seg = OnnxSegmenter(info, device="cpu")
     assert seg.precision is Precision.INT8
+    assert seg.batch_size == 4  # int8's default on the CPU (float32's is 1)
     ops = {n.op_type for n in onnx.load_from_string(seg_bytes(seg)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     image = np.random.default_rng(1).random((3, 1, 64, 64), dtype=np.float32)
