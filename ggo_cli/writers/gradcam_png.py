@@ -34,7 +34,14 @@ from ..analysis.preprocessing import window_hu
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
 from ..fsutil import OutputTree, ensure_folder
-from .overlay_png import BACKGROUND_RGB, LABEL_PX, TEXT_RGB, render_slice, slice_png_name
+from .overlay_png import (
+    BACKGROUND_RGB,
+    LABEL_PX,
+    PNG_COMPRESS_LEVEL,
+    TEXT_RGB,
+    render_slice,
+    slice_png_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,6 @@ COLOURBAR_PX = 12
 """Width of the colour bar."""
 COLOURBAR_LABEL_PX = 24
 """Room right of the colour bar for its tick labels."""
-PNG_COMPRESS_LEVEL = 3
-"""zlib level: faster than Pillow's default 6 for slightly larger files (docs/benchmarks.md)."""
 PANEL_TITLES = ("CT (lung window)", "predicted GGO", "GradCAM++")
 CAPTION = "AI research output, not for diagnosis"
 
