@@ -1,8 +1,8 @@
 """Right and left lung masks from CT density alone (no network), and GGO per lung.
 
 Method of :func:`segment_lungs`, with distances in mm (SimpleITK). Steps 2 to 5 run on a
-grid of cells of whole voxels, up to 1.6 mm an edge (2 x 2 x 2 voxels of a 0.8 mm series of
-0.7 mm pixels, 1 x 2 x 2 on thick slices; :mod:`ggo_cli.analysis.lung_coarse`): a cell is
+grid of cells of whole voxels, up to 2.1 mm an edge (2 x 3 x 3 voxels of a 0.8 mm series of
+0.7 mm pixels, 1 x 3 x 3 on thick slices; :mod:`ggo_cli.analysis.lung_coarse`): a cell is
 air when all its voxels are, and the airways are tracked in the cells at least half air.
 The refined lungs are painted back on the source grid, where the threshold decides each
 lung's edge cells and the cells next to it. ``exact=True`` runs every step on the source
