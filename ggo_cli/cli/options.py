@@ -67,8 +67,8 @@ DecodeWorkersOpt = Annotated[
     typer.Option(
         "--decode-workers",
         min=0,
-        help="Processes decoding pixel data ahead of inference (default: one per core, at "
-        "most 8; 0: uncompressed data in the main process, compressed data in one process).",
+        help="Processes decoding compressed pixel data (default: one per core, at most 8; "
+        "0: one process). Uncompressed data is read in the main process.",
     ),
 ]
 JobsOpt = Annotated[

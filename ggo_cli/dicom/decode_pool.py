@@ -44,10 +44,6 @@ PARENT_POLL_S = 0.5
 
 
 DECODE_CHUNK_SLICES = 8
-MIN_POOL_SLICES = 32
-"""Smaller series decode in the calling thread: starting worker processes costs more."""
-
-
 class DecodeTask(NamedTuple):
     """One slice to decode.
 
@@ -142,21 +138,23 @@ class DecodePool:
     Compressed pixel data (JPEG, JPEG-LS, JPEG 2000, RLE: native decoders) is always decoded
     in worker processes, whatever the series' length, so that a decoder crash never ends the
     run; with ``workers=0`` one process does it. Uncompressed and deflated data (pure Python
-    and zlib) decode in the calling thread when ``workers`` is 0 or the series is short.
+    and zlib) decode in the calling thread: read straight into the volume
+    (:mod:`ggo_cli.dicom.native_pixels`), a 300-slice series took 0.2-0.3 s there against
+    2.1-2.3 s of wall time through two workers, whose slices come back pickled (2-core CPU,
+    issue 18; docs/benchmarks.md).
 
     Args:
         workers: number of processes; 0: only compressed data, in one process.
-        min_slices: shorter uncompressed series are decoded in the calling thread.
     """
 
-    def __init__(self, workers: int, *, min_slices: int = MIN_POOL_SLICES) -> None:
+    def __init__(self, workers: int) -> None:
         self.workers = max(0, workers)
-        self.min_slices = min_slices
         self._executor: ProcessPoolExecutor | None = None
 
-    def runs(self, n_slices: int, *, compressed: bool) -> bool:
-        """Whether a series of ``n_slices`` is decoded in the worker processes."""
-        return compressed or (self.workers > 0 and n_slices >= self.min_slices)
+    @staticmethod
+    def runs(*, compressed: bool) -> bool:
+        """Whether a series is decoded in the worker processes: only compressed pixel data."""
+        return compressed
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
@@ -233,6 +231,6 @@ def decode_slices(
         UnsupportedSeriesError: a file cannot be read or decoded, or a worker died (raised
             while iterating).
     """
-    if pool is not None and pool.runs(len(tasks), compressed=compressed):
+    if pool is not None and pool.runs(compressed=compressed):
         return pool.iter_decode([task._replace(native=None) for task in tasks], series_uid)
     return (_decode_file(task) for task in tasks)

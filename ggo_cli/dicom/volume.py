@@ -294,7 +294,9 @@ def load_volume(
         )
         for index, ds in enumerate(ordered)
     ]
-    source = decode_slices(tasks, uid, pool=pool, compressed=_compressed(ordered[0]))
+    # Any encapsulated file sends the whole series to the pool: no native decoder runs here.
+    compressed = any(_compressed(ds) for ds in ordered)
+    source = decode_slices(tasks, uid, pool=pool, compressed=compressed)
     for index, slice_hu in enumerate(source):
         if slice_hu.shape != (rows, cols):
             raise SeriesGeometryError(

@@ -268,14 +268,29 @@ def test_trailing_bytes_after_the_pixel_data_leave_the_file_to_pydicom(
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_compressed_and_pooled_series_still_decode(
-    tmp_path: Path, workers: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
-    """Compressed data goes to the decode pool's processes; uncompressed data of a series the
-    pool runs is decoded there by the native path too."""
+    """Compressed data goes to the decode pool's processes; uncompressed data stays in this
+    thread whatever the pool's size; a series with one compressed file goes to the pool whole,
+    where its uncompressed files take the native path too."""
     compressed = make_ct_series(tmp_path, shape=(6, 32, 32), transfer_syntax=JPEGLSLossless,
                                 folder="jls")
-    plain = make_ct_series(tmp_path, shape=(6, 32, 32), folder="plain")
-    with DecodePool(workers, min_slices=1) as pool:
+    plain = make_ct_series(tmp_path, shape=(40, 32, 32), folder="plain")
+    mixed = make_ct_series(tmp_path, shape=(6, 32, 32), folder="mixed")
+    ds = pydicom.dcmread(mixed.paths[3])
+    ds.compress(RLELossless)
+    ds.save_as(mixed.paths[3])
+    pooled: list[int] = []
+    iter_decode = DecodePool.iter_decode
+
+    def counting(self: DecodePool, tasks: Any, series_uid: str) -> Any:
+        pooled.append(len(tasks))
+        return iter_decode(self, tasks, series_uid)
+
+    monkeypatch.setattr(DecodePool, "iter_decode", counting)
+    with DecodePool(workers) as pool:
         np.testing.assert_array_equal(_load(compressed, pool).hu, compressed.hu)
         np.testing.assert_array_equal(_load(plain, pool).hu, plain.hu)
+        np.testing.assert_array_equal(_load(mixed, pool).hu, mixed.hu)
+    assert pooled == [6, 6]  # the JPEG-LS series and the mixed one, not the 40 plain slices
     np.testing.assert_array_equal(_load(compressed).hu, compressed.hu)

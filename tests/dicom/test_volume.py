@@ -30,7 +30,7 @@ def _load(fs: FactorySeries, rules: SelectionRules | None = None, pool=None):  #
 @pytest.fixture(scope="module")
 def pool():  # type: ignore[no-untyped-def]
     """Two decoder processes, shared by the tests of this module."""
-    with DecodePool(2, min_slices=1) as decoders:
+    with DecodePool(2) as decoders:
         yield decoders
 
 
@@ -156,9 +156,9 @@ def test_a_dead_decoder_fails_only_its_series(
 ) -> None:
     import ggo_cli.dicom.decode_pool as decode_pool_module
 
-    fs = make_ct_series(tmp_path, shape=(12, 32, 32))
+    fs = make_ct_series(tmp_path, shape=(12, 32, 32), transfer_syntax=RLELossless)
     series = discover_series([fs.root]).series[0]
-    with DecodePool(1, min_slices=1) as decoders:
+    with DecodePool(1) as decoders:
         real = decode_pool_module._decode_file
         monkeypatch.setattr(decode_pool_module, "_decode_file", _die)
         with pytest.raises(UnsupportedSeriesError, match="decoder process died"):

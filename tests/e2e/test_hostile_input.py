@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from tests.dicom.test_budgets import _deflate_bomb
 from tests.dicom_factory import make_ct_series
@@ -149,8 +149,9 @@ def test_kill_9_with_jobs_1_takes_the_decode_workers_along(
     tmp_path: Path, band_model_path: Path
 ) -> None:
     root = tmp_path / "in"
-    for k in range(4):
-        make_ct_series(root, shape=(48, 64, 64), folder=f"s{k}", seed=k + 1)
+    for k in range(4):  # compressed: only compressed pixel data decodes in the workers
+        make_ct_series(root, shape=(48, 64, 64), folder=f"s{k}", seed=k + 1,
+                       transfer_syntax=RLELossless)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ggo_cli", "segment", str(root), "-o", str(tmp_path / "out"),
          "-m", str(band_model_path), "--no-progress", "--settle", "0", "--jobs", "1",
