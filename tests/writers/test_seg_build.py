@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from io import BytesIO
 from pathlib import Path
 
@@ -142,3 +143,29 @@ def test_integers_are_packed_as_pydicom_packs_them(vr: str, value: object) -> No
     ours = seg_file._integers(elem)
     assert ours is None or ours == buffer.getvalue()
     assert (ours is None) == (value is None or value == [])
+
+
+def test_frames_that_end_inside_a_byte_are_padded_as_highdicom_pads_them(
+    dcmqi_volume: CtVolume, model: ModelInfo
+) -> None:
+    """3 slices of 5 x 3 pixels and 3 segments: 135 bits, 17 bytes, an odd length that
+    highdicom pads with one byte; the kept frames are its Pixel Data, pad included."""
+    headers = tuple(copy.deepcopy(ds) for ds in dcmqi_volume.datasets)
+    for ds in headers:
+        ds.Rows, ds.Columns = 5, 3
+    volume = dataclasses.replace(
+        dcmqi_volume, datasets=headers, hu=np.zeros((3, 5, 3), dtype=np.float32)
+    )
+    planes, lungs = segment_planes(volume.hu.shape, 1)
+    planes[...] = np.random.default_rng(5).random(planes.shape) > 0.5
+    prediction = Prediction(masks=model_masks(planes, 1), threshold=0.5)
+    built = {
+        cls: dicom_seg._build(
+            volume, prediction, model, series_number=77, series_description="AI",
+            software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
+        )
+        for cls in (hd.seg.Segmentation, seg_highdicom.WrittenSegmentation)
+    }
+    theirs, ours = built[hd.seg.Segmentation], built[seg_highdicom.WrittenSegmentation]
+    assert len(theirs.PixelData) == 18 and theirs.PixelData.endswith(b"0")
+    assert ours.frames is not None and ours.frames.tobytes() == theirs.PixelData
