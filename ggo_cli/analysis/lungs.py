@@ -40,23 +40,22 @@ each lung's Dice >= 0.99 and volume within 1 %).
 Laterality: the patient's right is at low column indices when the row cosine points to +x
 (``ImageOrientationPatient`` ``[1, 0, 0, ...]``) and at high ones when it points to -x.
 
-Speed: a 300 x 512 x 512 phantom takes 4.4 CPU seconds on one core of the 2-core CI-like
-machine, 6.7 with a SimpleITK call per slice and 14.5 with that and the source-grid closing
-(issue 18's base; medians of 3 alternating runs of ``benchmarks/lung_mask_time.py`` under
-load; the first two give the same masks bit for bit). The slice-by-slice steps (the
-body's hole filling, the chest-wall bites) label blocks of slices in one call, as rows of one
-tall 2-D image with background between slices, on a few threads; the 3-D hole filling labels
-the framed background slab by slab. What is left is mostly SimpleITK's own work: the body's
-3-D components (about 1 s), the closing's distance maps (0.6 s), the bites' dilation.
+Speed: a 300 x 512 x 512 series (0.8 mm slices, 0.7 mm pixels) takes 0.68 core-seconds on
+the 2-core CI-like machine, 4.19 with every step on the source grid (ddbdca7, the closing
+already on cells); a 1000-slice one 2.9 against 13.7 (medians of alternating fresh runs of
+``benchmarks/lung_mask_time.py --planes 1`` under ``taskset -c 0``, other work running).
+About half of it is the closing's four distance maps on the cells; the source grid is read
+twice (the cells' air counts, the painting). The slice-by-slice steps label blocks of
+slices in one call, as rows of one tall 2-D image with background between slices.
 
-Memory: after the body, everything works in a box around the air inside the body (grown by
-more than the refinement reaches); connected components are labelled 64 slices at a time and
-merged across slabs (:class:`ggo_cli.analysis.morphology.Components`), never as one uint32
-volume (slabs of few labels kept as uint8 or uint16); the blocks of slices of the
-slice-by-slice steps are small (16 slices); the result can be written into caller-given
-arrays (the SEG's planes). A 1000-slice series peaks at 1835 to 1856 MiB here on two cores,
-int16 HU included (``lung_mask_time.py --repeats 0``, two runs; 1849 to 1854 with a call per
-slice, 2126 with that and the source-grid closing).
+Memory: the whole-volume steps hold cell arrays (a sixth to an eighteenth of the voxels);
+the source grid is thresholded 16 cell slices at a time, never as a whole-volume mask.
+Connected components are labelled 64 slices at a time and merged across slabs
+(:class:`ggo_cli.analysis.morphology.Components`); after the body everything works in a box
+around the air inside the body; the result is written into caller-given arrays (the SEG's
+planes), only its True voxels, so that pages it leaves False stay unmapped. A 1000-slice
+series peaks at 1220 MiB, int16 HU (500 MiB) and the two lung planes' written pages
+included, against 1447 to 1477 at ddbdca7 (``lung_mask_time.py --repeats 0 --planes 1``).
 
 Limits:
     * Consolidation or effusion along a lung's whole dependent rim (no aerated lung along
