@@ -270,7 +270,10 @@ def verify_seg(
 ) -> None:
     """Read a written SEG back and check it against its source and masks.
 
-    The file is read with pydicom, on its own: nothing of the object that was built is reused.
+    The file is read on its own, nothing of the object that was built reused: its header by
+    pydicom, its per-frame references from the items' bytes and its pixel frames from the
+    file a slab at a time (:mod:`~ggo_cli.writers.seg_frames`; the pixel data is never held
+    whole).
     Checks: SOP class, BINARY type, 1-bit pixels of the source's rows and columns;
     StudyInstanceUID, FrameOfReferenceUID and the patient attributes equal the source's; the
     Referenced Series Sequence lists exactly the source instances; the number of frames is
