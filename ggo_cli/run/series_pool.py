@@ -60,13 +60,17 @@ MAX_JOBS = 8
 """Largest automatic ``--jobs`` (an explicit value may be higher)."""
 CORES_PER_JOB = 2
 """Automatic ``--jobs`` leaves two cores per worker (the lung mask and decoding use threads)."""
-BYTES_PER_VOXEL = 12
-"""Peak resident bytes per voxel of a series in one worker (a 1000 x 512 x 512 series peaked
-at 2.66 GiB on the CPU, ONNX Runtime session included; docs/benchmarks.md)."""
+BYTES_PER_VOXEL = 11
+"""Peak resident bytes per voxel of the largest series in one worker, for the two series a
+worker holds at a time (run/stages.py: one segmented while the next decodes, or one written):
+measured under GNU time with the stand-in model, one 1000 x 512 x 512 series peaked 1.32 GiB
+above a 48-slice run (5.3 bytes a voxel: int16 HU, three uint8 segment planes, the SEG's
+frames) and two such series 2.67 GiB above it (10.95; docs/benchmarks.md, issue 18)."""
 WORKER_BASE_BYTES = 2 << 30
 """Resident memory assumed for a worker besides its series: Python, the libraries, a session
-and, on a GPU, a CUDA context with its libraries (about 0.3 GB on the CPU here; the GPU part
-is an allowance, not yet measured)."""
+and, on a GPU, a CUDA context with its libraries (0.43 GiB measured on the CPU with the
+stand-in model; the shipped model's session and a CUDA context are an allowance, not yet
+measured on a GPU host)."""
 ASSUMED_PIXELS_PER_SLICE = 512 * 512
 """Slice size assumed when sizing ``--jobs`` (discovery does not read Rows and Columns)."""
 GPU_BYTES_PER_JOB = 4 << 30

@@ -41,7 +41,7 @@ def test_auto_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
     monkeypatch.setattr(series_pool, "usable_cores", lambda: 6)
     assert auto_jobs(cfg, todo) == 3
-    # 1000-slice series: 12 bytes a voxel + 2 GiB a worker; three quarters of 16 GiB hold 2.
+    # 1000-slice series: 11 bytes a voxel + 2 GiB a worker; three quarters of 16 GiB hold 2.
     big = [
         SeriesInfo("1.2", f"1.2.{k}", tuple(Path(f"{i}.dcm") for i in range(1000)), "x")
         for k in range(4)
