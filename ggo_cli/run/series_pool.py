@@ -51,6 +51,7 @@ from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo
 from ..onnx.runtime import cuda_wanted
 from ..onnx.sessions import Sessions
+from .memory import series_bytes
 from .pipeline import now_utc, process_series
 from .result import SessionSummary
 
@@ -60,19 +61,11 @@ MAX_JOBS = 8
 """Largest automatic ``--jobs`` (an explicit value may be higher)."""
 CORES_PER_JOB = 2
 """Automatic ``--jobs`` leaves two cores per worker (the lung mask and decoding use threads)."""
-BYTES_PER_VOXEL = 11
-"""Peak resident bytes per voxel of the largest series in one worker, for the two series a
-worker holds at a time (run/stages.py: one segmented while the next decodes, or one written):
-measured under GNU time with the stand-in model, one 1000 x 512 x 512 series peaked 1.32 GiB
-above a 48-slice run (5.3 bytes a voxel: int16 HU, three uint8 segment planes, the SEG's
-frames) and two such series 2.67 GiB above it (10.95; docs/benchmarks.md, issue 18)."""
 WORKER_BASE_BYTES = 2 << 30
 """Resident memory assumed for a worker besides its series: Python, the libraries, a session
 and, on a GPU, a CUDA context with its libraries (0.43 GiB measured on the CPU with the
 stand-in model; the shipped model's session and a CUDA context are an allowance, not yet
 measured on a GPU host)."""
-ASSUMED_PIXELS_PER_SLICE = 512 * 512
-"""Slice size assumed when sizing ``--jobs`` (discovery does not read Rows and Columns)."""
 GPU_BYTES_PER_JOB = 4 << 30
 """GPU memory allowed per worker: a CUDA context, cuDNN workspace and the arena of a batch of
 16 slices in fp16 (an allowance, not yet measured)."""
@@ -120,7 +113,7 @@ def jobs_for(device: DeviceRequest, *, largest_slices: int, n_series: int = MAX_
     jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, n_series)
     memory = available_memory_bytes()
     if memory is not None:
-        per_job = largest_slices * ASSUMED_PIXELS_PER_SLICE * BYTES_PER_VOXEL + WORKER_BASE_BYTES
+        per_job = series_bytes(largest_slices) + WORKER_BASE_BYTES  # one series per worker
         jobs = min(jobs, int(0.75 * memory) // per_job)
     gpu = gpu_memory_bytes(device.index)
     by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB

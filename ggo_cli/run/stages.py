@@ -2,17 +2,20 @@
 
 One series is decoded (and its lungs segmented) in a prefetch thread while the one before it
 is segmented, and a segmented series is written by a writer thread while the next is
-segmented (:class:`Stages`).
+segmented (:class:`Stages`). When the memory available cannot hold the next series beside the
+current one (:func:`ggo_cli.run.memory.room_to_prefetch`), the next is decoded only once the
+current one is written: one series in memory instead of two.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..dicom.decode_pool import DecodePool
 from ..domain import SeriesInfo, SeriesOutcome
+from .memory import room_to_prefetch
 from .pipeline import PreparedSeries, VolumeSource, compute_series, prepare_series, write_series
 from .plan import RunPlan
 from .result import ProgressSink
@@ -62,10 +65,13 @@ class Stages:
             )
 
     def source(self, series: SeriesInfo) -> VolumeSource:
-        """The volume of ``series``: its prefetched decode (started now if not yet)."""
+        """The volume of ``series``: its prefetched decode, or one started now, once the write
+        in progress has finished (its series' arrays gone before these are decoded)."""
         with self._lock:
             future = self.decodes.pop(series.series_instance_uid, None)
         if future is None:
+            if self.writing is not None:
+                wait([self.writing])
             self.decode_next()
             with self._lock:
                 future = self.decodes.pop(series.series_instance_uid)
@@ -79,7 +85,13 @@ class Stages:
         return take
 
     def schedule_next(self) -> None:
-        """Decode the next series now, or once the pending write is done."""
+        """Decode the next series now, or once the pending write is done; not ahead at all
+        when the memory available cannot hold it beside the current one (:meth:`source`
+        decodes it once the current one is written)."""
+        with self._lock:
+            upcoming = self.todo[self.next_index] if self.next_index < len(self.todo) else None
+        if upcoming is None or not room_to_prefetch(len(upcoming.files)):
+            return
         if self.writing is None:
             self.decode_next()
         else:
@@ -150,6 +162,7 @@ def run_staged(
                         stages.writing = stages.writer.submit(
                             write_series, run.cfg, done, run.sessions.segmenter()
                         )
+                    del done  # the writer holds the series' arrays until they are written
                 for outcome in outcomes:
                     finish(outcome)
             last = stages.drain()

@@ -41,14 +41,15 @@ def test_auto_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
     monkeypatch.setattr(series_pool, "usable_cores", lambda: 6)
     assert auto_jobs(cfg, todo) == 3
-    # 1000-slice series: 11 bytes a voxel + 2 GiB a worker; three quarters of 16 GiB hold 2.
+    # 1000-slice series: 6 bytes a voxel (one series per worker) + 2 GiB a worker (3.46 GiB);
+    # three quarters of 16 GiB hold 3.
     big = [
         SeriesInfo("1.2", f"1.2.{k}", tuple(Path(f"{i}.dcm") for i in range(1000)), "x")
         for k in range(4)
     ]
     monkeypatch.setattr(series_pool, "usable_cores", lambda: 16)
     monkeypatch.setattr(series_pool, "available_memory_bytes", lambda: 16 << 30)
-    assert auto_jobs(cfg, big) == 2
+    assert auto_jobs(cfg, big) == 3
     monkeypatch.setattr(series_pool, "available_memory_bytes", lambda: 2 << 30)
     assert auto_jobs(cfg, big) == 1
 
