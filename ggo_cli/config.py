@@ -231,6 +231,10 @@ class RunConfig:
         targets: where the DICOM objects are sent and which kinds each receives (``--send``,
             ``GGO_SEND``, ``GGO_SEND_CONFIG``: :func:`ggo_cli.delivery.settings.resolve_targets`);
             empty: nothing is sent.
+        ray_address: run the to-do series on a Ray cluster (``--ray``): ``auto`` (the running
+            cluster this host belongs to), ``local`` (a cluster started for the run, stopped
+            after it) or ``HOST:PORT`` of a head node; ``None``: on this host
+            (:mod:`ggo_cli.run.ray_executor`).
     """
 
     inputs: tuple[Path, ...]
@@ -259,6 +263,7 @@ class RunConfig:
     sr: bool = True
     sc_mode: ScMode = ScMode.MONTAGE
     targets: tuple[Target, ...] = ()
+    ray_address: str | None = None
 
     @property
     def explain_only(self) -> bool:
