@@ -82,6 +82,7 @@ from .options import (
     PngOpt,
     PrecisionOpt,
     PseudonymizeOpt,
+    RayOpt,
     ScOpt,
     SegFramesOpt,
     SegSeriesDescriptionOpt,
@@ -279,6 +280,7 @@ def segment(
     precision: PrecisionOpt = Precision.AUTO,
     decode_workers: DecodeWorkersOpt = None,
     jobs: JobsOpt = None,
+    ray: RayOpt = None,
     group_readable: GroupReadableOpt = False,
     send: SendOpt = None,
     send_objects: SendObjectsOpt = None,
@@ -334,6 +336,7 @@ def segment(
         jobs=jobs,
         group_readable=group_readable,
         targets=targets,
+        ray=ray,
     )
     return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

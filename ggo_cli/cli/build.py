@@ -7,6 +7,7 @@ walked: a bad value raises :class:`~ggo_cli.errors.InputError` (exit 2) with a o
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from ..delivery.deliver import Target
 
 MIN_SALT_CHARS = 16
+RAY_KEYWORDS = ("auto", "local")
+"""``--ray auto`` (the cluster this host joined) and ``--ray local`` (one started for the run)."""
+_RAY_HEAD = re.compile(r"^[A-Za-z0-9.-]+:\d{1,5}$")
 DEFAULT_SELECTION = SelectionRules()
 
 
@@ -67,6 +71,7 @@ def build_run_config(
     sr: bool = True,
     sc: ScMode = ScMode.MONTAGE,
     targets: tuple[Target, ...] = (),
+    ray: str | None = None,
 ) -> RunConfig:
     """Build the run's configuration from the command line's values, checking each.
 
@@ -97,15 +102,21 @@ def build_run_config(
         sr: ``--sr/--no-sr``.
         sc: ``--sc``.
         targets: the destinations (:func:`ggo_cli.delivery.settings.resolve_targets`).
+        ray: ``--ray`` (the inputs, ``--out`` and the model are then made absolute, since the
+            cluster's processes do not share the driver's working folder).
 
     Returns:
         The frozen, checked configuration.
 
     Raises:
         ModelError: no ``--model`` and the default model is missing.
-        InputError: a bad ``--device``, SEG series option or pseudonym salt.
+        InputError: a bad ``--device``, SEG series option, pseudonym salt or ``--ray``.
     """
     model_path = resolve_model(model)
+    ray_address = check_ray_address(ray)
+    if ray_address is not None:
+        inputs = [path.absolute() for path in inputs]
+        out, model_path = out.absolute(), model_path.absolute()
     return RunConfig(
         inputs=tuple(inputs),
         out_dir=out,
@@ -133,6 +144,26 @@ def build_run_config(
         sr=sr,
         sc_mode=sc,
         targets=targets,
+        ray_address=ray_address,
+    )
+
+
+def check_ray_address(value: str | None) -> str | None:
+    """``--ray``: ``auto``, ``local`` or ``HOST:PORT`` of a head node (``None``: no Ray).
+
+    Raises:
+        InputError: anything else (a ``ray://`` client address included: the driver must run
+            where the shared paths are).
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if text.lower() in RAY_KEYWORDS:
+        return text.lower()
+    if _RAY_HEAD.match(text):
+        return text
+    raise InputError(
+        f"invalid --ray {value!r}; use auto, local or HOST:PORT of the cluster's head node"
     )
 
 

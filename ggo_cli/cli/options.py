@@ -82,6 +82,17 @@ JobsOpt = Annotated[
         "allows).",
     ),
 ]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="ADDRESS",
+        help="Run the series on a Ray cluster (needs the ray extra; docs/scaling.md): auto "
+        "(the cluster this host joined with 'ray start'), HOST:PORT of its head, or local (a "
+        "cluster on this host for the run). Inputs, model and --out must be at the same paths "
+        "on every node; --jobs is then actors per node.",
+    ),
+]
 LungMaskOpt = Annotated[
     bool,
     typer.Option(

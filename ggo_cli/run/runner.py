@@ -3,7 +3,8 @@
 :func:`run_segment` holds the output folder's lock, consults the state store per series
 (:class:`~ggo_cli.run.plan.RunPlan`), runs the pipeline's stages where work is due (decode
 ahead in worker processes, segment, write behind in a thread: :mod:`ggo_cli.run.stages`; or,
-with ``--jobs N``, whole series in N worker processes: :mod:`ggo_cli.run.series_pool`), and
+with ``--jobs N``, whole series in N worker processes: :mod:`ggo_cli.run.series_pool`; or,
+with ``--ray``, whole series on the actors of a Ray cluster: :mod:`ggo_cli.run.ray_executor`), and
 sends the results to the configured destinations (what earlier runs left pending first,
 :mod:`ggo_cli.run.deliveries`) and rebuilds the CSV and manifests. With ``cfg.explain_only``
 it writes GradCAM++ maps only and leaves the SEG, CSV, state and queue of the folder alone.
@@ -33,6 +34,7 @@ from .lock import RunLock
 from .manifest import build_manifest
 from .pipeline import now_utc
 from .plan import RunPlan, check_output_location
+from .ray_executor import ClusterReport, run_on_ray
 from .result import NO_SESSION, ProgressSink, RunResult, SessionSummary
 from .series_pool import SeriesPool, auto_jobs, summarize
 from .stages import run_staged
@@ -66,17 +68,21 @@ def _run_series(
     run: RunPlan,
     series_list: tuple[SeriesInfo, ...],
     progress: ProgressSink | None,
-) -> tuple[tuple[SeriesOutcome, ...], int, SessionSummary | None]:
-    """Process every series: in this process (``--jobs 1``) or in worker processes.
+) -> tuple[tuple[SeriesOutcome, ...], int, SessionSummary | None, ClusterReport | None]:
+    """Process every series: in this process (``--jobs 1``), in worker processes, or on a
+    Ray cluster (``--ray``, when any series is to do).
 
     Returns:
-        The outcomes in discovery order, the series processed at once, and where inference
-        ran (``None`` when no series needed the model).
+        The outcomes in discovery order, the series processed at once (actors on Ray), where
+        inference ran (``None`` when no series needed the model), and what the Ray cluster
+        did (``None`` without Ray).
     """
     plans = {s.series_instance_uid: run.plan(s) for s in series_list}
     todo = [s for s in series_list if plans[s.series_instance_uid] is None]
-    jobs = auto_jobs(run.cfg, todo)
+    on_ray = run.cfg.ray_address is not None and bool(todo)
+    jobs = 1 if on_ray else auto_jobs(run.cfg, todo)
     outcomes: list[SeriesOutcome] = []
+    cluster: ClusterReport | None = None
 
     def finish(outcome: SeriesOutcome) -> None:
         run.finish(outcome)
@@ -84,18 +90,25 @@ def _run_series(
             progress.series_finished(outcome)
         outcomes.append(outcome)
 
-    if jobs > 1:
+    if on_ray or jobs > 1:
         for series in series_list:
             planned = plans[series.series_instance_uid]
             if planned is not None:
                 finish(planned)
+    if on_ray:
+        try:
+            summary, cluster = run_on_ray(run, todo, finish, progress)
+        finally:  # an actor lost in a write, or the run stopped: only hidden temporary files
+            _remove_stale_temps(run.cfg.out_dir)
+        jobs = cluster.actors
+    elif jobs > 1:
         summary = _run_in_workers(run, todo, jobs, finish, progress)
     else:
         run_staged(run, series_list, plans, todo, finish, progress)
         summary = summarize(run.sessions)
     order = {s.series_instance_uid: k for k, s in enumerate(series_list)}
     outcomes.sort(key=lambda o: order[o.series.series_instance_uid])
-    return tuple(outcomes), jobs, summary
+    return tuple(outcomes), jobs, summary, cluster
 
 
 def _run_in_workers(
@@ -169,7 +182,7 @@ def run_segment(
         retried = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=False)
         timings["delivery"] = time.perf_counter() - t_send
         t_series = time.perf_counter()
-        outcomes, jobs, summary = _run_series(run, discovery.series, progress)
+        outcomes, jobs, summary, cluster = _run_series(run, discovery.series, progress)
         timings["series"] = time.perf_counter() - t_series
         t_send = time.perf_counter()
         sent = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=True)
@@ -188,7 +201,10 @@ def run_segment(
             jobs=jobs,
             deliveries=deliveries,
         )
-        manifest = json.dumps(build_manifest(cfg, result, started_at), indent=2) + "\n"
+        document = build_manifest(cfg, result, started_at)
+        if cluster is not None:
+            document["cluster"] = cluster.to_dict()
+        manifest = json.dumps(document, indent=2) + "\n"
         stamp = started_at.replace(":", "").replace("+0000", "Z")
         runs = cfg.out_dir / STATE_FOLDER / "runs"
         atomic_write_text(
