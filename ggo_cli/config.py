@@ -8,13 +8,15 @@ defaults below. Nothing here reads or writes ``os.environ``; Typer resolves the 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum, StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import InputError
+from .errors import DeviceError, InputError
 from .fsutil import OutputTree
+from .host import GpuDevice, visible_gpus
 from .onnx.precision import Precision
 
 if TYPE_CHECKING:  # for the annotation only: config is imported before everything else
@@ -70,7 +72,9 @@ a batch of 4 holds about 0.26 GB)."""
 CUDA_BATCH_SIZE = 16
 
 
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda)(?::(all|\d+(?:,\d+)*))?$")
+ALL_GPUS = "all"
+"""``cuda:all``: every GPU this process sees (:func:`ggo_cli.host.visible_gpus`)."""
 
 
 class DeviceKind(StrEnum):
@@ -85,40 +89,147 @@ class DeviceKind(StrEnum):
 class DeviceRequest:
     """A parsed ``--device`` value.
 
+    One device (``auto``, ``cpu``, ``cuda``, ``cuda:N``), or several GPUs (``cuda:0,2``,
+    ``cuda:all``) over which the ``--jobs`` worker processes are spread, each worker's
+    sessions on one of them (:attr:`devices`). Any one session runs on one device: a run in
+    one process (``--jobs 1``, or a single series to do) uses the first listed GPU only.
+
+    GPU numbers are CUDA ordinals, as ONNX Runtime's ``device_id`` takes them: the GPUs
+    ``nvidia-smi`` lists, narrowed and renumbered by ``CUDA_VISIBLE_DEVICES`` when it is set
+    (:mod:`ggo_cli.host`).
+
     Attributes:
         kind: ``auto``, ``cpu`` or ``cuda``.
         ordinal: the CUDA device ordinal as given (``cuda:N``), or ``None``.
+        gpus: the GPUs the workers are spread over, in the order given (``cuda:0,2``, or
+            ``cuda:all`` as resolved when parsed); empty for one device.
+        all_gpus: written as ``cuda:all``.
     """
 
     kind: DeviceKind = DeviceKind.AUTO
     ordinal: int | None = None
+    gpus: tuple[int, ...] = ()
+    all_gpus: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", DeviceKind(self.kind))  # "cpu" -> DeviceKind.CPU
 
     @property
     def index(self) -> int:
-        """The CUDA device ordinal (0 unless ``cuda:N`` named another)."""
+        """The CUDA device ordinal of a session: ``cuda:N``'s N, the first GPU of several,
+        else 0."""
+        if self.gpus:
+            return self.gpus[0]
         return self.ordinal or 0
 
+    @property
+    def spread(self) -> bool:
+        """Whether the request names several GPUs (or ``cuda:all``) for the workers."""
+        return self.all_gpus or bool(self.gpus)
+
+    @property
+    def devices(self) -> tuple[DeviceRequest, ...]:
+        """The one-device requests a run may use: ``cuda:N`` for each listed GPU, in order;
+        else this request itself. Which worker takes which:
+        :func:`ggo_cli.run.placement.worker_devices`; one process takes the first."""
+        if not self.gpus:
+            return (self,)
+        return tuple(DeviceRequest(DeviceKind.CUDA, n) for n in self.gpus)
+
     def __str__(self) -> str:
-        """The value as written on the command line (lower case): ``cuda``, ``cuda:1``..."""
+        """The value as written on the command line (lower case): ``cuda``, ``cuda:1``,
+        ``cuda:0,2``, ``cuda:all``..."""
+        if self.all_gpus:
+            return f"{self.kind.value}:{ALL_GPUS}"
+        if self.gpus:
+            return f"{self.kind.value}:{','.join(map(str, self.gpus))}"
         return self.kind.value if self.ordinal is None else f"{self.kind.value}:{self.ordinal}"
 
 
-def parse_device(value: str | DeviceRequest) -> DeviceRequest:
-    """Parse ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (a parsed value is returned as is).
+def parse_device(
+    value: str | DeviceRequest,
+    *,
+    list_gpus: Callable[[], tuple[GpuDevice, ...] | None] | None = None,
+) -> DeviceRequest:
+    """Parse ``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``cuda:N,M,...`` or ``cuda:all`` (a
+    parsed value is returned as is).
+
+    ``cuda:all`` is resolved here, once, to the GPUs this process sees; a list is checked
+    against them. ``cuda:N`` alone is checked when its session starts, as before
+    (:func:`ggo_cli.onnx.runtime.create_session`).
+
+    Args:
+        value: the ``--device`` value.
+        list_gpus: lists the GPUs this process sees (returning ``None`` when they cannot be
+            listed); called only for ``cuda:all`` and lists. Default:
+            :func:`ggo_cli.host.visible_gpus`.
+
+    Returns:
+        The request.
 
     Raises:
-        InputError: for anything else.
+        InputError: bad syntax, a GPU listed twice, or a listed GPU that does not exist.
+        DeviceError: ``cuda:all`` or a list on a host without a visible GPU, or ``cuda:all``
+            where the GPUs cannot be listed (no ``nvidia-smi``).
     """
     if isinstance(value, DeviceRequest):
         return value
-    match = _DEVICE_PATTERN.match(value.strip().lower())
+    text = "".join(value.split()).lower()
+    match = _DEVICE_PATTERN.match(text)
     if match is None or (match.group(1) != "cuda" and match.group(2) is not None):
-        raise InputError(f"invalid --device {value!r}; use auto, cpu, cuda or cuda:N")
-    ordinal = match.group(2)
-    return DeviceRequest(DeviceKind(match.group(1)), None if ordinal is None else int(ordinal))
+        raise InputError(
+            f"invalid --device {value!r}; use auto, cpu, cuda or cuda:N (several GPUs: "
+            "cuda:N,M,... or cuda:all)"
+        )
+    kind, selector = DeviceKind(match.group(1)), match.group(2)
+    if selector is None:
+        return DeviceRequest(kind)
+    if selector.isdigit():
+        return DeviceRequest(kind, int(selector))
+    visible = (list_gpus or visible_gpus)()
+    if selector == ALL_GPUS:
+        return DeviceRequest(kind, gpus=_all_gpus(text, visible), all_gpus=True)
+    gpus = tuple(int(n) for n in selector.split(","))
+    twice = sorted({n for n in gpus if gpus.count(n) > 1})
+    if twice:
+        raise InputError(
+            f"--device {text}: GPU {twice[0]} is listed twice; name each GPU once "
+            "(more workers per GPU: raise --jobs)"
+        )
+    _check_listed(text, gpus, visible)
+    return DeviceRequest(kind, gpus=gpus)
+
+
+def _all_gpus(text: str, visible: tuple[GpuDevice, ...] | None) -> tuple[int, ...]:
+    """The ordinals ``cuda:all`` stands for (raises DeviceError when there are none)."""
+    if visible is None:
+        raise DeviceError(
+            f"--device {text}: the GPUs cannot be listed (nvidia-smi is missing or fails); "
+            "name them instead, e.g. --device cuda:0,1"
+        )
+    _check_listed(text, (), visible)
+    return tuple(gpu.ordinal for gpu in visible)
+
+
+def _check_listed(
+    text: str, gpus: tuple[int, ...], visible: tuple[GpuDevice, ...] | None
+) -> None:
+    """Raise when no GPU is visible or a listed one does not exist (nothing is checked when
+    the GPUs cannot be listed: each session start checks its own then)."""
+    if visible is None:
+        return
+    if not visible:
+        raise DeviceError(
+            f"--device {text}: no NVIDIA GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES); "
+            "use --device cpu or auto"
+        )
+    missing = [n for n in gpus if n not in {gpu.ordinal for gpu in visible}]
+    if missing:
+        seen = ", ".join(gpu.label for gpu in visible)
+        raise InputError(
+            f"--device {text}: there is no GPU {missing[0]}; this process sees {seen} "
+            "(as CUDA numbers them, after CUDA_VISIBLE_DEVICES; `ggo-cli info` lists them)"
+        )
 
 
 class ExplainMode(Enum):

@@ -1,6 +1,13 @@
 """What this host offers a run, probed in one place: usable cores, available memory, the
 GPU (through ``nvidia-smi``) and the CPU's features; and giving freed heap memory back.
 
+GPU numbers: ``cuda:N`` (and ``cuda:all``, lists ``cuda:0,2``) are CUDA ordinals, the ``device_id``
+ONNX Runtime passes to CUDA: the GPUs ``nvidia-smi`` lists, narrowed and renumbered by
+``CUDA_VISIBLE_DEVICES`` when it is set (``CUDA_VISIBLE_DEVICES=2,3`` makes physical GPUs 2 and 3
+``cuda:0`` and ``cuda:1``), as CUDA itself does (:func:`visible_gpus`). ``nvidia-smi`` numbers GPUs
+in PCI bus order; CUDA orders them fastest first unless ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so on a
+host with GPUs of different models that variable should be set for the two numberings to agree.
+
 The probes read the operating system each time they are called (except ``/proc/cpuinfo``
 and glibc, which cannot change within a process); their results are passed on as values.
 
@@ -19,6 +26,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -98,36 +106,168 @@ def nvidia_gpu_visible() -> bool:
     return True  # elsewhere let ONNX Runtime decide; its choice is read back anyway
 
 
-def nvidia_smi_query(fields: str, index: int) -> str | None:
-    """``nvidia-smi --query-gpu=<fields>`` (shipped with the driver) of GPU ``index``: its
-    first CSV line without header or units, or ``None`` when it cannot be read."""
+CUDA_VISIBLE_ENV = "CUDA_VISIBLE_DEVICES"
+"""The variable CUDA reads to narrow and renumber the GPUs a process sees."""
+_SMI_TIMEOUT_S = 10
+
+
+def _nvidia_smi(arguments: list[str]) -> list[str] | None:
+    """The output lines of ``nvidia-smi`` (shipped with the driver) run with ``arguments``, or
+    ``None`` when it cannot be run or fails."""
     try:
         done = subprocess.run(
-            [
-                "nvidia-smi",
-                f"--query-gpu={fields}",
-                "--format=csv,noheader,nounits",
-                "-i",
-                str(index),
-            ],
+            ["nvidia-smi", *arguments],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=_SMI_TIMEOUT_S,
             check=True,
         )
-        return done.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [line.strip() for line in done.stdout.strip().splitlines() if line.strip()]
+
+
+def cuda_visible_entries(mask: str | None) -> tuple[str, ...] | None:
+    """The entries of a ``CUDA_VISIBLE_DEVICES`` value as CUDA reads them: comma-separated GPU
+    indices or ``GPU-``/``MIG-`` UUIDs, read up to the first entry that is neither (CUDA
+    ignores the rest: ``-1`` hides every GPU).
+
+    Args:
+        mask: the variable's value, or ``None`` when it is not set.
+
+    Returns:
+        The entries in order (entry ``k`` is CUDA ordinal ``k``), or ``None`` when the variable
+        is not set (every GPU, in ``nvidia-smi``'s numbering).
+    """
+    if mask is None:
+        return None
+    entries: list[str] = []
+    for raw in mask.split(","):
+        entry = raw.strip()
+        if not (entry.isdigit() or entry.upper().startswith(("GPU-", "MIG-"))):
+            break
+        entries.append(entry)
+    return tuple(entries)
+
+
+def smi_id(ordinal: int) -> str | None:
+    """What ``nvidia-smi -i`` takes for CUDA ordinal ``ordinal`` of this process (an index
+    or a UUID from ``CUDA_VISIBLE_DEVICES``), or ``None`` when no such ordinal can exist."""
+    entries = cuda_visible_entries(os.environ.get(CUDA_VISIBLE_ENV))
+    if entries is None:
+        return str(ordinal)
+    return entries[ordinal] if 0 <= ordinal < len(entries) else None
+
+
+def nvidia_smi_query(fields: str, index: int) -> str | None:
+    """``nvidia-smi --query-gpu=<fields>`` (shipped with the driver) of the GPU that is CUDA
+    ordinal ``index`` in this process (:func:`smi_id`): its first CSV line without header or
+    units, or ``None`` when it cannot be read."""
+    gpu = smi_id(index)
+    if gpu is None:
+        return None
+    lines = _nvidia_smi(
+        [f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", gpu]
+    )
+    return lines[0] if lines else None
+
+
+def _mib_to_bytes(text: str) -> int | None:
+    """``nvidia-smi``'s ``memory.total`` (MiB, no unit) in bytes, ``None`` when not a number."""
+    try:
+        return int(float(text)) << 20
+    except ValueError:
         return None
 
 
 def gpu_memory_bytes(index: int) -> int | None:
-    """Total memory of NVIDIA GPU ``index`` from ``nvidia-smi`` (shipped with the driver), or
-    ``None`` when it cannot be read."""
+    """Total memory of the GPU that is CUDA ordinal ``index`` in this process, from
+    ``nvidia-smi``, or ``None`` when it cannot be read."""
     total_mib = nvidia_smi_query("memory.total", index)
-    try:
-        return int(float(total_mib)) << 20 if total_mib is not None else None
-    except ValueError:
+    return None if total_mib is None else _mib_to_bytes(total_mib)
+
+
+@dataclass(frozen=True, slots=True)
+class GpuDevice:
+    """One NVIDIA GPU as a process sees it.
+
+    Attributes:
+        ordinal: its CUDA ordinal in this process (``cuda:N``; ONNX Runtime's ``device_id``);
+            in ``nvidia-smi``'s own list, its index there.
+        smi_id: how ``nvidia-smi -i`` names it (its index, or its UUID).
+        uuid: its UUID (``GPU-...``; a MIG instance's ``MIG-...``).
+        name: its product name (``""`` for a MIG instance).
+        memory_bytes: its total memory, ``None`` when unknown.
+    """
+
+    ordinal: int
+    smi_id: str
+    uuid: str
+    name: str
+    memory_bytes: int | None
+
+    @property
+    def label(self) -> str:
+        """``cuda:N``."""
+        return f"cuda:{self.ordinal}"
+
+
+def select_visible(physical: Sequence[GpuDevice], mask: str | None) -> tuple[GpuDevice, ...]:
+    """The GPUs a process sees, numbered as CUDA numbers them.
+
+    Args:
+        physical: every GPU ``nvidia-smi`` lists, in its order.
+        mask: ``CUDA_VISIBLE_DEVICES``, or ``None`` when it is not set.
+
+    Returns:
+        The visible GPUs, ordinals from 0. As in CUDA, the list stops at an entry that
+        matches no GPU (an index that does not exist, a UUID prefix of none or of several)
+        and at a GPU named twice; a MIG instance is kept with unknown name and memory.
+    """
+    entries = cuda_visible_entries(mask)
+    if entries is None:
+        return tuple(
+            GpuDevice(k, gpu.smi_id, gpu.uuid, gpu.name, gpu.memory_bytes)
+            for k, gpu in enumerate(physical)
+        )
+    found: list[GpuDevice] = []
+    for entry in entries:
+        if entry.upper().startswith("MIG-"):
+            found.append(GpuDevice(len(found), entry, entry, "", None))
+            continue
+        if entry.isdigit():
+            matches = [g for g in physical if g.ordinal == int(entry)]
+        else:
+            matches = [g for g in physical if g.uuid.upper().startswith(entry.upper())]
+        if len(matches) != 1 or any(g.uuid == matches[0].uuid for g in found):
+            break
+        gpu = matches[0]
+        found.append(GpuDevice(len(found), entry, gpu.uuid, gpu.name, gpu.memory_bytes))
+    return tuple(found)
+
+
+def visible_gpus() -> tuple[GpuDevice, ...] | None:
+    """The NVIDIA GPUs this process sees: ``nvidia-smi``'s list narrowed and renumbered by
+    ``CUDA_VISIBLE_DEVICES`` (:func:`select_visible`).
+
+    Returns:
+        The GPUs in CUDA's numbering; ``()`` when there is none (on Linux: no NVIDIA
+        driver); ``None`` when they cannot be listed (``nvidia-smi`` missing or failing).
+    """
+    if sys.platform.startswith("linux") and not nvidia_gpu_visible():
+        return ()  # no NVIDIA driver: nothing to ask nvidia-smi about
+    lines = _nvidia_smi(
+        ["--query-gpu=index,uuid,name,memory.total", "--format=csv,noheader,nounits"]
+    )
+    if lines is None:
         return None
+    physical = []
+    for line in lines:
+        parts = [part.strip() for part in line.split(",")]
+        if len(parts) == 4 and parts[0].isdigit():
+            index, uuid, name, memory = parts
+            physical.append(GpuDevice(int(index), index, uuid, name, _mib_to_bytes(memory)))
+    return select_visible(physical, os.environ.get(CUDA_VISIBLE_ENV))
 
 
 # Cached: a pure read of /proc/cpuinfo, whose answer cannot change within a process; read once.

@@ -35,6 +35,8 @@ def test_decode_workers_are_one_per_core_within_the_cap_and_none_on_one_core() -
 
 
 def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(host.CUDA_VISIBLE_ENV, raising=False)
+
     def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
         assert command[0] == "nvidia-smi" and command[-1] == "1"
         return subprocess.CompletedProcess(command, 0, "81559\n", "")
@@ -47,6 +49,83 @@ def test_gpu_memory_is_read_from_nvidia_smi_or_unknown(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(subprocess, "run", missing)
     assert host.gpu_memory_bytes(0) is None
+
+
+SMI_LIST = (
+    "0, GPU-aaaa0000, NVIDIA H100 80GB HBM3, 81559\n"
+    "1, GPU-bbbb1111, NVIDIA H100 80GB HBM3, 81559\n"
+    "2, GPU-cccc2222, NVIDIA L4, 23034\n"
+    "3, GPU-dddd3333, NVIDIA L4, 23034\n"
+)
+
+
+def _physical() -> list[host.GpuDevice]:
+    return [
+        host.GpuDevice(k, str(k), f"GPU-{c * 4}{str(k) * 4}", "x", (k + 1) << 30)
+        for k, c in enumerate("abcd")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (None, ["GPU-aaaa0000", "GPU-bbbb1111", "GPU-cccc2222", "GPU-dddd3333"]),
+        ("2,0", ["GPU-cccc2222", "GPU-aaaa0000"]),  # renumbered: cuda:0 is physical GPU 2
+        ("GPU-dddd, 1", ["GPU-dddd3333", "GPU-bbbb1111"]),  # UUID prefixes, spaces
+        ("", []),
+        ("-1", []),  # CUDA's way of hiding every GPU
+        ("1,7,2", ["GPU-bbbb1111"]),  # the list stops at a GPU that does not exist
+        ("1,1,2", ["GPU-bbbb1111"]),  # ... and at a GPU named twice
+        ("GPU-, 3", []),  # ... and at a UUID prefix of several GPUs
+    ],
+)
+def test_visible_gpus_follow_cuda_visible_devices(mask: str | None, expected: list[str]) -> None:
+    seen = host.select_visible(_physical(), mask)
+    assert [gpu.uuid for gpu in seen] == expected
+    assert [gpu.ordinal for gpu in seen] == list(range(len(expected)))
+    assert [gpu.label for gpu in seen] == [f"cuda:{k}" for k in range(len(expected))]
+
+
+def test_visible_gpus_come_from_nvidia_smi_in_cudas_numbering(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    commands: list[list[str]] = []
+
+    def fake_run(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        commands.append(command)
+        if "-i" in command:  # one GPU's memory
+            return subprocess.CompletedProcess(command, 0, "23034\n", "")
+        return subprocess.CompletedProcess(command, 0, SMI_LIST, "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(host, "nvidia_gpu_visible", lambda: True)
+    monkeypatch.setenv(host.CUDA_VISIBLE_ENV, "3,GPU-aaaa")
+    gpus = host.visible_gpus()
+    assert gpus is not None
+    assert [(g.label, g.name, g.memory_bytes) for g in gpus] == [
+        ("cuda:0", "NVIDIA L4", 23034 << 20),
+        ("cuda:1", "NVIDIA H100 80GB HBM3", 81559 << 20),
+    ]
+    # nvidia-smi numbers GPUs its own way: cuda:1 of this process is asked for by its entry.
+    assert host.smi_id(1) == "GPU-aaaa" and host.smi_id(2) is None
+    assert host.gpu_memory_bytes(0) == 23034 << 20 and commands[-1][-1] == "3"
+    assert host.gpu_memory_bytes(2) is None  # no such GPU: nvidia-smi is not asked
+    assert commands[-1][-1] == "3"
+    monkeypatch.delenv(host.CUDA_VISIBLE_ENV)
+    assert host.smi_id(1) == "1"
+    assert len(host.visible_gpus() or ()) == 4
+
+
+def test_no_gpu_or_no_nvidia_smi_are_told_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    def missing(command: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        raise FileNotFoundError("nvidia-smi")
+
+    monkeypatch.setattr(subprocess, "run", missing)
+    monkeypatch.setattr(host, "nvidia_gpu_visible", lambda: True)
+    assert host.visible_gpus() is None  # a driver, but the GPUs cannot be listed
+    monkeypatch.setattr(host, "nvidia_gpu_visible", lambda: False)
+    if host.sys.platform.startswith("linux"):
+        assert host.visible_gpus() == ()  # no driver: no GPU
 
 
 def _threads_used(cores: int, n: int) -> set[str]:

@@ -177,17 +177,52 @@ def collect_info(model_path: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "onnxruntime_providers": ort.get_available_providers(),
         "nvidia_gpu_visible": nvidia_gpu_visible(),
+        "gpus": gpu_status(),
         "decoders": decoder_status(),
         "host": host_status(),
         "model": model_status(model_path),
     }
 
 
+def gpu_status() -> dict[str, Any]:
+    """The NVIDIA GPUs this process sees, numbered as ``--device cuda:N`` numbers them
+    (``nvidia-smi``'s list narrowed and renumbered by ``CUDA_VISIBLE_DEVICES``:
+    :func:`ggo_cli.host.visible_gpus`), and the devices ``--device cuda:all`` would use
+    (``None`` when the GPUs cannot be listed)."""
+    import os
+
+    from ..host import CUDA_VISIBLE_ENV, visible_gpus
+
+    gpus = visible_gpus()
+    return {
+        "cuda_visible_devices": os.environ.get(CUDA_VISIBLE_ENV),
+        "cuda_all": None if gpus is None else [gpu.label for gpu in gpus],
+        "devices": [
+            {
+                "device": gpu.label,
+                "name": gpu.name,
+                "uuid": gpu.uuid,
+                "memory_gib": (
+                    None if gpu.memory_bytes is None else round(gpu.memory_bytes / 2**30, 1)
+                ),
+            }
+            for gpu in gpus or ()
+        ],
+    }
+
+
 def host_status() -> dict[str, Any]:
     """Cores and memory, and the ``--jobs`` that ``segment`` would choose for 300-slice series
-    with ``--device auto`` (see :func:`ggo_cli.run.series_pool.jobs_for`)."""
-    from ..config import DeviceRequest
-    from ..host import available_memory_bytes, gpu_memory_bytes, nvidia_gpu_visible, usable_cores
+    with ``--device auto`` and, where several GPUs are seen, with ``--device cuda:all`` (see
+    :func:`ggo_cli.run.series_pool.jobs_for`)."""
+    from ..config import DeviceKind, DeviceRequest
+    from ..host import (
+        available_memory_bytes,
+        gpu_memory_bytes,
+        nvidia_gpu_visible,
+        usable_cores,
+        visible_gpus,
+    )
     from ..run.series_pool import jobs_for
 
     memory = available_memory_bytes()
@@ -199,6 +234,10 @@ def host_status() -> dict[str, Any]:
         gpu = gpu_memory_bytes(0)
         status["gpu0_memory_gib"] = None if gpu is None else round(gpu / 2**30, 1)
     status["auto_jobs_300_slices"] = jobs_for(DeviceRequest(), largest_slices=300)
+    gpus = visible_gpus() or ()
+    if len(gpus) > 1:
+        every = DeviceRequest(DeviceKind.CUDA, gpus=tuple(g.ordinal for g in gpus), all_gpus=True)
+        status["auto_jobs_300_slices_cuda_all"] = jobs_for(every, largest_slices=300)
     return status
 
 

@@ -28,7 +28,11 @@ DeviceOpt = Annotated[
         "--device",
         "-d",
         envvar=ENV_DEVICE,
-        help="auto, cpu, cuda or cuda:N (parsed and checked before any work).",
+        help=(
+            "auto, cpu, cuda or cuda:N; several GPUs: cuda:N,M,... or cuda:all (the --jobs "
+            "workers spread over them; N as CUDA numbers GPUs, after CUDA_VISIBLE_DEVICES). "
+            "Parsed and checked before any work."
+        ),
     ),
 ]
 BatchOpt = Annotated[

@@ -75,7 +75,9 @@ def create_session(
 
     Shared by :class:`OnnxSegmenter` and :class:`ggo_cli.analysis.explainer.OnnxExplainer`. Every
     session start also removes the scratch folders of killed runs
-    (:func:`ggo_cli.scratch.sweep_scratch`).
+    (:func:`ggo_cli.scratch.sweep_scratch`). A session runs on one device: a request naming
+    several GPUs (``cuda:0,2``, ``cuda:all``) gets the first (``request.index``); the
+    ``--jobs`` workers each pass their own (:func:`ggo_cli.run.placement.worker_devices`).
 
     Args:
         path: the ONNX file (named in errors; read unless ``model_bytes`` is given).
@@ -130,7 +132,7 @@ def create_session(
     if want_cuda and in_use[0] != CUDA_PROVIDER:
         if request.kind == DeviceKind.CUDA:
             raise DeviceError(
-                f"--device {request.kind}:{request.index} requested but ONNX Runtime fell "
+                f"--device cuda:{request.index} requested but ONNX Runtime fell "
                 "back to the CPU (no usable GPU, driver, CUDA or cuDNN); use --device cpu "
                 "or fix the GPU setup (`ggo-cli info` lists providers)"
             )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.segmenter import OnnxSegmenter
-from ..config import RunConfig
+from ..config import DeviceRequest, RunConfig
 from ..host import HostLimits
 from .explain_graph import ExplainInfo
 from .model_info import ModelInfo
@@ -19,6 +19,9 @@ class Sessions:
         explain_info: the validated explain graph, or ``None`` when no maps are asked for.
         limits: the cores of this process (a ``--jobs`` worker's share holds the CPU sessions
             to it).
+        device: the one device of this process's sessions: a ``--jobs`` worker's own
+            (:func:`ggo_cli.run.placement.worker_devices`); ``None``: the run's device, or
+            the first of several GPUs (a run of one process uses that GPU only).
     """
 
     def __init__(
@@ -28,8 +31,10 @@ class Sessions:
         explain_info: ExplainInfo | None,
         *,
         limits: HostLimits,
+        device: DeviceRequest | None = None,
     ) -> None:
         self.cfg = cfg
+        self.device = cfg.device.devices[0] if device is None else device
         self.model = model
         self.explain_info = explain_info
         self.limits = limits
@@ -46,7 +51,7 @@ class Sessions:
         if self._segmenter is None:
             self._segmenter = OnnxSegmenter(
                 self.model,
-                device=self.cfg.device,
+                device=self.device,
                 batch_size=self.cfg.batch_size,
                 threshold=self.cfg.threshold,
                 precision=self.cfg.precision,
@@ -61,7 +66,7 @@ class Sessions:
             self._explainer = OnnxExplainer(
                 self.model,
                 self.explain_info,
-                device=self.cfg.device,
+                device=self.device,
                 batch_size=self.cfg.batch_size,
                 layer=self.cfg.explain_layer,
                 intra_op_threads=self.limits.intra_op_threads,

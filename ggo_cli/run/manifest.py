@@ -4,13 +4,20 @@ Neither ever holds patient data or input paths: series are named by UID and the 
 their folder (:attr:`ggo_cli.domain.SeriesInfo.folder_id`), and messages have the series' paths,
 folder and file names replaced (:meth:`ggo_cli.domain.SeriesInfo.redact`). JSON escapes control
 characters itself.
+
+Where each series ran: with ``--jobs`` above 1 every series' outcome comes back from its worker
+as a :class:`PlacedOutcome` that names the worker's device (``cuda:2``), and the manifest lists
+it per series (``device``) and counts the series per device; in one process every series ran
+on the run's one device. The CSV does not change.
 """
 
 from __future__ import annotations
 
 import math
 import platform
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +30,43 @@ if TYPE_CHECKING:
     from .result import RunResult
 
 _VERSIONED_PACKAGES = ("numpy", "pydicom", "highdicom", "onnxruntime-gpu", "onnxruntime", "pillow")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacedOutcome(SeriesOutcome):
+    """A series' outcome with the device it ran on, as a ``--jobs`` worker returns it.
+
+    Attributes:
+        device: the label of the device of the worker's session (``cuda:2``, ``cpu``);
+            ``""`` when unknown.
+    """
+
+    device: str = ""
+
+
+def place(outcome: SeriesOutcome, device: str) -> PlacedOutcome:
+    """``outcome`` with the ``device`` it ran on (every other field unchanged)."""
+    values = {f.name: getattr(outcome, f.name) for f in fields(SeriesOutcome)}
+    return PlacedOutcome(**values, device=device)
+
+
+def series_device(outcome: SeriesOutcome, result: RunResult) -> str | None:
+    """Where a series was processed in this run: its worker's device (``--jobs`` above 1),
+    else the run's one device; ``None`` for a series not processed (skipped, pending,
+    unchanged from an earlier run) or whose worker died with it."""
+    if outcome.reused or outcome.status in (SeriesStatus.SKIPPED, SeriesStatus.PENDING):
+        return None
+    if isinstance(outcome, PlacedOutcome):
+        return outcome.device or None
+    if result.jobs > 1:
+        return None  # lost with its worker: not a PlacedOutcome
+    return result.session.device or None
+
+
+def series_per_device(result: RunResult) -> dict[str, int]:
+    """How many series each device processed in this run, by device label."""
+    devices = Counter(series_device(o, result) for o in result.outcomes)
+    return {label: devices[label] for label in sorted(d for d in devices if d is not None)}
 
 
 def _now() -> str:
@@ -92,6 +136,8 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
             "int8_recipe": result.session.int8_recipe,
             "variant_check": result.session.variant_check,
             "jobs": result.jobs,
+            "gpus": [str(one) for one in cfg.device.devices] if cfg.device.spread else None,
+            "series_per_device": series_per_device(result),
         },
         "counts": {
             "files": result.discovery.n_files,
@@ -125,6 +171,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
                 "ggo_percent_of_lung": _finite(o.lungs.ggo_percent_of_lung) if o.lungs else None,
                 "qc_flags": list(o.qc_flags),
                 "seconds": round(o.seconds, 3),
+                "device": series_device(o, result),
             }
             for o in result.outcomes
         ],

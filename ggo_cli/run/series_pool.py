@@ -9,9 +9,15 @@ SEG, PNGs), each with its own ONNX Runtime session, and the main process records
 pipeline of :mod:`ggo_cli.run.runner`): there the model already uses every core.
 
 Memory: at most ``N`` series are in flight, each in one worker; :func:`auto_jobs` sizes ``N``
-from the usable cores, the available memory and the GPU's memory. Each worker holds its own
-session (on a GPU: its own CUDA context and memory arena; an out-of-memory error halves that
-worker's batch).
+from the usable cores, the available memory and the memory of each GPU used. Each worker holds
+its own session (on a GPU: its own CUDA context and memory arena; an out-of-memory error halves
+that worker's batch).
+
+Several GPUs (``--device cuda:0,2``, ``cuda:all``): each worker's sessions run on one GPU,
+given by :func:`ggo_cli.run.placement.worker_devices` from the worker's number (workers take
+the GPUs in turn), and each outcome comes back naming its device for the manifest
+(:class:`ggo_cli.run.manifest.PlacedOutcome`). One process (``--jobs 1``) uses the first GPU
+only, with a warning when ``--jobs 1`` was asked for (:func:`auto_jobs`).
 
 Failure handling:
     * A series-level failure is that series' ``failed`` row, as in one process.
@@ -45,14 +51,16 @@ import SimpleITK
 
 from ..config import DeviceRequest, RunConfig
 from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
-from ..host import HostLimits, available_memory_bytes, gpu_memory_bytes, usable_cores
+from ..host import HostLimits, available_memory_bytes, usable_cores
 from ..logs import configure_worker_logging, quiet_pydicom, relay_worker_logs
 from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo
 from ..onnx.runtime import cuda_wanted
 from ..onnx.sessions import Sessions
+from .manifest import place
 from .memory import series_bytes
 from .pipeline import now_utc, process_series
+from .placement import device_label, gpu_job_capacity, worker_devices
 from .result import SessionSummary
 
 log = logging.getLogger(__name__)
@@ -66,11 +74,6 @@ WORKER_BASE_BYTES = 2 << 30
 and, on a GPU, a CUDA context with its libraries (0.43 GiB measured on the CPU with the
 stand-in model; the shipped model's session and a CUDA context are an allowance, not yet
 measured on a GPU host)."""
-GPU_BYTES_PER_JOB = 4 << 30
-"""GPU memory allowed per worker: a CUDA context, cuDNN workspace and the arena of a batch of
-16 slices in fp16 (an allowance, not yet measured)."""
-GPU_JOBS_UNKNOWN_MEMORY = 2
-"""Automatic ``--jobs`` on a GPU whose memory cannot be read (no ``nvidia-smi``)."""
 PARENT_POLL_S = 0.5
 """How often a worker checks that its run is still alive (besides the kernel's signal)."""
 
@@ -92,10 +95,22 @@ def summarize(sessions: Sessions) -> SessionSummary | None:
 
 def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
     """Series processed at once for ``todo``: ``cfg.jobs`` when given (never more than the
-    series), else :func:`jobs_for` the run's device and its largest series."""
+    series), else :func:`jobs_for` the run's device(s) and its largest series.
+
+    With several GPUs, ``--jobs 1`` runs one process on the first GPU only: it is what was
+    asked for, so it is kept, with a warning naming the GPUs left idle.
+    """
     if not todo:
         return 1
     if cfg.jobs is not None:
+        if cfg.jobs == 1 and cfg.device.spread and len(cfg.device.gpus) > 1:
+            log.warning(
+                "--jobs 1 runs one process, on %s only of --device %s; leave --jobs out or "
+                "give --jobs %d or more to use every GPU",
+                cfg.device.devices[0],
+                cfg.device,
+                len(cfg.device.gpus),
+            )
         return max(1, min(cfg.jobs, len(todo)))
     return jobs_for(
         cfg.device, largest_slices=max(len(s.files) for s in todo), n_series=len(todo)
@@ -103,20 +118,20 @@ def auto_jobs(cfg: RunConfig, todo: Sequence[SeriesInfo]) -> int:
 
 
 def jobs_for(device: DeviceRequest, *, largest_slices: int, n_series: int = MAX_JOBS) -> int:
-    """The automatic ``--jobs``: 1 on the CPU; on a GPU one per :data:`CORES_PER_JOB`
-    usable cores, at most :data:`MAX_JOBS`, within three quarters of the available memory
-    for series of ``largest_slices`` and within 80 % of the GPU's memory
-    (:data:`GPU_BYTES_PER_JOB` each); never more than ``n_series``.
+    """The automatic ``--jobs``: 1 on the CPU; on GPUs one per :data:`CORES_PER_JOB`
+    usable cores, at most :data:`MAX_JOBS` per GPU, within three quarters of the available
+    memory for series of ``largest_slices`` and within what the GPUs hold together (each
+    its own :func:`~ggo_cli.run.placement.gpu_job_capacity`); never more than ``n_series``.
     """
     if not cuda_wanted(device):
         return 1
-    jobs = min(MAX_JOBS, usable_cores() // CORES_PER_JOB, n_series)
+    gpus = device.devices
+    jobs = min(MAX_JOBS * len(gpus), usable_cores() // CORES_PER_JOB, n_series)
     memory = available_memory_bytes()
     if memory is not None:
         per_job = series_bytes(largest_slices) + WORKER_BASE_BYTES  # one series per worker
         jobs = min(jobs, int(0.75 * memory) // per_job)
-    gpu = gpu_memory_bytes(device.index)
-    by_gpu = GPU_JOBS_UNKNOWN_MEMORY if gpu is None else int(0.8 * gpu) // GPU_BYTES_PER_JOB
+    by_gpu = sum(gpu_job_capacity(gpu.index) for gpu in gpus)
     return max(1, min(jobs, by_gpu))
 
 
@@ -143,8 +158,8 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="ggo-parent-watch", daemon=True).start()
 
 
-# The one worker state of a worker process (set by _init_worker): its sessions and its share
-# of the cores (Sessions.limits).
+# The one worker state of a worker process (set by _init_worker): its sessions, with its
+# device (Sessions.device) and its share of the cores (Sessions.limits).
 _worker: Sessions | None = None
 
 
@@ -156,10 +171,17 @@ def _init_worker(
     cfg: RunConfig,
     model: ModelInfo,
     explain_info: ExplainInfo | None,
+    devices: tuple[DeviceRequest, ...],
+    numbers: Any,
 ) -> None:
     """Set up a worker process: signals, logging, privacy, its ``share`` of the cores (for
-    SimpleITK, the lung mask and ONNX Runtime's CPU sessions)."""
+    SimpleITK, the lung mask and ONNX Runtime's CPU sessions) and its device: the next
+    worker number from the shared counter ``numbers`` picks its entry of ``devices``
+    (:func:`~ggo_cli.run.placement.worker_devices`)."""
     global _worker
+    with numbers.get_lock():
+        number = numbers.value
+        numbers.value += 1
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process stops the workers
     _die_with_parent(parent)
     configure_worker_logging(records, level)
@@ -167,7 +189,19 @@ def _init_worker(
     sitk: Any = SimpleITK  # no type hints in SimpleITK
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(share.cores)
     limits = HostLimits(min(usable_cores(), share.cores), shared=True)
-    _worker = Sessions(cfg, model, explain_info, limits=limits)
+    device = devices[number % len(devices)]
+    _worker = Sessions(cfg, model, explain_info, limits=limits, device=device)
+    log.debug("worker %d (pid %d) runs its sessions on %s", number, os.getpid(), device)
+
+
+def _placed(
+    task: Any, series: SeriesInfo
+) -> tuple[SeriesOutcome, SessionSummary | None]:
+    """Worker task: ``task(series)``, its outcome marked with the device it ran on (its
+    session's; before any session exists, the worker's own)."""
+    outcome, summary = task(series)
+    assigned = device_label(_worker.device) if _worker is not None else ""
+    return place(outcome, summary.device if summary is not None else assigned), summary
 
 
 def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
@@ -238,6 +272,17 @@ class SeriesPool:
             explain_info,
         )
         self.jobs = jobs
+        capacity = None
+        if cfg.device.spread and cfg.jobs is None:
+            capacity = [gpu_job_capacity(gpu.index) for gpu in cfg.device.devices]
+        self.devices = worker_devices(cfg.device, jobs, capacity=capacity)
+        if cfg.device.spread:
+            log.info(
+                "%d workers over --device %s: %s",
+                jobs,
+                cfg.device,
+                ", ".join(f"{d} {self.devices.count(d)}" for d in dict.fromkeys(self.devices)),
+            )
         self._task = task
         self._executor: ProcessPoolExecutor | None = None
         self.summary: SessionSummary | None = None
@@ -248,7 +293,8 @@ class SeriesPool:
                 max_workers=self.jobs,
                 mp_context=self._context,
                 initializer=_init_worker,
-                initargs=self._init_args,
+                # Worker numbers count from 0 again in each new pool (after a worker died).
+                initargs=(*self._init_args, self.devices, self._context.Value("i", 0)),
             )
         return self._executor
 
@@ -271,11 +317,11 @@ class SeriesPool:
                     if suspects:
                         if not in_flight:
                             series = suspects.popleft()
-                            in_flight[self._pool().submit(self._task, series)] = series
+                            in_flight[self._pool().submit(_placed, self._task, series)] = series
                     else:
                         while queue and len(in_flight) < self.jobs:
                             series = queue.popleft()
-                            in_flight[self._pool().submit(self._task, series)] = series
+                            in_flight[self._pool().submit(_placed, self._task, series)] = series
                     done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                     if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
                         wait(in_flight)  # a broken pool fails every pending task at once

@@ -9,7 +9,7 @@ import pytest
 
 from ggo_cli.config import RunConfig
 from ggo_cli.domain import SeriesInfo
-from ggo_cli.run import series_pool
+from ggo_cli.run import placement, series_pool
 from ggo_cli.run.series_pool import auto_jobs
 
 
@@ -30,15 +30,15 @@ def test_auto_jobs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert auto_jobs(RunConfig(**{**_fields(cfg), "jobs": 3}), todo[:2]) == 2
     assert auto_jobs(cfg, []) == 1
     monkeypatch.setattr(series_pool, "cuda_wanted", lambda request: True)
-    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda index: 80 << 30)
     assert auto_jobs(cfg, todo) == 8  # 16 cores / 2, at most 8
-    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 24 << 30)
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda index: 24 << 30)
     assert auto_jobs(cfg, todo) == 4  # 80 % of 24 GiB, 4 GiB a worker
-    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 6 << 30)
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda index: 6 << 30)
     assert auto_jobs(cfg, todo) == 1
-    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: None)
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda index: None)
     assert auto_jobs(cfg, todo) == 2  # GPU memory unknown: two
-    monkeypatch.setattr(series_pool, "gpu_memory_bytes", lambda index: 80 << 30)
+    monkeypatch.setattr(placement, "gpu_memory_bytes", lambda index: 80 << 30)
     monkeypatch.setattr(series_pool, "usable_cores", lambda: 6)
     assert auto_jobs(cfg, todo) == 3
     # 1000-slice series: 6 bytes a voxel (one series per worker) + 2 GiB a worker (3.46 GiB);
