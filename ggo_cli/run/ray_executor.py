@@ -53,6 +53,8 @@ AUTO = "auto"
 """``--ray auto``: the running cluster this host belongs to (``ray start`` was run here)."""
 MAX_ATTEMPTS = 3
 """Actors a series may lose before it fails (its first try included)."""
+LOOPBACK = "127.0.0.1"
+"""The node address of a ``--ray local`` cluster."""
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
 """Ray's switch of its usage statistics (``0``: off)."""
 
@@ -162,7 +164,10 @@ def connected(address: str) -> Iterator[Any]:
     try:
         if address == LOCAL:
             with _usage_stats_off():
-                ray.init(address="local", include_dashboard=False, **quiet)
+                # Loopback only: nothing outside this host needs to reach a run's own cluster.
+                ray.init(
+                    address="local", include_dashboard=False, _node_ip_address=LOOPBACK, **quiet
+                )
         else:
             ray.init(address=address, **quiet)
     except ConnectionError as exc:
