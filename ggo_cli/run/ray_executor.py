@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -53,6 +54,8 @@ AUTO = "auto"
 """``--ray auto``: the running cluster this host belongs to (``ray start`` was run here)."""
 MAX_ATTEMPTS = 3
 """Actors a series may lose before it fails (its first try included)."""
+CONNECT_TIMEOUT_S = 10.0
+"""How long a ``HOST:PORT`` head may take to accept a connection before the run gives up."""
 LOOPBACK = "127.0.0.1"
 """The node address of a ``--ray local`` cluster."""
 USAGE_STATS_ENV = "RAY_USAGE_STATS_ENABLED"
@@ -152,6 +155,25 @@ def _usage_stats_off() -> Iterator[None]:
             os.environ[USAGE_STATS_ENV] = saved
 
 
+def _check_reachable(address: str) -> None:
+    """Fail at once when nothing listens at ``HOST:PORT`` (``ray.init`` would retry for
+    minutes).
+
+    Raises:
+        InputError: the head's port does not accept a connection within
+            :data:`CONNECT_TIMEOUT_S`.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise InputError(
+            f"--ray {address}: no Ray head answers there ({exc.strerror or exc}); start one "
+            "with 'ray start --head' or check the address"
+        ) from None
+
+
 @contextmanager
 def connected(address: str) -> Iterator[Any]:
     """Connected to the cluster at ``address`` (``local``: started here) until the end.
@@ -159,6 +181,8 @@ def connected(address: str) -> Iterator[Any]:
     Raises:
         InputError: Ray is missing or no cluster answers at ``address``.
     """
+    if address not in (LOCAL, AUTO):
+        _check_reachable(address)
     ray = import_ray()
     quiet = {"log_to_driver": False, "logging_level": logging.WARNING}
     try:

@@ -3,7 +3,9 @@ checks and the message of a missing ``ray`` extra; all without starting a cluste
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from ggo_cli.cli.build import check_ray_address
 from ggo_cli.config import DeviceKind
 from ggo_cli.errors import InputError
 from ggo_cli.run.memory import series_bytes
-from ggo_cli.run.ray_executor import import_ray
+from ggo_cli.run.ray_executor import connected, import_ray
 from ggo_cli.run.ray_plan import ActorSlot, NodeResources, plan_actors
 from ggo_cli.run.series_pool import WORKER_BASE_BYTES
 
@@ -138,3 +140,16 @@ def test_without_the_ray_extra_the_message_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(InputError, match=r"pip install 'ggo-cli\[ray\]'"):
         import_ray()
+
+
+def test_a_head_address_where_nothing_listens_fails_at_once() -> None:
+    """``--ray HOST:PORT`` with no head there: an InputError (exit 2) within seconds, not
+    Ray's minutes of retries."""
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(InputError, match=f"--ray 127.0.0.1:{port}: no Ray head answers"):
+        with connected(f"127.0.0.1:{port}"):
+            pass
+    assert time.monotonic() - started < 5
