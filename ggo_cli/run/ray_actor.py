@@ -30,10 +30,9 @@ from ..logs import quiet_pydicom
 from ..onnx.explain_graph import ExplainInfo
 from ..onnx.model_info import ModelInfo, file_sha256
 from ..onnx.sessions import Sessions
-from .pipeline import process_series
 from .ray_plan import ActorSlot
 from .result import SessionSummary
-from .series_pool import summarize
+from .series_pool import run_series, summarize
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +144,7 @@ class SeriesActor:
         if not self._model_checked:
             self._check_model()
         sessions = self._sessions
-        outcome = process_series(
-            sessions.cfg,
-            series,
-            sessions.segmenter(),
-            explainer=sessions.explainer(),
-            cores=sessions.limits.cores,
-        )
+        outcome = run_series(sessions, series)
         return ActorResult(
             outcome=outcome,
             summary=summarize(sessions),

@@ -38,13 +38,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..config import DeviceKind, RunConfig, parse_device
-from ..domain import SeriesInfo, SeriesOutcome, SeriesStatus
+from ..domain import SeriesInfo, SeriesOutcome
 from ..errors import DeviceError, GgoError, InputError
-from .pipeline import RETRY_NOTE, now_utc
+from .pipeline import RETRY_NOTE
 from .plan import RunPlan
 from .ray_actor import ActorResult, SeriesActor
 from .ray_plan import ActorSlot, NodeResources, plan_actors
 from .result import ProgressSink, SessionSummary
+from .series_pool import lost_series
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +245,7 @@ NO_ACTOR_LEFT = "no Ray actor left to run it (every actor of the run was lost)"
 def _lost(series: SeriesInfo, reason: str) -> SeriesOutcome:
     """The failed outcome of a series that could not be run on the cluster, for ``reason``
     (:data:`LOST_TOO_OFTEN`, :data:`NO_ACTOR_LEFT`); the next run retries it."""
-    message = reason + RETRY_NOTE
-    log.error("%s failed: %s", series.label, message)
-    return SeriesOutcome(
-        series=series,
-        status=SeriesStatus.FAILED,
-        message=message,
-        n_slices=len(series.files),
-        processed_at=now_utc(),
-    )
+    return lost_series(series, reason + RETRY_NOTE)
 
 
 def _actor_cfg(cfg: RunConfig, slot: ActorSlot) -> RunConfig:

@@ -204,27 +204,28 @@ def _placed(
     return place(outcome, summary.device if summary is not None else assigned), summary
 
 
-def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
-    """Worker task: one whole series (decode in this process; its own session)."""
-    sessions = _worker
-    if sessions is None:  # pragma: no cover - only reached if the initializer did not run
-        raise RuntimeError("series worker used without its initializer")
-    outcome = process_series(
+def run_series(sessions: Sessions, series: SeriesInfo) -> SeriesOutcome:
+    """One whole series in a worker (a ``--jobs`` process or a Ray actor) with its sessions:
+    decoded in this process, segmented with its own session."""
+    return process_series(
         sessions.cfg,
         series,
         sessions.segmenter(),
         explainer=sessions.explainer(),
         cores=sessions.limits.cores,
     )
-    return outcome, summarize(sessions)
 
 
-def _lost(series: SeriesInfo) -> SeriesOutcome:
-    """The outcome of a series whose worker process died while it ran alone."""
-    message = (
-        "the worker process died while processing this series (a decoder crash, or memory "
-        "exhausted: try fewer --jobs)"
-    )
+def _process(series: SeriesInfo) -> tuple[SeriesOutcome, SessionSummary | None]:
+    """Worker task: one whole series (decode in this process; its own session)."""
+    sessions = _worker
+    if sessions is None:  # pragma: no cover - only reached if the initializer did not run
+        raise RuntimeError("series worker used without its initializer")
+    return run_series(sessions, series), summarize(sessions)
+
+
+def lost_series(series: SeriesInfo, message: str) -> SeriesOutcome:
+    """The failed outcome of a series whose worker was lost (``message`` says how), logged."""
     log.error("%s failed: %s", series.label, message)
     log.debug("%s is %s", series.label, series.location)
     return SeriesOutcome(
@@ -233,6 +234,15 @@ def _lost(series: SeriesInfo) -> SeriesOutcome:
         message=message,
         n_slices=len(series.files),
         processed_at=now_utc(),
+    )
+
+
+def _lost(series: SeriesInfo) -> SeriesOutcome:
+    """The outcome of a series whose worker process died while it ran alone."""
+    return lost_series(
+        series,
+        "the worker process died while processing this series (a decoder crash, or memory "
+        "exhausted: try fewer --jobs)",
     )
 
 
