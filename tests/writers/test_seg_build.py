@@ -15,6 +15,7 @@ from numpy.testing import assert_array_equal
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
 
+from ggo_cli.analysis.lungs import LungMasks
 from ggo_cli.analysis.masks import keep_inside_lungs, model_masks, seg_masks, segment_planes
 from ggo_cli.domain import CtVolume, Prediction
 from ggo_cli.errors import UnsupportedSeriesError
@@ -42,6 +43,21 @@ def _same_clock_and_dimension_uid(seg: pydicom.Dataset, like: pydicom.Dataset) -
     seg.DimensionOrganizationSequence[0].DimensionOrganizationUID = uid
     for item in seg.DimensionIndexSequence:
         item.DimensionOrganizationUID = uid
+
+
+def _built_both(
+    volume: CtVolume, prediction: Prediction, model: ModelInfo, lungs: LungMasks
+) -> tuple[hd.seg.Segmentation, hd.seg.Segmentation]:
+    """The same SEG built by highdicom's own ``Segmentation`` and by ggo-cli's
+    ``WrittenSegmentation``: (theirs, ours)."""
+    built = [
+        dicom_seg._build(
+            volume, prediction, model, series_number=77, series_description="AI",
+            software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
+        )
+        for cls in (hd.seg.Segmentation, seg_highdicom.WrittenSegmentation)
+    ]
+    return built[0], built[1]
 
 
 @pytest.mark.parametrize("nonempty_frames", [False, True])
@@ -86,14 +102,7 @@ def test_overrides_change_no_element_of_highdicoms_segmentation(
     lungs.right[:, 10:-10, 10:250] = True
     lungs.left[3:-3, 10:-10, 260:-10] = True
     prediction = Prediction(masks=model_masks(planes, 1), threshold=0.5)
-    built = {
-        cls: dicom_seg._build(
-            lung_volume, prediction, model, series_number=77, series_description="AI",
-            software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
-        )
-        for cls in (hd.seg.Segmentation, seg_highdicom.WrittenSegmentation)
-    }
-    theirs, ours = built[hd.seg.Segmentation], built[seg_highdicom.WrittenSegmentation]
+    theirs, ours = _built_both(lung_volume, prediction, model, lungs)
     assert hasattr(theirs, "_dim_ind_pointers") and not hasattr(ours, "_dim_ind_pointers")
     _same_clock_and_dimension_uid(ours, theirs)
     assert ours.PixelData == b"" and ours.frames is not None  # the frames are kept apart
@@ -159,13 +168,6 @@ def test_frames_that_end_inside_a_byte_are_padded_as_highdicom_pads_them(
     planes, lungs = segment_planes(volume.hu.shape, 1)
     planes[...] = np.random.default_rng(5).random(planes.shape) > 0.5
     prediction = Prediction(masks=model_masks(planes, 1), threshold=0.5)
-    built = {
-        cls: dicom_seg._build(
-            volume, prediction, model, series_number=77, series_description="AI",
-            software_version="1", lungs=lungs, nonempty_frames=False, segmentation=cls,
-        )
-        for cls in (hd.seg.Segmentation, seg_highdicom.WrittenSegmentation)
-    }
-    theirs, ours = built[hd.seg.Segmentation], built[seg_highdicom.WrittenSegmentation]
+    theirs, ours = _built_both(volume, prediction, model, lungs)
     assert len(theirs.PixelData) == 18 and theirs.PixelData.endswith(b"0")
     assert ours.frames is not None and ours.frames.tobytes() == theirs.PixelData
