@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 MAX_CONTEXTS = 128
 """PS3.8 section 9.3.2.2: presentation context IDs are the odd numbers 1-255."""
 _MESSAGE_ID_LIMIT = 0x10000
+"""PS3.7 section 9.3.1.1: the Message ID is an unsigned 16-bit value."""
 _WATCH_INTERVAL_S = 0.05
 """How often the C-STORE watcher looks whether the association has ended."""
-"""PS3.7 section 9.3.1.1: the Message ID is an unsigned 16-bit value."""
+_NO_CONNECTION = "Sta1"
+"""PS3.8 section 9.2: the upper layer's Idle state, no transport connection."""
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
 
@@ -137,15 +139,23 @@ def _unblocked_when_gone(assoc: Association) -> Iterator[None]:
     pynetdicom 3.0 pauses its association reactor while ``send_c_store`` waits for the
     response, so a peer that dies just before a C-STORE (killed, its host down) leaves that wait
     to run for the whole DIMSE timeout (2 minutes) although the association is already aborted
-    and the DUL thread gone (see pydicom/pynetdicom#430). A watcher thread puts the queue's
-    "no response" item once that is so; the C-STORE then comes back at once without a status
-    and its file stays pending.
+    and the DUL thread gone (see pydicom/pynetdicom#430). The same happens when the connection
+    closes just before the C-STORE: pynetdicom's "no response" item for the closed connection
+    can be taken by the association's reactor before the reactor sees the A-P-ABORT, and the
+    DUL, now idle (state Sta1), stays alive. A watcher thread puts that item again once the
+    association has ended in any of these ways; the C-STORE then comes back at once without a
+    status and its file stays pending.
     """
     done = threading.Event()
 
+    def gone() -> bool:
+        return bool(assoc.is_aborted or assoc.is_released or not assoc.dul.is_alive()
+                    or assoc.dul.state_machine.current_state == _NO_CONNECTION
+                    or assoc.acse.is_aborted())
+
     def watch() -> None:
         while not done.wait(_WATCH_INTERVAL_S):
-            if assoc.is_aborted or assoc.is_released or not assoc.dul.is_alive():
+            if gone():
                 assoc.dimse.msg_queue.put((None, None))
                 return
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 import threading
 import time
@@ -59,6 +60,7 @@ def storage_scp(
     status_of: StatusOf | None = None,
     contexts: Sequence[PresentationContext] | None = None,
     abort_at: int | None = None,
+    drop_at: int | None = None,
     delay_s: float = 0.0,
     ssl_context: ssl.SSLContext | None = None,
     port: int = 0,
@@ -69,6 +71,8 @@ def storage_scp(
         status_of: the status of each C-STORE (default Success).
         contexts: the supported presentation contexts (default every storage SOP class).
         abort_at: abort the association on this C-STORE (0-based), before answering.
+        drop_at: close the TCP connection on this C-STORE (0-based) without an answer or an
+            A-ABORT, as a peer that is killed or loses its host does.
         delay_s: wait this long before answering each C-STORE.
         ssl_context: serve DICOM TLS with this server context.
         port: the port to listen on (0: an ephemeral one).
@@ -86,6 +90,11 @@ def storage_scp(
             count[0] += 1
         if abort_at is not None and index == abort_at:
             event.assoc.abort()
+            return 0xA700
+        if drop_at is not None and index == drop_at:
+            raw = event.assoc.dul.socket.socket
+            raw.shutdown(socket.SHUT_RDWR)  # the peer sees end of stream and nothing else
+            raw.close()
             return 0xA700
         if delay_s:
             time.sleep(delay_s)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import ssl
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -18,7 +21,7 @@ from ggo_cli.delivery import (
     send_dimse,
 )
 from ggo_cli.delivery.credentials import ENV_DICOM_TLS_CA
-from ggo_cli.delivery.dimse import echo_dimse
+from ggo_cli.delivery.dimse import _unblocked_when_gone, echo_dimse
 from tests.delivery.storage_scp import LOOPBACK, storage_scp
 from tests.delivery.tls_files import make_pki
 from tests.dicom_factory import FactorySeries, make_ct_series
@@ -112,6 +115,39 @@ def test_aborted_association_leaves_the_rest_transient(series: FactorySeries) ->
     assert results[0].outcome is SendOutcome.STORED
     assert [r.outcome for r in results[1:]] == [SendOutcome.TRANSIENT] * 2
     assert scp.received.uids() == [series.sop_instance_uids[0]]
+
+
+def test_a_peer_that_drops_the_connection_ends_the_wait_before_the_dimse_timeout(
+    series: FactorySeries,
+) -> None:
+    """A peer killed during a C-STORE (its TCP connection closed, no A-ABORT) must not hold the
+    send for the whole DIMSE timeout: the files not answered stay transient at once."""
+    patient = DimseTimeouts(connect_s=2.0, acse_s=2.0, dimse_s=30.0, network_s=30.0)
+    with storage_scp(drop_at=1) as scp:
+        started = time.monotonic()
+        results = send_dimse(_dest(scp.destination()), series.paths, timeouts=patient)
+        seconds = time.monotonic() - started
+    assert seconds < 10.0, f"the send waited {seconds:.0f} s for a peer that had gone"
+    assert results[0].outcome is SendOutcome.STORED
+    assert [r.outcome for r in results[1:]] == [SendOutcome.TRANSIENT] * 2
+    assert "no C-STORE response" in results[1].reason
+
+
+def test_a_c_store_waiting_on_a_closed_connection_is_released_at_once() -> None:
+    """The race seen with a killed Orthanc: the connection closed (the upper layer is idle,
+    Sta1, its thread still alive, the association not yet marked aborted) and pynetdicom's own
+    "no response" item already taken; the wait must still end within the watch interval."""
+    msg_queue: queue.Queue[tuple[None, None]] = queue.Queue()
+    dul = SimpleNamespace(is_alive=lambda: True,
+                          state_machine=SimpleNamespace(current_state="Sta6"))
+    assoc = SimpleNamespace(is_aborted=False, is_released=False, dul=dul,
+                            acse=SimpleNamespace(is_aborted=lambda: False),
+                            dimse=SimpleNamespace(msg_queue=msg_queue))
+    with _unblocked_when_gone(assoc):  # type: ignore[arg-type]
+        with pytest.raises(queue.Empty):  # an open association: no item
+            msg_queue.get(timeout=0.3)
+        dul.state_machine.current_state = "Sta1"
+        assert msg_queue.get(timeout=2.0) == (None, None)
 
 
 def test_dimse_timeout_is_transient(series: FactorySeries) -> None:
