@@ -346,6 +346,10 @@ class RunConfig:
             cluster this host belongs to), ``local`` (a cluster started for the run, stopped
             after it) or ``HOST:PORT`` of a head node; ``None``: on this host
             (:mod:`ggo_cli.run.ray_executor`).
+        ray_ship: with ``ray_address``, ship each series' files, the model and the explain
+            graph to the actors through Ray's object store and bring the outputs back to the
+            driver, which writes them (``--ray-ship``: no filesystem shared with the nodes);
+            otherwise every node reads and writes the driver's paths.
     """
 
     inputs: tuple[Path, ...]
@@ -375,6 +379,7 @@ class RunConfig:
     sc_mode: ScMode = ScMode.MONTAGE
     targets: tuple[Target, ...] = ()
     ray_address: str | None = None
+    ray_ship: bool = False
 
     @property
     def explain_only(self) -> bool:

@@ -83,6 +83,7 @@ from .options import (
     PrecisionOpt,
     PseudonymizeOpt,
     RayOpt,
+    RayShipOpt,
     ScOpt,
     SegFramesOpt,
     SegSeriesDescriptionOpt,
@@ -281,6 +282,7 @@ def segment(
     decode_workers: DecodeWorkersOpt = None,
     jobs: JobsOpt = None,
     ray: RayOpt = None,
+    ray_ship: RayShipOpt = False,
     group_readable: GroupReadableOpt = False,
     send: SendOpt = None,
     send_objects: SendObjectsOpt = None,
@@ -337,6 +339,7 @@ def segment(
         group_readable=group_readable,
         targets=targets,
         ray=ray,
+        ray_ship=ray_ship,
     )
     return _run_and_report(cfg, show_progress=not no_progress, as_json=as_json)
 

@@ -72,6 +72,7 @@ def build_run_config(
     sc: ScMode = ScMode.MONTAGE,
     targets: tuple[Target, ...] = (),
     ray: str | None = None,
+    ray_ship: bool = False,
 ) -> RunConfig:
     """Build the run's configuration from the command line's values, checking each.
 
@@ -104,16 +105,20 @@ def build_run_config(
         targets: the destinations (:func:`ggo_cli.delivery.settings.resolve_targets`).
         ray: ``--ray`` (the inputs, ``--out`` and the model are then made absolute, since the
             cluster's processes do not share the driver's working folder).
+        ray_ship: ``--ray-ship`` (needs ``--ray``).
 
     Returns:
         The frozen, checked configuration.
 
     Raises:
         ModelError: no ``--model`` and the default model is missing.
-        InputError: a bad ``--device``, SEG series option, pseudonym salt or ``--ray``.
+        InputError: a bad ``--device``, SEG series option, pseudonym salt or ``--ray``, or
+            ``--ray-ship`` without ``--ray``.
     """
     model_path = resolve_model(model)
     ray_address = check_ray_address(ray)
+    if ray_ship and ray_address is None:
+        raise InputError("--ray-ship needs --ray ADDRESS (the cluster the files are shipped to)")
     if ray_address is not None:
         inputs = [path.absolute() for path in inputs]
         out, model_path = out.absolute(), model_path.absolute()
@@ -145,6 +150,7 @@ def build_run_config(
         sc_mode=sc,
         targets=targets,
         ray_address=ray_address,
+        ray_ship=ray_ship,
     )
 
 

@@ -97,6 +97,15 @@ RayOpt = Annotated[
         "on every node; --jobs is then actors per node.",
     ),
 ]
+RayShipOpt = Annotated[
+    bool,
+    typer.Option(
+        "--ray-ship",
+        help="With --ray: send each series' files and the model to the nodes through Ray's "
+        "object store and write the outputs here, for nodes that do not share the driver's "
+        "filesystem (docs/scaling.md).",
+    ),
+]
 LungMaskOpt = Annotated[
     bool,
     typer.Option(

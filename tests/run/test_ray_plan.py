@@ -134,6 +134,19 @@ def test_a_bad_ray_address_exits_2_before_anything_is_read(
     assert not (tmp_path / "out").exists()
 
 
+def test_ray_ship_without_ray_exits_2_before_anything_is_read(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    result = CliRunner().invoke(
+        app,
+        ["segment", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(band_model_path),
+         "--ray-ship"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--ray-ship needs --ray" in result.output
+    assert not (tmp_path / "out").exists()
+
+
 def test_without_the_ray_extra_the_message_says_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
