@@ -98,6 +98,7 @@ from .options import (
     SrOpt,
     ThresholdOpt,
 )
+from .report import report_after_run, report_command
 from .send import send_command
 
 log = logging.getLogger(__name__)
@@ -205,7 +206,7 @@ def _run_and_report(cfg: RunConfig, *, show_progress: bool, as_json: bool) -> in
     from ..run.manifest import summary_json
     from ..run.runner import run_segment
 
-    with progress_display(show_progress, 0) as sink:
+    with report_after_run(cfg), progress_display(show_progress, 0) as sink:
         result = run_segment(cfg, progress=sink)
     if sys.stderr.isatty():
         stderr_console.print(summary_table(result.outcomes))
@@ -410,3 +411,4 @@ app.command(
     ),
     name="send",
 )(guarded(send_command))
+app.command(epilog="Example:\n\n  ggo-cli report results", name="report")(guarded(report_command))
