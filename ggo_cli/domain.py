@@ -5,11 +5,13 @@ Arrays are ``(slice, row, col)``, highdicom's order; slices are sorted along the
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from enum import StrEnum
 from pathlib import Path
 
@@ -323,3 +325,61 @@ class SeriesOutcome:
     processed_at: str = ""
     reused: bool = False
     qc_flags: tuple[str, ...] = ()
+
+
+class Trend(StrEnum):
+    """The ``trend`` word: how GGO percent of lung changed since the prior study."""
+
+    INCREASED = "increased"
+    DECREASED = "decreased"
+    STABLE = "stable"
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """A study's representative series against the prior study's.
+
+    Attributes:
+        prior_study_date: the prior study's StudyDate.
+        days_since_prior: days between the two StudyDates (> 0).
+        ggo_change_ml: GGO mL now minus then; ``None`` when either is missing.
+        ggo_percent_of_lung_change: GGO percent of lung now minus then (percentage points);
+            ``None`` when either is undefined.
+        trend: the :class:`Trend`; ``None`` when the percentage change is undefined.
+    """
+
+    prior_study_date: dt.date
+    days_since_prior: int
+    ggo_change_ml: Decimal | None
+    ggo_percent_of_lung_change: Decimal | None
+    trend: Trend | None
+
+
+@dataclass(frozen=True, slots=True)
+class Followup:
+    """The follow-up of one series.
+
+    Attributes:
+        representative: whether the series represents its study (``None``: not analysed or
+            not linkable, so never compared).
+        comparison: against the prior study; only for a representative that has a prior.
+    """
+
+    representative: bool | None = None
+    comparison: Comparison | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrendPoint:
+    """One study on a patient's trend picture: its representative series.
+
+    Attributes:
+        study_date: StudyDate.
+        ggo_percent_of_lung: GGO percent of lung of the representative series.
+        series_instance_uid: the representative series (its folder holds the picture when the
+            point is the latest).
+    """
+
+    study_date: dt.date
+    ggo_percent_of_lung: Decimal
+    series_instance_uid: str

@@ -2,14 +2,16 @@
 
 :class:`RunPlan` tells per series whether work is due (a series that is skipped, still
 arriving or unchanged since an earlier run gets its outcome at once), stores each outcome
-and rebuilds the CSV (with each series' delivery state). Whether a stored result still stands
-is :mod:`ggo_cli.run.reuse`'s to say. :func:`check_output_location` refuses inputs and outputs
-that nest.
+and rebuilds the CSV (with each series' delivery state and its follow-up against the patient's
+prior study, :mod:`ggo_cli.run.followup`) and, at the end of a run, the patients' trend pictures.
+Whether a stored result still stands is :mod:`ggo_cli.run.reuse`'s to say.
+:func:`check_output_location` refuses inputs and outputs that nest.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +28,7 @@ from ..domain import (
     SeriesStatus,
 )
 from ..errors import InputError
-from ..fsutil import GROUP_FILE_MODE, set_file_mode
+from ..fsutil import GROUP_FILE_MODE, OutputTree, set_file_mode
 from ..host import HostLimits
 from ..onnx.explain_graph import default_explain_path, load_explain_info
 from ..onnx.model_info import ModelInfo
@@ -35,12 +37,22 @@ from ..writers.report_csv import (
     DELIVERY_COLUMN,
     PSEUDONYM_COLUMN,
     PSEUDONYM_SALT_TAG_KEY,
+    followup_cells,
     outcome_row,
     pseudonymize_row,
     salt_tag,
     write_rows,
 )
+from ..writers.trend_png import remove_trend_png, write_trend_png
 from .deliveries import register_series
+from .followup import (
+    LINK_KEY,
+    SERIES_NUMBER_KEY,
+    follow_up,
+    link_key,
+    result_from_row,
+    trend_points,
+)
 from .pipeline import now_utc, skipped_outcome
 from .reuse import (
     outcome_from_row,
@@ -59,6 +71,7 @@ from .state import (
 
 log = logging.getLogger(__name__)
 
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 def check_output_location(inputs: Sequence[Path], out_dir: Path) -> None:
@@ -123,14 +136,65 @@ def write_results_csv(
     """
     queue = store.queue
     states = queue.series_states(destinations or queue.destinations())
+    stored = store.rows()
+    followups = follow_up([result_from_row(row) for row in stored])
     rows = [
-        {**row, DELIVERY_COLUMN: states.get(row.get("series_instance_uid", ""), "")}
-        for row in store.rows()
+        {
+            **row,
+            **followup_cells(followups.get(row.get("series_instance_uid", ""))),
+            DELIVERY_COLUMN: states.get(row.get("series_instance_uid", ""), ""),
+        }
+        for row in stored
     ]
     path = write_rows(rows, out_dir / CSV_NAME, patient_column=patient_column)
     if group_readable:  # written owner-only like every output, then widened
         set_file_mode(path, GROUP_FILE_MODE)
     return path
+
+
+def _series_folder(out_dir: Path, row: Mapping[str, str]) -> Path | None:
+    """A stored series' output folder: its SEG's folder, else ``<study>/<series>`` by UID."""
+    seg_path = row.get("seg_path", "")
+    if seg_path:
+        folder = (out_dir / seg_path).parent
+    else:
+        study, series = row.get("study_instance_uid", ""), row.get("series_instance_uid", "")
+        if not (_UID.match(study) and _UID.match(series)):
+            return None
+        folder = out_dir / study / series
+    try:
+        folder.relative_to(out_dir)
+    except ValueError:
+        return None
+    return folder if ".." not in folder.relative_to(out_dir).parts else None
+
+
+def write_trend_pictures(store: StateStore, out_dir: Path, *, tree: OutputTree) -> int:
+    """Write each patient's ``trend.png`` and remove the stale ones; returns how many written.
+
+    A patient with at least two dated studies with a GGO percentage of lung gets the picture
+    in the folder of the latest study's representative series; any other series folder of
+    the store loses an earlier run's ``trend.png``.
+
+    Raises:
+        OutputError: a picture cannot be written or a stale one removed.
+    """
+    rows = {row.get("series_instance_uid", ""): row for row in store.rows()}
+    wanted: dict[Path, int] = {}
+    pictures = trend_points([result_from_row(row) for row in rows.values()])
+    for k, points in enumerate(pictures):
+        folder = _series_folder(out_dir, rows[points[-1].series_instance_uid])
+        if folder is not None:
+            wanted[folder] = k
+    for row in rows.values():
+        folder = _series_folder(out_dir, row)
+        if folder is not None and folder not in wanted:
+            remove_trend_png(folder, tree=tree)
+    for folder, k in wanted.items():
+        write_trend_png(pictures[k], folder, tree=tree)
+    if wanted:
+        log.info("trend pictures of %d patients written", len(wanted))
+    return len(wanted)
 
 
 class RunPlan:
@@ -155,6 +219,10 @@ class RunPlan:
         # and how its files looked (names, sizes, mtimes) for settling.
         self.fingerprints: dict[str, str] = {}
         self.seen: dict[str, str] = {}
+        # Each series' link key (keyed digest of its PatientID, never stored in clear), taken
+        # when planned, so that every executor's outcomes link alike.
+        self.link_keys: dict[str, str] = {}
+        self.link_secret = b"" if cfg.explain_only else store.link_secret()
         # PatientID is kept in the store only with --include-patient-id; --pseudonymize keeps
         # the pseudonym alone (no PHI at rest otherwise).
         self.patient_column = cfg.patient_column
@@ -207,28 +275,37 @@ class RunPlan:
         )
         if self.cfg.pseudonym_salt is not None:
             row = pseudonymize_row(row, self.cfg.pseudonym_salt)
-        return row
+        return {**row, **self._hidden_cells(outcome.series)}
 
-    def _add_patient_column(self, series: SeriesInfo, stored: StoredSeries) -> None:
-        """Give a reused row the patient column the CSV now asks for, from the series' header.
+    def _hidden_cells(self, series: SeriesInfo) -> dict[str, str]:
+        """A row's hidden follow-up cells: the link key and SeriesNumber (when known)."""
+        key = self.link_keys.get(series.series_instance_uid)
+        if key is None:
+            key = link_key(self.link_secret, series.patient_id)
+        cells = {LINK_KEY: key} if key else {}
+        if series.series_number is not None:
+            cells[SERIES_NUMBER_KEY] = str(series.series_number)
+        return cells
 
-        A row stored without it, or with a pseudonym made with another salt, gets it anew;
-        nothing else in the row changes.
+    def _refresh_row(self, series: SeriesInfo, stored: StoredSeries) -> None:
+        """Give a reused row what this run's CSV needs from the series' header, in one write.
+
+        The patient column now asked for (a row stored without it, or with a pseudonym made
+        with another salt, gets it anew) and the hidden follow-up cells (a row stored before
+        them, or with a key of another secret); nothing else in the row changes.
         """
-        if self.patient_column == PATIENT_ID_KEY:
-            if PATIENT_ID_KEY in stored.row:
-                return
-        elif self.cfg.pseudonym_salt is not None:
-            if stored.row.get(PSEUDONYM_SALT_TAG_KEY) == salt_tag(self.cfg.pseudonym_salt):
-                return
-        else:
-            return
-        fresh = self._row(replace(outcome_from_row(series, stored), reused=False))
         row = dict(stored.row)
-        for key in (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY):
+        for key in (LINK_KEY, SERIES_NUMBER_KEY):
             row.pop(key, None)
-            if key in fresh:
-                row[key] = fresh[key]
+        row.update(self._hidden_cells(series))
+        if self._patient_column_stale(stored):
+            fresh = self._row(replace(outcome_from_row(series, stored), reused=False))
+            for key in (PATIENT_ID_KEY, PSEUDONYM_COLUMN, PSEUDONYM_SALT_TAG_KEY):
+                row.pop(key, None)
+                if key in fresh:
+                    row[key] = fresh[key]
+        if row == stored.row:
+            return
         self.store.put(
             series,
             fingerprint=stored.fingerprint,
@@ -239,15 +316,31 @@ class RunPlan:
             seen=self.seen.get(series.series_instance_uid, stored.seen),
         )
 
-    def write_csv(self) -> Path:
-        """Rebuild the CSV from the state store; returns its path."""
-        return write_results_csv(
+    def _patient_column_stale(self, stored: StoredSeries) -> bool:
+        """Whether a stored row lacks the patient column asked for (or has another salt's)."""
+        if self.patient_column == PATIENT_ID_KEY:
+            return PATIENT_ID_KEY not in stored.row
+        if self.cfg.pseudonym_salt is not None:
+            return stored.row.get(PSEUDONYM_SALT_TAG_KEY) != salt_tag(self.cfg.pseudonym_salt)
+        return False
+
+    def write_csv(self, *, trends: bool = False) -> Path:
+        """Rebuild the CSV from the state store; returns its path.
+
+        Args:
+            trends: also write the patients' trend pictures (:func:`write_trend_pictures`;
+                once, at the end of a run).
+        """
+        path = write_results_csv(
             self.store,
             self.cfg.out_dir,
             patient_column=self.cfg.patient_column,
             group_readable=self.cfg.group_readable,
             destinations={target.key: target.kinds for target in self.cfg.targets},
         )
+        if trends:
+            write_trend_pictures(self.store, self.cfg.out_dir, tree=self.cfg.tree)
+        return path
 
     def plan(self, series: SeriesInfo) -> SeriesOutcome | None:
         """The outcome of a series that needs no work (skipped, pending, unchanged), else None."""
@@ -255,6 +348,7 @@ class RunPlan:
         uid = series.series_instance_uid
         self.fingerprints[uid] = fingerprint
         self.seen[uid] = settle_digest(series)
+        self.link_keys[uid] = link_key(self.link_secret, series.patient_id)
         if not series.eligible:
             return skipped_outcome(series)
         stored = self.store.get(uid)
@@ -285,7 +379,7 @@ class RunPlan:
                 series.series_instance_uid,
                 stored.row.get("processed_at", "?"),
             )
-            self._add_patient_column(series, stored)
+            self._refresh_row(series, stored)
             return outcome_from_row(series, stored)
         return None
 

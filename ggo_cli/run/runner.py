@@ -6,8 +6,10 @@ ahead in worker processes, segment, write behind in a thread: :mod:`ggo_cli.run.
 with ``--jobs N``, whole series in N worker processes: :mod:`ggo_cli.run.series_pool`; or,
 with ``--ray``, whole series on the actors of a Ray cluster: :mod:`ggo_cli.run.ray_executor`), and
 sends the results to the configured destinations (what earlier runs left pending first,
-:mod:`ggo_cli.run.deliveries`) and rebuilds the CSV and manifests. With ``cfg.explain_only``
-it writes GradCAM++ maps only and leaves the SEG, CSV, state and queue of the folder alone.
+:mod:`ggo_cli.run.deliveries`) and rebuilds the CSV (with each series' follow-up against the
+patient's prior study: :mod:`ggo_cli.run.followup`), the patients' trend pictures and the
+manifests. With ``cfg.explain_only`` it writes GradCAM++ maps only and leaves the SEG, CSV,
+state and queue of the folder alone.
 """
 
 from __future__ import annotations
@@ -188,7 +190,8 @@ def run_segment(
         sent = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=True)
         timings["delivery"] += time.perf_counter() - t_send
         deliveries = merge_reports(retried, sent)
-        csv_path = None if cfg.explain_only else run.write_csv()
+        # The CSV with each series' follow-up, and the patients' trend pictures, from the store.
+        csv_path = None if cfg.explain_only else run.write_csv(trends=True)
         timings["total"] = time.perf_counter() - t0
         result = RunResult(
             outcomes=outcomes,

@@ -23,6 +23,14 @@ stamped in the future is settled once a later run sees them unchanged.
 
 The same database holds the delivery queue (:attr:`StateStore.queue`): every DICOM object the
 folder holds and, per destination, whether it was sent.
+
+Every row also keeps, in hidden cells that never reach the CSV, the series' *link key* (a keyed
+digest of PatientID, :func:`ggo_cli.run.followup.link_key`) and its SeriesNumber, so that the
+follow-up of a patient's studies works whatever the patient options. The key's secret, random
+and made on first use, is kept in the database itself (:meth:`StateStore.link_secret`), so it
+has the database's mode: whoever may read the database could test guessed PatientIDs against
+the keys (``--group-readable`` extends that to the group), as with any keyed digest stored
+beside its key.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +57,10 @@ STATE_FOLDER = ".ggo-cli"
 STATE_NAME = "state.sqlite"
 SCHEMA_VERSION = 2
 PATIENT_ID_KEY = "patient_id"
+LINK_SECRET_NAME = "link_key"
+LINK_SECRET_BYTES = 32
+"""Random bytes of the folder's link secret (:func:`ggo_cli.run.followup.link_key`)."""
+_SECRETS = "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
 _SEEN_COLUMN = "ALTER TABLE series ADD COLUMN seen TEXT NOT NULL DEFAULT ''"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -154,6 +167,7 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")  # erased patient IDs are zeroed
             self._db.execute(_SCHEMA)
+            self._db.execute(_SECRETS)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
             if "seen" not in columns:  # a store written by an older ggo-cli
                 self._db.execute(_SEEN_COLUMN)
@@ -181,6 +195,22 @@ class StateStore:
     def close(self) -> None:
         """Close the database."""
         self._db.close()
+
+    def link_secret(self) -> bytes:
+        """The folder's link secret: :data:`LINK_SECRET_BYTES` random bytes, made on first use.
+
+        Made once (``INSERT OR IGNORE`` in one statement, so two callers agree) and kept for
+        good: a new secret would unlink every earlier study from the later ones.
+        """
+        with self._errors("write"):
+            self._db.execute(
+                "INSERT OR IGNORE INTO secrets VALUES (?, ?)",
+                (LINK_SECRET_NAME, secrets.token_bytes(LINK_SECRET_BYTES)),
+            )
+            found = self._db.execute(
+                "SELECT value FROM secrets WHERE name = ?", (LINK_SECRET_NAME,)
+            ).fetchone()
+        return bytes(found[0])
 
     def get(self, series_uid: str) -> StoredSeries | None:
         """The stored entry of a series, or ``None``."""

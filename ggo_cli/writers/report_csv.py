@@ -18,6 +18,14 @@ Missing values are empty cells. Numbers are written the same way on every run an
   6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
   an escape character;
 - ``study_date``: ISO 8601 ``YYYY-MM-DD`` (from DICOM ``YYYYMMDD``; other values as found);
+- follow-up against the patient's prior study (:mod:`ggo_cli.run.followup`: the patient key, the
+  representative series and the trend rule), filled when the CSV is rebuilt from the state
+  store (:func:`followup_cells`): ``study_representative`` (``yes``: the series represents its
+  study and carries the comparison; ``no``: another series of the study does; empty: not
+  analysed or no PatientID), then for a representative with a prior ``prior_study_date``
+  (ISO), ``days_since_prior``, ``ggo_change_ml`` (now minus then, 6 decimals),
+  ``ggo_percent_of_lung_change`` (percentage points, 4 decimals) and ``trend``
+  (``increased``, ``decreased``, ``stable``; empty without lung percentages);
 - ``qc_flags``: the series' quality flags (:class:`ggo_cli.analysis.quality.QcFlag` names, in that
   order) joined by ``;``; empty when nothing is flagged or the series was not analysed.
 
@@ -43,11 +51,12 @@ import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from pathlib import Path
 
 from ..analysis.quality import format_flags
 from ..atomic_output import atomic_write_text
-from ..domain import SeriesOutcome
+from ..domain import Followup, SeriesOutcome
 from ..logs import escape_control
 
 log = logging.getLogger(__name__)
@@ -72,6 +81,12 @@ CSV_COLUMNS: tuple[str, ...] = (
     "right_ggo_volume_ml",
     "left_ggo_percent",
     "right_ggo_percent",
+    "study_representative",
+    "prior_study_date",
+    "days_since_prior",
+    "ggo_change_ml",
+    "ggo_percent_of_lung_change",
+    "trend",
     "qc_flags",
     "status",
     "message",
@@ -84,6 +99,17 @@ CSV_COLUMNS: tuple[str, ...] = (
 """Columns in order; ``patient_id`` is appended only with ``include_patient_id``."""
 DELIVERY_COLUMN = "delivery"
 """Filled when the CSV is rebuilt from the state store and its delivery queue (never stored)."""
+
+FOLLOWUP_COLUMNS = (
+    "study_representative",
+    "prior_study_date",
+    "days_since_prior",
+    "ggo_change_ml",
+    "ggo_percent_of_lung_change",
+    "trend",
+)
+"""Filled when the CSV is rebuilt from the state store (:func:`followup_cells`; never stored)."""
+# Consolidation and lesion changes join these when a model reports those channels.
 
 PATIENT_ID_COLUMN = "patient_id"
 CSV_ENCODING = "utf-8"
@@ -119,6 +145,39 @@ def _exact(value: float | None) -> str:
 def _spacing(value: float | None) -> str:
     """A spacing in mm to 6 significant digits."""
     return _number(value, f".{SPACING_SIGNIFICANT_DIGITS}g")
+
+
+def _fixed(value: Decimal | None, decimals: int) -> str:
+    """A Decimal to ``decimals`` places (never ``-0``); ``""`` when missing."""
+    if value is None:
+        return ""
+    return format(value.quantize(Decimal(1).scaleb(-decimals)) + 0, "f")
+
+
+def followup_cells(followup: Followup | None) -> dict[str, str]:
+    """The follow-up cells of a row (:data:`FOLLOWUP_COLUMNS`), empty where not applicable.
+
+    Args:
+        followup: the series' follow-up (``None``: none, every cell empty).
+
+    Returns:
+        Cell text per follow-up column.
+    """
+    cells = dict.fromkeys(FOLLOWUP_COLUMNS, "")
+    if followup is None or followup.representative is None:
+        return cells
+    cells["study_representative"] = "yes" if followup.representative else "no"
+    comparison = followup.comparison
+    if comparison is None:
+        return cells
+    cells["prior_study_date"] = comparison.prior_study_date.isoformat()
+    cells["days_since_prior"] = str(comparison.days_since_prior)
+    cells["ggo_change_ml"] = _fixed(comparison.ggo_change_ml, VOLUME_DECIMALS)
+    cells["ggo_percent_of_lung_change"] = _fixed(
+        comparison.ggo_percent_of_lung_change, PERCENT_DECIMALS
+    )
+    cells["trend"] = comparison.trend.value if comparison.trend is not None else ""
+    return cells
 
 
 def _text(value: str) -> str:
