@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,7 @@ from ggo_cli.run.followup import (
     result_from_row,
     trend_points,
 )
+from ggo_cli.run.state import LINK_SECRET_BYTES, StateStore
 from ggo_cli.writers.report_csv import FOLLOWUP_COLUMNS, followup_cells
 
 SECRET = bytes(range(32))
@@ -220,3 +222,13 @@ def test_csv_cells_of_a_comparison() -> None:
     }
     assert followup_cells(None) == followup_cells(Followup()) == dict.fromkeys(FOLLOWUP_COLUMNS,
                                                                                 "")
+
+
+def test_each_output_folder_keeps_one_random_link_secret(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "a") as store:
+        secret = store.link_secret()
+        assert len(secret) == LINK_SECRET_BYTES and store.link_secret() == secret
+    with StateStore(tmp_path / "a") as store:
+        assert store.link_secret() == secret  # kept for good: later runs link to earlier ones
+    with StateStore(tmp_path / "b") as store:
+        assert store.link_secret() != secret

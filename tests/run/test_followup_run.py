@@ -56,6 +56,18 @@ def _rows(out: Path) -> dict[str, dict[str, str]]:
         return {row["study_date"]: row for row in csv.DictReader(fh)}
 
 
+def _forget_link_keys(out: Path) -> None:
+    """Drop every stored row's link key, as in a store of a ggo-cli without follow-up."""
+    with sqlite3.connect(out / ".ggo-cli" / "state.sqlite") as db:
+        rows = db.execute("SELECT series_instance_uid, row_json FROM series").fetchall()
+        for uid, row_json in rows:
+            row = json.loads(row_json)
+            assert row.pop("_link_key")
+            db.execute("UPDATE series SET row_json = ? WHERE series_instance_uid = ?",
+                       (json.dumps(row, sort_keys=True), uid))
+    db.close()
+
+
 @dataclass(frozen=True)
 class Runs:
     first: dict[str, dict[str, str]]
@@ -70,8 +82,8 @@ class Runs:
 def runs(tmp_path_factory: pytest.TempPathFactory, band_model_path: Path) -> Runs:
     """Run 1 (default options): the patient on 2024-01-01, -02-01 and -03-15 with growing GGO,
     the third study again (identical pixels, other UIDs) on 2024-04-01, the other patient on
-    2024-01-10 (much GGO) and 2024-02-20. Run 2 (``--pseudonymize``): a later study of the
-    patient on 2024-05-02."""
+    2024-01-10 (much GGO) and 2024-02-20. Run 2 (``--pseudonymize``), over a store whose rows
+    lost their link keys: a later study of the patient on 2024-05-02."""
     root = tmp_path_factory.mktemp("followup")
     inputs, out = root / "in", root / "out"
     radii = {"2024-01-01": 8.0, "2024-02-01": 14.0, "2024-03-15": 20.0, "2024-04-01": 20.0}
@@ -81,6 +93,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, band_model_path: Path) -> Run
     _study(inputs, "p2-2", _phantom(10.0), OTHER, "20240220", 12)
     _segment(inputs, out, band_model_path)
     first, trends_first = _rows(out), sorted(out.rglob("trend.png"))
+    _forget_link_keys(out)  # as a store written before follow-up existed
     _study(inputs, "p1-5", _phantom(8.0), PATIENT, "20240502", 5)
     _segment(inputs, out, band_model_path, "--pseudonymize")
     truth = {date: _phantom(radius).ggo_volume_ml for date, radius in radii.items()}
@@ -151,7 +164,7 @@ def test_a_later_run_compares_with_studies_of_earlier_runs(runs: Runs) -> None:
     rows = runs.second
     assert _cells(rows["2024-05-02"]) == ("2024-04-01", "31", "decreased")
     assert all(row["patient_pseudonym"] for row in rows.values())
-    for date, row in runs.first.items():  # reused series keep their follow-up
+    for date, row in runs.first.items():  # reused series get their keys and follow-up back
         assert {k: rows[date][k] for k in ("prior_study_date", "ggo_change_ml", "trend")} == {
             k: row[k] for k in ("prior_study_date", "ggo_change_ml", "trend")
         }
