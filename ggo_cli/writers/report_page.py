@@ -42,7 +42,8 @@ th button { font: inherit; font-weight: 600; border: 0; background: none; paddin
 th[aria-sort="ascending"] button::after { content: " \\25B2"; }
 th[aria-sort="descending"] button::after { content: " \\25BC"; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.msg { max-width: 28rem; overflow-wrap: anywhere; }
+td.msg { min-width: 14rem; max-width: 28rem; overflow-wrap: anywhere; }
+td.files { min-width: 6.5rem; }
 td[data-col="series_instance_uid"] { white-space: nowrap; }
 tr[data-status="failed"] td { background: #fdecec; }
 tr[data-status="skipped"] td, tr[data-status="pending"] td { color: var(--muted); }

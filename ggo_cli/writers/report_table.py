@@ -135,11 +135,15 @@ def display_text(column: Column, text: str) -> str:
     return text
 
 
-def _cell(column: Column, text: str) -> str:
+def _cell(column: Column, row: Mapping[str, str]) -> str:
     """One ``<td>``: the CSV's exact text in ``data-v``, the shown text inside."""
+    text = row.get(column.key, "")
     value = escape(text, quote=True)
     attrs = f'data-col="{escape(column.key, quote=True)}" data-v="{value}"'
-    shown = escape(display_text(column, text), quote=True)
+    shown_text = display_text(column, text)
+    if column.key == "message":  # the row names its series already
+        shown_text = shown_text.removeprefix(f"series {row.get('series_instance_uid', '')}: ")
+    shown = escape(shown_text, quote=True)
     if column.kind is Kind.NUMBER:
         return f'<td class="num" {attrs}>{shown}</td>'
     if column.key == "series_instance_uid" and len(text) > _UID_SHOWN_CHARS:
@@ -194,7 +198,7 @@ def render_table(
     body = []
     for index, (row, row_links) in enumerate(zip(rows, links, strict=True)):
         status = escape(row.get("status", ""), quote=True)
-        cells = "".join(_cell(c, row.get(c.key, "")) for c in columns)
+        cells = "".join(_cell(c, row) for c in columns)
         body.append(
             f'<tr data-i="{index}" data-status="{status}">{cells}{_files_cell(row_links)}</tr>'
         )
