@@ -51,9 +51,16 @@ def refresh_report(out_dir: Path, tree: OutputTree) -> Path | None:
         return None
     try:
         return write_report(out_dir, tree=tree)
-    except (GgoError, OSError, ValueError) as exc:
+    except GgoError as exc:
         log.warning("report.html not rebuilt: %s (run `ggo-cli report` to retry)", exc)
-        return None
+    except Exception as exc:  # a bug in the page must not change what the run reports
+        log.warning(
+            "report.html not rebuilt: unexpected %s: %s (a bug; `ggo-cli --debug report` shows "
+            "the traceback)",
+            type(exc).__name__,
+            exc,
+        )
+    return None
 
 
 @contextmanager

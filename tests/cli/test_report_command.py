@@ -100,14 +100,18 @@ def test_segment_rebuilds_the_page_with_failed_series(
     assert "overlay.png" in page
 
 
+@pytest.mark.parametrize(
+    "error", [OutputError("cannot write report.html: no space left on device"), TypeError("bug")]
+)
 def test_a_page_that_cannot_be_built_warns_once_and_keeps_the_exit_code(
     tmp_path: Path,
     band_model_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    error: Exception,
 ) -> None:
     def refuse(out_dir: Path, **_: object) -> Path:
-        raise OutputError(f"cannot write {out_dir / REPORT_NAME}: no space left on device")
+        raise error
 
     monkeypatch.setattr(report_cli, "write_report", refuse)
     good = make_ct_series(tmp_path, folder="good", seed=1)
