@@ -4,10 +4,10 @@ Built from the folder alone, so that ``ggo-cli report OUT`` can rebuild it at an
 
 - ``ggo_volumes.csv`` (:mod:`ggo_cli.writers.report_csv`), read by column name: one table row
   per CSV row, in the CSV's order. Columns the page does not know are ignored; a known column
-  the CSV lacks shows as empty cells; the follow-up columns (``prior_study_date``,
-  ``days_since_prior``, ``ggo_change_ml``, ``ggo_percent_of_lung_change``, ``trend``) and the
-  patient column (``patient_id`` or ``patient_pseudonym``) are shown only when the CSV has
-  them. No patient name or birth date is ever in the CSV, so none is on the page.
+  the CSV lacks shows as empty cells; the follow-up columns (``study_representative``,
+  ``prior_study_date``, ``days_since_prior``, ``ggo_change_ml``, ``ggo_percent_of_lung_change``,
+  ``trend``) and the patient column (``patient_id`` or ``patient_pseudonym``) are shown only
+  when the CSV has them. No patient name or birth date is ever in the CSV, so none is on the page.
 - ``run_manifest.json`` (:mod:`ggo_cli.run.manifest`): the last run's summary. A missing or
   unreadable manifest is said on the page; the table is still built.
 - each series' folder ``<StudyInstanceUID>/<SeriesInstanceUID>/``: a link to ``overlay.png``

@@ -126,7 +126,7 @@ def parse_number(text: str) -> float | None:
 
 
 def display_text(column: Column, text: str) -> str:
-    """How a cell reads on the page (not yet escaped): numbers rounded, flags spaced."""
+    """How a cell reads on the page (not yet escaped): numbers rounded (changes signed)."""
     if column.kind is Kind.NUMBER:
         number = parse_number(text)
         if number is None:
