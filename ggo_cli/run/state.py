@@ -27,10 +27,10 @@ folder holds and, per destination, whether it was sent.
 Every row also keeps, in hidden cells that never reach the CSV, the series' *link key* (a keyed
 digest of PatientID, :func:`ggo_cli.run.followup.link_key`) and its SeriesNumber, so that the
 follow-up of a patient's studies works whatever the patient options. The key's secret, random
-and made on first use, is kept in the database itself (:meth:`StateStore.link_secret`), so it
-has the database's mode: whoever may read the database could test guessed PatientIDs against
-the keys (``--group-readable`` extends that to the group), as with any keyed digest stored
-beside its key.
+and made on first use, is kept apart from the keys, in ``.ggo-cli/link.key``
+(:meth:`StateStore.link_secret`), owner-only (``0600``) even with ``--group-readable``:
+PatientIDs are short enough to guess, so whoever holds both the keys and the secret could find
+them by trying every ID; a group member who may read the database does not get the secret.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from pathlib import Path
 from ..delivery.queue import DeliveryQueue
 from ..domain import SeriesInfo
 from ..errors import OutputError
-from ..fsutil import OutputTree
+from ..fsutil import CLOEXEC, NOFOLLOW, OutputTree, create_temp_file, output_error
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +57,12 @@ STATE_FOLDER = ".ggo-cli"
 STATE_NAME = "state.sqlite"
 SCHEMA_VERSION = 2
 PATIENT_ID_KEY = "patient_id"
-LINK_SECRET_NAME = "link_key"
+LINK_SECRET_NAME = "link.key"
+"""The file of the folder's link secret, beside the database."""
 LINK_SECRET_BYTES = 32
 """Random bytes of the folder's link secret (:func:`ggo_cli.run.followup.link_key`)."""
-_SECRETS = "CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
+LINK_SECRET_MODE = 0o600
+"""The link secret's mode, whatever ``--group-readable`` says."""
 _SEEN_COLUMN = "ALTER TABLE series ADD COLUMN seen TEXT NOT NULL DEFAULT ''"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -167,7 +169,6 @@ class StateStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA secure_delete=ON")  # erased patient IDs are zeroed
             self._db.execute(_SCHEMA)
-            self._db.execute(_SECRETS)
             columns = {r[1] for r in self._db.execute("PRAGMA table_info(series)")}
             if "seen" not in columns:  # a store written by an older ggo-cli
                 self._db.execute(_SEEN_COLUMN)
@@ -199,18 +200,51 @@ class StateStore:
     def link_secret(self) -> bytes:
         """The folder's link secret: :data:`LINK_SECRET_BYTES` random bytes, made on first use.
 
-        Made once (``INSERT OR IGNORE`` in one statement, so two callers agree) and kept for
-        good: a new secret would unlink every earlier study from the later ones.
+        Kept in :data:`LINK_SECRET_NAME` beside the database, mode :data:`LINK_SECRET_MODE`
+        (never read through a link). Made once: written to a temporary file, then linked to
+        its name, which fails if another process made it first (its secret is then used); and
+        kept for good, since a new secret would unlink every earlier study from the later ones.
+
+        Raises:
+            OutputError: the file cannot be read or written, or is not a secret of this kind.
         """
-        with self._errors("write"):
-            self._db.execute(
-                "INSERT OR IGNORE INTO secrets VALUES (?, ?)",
-                (LINK_SECRET_NAME, secrets.token_bytes(LINK_SECRET_BYTES)),
-            )
-            found = self._db.execute(
-                "SELECT value FROM secrets WHERE name = ?", (LINK_SECRET_NAME,)
-            ).fetchone()
-        return bytes(found[0])
+        path = self.path.with_name(LINK_SECRET_NAME)
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_RDONLY | NOFOLLOW | CLOEXEC)
+            except FileNotFoundError:
+                self._make_link_secret(path)
+                continue
+            except OSError as exc:
+                raise output_error(exc, path, "read") from exc
+            with os.fdopen(fd, "rb") as fh:
+                secret = fh.read(LINK_SECRET_BYTES + 1)
+            if len(secret) != LINK_SECRET_BYTES:
+                raise OutputError(f"{path} is not a link secret of {LINK_SECRET_BYTES} bytes; "
+                                  "move it away (later studies will not link to earlier ones)")
+            return secret
+        raise OutputError(f"cannot make the link secret {path}")
+
+    @staticmethod
+    def _make_link_secret(path: Path) -> None:
+        """Write a new secret to ``path`` unless one appears there first."""
+        try:
+            temp = create_temp_file(path, LINK_SECRET_MODE)
+        except OSError as exc:
+            raise output_error(exc, path) from exc
+        try:
+            with open(temp, "wb") as fh:
+                fh.write(secrets.token_bytes(LINK_SECRET_BYTES))
+                fh.flush()
+                os.fsync(fh.fileno())
+            try:
+                os.link(temp, path)
+            except FileExistsError:
+                pass  # another process made it first: its secret wins
+        except OSError as exc:
+            raise output_error(exc, path) from exc
+        finally:
+            temp.unlink(missing_ok=True)
 
     def get(self, series_uid: str) -> StoredSeries | None:
         """The stored entry of a series, or ``None``."""

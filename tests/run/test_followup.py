@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ggo_cli.domain import Comparison, Followup, Trend
+from ggo_cli.errors import OutputError
 from ggo_cli.run.followup import (
     LINK_KEY,
     SERIES_NUMBER_KEY,
@@ -232,3 +233,9 @@ def test_each_output_folder_keeps_one_random_link_secret(tmp_path: Path) -> None
         assert store.link_secret() == secret  # kept for good: later runs link to earlier ones
     with StateStore(tmp_path / "b") as store:
         assert store.link_secret() != secret
+    key = tmp_path / "a" / ".ggo-cli" / "link.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert secret not in (tmp_path / "a" / ".ggo-cli" / "state.sqlite").read_bytes()
+    key.write_bytes(b"short")
+    with StateStore(tmp_path / "a") as store, pytest.raises(OutputError, match="not a link secret"):
+        store.link_secret()

@@ -182,9 +182,12 @@ def test_group_readable_gives_the_group_read_access(tmp_path: Path, band_model_p
     out = tmp_path / "out"
     result = _segment(root, "-o", out, "-m", band_model_path, "--group-readable")
     assert result.exit_code == 0, result.output
+    secret = out / ".ggo-cli" / "link.key"
+    assert _mode(secret) == 0o600  # the follow-up's link secret stays the owner's
+    assert secret.read_bytes() not in _state_bytes(out)  # and apart from the keys
     for path in [out, *out.rglob("*")]:
         expected = 0o750 if path.is_dir() else 0o640
-        assert _mode(path) == expected, path
+        assert path == secret or _mode(path) == expected, path
 
 
 # -- PatientID at rest -----------------------------------------------------------------------
