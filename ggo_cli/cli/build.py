@@ -112,11 +112,15 @@ def build_run_config(
 
     Raises:
         ModelError: no ``--model`` and the default model is missing.
-        InputError: a bad ``--device``, SEG series option, pseudonym salt or ``--ray``, or
-            ``--ray-ship`` without ``--ray``.
+        InputError: a bad ``--device``, SEG series option, pseudonym salt or ``--ray`` (a
+            ``HOST:PORT`` where nothing answers included), or ``--ray-ship`` without ``--ray``.
     """
     model_path = resolve_model(model)
     ray_address = check_ray_address(ray)
+    if ray_address is not None and ray_address not in RAY_KEYWORDS:
+        from ..run.ray_executor import check_reachable
+
+        check_reachable(ray_address)  # before discovery, which may take minutes
     if ray_ship and ray_address is None:
         raise InputError("--ray-ship needs --ray ADDRESS (the cluster the files are shipped to)")
     if ray_address is not None:

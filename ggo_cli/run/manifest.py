@@ -34,20 +34,24 @@ _VERSIONED_PACKAGES = ("numpy", "pydicom", "highdicom", "onnxruntime-gpu", "onnx
 
 @dataclass(frozen=True, slots=True)
 class PlacedOutcome(SeriesOutcome):
-    """A series' outcome with the device it ran on, as a ``--jobs`` worker returns it.
+    """A series' outcome with the device it ran on, as a ``--jobs`` worker or a Ray actor
+    returns it.
 
     Attributes:
-        device: the label of the device of the worker's session (``cuda:2``, ``cpu``);
-            ``""`` when unknown.
+        device: the label of the device of the worker's session (``cuda:2``, ``cpu``; on Ray
+            as its node numbers it); ``""`` when unknown.
+        node: on Ray, the host name of the node that ran it; ``""`` otherwise.
     """
 
     device: str = ""
+    node: str = ""
 
 
-def place(outcome: SeriesOutcome, device: str) -> PlacedOutcome:
-    """``outcome`` with the ``device`` it ran on (every other field unchanged)."""
+def place(outcome: SeriesOutcome, device: str, *, node: str = "") -> PlacedOutcome:
+    """``outcome`` with the ``device`` (and Ray ``node``) it ran on (every other field
+    unchanged)."""
     values = {f.name: getattr(outcome, f.name) for f in fields(SeriesOutcome)}
-    return PlacedOutcome(**values, device=device)
+    return PlacedOutcome(**values, device=device, node=node)
 
 
 def series_device(outcome: SeriesOutcome, result: RunResult) -> str | None:
@@ -172,6 +176,7 @@ def build_manifest(cfg: RunConfig, result: RunResult, started_at: str) -> dict[s
                 "qc_flags": list(o.qc_flags),
                 "seconds": round(o.seconds, 3),
                 "device": series_device(o, result),
+                "node": (o.node or None) if isinstance(o, PlacedOutcome) else None,
             }
             for o in result.outcomes
         ],

@@ -121,6 +121,16 @@ def _sc_files(folder: Path, name: str = SC_FOLDER) -> list[Path]:
     return sorted(path for path in sc_dir.iterdir() if path.suffix == ".dcm")
 
 
+def remove_outdated(folder: Path, written: Sequence[Path]) -> int:
+    """Remove the DICOM objects of a series folder that a complete write of the series did not
+    write (``written``): the SR, the SC images and the GradCAM++ SC images, as
+    :func:`write_outputs` removes them; returns how many. For outputs written elsewhere and
+    copied in (``--ray-ship``)."""
+    return (_remove_stale([folder / SR_NAME], keep=written)
+            + _remove_stale(_sc_files(folder), keep=written)
+            + _remove_stale(_sc_files(folder, SC_GRADCAM_FOLDER), keep=written))
+
+
 def write_outputs(
     cfg: RunConfig,
     volume: CtVolume,

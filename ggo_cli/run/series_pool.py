@@ -204,11 +204,14 @@ def _placed(
     return place(outcome, summary.device if summary is not None else assigned), summary
 
 
-def run_series(sessions: Sessions, series: SeriesInfo) -> SeriesOutcome:
+def run_series(
+    sessions: Sessions, series: SeriesInfo, *, cfg: RunConfig | None = None
+) -> SeriesOutcome:
     """One whole series in a worker (a ``--jobs`` process or a Ray actor) with its sessions:
-    decoded in this process, segmented with its own session."""
+    decoded in this process, segmented with its own session; ``cfg`` replaces the sessions'
+    configuration (a Ray actor's scratch output folder with ``--ray-ship``)."""
     return process_series(
-        sessions.cfg,
+        cfg or sessions.cfg,
         series,
         sessions.segmenter(),
         explainer=sessions.explainer(),

@@ -11,7 +11,10 @@ listening TCP socket of the namespace while the runs go on:
 
 1. a plain run over both nodes;
 2. a run during which the second node's raylet and every process below it are killed with
-   SIGKILL while its actor runs a series.
+   SIGKILL while its actor runs a series;
+3. a ``--ray-ship`` run that starts on the head alone while a new second node joins: the driver
+   runs in a mount namespace of its own where its inputs, model and output folder lie on a
+   tmpfs that no node can see, so every file must travel through Ray's object store.
 
 The tests compare each run with a single-process run of the same series (CSV rows, SEG pixels
 and UIDs, exit code: one series is broken on purpose), and check the manifest's per-node
@@ -46,6 +49,9 @@ NAMESPACES = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount-pr
 """Loopback-only network, own PIDs; if ``unshare`` is killed (a timeout), so is the namespace."""
 HEAD_PORT = 6379
 N_SERIES = 6
+N_EXTRA = 36
+"""Series only the shipped run gets besides the others: about 30 s of work for the head alone
+(0.75 s a series here), time enough for a node to start, join and take some."""
 BROKEN = 2
 """Index of the series whose pixel data is cut short (it fails alone, exit 7)."""
 SCENARIO_TIMEOUT_S = 600
@@ -129,18 +135,42 @@ def _command(work: Path, out: str, model: str) -> list[str]:
             "--ray", f"127.0.0.1:{HEAD_PORT}"]
 
 
+def _shipped_command(work: Path, model: str) -> list[str]:
+    """``segment --ray --ray-ship`` from a private tmpfs (inputs, model, output) that the nodes
+    cannot see; the output is copied to ``work / out_shipped`` afterwards."""
+    private = work / "private"  # empty for everyone but the driver
+    private.mkdir(exist_ok=True)
+    script = (
+        'set -u; P="$1"; W="$2"; M="$3"; shift 3; mount -t tmpfs ggo-private "$P" && '
+        'cp -r "$W/in" "$W/in_extra" "$P/" && cp "$M" "$P/model.onnx" && '
+        '"$@" "$P/in" "$P/in_extra" -o "$P/out" -m "$P/model.onnx"; rc=$?; '
+        'cp -r "$P/out" "$W/out_shipped"; exit $rc'
+    )
+    return ["unshare", "--mount", "sh", "-c", script, "sh", str(private), str(work), model,
+            sys.executable, "-m", "ggo_cli", "segment", "--no-progress", "--no-lung-mask",
+            "--settle", "0", "--ray", f"127.0.0.1:{HEAD_PORT}", "--ray-ship"]
+
+
 def _run_segment(
-    cmd: list[str], env: dict[str, str], listen: set[str], kill_second: bool
+    cmd: list[str], env: dict[str, str], listen: set[str], kill_second: bool,
+    join: list[str] | None = None,
 ) -> dict[str, Any]:
     """One ``ggo-cli segment --ray`` run, sampling the sockets; with ``kill_second``, the
-    second node is killed while its actor runs a series."""
+    second node is killed while its actor runs a series; ``join`` starts a node once an actor
+    runs a series (the run has placed its actors by then)."""
     started = time.monotonic()
     process = subprocess.Popen(cmd, cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+    joined: subprocess.Popen[bytes] | None = None
     killed: list[int] = []
     raylet = _second_raylet() if kill_second else None
     busy_since: float | None = None
     while process.poll() is None:
         listen |= _listening()
+        if join is not None and joined is None and any(
+            "SeriesActor.process" in _cmdline(pid) for pid in _pids()
+        ):
+            joined = subprocess.Popen(join, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
         if raylet is not None and not killed:
             if _busy_actor_below(raylet) is None:
                 busy_since = None
@@ -156,7 +186,8 @@ def _run_segment(
         time.sleep(0.05)
     _, stderr = process.communicate()
     return {"rc": process.returncode, "stderr": stderr[-4000:], "killed": killed,
-            "second_raylet": raylet, "seconds": time.monotonic() - started}
+            "second_raylet": raylet, "seconds": time.monotonic() - started,
+            "joined_rc": None if joined is None else joined.wait(timeout=120)}
 
 
 def _scenario(work: Path, model: str) -> dict[str, Any]:
@@ -177,15 +208,17 @@ def _scenario(work: Path, model: str) -> dict[str, Any]:
              "--include-dashboard", "false", "--resources", '{"ggo_head": 1}', *common],
             env=env, check=True, capture_output=True,
         )
-        subprocess.run(
-            [ray, "start", "--address", f"127.0.0.1:{HEAD_PORT}", "--resources",
-             '{"ggo_second": 1}', *common],
-            env=env, check=True, capture_output=True,
-        )
+        second = [ray, "start", "--address", f"127.0.0.1:{HEAD_PORT}", "--resources",
+                  '{"ggo_second": 1}', *common]
+        subprocess.run(second, env=env, check=True, capture_output=True)
         listen |= _listening()
         for name, kill in (("plain", False), ("killed", True)):
             report["runs"][name] = _run_segment(_command(work, f"out_{name}", model), env,
                                                 listen, kill)
+        # The second node is dead now: the shipped run starts on the head, and a new second
+        # node joins while it runs.
+        report["runs"]["shipped"] = _run_segment(_shipped_command(work, model), env, listen,
+                                                 False, join=second)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
@@ -230,6 +263,13 @@ def cluster_runs(
         if k == BROKEN:
             raw = series.paths[50].read_bytes()
             series.paths[50].write_bytes(raw[: len(raw) - 500])  # pixel data cut short
+    for k in range(N_EXTRA):
+        make_ct_series(
+            work / "in_extra",
+            phantom=make_cube_phantom((100, 128, 128), (2.5, 0.7, 0.7), cube_voxels=(5, 9, 9)),
+            folder=f"extra{k}",
+            seed=100 + k,
+        )
     one = CliRunner().invoke(
         app,
         ["segment", str(work / "in"), "-o", str(work / "out_one"), "-m", str(band_model_path),
@@ -246,13 +286,21 @@ def cluster_runs(
     return work, report
 
 
-def _same_outputs(work: Path, name: str, report: dict[str, Any]) -> dict[str, Any]:
-    """Assert the run ``name`` matches the single-process run; returns its manifest."""
+def _same_outputs(
+    work: Path, name: str, report: dict[str, Any], extra: int = 0
+) -> dict[str, Any]:
+    """Assert the run ``name`` matches the single-process run on the series both ran (the
+    run had ``extra`` more); returns its manifest."""
     run = report["runs"][name]
     assert run["rc"] == report["rc_one"] == 7, run["stderr"]  # one broken series, as in one process
     out, one = work / f"out_{name}", work / "out_one"
-    rows = _rows(out)
-    assert rows == _rows(one)
+    theirs = _rows(one)
+    uids = {row["series_instance_uid"] for row in theirs}
+    every = _rows(out)
+    assert len(every) == N_SERIES + extra
+    assert all(row["status"] == "ok" for row in every if row["series_instance_uid"] not in uids)
+    rows = [row for row in every if row["series_instance_uid"] in uids]
+    assert rows == theirs
     assert [r["status"] for r in rows].count("ok") == N_SERIES - 1
     for row in csv.DictReader((one / "ggo_volumes.csv").open(newline="", encoding="utf-8")):
         if row["status"] != "ok":
@@ -298,6 +346,27 @@ def test_a_node_killed_mid_series_leaves_the_outputs_of_one_process(
     assert cluster["lost_actors"] == 1
     assert cluster["resubmitted_series"] >= 1
     assert sum(n["series"] for n in cluster["nodes"]) == N_SERIES
+
+
+def test_shipped_files_reach_nodes_that_cannot_see_them_and_a_joining_node_helps(
+    cluster_runs: tuple[Path, dict[str, Any]],
+) -> None:
+    """With ``--ray-ship`` the nodes see none of the driver's files, yet the outputs equal one
+    process's; a node that joins during the run gets an actor and runs series."""
+    work, report = cluster_runs
+    run = report["runs"]["shipped"]
+    assert run["joined_rc"] == 0, run
+    assert not any((work / "private").iterdir()), "the driver's tmpfs leaked to the nodes"
+    manifest = _same_outputs(work, "shipped", report, extra=N_EXTRA)
+    cluster = manifest["cluster"]
+    assert cluster["files_shipped"] is True
+    assert cluster["lost_actors"] == 0
+    nodes = cluster["nodes"]
+    assert len({n["node_id"] for n in nodes}) == 2, f"the joining node ran no series: {nodes}"
+    assert all(n["series"] >= 1 for n in nodes), nodes
+    assert sum(n["series"] for n in nodes) == N_SERIES + N_EXTRA
+    processed = [s for s in manifest["series"] if s["status"] == "ok"]
+    assert processed and all(s["node"] and s["device"] == "cpu" for s in processed)
 
 
 def _main(work: Path, model: str) -> int:

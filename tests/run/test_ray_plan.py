@@ -134,6 +134,27 @@ def test_a_bad_ray_address_exits_2_before_anything_is_read(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_head_where_nothing_listens_exits_2_before_discovery(
+    tmp_path: Path, band_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The address is tried before a possibly long walk of the inputs starts."""
+    import ggo_cli.run.runner as runner
+
+    with socket.socket() as probe:  # a loopback port that was free a moment ago
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    walked: list[object] = []
+    monkeypatch.setattr(runner, "discover_series", lambda *a, **k: walked.append(a))
+    result = CliRunner().invoke(
+        app,
+        ["segment", str(tmp_path), "-o", str(tmp_path / "out"), "-m", str(band_model_path),
+         "--ray", f"127.0.0.1:{port}"],
+    )
+    assert result.exit_code == 2, result.output
+    assert f"--ray 127.0.0.1:{port}: no Ray head answers" in result.output
+    assert walked == [] and not (tmp_path / "out").exists()
+
+
 def test_ray_ship_without_ray_exits_2_before_anything_is_read(
     tmp_path: Path, band_model_path: Path
 ) -> None:
