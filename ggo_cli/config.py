@@ -59,6 +59,8 @@ SC_GRADCAM_FOLDER = "sc_gradcam"
 """The series folder's subfolder of the GradCAM++ figures as a second Secondary Capture series
 (``gradcam_NNNN.dcm``; ``segment --explain`` with an SC mode other than ``none``)."""
 OVERLAY_NAME = "overlay.png"
+TREND_NAME = "trend.png"
+"""The patient's trend picture, beside the outputs of the patient's latest study's series."""
 GRADCAM_NPZ_NAME = "gradcam.npz"
 GRADCAM_FOLDER = "gradcam"
 

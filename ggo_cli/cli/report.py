@@ -27,7 +27,7 @@ from ..writers.report_html import write_report
 log = logging.getLogger(__name__)
 
 
-def _tree_like_csv(out_dir: Path) -> OutputTree:
+def tree_like_csv(out_dir: Path) -> OutputTree:
     """The output folder's rules, group-readable when its CSV is (``--group-readable`` runs)."""
     try:
         mode = os.stat(out_dir / CSV_NAME).st_mode
@@ -87,6 +87,6 @@ def report_command(
     Prints the page's path. Exit 2 when OUT or its ggo_volumes.csv is missing or unreadable,
     6 when the page cannot be written.
     """
-    path = write_report(out, tree=_tree_like_csv(out))
+    path = write_report(out, tree=tree_like_csv(out))
     typer.echo(str(path))
     return 0

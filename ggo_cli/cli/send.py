@@ -13,6 +13,7 @@ from ..delivery.settings import resolve_targets
 from ..errors import EXIT_UNDELIVERED, InputError
 from ..run.deliveries import report_lines
 from .options import CallingAeOpt, JsonOpt, SendConfigOpt, SendObjectsOpt, SendOpt
+from .report import refresh_report, tree_like_csv
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,8 @@ def send_command(
     """Deliver what a results folder holds to the PACS, without any inference.
 
     Sends each destination the objects it lacks and those it refused before (--force: all),
-    and rebuilds the CSV's delivery column. Exit 0 when every destination holds every object,
-    9 when some are still pending or refused.
+    and rebuilds the CSV's delivery column and the report page. Exit 0 when every destination
+    holds every object, 9 when some are still pending or refused.
     """
     from ..run.resend import send_results
 
@@ -53,6 +54,7 @@ def send_command(
             "GGO_SEND_CONFIG"
         )
     reports = send_results(out, targets, force=force)
+    refresh_report(out, tree_like_csv(out))  # the page shows the CSV's new delivery column
     for level, line in report_lines(reports):
         log.log(level, "%s", line)
     if as_json:

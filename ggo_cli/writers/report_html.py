@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..atomic_output import atomic_write_text
-from ..config import CSV_NAME, GRADCAM_FOLDER, MANIFEST_NAME, OVERLAY_NAME
+from ..config import CSV_NAME, GRADCAM_FOLDER, MANIFEST_NAME, OVERLAY_NAME, TREND_NAME
 from ..errors import InputError
 from ..fsutil import OutputTree
 from .report_csv import CSV_ENCODING
@@ -46,8 +46,6 @@ from .report_table import SeriesLinks, render_table, shown_columns
 log = logging.getLogger(__name__)
 
 REPORT_NAME = "report.html"
-TREND_NAME = "trend.png"
-"""The patient's trend picture, written beside the outputs of the patient's latest series."""
 GRADCAM_PANEL_PATTERN = re.compile(r"^slice_\d{4,}\.png$")
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX_CHARS = 64

@@ -26,13 +26,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ..atomic_output import atomic_write_bytes
+from ..config import TREND_NAME
 from ..domain import TrendPoint
 from ..errors import OutputError
 from ..fsutil import OutputTree
 
 log = logging.getLogger(__name__)
 
-TREND_NAME = "trend.png"
 TREND_DPI = 100
 FIGURE_SIZE_IN = (6.4, 3.6)
 """640 x 360 pixels at :data:`TREND_DPI`."""

@@ -20,8 +20,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
-from ggo_cli.config import CSV_NAME, OVERLAY_NAME
-from ggo_cli.writers.report_html import REPORT_NAME, TREND_NAME
+from ggo_cli.config import CSV_NAME, OVERLAY_NAME, TREND_NAME
+from ggo_cli.writers.report_html import REPORT_NAME
 from tests.dicom_factory import make_ct_series
 from tests.e2e.cdp import LOCAL_SCHEMES, HeadlessChromium, chromium_binary
 from tests.onnx_models import write_conv_explain_pair

@@ -161,6 +161,8 @@ def test_the_send_command_delivers_a_results_folder_without_inference(
         assert first.exit_code == 0, first.output
         assert len(scp.received.stores) == 3
         assert csv_rows(out)[0]["delivery"] == "sent"
+        page = (out / "report.html").read_text(encoding="utf-8")
+        assert "Delivery" in page and ">sent<" in page  # the page was rebuilt with the column
         second = runner.invoke(app, ["send", str(out), "--send", dest])
         assert second.exit_code == 0, second.output
         assert len(scp.received.stores) == 3

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from ggo_cli.config import CSV_NAME, MANIFEST_NAME
+from ggo_cli.config import CSV_NAME, MANIFEST_NAME, TREND_NAME
 from ggo_cli.errors import InputError
 from ggo_cli.fsutil import OutputTree
-from ggo_cli.writers.report_html import REPORT_NAME, TREND_NAME, write_report
+from ggo_cli.writers.report_html import REPORT_NAME, write_report
 
 STUDY = "1.2.3"
 OK_UID, OK2_UID, FAILED_UID, SKIPPED_UID = "1.2.3.4", "1.2.3.5", "1.2.3.6", "1.2.3.7"
