@@ -176,6 +176,11 @@ class SeriesActor:
             )
         self._model_checked = True
 
+    def close(self) -> None:
+        """Remove the actor's scratch folder (the shipped model); the driver asks at the end
+        of the run. An actor killed before is swept by the next scratch folder on its node."""
+        self._scratch.close()
+
     def ready(self) -> bool:
         """Answers once the actor has started (its constructor ran); the driver sends no
         series to an actor before."""

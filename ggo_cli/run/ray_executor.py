@@ -249,6 +249,7 @@ def run_on_ray(
             if cfg.ray_ship:
                 outcome = write_returned(cfg, outcome, result.files)
             _report(place(outcome, result.device, node=result.hostname), finish, progress)
+        pool.close()
     report = ClusterReport(address, pool.placed, pool.lost, resubmitted, tally.nodes(),
                            failed_starts=pool.failed_starts, shipped=cfg.ray_ship)
     return summary, report

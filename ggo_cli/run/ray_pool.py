@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 REPLAN_S = 2.0
 """How often the driver looks for nodes that joined while it waits for series."""
+CLOSE_WAIT_S = 10.0
+"""How long the driver waits at the end of a run for its actors to remove their scratch."""
 MAX_LOST_PER_NODE = 3
 """Actors a node may lose (or fail to start) in one run before it gets no more."""
 
@@ -151,6 +153,13 @@ class ActorPool:
         unreachable)."""
         self.lost += 1
         self._forget(actor)
+
+    def close(self) -> None:
+        """Ask every actor still known to remove its scratch folder; waits a few seconds at
+        most (an actor that does not answer is left to Ray's shutdown)."""
+        refs = [actor.close.remote() for actor in self._slot]
+        if refs:
+            self._ray.wait(refs, num_returns=len(refs), timeout=CLOSE_WAIT_S)
 
     def _forget(self, actor: Any) -> None:
         slot = self._slot.pop(actor)

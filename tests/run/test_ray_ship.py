@@ -115,6 +115,10 @@ def test_a_shipped_series_gives_the_outputs_of_one_host(
     np.testing.assert_array_equal(seg.pixel_array, ref.pixel_array)
     assert (mine / SR_NAME).read_bytes()[128:132] == b"DICM"
     assert not list((tmp_path / "ship").rglob("*.tmp"))
+    scratch = actor._sessions.model.path.parent  # the shipped model's copy on the "node"
+    assert scratch.is_dir() and scratch != band_model_path.parent
+    actor.close()  # the driver asks at the end of the run
+    assert not scratch.exists()
 
 
 def test_the_driver_removes_the_objects_the_options_no_longer_ask_for(tmp_path: Path) -> None:
