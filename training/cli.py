@@ -20,7 +20,16 @@ from typing import Any
 
 from ggo_cli.errors import EXIT_BUG, GgoError
 
-from .config import AMP_MODES, ARCHS, DEFAULT_SIZE, LOSSES, AugmentConfig, TrainConfig
+from .config import (
+    AMP_MODES,
+    ARCHS,
+    DEFAULT_SIZE,
+    LOSSES,
+    AugmentConfig,
+    TrainConfig,
+    parse_classes,
+)
+from .semisup_cli import add_semisup_options, cmd_train_semisup
 
 log = logging.getLogger("training")
 
@@ -55,6 +64,7 @@ _TRAIN_FIELDS = {
     "tversky_beta",
     "focal_gamma",
     "compile",
+    "classes",
 }
 
 
@@ -101,24 +111,12 @@ def _add_data_options(p: argparse.ArgumentParser, *, suppress: bool = False) -> 
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of all subcommands."""
-    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+_CLASSES_HELP = "classes, one output channel each, GGO first: ggo (default) or ggo,consolidation"
 
-    p = sub.add_parser("pack", help="write a data set to one .npz (for GPU machines)")
-    _add_common(p)
-    p.add_argument("--data", required=True, help="folder (images/ + labels/, DICOM + SEG)")
-    p.add_argument("--out", required=True, help="the .npz to write")
-    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="model grid size S")
-    p.add_argument("--grid-dtype", choices=("float16", "float32"), default="float16")
-    p.add_argument("--workers", type=int, default=0, help="decoding threads")
-    p.add_argument("--groups", dest="groups_file", help="CSV id,group (patient/study)")
-    _add_data_options(p)
 
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    """Options of ``train`` and ``train-semisup`` (absent ones keep the config's defaults)."""
     s = argparse.SUPPRESS
-    p = sub.add_parser("train", help="train one network (paper protocol)")
-    _add_common(p)
     p.add_argument("--arch", choices=ARCHS, default=s, help="network (default resnet50-unet)")
     p.add_argument("--loss", choices=LOSSES, default=s, help="loss (default focal-tversky-dice)")
     p.add_argument("--data", default=s, help="folder or packed .npz")
@@ -165,9 +163,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--gamma", dest="focal_gamma", type=float, default=s, help="Focal Tversky exponent (0.75)"
     )
     p.add_argument("--no-augment", action="store_true", help="train without augmentation")
-    p.add_argument("--resume", help="continue from a last.pt")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     _add_data_options(p, suppress=True)
+    p.add_argument("--classes", type=parse_classes, default=s, help=_CLASSES_HELP)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of all subcommands."""
+    parser = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="write a data set to one .npz (for GPU machines)")
+    _add_common(p)
+    p.add_argument("--data", required=True, help="folder (images/ + labels/, DICOM + SEG)")
+    p.add_argument("--out", required=True, help="the .npz to write")
+    p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="model grid size S")
+    p.add_argument("--grid-dtype", choices=("float16", "float32"), default="float16")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads")
+    p.add_argument("--groups", dest="groups_file", help="CSV id,group (patient/study)")
+    p.add_argument("--classes", type=parse_classes, default=("ggo",), help=_CLASSES_HELP)
+    _add_data_options(p)
+
+    p = sub.add_parser("train", help="train one network (paper protocol)")
+    _add_common(p)
+    _add_train_options(p)
+    p.add_argument("--resume", help="continue from a last.pt")
+
+    p = sub.add_parser(
+        "train-semisup", help="student from a teacher's pseudo-labels of unlabelled slices"
+    )
+    _add_common(p)
+    _add_train_options(p)
+    add_semisup_options(p)
 
     p = sub.add_parser("evaluate", help="metrics of a model on labelled data")
     _add_common(p)
@@ -179,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="override the model's threshold")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--ci",
+        action="store_true",
+        help="add seeded bootstrap 95 %% intervals of the pooled Dice per class (dice_ci95)",
+    )
 
     p = sub.add_parser("export", help="checkpoint -> ONNX model with metadata and card")
     _add_common(p)
@@ -261,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
     """TrainConfig from defaults (or the resumed checkpoint's) and the given options."""
     given = {k: v for k, v in vars(args).items() if k in _TRAIN_FIELDS}
-    resume = Path(args.resume) if args.resume else None
+    if "classes" in given:
+        given.setdefault("out_channels", len(given["classes"]))
+    resume = Path(args.resume) if getattr(args, "resume", None) else None
     if resume is not None:
         from .checkpoints import load_checkpoint
 
@@ -281,7 +315,9 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
 
 def _cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
     from .data import load_slices, pack
+    from .multiclass import class_values
 
+    several = len(args.classes) > 1
     slices = load_slices(
         Path(args.data),
         label=args.label,
@@ -289,8 +325,16 @@ def _cmd_pack(args: argparse.Namespace) -> dict[str, Any]:
         window_width=args.window_width if args.window_width is not None else 1500.0,
         workers=args.workers,
         groups_file=Path(args.groups_file) if args.groups_file else None,
+        labels=class_values(args.classes, args.label) if several else None,
     )
-    pack(slices, Path(args.out), size=args.size, label=args.label, grid_dtype=args.grid_dtype)
+    pack(
+        slices,
+        Path(args.out),
+        size=args.size,
+        label=args.label,
+        grid_dtype=args.grid_dtype,
+        classes=args.classes,
+    )
     return {"out": str(args.out), "n_images": len(slices), "size": args.size}
 
 
@@ -313,9 +357,9 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    from .evaluate import evaluate_model
+    from .evaluate import evaluate_report
 
-    metrics = evaluate_model(
+    return evaluate_report(
         Path(args.model),
         Path(args.data),
         label=args.label,
@@ -323,8 +367,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         split_file=Path(args.split_file) if args.split_file else None,
         threshold=args.threshold,
         device=args.device,
+        intervals=args.ci,
     )
-    return metrics.to_dict()
 
 
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
@@ -451,6 +495,7 @@ def _cmd_compare(args: argparse.Namespace) -> dict[str, Any] | str:
 _COMMANDS = {
     "pack": _cmd_pack,
     "train": _cmd_train,
+    "train-semisup": lambda args: cmd_train_semisup(args, _TRAIN_FIELDS),
     "evaluate": _cmd_evaluate,
     "export": _cmd_export,
     "export-explain": _cmd_export_explain,

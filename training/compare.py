@@ -19,7 +19,15 @@ from ggo_cli.errors import InputError
 
 from .config import ARCH_DISPLAY_NAMES
 from .data import SourceSlice, load_slices
-from .evaluate import OnnxPredictor, Predictor, SplitEvaluation, TorchPredictor, evaluate_splits
+from .evaluate import (
+    OnnxPredictor,
+    Predictor,
+    SplitEvaluation,
+    TorchPredictor,
+    evaluate_splits,
+    predictor_classes,
+)
+from .multiclass import bootstrap_dice, class_values, per_class_metrics
 from .splits import SPLIT_NAMES, Split
 
 log = logging.getLogger(__name__)
@@ -78,7 +86,7 @@ def compare_runs(
     Raises:
         InputError: no data for a run, or a split naming slices the data lacks.
     """
-    cache: dict[tuple[Path, int, float, float], list[SourceSlice]] = {}
+    cache: dict[tuple[Path, int, float, float, tuple[str, ...]], list[SourceSlice]] = {}
     results: list[RunEvaluation] = []
     splits_seen: set[str] = set()
     for run in runs:
@@ -86,13 +94,15 @@ def compare_runs(
         data_path = data or recorded
         if data_path is None or not data_path.exists():
             raise InputError(f"no data for run {run}; pass --data (the folder or .npz it used)")
-        key = (data_path, label, predictor.window_center, predictor.window_width)
+        classes = predictor_classes(predictor)
+        key = (data_path, label, predictor.window_center, predictor.window_width, classes)
         if key not in cache:
             cache[key] = load_slices(
                 data_path,
                 label=label,
                 window_center=predictor.window_center,
                 window_width=predictor.window_width,
+                labels=class_values(classes, label) if len(classes) > 1 else None,
             )
         evaluation = evaluate_splits(
             predictor, cache[key], split, threshold=predictor.threshold if is_onnx else None
@@ -150,7 +160,45 @@ def render_markdown(results: Sequence[RunEvaluation]) -> str:
             t = r.evaluation.threshold
             cells.append(f"{m.dice:.3f} / {m.dice_mean:.3f} / n={m.n_images} / t={t:.2f}")
         lines.append(f"| {ROW_NAMES[split]} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _class_tables(results, head, rule)) + "\n"
+
+
+def _class_tables(results: Sequence[RunEvaluation], head: str, rule: str) -> list[str]:
+    """Table 1 once per class, with the pooled Dice's bootstrap 95 % interval (multi-class runs).
+
+    A run without a class (a GGO-only model) shows ``-`` in that class's table.
+    """
+    classes: list[str] = []
+    for r in results:
+        classes += [c for c in r.evaluation.classes if c not in classes]
+    if classes == ["ggo"]:
+        return []
+    lines: list[str] = []
+    for k, name in enumerate(classes):
+        lines += [
+            "",
+            f"Class {name} (channel {k}): Dice [95 % CI] / Precision / Recall / Accuracy, "
+            "pooled; interval: bootstrap over the split's slices (2000 resamples, seed 0).",
+            "",
+            head,
+            rule,
+        ]
+        for split in SPLIT_NAMES:
+            cells = []
+            for r in results:
+                counts = (r.evaluation.class_counts or {}).get(split)
+                if name not in r.evaluation.classes or counts is None:
+                    cells.append("-")
+                    continue
+                per_slice = counts[r.evaluation.classes.index(name)]
+                m = r.evaluation.class_metrics(split)[name]
+                low, high = bootstrap_dice(per_slice)
+                cells.append(
+                    f"{m.dice:.2f} [{low:.2f}, {high:.2f}] / {m.precision:.2f} / "
+                    f"{m.recall:.2f} / {m.accuracy:.2f}"
+                )
+            lines.append(f"| {ROW_NAMES[split]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def results_json(results: Sequence[RunEvaluation]) -> list[dict[str, Any]]:
@@ -161,6 +209,7 @@ def results_json(results: Sequence[RunEvaluation]) -> list[dict[str, Any]]:
             "source": str(r.source),
             "threshold": r.evaluation.threshold,
             "metrics": {k: v.to_dict() for k, v in r.evaluation.metrics.items()},
+            "per_class": per_class_metrics(r.evaluation.classes, r.evaluation.class_counts or {}),
             "val_threshold_search": {f"{t:.2f}": d for t, d in r.evaluation.val_search.items()},
         }
         for r in results

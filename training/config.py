@@ -29,6 +29,9 @@ ARCH_DISPLAY_NAMES: dict[str, str] = {
 LossName = Literal["dice", "bce", "bce-dice", "focal-tversky", "focal-tversky-dice"]
 LOSSES: tuple[str, ...] = get_args(LossName)
 
+CLASS_LABELS: dict[str, int] = {"ggo": 1, "consolidation": 2}
+"""Known classes and their value in the shared palette PNGs (channels follow ``--classes``)."""
+
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 AMP_MODES: tuple[str, ...] = get_args(AmpMode)
 
@@ -117,7 +120,9 @@ class TrainConfig:
         tversky_alpha: Focal Tversky weight of false negatives.
         tversky_beta: Focal Tversky weight of false positives.
         focal_gamma: Focal Tversky exponent applied to ``1 - TI``.
-        out_channels: output channels (channel 0 is GGO).
+        out_channels: output channels (channel 0 is GGO); at least ``len(classes)``.
+        classes: the segmented classes, one output channel each, GGO first (``ggo`` alone, or
+            ``ggo, consolidation``); their mask values are :data:`CLASS_LABELS`.
         compile: wrap the model in ``torch.compile`` (CUDA; costs start-up time).
         augment: augmentation ranges.
     """
@@ -151,6 +156,7 @@ class TrainConfig:
     tversky_beta: float = TVERSKY_BETA_FP
     focal_gamma: float = FOCAL_EXPONENT
     out_channels: int = 1
+    classes: tuple[str, ...] = ("ggo",)
     compile: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -165,6 +171,11 @@ class TrainConfig:
                 raise InputError(
                     f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
                 )
+        validate_classes(self.classes)
+        if self.out_channels < len(self.classes):
+            raise InputError(
+                f"out_channels {self.out_channels} < {len(self.classes)} classes {self.classes}"
+            )
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.patience < 0 or self.workers < 0:
@@ -191,6 +202,8 @@ class TrainConfig:
         if unknown:
             log.warning("ignoring unknown configuration keys %s", unknown)
         values = {k: v for k, v in data.items() if k in known}
+        if isinstance(values.get("classes"), list):
+            values["classes"] = tuple(values["classes"])
         aug = values.get("augment")
         if isinstance(aug, dict):
             aug_fields = {f.name for f in dataclasses.fields(AugmentConfig)}
@@ -208,6 +221,21 @@ def validate_choice(option: str, value: str, valid: tuple[str, ...]) -> None:
     """Raise :class:`InputError` unless ``value`` is one of ``valid``."""
     if value not in valid:
         raise InputError(f"--{option} {value!r} is not known; choose one of {', '.join(valid)}")
+
+
+def validate_classes(classes: tuple[str, ...]) -> None:
+    """Raise :class:`InputError` unless ``classes`` starts with ``ggo`` and names known classes."""
+    if not classes or classes[0] != "ggo" or len(set(classes)) != len(classes):
+        raise InputError(f"--classes must start with ggo and not repeat a class, got {classes}")
+    for name in classes:
+        validate_choice("classes", name, tuple(CLASS_LABELS))
+
+
+def parse_classes(text: str) -> tuple[str, ...]:
+    """``"ggo,consolidation"`` -> ``("ggo", "consolidation")``, checked."""
+    classes = tuple(c.strip().lower() for c in text.split(",") if c.strip())
+    validate_classes(classes)
+    return classes
 
 
 def validate_size(size: int) -> None:

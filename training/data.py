@@ -64,13 +64,14 @@ class SourceSlice:
         id: identifier (file stem, ``case:z`` for NIfTI, SOPInstanceUID for DICOM).
         image: uint8 display pixels (meaning ``value / 255``) or float32 windowed values in
             ``[0, 1]``. Shape: ``(rows, cols)``.
-        mask: binary GGO mask. Shape: ``(rows, cols)``, bool.
+        mask: binary GGO mask (bool), or for several classes a uint8 class map (0 background,
+            ``k + 1`` for class ``k``, channel order). Shape: ``(rows, cols)``.
         group: patient or study group (slices of one group stay in one split), or None.
     """
 
     id: str
     image: npt.NDArray[Any]
-    mask: npt.NDArray[np.bool_]
+    mask: npt.NDArray[Any]
     group: str | None = None
 
     def image_float(self) -> npt.NDArray[np.float32]:
@@ -86,7 +87,7 @@ class GridData:
 
     Attributes:
         images: float32 in ``[0, 1]``. Shape: ``(n, size, size)``.
-        masks: uint8 0/1. Shape: ``(n, size, size)``.
+        masks: uint8 class map (0/1 for one class; ``k + 1`` = class ``k``). Shape: ``(n, S, S)``.
         ids: one id per slice.
         groups: one group (or None) per slice.
         size: the grid side S.
@@ -121,13 +122,16 @@ def to_grid(slices: Sequence[SourceSlice], size: int) -> GridData:
         size: model input size S.
 
     Returns:
-        The slices on the model grid (mask: bilinear resize, then ``> 0.5``).
+        The slices on the model grid (mask: each class resized bilinearly, then ``> 0.5``; a
+        pixel claimed by two classes after resizing takes the later one).
     """
     images = np.empty((len(slices), size, size), dtype=np.float32)
     masks = np.empty((len(slices), size, size), dtype=np.uint8)
     for i, s in enumerate(slices):
         images[i] = to_model_grid(s.image_float(), size)
-        masks[i] = to_model_grid(s.mask.astype(np.float32), size) > 0.5
+        masks[i] = 0
+        for value in range(1, max(int(s.mask.max(initial=0)), 1) + 1):
+            masks[i][to_model_grid((s.mask == value).astype(np.float32), size) > 0.5] = value
     return GridData(
         images=images,
         masks=masks,
@@ -148,6 +152,7 @@ def load_slices(
     window_width: float = DEFAULT_WINDOW_WIDTH_HU,
     workers: int = 0,
     groups_file: Path | None = None,
+    labels: Sequence[int] | None = None,
 ) -> list[SourceSlice]:
     """Load every labelled slice under ``path`` at its own resolution.
 
@@ -158,6 +163,9 @@ def load_slices(
         window_width: lung window width in HU.
         workers: decoding threads for image folders (0: serial).
         groups_file: optional CSV ``id,group`` overriding the groups.
+        labels: several mask values, one per class (e.g. ``(1, 2)`` for GGO and
+            consolidation): masks become class maps (``k + 1`` where the value is
+            ``labels[k]``). Pictures and NIfTI only; a packed file keeps what it holds.
 
     Returns:
         The slices, sorted by id within each source.
@@ -171,9 +179,11 @@ def load_slices(
         slices = read_packed_slices(path)
     elif path.is_dir() and (path / "images").is_dir() and (path / "labels").is_dir():
         slices = _load_pair_folder(
-            path, label=label, window=(window_center, window_width), workers=workers
+            path, label=labels or label, window=(window_center, window_width), workers=workers
         )
     elif path.is_dir():
+        if labels is not None and len(labels) > 1:
+            raise InputError("several classes need images/ + labels/ or a packed .npz, not SEG")
         slices = _load_dicom_seg(path, label=label, window=(window_center, window_width))
     else:
         raise InputError(
@@ -219,7 +229,7 @@ def apply_groups(slices: Sequence[SourceSlice], groups_file: Path) -> list[Sourc
 
 
 def _load_pair_folder(
-    root: Path, *, label: int, window: tuple[float, float], workers: int
+    root: Path, *, label: int | Sequence[int], window: tuple[float, float], workers: int
 ) -> list[SourceSlice]:
     """Load ``images/`` + ``labels/`` pairs (2-D pictures or NIfTI volumes)."""
     labels: dict[str, Path] = {}
@@ -269,7 +279,28 @@ def _map(
         return list(pool.map(fn, items))
 
 
-def _load_picture_pair(stem: str, image_path: Path, label_path: Path, *, label: int) -> SourceSlice:
+def class_map(values: npt.NDArray[Any], label: int | Sequence[int]) -> npt.NDArray[Any]:
+    """``values == label`` (bool), or for several labels a uint8 class map (``k + 1``).
+
+    Args:
+        values: the mask picture's values. Shape: any.
+        label: one value, or one value per class (channel order).
+
+    Returns:
+        bool for one label (as before), uint8 for several. Shape: as ``values``.
+    """
+    if isinstance(label, int) or len(label) == 1:
+        value = label if isinstance(label, int) else label[0]
+        return np.asarray(values == value)
+    out = np.zeros(values.shape, dtype=np.uint8)
+    for k, value in enumerate(label):
+        out[values == value] = k + 1
+    return out
+
+
+def _load_picture_pair(
+    stem: str, image_path: Path, label_path: Path, *, label: int | Sequence[int]
+) -> SourceSlice:
     """Read one 2-D image and its label picture with Pillow."""
     from PIL import Image  # deferred: not installed on every training machine
 
@@ -285,7 +316,7 @@ def _load_picture_pair(stem: str, image_path: Path, label_path: Path, *, label: 
             f"mask {label_path.name} is {values.shape[1]}x{values.shape[0]} but image "
             f"{image_path.name} is {image.shape[1]}x{image.shape[0]}; masks must match their image"
         )
-    return SourceSlice(id=stem, image=image, mask=values == label)
+    return SourceSlice(id=stem, image=image, mask=class_map(values, label))
 
 
 def _picture_to_array(im: Any, path: Path) -> npt.NDArray[Any]:
@@ -301,7 +332,12 @@ def _picture_to_array(im: Any, path: Path) -> npt.NDArray[Any]:
 
 
 def _load_nifti_pair(
-    stem: str, image_path: Path, label_path: Path, *, label: int, window: tuple[float, float]
+    stem: str,
+    image_path: Path,
+    label_path: Path,
+    *,
+    label: int | Sequence[int],
+    window: tuple[float, float],
 ) -> list[SourceSlice]:
     """Read a NIfTI HU volume and its label volume, one slice per axial plane."""
     import SimpleITK as sitk  # noqa: N813 (the package's own spelling); deferred import
@@ -325,7 +361,9 @@ def _load_nifti_pair(
         hu, lab = hu[None], lab[None]
     windowed = window_hu(hu, center_hu=window[0], width_hu=window[1])
     return [
-        SourceSlice(id=f"{stem}:{z:04d}", image=windowed[z], mask=lab[z] == label, group=stem)
+        SourceSlice(
+            id=f"{stem}:{z:04d}", image=windowed[z], mask=class_map(lab[z], label), group=stem
+        )
         for z in range(hu.shape[0])
     ]
 
@@ -415,6 +453,7 @@ def pack(
     size: int,
     label: int,
     grid_dtype: Literal["float16", "float32"] = "float16",
+    classes: Sequence[str] = ("ggo",),
 ) -> GridData:
     """Write slices to one compressed ``.npz`` (model grid plus source resolution).
 
@@ -431,6 +470,8 @@ def pack(
         size: model grid size S.
         label: the label the masks were taken from (recorded).
         grid_dtype: storage type of the grid images (read back as float32).
+        classes: the classes of the masks (recorded as ``classes``; masks are class maps when
+            there are several).
 
     Returns:
         The grid data that was written.
@@ -452,6 +493,7 @@ def pack(
         source_images=src_images,
         source_masks=np.concatenate([s.mask.ravel() for s in slices]).astype(np.uint8),
         format_version=np.int64(PACK_FORMAT_VERSION),
+        classes=np.array(list(classes), dtype=np.str_),
     )
     os.replace(tmp, out)
     return grid
@@ -473,6 +515,7 @@ def read_packed_slices(path: Path) -> list[SourceSlice]:
     npz = _open_packed(path)
     shapes = npz["source_shapes"]
     images, masks = npz["source_images"], npz["source_masks"]
+    several = len(packed_classes(npz)) > 1
     slices, start = [], 0
     for sid, group, (rows, cols) in zip(npz["ids"], npz["groups"], shapes, strict=True):
         stop = start + int(rows) * int(cols)
@@ -480,12 +523,24 @@ def read_packed_slices(path: Path) -> list[SourceSlice]:
             SourceSlice(
                 id=str(sid),
                 image=images[start:stop].reshape(rows, cols),
-                mask=masks[start:stop].reshape(rows, cols).astype(bool),
+                mask=masks[start:stop].reshape(rows, cols).astype(np.uint8 if several else bool),
                 group=str(group) or None,
             )
         )
         start = stop
     return slices
+
+
+def packed_classes(npz: Any) -> tuple[str, ...]:
+    """The classes a packed file's masks hold (files packed before classes: GGO only)."""
+    return tuple(str(c) for c in npz["classes"]) if "classes" in npz else ("ggo",)
+
+
+def data_classes(path: Path) -> tuple[str, ...] | None:
+    """The classes recorded in a packed file; None for folders (they take ``labels``)."""
+    if path.is_file() and path.suffix == ".npz":
+        return packed_classes(_open_packed(path))
+    return None
 
 
 def load_grid(path: Path, *, size: int, **load_kwargs: Any) -> GridData:

@@ -24,7 +24,8 @@ from ggo_cli.analysis.preprocessing import sigmoid, to_model_grid, to_source_gri
 from ggo_cli.errors import InputError, ModelError
 
 from .data import SourceSlice, load_slices
-from .metrics import Confusion, SegMetrics, confusion, summarize
+from .metrics import Confusion, SegMetrics, summarize
+from .multiclass import class_confusions, class_report
 from .splits import SPLIT_NAMES, Split, load_split
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class OnnxPredictor:
         self.threshold = threshold
         self.window_center = window_center
         self.window_width = window_width
+        self.classes: tuple[str, ...] = tuple(self.metadata.get("classes", ("ggo",)))
 
     @classmethod
     def from_file(
@@ -132,6 +134,7 @@ class TorchPredictor:
         self.threshold = float(threshold) if threshold is not None else DEFAULT_THRESHOLD
         self.window_center = self.config.window_center
         self.window_width = self.config.window_width
+        self.classes: tuple[str, ...] = self.config.classes
 
     def logits(self, batch: FloatArray) -> FloatArray:
         """Run the network. Shape: ``(n, 1, S, S) -> (n, C, S, S)``."""
@@ -160,23 +163,31 @@ def make_predictor(model: Path, device: str = "cpu") -> Predictor:
     return TorchPredictor(model, device)
 
 
+def predictor_classes(predictor: Predictor) -> tuple[str, ...]:
+    """The classes a predictor segments (channel order); GGO alone when it does not say."""
+    return tuple(getattr(predictor, "classes", ("ggo",)))
+
+
 def predict_probabilities(
-    predictor: Predictor, slices: Sequence[SourceSlice]
+    predictor: Predictor, slices: Sequence[SourceSlice], channels: int = 1
 ) -> Iterable[FloatArray]:
-    """Yield each slice's GGO probabilities on its own pixel grid.
+    """Yield each slice's class probabilities on its own pixel grid.
 
     Args:
         predictor: the model.
         slices: the slices.
+        channels: how many output channels (classes) to return; 1 gives GGO alone.
 
     Yields:
-        float32 probabilities. Shape: ``(rows, cols)`` of each slice.
+        float32 probabilities. Shape: ``(rows, cols)`` for one channel, else
+        ``(channels, rows, cols)``.
     """
     size = predictor.input_size
     for start in range(0, len(slices), BATCH):
         chunk = slices[start : start + BATCH]
         batch = np.stack([to_model_grid(s.image_float(), size) for s in chunk])[:, None]
-        probs = sigmoid(predictor.logits(batch)[:, 0])
+        logits = predictor.logits(batch)
+        probs = sigmoid(logits[:, 0] if channels == 1 else logits[:, :channels])
         for s, p in zip(chunk, probs, strict=True):
             yield to_source_grid(p, s.mask.shape[0], s.mask.shape[1])
 
@@ -194,10 +205,35 @@ def evaluate_thresholds(
     Returns:
         ``threshold -> one Confusion per slice``.
     """
-    result: dict[float, list[Confusion]] = {t: [] for t in thresholds}
-    for s, prob in zip(slices, predict_probabilities(predictor, slices), strict=True):
+    per_threshold = evaluate_classes(predictor, slices, thresholds)
+    return {t: per_class[0] for t, per_class in per_threshold.items()}
+
+
+def evaluate_classes(
+    predictor: Predictor,
+    slices: Sequence[SourceSlice],
+    thresholds: Sequence[float],
+    channels: int = 1,
+) -> dict[float, list[list[Confusion]]]:
+    """Per-class, per-slice confusion counts at several thresholds from one pass.
+
+    Args:
+        predictor: the model.
+        slices: the slices (bool GGO masks or class maps).
+        thresholds: probability thresholds (the same for every channel).
+        channels: classes to count (channel ``k`` against class ``k`` of the masks).
+
+    Returns:
+        ``threshold -> [class][slice] Confusion``.
+    """
+    result: dict[float, list[list[Confusion]]] = {
+        t: [[] for _ in range(channels)] for t in thresholds
+    }
+    for s, prob in zip(slices, predict_probabilities(predictor, slices, channels), strict=True):
+        probs = prob if channels > 1 else prob[None]
         for t in thresholds:
-            result[t].append(confusion(prob > t, s.mask))
+            for k, counts in enumerate(class_confusions(probs, s.mask, t)):
+                result[t][k].append(counts)
     return result
 
 
@@ -223,11 +259,22 @@ class SplitEvaluation:
         threshold: the chosen (or given) threshold.
         metrics: split name -> metrics at that threshold.
         val_search: threshold -> validation pooled Dice (empty when the threshold was given).
+        classes: the classes, channel order.
+        class_counts: split name -> class -> per-slice counts at the threshold.
     """
 
     threshold: float
     metrics: dict[str, SegMetrics]
     val_search: dict[float, float]
+    classes: tuple[str, ...] = ("ggo",)
+    class_counts: dict[str, list[list[Confusion]]] | None = None
+
+    def class_metrics(self, split: str) -> dict[str, SegMetrics]:
+        """Class name -> metrics of one split."""
+        counts = (self.class_counts or {}).get(split)
+        if counts is None:
+            return {self.classes[0]: self.metrics[split]}
+        return {c: summarize(n) for c, n in zip(self.classes, counts, strict=True)}
 
 
 def evaluate_splits(
@@ -253,7 +300,8 @@ def evaluate_splits(
     """
     by_id = {s.id: s for s in slices}
     thresholds = list(THRESHOLD_GRID) if threshold is None else [threshold]
-    per_split: dict[str, dict[float, list[Confusion]]] = {}
+    classes = predictor_classes(predictor)
+    per_split: dict[str, dict[float, list[list[Confusion]]]] = {}
     for name in SPLIT_NAMES:
         ids = split.ids(name)
         missing = [i for i in ids if i not in by_id]
@@ -261,18 +309,27 @@ def evaluate_splits(
             raise InputError(
                 f"split {name} names {len(missing)} slices not in the data (e.g. {missing[:3]})"
             )
-        per_split[name] = evaluate_thresholds(predictor, [by_id[i] for i in ids], thresholds)
+        per_split[name] = evaluate_classes(
+            predictor, [by_id[i] for i in ids], thresholds, len(classes)
+        )
     search: dict[float, float] = {}
     if threshold is None:
         if split.val:
-            search = {t: summarize(c).dice for t, c in per_split["val"].items()}
-            threshold = choose_threshold(per_split["val"])
+            val_ggo = {t: c[0] for t, c in per_split["val"].items()}
+            search = {t: summarize(c).dice for t, c in val_ggo.items()}
+            threshold = choose_threshold(val_ggo)
         else:
             threshold = DEFAULT_THRESHOLD
     metrics: dict[str, SegMetrics] = {
-        name: summarize(per_split[name][threshold]) for name in SPLIT_NAMES
+        name: summarize(per_split[name][threshold][0]) for name in SPLIT_NAMES
     }
-    return SplitEvaluation(threshold=threshold, metrics=metrics, val_search=search)
+    return SplitEvaluation(
+        threshold=threshold,
+        metrics=metrics,
+        val_search=search,
+        classes=classes,
+        class_counts={name: per_split[name][threshold] for name in SPLIT_NAMES},
+    )
 
 
 def select_slices(
@@ -308,7 +365,7 @@ def evaluate_model(
     threshold: float | None = None,
     device: str = "cpu",
 ) -> SegMetrics:
-    """Evaluate a model file on a data set (the ``evaluate`` command).
+    """Evaluate a model file's GGO channel on a data set.
 
     Args:
         model: ``model.onnx`` or a checkpoint / run folder.
@@ -326,19 +383,74 @@ def evaluate_model(
         InputError: bad paths, split or data.
         ModelError: a model that breaks the contract, or a threshold outside (0, 1).
     """
+    report = evaluate_report(
+        model,
+        data,
+        label=label,
+        split_name=split_name,
+        split_file=split_file,
+        threshold=threshold,
+        device=device,
+        ggo_only=True,
+    )
+    return SegMetrics(**{k: report[k] for k in SegMetrics.__dataclass_fields__})
+
+
+def evaluate_report(
+    model: Path,
+    data: Path,
+    *,
+    label: int = 1,
+    split_name: str | None = None,
+    split_file: Path | None = None,
+    threshold: float | None = None,
+    device: str = "cpu",
+    intervals: bool = False,
+    ggo_only: bool = False,
+) -> dict[str, Any]:
+    """Evaluate every class of a model file (the ``evaluate`` command).
+
+    Args:
+        model: ``model.onnx`` or a checkpoint / run folder.
+        data: a folder in a supported layout or a packed ``.npz`` (a two-class model needs
+            data with both classes: the shared PNGs, or a file packed with ``--classes``).
+        label: the GGO label value in the masks.
+        split_name: evaluate only this split (``train``, ``val``, ``test``).
+        split_file: the split.json that defines it.
+        threshold: override the model's threshold.
+        device: ``cpu`` or ``cuda[:N]``.
+        intervals: add seeded bootstrap 95 % intervals of the pooled Dice per class.
+        ggo_only: evaluate channel 0 alone.
+
+    Returns:
+        :func:`training.multiclass.class_report`'s keys.
+
+    Raises:
+        InputError: bad paths, split or data.
+        ModelError: a model that breaks the contract, or a threshold outside (0, 1).
+    """
+    from .multiclass import class_values
+
     predictor = make_predictor(model, device)
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ModelError(f"--threshold must be in (0, 1), got {threshold}")
+    classes = ("ggo",) if ggo_only else predictor_classes(predictor)
     slices = load_slices(
         data,
         label=label,
         window_center=predictor.window_center,
         window_width=predictor.window_width,
+        labels=class_values(classes, label) if len(classes) > 1 else None,
     )
+    if len(classes) > 1 and not any(s.mask.dtype == np.uint8 for s in slices):
+        raise InputError(
+            f"{data} holds GGO masks only; a {len(classes)}-class model needs class maps "
+            "(the shared PNGs, or `pack --classes`)"
+        )
     chosen = select_slices(slices, split_name, split_file)
     t = predictor.threshold if threshold is None else threshold
-    counts = evaluate_thresholds(predictor, chosen, [t])[t]
-    return summarize(counts)
+    counts = evaluate_classes(predictor, chosen, [t], len(classes))[t]
+    return class_report(classes, counts, intervals=intervals)
 
 
 def metrics_json(metrics: SegMetrics) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from .config import ARCH_DISPLAY_NAMES, TrainConfig
 from .data import load_slices
 from .evaluate import OnnxPredictor, evaluate_splits
 from .metrics import SegMetrics
+from .multiclass import class_values, per_class_metrics, segment_metadata
 from .splits import Split
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,23 @@ SHARED_TRAINING_DATA: dict[str, str] = {
         "Fan D.-P. et al., Inf-Net: Automatic COVID-19 Lung Infection Segmentation from CT "
         "Images, IEEE TMI 39(8), 2020; MedSeg COVID-19 CT segmentation dataset "
         "(medicalsegmentation.com/covid19)"
+    ),
+}
+
+
+UNLABELED_TRAINING_DATA: dict[str, str] = {
+    "name": "COVID-SemiSeg unlabelled slices (1600 slices of 20 COVID-19 CT volumes)",
+    "source": (
+        "Inf-Net (github.com/DengPingFan/Inf-Net, commit fb3a03b5), "
+        "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs (images only; pseudo-labels "
+        "made by our own teacher)"
+    ),
+    "licence": (
+        "research and non-commercial use only (COVID-SemiSeg; Radiopaedia cases CC BY-NC-SA 3.0)"
+    ),
+    "citation": (
+        "Fan D.-P. et al., IEEE TMI 39(8), 2020; Ma J. et al., COVID-19 CT Lung and Infection "
+        "Segmentation Dataset, Zenodo 2020"
     ),
 }
 
@@ -226,6 +244,7 @@ def build_metadata(
     val_search: Mapping[float, float],
     training_data: Mapping[str, str],
     fp16: bool,
+    class_metrics: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``ggo_cli`` metadata object of the model contract (without sha256).
 
@@ -239,16 +258,17 @@ def build_metadata(
         val_search: validation pooled Dice per searched threshold.
         training_data: name, source, licence, citation of the data.
         fp16: whether weights are stored as float16.
+        class_metrics: class -> split -> metrics with bootstrap intervals.
 
     Returns:
         The metadata dict.
     """
-    from pydicom.sr.codedict import codes
-
-    from ggo_cli.onnx.model_info import code_to_json
-
-    if config.out_channels != 1:
-        raise ModelError("export supports one output channel (GGO); retrain with out_channels 1")
+    if config.out_channels != len(config.classes):
+        raise ModelError(
+            f"the model has {config.out_channels} output channels for classes {config.classes}; "
+            "export needs one channel per class"
+        )
+    semi = checkpoint.get("semi_supervised")
     return {
         "name": name,
         "version": version,
@@ -259,20 +279,28 @@ def build_metadata(
         "window_width": config.window_width,
         "threshold": threshold,
         "threshold_rule": "probability > threshold, chosen on the validation split",
-        "segments": [
-            {
-                "label": "Ground glass opacity",
-                "property_category": code_to_json(codes.SCT.MorphologicallyAbnormalStructure),
-                "property_type": code_to_json(codes.DCM.GroundGlassOpacity),
-            }
-        ],
-        "training_data": {**training_data, "label": config.label, "split": checkpoint["split"]},
+        "segments": segment_metadata(config.classes),
+        "classes": list(config.classes),
+        "training_data": {
+            **training_data,
+            "label": config.label,
+            "class_labels": dict(
+                zip(config.classes, class_values(config.classes, config.label), strict=True)
+            ),
+            "split": checkpoint["split"],
+            **({"unlabeled": {**UNLABELED_TRAINING_DATA, **semi}} if semi else {}),
+        },
         "metrics": {
             "definition": (
                 "pixel level at each slice's own resolution; dice/precision/recall/accuracy "
                 "pooled over the split, dice_mean = mean per-slice Dice (empty vs empty = 1)"
             ),
             **{k: v.to_dict() for k, v in metrics.items()},
+            "per_class": dict(class_metrics or {}),
+            "interval": (
+                "dice_ci95: 2.5 and 97.5 percentiles of the pooled Dice over 2000 bootstrap "
+                "resamples of the split's slices (numpy default_rng seed 0)"
+            ),
             "val_threshold_search": {f"{t:.2f}": d for t, d in val_search.items()},
         },
         "training": {
@@ -299,8 +327,10 @@ def model_card(meta: Mapping[str, Any], file_sha256: str) -> dict[str, Any]:
         "version": meta["version"],
         "architecture": meta["architecture_display"],
         "intended_use": (
-            "Research: segmentation of ground-glass opacity on axial chest CT slices "
-            "(lung window, 2-D per slice), for volumetry and method comparison."
+            "Research: segmentation of "
+            + " and ".join(s["label"].lower() for s in meta["segments"])
+            + " on axial chest CT slices (lung window, 2-D per slice; one sigmoid channel per "
+            "class, channel 0 ground-glass opacity), for volumetry and method comparison."
         ),
         "not_intended_for": (
             "Clinical diagnosis or treatment decisions; it is not a medical device. Not for "
@@ -314,7 +344,11 @@ def model_card(meta: Mapping[str, Any], file_sha256: str) -> dict[str, Any]:
             "window_center_hu": meta["window_center"],
             "window_width_hu": meta["window_width"],
         },
-        "output": {"name": "logits", "channels": ["GGO"], "threshold": meta["threshold"]},
+        "output": {
+            "name": "logits",
+            "channels": [s["label"] for s in meta["segments"]],
+            "threshold": meta["threshold"],
+        },
         "metrics": meta["metrics"],
         "limitations": [
             "Trained on few slices (COVID-19 pneumonia, mostly one data source); performance "
@@ -391,6 +425,7 @@ def export_checkpoint(
         raise OutputError(f"cannot write into {out_dir}: {exc}") from exc
 
     metrics: dict[str, SegMetrics] = {}
+    class_metrics: dict[str, Any] = {}
     search: dict[float, float] = {}
     data_path = data if data is not None else (Path(config.data) if config.data else None)
     slices = None
@@ -400,6 +435,7 @@ def export_checkpoint(
             label=config.label,
             window_center=config.window_center,
             window_width=config.window_width,
+            labels=class_values(config.classes, config.label) if len(config.classes) > 1 else None,
         )
         import onnxruntime as ort
 
@@ -410,10 +446,12 @@ def export_checkpoint(
             window_center=config.window_center,
             window_width=config.window_width,
         )
+        provisional.classes = config.classes
         evaluation = evaluate_splits(
             provisional, slices, Split.from_dict(dict(checkpoint["split"])), threshold=threshold
         )
         threshold, metrics, search = evaluation.threshold, evaluation.metrics, evaluation.val_search
+        class_metrics = per_class_metrics(config.classes, evaluation.class_counts or {})
         log.info("threshold %.2f; test pooled Dice %.4f", threshold, metrics["test"].dice)
     elif threshold is None:
         log.warning("no data at %s: threshold 0.5 and no metrics recorded", data_path)
@@ -445,6 +483,7 @@ def export_checkpoint(
         val_search=search,
         training_data=training_data or SHARED_TRAINING_DATA,
         fp16=fp16_weights,
+        class_metrics=class_metrics,
     )
     meta["parity"] = {
         "batch": PARITY_BATCH,

@@ -47,10 +47,11 @@ from .checkpoints import (
     unwrap,
 )
 from .config import TrainConfig
-from .data import GridData, load_grid
+from .data import GridData, data_classes, load_grid
 from .losses import make_loss
 from .metrics import Confusion, summarize
 from .models import build_model, load_pretrained_encoder
+from .multiclass import class_values, one_hot
 from .splits import Split, check_split_ids, load_split, make_split, save_split
 
 log = logging.getLogger(__name__)
@@ -205,15 +206,7 @@ class Trainer:
         )
         seed_everything(config.seed)
         checkpoint = load_checkpoint(resume) if resume is not None else None
-        grid = load_grid(
-            Path(config.data),
-            size=config.size,
-            label=config.label,
-            window_center=config.window_center,
-            window_width=config.window_width,
-            workers=config.workers,
-            groups_file=Path(config.groups_file) if config.groups_file else None,
-        )
+        grid = load_training_grid(config)
         self.split = self._split(grid, checkpoint)
         save_split(self.split, self.run_dir / SPLIT_NAME)
         self._to_device(grid)
@@ -236,11 +229,13 @@ class Trainer:
             alpha=config.tversky_alpha,
             beta=config.tversky_beta,
             gamma=config.focal_gamma,
+            channels=len(config.classes),
         )
         self.augmenter = Augmenter(config.augment, self.device, seed=config.seed + 1)
         self.shuffle = torch.Generator()
         self.shuffle.manual_seed(config.seed + 2)
         self.state = _State(history=[])
+        self.val_class_dice: list[float] = []
         self.commit = git_commit()
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -277,7 +272,7 @@ class Trainer:
         def stack(ids: tuple[str, ...]) -> tuple[Tensor, Tensor]:
             rows = [index[i] for i in ids]
             images = torch.from_numpy(np.ascontiguousarray(grid.images[rows]))[:, None]
-            masks = torch.from_numpy(np.ascontiguousarray(grid.masks[rows]))[:, None]
+            masks = torch.from_numpy(one_hot(grid.masks[rows], len(self.config.classes)))
             return images.to(self.device), masks.to(self.device, torch.float32)
 
         self.train_images, self.train_masks = stack(self.split.train)
@@ -352,7 +347,12 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> tuple[float, list[Confusion]]:
-        """Validation loss (pooled) and per-slice confusion counts at probability 0.5."""
+        """Validation loss (pooled) and per-slice GGO confusion counts at probability 0.5.
+
+        With several classes, ``self.val_class_dice`` holds each class's pooled Dice and the
+        model is selected on their mean (:meth:`_selection_dice`).
+        """
+        n_classes = len(self.config.classes)
         self.model.eval()
         logits_all, counts = [], []
         for start in range(0, self.val_images.shape[0], VAL_BATCH):
@@ -361,17 +361,28 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast(self.device, self.amp):
-                logits = self.model(images)[:, :1].float()
+                logits = self.model(images)[:, :n_classes].float()
             logits_all.append(logits)
             pred = logits > 0  # sigmoid(x) > 0.5
-            tp = (pred & masks).sum((1, 2, 3))
-            fp = (pred & ~masks).sum((1, 2, 3))
-            fn = (~pred & masks).sum((1, 2, 3))
-            counts.append(torch.stack([tp, fp, fn], 1))
+            tp = (pred & masks).sum((2, 3))
+            fp = (pred & ~masks).sum((2, 3))
+            fn = (~pred & masks).sum((2, 3))
+            counts.append(torch.stack([tp, fp, fn], 2))  # (n, C, 3)
         loss = float(self.loss_fn(torch.cat(logits_all), self.val_masks))
         table = torch.cat(counts).cpu().tolist()
         pixels = self.config.size * self.config.size
-        return loss, [Confusion(tp, fp, fn, pixels - tp - fp - fn) for tp, fp, fn in table]
+        per_class = [
+            [Confusion(tp, fp, fn, pixels - tp - fp - fn) for tp, fp, fn in (r[k] for r in table)]
+            for k in range(n_classes)
+        ]
+        self.val_class_dice = [summarize(c).dice for c in per_class]
+        return loss, per_class[0]
+
+    def _selection_dice(self, ggo_dice: float) -> float:
+        """The validation figure that picks the best epoch: GGO Dice, or the classes' mean."""
+        if len(self.config.classes) == 1:
+            return ggo_dice
+        return float(np.mean(self.val_class_dice))
 
     def run(self) -> TrainResult:
         """Train until ``epochs`` or early stopping; write checkpoints; return the result."""
@@ -392,6 +403,7 @@ class Trainer:
             val_loss, counts = self._validate()
             self.scheduler.step(val_loss)
             val = summarize(counts)
+            selection = self._selection_dice(val.dice)
             record = EpochRecord(
                 epoch,
                 lr,
@@ -406,8 +418,8 @@ class Trainer:
             history.append(record)
             self._append_csv(record)
             st.epoch = epoch
-            if val.dice > st.best_val_dice + _IMPROVEMENT:
-                st.best_val_dice, st.best_epoch, st.wait = val.dice, epoch, 0
+            if selection > st.best_val_dice + _IMPROVEMENT:
+                st.best_val_dice, st.best_epoch, st.wait = selection, epoch, 0
                 st.best_state = cpu_state(self.model)
             else:
                 st.wait += 1
@@ -518,6 +530,32 @@ class Trainer:
             writer.writerow([f.name for f in fields(EpochRecord)])
             for record in self.state.history or []:
                 writer.writerow(_csv_row(record))
+
+
+def load_training_grid(config: TrainConfig) -> GridData:
+    """The labelled data of a run on the model grid, with one class map value per class.
+
+    Raises:
+        InputError: a packed file that lacks one of ``config.classes``.
+    """
+    path = Path(config.data)
+    packed = data_classes(path) if path.exists() else None
+    if packed is not None and tuple(packed[: len(config.classes)]) != config.classes:
+        raise InputError(
+            f"{path} was packed with classes {packed}, not {config.classes}; "
+            "re-run `training pack --classes " + ",".join(config.classes) + "`"
+        )
+    several = len(config.classes) > 1
+    return load_grid(
+        path,
+        size=config.size,
+        label=config.label,
+        window_center=config.window_center,
+        window_width=config.window_width,
+        workers=config.workers,
+        groups_file=Path(config.groups_file) if config.groups_file else None,
+        **({"labels": class_values(config.classes, config.label)} if several else {}),
+    )
 
 
 def _csv_row(record: EpochRecord) -> list[str]:

@@ -16,6 +16,11 @@ still count through their false positives and do not produce 0/0:
   ``beta = 0.3`` false POSITIVES (recall is stressed, PAPER.md), ``gamma = 0.75`` (their
   ``1 / gamma`` with ``gamma = 4/3``).
 - ``bce-dice`` = BCE + Dice; ``focal-tversky-dice`` = Focal Tversky + Dice (the paper's best).
+
+Several classes (``make_loss(..., channels=C)``): the same loss on each channel ``k`` against
+target channel ``k`` (sigmoid per channel, counts pooled per channel), **summed** over the
+channels. Each class keeps its own pooled ratio, so the smaller consolidation class is not
+drowned by GGO pixels, and channel 0 stays an independent GGO probability (the model contract).
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ def make_loss(
     alpha: float = TVERSKY_ALPHA_FN,
     beta: float = TVERSKY_BETA_FP,
     gamma: float = FOCAL_EXPONENT,
+    channels: int = 1,
 ) -> LossFn:
     """Return the loss function called ``name``.
 
@@ -112,6 +118,7 @@ def make_loss(
         alpha: Focal Tversky weight of false negatives.
         beta: Focal Tversky weight of false positives.
         gamma: Focal Tversky exponent.
+        channels: classes; the loss is summed over channels ``0 .. channels - 1``.
 
     Returns:
         ``loss(logits, target) -> scalar``.
@@ -132,4 +139,19 @@ def make_loss(
     }
     if name not in table:
         raise InputError(f"unknown loss {name!r}; valid names: {', '.join(LOSSES)}")
-    return table[name]
+    if channels == 1:
+        return table[name]
+    return per_channel(table[name], channels)
+
+
+def per_channel(loss: LossFn, channels: int) -> LossFn:
+    """Sum of ``loss`` over the first ``channels`` channels of logits and target.
+
+    Shape: logits and target ``(N, >= channels, H, W)``. Returns a scalar.
+    """
+
+    def summed(logits: Tensor, target: Tensor) -> Tensor:
+        parts = [loss(logits[:, k : k + 1], target[:, k : k + 1]) for k in range(channels)]
+        return torch.stack(parts).sum()
+
+    return summed
