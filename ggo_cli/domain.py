@@ -289,6 +289,42 @@ class LungMeasurement:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsolidationMeasurement:
+    """Consolidation and lesion (GGO or consolidation) volumetry of one series, for a model
+    with a consolidation channel; the masks are exclusive, so ``lesion = GGO + consolidation``
+    (:mod:`ggo_cli.analysis.measurements`: which channel, the lesion rule).
+
+    Lung fields are ``None`` without the lung mask; a percentage is ``nan`` (undefined) when its
+    lung's volume is 0, as in :class:`LungMeasurement`.
+
+    Attributes:
+        consolidation_voxels: number of consolidation voxels.
+        consolidation_volume_ml: ``consolidation_voxels * voxel_volume_ml``.
+        consolidation_slice_count: slices with at least one consolidation voxel.
+        lesion_voxels: GGO voxels + consolidation voxels.
+        lesion_volume_ml: ``lesion_voxels * voxel_volume_ml``.
+        left_consolidation_volume_ml: consolidation inside the left lung, mL.
+        right_consolidation_volume_ml: consolidation inside the right lung, mL.
+        consolidation_percent_of_lung: consolidation inside both lungs, percent of both.
+        lesion_percent_of_lung: lesion inside both lungs, percent of both.
+        left_lesion_percent: lesion inside the left lung, percent of the left lung.
+        right_lesion_percent: lesion inside the right lung, percent of the right lung.
+    """
+
+    consolidation_voxels: int
+    consolidation_volume_ml: float
+    consolidation_slice_count: int
+    lesion_voxels: int
+    lesion_volume_ml: float
+    left_consolidation_volume_ml: float | None = None
+    right_consolidation_volume_ml: float | None = None
+    consolidation_percent_of_lung: float | None = None
+    lesion_percent_of_lung: float | None = None
+    left_lesion_percent: float | None = None
+    right_lesion_percent: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class SeriesOutcome:
     """What became of one series (one CSV row).
 
@@ -309,6 +345,8 @@ class SeriesOutcome:
         qc_flags: names of the quality flags raised
             (:class:`ggo_cli.analysis.quality.QcFlag`, in its
             order); empty when nothing is flagged or the series was not analysed.
+        consolidation: consolidation and lesion volumetry, when ok and the model has a
+            consolidation channel; ``None`` otherwise (a one-channel model).
     """
 
     series: SeriesInfo
@@ -325,6 +363,7 @@ class SeriesOutcome:
     processed_at: str = ""
     reused: bool = False
     qc_flags: tuple[str, ...] = ()
+    consolidation: ConsolidationMeasurement | None = None
 
 
 class Trend(StrEnum):
@@ -346,6 +385,10 @@ class Comparison:
         ggo_percent_of_lung_change: GGO percent of lung now minus then (percentage points);
             ``None`` when either is undefined.
         trend: the :class:`Trend`; ``None`` when the percentage change is undefined.
+        consolidation_change_ml: consolidation mL now minus then; ``None`` unless both
+            studies have it (a model with a consolidation channel).
+        lesion_percent_of_lung_change: lesion (GGO + consolidation) percent of lung now minus
+            then (percentage points); ``None`` unless both studies have it.
     """
 
     prior_study_date: dt.date
@@ -353,6 +396,8 @@ class Comparison:
     ggo_change_ml: Decimal | None
     ggo_percent_of_lung_change: Decimal | None
     trend: Trend | None
+    consolidation_change_ml: Decimal | None = None
+    lesion_percent_of_lung_change: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 The band model marks pixels whose Hounsfield value lies in a band: with the lung window
 ``u = (hu - (c - w / 2)) / w``, it computes ``logits = k * min(u - lo, hi - u)``, positive
 exactly inside ``(lo, hi)``. With the default threshold 0.5 (logit 0) a phantom blob at
--500 HU inside -1000 HU air is segmented exactly.
+-500 HU inside -1000 HU air is segmented exactly. The two-channel model does the same with a
+band per channel: GGO, then consolidation, coded as ggo-cli recognises it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper
 from pydicom.sr.codedict import codes
 
+from ggo_cli.analysis.measurements import CONSOLIDATION_TYPE
 from ggo_cli.onnx.model_info import code_to_json, stamp_metadata
 
 WINDOW_CENTER = -600.0
@@ -254,3 +256,82 @@ def write_conv_explain_pair(
     explain_path = folder / "explain.onnx"
     onnx.save(explain, str(explain_path))
     return model_path, explain_path
+
+
+# --- A two-channel model: GGO and consolidation (issue 20) ----------------------------------
+
+CONSOLIDATION_SEGMENT = {
+    "label": "Consolidation",
+    "property_category": code_to_json(codes.SCT.MorphologicallyAbnormalStructure),
+    # SNOMED CT 9656002 "Consolidation (morphologic abnormality)", the code ggo-cli looks for
+    # (ggo_cli.analysis.measurements.CONSOLIDATION_TYPE; HL7 FHIR R5 codes consolidation of
+    # the lung as this morphology in lung structure 39607008, BodyStructure example
+    # "right-lung-consolidation").
+    "property_type": code_to_json(CONSOLIDATION_TYPE),
+}
+GGO_BAND_HU = (-750.0, -300.0)
+CONSOLIDATION_BAND_HU = (-100.0, 100.0)
+"""Channel 1 of the two-channel model: soft-tissue density, as consolidation replaces air."""
+
+
+def two_channel_band_model(
+    size: int = 64,
+    *,
+    ggo_band_hu: tuple[float, float] = GGO_BAND_HU,
+    consolidation_band_hu: tuple[float, float] = CONSOLIDATION_BAND_HU,
+    gain: float = 50.0,
+) -> onnx.ModelProto:
+    """The band model with two channels: 0 marks ``ggo_band_hu``, 1 ``consolidation_band_hu``.
+
+    Each channel is ``gain * min(u - lo, hi - u)`` of its own band (see the module docstring).
+    """
+    image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2, size, size])
+    inits = [helper.make_tensor("gain", TensorProto.FLOAT, [], [gain])]
+    nodes = []
+    for k, (lo_hu, hi_hu) in enumerate((ggo_band_hu, consolidation_band_hu)):
+        inits += [
+            helper.make_tensor(f"lo{k}", TensorProto.FLOAT, [], [hu_to_unit(lo_hu)]),
+            helper.make_tensor(f"hi{k}", TensorProto.FLOAT, [], [hu_to_unit(hi_hu)]),
+        ]
+        nodes += [
+            helper.make_node("Sub", ["image", f"lo{k}"], [f"above{k}"]),
+            helper.make_node("Sub", [f"hi{k}", "image"], [f"below{k}"]),
+            helper.make_node("Min", [f"above{k}", f"below{k}"], [f"margin{k}"]),
+            helper.make_node("Mul", [f"margin{k}", "gain"], [f"channel{k}"]),
+        ]
+    nodes.append(helper.make_node("Concat", ["channel0", "channel1"], ["logits"], axis=1))
+    graph = helper.make_graph(nodes, "two-band", [image], [logits], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def write_two_channel_model(
+    path: Path,
+    size: int = 64,
+    *,
+    segments: list[dict[str, Any]] | None = None,
+    **kw: Any,
+) -> Path:
+    """Write the two-channel contract model: GGO, then consolidation (its SNOMED CT code).
+
+    Args:
+        path: the ONNX file.
+        size: the model's input side.
+        segments: the metadata's segments (default: GGO, then consolidation).
+        **kw: the bands and gain of :func:`two_channel_band_model`.
+
+    Returns:
+        ``path``.
+    """
+    model = two_channel_band_model(size, **kw)
+    meta = base_metadata(
+        size,
+        name="test-two-band",
+        segments=segments if segments is not None else [GGO_SEGMENT, CONSOLIDATION_SEGMENT],
+    )
+    stamp_metadata(model, meta)
+    onnx.save(model, str(path))
+    return path

@@ -42,8 +42,10 @@ exceeds *both* :data:`TREND_RULE`'s thresholds, else ``stable``:
   so the verdict of a pair does not depend on which reconstruction came first.
 
 Both are compared exactly on the CSV's decimals, and without a percentage on either side
-(``--no-lung-mask``) the trend is empty. The model has one channel today (GGO); consolidation and
-lesion columns join :class:`Comparison` when a model reports them.
+(``--no-lung-mask``) the trend is empty. The trend stays GGO's; with a model that has a
+consolidation channel the comparison also carries the change of consolidation mL and of lesion
+(GGO + consolidation) percent of lung, each only where both studies have it (a one-channel
+model, or a row stored before those columns, leaves it empty).
 """
 
 from __future__ import annotations
@@ -98,6 +100,10 @@ class SeriesResult:
         series_number: SeriesNumber, ``None`` when unknown.
         ggo_volume_ml: GGO volume (the CSV's decimals), ``None`` when not measured.
         ggo_percent_of_lung: GGO percent of lung (the CSV's decimals), ``None`` when undefined.
+        consolidation_volume_ml: consolidation volume (the CSV's decimals), ``None`` when the
+            model had no consolidation channel.
+        lesion_percent_of_lung: lesion percent of lung (the CSV's decimals), ``None`` when
+            undefined or not measured.
     """
 
     series_instance_uid: str
@@ -110,6 +116,8 @@ class SeriesResult:
     series_number: int | None = None
     ggo_volume_ml: Decimal | None = None
     ggo_percent_of_lung: Decimal | None = None
+    consolidation_volume_ml: Decimal | None = None
+    lesion_percent_of_lung: Decimal | None = None
 
 
 def link_key(secret: bytes, patient_id: str) -> str:
@@ -184,6 +192,8 @@ def result_from_row(row: Mapping[str, str]) -> SeriesResult:
         series_number=_integer(row.get(SERIES_NUMBER_KEY)),
         ggo_volume_ml=_decimal(row.get("ggo_volume_ml")),
         ggo_percent_of_lung=_decimal(row.get("ggo_percent_of_lung")),
+        consolidation_volume_ml=_decimal(row.get("consolidation_volume_ml")),
+        lesion_percent_of_lung=_decimal(row.get("lesion_percent_of_lung")),
     )
 
 
@@ -243,6 +253,12 @@ def compare(result: SeriesResult, prior: SeriesResult, rule: TrendRule = TREND_R
         ggo_change_ml=_difference(result.ggo_volume_ml, prior.ggo_volume_ml),
         ggo_percent_of_lung_change=percent,
         trend=trend,
+        consolidation_change_ml=_difference(
+            result.consolidation_volume_ml, prior.consolidation_volume_ml
+        ),
+        lesion_percent_of_lung_change=_difference(
+            result.lesion_percent_of_lung, prior.lesion_percent_of_lung
+        ),
     )
 
 

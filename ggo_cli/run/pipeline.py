@@ -22,13 +22,20 @@ import numpy.typing as npt
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.lungs import LungMasks, segment_lungs
 from ..analysis.masks import keep_inside_lungs, model_masks, segment_planes
-from ..analysis.measurements import lung_measurements, measure_ggo
+from ..analysis.measurements import (
+    consolidation_channel,
+    lung_measurements,
+    measure_consolidation,
+    measure_ggo,
+    resolve_overlap,
+)
 from ..analysis.quality import assess_series, format_flags
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import RunConfig, ScMode, SelectionRules
 from ..dicom.decode_pool import DecodePool
 from ..dicom.volume import load_volume
 from ..domain import (
+    ConsolidationMeasurement,
     CtVolume,
     GgoMeasurement,
     LungMeasurement,
@@ -90,6 +97,7 @@ class ComputedSeries:
         started: ``time.perf_counter()`` when the series started.
         qc_flags: the quality flags raised (:mod:`ggo_cli.analysis.quality`).
         gradcam: the GradCAM++ maps kept for their SC series (``--explain``), else ``None``.
+        consolidation: consolidation and lesion volumetry, when the model has that channel.
     """
 
     series: SeriesInfo
@@ -103,6 +111,7 @@ class ComputedSeries:
     started: float
     qc_flags: tuple[str, ...] = ()
     gradcam: GradcamFigures | None = None
+    consolidation: ConsolidationMeasurement | None = None
 
 
 @dataclass(frozen=True)
@@ -261,12 +270,18 @@ def compute_series(
         if planes is not None and planes.shape[0] == n_channels + 2:
             out = model_masks(planes, n_channels)  # straight into the SEG's planes
         prediction = segmenter.predict(volume, on_slices=advance, out=out)
+        channel = consolidation_channel(segmenter.model.segments)
+        if channel is not None:  # a voxel called both is consolidation (measurements.py)
+            prediction = resolve_overlap(prediction, channel)
         if lungs is not None:
             # GGO kept inside the lungs, in place; masks not in the planes are stacked (a
             # copy) when the SEG is built.
             prediction = keep_inside_lungs(prediction, lungs)
             lung_measurement = lung_measurements(lungs, prediction.ggo, volume.voxel_volume_ml)
         measurement = measure_ggo(prediction.ggo, volume.voxel_volume_ml)
+        consolidation = None if channel is None else measure_consolidation(
+            prediction.ggo, prediction.masks[..., channel], volume.voxel_volume_ml, lungs=lungs
+        )
         qc_flags = assess_series(
             volume,
             prediction,
@@ -300,6 +315,7 @@ def compute_series(
         started=started,
         qc_flags=qc_flags,
         gradcam=gradcam,
+        consolidation=consolidation,
     )
 
 
@@ -345,6 +361,9 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
             f"{lung_measurement.ggo_percent_of_lung:.2f} % of lung"
         )
     qc_text = f", QC: {format_flags(done.qc_flags)}" if done.qc_flags else ""
+    consolidation = done.consolidation
+    if consolidation is not None:
+        lung_text = f", consolidation {consolidation.consolidation_volume_ml:.2f} mL{lung_text}"
     log.info(
         "series %s: %d slices, GGO %.2f mL on %d slices%s, %.1f s%s",
         series.series_instance_uid,
@@ -368,6 +387,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
         seconds=seconds,
         processed_at=now_utc(),
         qc_flags=done.qc_flags,
+        consolidation=consolidation,
     )
 
 

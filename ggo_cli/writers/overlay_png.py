@@ -1,5 +1,10 @@
 """Overlay PNGs: lung-window CT with GGO in red, for a quick visual check of a series.
 
+A model with a consolidation channel adds consolidation in blue, drawn the same way, with a
+legend (a swatch and a name per class, :mod:`ggo_cli.writers.overlay_legend`) in the caption and
+in each label; slices are then chosen by GGO plus consolidation. Without that channel every
+image is drawn as before.
+
 ``overlay.png`` is a montage of up to ``max_tiles`` slices with the most GGO voxels (shown in
 slice order), or, when the series has no GGO, evenly spaced slices under a "no GGO found"
 caption. Each tile shows the slice in a lung window, GGO blended in semi-transparent red with
@@ -27,6 +32,7 @@ from ..analysis.preprocessing import window_hu
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
 from ..fsutil import OutputTree, ensure_folder
+from .overlay_legend import CONSOLIDATION_RGB, draw_legend, slice_legend
 
 log = logging.getLogger(__name__)
 
@@ -41,11 +47,13 @@ GAP_PX = 4
 """Black gap between tiles and around the montage."""
 GGO_RGB = (255, 0, 0)
 GGO_ALPHA = 0.45
-"""Opacity of the red fill over GGO; the outline is opaque."""
+"""Opacity of the red fill over GGO (and the blue over consolidation); the outline is opaque."""
 TEXT_RGB = (255, 255, 255)
 BACKGROUND_RGB = (0, 0, 0)
 CAPTION_GGO = "GGO in red - AI research output, not for diagnosis"
 CAPTION_NO_GGO = "no GGO found - AI research output, not for diagnosis"
+CAPTION_NO_LESION = "no GGO or consolidation found - AI research output, not for diagnosis"
+CAPTION_TAIL = "- AI research output, not for diagnosis"
 SLICE_PNG_PATTERN = "slice_{index:0{width}d}.png"
 PNG_COMPRESS_LEVEL = 3
 """zlib level of every PNG ggo-cli writes: on the 2-core CPU the 784 x 848 montage took 0.056
@@ -55,12 +63,15 @@ BoolMask = npt.NDArray[np.bool_]
 Rgb = npt.NDArray[np.uint8]
 
 
-def select_overlay_slices(ggo: BoolMask, *, max_tiles: int = MAX_TILES) -> tuple[int, ...]:
+def select_overlay_slices(
+    ggo: BoolMask, *, max_tiles: int = MAX_TILES, consolidation: BoolMask | None = None
+) -> tuple[int, ...]:
     """Choose the slices a montage shows.
 
     Args:
         ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
         max_tiles: most slices to show (at least 1).
+        consolidation: the consolidation mask, counted with GGO. Shape: as ``ggo``.
 
     Returns:
         0-based slice indices in increasing order: the (up to) ``max_tiles`` slices with the
@@ -77,6 +88,10 @@ def select_overlay_slices(ggo: BoolMask, *, max_tiles: int = MAX_TILES) -> tuple
     # Per slice: the mask is usually a strided plane of the SEG's stack, which a reshape
     # would copy whole before an int64 sum.
     counts = np.fromiter((np.count_nonzero(plane) for plane in ggo), np.int64, ggo.shape[0])
+    if consolidation is not None:
+        counts += np.fromiter(
+            (np.count_nonzero(plane) for plane in consolidation), np.int64, ggo.shape[0]
+        )
     positive = np.flatnonzero(counts)
     if positive.size:
         order = sorted(positive.tolist(), key=lambda i: (-int(counts[i]), i))
@@ -112,11 +127,31 @@ def render_slice(
     Returns:
         uint8 RGB image. Shape: ``(rows, cols, 3)``.
     """
+    return render_classes(
+        hu, ggo, None, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+    )
+
+
+def render_classes(
+    hu: npt.NDArray[np.float32],
+    ggo: BoolMask,
+    consolidation: BoolMask | None,
+    *,
+    window_center_hu: float,
+    window_width_hu: float,
+) -> Rgb:
+    """:func:`render_slice` with consolidation drawn alike in blue (when given).
+
+    Shape: every array ``(rows, cols)``; returns ``(rows, cols, 3)`` uint8.
+    """
     grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
     rgb = np.repeat(grey[..., None], 3, axis=-1)
-    colour = np.asarray(GGO_RGB, dtype=np.float32)
-    rgb[ggo] = (1.0 - GGO_ALPHA) * rgb[ggo] + GGO_ALPHA * colour
-    rgb[_outline(ggo)] = colour
+    for mask, class_rgb in ((ggo, GGO_RGB), (consolidation, CONSOLIDATION_RGB)):
+        if mask is None:
+            continue
+        colour = np.asarray(class_rgb, dtype=np.float32)
+        rgb[mask] = (1.0 - GGO_ALPHA) * rgb[mask] + GGO_ALPHA * colour
+        rgb[_outline(mask)] = colour
     result: Rgb = np.rint(rgb).astype(np.uint8)
     return result
 
@@ -131,19 +166,30 @@ def _slice_label(index: int, n_slices: int, voxels: int, voxel_volume_ml: float)
     return f"slice {index + 1}/{n_slices}  GGO {voxels * voxel_volume_ml:.2f} mL"
 
 
+def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], volume: CtVolume, index: int,
+           ggo: BoolMask, consolidation: BoolMask | None) -> None:
+    """Draw a slice's label: its position and GGO volume (with consolidation: a legend)."""
+    ml, n_slices, voxels = volume.voxel_volume_ml, ggo.shape[0], int(ggo[index].sum())
+    if consolidation is None:
+        draw.text(xy, _slice_label(index, n_slices, voxels, ml), fill=TEXT_RGB, font=_font())
+    else:
+        draw_legend(draw, xy, slice_legend(
+            index, n_slices, ggo_ml=voxels * ml, ggo_rgb=GGO_RGB,
+            consolidation_ml=int(consolidation[index].sum()) * ml), fill=TEXT_RGB)
+
+
 def _tile_size(rows: int, cols: int, tile_px: int) -> tuple[int, int]:
     """(width, height) of a tile: the slice scaled so its longer side is at most ``tile_px``."""
     scale = min(1.0, tile_px / max(rows, cols))
     return max(1, round(cols * scale)), max(1, round(rows * scale))
 
 
-def _check_inputs(volume: CtVolume, ggo: BoolMask) -> None:
-    """Raise ``ValueError`` when the mask does not match the volume."""
-    if ggo.dtype != np.bool_ or ggo.shape != volume.hu.shape:
-        raise ValueError(
-            f"GGO mask must be bool with the volume's shape {volume.hu.shape}, "
-            f"got {ggo.dtype} {ggo.shape}"
-        )
+def _check_inputs(volume: CtVolume, ggo: BoolMask, consolidation: BoolMask | None = None) -> None:
+    """Raise ``ValueError`` when a mask does not match the volume."""
+    for name, mask in (("GGO", ggo), ("consolidation", consolidation)):
+        if mask is not None and (mask.dtype != np.bool_ or mask.shape != volume.hu.shape):
+            raise ValueError(f"{name} mask must be bool with the volume's shape "
+                             f"{volume.hu.shape}, got {mask.dtype} {mask.shape}")
 
 
 def render_overlay(
@@ -154,6 +200,7 @@ def render_overlay(
     window_width_hu: float,
     max_tiles: int = MAX_TILES,
     tile_px: int = TILE_PX,
+    consolidation: BoolMask | None = None,
 ) -> Image.Image:
     """Render the montage of a series (what ``overlay.png`` holds) in memory.
 
@@ -167,6 +214,7 @@ def render_overlay(
         window_width_hu: display window width in HU.
         max_tiles: most slices shown.
         tile_px: longest side of a tile in pixels.
+        consolidation: the consolidation mask (drawn in blue, with a legend). Shape: as ``ggo``.
 
     Returns:
         The RGB montage.
@@ -174,8 +222,8 @@ def render_overlay(
     Raises:
         ValueError: the mask does not match the volume, or ``max_tiles`` < 1.
     """
-    _check_inputs(volume, ggo)
-    indices = select_overlay_slices(ggo, max_tiles=max_tiles)
+    _check_inputs(volume, ggo, consolidation)
+    indices = select_overlay_slices(ggo, max_tiles=max_tiles, consolidation=consolidation)
     has_ggo = bool(ggo.any())
     n_slices, rows, cols = ggo.shape
     tile_w, tile_h = _tile_size(rows, cols, tile_px)
@@ -187,14 +235,21 @@ def render_overlay(
     montage = Image.new("RGB", (width, height), BACKGROUND_RGB)
     draw = ImageDraw.Draw(montage)
     font = _font()
-    draw.text((GAP_PX, 4), CAPTION_GGO if has_ggo else CAPTION_NO_GGO, fill=TEXT_RGB, font=font)
+    if consolidation is not None and (has_ggo or consolidation.any()):
+        legend = [("GGO", GGO_RGB), ("consolidation", CONSOLIDATION_RGB), (CAPTION_TAIL, None)]
+        draw_legend(draw, (GAP_PX, 4), legend, fill=TEXT_RGB)
+    else:
+        caption = CAPTION_GGO if has_ggo else CAPTION_NO_GGO
+        caption = CAPTION_NO_LESION if consolidation is not None else caption
+        draw.text((GAP_PX, 4), caption, fill=TEXT_RGB, font=font)
     for position, index in enumerate(indices):
         left = GAP_PX + (position % grid_cols) * (cell_w + GAP_PX)
         top = CAPTION_PX + (position // grid_cols) * (cell_h + GAP_PX)
         tile = Image.fromarray(
-            render_slice(
+            render_classes(
                 volume.hu[index],
                 ggo[index],
+                None if consolidation is None else consolidation[index],
                 window_center_hu=window_center_hu,
                 window_width_hu=window_width_hu,
             ),
@@ -203,8 +258,7 @@ def render_overlay(
         if tile.size != (tile_w, tile_h):
             tile = tile.resize((tile_w, tile_h), Image.Resampling.BOX)
         montage.paste(tile, (left, top + LABEL_PX))
-        label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
-        draw.text((left + 2, top + 2), label, fill=TEXT_RGB, font=font)
+        _label(draw, (left + 2, top + 2), volume, index, ggo, consolidation)
     log.debug("overlay montage of %d tiles rendered", len(indices))
     return montage
 
@@ -219,6 +273,7 @@ def write_overlay(
     max_tiles: int = MAX_TILES,
     tile_px: int = TILE_PX,
     tree: OutputTree | None = None,
+    consolidation: BoolMask | None = None,
 ) -> Path:
     """Write the montage PNG of a series (:func:`render_overlay`) atomically.
 
@@ -231,6 +286,7 @@ def write_overlay(
         max_tiles: most slices shown.
         tile_px: longest side of a tile in pixels.
         tree: the output folder: no link is followed below it, files get its mode.
+        consolidation: the consolidation mask (drawn in blue, with a legend). Shape: as ``ggo``.
 
     Returns:
         ``path``.
@@ -246,6 +302,7 @@ def write_overlay(
         window_width_hu=window_width_hu,
         max_tiles=max_tiles,
         tile_px=tile_px,
+        consolidation=consolidation,
     )
     with atomic_write_path(path, tree=tree) as temp:
         montage.save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -265,6 +322,7 @@ def render_slice_overlay(
     *,
     window_center_hu: float,
     window_width_hu: float,
+    consolidation: BoolMask | None = None,
 ) -> Image.Image:
     """Render one slice as a per-slice PNG holds it: a ``LABEL_PX`` label bar ("slice k/n",
     GGO volume) over the slice at its native size.
@@ -275,6 +333,7 @@ def render_slice_overlay(
         index: the slice (0-based).
         window_center_hu: display window centre in HU.
         window_width_hu: display window width in HU.
+        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
 
     Returns:
         The RGB image. Shape: ``(LABEL_PX + rows, cols)`` pixels.
@@ -282,14 +341,15 @@ def render_slice_overlay(
     Raises:
         ValueError: the mask does not match the volume.
     """
-    _check_inputs(volume, ggo)
-    n_slices, rows, cols = ggo.shape
+    _check_inputs(volume, ggo, consolidation)
+    rows, cols = ggo.shape[1:]
     image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
     image.paste(
         Image.fromarray(
-            render_slice(
+            render_classes(
                 volume.hu[index],
                 ggo[index],
+                None if consolidation is None else consolidation[index],
                 window_center_hu=window_center_hu,
                 window_width_hu=window_width_hu,
             ),
@@ -297,33 +357,38 @@ def render_slice_overlay(
         ),
         (0, LABEL_PX),
     )
-    label = _slice_label(index, n_slices, int(ggo[index].sum()), volume.voxel_volume_ml)
-    ImageDraw.Draw(image).text((2, 2), label, fill=TEXT_RGB, font=_font())
+    _label(ImageDraw.Draw(image), (2, 2), volume, index, ggo, consolidation)
     return image
 
 
 def slice_overlays(
-    volume: CtVolume, ggo: BoolMask, *, window_center_hu: float, window_width_hu: float
+    volume: CtVolume, ggo: BoolMask, *, window_center_hu: float, window_width_hu: float,
+    consolidation: BoolMask | None = None,
 ) -> Iterator[tuple[int, Image.Image]]:
-    """Each slice with GGO and its :func:`render_slice_overlay`, in volume order, drawn when
-    it is reached (the per-slice PNGs and the per-slice SC images).
+    """Each slice with GGO (or consolidation) and its :func:`render_slice_overlay`, in volume
+    order, drawn when it is reached (the per-slice PNGs and the per-slice SC images).
 
     Args:
         volume: the CT volume.
         ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
         window_center_hu: display window centre in HU.
         window_width_hu: display window width in HU.
+        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
 
     Yields:
         ``(0-based slice index, image)``.
     """
-    for index in np.flatnonzero(ggo.any(axis=(1, 2))).tolist():
+    shown = ggo.any(axis=(1, 2))
+    if consolidation is not None:
+        shown |= consolidation.any(axis=(1, 2))
+    for index in np.flatnonzero(shown).tolist():
         yield index, render_slice_overlay(
             volume,
             ggo,
             index,
             window_center_hu=window_center_hu,
             window_width_hu=window_width_hu,
+            consolidation=consolidation,
         )
 
 
@@ -335,10 +400,12 @@ def write_slice_pngs(
     window_center_hu: float,
     window_width_hu: float,
     tree: OutputTree | None = None,
+    consolidation: BoolMask | None = None,
 ) -> list[Path]:
     """Write one full-resolution PNG per slice with GGO (``--png all``), each atomically.
 
-    Each PNG is :func:`render_slice_overlay` of its slice. Slices without GGO get no file.
+    Each PNG is :func:`render_slice_overlay` of its slice. Slices without GGO (or
+    consolidation) get no file.
 
     Args:
         volume: the CT volume.
@@ -347,6 +414,7 @@ def write_slice_pngs(
         window_center_hu: display window centre in HU.
         window_width_hu: display window width in HU.
         tree: the output folder: no link is followed below it, files get its mode.
+        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
 
     Returns:
         The PNGs written, in slice order (empty when there is no GGO).
@@ -355,11 +423,12 @@ def write_slice_pngs(
         OutputError: a file or the folder cannot be written.
         ValueError: the mask does not match the volume.
     """
-    _check_inputs(volume, ggo)
+    _check_inputs(volume, ggo, consolidation)
     n_slices = ggo.shape[0]
     written: list[Path] = []
     for index, image in slice_overlays(
-        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu,
+        consolidation=consolidation,
     ):
         if not written:
             ensure_folder(folder, tree=tree)

@@ -13,6 +13,15 @@ Missing values are empty cells. Numbers are written the same way on every run an
   percentages (``ggo_percent_of_lung``, ``left_ggo_percent``, ``right_ggo_percent``:
   ``100 x GGO mL / lung mL`` of that lung): fixed, 4 decimals, empty when that lung's volume
   is 0 (undefined). All lung cells are empty with ``--no-lung-mask``;
+- consolidation and lesion columns (:data:`CONSOLIDATION_COLUMNS`), filled only for a model
+  with a consolidation channel (:func:`ggo_cli.analysis.measurements.consolidation_channel`),
+  empty for a one-channel model and in rows stored before they existed: volumes
+  (``consolidation_volume_ml``, ``left_/right_consolidation_volume_ml``, ``lesion_volume_ml``)
+  with 6 decimals, percentages (``consolidation_percent_of_lung``, ``lesion_percent_of_lung``,
+  ``left_lesion_percent``, ``right_lesion_percent``) with 4, the per-lung cells empty with
+  ``--no-lung-mask``. Lesion is GGO or consolidation per voxel and the masks are exclusive, so
+  ``ggo + consolidation = lesion`` (volumes to within 1e-6 mL of rounding, lung percentages to
+  within 1e-4 points) and ``left + right = both``;
 - ``slice_spacing_mm``: 6 significant digits;
 - ``pixel_spacing_mm``: ``"<row> x <col>"`` (PixelSpacing order: row spacing first), each to
   6 significant digits; ``x`` rather than DICOM's backslash, which some CSV readers treat as
@@ -24,8 +33,10 @@ Missing values are empty cells. Numbers are written the same way on every run an
   study and carries the comparison; ``no``: another series of the study does; empty: not
   analysed or no PatientID), then for a representative with a prior ``prior_study_date``
   (ISO), ``days_since_prior``, ``ggo_change_ml`` (now minus then, 6 decimals),
-  ``ggo_percent_of_lung_change`` (percentage points, 4 decimals) and ``trend``
-  (``increased``, ``decreased``, ``stable``; empty without lung percentages);
+  ``ggo_percent_of_lung_change`` (percentage points, 4 decimals), ``consolidation_change_ml``
+  and ``lesion_percent_of_lung_change`` (filled where both studies have them) and ``trend``
+  (``increased``, ``decreased``, ``stable``, from the GGO percentage; empty without lung
+  percentages);
 - ``qc_flags``: the series' quality flags (:class:`ggo_cli.analysis.quality.QcFlag` names, in that
   order) joined by ``;``; empty when nothing is flagged or the series was not analysed.
 
@@ -81,11 +92,21 @@ CSV_COLUMNS: tuple[str, ...] = (
     "right_ggo_volume_ml",
     "left_ggo_percent",
     "right_ggo_percent",
+    "consolidation_volume_ml",
+    "left_consolidation_volume_ml",
+    "right_consolidation_volume_ml",
+    "consolidation_percent_of_lung",
+    "lesion_volume_ml",
+    "lesion_percent_of_lung",
+    "left_lesion_percent",
+    "right_lesion_percent",
     "study_representative",
     "prior_study_date",
     "days_since_prior",
     "ggo_change_ml",
     "ggo_percent_of_lung_change",
+    "consolidation_change_ml",
+    "lesion_percent_of_lung_change",
     "trend",
     "qc_flags",
     "status",
@@ -109,7 +130,9 @@ FOLLOWUP_COLUMNS = (
     "trend",
 )
 """Filled when the CSV is rebuilt from the state store (:func:`followup_cells`; never stored)."""
-# Consolidation and lesion changes join these when a model reports those channels.
+LESION_FOLLOWUP_COLUMNS = ("consolidation_change_ml", "lesion_percent_of_lung_change")
+"""Follow-up cells of a model with a consolidation channel: :func:`followup_cells` gives them
+only where both studies have the value (a missing cell is written empty; never stored)."""
 
 PATIENT_ID_COLUMN = "patient_id"
 CSV_ENCODING = "utf-8"
@@ -123,6 +146,21 @@ LUNG_VOLUME_COLUMNS = (
     "right_ggo_volume_ml",
 )
 LUNG_PERCENT_COLUMNS = ("ggo_percent_of_lung", "left_ggo_percent", "right_ggo_percent")
+CONSOLIDATION_VOLUME_COLUMNS = (
+    "consolidation_volume_ml",
+    "left_consolidation_volume_ml",
+    "right_consolidation_volume_ml",
+    "lesion_volume_ml",
+)
+CONSOLIDATION_PERCENT_COLUMNS = (
+    "consolidation_percent_of_lung",
+    "lesion_percent_of_lung",
+    "left_lesion_percent",
+    "right_lesion_percent",
+)
+CONSOLIDATION_COLUMNS = CONSOLIDATION_VOLUME_COLUMNS + CONSOLIDATION_PERCENT_COLUMNS
+"""Fields of :class:`~ggo_cli.domain.ConsolidationMeasurement` of the same names; empty cells
+for a model without a consolidation channel."""
 SPACING_SIGNIFICANT_DIGITS = 6
 _FORMULA_PREFIXES = ("=", "+", "-", "@")
 _WHITESPACE = re.compile(r"\s+")
@@ -155,13 +193,14 @@ def _fixed(value: Decimal | None, decimals: int) -> str:
 
 
 def followup_cells(followup: Followup | None) -> dict[str, str]:
-    """The follow-up cells of a row (:data:`FOLLOWUP_COLUMNS`), empty where not applicable.
+    """The follow-up cells of a row (:data:`FOLLOWUP_COLUMNS`), empty where not applicable,
+    and those of :data:`LESION_FOLLOWUP_COLUMNS` where the comparison has them.
 
     Args:
         followup: the series' follow-up (``None``: none, every cell empty).
 
     Returns:
-        Cell text per follow-up column.
+        Cell text per follow-up column; a consolidation or lesion change only when known.
     """
     cells = dict.fromkeys(FOLLOWUP_COLUMNS, "")
     if followup is None or followup.representative is None:
@@ -177,6 +216,14 @@ def followup_cells(followup: Followup | None) -> dict[str, str]:
         comparison.ggo_percent_of_lung_change, PERCENT_DECIMALS
     )
     cells["trend"] = comparison.trend.value if comparison.trend is not None else ""
+    if comparison.consolidation_change_ml is not None:
+        cells["consolidation_change_ml"] = _fixed(
+            comparison.consolidation_change_ml, VOLUME_DECIMALS
+        )
+    if comparison.lesion_percent_of_lung_change is not None:
+        cells["lesion_percent_of_lung_change"] = _fixed(
+            comparison.lesion_percent_of_lung_change, PERCENT_DECIMALS
+        )
     return cells
 
 
@@ -261,6 +308,14 @@ def outcome_row(
     for column in LUNG_PERCENT_COLUMNS:
         value = getattr(lungs, column) if lungs else None
         row[column] = _number(value, f".{PERCENT_DECIMALS}f")
+    consolidation = outcome.consolidation
+    for columns, decimals in (
+        (CONSOLIDATION_VOLUME_COLUMNS, VOLUME_DECIMALS),
+        (CONSOLIDATION_PERCENT_COLUMNS, PERCENT_DECIMALS),
+    ):
+        for column in columns:
+            value = getattr(consolidation, column) if consolidation else None
+            row[column] = _number(value, f".{decimals}f")
     if include_patient_id:
         row[PATIENT_ID_COLUMN] = _text(series.patient_id)
     return row

@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from ..domain import CtVolume, GgoMeasurement, LungMeasurement
+from ..domain import ConsolidationMeasurement, CtVolume, GgoMeasurement, LungMeasurement
 from .gradcam_png import GradcamFigures, render_gradcam_figure
 from .overlay_png import (
     BACKGROUND_RGB,
@@ -98,6 +98,7 @@ def sc_text_lines(
     model_name: str,
     model_version: str,
     software_version: str,
+    consolidation: ConsolidationMeasurement | None = None,
 ) -> tuple[str, ...]:
     """The lines burned into every SC image, from measurements and the model only.
 
@@ -109,6 +110,8 @@ def sc_text_lines(
         model_name: the model's name.
         model_version: the model's version.
         software_version: ggo-cli's version.
+        consolidation: consolidation and lesion volumetry, for a model with that channel
+            (two more lines: volumes, and with the lung mask percentages of lung).
 
     Returns:
         The lines, top to bottom; the first is :data:`RESEARCH_USE_TEXT`.
@@ -123,10 +126,34 @@ def sc_text_lines(
             f"left lung {_volume(lungs.left_lung_volume_ml)} mL, "
             f"GGO {_volume(lungs.left_ggo_volume_ml)} mL = {_percent(lungs.left_ggo_percent)} %",
         ]
+    if consolidation is not None:
+        lines += _consolidation_lines(consolidation)
     lines.append(
         f"model {_clean(model_name)} {_clean(model_version)}, ggo-cli {_clean(software_version)}"
     )
     return tuple(lines)
+
+
+def _known(value: float | None) -> float:
+    """A value, ``nan`` (drawn ``n/a``) when missing."""
+    return math.nan if value is None else value
+
+
+def _consolidation_lines(consolidation: ConsolidationMeasurement) -> list[str]:
+    """The SC lines of consolidation and lesion (GGO + consolidation), the CSV's digits."""
+    c = consolidation
+    lines = [
+        f"consolidation {_volume(c.consolidation_volume_ml)} mL, "
+        f"lesion (GGO + consolidation) {_volume(c.lesion_volume_ml)} mL"
+    ]
+    if c.lesion_percent_of_lung is not None and c.consolidation_percent_of_lung is not None:
+        lines.append(
+            f"consolidation {_percent(c.consolidation_percent_of_lung)} % of lungs, lesion "
+            f"{_percent(c.lesion_percent_of_lung)} % (right "
+            f"{_percent(_known(c.right_lesion_percent))} %, left "
+            f"{_percent(_known(c.left_lesion_percent))} %)"
+        )
+    return lines
 
 
 def text_band_px(lines: Sequence[str]) -> int:
@@ -170,9 +197,10 @@ def overlay_panels(
     window_center_hu: float,
     window_width_hu: float,
     per_slice: bool = False,
+    consolidation: npt.NDArray[np.bool_] | None = None,
 ) -> list[ScPanel]:
     """The overlay images of a series as SC panels: the montage, then (optionally) each slice
-    with GGO.
+    with GGO (or consolidation).
 
     Args:
         volume: the CT volume.
@@ -181,6 +209,8 @@ def overlay_panels(
         window_center_hu: display window centre in HU (the model's lung window).
         window_width_hu: display window width in HU.
         per_slice: add one panel per slice with GGO, at the slice's native size.
+        consolidation: the consolidation mask, drawn in blue with a legend (a model with that
+            channel). Shape: as ``ggo``.
 
     Returns:
         The montage first, then the slices in volume order.
@@ -189,17 +219,20 @@ def overlay_panels(
         ValueError: the mask does not match the volume.
     """
     montage = render_overlay(
-        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu,
+        consolidation=consolidation,
     )
-    shown = select_overlay_slices(ggo)  # the slices render_overlay shows
+    shown = select_overlay_slices(ggo, consolidation=consolidation)  # what render_overlay shows
+    what = "AI GGO segmentation in red" if consolidation is None else (
+        "AI segmentation of GGO in red and consolidation in blue"
+    )
     panels = [
         ScPanel(
             pixels=burn_in_text(montage, lines),
             source_indices=shown,
             file_name=MONTAGE_NAME,
             description=(
-                f"Montage of {len(shown)} lung-window CT slices, AI GGO segmentation in red; "
-                "research use only"
+                f"Montage of {len(shown)} lung-window CT slices, {what}; research use only"
             ),
             montage=True,
         )
@@ -207,7 +240,8 @@ def overlay_panels(
     if per_slice:
         n_slices = ggo.shape[0]
         for index, image in slice_overlays(
-            volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu
+            volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu,
+            consolidation=consolidation,
         ):
             panels.append(
                 ScPanel(
@@ -215,8 +249,8 @@ def overlay_panels(
                     source_indices=(index,),
                     file_name=Path(slice_png_name(index, n_slices)).stem + SC_SUFFIX,
                     description=(
-                        f"Lung-window CT slice {index + 1}/{n_slices}, AI GGO segmentation in "
-                        "red; research use only"
+                        f"Lung-window CT slice {index + 1}/{n_slices}, {what}; "
+                        "research use only"
                     ),
                     montage=False,
                 )
