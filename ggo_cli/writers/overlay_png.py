@@ -166,16 +166,20 @@ def _slice_label(index: int, n_slices: int, voxels: int, voxel_volume_ml: float)
     return f"slice {index + 1}/{n_slices}  GGO {voxels * voxel_volume_ml:.2f} mL"
 
 
-def _label(draw: ImageDraw.ImageDraw, xy: tuple[int, int], volume: CtVolume, index: int,
+def _label(image: Image.Image, xy: tuple[int, int], width: int, volume: CtVolume, index: int,
            ggo: BoolMask, consolidation: BoolMask | None) -> None:
-    """Draw a slice's label: its position and GGO volume (with consolidation: a legend)."""
+    """Draw a slice's label: its position and GGO volume (with consolidation: a legend, cut
+    at ``width`` pixels so that it never runs into the next tile's)."""
     ml, n_slices, voxels = volume.voxel_volume_ml, ggo.shape[0], int(ggo[index].sum())
     if consolidation is None:
-        draw.text(xy, _slice_label(index, n_slices, voxels, ml), fill=TEXT_RGB, font=_font())
-    else:
-        draw_legend(draw, xy, slice_legend(
-            index, n_slices, ggo_ml=voxels * ml, ggo_rgb=GGO_RGB,
-            consolidation_ml=int(consolidation[index].sum()) * ml), fill=TEXT_RGB)
+        label = _slice_label(index, n_slices, voxels, ml)
+        ImageDraw.Draw(image).text(xy, label, fill=TEXT_RGB, font=_font())
+        return
+    strip = Image.new("RGB", (max(width, 1), LABEL_PX - 2), BACKGROUND_RGB)  # bar below y
+    draw_legend(ImageDraw.Draw(strip), (0, 0), slice_legend(
+        index, n_slices, ggo_ml=voxels * ml, ggo_rgb=GGO_RGB,
+        consolidation_ml=int(consolidation[index].sum()) * ml), fill=TEXT_RGB)
+    image.paste(strip, xy)
 
 
 def _tile_size(rows: int, cols: int, tile_px: int) -> tuple[int, int]:
@@ -258,7 +262,7 @@ def render_overlay(
         if tile.size != (tile_w, tile_h):
             tile = tile.resize((tile_w, tile_h), Image.Resampling.BOX)
         montage.paste(tile, (left, top + LABEL_PX))
-        _label(draw, (left + 2, top + 2), volume, index, ggo, consolidation)
+        _label(montage, (left + 2, top + 2), cell_w - 2, volume, index, ggo, consolidation)
     log.debug("overlay montage of %d tiles rendered", len(indices))
     return montage
 
@@ -357,7 +361,7 @@ def render_slice_overlay(
         ),
         (0, LABEL_PX),
     )
-    _label(ImageDraw.Draw(image), (2, 2), volume, index, ggo, consolidation)
+    _label(image, (2, 2), cols - 2, volume, index, ggo, consolidation)
     return image
 
 

@@ -191,3 +191,16 @@ def test_sc_lines_and_descriptions_name_consolidation(volume: CtVolume) -> None:
     assert all("consolidation in blue" in p.description for p in panels)
     plain = overlay_panels(volume, ggo, one, **window)
     assert "AI GGO segmentation in red" in plain[0].description
+
+
+def test_a_row_stored_before_the_columns_existed_gets_them_empty(tmp_path: Path) -> None:
+    import csv
+
+    from ggo_cli.writers.report_csv import write_rows
+
+    old = {k: v for k, v in _row(None, tmp_path).items() if k not in CONSOLIDATION_COLUMNS}
+    path = write_rows([old, _row(CONSOLIDATION, tmp_path)], tmp_path / "ggo_volumes.csv")
+    with path.open(newline="", encoding="utf-8") as fh:
+        first, second = list(csv.DictReader(fh))
+    assert all(first[column] == "" for column in CONSOLIDATION_COLUMNS)
+    assert second["lesion_volume_ml"] == "4.000000"
