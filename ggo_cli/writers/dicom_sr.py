@@ -21,14 +21,22 @@ One report per series, next to its SEG (issue 17 items 1 and 6):
   Device UID (0018,1002) included.
 - Flags: COMPLETE, UNVERIFIED, PRELIMINARY (an algorithm's output that no person has
   verified; PS3.3 C.17.2).
+- Change since the prior study (:mod:`ggo_cli.writers.sr_change`): for a study's
+  representative series with a prior study, one TID 1501 group with the CSV's follow-up
+  cells and the prior study's UID and date; the prior's SEG in the Pertinent Other Evidence.
 - Deterministic UIDs (:func:`derive_sr_uids`): from the SEG's SOP Instance UID (which already
   depends on the source series, model, threshold, lungs and SEG series identity), the printed
-  values, the QC flags and the SR's series number and description, in a namespace of their own.
+  values, the comparison (when there is one), the QC flags and the SR's series number and
+  description, in a namespace of their own. An SR without a comparison keeps the UIDs it had
+  before the comparison existed.
+- Sources: the CT volume's headers, or (:class:`SrSource`) headers rebuilt from the SEG, so that
+  an SR can be written again without the CT (:mod:`ggo_cli.run.followup_sr`).
 - Transfer syntax Explicit VR Little Endian, as the SEG.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -50,14 +58,25 @@ from .seg_source import (
     highdicom_build,
     source_character_set,
 )
+from .sr_change import SrComparison, change_group, prior_evidence, private_scheme_item
 from .sr_content import (
+    ReportedValue,
+    SrSource,
     measurement_report,
     reported_values,
     seg_reference,
 )
 from .sr_verify import verify_sr
 
-__all__ = ["build_sr", "derive_sr_uids", "verify_sr", "write_sr"]
+__all__ = [
+    "SrComparison",
+    "SrSource",
+    "build_sr",
+    "derive_sr_uids",
+    "report_uids",
+    "verify_sr",
+    "write_sr",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +125,49 @@ def derive_sr_uids(
     return str(series_uid), str(sop_uid)
 
 
+def report_uids(
+    seg_sop_instance_uid: str,
+    values: Sequence[ReportedValue],
+    *,
+    qc_flags: Sequence[str],
+    comparison: SrComparison | None = None,
+    series_number: int = SR_SERIES_NUMBER,
+    series_description: str = SR_SERIES_DESCRIPTION,
+) -> tuple[str, str]:
+    """The UIDs of the report of these values (:func:`derive_sr_uids` over their printed form).
+
+    Args:
+        seg_sop_instance_uid: the referenced SEG's SOPInstanceUID.
+        values: from :func:`~ggo_cli.writers.sr_content.reported_values`.
+        qc_flags: the QC flag names.
+        comparison: the change since the prior study, when reported.
+        series_number: the SR's SeriesNumber.
+        series_description: the SR's SeriesDescription.
+
+    Returns:
+        ``(series_instance_uid, sop_instance_uid)``.
+    """
+    printed = [f"{value.column}={value.value!r}" for value in values]
+    if comparison is not None:
+        printed += comparison.uid_entropy()
+    return derive_sr_uids(
+        seg_sop_instance_uid,
+        values=printed,
+        qc_flags=qc_flags,
+        series_number=series_number,
+        series_description=series_description,
+    )
+
+
 def build_sr(
-    volume: CtVolume,
+    volume: CtVolume | SrSource,
     seg: Dataset,
     *,
     measurement: GgoMeasurement,
     model: ModelInfo,
     lungs: LungMeasurement | None = None,
     qc_flags: Sequence[str] = (),
+    comparison: SrComparison | None = None,
     series_number: int = SR_SERIES_NUMBER,
     series_description: str = SR_SERIES_DESCRIPTION,
     software_version: str = __version__,
@@ -121,13 +175,16 @@ def build_sr(
     """Build the measurement report of a series (in memory).
 
     Args:
-        volume: the source CT volume; ``volume.datasets`` are its headers (no pixels needed).
+        volume: the source CT volume (``volume.datasets`` are its headers, no pixels needed),
+            or its headers alone (:class:`SrSource`, e.g. rebuilt from the SEG).
         seg: the SEG written for the series (from :func:`ggo_cli.writers.dicom_seg.build_seg`
             or read back).
         measurement: the GGO volumetry (as the CSV row).
         model: the model that made the SEG.
         lungs: the lung volumetry; needs the SEG's lung segments. ``None`` without a lung mask.
         qc_flags: the series' QC flag names (:class:`ggo_cli.analysis.quality.QcFlag`).
+        comparison: the change since the prior study (a study's representative series with a
+            prior); ``None``: not reported.
         series_number: SeriesNumber of the SR.
         series_description: SeriesDescription of the SR (mark it as AI research output).
         software_version: ggo-cli's version (Software Versions).
@@ -142,29 +199,40 @@ def build_sr(
         ValueError: the SEG does not belong to the series or lacks a measured segment (a bug
             in the caller).
     """
-    series_uid = volume.series.series_instance_uid
+    source = SrSource.of(volume)
+    series_uid = source.series_instance_uid
     check_series_options("SR", series_number, series_description)
-    check_source_headers(volume.datasets, series_uid)
+    if not isinstance(volume, SrSource):  # headers rebuilt from a SEG passed this as the SEG's
+        check_source_headers(source.datasets, series_uid)
     ref = seg_reference(seg, model)
-    if ref.source_series_uid != series_uid or seg.StudyInstanceUID != volume.datasets[0].get(
+    if ref.source_series_uid != series_uid or seg.StudyInstanceUID != source.datasets[0].get(
         "StudyInstanceUID"
     ):
         raise ValueError(f"the SEG {ref.sop_instance_uid} is not of series {series_uid}")
     values = reported_values(measurement, lungs)
     flags = [str(flag) for flag in qc_flags]
-    sr_series_uid, sr_sop_uid = derive_sr_uids(
+    sr_series_uid, sr_sop_uid = report_uids(
         ref.sop_instance_uid,
-        values=[f"{value.column}={value.value!r}" for value in values],
+        values,
         qc_flags=flags,
+        comparison=comparison,
         series_number=series_number,
         series_description=series_description,
     )
-    report = measurement_report(values, ref, model, qc_flags=flags, tracking_seed=sr_sop_uid)
+    extra = []
+    if comparison is not None:
+        extra.append(change_group(comparison, ref, model, tracking_seed=sr_sop_uid))
+    report = measurement_report(
+        values, ref, model, qc_flags=flags, tracking_seed=sr_sop_uid, extra_groups=extra
+    )
     equipment = algorithm_equipment(model)  # with its Device UID, as in the SEG and SC
+    evidence = [*source.datasets, seg]
+    if comparison is not None:
+        evidence += prior_evidence(comparison)  # another study: Pertinent Other Evidence
     # highdicom quotes source values in warnings: record them, log them redacted.
-    with highdicom_build("DICOM SR", series_uid, volume.datasets[0], _BUILD_ERRORS):
+    with highdicom_build("DICOM SR", series_uid, source.datasets[0], _BUILD_ERRORS):
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*volume.datasets, seg],
+            evidence=evidence,
             content=report,
             series_instance_uid=sr_series_uid,
             series_number=series_number,
@@ -178,14 +246,20 @@ def build_sr(
             manufacturer_model_name=model.name,
             software_versions=software_version,
             device_serial_number=model.recorded_sha256[:16],
-            specific_character_set=source_character_set(volume.datasets[0]),
+            specific_character_set=source_character_set(source.datasets[0]),
         )
+    if source.acquisition_equipment is not None:  # first, where highdicom puts it
+        sr["ContributingEquipmentSequence"].value.insert(
+            0, copy.deepcopy(source.acquisition_equipment)
+        )
+    if comparison is not None:
+        sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     log.debug("series %s: SR %s built, %d values", series_uid, sr_sop_uid, len(values))
     return sr
 
 
 def write_sr(
-    volume: CtVolume,
+    volume: CtVolume | SrSource,
     seg: Dataset,
     *,
     measurement: GgoMeasurement,
@@ -193,6 +267,7 @@ def write_sr(
     path: Path,
     lungs: LungMeasurement | None = None,
     qc_flags: Sequence[str] = (),
+    comparison: SrComparison | None = None,
     series_number: int = SR_SERIES_NUMBER,
     series_description: str = SR_SERIES_DESCRIPTION,
     software_version: str = __version__,
@@ -206,13 +281,14 @@ def write_sr(
     left at ``path`` (an older file there stays as it was).
 
     Args:
-        volume: the source CT volume.
+        volume: the source CT volume, or its headers (:class:`SrSource`).
         seg: the SEG written for the series.
         measurement: the GGO volumetry.
         model: the model that made the SEG.
         path: the destination file (parents are created).
         lungs: the lung volumetry (the SEG must have the lung segments); ``None`` without.
         qc_flags: the series' QC flag names.
+        comparison: the change since the prior study; ``None``: not reported.
         series_number: SeriesNumber of the SR.
         series_description: SeriesDescription of the SR.
         software_version: ggo-cli's version.
@@ -235,21 +311,24 @@ def write_sr(
         model=model,
         lungs=lungs,
         qc_flags=qc_flags,
+        comparison=comparison,
         series_number=series_number,
         series_description=series_description,
         software_version=software_version,
     )
+    source = SrSource.of(volume)
     with atomic_write_path(path, tree=tree) as temp:
         dcmwrite(temp, sr, enforce_file_format=True)
         if verify:
             verify_sr(
                 temp,
-                volume,
+                source,
                 seg,
                 values=reported_values(measurement, lungs),
                 model=model,
                 qc_flags=[str(flag) for flag in qc_flags],
+                comparison=comparison,
                 shown=path,
             )
-    log.debug("series %s: SR written to %s", volume.series.series_instance_uid, path)
+    log.debug("series %s: SR written to %s", source.series_instance_uid, path)
     return path

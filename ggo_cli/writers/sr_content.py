@@ -33,6 +33,8 @@ Coding choices (DICOM PS3.16):
   model name = model name and version, serial number = the SEG's Device Serial Number (the
   graph digest).
 - Procedure reported (CID 100): (25045-6, LN, "CT unspecified body region").
+- The change since the prior study (a study's representative series with a prior): one more
+  group, TID 1501, coded in :mod:`ggo_cli.writers.sr_change`.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from ..domain import GgoMeasurement, LungMeasurement
+from ..domain import CtVolume, GgoMeasurement, LungMeasurement
 from ..onnx.model_info import ModelInfo
 from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
 from .seg_segments import LUNG_SEGMENTS, SEG_MANUFACTURER, algorithm_device_uid
@@ -85,6 +87,31 @@ class ReportedValue:
     unit: Code
     value: float
     laterality: Code | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SrSource:
+    """The source series as the report needs it: headers only, no pixels.
+
+    Attributes:
+        series_instance_uid: the source series.
+        datasets: its instances' headers (the first gives the patient and study modules; the
+            others need only their UIDs and SOP class).
+        acquisition_equipment: the source's acquisition equipment item (Contributing
+            Equipment) for headers that lack the equipment attributes (headers rebuilt from a
+            SEG); ``None``: highdicom takes it from ``datasets[0]``.
+    """
+
+    series_instance_uid: str
+    datasets: tuple[Dataset, ...]
+    acquisition_equipment: Dataset | None = None
+
+    @classmethod
+    def of(cls, volume: CtVolume | SrSource) -> SrSource:
+        """The source of a loaded CT volume (or ``volume`` itself)."""
+        if isinstance(volume, SrSource):
+            return volume
+        return cls(volume.series.series_instance_uid, volume.datasets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,6 +304,7 @@ def measurement_report(
     *,
     qc_flags: Sequence[str],
     tracking_seed: str,
+    extra_groups: Sequence[hd.sr.MeasurementsAndQualitativeEvaluations] = (),
 ) -> hd.sr.MeasurementReport:
     """The TID 1500 content tree: observer, one group per segment measured, QC flags.
 
@@ -286,6 +314,8 @@ def measurement_report(
         model: the model (the GGO finding's codes, the observer).
         qc_flags: QC flag names, in reporting order.
         tracking_seed: makes the tracking UIDs unique to this report (its SOP Instance UID).
+        extra_groups: TID 1501 groups after the segments' groups (the change since the prior
+            study, :func:`ggo_cli.writers.sr_change.change_group`).
 
     Returns:
         The report's root container.
@@ -295,7 +325,10 @@ def measurement_report(
             no lung segments: a caller bug).
     """
     ggo_spec = model.segments[0]
-    groups = []
+    groups: list[
+        hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+        | hd.sr.MeasurementsAndQualitativeEvaluations
+    ] = []
     for key in dict.fromkeys(value.group for value in values):
         if key not in ref.segments:
             raise ValueError(f"{key} measured, but the SEG has no {key} segment")
@@ -314,7 +347,7 @@ def measurement_report(
     report = hd.sr.MeasurementReport(
         observation_context=observation_context(model),
         procedure_reported=PROCEDURE_REPORTED,
-        imaging_measurements=groups,
+        imaging_measurements=[*groups, *extra_groups],
     )
     if qc_flags:
         container = hd.sr.ContainerContentItem(

@@ -4,8 +4,9 @@ SEG and the values it must hold.
 The SR only counts as written once highdicom reads it back as a Comprehensive 3D SR whose
 patient and study equal the source's, whose evidence lists the SEG, whose contributing
 equipment names the algorithm, and whose measurement groups hold exactly the expected values,
-units, concepts and finding sites, each referencing the right SEG segment. Messages name the
-file and the failed check, never patient data.
+units, concepts and finding sites, each referencing the right SEG segment; and whose change
+since the prior study (:mod:`ggo_cli.writers.sr_change`) is exactly the expected one, or absent
+when none is expected. Messages name the file and the failed check, never patient data.
 """
 
 from __future__ import annotations
@@ -25,10 +26,21 @@ from ..errors import OutputError
 from ..onnx.model_info import ModelInfo
 from .seg_segments import SEG_MANUFACTURER, algorithm_device_uid
 from .seg_verify import COPIED_PATIENT_KEYWORDS
+from .sr_change import (
+    CHANGE_TRACKING_ID,
+    GGO_TREND,
+    PRIOR_STUDY,
+    STUDY_DATE_CONCEPT,
+    STUDY_UID_CONCEPT,
+    TREND_CODES,
+    SrComparison,
+    change_values,
+)
 from .sr_content import (
     QC_CONTAINER,
     QC_FLAG_CONCEPT,
     ReportedValue,
+    SrSource,
     seg_reference,
 )
 
@@ -88,10 +100,9 @@ def _laterality(measurement: hd.sr.Measurement) -> str:
     return ""
 
 
-def _check_header(sr: Dataset, shown: Path, volume: CtVolume, seg: Dataset,
+def _check_header(sr: Dataset, shown: Path, source: Dataset, seg: Dataset,
                   model: ModelInfo) -> None:
     """SOP class, study, copied patient attributes, evidence and contributing equipment."""
-    source = volume.datasets[0]
     if sr.SOPClassUID != Comprehensive3DSRStorage:
         raise _fail(shown, f"SOP class {sr.SOPClassUID} is not Comprehensive 3D SR")
     if sr.StudyInstanceUID != source.StudyInstanceUID:
@@ -134,14 +145,96 @@ def _check_qc(report: hd.sr.MeasurementReport, shown: Path, qc_flags: Sequence[s
         raise _fail(shown, f"QC flags {found}, expected {list(qc_flags)}")
 
 
+def _child(item: Dataset, value_type: str, code: object) -> Dataset | None:
+    """The first child of a content item of a value type and concept name."""
+    wanted = _code_key(hd.sr.CodedConcept.from_code(code))  # type: ignore[arg-type]
+    for child in item.get("ContentSequence", []):
+        if child.ValueType == value_type and _code_key(
+            hd.sr.CodedConcept.from_dataset(child.ConceptNameCodeSequence[0])
+        ) == wanted:
+            return child  # type: ignore[no-any-return]
+    return None
+
+
+def _prior_study(group: Dataset) -> tuple[str, str]:
+    """``(StudyInstanceUID, StudyDate)`` of the change group's prior study (``""`` missing)."""
+    prior = _child(group, "CONTAINER", PRIOR_STUDY)
+    if prior is None:
+        return "", ""
+    uid = _child(prior, "UIDREF", STUDY_UID_CONCEPT)
+    date = _child(prior, "DATE", STUDY_DATE_CONCEPT)
+    return (
+        "" if uid is None else str(uid.UID),
+        "" if date is None else str(date.Date),
+    )
+
+
+def _pertinent(sr: Dataset) -> set[str]:
+    """SOPInstanceUIDs listed in the Pertinent Other Evidence Sequence."""
+    return {
+        str(item.ReferencedSOPInstanceUID)
+        for study in sr.get("PertinentOtherEvidenceSequence", [])
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+
+
+def _check_change(
+    sr: Dataset,
+    report: hd.sr.MeasurementReport,
+    shown: Path,
+    comparison: SrComparison | None,
+) -> None:
+    """The change since the prior study is exactly ``comparison`` (absent when ``None``)."""
+    groups = report.get_image_measurement_groups()
+    if comparison is None:
+        if groups:
+            raise _fail(shown, "it reports a change since a prior study; none expected")
+        return
+    if [str(g.tracking_identifier) for g in groups] != [CHANGE_TRACKING_ID]:
+        raise _fail(shown, f"no single {CHANGE_TRACKING_ID!r} group")
+    group = groups[0]
+    found = sorted(
+        (
+            CHANGE_TRACKING_ID,
+            _code_key(m.name),
+            _code_key(m.unit),
+            float(m.value),
+            _laterality(m),
+        )
+        for m in group.get_measurements()
+    )
+    wanted = _expected_keys(change_values(comparison))
+    if found != wanted:
+        raise _fail(shown, f"change {found} differs from {wanted}")
+    trends = [
+        _code_key(hd.sr.CodedConcept.from_dataset(e[0].ConceptCodeSequence[0]))
+        for e in group.get_qualitative_evaluations()
+        if _code_key(e.name) == _code_key(hd.sr.CodedConcept.from_code(GGO_TREND))
+    ]
+    expected = (
+        [] if comparison.trend is None
+        else [_code_key(hd.sr.CodedConcept.from_code(TREND_CODES[comparison.trend]))]
+    )
+    if trends != expected:
+        raise _fail(shown, f"trend {trends}, expected {expected}")
+    prior = (comparison.prior_study_instance_uid, comparison.prior_study_date.strftime("%Y%m%d"))
+    if _prior_study(group[0]) != prior:
+        raise _fail(shown, "the prior study's UID or date differs from the comparison's")
+    seg_uid = comparison.prior_seg_sop_instance_uid
+    if seg_uid and seg_uid not in _pertinent(sr):
+        raise _fail(shown, f"the Pertinent Other Evidence does not list the prior SEG {seg_uid}")
+
+
 def verify_sr(
     path: Path,
-    volume: CtVolume,
+    volume: CtVolume | SrSource,
     seg: Dataset,
     *,
     values: Sequence[ReportedValue],
     model: ModelInfo,
     qc_flags: Sequence[str] = (),
+    comparison: SrComparison | None = None,
     shown: Path | None = None,
 ) -> None:
     """Read a written SR back with highdicom and check it against its sources and values.
@@ -151,16 +244,19 @@ def verify_sr(
     Device UID); each measurement group references the SEG's SOP Instance UID and the
     segment its tracking identifier names, with that segment's algorithm name and version;
     the measurements (group, concept, unit, value, laterality) are exactly ``values``; the
-    QC flags are exactly ``qc_flags``.
+    QC flags are exactly ``qc_flags``; the change since the prior study (values, trend, the
+    prior study's UID and date, the prior SEG in the Pertinent Other Evidence) is exactly
+    ``comparison``, and absent when it is ``None``.
 
     Args:
         path: the SR file.
-        volume: the source volume.
+        volume: the source volume, or its headers.
         seg: the SEG the SR references.
         values: the values the SR must hold (from
             :func:`ggo_cli.writers.sr_content.reported_values`).
         model: the model that made the SEG.
         qc_flags: the QC flag names the SR must hold, in order.
+        comparison: the change since the prior study the SR must hold (``None``: none).
         shown: the path to name in messages (the final path when ``path`` is a temp file).
 
     Raises:
@@ -174,7 +270,7 @@ def verify_sr(
         groups = report.get_volumetric_roi_measurement_groups()
     except _READ_ERRORS as exc:
         raise _fail(shown, f"highdicom cannot read it ({type(exc).__name__}: {exc})") from exc
-    _check_header(sr, shown, volume, seg, model)
+    _check_header(sr, shown, SrSource.of(volume).datasets[0], seg, model)
     ref = seg_reference(seg, model)
     found: list[_Key] = []
     for group in groups:
@@ -206,4 +302,8 @@ def verify_sr(
     if sorted(found) != _expected_keys(values):
         raise _fail(shown, f"measurements {sorted(found)} differ from {_expected_keys(values)}")
     _check_qc(report, shown, qc_flags)
+    try:
+        _check_change(sr, report, shown, comparison)
+    except _READ_ERRORS as exc:
+        raise _fail(shown, f"its change since the prior study cannot be read ({exc})") from exc
     log.debug("SR %s verified: %d measurements", shown, len(found))

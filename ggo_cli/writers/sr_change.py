@@ -1,0 +1,222 @@
+"""The change since the prior study in a ggo-cli measurement report (TID 1500): what it holds,
+how each item is coded, and the TID 1501 group that holds it.
+
+A study's representative series that has a prior study (:mod:`ggo_cli.run.followup`) gets one
+more group in the report's Imaging Measurements: a TID 1501 "Measurement and Qualitative
+Evaluation Group" (TID 1500 row "Measurement Group"; it measures two studies, so it references
+no segment). Its values are the CSV's follow-up cells (:func:`change_values`), to the printed
+digit. Coding (DICOM PS3.16; a private code only where no standard concept fits):
+
+- Tracking Identifier ``GGO change since prior study``, a Tracking UID of its own; finding
+  type, category and site, and the Algorithm Identification (TID 4019), are the GGO group's.
+- ``days_since_prior``: NUM (DAYS-SINCE-PRIOR, 99GGO, "Days since prior study"), unit (d, UCUM,
+  "day"). The standard's "Longitudinal Temporal Offset from Event" (128740, DCM) of TID 1502
+  needs an event type, and CID 6153 has none for "prior study".
+- ``ggo_change_ml``: NUM (GGO-VOL-CHANGE, 99GGO, "GGO volume change since prior study"), unit
+  (ml, UCUM). No standard concept names a signed change of a volume; (118565006, SCT, "Volume")
+  would let a viewer show a negative number as the GGO volume.
+- ``ggo_percent_of_lung_change``: NUM (GGO-PCT-CHANGE, 99GGO, "GGO percent of lung change since
+  prior study"), unit (%, UCUM), in percentage points, with the Finding Site Lung, Right and
+  left, as ``ggo_percent_of_lung``.
+- ``trend``: a qualitative evaluation (TID 1501 row "Qualitative Evaluations", CODE), concept
+  (GGO-TREND, 99GGO, "GGO trend since prior study"), value a SNOMED CT qualifier:
+  ``increased`` (35105006, SCT, "Increased"), ``decreased`` (1250004, SCT, "Decreased"),
+  ``stable`` (58158008, SCT, "Stable"). Left out when the trend is undefined.
+- The prior study: a CONTAINER (121066, DCM, "Prior Procedure Descriptions", a CID 7001
+  heading) in the group, holding the UIDREF (110180, DCM, "Study Instance UID") and the DATE
+  (111060, DCM, "Study Date") of the prior study. The prior study's representative SEG is
+  also listed in the SR's Pertinent Other Evidence Sequence (PS3.3 C.17.2.3), where highdicom
+  puts every evidence item of another study.
+
+The private codes use the coding scheme designator ``99GGO`` (PS3.16 8.2: "99" starts a
+private scheme), identified in the SR's Coding Scheme Identification Sequence
+(:func:`private_scheme_item`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from decimal import Decimal
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from ..domain import Trend
+from ..onnx.model_info import ModelInfo
+from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
+from .sr_content import (
+    BOTH_LUNGS,
+    GGO_TRACKING_ID,
+    LUNG_SITE,
+    ML_UNIT,
+    PERCENT_UNIT,
+    ReportedValue,
+    SegReference,
+)
+
+PRIVATE_SCHEME = "99GGO"
+PRIVATE_SCHEME_NAME = "ggo-cli measurement codes"
+PRIVATE_SCHEME_ORGANIZATION = "ggo-cli"
+DAYS_SINCE_PRIOR = Code("DAYS-SINCE-PRIOR", PRIVATE_SCHEME, "Days since prior study")
+GGO_VOLUME_CHANGE = Code("GGO-VOL-CHANGE", PRIVATE_SCHEME, "GGO volume change since prior study")
+GGO_PERCENT_CHANGE = Code(
+    "GGO-PCT-CHANGE", PRIVATE_SCHEME, "GGO percent of lung change since prior study"
+)
+GGO_TREND = Code("GGO-TREND", PRIVATE_SCHEME, "GGO trend since prior study")
+DAY_UNIT = codes.UCUM.Day
+TREND_CODES: dict[Trend, Code] = {
+    Trend.INCREASED: Code("35105006", "SCT", "Increased"),
+    Trend.DECREASED: Code("1250004", "SCT", "Decreased"),
+    Trend.STABLE: Code("58158008", "SCT", "Stable"),
+}
+PRIOR_STUDY = codes.DCM.PriorProcedureDescriptions
+STUDY_UID_CONCEPT = codes.DCM.StudyInstanceUID
+STUDY_DATE_CONCEPT = codes.DCM.StudyDate
+CHANGE_TRACKING_ID = "GGO change since prior study"
+_TRACKING_UID_NAMESPACE = "ggo-cli/sr-change-tracking/v1"
+
+
+@dataclass(frozen=True, slots=True)
+class SrComparison:
+    """What the SR of a study's representative series reports of the change since the prior.
+
+    Attributes:
+        prior_study_instance_uid: the prior study's StudyInstanceUID.
+        prior_study_date: its StudyDate.
+        days_since_prior: days between the two StudyDates.
+        ggo_change_ml: GGO mL now minus then (the CSV's digits), ``None`` when unknown.
+        ggo_percent_of_lung_change: GGO percent of lung now minus then, percentage points,
+            ``None`` when undefined.
+        trend: the trend word, ``None`` when undefined.
+        prior_seg_series_instance_uid: the prior representative's SEG series (Pertinent Other
+            Evidence); ``""``: not listed.
+        prior_seg_sop_instance_uid: that SEG's SOPInstanceUID; ``""``: not listed.
+    """
+
+    prior_study_instance_uid: str
+    prior_study_date: dt.date
+    days_since_prior: int
+    ggo_change_ml: Decimal | None
+    ggo_percent_of_lung_change: Decimal | None
+    trend: Trend | None
+    prior_seg_series_instance_uid: str = ""
+    prior_seg_sop_instance_uid: str = ""
+
+    def uid_entropy(self) -> list[str]:
+        """Everything the comparison adds to the report, as text for the SR's UIDs."""
+        return [
+            f"prior_study_instance_uid={self.prior_study_instance_uid}",
+            f"prior_study_date={self.prior_study_date.isoformat()}",
+            f"trend={'' if self.trend is None else self.trend.value}",
+            f"prior_seg={self.prior_seg_series_instance_uid}/{self.prior_seg_sop_instance_uid}",
+            *(f"{v.column}={v.value!r}" for v in change_values(self)),
+        ]
+
+
+def _printed(value: Decimal, decimals: int) -> float:
+    """A change as the CSV prints it (``decimals`` places), as a float."""
+    return float(value.quantize(Decimal(1).scaleb(-decimals)) + 0)
+
+
+def change_values(comparison: SrComparison) -> tuple[ReportedValue, ...]:
+    """The numbers of the change group, in report order; an unknown change is left out."""
+    values = [
+        ReportedValue("days_since_prior", CHANGE_TRACKING_ID, DAYS_SINCE_PRIOR, DAY_UNIT,
+                      float(comparison.days_since_prior)),
+    ]
+    if comparison.ggo_change_ml is not None:
+        values.append(ReportedValue("ggo_change_ml", CHANGE_TRACKING_ID, GGO_VOLUME_CHANGE,
+                                    ML_UNIT, _printed(comparison.ggo_change_ml, VOLUME_DECIMALS)))
+    if comparison.ggo_percent_of_lung_change is not None:
+        values.append(ReportedValue(
+            "ggo_percent_of_lung_change", CHANGE_TRACKING_ID, GGO_PERCENT_CHANGE, PERCENT_UNIT,
+            _printed(comparison.ggo_percent_of_lung_change, PERCENT_DECIMALS), BOTH_LUNGS,
+        ))
+    return tuple(values)
+
+
+def prior_evidence(comparison: SrComparison) -> list[Dataset]:
+    """The prior representative's SEG as an evidence item (none when not known)."""
+    if not (comparison.prior_seg_series_instance_uid and comparison.prior_seg_sop_instance_uid):
+        return []
+    item = Dataset()
+    item.StudyInstanceUID = comparison.prior_study_instance_uid
+    item.SeriesInstanceUID = comparison.prior_seg_series_instance_uid
+    item.SOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    item.SOPInstanceUID = comparison.prior_seg_sop_instance_uid
+    return [item]
+
+
+def private_scheme_item() -> Dataset:
+    """The Coding Scheme Identification Sequence item of the ``99GGO`` scheme."""
+    item = Dataset()
+    item.CodingSchemeDesignator = PRIVATE_SCHEME
+    item.CodingSchemeName = PRIVATE_SCHEME_NAME
+    item.CodingSchemeResponsibleOrganization = PRIVATE_SCHEME_ORGANIZATION
+    return item
+
+
+def change_group(
+    comparison: SrComparison, ref: SegReference, model: ModelInfo, *, tracking_seed: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The TID 1501 group of the change since the prior study (see the module docstring).
+
+    Args:
+        comparison: what to report.
+        ref: the SEG of this series (the GGO segment's algorithm identification).
+        model: the model (the GGO finding's codes).
+        tracking_seed: makes the tracking UID unique to this report (its SOP Instance UID).
+    """
+    ggo = model.segments[0]
+    name, version = ref.algorithms[GGO_TRACKING_ID]
+    measurements = [
+        hd.sr.Measurement(
+            name=value.concept,
+            value=value.value,
+            unit=value.unit,
+            finding_sites=(
+                [hd.sr.FindingSite(LUNG_SITE, laterality=value.laterality)]
+                if value.laterality is not None
+                else None
+            ),
+        )
+        for value in change_values(comparison)
+    ]
+    evaluations = (
+        None
+        if comparison.trend is None
+        else [hd.sr.QualitativeEvaluation(GGO_TREND, TREND_CODES[comparison.trend])]
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=str(generate_uid(entropy_srcs=[_TRACKING_UID_NAMESPACE, tracking_seed])),
+            identifier=CHANGE_TRACKING_ID,
+        ),
+        finding_type=ggo.property_type,
+        finding_category=ggo.property_category,
+        finding_sites=[hd.sr.FindingSite(LUNG_SITE)],
+        algorithm_id=hd.sr.AlgorithmIdentification(name=name, version=version),
+        measurements=measurements,
+        qualitative_evaluations=evaluations,
+    )
+    prior = hd.sr.ContainerContentItem(
+        name=PRIOR_STUDY, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    prior.ContentSequence = hd.sr.ContentSequence([
+        hd.sr.UIDRefContentItem(
+            name=STUDY_UID_CONCEPT,
+            value=comparison.prior_study_instance_uid,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+        hd.sr.DateContentItem(
+            name=STUDY_DATE_CONCEPT,
+            value=comparison.prior_study_date,
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+    ])
+    group[0].ContentSequence.append(prior)
+    return group
