@@ -175,8 +175,11 @@ def load_slices(
     """
     if not path.exists():
         raise InputError(f"data path not found: {path}")
+    several = labels is not None and len(labels) > 1
     if path.is_file() and path.suffix == ".npz":
         slices = read_packed_slices(path)
+        if not several:  # a caller of one class gets GGO masks from a multi-class file too
+            slices = [replace(s, mask=np.asarray(s.mask == 1)) for s in slices]
     elif path.is_dir() and (path / "images").is_dir() and (path / "labels").is_dir():
         slices = _load_pair_folder(
             path, label=labels or label, window=(window_center, window_width), workers=workers
@@ -565,9 +568,13 @@ def load_grid(path: Path, *, size: int, **load_kwargs: Any) -> GridData:
                 label,
             )
         if int(npz["size"]) == size:
+            labels = load_kwargs.get("labels")
+            masks = npz["masks"].astype(np.uint8, copy=False)
+            if labels is None or len(labels) < 2:  # one class asked for: GGO alone
+                masks = (masks == 1).astype(np.uint8)
             return GridData(
                 images=npz["images"].astype(np.float32, copy=False),
-                masks=npz["masks"].astype(np.uint8, copy=False),
+                masks=masks,
                 ids=tuple(str(i) for i in npz["ids"]),
                 groups=tuple(str(g) or None for g in npz["groups"]),
                 size=size,

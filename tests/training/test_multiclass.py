@@ -256,3 +256,15 @@ def test_bootstrap_interval_is_seeded_and_covers_the_pooled_dice() -> None:
     report = class_report(("ggo", "consolidation"), [counts, counts[:2]], intervals=True)
     assert report["n_images"] == 5 and "consolidation_n_images" not in report
     assert report["consolidation_dice"] == pytest.approx(summarize(counts[:2]).dice)
+
+
+def test_one_class_readers_get_ggo_masks_from_a_two_class_file(tmp_path: Path) -> None:
+    from training.data import load_grid
+
+    slices = load_slices(_label_folder(tmp_path / "d", n=2), labels=(1, 2))
+    out = tmp_path / "p.npz"
+    pack(slices, out, size=SIZE, label=1, classes=("ggo", "consolidation"))
+    for s, ggo in zip(slices, load_slices(out), strict=True):  # quantize, explain, reference set
+        assert ggo.mask.dtype == bool and np.array_equal(ggo.mask, s.mask == 1)
+    assert set(np.unique(load_grid(out, size=SIZE).masks)) == {0, 1}
+    assert set(np.unique(load_grid(out, size=SIZE, labels=(1, 2)).masks)) == {0, 1, 2}
