@@ -11,7 +11,7 @@
 #   2. RUNS/semi2: `train-semisup --teacher RUNS/sup2` (same split, pseudo-labels of UNLABELED)
 #   3. RUNS/{sup2,semi2}.test.json: `evaluate --split test --ci` (threshold 0.5, bootstrap CI)
 #      RUNS/table1_classes.md, RUNS/compare.json: `compare` (threshold chosen on validation,
-#      Table 1 per class with bootstrap intervals)
+#      Table 1 per class with bootstrap intervals; the shipped one-class model beside them)
 #   4. RUNS/best.txt: the run with the higher mean per-class pooled Dice on VALIDATION (the
 #      test split only reports); exported (float16 weights, no explain graph) to
 #      RUNS/export/ggo-consolidation-resnet50-unet/ when onnx, onnxruntime and pydicom are
@@ -51,13 +51,21 @@ for run in sup2 semi2; do
     --split-file "$runs/$run/split.json" --json --ci --device "$device" \
     >"$runs/$run.test.json" 2>>"$runs/evaluate.log" || status=1
 done
-python3 -m training compare --runs "$runs/sup2" "$runs/semi2" --data "$data" \
+# the shipped one-class model beside them, on its recorded split (the same seed-0 split of the
+# same 50 slices), where ONNX Runtime is installed; SHIPPED= (empty) leaves it out
+shipped=${SHIPPED-exported_models/ggo-resnet50-unet}
+extra=()
+if [ -n "$shipped" ] && [ -f "$shipped/model.onnx" ] && python3 -c "import onnxruntime" 2>/dev/null
+then
+  extra=("$shipped")
+fi
+python3 -m training compare --runs "$runs/sup2" "$runs/semi2" "${extra[@]}" --data "$data" \
   --out "$runs/table1_classes.md" --device "$device" --json \
   >"$runs/compare.json" 2>"$runs/compare.log" || status=1
 
 best=$(python3 - "$runs/compare.json" <<'EOF'
 import json, sys
-runs = json.load(open(sys.argv[1]))["runs"]
+runs = [r for r in json.load(open(sys.argv[1]))["runs"] if r["source"].endswith(("sup2", "semi2"))]
 def val(r):
     per = r["per_class"]
     return sum(per[c]["val"]["dice"] for c in per) / len(per)
