@@ -11,7 +11,8 @@ digit. Coding (DICOM PS3.16; a private code only where no standard concept fits)
   type, category and site, and the Algorithm Identification (TID 4019), are the GGO group's.
 - ``days_since_prior``: NUM (DAYS-SINCE-PRIOR, 99GGO, "Days since prior study"), unit (d, UCUM,
   "day"). The standard's "Longitudinal Temporal Offset from Event" (128740, DCM) of TID 1502
-  needs an event type, and CID 6153 has none for "prior study".
+  (Time Point Context) is an offset from a protocol event named by an event type (128741,
+  DCM), not the interval between two studies.
 - ``ggo_change_ml``: NUM (GGO-VOL-CHANGE, 99GGO, "GGO volume change since prior study"), unit
   (ml, UCUM). No standard concept names a signed change of a volume; (118565006, SCT, "Volume")
   would let a viewer show a negative number as the GGO volume.
@@ -23,14 +24,17 @@ digit. Coding (DICOM PS3.16; a private code only where no standard concept fits)
   ``increased`` (35105006, SCT, "Increased"), ``decreased`` (1250004, SCT, "Decreased"),
   ``stable`` (58158008, SCT, "Stable"). Left out when the trend is undefined.
 - The prior study: a CONTAINER (121066, DCM, "Prior Procedure Descriptions", a CID 7001
-  heading) in the group, holding the UIDREF (110180, DCM, "Study Instance UID") and the DATE
-  (111060, DCM, "Study Date") of the prior study. The prior study's representative SEG is
-  also listed in the SR's Pertinent Other Evidence Sequence (PS3.3 C.17.2.3), where highdicom
-  puts every evidence item of another study.
+  report heading) at the end of the group, holding the UIDREF (110180, DCM, "Study Instance
+  UID") and the DATE (111060, DCM, "Study Date") of the prior study. TID 1501 lists no row
+  for another study, so this is an extension of the template (the Comprehensive 3D SR IOD
+  allows CONTAINER, UIDREF and DATE under CONTAINS; dciodvfy accepts it and highdicom reads
+  the group back). The prior study's representative SEG is also listed in the SR's Pertinent
+  Other Evidence Sequence (SR Document General Module, PS3.3 C.17.2), where highdicom puts
+  every evidence item of another study.
 
-The private codes use the coding scheme designator ``99GGO`` (PS3.16 8.2: "99" starts a
-private scheme), identified in the SR's Coding Scheme Identification Sequence
-(:func:`private_scheme_item`).
+The private codes use the coding scheme designator ``99GGO`` (a private designator begins
+with "99", PS3.3 section 8.2), identified in the SR's Coding Scheme Identification Sequence
+(:func:`private_scheme_item`); dciodvfy warns that it does not know the designator.
 """
 
 from __future__ import annotations
