@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from .. import __version__
 from ..analysis.explainer import OnnxExplainer
 from ..analysis.lungs import LungMasks
+from ..analysis.measurements import consolidation_channel
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import (
     GRADCAM_FOLDER,
@@ -40,7 +41,13 @@ from ..config import (
     ScMode,
     SegFrames,
 )
-from ..domain import CtVolume, GgoMeasurement, LungMeasurement, Prediction
+from ..domain import (
+    ConsolidationMeasurement,
+    CtVolume,
+    GgoMeasurement,
+    LungMeasurement,
+    Prediction,
+)
 from ..errors import OutputError
 from ..fsutil import OutputTree
 from ..writers.dicom_sc import write_sc
@@ -143,6 +150,7 @@ def write_outputs(
     lung_measurement: LungMeasurement | None,
     qc_flags: Sequence[str],
     gradcam: GradcamFigures | None = None,
+    consolidation: ConsolidationMeasurement | None = None,
 ) -> SeriesFiles:
     """Write the SEG, SR and SC (each read back and checked, and their links checked) and the
     PNGs of one series.
@@ -159,6 +167,8 @@ def write_outputs(
         qc_flags: the quality flags raised (reported in the SR).
         gradcam: the GradCAM++ maps of ``--explain``, written as a second SC series (unless
             ``--sc none``); ``None`` removes an earlier run's.
+        consolidation: consolidation and lesion volumetry (burned into the SC), when the
+            model has a consolidation channel; the PNGs and the SC then draw that channel.
 
     Returns:
         The files written.
@@ -167,6 +177,8 @@ def write_outputs(
         OutputError: a file cannot be written; SeriesError: an object cannot be built.
     """
     model = segmenter.model
+    channel = consolidation_channel(model.segments)
+    consolidation_mask = None if channel is None else prediction.masks[..., channel]
     seg_path = write_seg(
         volume,
         prediction,
@@ -208,6 +220,7 @@ def write_outputs(
             per_slice=cfg.sc_mode is ScMode.SLICES,
             software_version=__version__,
             tree=cfg.tree,
+            consolidation=consolidation,
         )
     _remove_stale(_sc_files(folder), keep=sc_paths)
     gradcam_paths: list[Path] = []
@@ -242,6 +255,7 @@ def write_outputs(
                 window_center_hu=model.window_center_hu,
                 window_width_hu=model.window_width_hu,
                 tree=cfg.tree,
+                consolidation=consolidation_mask,
             )
         )
     if cfg.png_mode is PngMode.ALL:
@@ -253,6 +267,7 @@ def write_outputs(
                 window_center_hu=model.window_center_hu,
                 window_width_hu=model.window_width_hu,
                 tree=cfg.tree,
+                consolidation=consolidation_mask,
             )
         )
     return SeriesFiles(seg_path, sr_path, tuple(sc_paths), tuple(pngs), tuple(gradcam_paths))

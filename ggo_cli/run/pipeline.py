@@ -344,6 +344,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
                 lung_measurement=done.lung_measurement,
                 qc_flags=done.qc_flags,
                 gradcam=done.gradcam,
+                consolidation=done.consolidation,
             )
             seg_path = files.seg
             pngs = files.pngs + pngs

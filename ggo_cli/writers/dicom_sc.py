@@ -55,8 +55,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .. import __version__
+from ..analysis.measurements import consolidation_channel
 from ..atomic_output import atomic_write_path
-from ..domain import CtVolume, GgoMeasurement, LungMeasurement, Prediction
+from ..domain import (
+    ConsolidationMeasurement,
+    CtVolume,
+    GgoMeasurement,
+    LungMeasurement,
+    Prediction,
+)
 from ..errors import OutputError
 from ..fsutil import OutputTree, ensure_folder
 from ..onnx.model_info import ModelInfo
@@ -294,6 +301,7 @@ def write_sc(
     software_version: str = __version__,
     verify: bool = True,
     tree: OutputTree | None = None,
+    consolidation: ConsolidationMeasurement | None = None,
 ) -> list[Path]:
     """Write the overlay of a series as an RGB Secondary Capture series.
 
@@ -316,6 +324,8 @@ def write_sc(
         software_version: ggo-cli's version.
         verify: read each file back and check it before renaming it into place.
         tree: the output folder: no link is followed below it, files get its mode.
+        consolidation: consolidation and lesion volumetry, for a model with a consolidation
+            channel (burned in; that channel is drawn in blue with a legend).
 
     Returns:
         The files written, the montage first.
@@ -333,7 +343,9 @@ def write_sc(
         model_name=model.name,
         model_version=model.version,
         software_version=software_version,
+        consolidation=consolidation,
     )
+    channel = consolidation_channel(model.segments)
     panels = overlay_panels(
         volume,
         prediction.ggo,
@@ -341,6 +353,7 @@ def write_sc(
         window_center_hu=model.window_center_hu,
         window_width_hu=model.window_width_hu,
         per_slice=per_slice,
+        consolidation=None if channel is None else prediction.masks[..., channel],
     )
     series_uid = derive_sc_series_uid(
         volume.series.series_instance_uid,

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from ggo_cli.cli.app import app
+from ggo_cli.writers.overlay_legend import CONSOLIDATION_RGB
 from ggo_cli.writers.report_csv import CONSOLIDATION_COLUMNS, CSV_COLUMNS
 from tests.dciodvfy import dciodvfy_errors
 from tests.dicom_factory import FactorySeries, make_ct_series
@@ -139,3 +142,22 @@ def test_a_one_channel_model_keeps_its_columns_with_the_new_ones_empty(
     seg = hd.seg.segread(tmp_path / "out" / row["seg_path"])
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["GGO", "Right lung",
                                                                   "Left lung"]
+
+
+def test_overlay_png_and_sc_draw_consolidation_in_blue(
+    tmp_path: Path, series: FactorySeries
+) -> None:
+    model = write_two_channel_model(tmp_path / "two.onnx", SIZE)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["segment", str(series.root), "-o", str(out), "-m", str(model),
+                                 "--no-progress", "--settle", "0", "--no-sr"])
+    assert result.exit_code == 0, result.output
+    folder = out / series.study_instance_uid / series.series_instance_uid
+    with Image.open(folder / "overlay.png") as image:
+        png = np.asarray(image.convert("RGB")).astype(int)
+    sc = pydicom.dcmread(folder / "sc" / "montage.dcm")
+    for rgb in (png, sc.pixel_array.astype(int)):
+        blue = np.all(np.abs(rgb - np.array(CONSOLIDATION_RGB)) <= 2, axis=-1)
+        assert blue.sum() > 100
+    texts = str(sc.DerivationDescription)
+    assert "consolidation in blue" in texts
