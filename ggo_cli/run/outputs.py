@@ -55,8 +55,9 @@ from ..writers.dicom_seg import write_seg
 from ..writers.dicom_sr import write_sr
 from ..writers.gradcam_png import GradcamFigures, write_gradcam_npz, write_gradcam_pngs
 from ..writers.gradcam_sc import write_gradcam_sc
-from ..writers.overlay_png import write_overlay, write_slice_pngs
+from ..writers.overlay_png import write_overlay
 from ..writers.result_links import check_result_links
+from ..writers.slice_png import write_slice_pngs
 
 log = logging.getLogger(__name__)
 

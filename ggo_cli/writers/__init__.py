@@ -9,8 +9,9 @@ from __future__ import annotations
 from .dicom_sc import write_sc
 from .dicom_seg import build_seg, verify_seg, write_seg
 from .dicom_sr import build_sr, verify_sr, write_sr
-from .overlay_png import write_overlay, write_slice_pngs
+from .overlay_png import write_overlay
 from .report_csv import CSV_COLUMNS
+from .slice_png import write_slice_pngs
 
 __all__ = [
     "CSV_COLUMNS",

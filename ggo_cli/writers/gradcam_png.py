@@ -40,8 +40,8 @@ from .overlay_png import (
     PNG_COMPRESS_LEVEL,
     TEXT_RGB,
     render_slice,
-    slice_png_name,
 )
+from .slice_png import slice_png_name
 
 log = logging.getLogger(__name__)
 

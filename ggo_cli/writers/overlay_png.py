@@ -10,7 +10,7 @@ slice order), or, when the series has no GGO, evenly spaced slices under a "no G
 caption. Each tile shows the slice in a lung window, GGO blended in semi-transparent red with
 an opaque red outline, and a label bar "slice k/n" (1-based along the sorted volume, i.e. the
 slice normal) with the slice's GGO volume. ``--png all`` adds one full-resolution PNG per
-slice with GGO (``slice_NNNN.png``, same 1-based k).
+slice with GGO (:mod:`ggo_cli.writers.slice_png`).
 
 Images are drawn as stored (row 0 at the top, column 0 at the left), i.e. in DICOM patient
 space without flips. Nothing identifying is drawn: no names, IDs, dates or UIDs. Pillow's
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ..analysis.preprocessing import window_hu
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
-from ..fsutil import OutputTree, ensure_folder
+from ..fsutil import OutputTree
 from .overlay_legend import CONSOLIDATION_RGB, draw_legend, slice_legend
 
 log = logging.getLogger(__name__)
@@ -54,7 +53,6 @@ CAPTION_GGO = "GGO in red - AI research output, not for diagnosis"
 CAPTION_NO_GGO = "no GGO found - AI research output, not for diagnosis"
 CAPTION_NO_LESION = "no GGO or consolidation found - AI research output, not for diagnosis"
 CAPTION_TAIL = "- AI research output, not for diagnosis"
-SLICE_PNG_PATTERN = "slice_{index:0{width}d}.png"
 PNG_COMPRESS_LEVEL = 3
 """zlib level of every PNG ggo-cli writes: on the 2-core CPU the 784 x 848 montage took 0.056
 CPU s at 3 against 0.135 at Pillow's default 6, and came out 5 % smaller (docs/benchmarks.md)."""
@@ -166,7 +164,7 @@ def _slice_label(index: int, n_slices: int, voxels: int, voxel_volume_ml: float)
     return f"slice {index + 1}/{n_slices}  GGO {voxels * voxel_volume_ml:.2f} mL"
 
 
-def _label(image: Image.Image, xy: tuple[int, int], width: int, volume: CtVolume, index: int,
+def draw_label(image: Image.Image, xy: tuple[int, int], width: int, volume: CtVolume, index: int,
            ggo: BoolMask, consolidation: BoolMask | None) -> None:
     """Draw a slice's label: its position and GGO volume (with consolidation: a legend, cut
     at ``width`` pixels so that it never runs into the next tile's)."""
@@ -188,7 +186,7 @@ def _tile_size(rows: int, cols: int, tile_px: int) -> tuple[int, int]:
     return max(1, round(cols * scale)), max(1, round(rows * scale))
 
 
-def _check_inputs(volume: CtVolume, ggo: BoolMask, consolidation: BoolMask | None = None) -> None:
+def check_inputs(volume: CtVolume, ggo: BoolMask, consolidation: BoolMask | None = None) -> None:
     """Raise ``ValueError`` when a mask does not match the volume."""
     for name, mask in (("GGO", ggo), ("consolidation", consolidation)):
         if mask is not None and (mask.dtype != np.bool_ or mask.shape != volume.hu.shape):
@@ -226,7 +224,7 @@ def render_overlay(
     Raises:
         ValueError: the mask does not match the volume, or ``max_tiles`` < 1.
     """
-    _check_inputs(volume, ggo, consolidation)
+    check_inputs(volume, ggo, consolidation)
     indices = select_overlay_slices(ggo, max_tiles=max_tiles, consolidation=consolidation)
     has_ggo = bool(ggo.any())
     n_slices, rows, cols = ggo.shape
@@ -262,7 +260,7 @@ def render_overlay(
         if tile.size != (tile_w, tile_h):
             tile = tile.resize((tile_w, tile_h), Image.Resampling.BOX)
         montage.paste(tile, (left, top + LABEL_PX))
-        _label(montage, (left + 2, top + 2), cell_w - 2, volume, index, ggo, consolidation)
+        draw_label(montage, (left + 2, top + 2), cell_w - 2, volume, index, ggo, consolidation)
     log.debug("overlay montage of %d tiles rendered", len(indices))
     return montage
 
@@ -312,133 +310,3 @@ def write_overlay(
         montage.save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     log.debug("overlay written to %s", path)
     return path
-
-
-def slice_png_name(index: int, n_slices: int) -> str:
-    """File name of slice ``index`` (0-based) for ``--png all``: ``slice_NNNN.png``, 1-based."""
-    return SLICE_PNG_PATTERN.format(index=index + 1, width=max(4, len(str(n_slices))))
-
-
-def render_slice_overlay(
-    volume: CtVolume,
-    ggo: BoolMask,
-    index: int,
-    *,
-    window_center_hu: float,
-    window_width_hu: float,
-    consolidation: BoolMask | None = None,
-) -> Image.Image:
-    """Render one slice as a per-slice PNG holds it: a ``LABEL_PX`` label bar ("slice k/n",
-    GGO volume) over the slice at its native size.
-
-    Args:
-        volume: the CT volume.
-        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
-        index: the slice (0-based).
-        window_center_hu: display window centre in HU.
-        window_width_hu: display window width in HU.
-        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
-
-    Returns:
-        The RGB image. Shape: ``(LABEL_PX + rows, cols)`` pixels.
-
-    Raises:
-        ValueError: the mask does not match the volume.
-    """
-    _check_inputs(volume, ggo, consolidation)
-    rows, cols = ggo.shape[1:]
-    image = Image.new("RGB", (cols, LABEL_PX + rows), BACKGROUND_RGB)
-    image.paste(
-        Image.fromarray(
-            render_classes(
-                volume.hu[index],
-                ggo[index],
-                None if consolidation is None else consolidation[index],
-                window_center_hu=window_center_hu,
-                window_width_hu=window_width_hu,
-            ),
-            mode="RGB",
-        ),
-        (0, LABEL_PX),
-    )
-    _label(image, (2, 2), cols - 2, volume, index, ggo, consolidation)
-    return image
-
-
-def slice_overlays(
-    volume: CtVolume, ggo: BoolMask, *, window_center_hu: float, window_width_hu: float,
-    consolidation: BoolMask | None = None,
-) -> Iterator[tuple[int, Image.Image]]:
-    """Each slice with GGO (or consolidation) and its :func:`render_slice_overlay`, in volume
-    order, drawn when it is reached (the per-slice PNGs and the per-slice SC images).
-
-    Args:
-        volume: the CT volume.
-        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
-        window_center_hu: display window centre in HU.
-        window_width_hu: display window width in HU.
-        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
-
-    Yields:
-        ``(0-based slice index, image)``.
-    """
-    shown = ggo.any(axis=(1, 2))
-    if consolidation is not None:
-        shown |= consolidation.any(axis=(1, 2))
-    for index in np.flatnonzero(shown).tolist():
-        yield index, render_slice_overlay(
-            volume,
-            ggo,
-            index,
-            window_center_hu=window_center_hu,
-            window_width_hu=window_width_hu,
-            consolidation=consolidation,
-        )
-
-
-def write_slice_pngs(
-    volume: CtVolume,
-    ggo: BoolMask,
-    folder: Path,
-    *,
-    window_center_hu: float,
-    window_width_hu: float,
-    tree: OutputTree | None = None,
-    consolidation: BoolMask | None = None,
-) -> list[Path]:
-    """Write one full-resolution PNG per slice with GGO (``--png all``), each atomically.
-
-    Each PNG is :func:`render_slice_overlay` of its slice. Slices without GGO (or
-    consolidation) get no file.
-
-    Args:
-        volume: the CT volume.
-        ggo: the GGO mask. Shape: ``(slices, rows, cols)``.
-        folder: where to write (created if missing).
-        window_center_hu: display window centre in HU.
-        window_width_hu: display window width in HU.
-        tree: the output folder: no link is followed below it, files get its mode.
-        consolidation: the consolidation mask (drawn in blue). Shape: as ``ggo``.
-
-    Returns:
-        The PNGs written, in slice order (empty when there is no GGO).
-
-    Raises:
-        OutputError: a file or the folder cannot be written.
-        ValueError: the mask does not match the volume.
-    """
-    _check_inputs(volume, ggo, consolidation)
-    n_slices = ggo.shape[0]
-    written: list[Path] = []
-    for index, image in slice_overlays(
-        volume, ggo, window_center_hu=window_center_hu, window_width_hu=window_width_hu,
-        consolidation=consolidation,
-    ):
-        if not written:
-            ensure_folder(folder, tree=tree)
-        path = folder / slice_png_name(index, n_slices)
-        with atomic_write_path(path, tree=tree) as temp:
-            image.save(temp, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-        written.append(path)
-    log.debug("%d slice PNGs written to %s", len(written), folder)
-    return written

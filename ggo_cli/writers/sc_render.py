@@ -33,10 +33,9 @@ from .overlay_png import (
     TEXT_RGB,
     render_overlay,
     select_overlay_slices,
-    slice_overlays,
-    slice_png_name,
 )
 from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
+from .slice_png import slice_overlays, slice_png_name
 
 RESEARCH_USE_TEXT = "RESEARCH USE ONLY - not for diagnosis"
 WARNING_RGB = (255, 255, 0)

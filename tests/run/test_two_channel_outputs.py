@@ -29,7 +29,6 @@ from ggo_cli.writers.overlay_png import (
     GGO_RGB,
     render_overlay,
     select_overlay_slices,
-    slice_overlays,
 )
 from ggo_cli.writers.report_csv import (
     CONSOLIDATION_COLUMNS,
@@ -40,6 +39,7 @@ from ggo_cli.writers.report_csv import (
 )
 from ggo_cli.writers.sc_render import overlay_panels, sc_text_lines
 from ggo_cli.writers.seg_segments import SEGMENT_COLORS_RGB
+from ggo_cli.writers.slice_png import slice_overlays
 
 SERIES = SeriesInfo("1.2.3", "1.2.3.4", (), "synthetic", study_date="20240131")
 GGO = GgoMeasurement(voxel_volume_ml=0.5, ggo_voxels=3, ggo_volume_ml=1.5, ggo_slice_count=1)

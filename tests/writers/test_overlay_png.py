@@ -16,8 +16,8 @@ from ggo_cli.writers.overlay_png import (
     LABEL_PX,
     select_overlay_slices,
     write_overlay,
-    write_slice_pngs,
 )
+from ggo_cli.writers.slice_png import write_slice_pngs
 
 CENTER_HU, WIDTH_HU = -600.0, 1500.0
 RED_MARGIN = 60
