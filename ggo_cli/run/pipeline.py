@@ -13,7 +13,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -44,41 +43,22 @@ from ..domain import (
     SeriesOutcome,
     SeriesStatus,
 )
-from ..errors import OutputError, SeriesError, UnsupportedSeriesError
+from ..errors import UnsupportedSeriesError
 from ..host import release_freed_memory
 from ..writers.gradcam_png import GradcamFigures
 from ..writers.seg_source import check_source_headers
+from .outcomes import RETRY_NOTE as RETRY_NOTE  # until every importer takes it from outcomes
+from .outcomes import failed_outcome
+from .outcomes import now_utc as now_utc
+from .outcomes import skipped_outcome as skipped_outcome
 from .outputs import explain_series, write_outputs
 from .result import ProgressSink
 
 log = logging.getLogger(__name__)
 
-RETRY_NOTE = " (retried by the next run)"
-"""Ends the message of a failure that may pass on another try (a write error, a crash): the
-state store does not keep such a result, so the next run retries the series without
-``--force``. A :class:`~ggo_cli.errors.SeriesError` (bad geometry, missing attributes) is
-deterministic and stays failed until the series' files change."""
-
-
-def now_utc() -> str:
-    """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(UTC).isoformat(timespec="seconds")
-
-
 def series_dir(out_dir: Path, series: SeriesInfo) -> Path:
     """Output folder of a series: ``<out>/<StudyInstanceUID>/<SeriesInstanceUID>``."""
     return out_dir / series.study_instance_uid / series.series_instance_uid
-
-
-def skipped_outcome(series: SeriesInfo) -> SeriesOutcome:
-    """The outcome of a series that broke a selection rule."""
-    return SeriesOutcome(
-        series=series,
-        status=SeriesStatus.SKIPPED,
-        message=series.skip_reason or "",
-        n_slices=len(series.files),
-        processed_at=now_utc(),
-    )
 
 
 @dataclass
@@ -170,42 +150,6 @@ def prepare_series(
     segment_lungs(volume, out=lungs, cores=cores)
     release_freed_memory()  # the lung mask's temporaries, kept by glibc's thread arenas
     return PreparedSeries(volume, lungs, planes)
-
-
-def _failed(
-    series: SeriesInfo, exc: Exception, started: float, volume: CtVolume | None
-) -> SeriesOutcome:
-    """The outcome of a series that failed with ``exc`` (fatal output errors re-raised)."""
-    if isinstance(exc, OutputError) and exc.fatal:
-        raise exc
-    if isinstance(exc, SeriesError | OutputError):
-        log.error("%s failed: %s", series.label, series.redact(str(exc)))
-        log.debug("%s is in %s", series.label, series.location)
-        return SeriesOutcome(
-            series=series,
-            status=SeriesStatus.FAILED,
-            message=str(exc) + ("" if isinstance(exc, SeriesError) else RETRY_NOTE),
-            n_slices=volume.hu.shape[0] if volume is not None else len(series.files),
-            slice_spacing_mm=volume.slice_spacing_mm if volume is not None else None,
-            pixel_spacing_mm=volume.pixel_spacing_mm if volume is not None else None,
-            seconds=time.perf_counter() - started,
-            processed_at=now_utc(),
-        )
-    log.error(
-        "%s failed with an unexpected %s (a bug; --debug shows the traceback)",
-        series.label,
-        type(exc).__name__,
-    )
-    log.debug("%s is in %s", series.label, series.location)
-    log.debug("traceback", exc_info=exc)
-    return SeriesOutcome(
-        series=series,
-        status=SeriesStatus.FAILED,
-        message=f"unexpected {type(exc).__name__}: {exc}{RETRY_NOTE}",
-        n_slices=len(series.files),
-        seconds=time.perf_counter() - started,
-        processed_at=now_utc(),
-    )
 
 
 def compute_series(
@@ -302,7 +246,7 @@ def compute_series(
             )
             pngs, gradcam = explained.paths, explained.figures
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
-        return _failed(series, exc, started, volume)
+        return failed_outcome(series, exc, started, volume)
     return ComputedSeries(
         series=series,
         volume=volume,
@@ -349,7 +293,7 @@ def write_series(cfg: RunConfig, done: ComputedSeries, segmenter: OnnxSegmenter)
             seg_path = files.seg
             pngs = files.pngs + pngs
     except Exception as exc:  # noqa: BLE001 - one series' failure never stops the run
-        return _failed(series, exc, done.started, volume)
+        return failed_outcome(series, exc, done.started, volume)
     finally:
         release_freed_memory()  # the SEG build's and read-back's temporaries
     seconds = time.perf_counter() - done.started

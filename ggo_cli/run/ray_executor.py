@@ -43,7 +43,7 @@ from ..config import DeviceKind
 from ..domain import SeriesInfo, SeriesOutcome
 from ..errors import DeviceError, GgoError, InputError
 from .manifest import place
-from .pipeline import RETRY_NOTE
+from .outcomes import RETRY_NOTE
 from .plan import RunPlan
 from .ray_actor import ActorResult
 from .ray_pool import REPLAN_S, ActorPool

@@ -36,8 +36,8 @@ from ..onnx.explain_graph import EXPLAIN_NAME, ExplainInfo
 from ..onnx.int8_recipes import INT8_SPEC_NAME
 from ..onnx.model_info import ModelInfo
 from ..onnx.reference_slices import REFERENCE_SET_NAME
+from .outcomes import RETRY_NOTE
 from .outputs import remove_outdated
-from .pipeline import RETRY_NOTE
 from .series_pool import lost_series
 
 MODEL_SIBLINGS = (EXPLAIN_NAME, INT8_SPEC_NAME, REFERENCE_SET_NAME)

@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..writers.report_csv import PSEUDONYM_COLUMN
 from .deliveries import deliver_pass, register_series
 from .lock import RunLock
-from .pipeline import now_utc
+from .outcomes import now_utc
 from .plan import write_results_csv
 from .state import PATIENT_ID_KEY, STATE_FOLDER, STATE_NAME, StateStore
 

@@ -34,7 +34,7 @@ from ..onnx.model_info import ModelInfo, load_model_info
 from .deliveries import deliver_pass, merge_reports
 from .lock import RunLock
 from .manifest import build_manifest
-from .pipeline import now_utc
+from .outcomes import now_utc
 from .plan import RunPlan, check_output_location
 from .ray_executor import ClusterReport, run_on_ray
 from .result import NO_SESSION, ProgressSink, RunResult, SessionSummary

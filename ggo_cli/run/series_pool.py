@@ -59,7 +59,8 @@ from ..onnx.runtime import cuda_wanted
 from ..onnx.sessions import Sessions
 from .manifest import place
 from .memory import series_bytes
-from .pipeline import now_utc, process_series
+from .outcomes import now_utc
+from .pipeline import process_series
 from .placement import device_label, gpu_job_capacity, worker_devices
 from .result import SessionSummary
 
