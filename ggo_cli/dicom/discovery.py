@@ -219,10 +219,12 @@ def _checked_header(
 
 
 
-def _series_number(value: object) -> int | None:
-    """SeriesNumber as an int, or ``None`` when missing or malformed."""
+def _series_number(ds: Dataset) -> int | None:
+    """SeriesNumber as an int, or ``None`` when missing or malformed (pydicom converts the IS
+    value when it is read, so reading it may raise too: ``inf`` overflows)."""
     try:
-        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
+        value = ds.get("SeriesNumber")
+        return int(value) if value not in (None, "") else None
     except (TypeError, ValueError, OverflowError):
         return None
 
@@ -290,7 +292,6 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
         if reason is None and rules.series_uids and series_uid not in rules.series_uids:
             reason = "not selected (--series)"
         first = headers[0]
-        number = first.get("SeriesNumber")
         info = SeriesInfo(
             study_instance_uid=header_text(first, "StudyInstanceUID"),
             series_instance_uid=series_uid,
@@ -301,7 +302,7 @@ def discover_series(inputs: Sequence[Path], rules: SelectionRules | None = None)
             modality="CT",
             study_date=header_text(first, "StudyDate"),
             series_description=header_text(first, "SeriesDescription"),
-            series_number=_series_number(number),
+            series_number=_series_number(first),
             skip_reason=reason,
             patient_id=header_text(first, "PatientID"),
         )

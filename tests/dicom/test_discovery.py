@@ -84,3 +84,17 @@ def test_invalid_uid_is_skipped_not_used_as_a_folder(tmp_path: Path) -> None:
     _rewrite(fs.paths, StudyInstanceUID="../../etc")
     (series,) = discover_series([fs.root], SelectionRules()).series
     assert series.skip_reason == "StudyInstanceUID is not a valid DICOM UID"
+
+
+@pytest.mark.parametrize("raw", [b"inf", b"x12", b"1e999"])
+def test_a_malformed_series_number_is_none_not_an_error(tmp_path: Path, raw: bytes) -> None:
+    """pydicom converts an IS value when it is read: ``inf`` overflows, ``x12`` is no number."""
+    series = make_ct_series(tmp_path)
+    _rewrite(series.paths, SeriesNumber=987654)  # six characters, then the raw bytes in place
+    for path in series.paths:
+        data = path.read_bytes()
+        assert data.count(b"987654") == 1
+        path.write_bytes(data.replace(b"987654", raw.ljust(6)))
+    (found,) = discover_series([tmp_path]).series
+    assert found.series_number is None
+    assert found.eligible
