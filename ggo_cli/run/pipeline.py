@@ -47,10 +47,7 @@ from ..errors import UnsupportedSeriesError
 from ..host import release_freed_memory
 from ..writers.gradcam_png import GradcamFigures
 from ..writers.seg_source import check_source_headers
-from .outcomes import RETRY_NOTE as RETRY_NOTE  # until every importer takes it from outcomes
-from .outcomes import failed_outcome
-from .outcomes import now_utc as now_utc
-from .outcomes import skipped_outcome as skipped_outcome
+from .outcomes import failed_outcome, now_utc
 from .outputs import explain_series, write_outputs
 from .result import ProgressSink
 

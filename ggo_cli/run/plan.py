@@ -53,8 +53,7 @@ from .followup import (
     result_from_row,
     trend_points,
 )
-from .followup_sr import update_followup_srs
-from .pipeline import now_utc, skipped_outcome
+from .outcomes import now_utc, skipped_outcome
 from .reuse import (
     outcome_from_row,
     output_options,
@@ -330,12 +329,9 @@ class RunPlan:
 
         Args:
             trends: also write the patients' trend pictures (:func:`write_trend_pictures`;
-                once, at the end of a run) and the change since the prior study into the SRs
-                (:func:`~ggo_cli.run.followup_sr.update_followup_srs`, first: the CSV's
-                delivery column then counts the SRs written again).
+                once, at the end of a run, after the SRs got their change since the prior
+                study in :func:`ggo_cli.run.runner.run_segment`).
         """
-        if trends and self.cfg.sr:
-            update_followup_srs(self.store, self.cfg.out_dir, self.model, tree=self.cfg.tree)
         path = write_results_csv(
             self.store,
             self.cfg.out_dir,

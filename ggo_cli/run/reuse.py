@@ -25,7 +25,7 @@ from ..config import (
 from ..domain import GgoMeasurement, LungMeasurement, SeriesInfo, SeriesOutcome, SeriesStatus
 from ..onnx.model_info import ModelInfo
 from ..writers.sc_render import MONTAGE_NAME
-from .pipeline import RETRY_NOTE
+from .outcomes import RETRY_NOTE
 from .state import StoredSeries
 
 WORKER_DIED = "the worker process died"

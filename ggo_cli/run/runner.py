@@ -32,6 +32,7 @@ from ..fsutil import TEMP_PREFIX, TEMP_SUFFIX, ensure_writable_dir
 from ..host import HostLimits
 from ..onnx.model_info import ModelInfo, load_model_info
 from .deliveries import deliver_pass, merge_reports
+from .followup_sr import update_followup_srs
 from .lock import RunLock
 from .manifest import build_manifest
 from .outcomes import now_utc
@@ -186,6 +187,10 @@ def run_segment(
         t_series = time.perf_counter()
         outcomes, jobs, summary, cluster = _run_series(run, discovery.series, progress)
         timings["series"] = time.perf_counter() - t_series
+        if not cfg.explain_only and cfg.sr:
+            # Each SR reports its change since the prior study (known only now that every
+            # series is done) before the second pass sends what this run wrote.
+            update_followup_srs(store, cfg.out_dir, model, tree=cfg.tree)
         t_send = time.perf_counter()
         sent = deliver_pass(store.queue, targets, cfg.out_dir, at=now_utc(), enqueue=True)
         timings["delivery"] += time.perf_counter() - t_send

@@ -223,3 +223,31 @@ def test_a_series_of_another_model_keeps_its_sr(
         model = load_model_info(band_model_path)
         assert update_followup_srs(store, out, model, tree=OutputTree(out)) == 1
     assert _change(latest) == _change(runs.third.srs["2024-03-15"])
+
+
+def test_a_send_run_delivers_the_sr_with_its_comparison_and_the_next_run_sends_nothing(
+    tmp_path: Path, band_model_path: Path
+) -> None:
+    """The SRs get their comparison before the run's second delivery pass, so the PACS gets
+    the final SR of the later study (and not the one written with the series first)."""
+    from tests.delivery.storage_scp import storage_scp
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    _study(inputs, "20240101", 1)
+    _study(inputs, "20240201", 2)
+    args = ["-m", str(band_model_path), "--no-progress", "--settle", "0", "--decode-workers",
+            "0", "--png", "none", "--sc", "none"]
+    with storage_scp() as scp:
+        dest = scp.destination()
+        first = CliRunner().invoke(app, ["segment", str(inputs), "-o", str(out), *args,
+                                         "--send", dest])
+        assert first.exit_code == 0, first.output
+        state = _state(out)
+        on_disk = {uid for _, uid in state.stamps.values()}
+        stored = {uid for _, _, uid in scp.received.stores}
+        assert on_disk <= stored  # both SRs as they are now, the later one with its comparison
+        assert len(scp.received.stores) == 4  # two SEGs and two SRs, each once
+        again = CliRunner().invoke(app, ["segment", str(inputs), "-o", str(out), *args,
+                                         "--send", dest])
+        assert again.exit_code == 0, again.output
+        assert len(scp.received.stores) == 4  # nothing new to send
