@@ -8,6 +8,10 @@ identifier (no patient ID or name: dates are fine) and no time stamp or software
 only text chunks are ``Title`` and ``Description``, the plotted points as text, so the same
 points give the same bytes with one matplotlib. Written atomically into the latest study's
 representative series folder; :func:`remove_trend_png` takes a stale one away.
+
+matplotlib is imported only when a picture is drawn, and its own cache (the font list it builds
+on first use) goes below ggo-cli's cache folder (``MPLCONFIGDIR``, unless the user set it), so a
+run writes nothing outside ``--out`` and that folder.
 """
 
 from __future__ import annotations
@@ -19,11 +23,7 @@ import os
 import stat
 from collections.abc import Sequence
 from pathlib import Path
-
-import matplotlib.dates as mdates
-import matplotlib.style
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING, Any
 
 from ..atomic_output import atomic_write_bytes
 from ..config import TREND_NAME
@@ -31,8 +31,14 @@ from ..domain import TrendPoint
 from ..errors import OutputError
 from ..fsutil import OutputTree
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 log = logging.getLogger(__name__)
 
+MPLCONFIG_ENV = "MPLCONFIGDIR"
+MPLCONFIG_FOLDER = "matplotlib"
+"""matplotlib's configuration and cache folder, below ggo-cli's cache folder."""
 TREND_DPI = 100
 FIGURE_SIZE_IN = (6.4, 3.6)
 """640 x 360 pixels at :data:`TREND_DPI`."""
@@ -53,6 +59,17 @@ def points_text(points: Sequence[TrendPoint]) -> str:
     return "; ".join(f"{p.study_date.isoformat()} {p.ggo_percent_of_lung}%" for p in points)
 
 
+def _matplotlib() -> Any:
+    """matplotlib, imported on first use with its cache in ggo-cli's cache folder."""
+    from ..onnx.verdict_cache import cache_dir
+
+    os.environ.setdefault(MPLCONFIG_ENV, str(cache_dir() / MPLCONFIG_FOLDER))
+    import matplotlib.dates
+    import matplotlib.style
+
+    return matplotlib
+
+
 def trend_figure(points: Sequence[TrendPoint]) -> Figure:
     """Draw the trend of GGO percent of lung over the studies.
 
@@ -69,6 +86,10 @@ def trend_figure(points: Sequence[TrendPoint]) -> Figure:
         raise ValueError(f"a trend needs at least {MIN_POINTS} studies, got {len(points)}")
     days = [date_number(p.study_date) for p in points]
     percents = [float(p.ggo_percent_of_lung) for p in points]
+    matplotlib = _matplotlib()
+    mdates = matplotlib.dates
+    from matplotlib.figure import Figure
+
     with matplotlib.style.context("default"):  # the user's matplotlibrc plays no part
         figure = Figure(figsize=FIGURE_SIZE_IN, dpi=TREND_DPI, layout="constrained")
         axes = figure.add_subplot()
@@ -82,11 +103,9 @@ def trend_figure(points: Sequence[TrendPoint]) -> Figure:
                 ha="center",
                 fontsize=8,
             )
-        locator = mdates.AutoDateLocator(minticks=2, maxticks=8)  # type: ignore[no-untyped-call]
+        locator = mdates.AutoDateLocator(minticks=2, maxticks=8)
         axes.xaxis.set_major_locator(locator)
-        axes.xaxis.set_major_formatter(
-            mdates.ConciseDateFormatter(locator)  # type: ignore[no-untyped-call]
-        )
+        axes.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
         top = max(percents)
         axes.set_ylim(0.0, top * 1.2 if top > 0 else 1.0)
         axes.margins(x=0.08)
@@ -100,6 +119,8 @@ def trend_figure(points: Sequence[TrendPoint]) -> Figure:
 def render_trend_png(points: Sequence[TrendPoint]) -> bytes:
     """The trend picture as PNG bytes: no software version, no time stamp, no identifier."""
     figure = trend_figure(points)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     buffer = io.BytesIO()
     FigureCanvasAgg(figure).print_png(  # type: ignore[no-untyped-call]
         buffer,

@@ -47,7 +47,7 @@ def test_an_undecodable_series_logs_one_line_and_no_traceback(
     result = _segment(tmp_path / "in", tmp_path / "out", band_model_path)
     assert result.returncode == 4, result.stderr  # every eligible series failed
     failures = [
-        line for line in result.stderr.splitlines() if " ERROR ggo_cli.run.pipeline: " in line
+        line for line in result.stderr.splitlines() if " ERROR ggo_cli.run.outcomes: " in line
     ]
     assert len(failures) == 1
     assert series.series_instance_uid in failures[0]

@@ -91,3 +91,38 @@ def test_remove_refuses_a_linked_folder(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="symbolic link"):
         remove_trend_png(out / "1.2", tree=OutputTree(out))
     assert (elsewhere / TREND_NAME).read_bytes() == b"not ours"
+
+
+def test_matplotlib_is_imported_only_to_draw_and_keeps_its_cache_in_ggo_clis(
+    tmp_path: Path,
+) -> None:
+    """A run imports matplotlib only when it draws a picture, and matplotlib's font cache then
+    goes below ggo-cli's cache folder, not to ~/.cache/matplotlib or ~/.matplotlib."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(
+        """
+        import datetime as dt, sys
+        from decimal import Decimal
+        import ggo_cli.run.runner
+        from ggo_cli.domain import TrendPoint
+        assert "matplotlib" not in sys.modules, "imported by a run that draws nothing"
+        from ggo_cli.writers.trend_png import render_trend_png
+        png = render_trend_png([TrendPoint(dt.date(2024, 1, 2), Decimal("1.0"), "1.2.1"),
+                                TrendPoint(dt.date(2024, 3, 1), Decimal("2.0"), "1.2.2")])
+        assert png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "GGO_CACHE_DIR")}
+    env.update(HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               XDG_CONFIG_HOME=str(tmp_path / "config"))
+    repo = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")
+                     if p.is_file())
+    assert written, "matplotlib wrote no cache at all: the test checks nothing"
+    assert all(p.startswith("cache/ggo-cli/matplotlib/") for p in written), written
