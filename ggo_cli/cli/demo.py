@@ -19,6 +19,7 @@ from ..synthetic.phantom import Phantom
 from .build import build_run_config
 from .display import exit_code, progress_display, stderr_console, summary_table
 from .options import DeviceOpt, ForceOpt, JsonOpt, ModelOpt, NoProgressOpt, OutOpt, PrecisionOpt
+from .report import report_after_run
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ def demo_command(
         log.info(
             "synthetic study: %d slices, true GGO volume %.2f mL", slices, phantom.ggo_volume_ml
         )
-        with progress_display(not no_progress, 1) as sink:
+        with report_after_run(cfg), progress_display(not no_progress, 1) as sink:
             result = run_segment(cfg, progress=sink)
         code = exit_code(result.outcomes)
         (outcome,) = result.outcomes

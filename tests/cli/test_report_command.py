@@ -145,3 +145,12 @@ def test_page_after_a_stopped_run_not_after_a_locked_folder(
     result = _segment(out, band_model_path, inputs)
     assert result.exit_code == exit_code, result.output
     assert (out / REPORT_NAME).exists() is page
+
+
+def test_the_demo_run_gets_its_report_page(tmp_path: Path, band_model_path: Path) -> None:
+    """``ggo-cli demo`` is a run too: its output folder gets ``report.html``."""
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--model",
+                                      str(band_model_path), "--slices", "12", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    page = (tmp_path / "demo" / "report.html").read_text(encoding="utf-8")
+    assert page.count("<tr") >= 2  # the header and the demo's series

@@ -47,6 +47,7 @@ def test_demo_runs_with_the_default_model(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     demo = json.loads(result.stdout)["demo"]
     assert demo["true_ggo_ml"] > 0
+    assert (tmp_path / "demo" / "report.html").is_file()  # the demo's run gets its page too
     for true_ml, measured_ml in zip(demo["true_lung_ml"], demo["measured_lung_ml"], strict=True):
         assert measured_ml == pytest.approx(true_ml, rel=0.03)
 
