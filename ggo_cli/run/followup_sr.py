@@ -17,7 +17,8 @@ a run, from the state store, like the trend pictures:
 - **From what the folder holds**: the SEG's header (no pixel data) gives the patient and study
   modules, the referenced CT instances and the CT's acquisition equipment item
   (:func:`source_from_seg`); the stored row gives the values and QC flags, exactly as the
-  pipeline's SR printed them. The CT itself is not read (it may be gone since).
+  pipeline's SR printed them, the consolidation and lesion values included where the row has
+  them (:func:`consolidation_from_row`). The CT itself is not read (it may be gone since).
 - **Only this model's results**: a series stored with another model file keeps its SR (the
   algorithm items would name the wrong model); it is reprocessed when seen with this one.
 - **Delivered like every object**: each SR written is read back and checked
@@ -42,7 +43,7 @@ from pydicom.tag import BaseTag
 
 from ..analysis.quality import parse_flags
 from ..config import SR_NAME
-from ..domain import GgoMeasurement, LungMeasurement
+from ..domain import ConsolidationMeasurement, GgoMeasurement, LungMeasurement
 from ..errors import GgoError, OutputError
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
@@ -170,6 +171,38 @@ def measurements_from_row(
     return measurement, lungs
 
 
+def consolidation_from_row(row: Mapping[str, str]) -> ConsolidationMeasurement | None:
+    """A stored row's consolidation and lesion volumetry as the pipeline's SR reported it.
+
+    ``None`` when the row has no consolidation cell (a one-channel model). The SR reports the
+    mL and percent cells only; the row stores no voxel or slice counts, so the voxel counts are
+    the volumes over the voxel volume and the slice count is 0 (neither is reported).
+    """
+    if not row.get("consolidation_volume_ml") or not row.get("lesion_volume_ml"):
+        return None
+
+    def cell(name: str) -> float | None:  # empty: no lungs, or undefined (both left out)
+        text = row.get(name, "")
+        return float(text) if text else None
+
+    voxel_ml = float(row["voxel_volume_ml"])
+    consolidation_ml = float(row["consolidation_volume_ml"])
+    lesion_ml = float(row["lesion_volume_ml"])
+    return ConsolidationMeasurement(
+        consolidation_voxels=round(consolidation_ml / voxel_ml) if voxel_ml > 0 else 0,
+        consolidation_volume_ml=consolidation_ml,
+        consolidation_slice_count=0,
+        lesion_voxels=round(lesion_ml / voxel_ml) if voxel_ml > 0 else 0,
+        lesion_volume_ml=lesion_ml,
+        left_consolidation_volume_ml=cell("left_consolidation_volume_ml"),
+        right_consolidation_volume_ml=cell("right_consolidation_volume_ml"),
+        consolidation_percent_of_lung=cell("consolidation_percent_of_lung"),
+        lesion_percent_of_lung=cell("lesion_percent_of_lung"),
+        left_lesion_percent=cell("left_lesion_percent"),
+        right_lesion_percent=cell("right_lesion_percent"),
+    )
+
+
 def _folder(out_dir: Path, row: Mapping[str, str]) -> Path | None:
     """A stored series' folder (its SEG's), ``None`` without a SEG inside the output folder."""
     seg_path = row.get("seg_path", "")
@@ -228,6 +261,8 @@ def wanted_comparisons(
             trend=comparison.trend,
             prior_seg_series_instance_uid=series_uid,
             prior_seg_sop_instance_uid=sop_uid,
+            consolidation_change_ml=comparison.consolidation_change_ml,
+            lesion_percent_of_lung_change=comparison.lesion_percent_of_lung_change,
         )
     return wanted
 
@@ -249,7 +284,8 @@ def _update(
     seg_path = out_dir / row["seg_path"]
     measurement, lungs = measured
     flags = parse_flags(row.get("qc_flags", ""))
-    values = reported_values(measurement, lungs)
+    consolidation = consolidation_from_row(row)
+    values = reported_values(measurement, lungs, consolidation)
     _, wanted = report_uids(
         sop_instance_uid(seg_path), values, qc_flags=flags, comparison=comparison
     )
@@ -262,7 +298,7 @@ def _update(
     seg = _header(seg_path)
     write_sr(source_from_seg(seg), seg, measurement=measurement, model=model,
              path=folder / SR_NAME, lungs=lungs, qc_flags=flags, comparison=comparison,
-             tree=tree)
+             tree=tree, consolidation=consolidation)
     log.debug("series %s: SR written again (%s)", uid,
               "with its change since the prior study" if comparison else "without a comparison")
     return folder

@@ -205,6 +205,7 @@ def write_outputs(
             qc_flags=qc_flags,
             software_version=__version__,
             tree=cfg.tree,
+            consolidation=consolidation,
         )
     else:
         _remove_stale([folder / SR_NAME])

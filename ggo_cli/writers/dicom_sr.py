@@ -4,11 +4,14 @@ highdicom, write atomically, read back and check.
 One report per series, next to its SEG (issue 17 items 1 and 6):
 
 - Content (:mod:`ggo_cli.writers.sr_content`): TID 1411 volumetric groups that reference the
-  SEG's segments (GGO; right and left lung when the SEG has them) with the GGO volume, each
-  lung's volume, the GGO volume per lung and the GGO percent of each lung and of both, each
-  rounded exactly as the CSV prints it; the algorithm as device observer and, per group, the
-  Algorithm Identification (TID 4019) the SEG records for that segment; the QC flags as TEXT
-  qualitative evaluations of the report (TID 1500 row 14).
+  SEG's segments (GGO; consolidation for a model with that channel; right and left lung when
+  the SEG has them) with the GGO volume, each lung's volume, the GGO volume per lung and the
+  GGO percent of each lung and of both, the consolidation volume, per lung and percent of both
+  lungs, and (:func:`~ggo_cli.writers.sr_change.lesion_group`, TID 1501) the lesion volume and
+  percent of each lung and of both, each rounded exactly as the CSV prints it; the algorithm
+  as device observer and, per group, the Algorithm Identification (TID 4019) the SEG records
+  for that segment; the QC flags as TEXT qualitative evaluations of the report (TID 1500 row
+  14).
 - Evidence: the SEG and the source CT instances (Current Requested Procedure Evidence
   Sequence, same study), so a PACS can link the SR to the SEG series and the CT.
 - Patient and study modules: copied by highdicom from the first source CT header, as the SEG
@@ -26,9 +29,10 @@ One report per series, next to its SEG (issue 17 items 1 and 6):
   cells and the prior study's UID and date; the prior's SEG in the Pertinent Other Evidence.
 - Deterministic UIDs (:func:`derive_sr_uids`): from the SEG's SOP Instance UID (which already
   depends on the source series, model, threshold, lungs and SEG series identity), the printed
-  values, the comparison (when there is one), the QC flags and the SR's series number and
-  description, in a namespace of their own. An SR without a comparison keeps the UIDs it had
-  before the comparison existed.
+  values (the consolidation and lesion values only for a model with that channel, so a
+  one-channel report keeps its UIDs), the comparison (when there is one), the QC flags and the
+  SR's series number and description, in a namespace of their own. An SR without a comparison
+  keeps the UIDs it had before the comparison existed.
 - Sources: the CT volume's headers, or (:class:`SrSource`) headers rebuilt from the SEG, so that
   an SR can be written again without the CT (:mod:`ggo_cli.run.followup_sr`).
 - Transfer syntax Explicit VR Little Endian, as the SEG.
@@ -44,27 +48,37 @@ from pathlib import Path
 import highdicom as hd
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .. import __version__
 from ..atomic_output import atomic_write_path
-from ..domain import CtVolume, GgoMeasurement, LungMeasurement
+from ..domain import ConsolidationMeasurement, CtVolume, GgoMeasurement, LungMeasurement
 from ..fsutil import OutputTree
 from ..onnx.model_info import ModelInfo
-from .seg_segments import SEG_MANUFACTURER, algorithm_equipment
+from .seg_segments import SEG_MANUFACTURER, algorithm_device_uid, algorithm_equipment
 from .seg_source import (
     check_series_options,
     check_source_headers,
     highdicom_build,
     source_character_set,
 )
-from .sr_change import SrComparison, change_group, prior_evidence, private_scheme_item
+from .sr_change import (
+    SrComparison,
+    change_group,
+    lesion_group,
+    prior_evidence,
+    private_scheme_item,
+)
 from .sr_content import (
+    PROCEDURE_REPORTED,
+    QC_CONTAINER,
+    QC_FLAG_CONCEPT,
     ReportedValue,
     SrSource,
-    measurement_report,
     reported_values,
     seg_reference,
+    segment_groups,
 )
 from .sr_verify import verify_sr
 
@@ -86,6 +100,10 @@ SR_INSTANCE_NUMBER = 1
 SR_TRANSFER_SYNTAX_UID = ExplicitVRLittleEndian
 _UID_NAMESPACE = "ggo-cli/sr/v1"
 _BUILD_ERRORS = (ValueError, TypeError, AttributeError)
+_Group = (
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
 
 
 def derive_sr_uids(
@@ -159,6 +177,54 @@ def report_uids(
     )
 
 
+def observation_context(model: ModelInfo) -> hd.sr.ObservationContext:
+    """The algorithm as the report's device observer (TID 1001, TID 1004)."""
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=algorithm_device_uid(model),
+        name=model.name,
+        manufacturer_name=SEG_MANUFACTURER,
+        model_name=f"{model.name} {model.version}",
+        serial_number=model.recorded_sha256[:16],
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device, observer_identifying_attributes=device
+        )
+    )
+
+
+def measurement_report(
+    groups: Sequence[_Group],
+    model: ModelInfo,
+    *,
+    qc_flags: Sequence[str],
+) -> hd.sr.MeasurementReport:
+    """The TID 1500 content tree: observer, procedure, the measurement groups, QC flags.
+
+    Args:
+        groups: the Imaging Measurements (the segments' groups, then the TID 1501 groups).
+        model: the model (the device observer).
+        qc_flags: QC flag names, in reporting order (TEXT items of a Qualitative Evaluations
+            container; none: no container).
+    """
+    report = hd.sr.MeasurementReport(
+        observation_context=observation_context(model),
+        procedure_reported=PROCEDURE_REPORTED,
+        imaging_measurements=list(groups),
+    )
+    if qc_flags:
+        container = hd.sr.ContainerContentItem(
+            name=QC_CONTAINER, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        )
+        container.ContentSequence = hd.sr.ContentSequence([
+            hd.sr.TextContentItem(name=QC_FLAG_CONCEPT, value=str(flag),
+                                  relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+            for flag in qc_flags
+        ])
+        report[0].ContentSequence.append(container)
+    return report
+
+
 def build_sr(
     volume: CtVolume | SrSource,
     seg: Dataset,
@@ -171,6 +237,7 @@ def build_sr(
     series_number: int = SR_SERIES_NUMBER,
     series_description: str = SR_SERIES_DESCRIPTION,
     software_version: str = __version__,
+    consolidation: ConsolidationMeasurement | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Build the measurement report of a series (in memory).
 
@@ -188,6 +255,8 @@ def build_sr(
         series_number: SeriesNumber of the SR.
         series_description: SeriesDescription of the SR (mark it as AI research output).
         software_version: ggo-cli's version (Software Versions).
+        consolidation: the consolidation and lesion volumetry (as the CSV row) of a model with
+            a consolidation channel; needs the SEG's consolidation segment. ``None``: none.
 
     Returns:
         The Comprehensive 3D SR.
@@ -209,7 +278,7 @@ def build_sr(
         "StudyInstanceUID"
     ):
         raise ValueError(f"the SEG {ref.sop_instance_uid} is not of series {series_uid}")
-    values = reported_values(measurement, lungs)
+    values = reported_values(measurement, lungs, consolidation)
     flags = [str(flag) for flag in qc_flags]
     sr_series_uid, sr_sop_uid = report_uids(
         ref.sop_instance_uid,
@@ -219,12 +288,13 @@ def build_sr(
         series_number=series_number,
         series_description=series_description,
     )
-    extra = []
+    groups: list[_Group] = [*segment_groups(values, ref, model, tracking_seed=sr_sop_uid)]
+    lesion = lesion_group(values, ref, model, tracking_seed=sr_sop_uid)
+    if lesion is not None:
+        groups.append(lesion)
     if comparison is not None:
-        extra.append(change_group(comparison, ref, model, tracking_seed=sr_sop_uid))
-    report = measurement_report(
-        values, ref, model, qc_flags=flags, tracking_seed=sr_sop_uid, extra_groups=extra
-    )
+        groups.append(change_group(comparison, ref, model, tracking_seed=sr_sop_uid))
+    report = measurement_report(groups, model, qc_flags=flags)
     equipment = algorithm_equipment(model)  # with its Device UID, as in the SEG and SC
     evidence = [*source.datasets, seg]
     if comparison is not None:
@@ -252,7 +322,7 @@ def build_sr(
         sr["ContributingEquipmentSequence"].value.insert(
             0, copy.deepcopy(source.acquisition_equipment)
         )
-    if comparison is not None:
+    if comparison is not None:  # lesion and consolidation use standard codes only
         sr.CodingSchemeIdentificationSequence = [private_scheme_item()]
     log.debug("series %s: SR %s built, %d values", series_uid, sr_sop_uid, len(values))
     return sr
@@ -273,6 +343,7 @@ def write_sr(
     software_version: str = __version__,
     verify: bool = True,
     tree: OutputTree | None = None,
+    consolidation: ConsolidationMeasurement | None = None,
 ) -> Path:
     """Build the SR, write it atomically and (by default) verify it before it appears.
 
@@ -295,6 +366,8 @@ def write_sr(
         verify: read the file back and check it before renaming it into place.
         tree: the output folder ``path`` lies in (no link followed, the tree's file mode:
             ``0600`` by default, the SR holds patient data).
+        consolidation: the consolidation and lesion volumetry (a model with a consolidation
+            channel); ``None``: none.
 
     Returns:
         ``path``.
@@ -315,6 +388,7 @@ def write_sr(
         series_number=series_number,
         series_description=series_description,
         software_version=software_version,
+        consolidation=consolidation,
     )
     source = SrSource.of(volume)
     with atomic_write_path(path, tree=tree) as temp:
@@ -324,7 +398,7 @@ def write_sr(
                 temp,
                 source,
                 seg,
-                values=reported_values(measurement, lungs),
+                values=reported_values(measurement, lungs, consolidation),
                 model=model,
                 qc_flags=[str(flag) for flag in qc_flags],
                 comparison=comparison,

@@ -1,5 +1,21 @@
-"""The change since the prior study in a ggo-cli measurement report (TID 1500): what it holds,
-how each item is coded, and the TID 1501 group that holds it.
+"""The groups of a ggo-cli measurement report (TID 1500) that reference no segment (TID 1501):
+the lesion, and the change since the prior study: what they hold, how each item is coded.
+
+The lesion (a model with a consolidation channel, :func:`lesion_group`): GGO or consolidation
+per voxel (the masks are exclusive, :mod:`ggo_cli.analysis.measurements`), the CSV's
+``lesion_volume_ml``, ``lesion_percent_of_lung``, ``right_lesion_percent`` and
+``left_lesion_percent`` to the printed digit, coded as the GGO group's values (volume: SCT
+118565006 in ml; percentages: SCT 118586006 "Ratio" in %, with the Finding Site Lung and its
+laterality). Tracking Identifier ``Lesion``, finding (52988006, SCT, "Lesion"), category the
+GGO's (49755003, SCT, "Morphologically abnormal structure"), finding site Lung, and the GGO
+segment's Algorithm Identification (TID 4019; both segments come from the one model). It is a
+TID 1501 "Measurement and Qualitative Evaluation Group" and not a TID 1411 group: the lesion is
+the union of two SEG segments, while TID 1411 references exactly one region (its Referenced
+Segment row has VM 1, and highdicom's volumetric group requires one region reference). TID
+1500's Imaging Measurements container holds TID 1501 groups beside TID 1410 and 1411 (DICOM
+PS3.16, TID 1500 and TID 1501), and TID 1501 measures without an image reference; the two
+segments it unites are referenced by the report's GGO and Consolidation groups. dciodvfy
+accepts it, and highdicom reads it back as an image measurement group.
 
 A study's representative series that has a prior study (:mod:`ggo_cli.run.followup`) gets one
 more group in the report's Imaging Measurements: a TID 1501 "Measurement and Qualitative
@@ -19,6 +35,13 @@ digit. Coding (DICOM PS3.16; a private code only where no standard concept fits)
 - ``ggo_percent_of_lung_change``: NUM (GGO-PCT-CHANGE, 99GGO, "GGO percent of lung change since
   prior study"), unit (%, UCUM), in percentage points, with the Finding Site Lung, Right and
   left, as ``ggo_percent_of_lung``.
+- ``consolidation_change_ml`` (a model with a consolidation channel, where both studies have
+  it): NUM (CONS-VOL-CHANGE, 99GGO, "Consolidation volume change since prior study"), unit
+  (ml, UCUM), for the reason ``ggo_change_ml`` has a private code.
+- ``lesion_percent_of_lung_change`` (idem): NUM (LESION-PCT-CHANGE, 99GGO, "Lesion percent of
+  lung change since prior study"), unit (%, UCUM), in percentage points, with the Finding Site
+  Lung, Right and left. Both are left out where the CSV's cell is empty, so a one-channel
+  model's group (and the SR's UIDs) are as before.
 - ``trend``: a qualitative evaluation (TID 1501 row "Qualitative Evaluations", CODE), concept
   (GGO-TREND, 99GGO, "GGO trend since prior study"), value a SNOMED CT qualifier:
   ``increased`` (35105006, SCT, "Increased"), ``decreased`` (1250004, SCT, "Decreased"),
@@ -40,6 +63,7 @@ with "99", PS3.3 section 8.2), identified in the SR's Coding Scheme Identificati
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -55,11 +79,15 @@ from .report_csv import PERCENT_DECIMALS, VOLUME_DECIMALS
 from .sr_content import (
     BOTH_LUNGS,
     GGO_TRACKING_ID,
+    LESION_TRACKING_ID,
     LUNG_SITE,
     ML_UNIT,
     PERCENT_UNIT,
     ReportedValue,
     SegReference,
+    algorithm_identification,
+    measurements,
+    tracking_identifier,
 )
 
 PRIVATE_SCHEME = "99GGO"
@@ -70,6 +98,13 @@ GGO_VOLUME_CHANGE = Code("GGO-VOL-CHANGE", PRIVATE_SCHEME, "GGO volume change si
 GGO_PERCENT_CHANGE = Code(
     "GGO-PCT-CHANGE", PRIVATE_SCHEME, "GGO percent of lung change since prior study"
 )
+CONSOLIDATION_VOLUME_CHANGE = Code(
+    "CONS-VOL-CHANGE", PRIVATE_SCHEME, "Consolidation volume change since prior study"
+)
+LESION_PERCENT_CHANGE = Code(
+    "LESION-PCT-CHANGE", PRIVATE_SCHEME, "Lesion percent of lung change since prior study"
+)
+LESION_FINDING = Code("52988006", "SCT", "Lesion")
 GGO_TREND = Code("GGO-TREND", PRIVATE_SCHEME, "GGO trend since prior study")
 DAY_UNIT = codes.UCUM.Day
 TREND_CODES: dict[Trend, Code] = {
@@ -99,6 +134,10 @@ class SrComparison:
         prior_seg_series_instance_uid: the prior representative's SEG series (Pertinent Other
             Evidence); ``""``: not listed.
         prior_seg_sop_instance_uid: that SEG's SOPInstanceUID; ``""``: not listed.
+        consolidation_change_ml: consolidation mL now minus then, ``None`` when unknown (a
+            one-channel model, or a study without the value).
+        lesion_percent_of_lung_change: lesion percent of lung now minus then, percentage
+            points, ``None`` when unknown or undefined.
     """
 
     prior_study_instance_uid: str
@@ -109,6 +148,8 @@ class SrComparison:
     trend: Trend | None
     prior_seg_series_instance_uid: str = ""
     prior_seg_sop_instance_uid: str = ""
+    consolidation_change_ml: Decimal | None = None
+    lesion_percent_of_lung_change: Decimal | None = None
 
     def uid_entropy(self) -> list[str]:
         """Everything the comparison adds to the report, as text for the SR's UIDs."""
@@ -139,6 +180,17 @@ def change_values(comparison: SrComparison) -> tuple[ReportedValue, ...]:
         values.append(ReportedValue(
             "ggo_percent_of_lung_change", CHANGE_TRACKING_ID, GGO_PERCENT_CHANGE, PERCENT_UNIT,
             _printed(comparison.ggo_percent_of_lung_change, PERCENT_DECIMALS), BOTH_LUNGS,
+        ))
+    if comparison.consolidation_change_ml is not None:
+        values.append(ReportedValue(
+            "consolidation_change_ml", CHANGE_TRACKING_ID, CONSOLIDATION_VOLUME_CHANGE, ML_UNIT,
+            _printed(comparison.consolidation_change_ml, VOLUME_DECIMALS),
+        ))
+    if comparison.lesion_percent_of_lung_change is not None:
+        values.append(ReportedValue(
+            "lesion_percent_of_lung_change", CHANGE_TRACKING_ID, LESION_PERCENT_CHANGE,
+            PERCENT_UNIT, _printed(comparison.lesion_percent_of_lung_change, PERCENT_DECIMALS),
+            BOTH_LUNGS,
         ))
     return tuple(values)
 
@@ -176,20 +228,6 @@ def change_group(
         tracking_seed: makes the tracking UID unique to this report (its SOP Instance UID).
     """
     ggo = model.segments[0]
-    name, version = ref.algorithms[GGO_TRACKING_ID]
-    measurements = [
-        hd.sr.Measurement(
-            name=value.concept,
-            value=value.value,
-            unit=value.unit,
-            finding_sites=(
-                [hd.sr.FindingSite(LUNG_SITE, laterality=value.laterality)]
-                if value.laterality is not None
-                else None
-            ),
-        )
-        for value in change_values(comparison)
-    ]
     evaluations = (
         None
         if comparison.trend is None
@@ -203,8 +241,8 @@ def change_group(
         finding_type=ggo.property_type,
         finding_category=ggo.property_category,
         finding_sites=[hd.sr.FindingSite(LUNG_SITE)],
-        algorithm_id=hd.sr.AlgorithmIdentification(name=name, version=version),
-        measurements=measurements,
+        algorithm_id=algorithm_identification(ref, GGO_TRACKING_ID),
+        measurements=measurements(change_values(comparison)),
         qualitative_evaluations=evaluations,
     )
     prior = hd.sr.ContainerContentItem(
@@ -224,3 +262,29 @@ def change_group(
     ])
     group[0].ContentSequence.append(prior)
     return group
+
+
+def lesion_group(
+    values: Sequence[ReportedValue], ref: SegReference, model: ModelInfo, *, tracking_seed: str
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """The TID 1501 group of the lesion (see the module docstring); ``None`` without lesion
+    values (a one-channel model).
+
+    Args:
+        values: the report's values (:func:`ggo_cli.writers.sr_content.reported_values`); only
+            those of the ``Lesion`` group are taken.
+        ref: the SEG of this series (the GGO segment's algorithm identification).
+        model: the model (the GGO finding's category).
+        tracking_seed: makes the tracking UID unique to this report (its SOP Instance UID).
+    """
+    lesion = [value for value in values if value.group == LESION_TRACKING_ID]
+    if not lesion:
+        return None
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking_identifier(LESION_TRACKING_ID, tracking_seed),
+        finding_type=LESION_FINDING,
+        finding_category=model.segments[0].property_category,
+        finding_sites=[hd.sr.FindingSite(LUNG_SITE)],
+        algorithm_id=algorithm_identification(ref, GGO_TRACKING_ID),
+        measurements=measurements(lesion),
+    )

@@ -4,7 +4,9 @@ SEG and the values it must hold.
 The SR only counts as written once highdicom reads it back as a Comprehensive 3D SR whose
 patient and study equal the source's, whose evidence lists the SEG, whose contributing
 equipment names the algorithm, and whose measurement groups hold exactly the expected values,
-units, concepts and finding sites, each referencing the right SEG segment; and whose change
+units, concepts and finding sites, each referencing the right SEG segment (the consolidation
+group coded as the model's consolidation segment, the lesion group, which references no
+segment, coded "Lesion" with the GGO segment's algorithm); and whose change
 since the prior study (:mod:`ggo_cli.writers.sr_change`) is exactly the expected one, or absent
 when none is expected. Messages name the file and the failed check, never patient data.
 """
@@ -29,6 +31,7 @@ from .seg_verify import COPIED_PATIENT_KEYWORDS
 from .sr_change import (
     CHANGE_TRACKING_ID,
     GGO_TREND,
+    LESION_FINDING,
     PRIOR_STUDY,
     STUDY_DATE_CONCEPT,
     STUDY_UID_CONCEPT,
@@ -37,10 +40,15 @@ from .sr_change import (
     change_values,
 )
 from .sr_content import (
+    CONSOLIDATION_TRACKING_ID,
+    GGO_TRACKING_ID,
+    LESION_TRACKING_ID,
     QC_CONTAINER,
     QC_FLAG_CONCEPT,
     ReportedValue,
+    SegReference,
     SrSource,
+    consolidation_spec,
     seg_reference,
 )
 
@@ -59,6 +67,10 @@ _READ_ERRORS = (
 
 # (group, concept, unit, value, laterality) of one measurement, as compared
 _Key = tuple[str, str, str, float, str]
+_Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+)
 
 
 def _fail(shown: Path, what: str) -> OutputError:
@@ -186,7 +198,8 @@ def _check_change(
     comparison: SrComparison | None,
 ) -> None:
     """The change since the prior study is exactly ``comparison`` (absent when ``None``)."""
-    groups = report.get_image_measurement_groups()
+    groups = [g for g in report.get_image_measurement_groups()
+              if str(g.tracking_identifier) != LESION_TRACKING_ID]
     if comparison is None:
         if groups:
             raise _fail(shown, "it reports a change since a prior study; none expected")
@@ -194,16 +207,7 @@ def _check_change(
     if [str(g.tracking_identifier) for g in groups] != [CHANGE_TRACKING_ID]:
         raise _fail(shown, f"no single {CHANGE_TRACKING_ID!r} group")
     group = groups[0]
-    found = sorted(
-        (
-            CHANGE_TRACKING_ID,
-            _code_key(m.name),
-            _code_key(m.unit),
-            float(m.value),
-            _laterality(m),
-        )
-        for m in group.get_measurements()
-    )
+    found = sorted(_measured(CHANGE_TRACKING_ID, group))
     wanted = _expected_keys(change_values(comparison))
     if found != wanted:
         raise _fail(shown, f"change {found} differs from {wanted}")
@@ -226,6 +230,42 @@ def _check_change(
         raise _fail(shown, f"the Pertinent Other Evidence does not list the prior SEG {seg_uid}")
 
 
+def _measured(key: str, group: _Group) -> list[_Key]:
+    """A group's measurements as comparable keys, under tracking identifier ``key``."""
+    return [
+        (key, _code_key(m.name), _code_key(m.unit), float(m.value), _laterality(m))
+        for m in group.get_measurements()
+    ]
+
+
+def _check_algorithm(
+    group: _Group, shown: Path, ref: SegReference,
+    key: str, segment: str,
+) -> None:
+    """Group ``key`` names the algorithm the SEG records for ``segment``."""
+    names = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmName)
+    versions = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmVersion)
+    if [n.TextValue for n in names] != [ref.algorithms[segment][0]] or [
+        v.TextValue for v in versions
+    ] != [ref.algorithms[segment][1]]:
+        raise _fail(shown, f"group {key!r} lacks its segment's algorithm identification")
+
+
+def _lesion(report: hd.sr.MeasurementReport, shown: Path, ref: SegReference) -> list[_Key]:
+    """The lesion group's measurements (none without it); its finding and algorithm checked."""
+    found: list[_Key] = []
+    for group in report.get_image_measurement_groups():
+        if str(group.tracking_identifier) != LESION_TRACKING_ID:
+            continue
+        if _code_key(group.finding_type) != _code_key(
+            hd.sr.CodedConcept.from_code(LESION_FINDING)
+        ):
+            raise _fail(shown, f"group {LESION_TRACKING_ID!r} is not coded as a lesion")
+        _check_algorithm(group, shown, ref, LESION_TRACKING_ID, GGO_TRACKING_ID)
+        found += _measured(LESION_TRACKING_ID, group)
+    return found
+
+
 def verify_sr(
     path: Path,
     volume: CtVolume | SrSource,
@@ -242,7 +282,9 @@ def verify_sr(
     Checks: Comprehensive 3D SR; study and patient attributes equal the source's; the
     evidence lists the SEG; a Contributing Equipment item names the algorithm (with its
     Device UID); each measurement group references the SEG's SOP Instance UID and the
-    segment its tracking identifier names, with that segment's algorithm name and version;
+    segment its tracking identifier names, with that segment's algorithm name and version
+    (the consolidation group coded as the model's consolidation segment; the lesion group,
+    which references no segment, coded "Lesion" with the GGO segment's algorithm);
     the measurements (group, concept, unit, value, laterality) are exactly ``values``; the
     QC flags are exactly ``qc_flags``; the change since the prior study (values, trend, the
     prior study's UID and date, the prior SEG in the Pertinent Other Evidence) is exactly
@@ -283,22 +325,17 @@ def verify_sr(
             or segment.referenced_segment_numbers != [ref.segments[key]]
         ):
             raise _fail(shown, f"group {key!r} does not reference its SEG segment")
-        names = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmName)
-        versions = hd.sr.utils.find_content_items(group[0], name=codes.DCM.AlgorithmVersion)
-        if [n.TextValue for n in names] != [ref.algorithms[key][0]] or [
-            v.TextValue for v in versions
-        ] != [ref.algorithms[key][1]]:
-            raise _fail(shown, f"group {key!r} lacks its segment's algorithm identification")
-        found += [
-            (
-                key,
-                _code_key(measurement.name),
-                _code_key(measurement.unit),
-                float(measurement.value),
-                _laterality(measurement),
-            )
-            for measurement in group.get_measurements()
-        ]
+        _check_algorithm(group, shown, ref, key, key)
+        if key == CONSOLIDATION_TRACKING_ID and (spec := consolidation_spec(model)) and (
+            _code_key(group.finding_type)
+            != _code_key(hd.sr.CodedConcept.from_code(spec.property_type))
+        ):
+            raise _fail(shown, f"group {key!r} is not coded as the model's consolidation")
+        found += _measured(key, group)
+    try:
+        found += _lesion(report, shown, ref)
+    except _READ_ERRORS as exc:
+        raise _fail(shown, f"its lesion group cannot be read ({exc})") from exc
     if sorted(found) != _expected_keys(values):
         raise _fail(shown, f"measurements {sorted(found)} differ from {_expected_keys(values)}")
     _check_qc(report, shown, qc_flags)
