@@ -344,16 +344,7 @@ def _cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     config, resume = _train_config(args)
     started = time.perf_counter()
     result = train(config, resume=resume, progress=not args.no_progress)
-    return {
-        "seconds": round(time.perf_counter() - started, 1),
-        "run_dir": str(result.run_dir),
-        "best": str(result.best_path),
-        "best_fp16": str(result.best_fp16_path),
-        "best_epoch": result.best_epoch,
-        "best_val_dice": result.best_val_dice,
-        "epochs_run": result.epochs_run,
-        "stopped_early": result.stopped_early,
-    }
+    return result.summary(time.perf_counter() - started)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:

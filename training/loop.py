@@ -115,6 +115,19 @@ class TrainResult:
     stopped_early: bool
     history: tuple[EpochRecord, ...]
 
+    def summary(self, seconds: float) -> dict[str, Any]:
+        """The JSON summary a training command prints, with its wall ``seconds``."""
+        return {
+            "seconds": round(seconds, 1),
+            "run_dir": str(self.run_dir),
+            "best": str(self.best_path),
+            "best_fp16": str(self.best_fp16_path),
+            "best_epoch": self.best_epoch,
+            "best_val_dice": self.best_val_dice,
+            "epochs_run": self.epochs_run,
+            "stopped_early": self.stopped_early,
+        }
+
 
 def select_device(name: str = "auto") -> torch.device:
     """The one device-selection function: ``auto`` (CUDA if present), ``cpu``, ``cuda[:N]``.

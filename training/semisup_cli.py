@@ -76,13 +76,4 @@ def cmd_train_semisup(args: argparse.Namespace, train_fields: Collection[str]) -
     )
     started = time.perf_counter()
     result = train_semisup(config, semi, progress=not args.no_progress)
-    return {
-        "seconds": round(time.perf_counter() - started, 1),
-        "run_dir": str(result.run_dir),
-        "best": str(result.best_path),
-        "best_fp16": str(result.best_fp16_path),
-        "best_epoch": result.best_epoch,
-        "best_val_dice": result.best_val_dice,
-        "epochs_run": result.epochs_run,
-        "stopped_early": result.stopped_early,
-    }
+    return result.summary(time.perf_counter() - started)
