@@ -5,20 +5,28 @@ machine computes it the same way: the int8 recipe validated on an AVX-512 VNNI C
 42.0 mL of the demo's GGO there but 1.55 mL on an AVX2-only CPU, with the same digest (issue 14).
 So before a variant is first used on a machine, it and the plain float32 model (on the CPU) run
 on the *reference slices* shipped beside the model (``reference_slices.npz``: model-grid inputs
-with GGO, their choice and licences in the model card), and their GGO masks are compared:
+with GGO, their choice and licences in the model card), and their masks of every output channel
+(GGO; consolidation too in a two-class model, issue 20) are compared, channel by channel:
 
-- pooled GGO pixel count within :data:`MAX_GGO_CHANGE` (2 %) of float32's;
+- pooled pixel count within :data:`MAX_GGO_CHANGE` (2 %) of float32's;
 - pooled Dice of the two masks at least :data:`MIN_POOLED_DICE`;
-- on every slice where either mask has :data:`MIN_SLICE_PIXELS` GGO pixels, Dice at least
+- on every slice where either mask has :data:`MIN_SLICE_PIXELS` pixels, Dice at least
   :data:`MIN_SLICE_DICE` (a pooled figure alone missed the AVX2 failure: the COVID slices'
   counts moved 0.6 % while the phantom's and the real CT's GGO vanished).
+
+A channel after GGO with fewer than :data:`MIN_SLICE_PIXELS` pixels over all reference slices
+in both masks is reported as too sparse to compare and enters no test (its masks then differ
+by fewer pixels than a slice needs to be tested at all); GGO is always tested. A failure names
+its channel by the model's segment label in a model with more than one channel
+(``Consolidation: mask Dice 0.912 (limit 0.95)``); a one-channel model's verdict reads as
+before (:mod:`ggo_cli.onnx.variant_verdict`).
 
 The verdict is cached per machine in the user cache folder (``GGO_CACHE_DIR``, else the
 platform's, e.g. ``~/.cache/ggo-cli``), keyed by the CPU model and flags, the GPU name and
 driver (on CUDA), the ONNX Runtime version, the model file, the variant graph, the reference
-slices and these tolerances: later runs cost nothing, ``--force`` or a changed key runs it
-again. Concurrent processes (``--jobs`` workers) take a file lock, so one runs the check and
-the others read its verdict.
+slices and these tolerances (and, for a model with more than one channel, its segment labels):
+later runs cost nothing, ``--force`` or a changed key runs it again. Concurrent processes
+(``--jobs`` workers) take a file lock, so one runs the check and the others read its verdict.
 
 The tolerances and the verdict are in :mod:`ggo_cli.onnx.variant_verdict`, the cache and the
 machine's identity in :mod:`ggo_cli.onnx.verdict_cache`.
@@ -50,7 +58,7 @@ from .variant_verdict import (
     MIN_SLICE_PIXELS,
     CheckFigures,
     VariantCheck,
-    compare_masks,
+    compare_channels,
 )
 from .verdict_cache import (
     VerdictCache,
@@ -71,9 +79,10 @@ _PROCESS_STARTED = time.time()
 def _masks(
     session: Any, batch: npt.NDArray[np.float32], logit_threshold: float, *, on_cuda: bool
 ) -> npt.NDArray[np.bool_]:
+    """The masks of every output channel. Shape: ``(n, C, S, S)``."""
     def run(start: int, stop: int) -> npt.NDArray[np.bool_]:
         logits = session.run([OUTPUT_NAME], {INPUT_NAME: batch[start:stop]})[0]
-        return np.asarray(logits[:, 0] > logit_threshold)
+        return np.asarray(logits > logit_threshold)
 
     return np.concatenate(
         run_in_batches(run, batch.shape[0], batch_size=CHECK_BATCH, on_cuda=on_cuda,
@@ -111,7 +120,8 @@ def _measure(
     started = time.perf_counter()
     got = _masks(session, batch, logit_threshold, on_cuda=on_cuda)
     variant_s = (time.perf_counter() - started) / len(batch)
-    figures = compare_masks(want, got, reference.names)
+    labels = tuple(segment.label for segment in model.segments)
+    figures = compare_channels(want, got, reference.names, labels)
     return dataclasses.replace(
         figures, fp32_s_per_slice=round(fp32_s, 4), variant_s_per_slice=round(variant_s, 4)
     )
@@ -170,6 +180,12 @@ def check_variant(
         "reference_sha256": reference.sha256,
         "cuda_options": cuda_options or {},
     }
+    if model.n_channels > 1:
+        # Since issue 20 every channel is compared. A one-channel model is checked exactly as
+        # before, so its key stays as before (deployed machines keep their verdicts); a model
+        # with more channels gets an entry the old code never wrote, so a verdict cached by it
+        # (GGO only) is not reused. The labels name the channels in the verdict's reason.
+        key["channels"] = [segment.label for segment in model.segments]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
     known = verdicts.get(digest) if verdicts is not None else None
     if known is not None:
