@@ -64,6 +64,16 @@ TREND_NAME = "trend.png"
 GRADCAM_NPZ_NAME = "gradcam.npz"
 GRADCAM_FOLDER = "gradcam"
 
+
+def gradcam_names(target: str = "ggo") -> tuple[str, str]:
+    """The maps' file and the figures' folder of an explained class in a series folder:
+    ``gradcam.npz`` and ``gradcam/`` for GGO, ``gradcam_<target>.npz`` and
+    ``gradcam_<target>/`` for another (``ggo-cli explain --target consolidation``), so that
+    explaining one class never overwrites or mixes with the other's figures."""
+    if target == "ggo":
+        return GRADCAM_NPZ_NAME, GRADCAM_FOLDER
+    return f"gradcam_{target}.npz", f"gradcam_{target}"
+
 CPU_BATCH_SIZE = 1
 """Slices per batch on the CPU in float32. A batch of 4 took the same CPU seconds per slice on
 the 2-core CPU but held 0.9 GB more of ONNX Runtime's activations (0.2 GB at 1): the difference
@@ -326,7 +336,10 @@ class RunConfig:
         explain: whether GradCAM++ maps (``gradcam.npz``, ``gradcam/slice_NNNN.png``) are
             written, besides the SEG or alone (``ggo-cli explain``: no SEG, CSV, state).
         explain_layer: the explained layer; ``None`` takes the explain graph's default.
-        explain_slices: ``ggo`` (slices with predicted GGO) or ``all``.
+        explain_slices: ``ggo`` (slices with predicted GGO), ``target`` (slices with the
+            explained class) or ``all``.
+        explain_target: the explained class, ``ggo`` or ``consolidation`` (``ggo-cli explain
+            --target``; ``segment --explain`` explains GGO).
         precision: ``auto``, ``fp32``, ``fp16`` (CUDA) or ``int8`` (CPU)
             (:class:`ggo_cli.onnx.precision.Precision`).
         decode_workers: processes that decode pixel data (``None``: one per usable core, at
@@ -372,6 +385,7 @@ class RunConfig:
     explain: ExplainMode = ExplainMode.OFF
     explain_layer: str | None = None
     explain_slices: str = "ggo"
+    explain_target: str = "ggo"
     lung_mask: bool = True
     precision: Precision = Precision.AUTO
     decode_workers: int | None = None

@@ -108,48 +108,69 @@ EXPLAIN_GAIN = 50.0
 """Gain of the conv model's detector channels (logit per unit of windowed intensity)."""
 EXPLAIN_LO_HU = -750.0
 """The conv model marks pixels whose 3 x 3 mean exceeds this HU value."""
+EXPLAIN_HI_HU = -300.0
+"""The two-channel conv model's channel 1 (consolidation) marks 3 x 3 means above this."""
 
 
 def conv_explain_weights(
-    *, gain: float = EXPLAIN_GAIN, lo_hu: float = EXPLAIN_LO_HU
+    *,
+    gain: float = EXPLAIN_GAIN,
+    lo_hu: float = EXPLAIN_LO_HU,
+    channels: int = 1,
+    hi_hu: float = EXPLAIN_HI_HU,
 ) -> dict[str, Any]:
     """Weights of the conv model: ``A = Relu(Conv3x3(image))`` (K = 2), ``logits = v . A + b``.
 
     Channel 0 fires on pixels brighter than ``lo_hu`` (3 x 3 mean), channel 1 on darker ones;
-    ``v = (1, -1)``, ``b = 0``, so the logit is ``gain * (mean3x3(u) - lo)``.
+    ``v = (1, -1)``, ``b = 0``, so the logit is ``gain * (mean3x3(u) - lo)``. With
+    ``channels=2`` two more activation channels do the same about ``hi_hu`` (K = 4) and the
+    second logit (consolidation) is ``gain * (mean3x3(u) - hi)``.
     """
     import numpy as np
 
-    lo = hu_to_unit(lo_hu)
-    w1 = np.zeros((2, 1, 3, 3), dtype=np.float32)
-    w1[0] = gain / 9.0
-    w1[1] = -gain / 9.0
-    return {
-        "w1": w1,
-        "b1": np.array([-gain * lo, gain * lo], dtype=np.float32),
-        "v": np.array([1.0, -1.0], dtype=np.float32).reshape(1, 2, 1, 1),
-        "b": np.zeros(1, dtype=np.float32),
-    }
+    thresholds = [hu_to_unit(lo_hu)] + ([hu_to_unit(hi_hu)] if channels == 2 else [])
+    k = 2 * len(thresholds)
+    w1 = np.zeros((k, 1, 3, 3), dtype=np.float32)
+    w1[0::2] = gain / 9.0
+    w1[1::2] = -gain / 9.0
+    b1 = np.array([x for t in thresholds for x in (-gain * t, gain * t)], dtype=np.float32)
+    v = np.zeros((len(thresholds), k, 1, 1), dtype=np.float32)
+    for c in range(len(thresholds)):
+        v[c, 2 * c, 0, 0], v[c, 2 * c + 1, 0, 0] = 1.0, -1.0
+    return {"w1": w1, "b1": b1, "v": v, "b": np.zeros(len(thresholds), dtype=np.float32)}
 
 
 def conv_explain_model(
-    size: int = 64, *, stride: int = 1, explain: bool = True, **kw: float
+    size: int = 64,
+    *,
+    stride: int = 1,
+    explain: bool = True,
+    channels: int = 1,
+    target_planes: int | None = None,
+    **kw: float,
 ) -> onnx.ModelProto:
     """The conv model (``explain=False``) or its explain graph with analytic gradients.
 
-    Layer ``conv`` is ``A = Relu(Conv3x3(image, stride))`` ``[N, 2, S/stride, S/stride]``;
-    layer ``head`` is ``z = Conv1x1(A, v) + b`` ``[N, 1, S/stride, S/stride]``; ``logits`` is
+    Layer ``conv`` is ``A = Relu(Conv3x3(image, stride))`` ``[N, K, S/stride, S/stride]``;
+    layer ``head`` is ``z = Conv1x1(A, v) + b`` ``[N, C, S/stride, S/stride]``; ``logits`` is
     ``z`` repeated ``stride x stride`` (nearest). With ``Score = sum(sigmoid(logits) * target)``
-    and ``q = s (1 - s) target``: ``dScore/dz = sum of q over each stride x stride block`` and
-    ``dScore/dA_k = v_k dScore/dz``, built here from ONNX operators.
+    (``target`` ``[N, C, S, S]``) and ``q = s (1 - s) target``: ``dScore/dz = sum of q over
+    each stride x stride block`` and ``dScore/dA_k = sum_c v_ck dScore/dz_c``, built here from
+    ONNX operators. ``target_planes=1`` with two channels gives the graph a one-plane target
+    (GGO only, zero-padded inside the graph), as graphs exported before issue 20.
     """
+    import numpy as np
     from onnx import numpy_helper
 
-    weights = conv_explain_weights(**kw)
+    weights = conv_explain_weights(channels=channels, **kw)
+    k = weights["w1"].shape[0]
     small = size // stride
     image = helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, size, size])
-    target = helper.make_tensor_value_info("target", TensorProto.FLOAT, ["N", 1, size, size])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1, size, size])
+    planes = channels if target_planes is None else target_planes
+    target = helper.make_tensor_value_info("target", TensorProto.FLOAT, ["N", planes, size, size])
+    logits = helper.make_tensor_value_info(
+        "logits", TensorProto.FLOAT, ["N", channels, size, size]
+    )
     inits = [numpy_helper.from_array(value, name) for name, value in weights.items()]
     if stride > 1:
         inits.append(helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, stride, stride]))
@@ -184,8 +205,14 @@ def conv_explain_model(
             helper.make_node("Sigmoid", ["logits"], ["s"]),
             helper.make_node("Sub", ["one", "s"], ["one_minus_s"]),
             helper.make_node("Mul", ["s", "one_minus_s"], ["ds"]),
-            helper.make_node("Mul", ["ds", "target"], ["q"]),
+            helper.make_node(
+                "Mul", ["ds", "target" if planes == channels else "target_padded"], ["q"]
+            ),
         ]
+        if planes != channels:
+            pads = [0, 0, 0, 0, 0, channels - planes, 0, 0]
+            inits.append(helper.make_tensor("target_pads", TensorProto.INT64, [8], pads))
+            nodes.insert(-1, helper.make_node("Pad", ["target", "target_pads"], ["target_padded"]))
         if stride > 1:
             nodes += [
                 helper.make_node(
@@ -199,12 +226,17 @@ def conv_explain_model(
             ]
         else:
             nodes.append(helper.make_node("Identity", ["q"], ["gradients.head"]))
-        nodes.append(helper.make_node("Mul", ["gradients.head", "v"], ["gradients.conv"]))
-        for name, channels in (("conv", 2), ("head", 1)):
+        if channels == 1:
+            nodes.append(helper.make_node("Mul", ["gradients.head", "v"], ["gradients.conv"]))
+        else:  # dScore/dA = v^T dScore/dz: a 1 x 1 convolution with the transposed weights
+            v_t = np.ascontiguousarray(weights["v"].transpose(1, 0, 2, 3))
+            inits.append(numpy_helper.from_array(v_t, "v_t"))
+            nodes.append(helper.make_node("Conv", ["gradients.head", "v_t"], ["gradients.conv"]))
+        for name, planes in (("conv", k), ("head", channels)):
             for kind in ("activations", "gradients"):
                 outputs.append(
                     helper.make_tensor_value_info(
-                        f"{kind}.{name}", TensorProto.FLOAT, ["N", channels, small, small]
+                        f"{kind}.{name}", TensorProto.FLOAT, ["N", planes, small, small]
                     )
                 )
     graph = helper.make_graph(nodes, "conv-explain", inputs, outputs, initializer=inits)
@@ -229,26 +261,40 @@ def stamp_explain_metadata(proto: onnx.ModelProto, meta: dict[str, Any]) -> dict
 
 
 def write_conv_explain_pair(
-    folder: Path, size: int = 64, *, stride: int = 1, **overrides: Any
+    folder: Path,
+    size: int = 64,
+    *,
+    stride: int = 1,
+    channels: int = 1,
+    explain_channels: int | None = None,
+    **overrides: Any,
 ) -> tuple[Path, Path]:
     """Write the conv ``model.onnx`` and its ``explain.onnx`` into ``folder``.
 
+    ``channels=2`` writes the two-class model (GGO, consolidation with its SNOMED CT code);
+    ``explain_channels=1`` then pairs it with a GGO-only explain graph (the one-channel graph
+    of the same GGO weights, as exported before two-class models).
     ``overrides`` replace keys of the explain metadata (e.g. ``model_sha256``).
 
     Returns:
         ``(model path, explain path)``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    model = conv_explain_model(size, stride=stride, explain=False)
-    model_meta = stamp_metadata(model, base_metadata(size, name="test-conv"))
+    model = conv_explain_model(size, stride=stride, explain=False, channels=channels)
+    segments = [GGO_SEGMENT, CONSOLIDATION_SEGMENT][:channels]
+    model_meta = stamp_metadata(
+        model, base_metadata(size, name="test-conv", segments=segments)
+    )
     model_path = folder / "model.onnx"
     onnx.save(model, str(model_path))
-    explain = conv_explain_model(size, stride=stride, explain=True)
+    explain = conv_explain_model(
+        size, stride=stride, explain=True, channels=channels, target_planes=explain_channels
+    )
     meta: dict[str, Any] = {
         "model_sha256": model_meta["sha256"],
         "layers": ["conv", "head"],
         "default_layer": "conv",
-        "score": "sum(sigmoid(logits[:, 0]) * target)",
+        "score": "sum(sigmoid(logits) * target)",
         "faithfulness": {"measured": False},
     }
     meta.update(overrides)

@@ -5,7 +5,9 @@ The explain graph and its contract (inputs, outputs, metadata) are in
 
 The CAM of a slice is GradCAM++ (Chattopadhyay et al., WACV 2018, equation 19) at the chosen
 layer, mapped to the source pixel grid and min-max normalised per slice (:func:`cam_to_source`).
-The target is the predicted GGO itself, so the map answers "which pixels drove this GGO call".
+The target is the predicted class itself (GGO by default, consolidation with
+``--target consolidation`` for a model with a consolidation channel), so the map answers "which
+pixels drove this GGO (consolidation) call".
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..onnx.explain_graph import (
 )
 from ..onnx.model_info import INPUT_NAME, ModelInfo
 from ..onnx.runtime import create_session
+from .measurements import consolidation_channel
 from .onnx_session import OnnxSessionBase, check_batch_size
 from .preprocessing import GridMapping, bilinear_matrix, preprocess_hu, to_model_grid
 
@@ -45,10 +48,62 @@ FloatArray = npt.NDArray[np.float32]
 
 
 class ExplainSlices(StrEnum):
-    """Which slices :meth:`OnnxExplainer.explain` explains."""
+    """Which slices :meth:`OnnxExplainer.explain` explains: those with predicted GGO, those
+    with the explained class (``target``: GGO or consolidation), or all."""
 
     GGO = "ggo"
+    TARGET = "target"
     ALL = "all"
+
+
+class ExplainTarget(StrEnum):
+    """The class whose predicted voxels the GradCAM++ score sums."""
+
+    GGO = "ggo"
+    CONSOLIDATION = "consolidation"
+
+
+LABEL_GGO = 1
+LABEL_CONSOLIDATION = 2
+"""Values of :attr:`Explanation.labels` (those of the COVID-SemiSeg masks: 1 GGO, 2
+consolidation)."""
+
+
+def target_channel(model: ModelInfo, explain: ExplainInfo, target: str) -> int:
+    """The model channel that ``target`` explains, checked against the model and the graph.
+
+    Args:
+        model: the validated segmentation model.
+        explain: its validated explain graph.
+        target: ``ggo`` or ``consolidation``.
+
+    Returns:
+        The channel index (0 for GGO).
+
+    Raises:
+        InputError: an unknown target, or consolidation asked of a model without that channel.
+        ModelError: the explain graph's score cannot target that channel (a graph exported
+            before two-class models, whose ``target`` has one plane).
+    """
+    try:
+        choice = ExplainTarget(target.lower())
+    except ValueError:
+        raise InputError(f"invalid --target {target!r}; use ggo or consolidation") from None
+    if choice is ExplainTarget.GGO:
+        return 0
+    channel = consolidation_channel(model.segments)
+    if channel is None:
+        raise InputError(
+            f"--target consolidation: model {model.name} has no consolidation channel "
+            f"(its segments: {', '.join(spec.label for spec in model.segments)})"
+        )
+    if not explain.explains_channel(channel):
+        raise ModelError(
+            f"explain graph {explain.path.name} explains GGO only (its target has "
+            f"{explain.target_channels} plane); export it again with `python -m training "
+            "export-explain` to explain consolidation"
+        )
+    return channel
 
 
 def gradcam_plus_plus(
@@ -175,22 +230,49 @@ def cam_to_source(cam: FloatArray, *, size: int, rows: int, cols: int) -> FloatA
     return normalise_per_slice(on_source)
 
 
-def model_grid_target(ggo: npt.NDArray[np.bool_], size: int) -> FloatArray:
-    """The predicted GGO (source grid) as the graph's binary ``target`` on the model grid.
+def model_grid_target(
+    mask: npt.NDArray[np.bool_], size: int, *, planes: int = 1, channel: int = 0
+) -> FloatArray:
+    """A predicted class (source grid) as the graph's binary ``target`` on the model grid.
 
     The mask is letterboxed and resized exactly like the image (:func:`to_model_grid`) and
     thresholded at :data:`TARGET_THRESHOLD`; when the slice already has the model's size this
-    is the predicted GGO pixel for pixel.
+    is the predicted class pixel for pixel. It fills plane ``channel``; the other planes
+    (other classes) are zero.
 
     Args:
-        ggo: predicted GGO on the source grid. Shape: ``(n, rows, cols)``.
+        mask: the predicted class on the source grid. Shape: ``(n, rows, cols)``.
         size: the model's input size S.
+        planes: planes of the graph's ``target`` (:attr:`ExplainInfo.target_channels`).
+        channel: the explained class's model channel.
 
     Returns:
-        float32 0/1 target. Shape: ``(n, 1, size, size)``.
+        float32 0/1 target. Shape: ``(n, planes, size, size)``.
     """
-    on_grid = to_model_grid(ggo.astype(np.float32), size)
-    return (on_grid > TARGET_THRESHOLD).astype(np.float32)[:, None, :, :]
+    on_grid = to_model_grid(mask.astype(np.float32), size)
+    target = np.zeros((mask.shape[0], planes, size, size), dtype=np.float32)
+    target[:, channel] = on_grid > TARGET_THRESHOLD
+    return target
+
+
+def label_map(
+    prediction: Prediction, indices: Sequence[int], channel: int
+) -> npt.NDArray[np.uint8]:
+    """GGO (1) and consolidation (2) of some slices as one label map (0: neither).
+
+    Args:
+        prediction: the masks (GGO and consolidation exclusive, as the pipeline leaves them;
+            a voxel in both would be labelled consolidation).
+        indices: the slices.
+        channel: the consolidation channel.
+
+    Returns:
+        uint8 labels. Shape: ``(len(indices), rows, cols)``.
+    """
+    chosen = list(indices)
+    labels = prediction.ggo[chosen].astype(np.uint8) * np.uint8(LABEL_GGO)
+    labels[prediction.masks[chosen, ..., channel]] = LABEL_CONSOLIDATION
+    return labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +283,12 @@ class Explanation:
         slice_indices: 0-based slice indices along the sorted volume, increasing.
         sop_instance_uids: SOPInstanceUID of each explained slice.
         cam: float32 maps in ``[0, 1]``. Shape: ``(k, rows, cols)``.
-        mask: the predicted GGO used as the target, uint8 0/1. Shape: ``(k, rows, cols)``.
+        mask: the predicted class used as the target, uint8 0/1. Shape: ``(k, rows, cols)``.
         layer: the target layer.
+        target: the explained class (:class:`ExplainTarget` value).
+        labels: for a model with a consolidation channel, both predicted classes of the
+            explained slices (:data:`LABEL_GGO`, :data:`LABEL_CONSOLIDATION`, 0 neither), uint8;
+            ``None`` for a one-channel model (``mask`` is then the GGO).
     """
 
     slice_indices: tuple[int, ...]
@@ -210,14 +296,23 @@ class Explanation:
     cam: FloatArray
     mask: npt.NDArray[np.uint8]
     layer: str
+    target: str = ExplainTarget.GGO.value
+    labels: npt.NDArray[np.uint8] | None = None
 
 
-def select_slices(ggo: npt.NDArray[np.bool_], slices: str | Sequence[int]) -> tuple[int, ...]:
+def select_slices(
+    ggo: npt.NDArray[np.bool_],
+    slices: str | Sequence[int],
+    *,
+    target: npt.NDArray[np.bool_] | None = None,
+) -> tuple[int, ...]:
     """Resolve a slice selection to sorted 0-based indices.
 
     Args:
         ggo: the predicted GGO. Shape: ``(slices, rows, cols)``.
-        slices: ``"ggo"`` (slices with predicted GGO), ``"all"``, or 0-based indices.
+        slices: ``"ggo"`` (slices with predicted GGO), ``"target"`` (slices with the explained
+            class), ``"all"``, or 0-based indices.
+        target: the explained class's mask for ``"target"`` (``None``: the GGO).
 
     Returns:
         Sorted unique indices.
@@ -231,11 +326,12 @@ def select_slices(ggo: npt.NDArray[np.bool_], slices: str | Sequence[int]) -> tu
             choice = ExplainSlices(slices.lower())
         except ValueError:
             raise InputError(
-                f"invalid slice selection {slices!r}; use ggo, all or slice indices"
+                f"invalid slice selection {slices!r}; use ggo, target, all or slice indices"
             ) from None
         if choice is ExplainSlices.ALL:
             return tuple(range(n))
-        return tuple(np.flatnonzero(ggo.reshape(n, -1).any(axis=1)).tolist())
+        chosen = target if choice is ExplainSlices.TARGET and target is not None else ggo
+        return tuple(np.flatnonzero(chosen.reshape(n, -1).any(axis=1)).tolist())
     indices = sorted({int(i) for i in slices})
     bad = [i for i in indices if not 0 <= i < n]
     if bad:
@@ -244,7 +340,7 @@ def select_slices(ggo: npt.NDArray[np.bool_], slices: str | Sequence[int]) -> tu
 
 
 class OnnxExplainer(OnnxSessionBase):
-    """Runs an explain graph over CT volumes and returns GradCAM++ maps of the predicted GGO.
+    """Runs an explain graph over CT volumes and returns GradCAM++ maps of a predicted class.
 
     Args:
         model: the validated segmentation model (window, input size).
@@ -252,13 +348,14 @@ class OnnxExplainer(OnnxSessionBase):
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: slices per batch; ``None`` picks 16 on CUDA and 1 on the CPU.
         layer: target layer; ``None`` takes the graph's default.
+        target: the explained class, ``ggo`` or ``consolidation`` (:func:`target_channel`).
         intra_op_threads: threads of its CPU session (a ``--jobs`` worker's share,
             :attr:`ggo_cli.host.HostLimits.intra_op_threads`); ``None``: ONNX Runtime's default.
 
     Raises:
-        InputError: unknown layer, bad device or batch size.
+        InputError: unknown layer or target, bad device or batch size.
         DeviceError: CUDA requested but not usable.
-        ModelError: the session cannot be created.
+        ModelError: the session cannot be created, or the graph cannot explain the target.
     """
 
     def __init__(
@@ -269,10 +366,14 @@ class OnnxExplainer(OnnxSessionBase):
         device: str | DeviceRequest = "auto",
         batch_size: int | None = None,
         layer: str | None = None,
+        target: str = ExplainTarget.GGO,
         intra_op_threads: int | None = None,
     ) -> None:
         if explain.model_sha256 != model.recorded_sha256:
             raise ModelError(f"explain graph {explain.path.name} pairs with another model")
+        self.channel = target_channel(model, explain, target)
+        self.target = ExplainTarget(target.lower())
+        self._consolidation = consolidation_channel(model.segments)
         self.layer = explain.default_layer if layer is None else layer
         if self.layer not in explain.layers:
             raise InputError(
@@ -292,7 +393,8 @@ class OnnxExplainer(OnnxSessionBase):
         self._use_session(session, request, batch_size)
         self._outputs = [activations_name(self.layer), gradients_name(self.layer)]
         log.info(
-            "explain layer %s on %s (providers %s), batch %d",
+            "explain %s, layer %s on %s (providers %s), batch %d",
+            self.target.value,
             self.layer,
             self.device_label,
             ",".join(self.providers),
@@ -306,7 +408,8 @@ class OnnxExplainer(OnnxSessionBase):
 
         Args:
             image: model input. Shape: ``(n, 1, S, S)``.
-            target: 0/1 target on the model grid. Shape: ``(n, 1, S, S)``.
+            target: 0/1 target on the model grid. Shape: ``(n, T, S, S)``, ``T`` the graph's
+                target planes.
 
         Returns:
             float32 maps, not normalised. Shape: ``(n, h, w)``.
@@ -337,18 +440,20 @@ class OnnxExplainer(OnnxSessionBase):
         slices: str | Sequence[int] = ExplainSlices.GGO,
         on_slices: Callable[[int], None] | None = None,
     ) -> Explanation:
-        """GradCAM++ maps of the predicted GGO on the chosen slices.
+        """GradCAM++ maps of the predicted class (GGO or consolidation) on the chosen slices.
 
-        The target of each slice is its predicted GGO (``prediction.ggo``, i.e. after the
-        threshold actually used), brought to the model grid by :func:`model_grid_target`. A
+        The target of each slice is its predicted class (``prediction.masks`` of the target's
+        channel, i.e. after the threshold actually used, the GGO/consolidation exclusion and
+        the lung restriction), brought to the model grid by :func:`model_grid_target`. A
         slice whose target is empty has a zero score gradient, hence alpha = 0 and a CAM of
-        zeros; such slices (e.g. with ``slices="all"``, or GGO specks that vanish when a larger
+        zeros; such slices (e.g. with ``slices="all"``, or specks that vanish when a larger
         slice is shrunk to the model grid) get zeros without running the graph.
 
         Args:
             volume: the CT volume.
             prediction: its segmentation. Shape of ``masks``: ``(slices, rows, cols, C)``.
-            slices: ``"ggo"`` (default: slices with predicted GGO), ``"all"``, or indices.
+            slices: ``"ggo"`` (default: slices with predicted GGO), ``"target"`` (slices with
+                the explained class), ``"all"``, or indices.
             on_slices: optional callback with the number of slices just finished.
 
         Returns:
@@ -365,14 +470,23 @@ class OnnxExplainer(OnnxSessionBase):
                 f"prediction shape {prediction.ggo.shape} does not match the volume "
                 f"{volume.hu.shape}"
             )
-        indices = select_slices(prediction.ggo, slices)
+        explained = prediction.masks[..., self.channel]
+        indices = select_slices(prediction.ggo, slices, target=explained)
         size = self.model.input_size
-        mask = prediction.ggo[list(indices)].astype(np.uint8)
+        planes = self.explain_info.target_channels
+        mask = explained[list(indices)].astype(np.uint8)
+        labels = (
+            None
+            if self._consolidation is None or prediction.masks.shape[-1] <= self._consolidation
+            else label_map(prediction, indices, self._consolidation)
+        )
         cam = np.zeros((len(indices), rows, cols), dtype=np.float32)
         step = self.batch_size
         for start in range(0, len(indices), step):
             chosen = np.asarray(indices[start : start + step], dtype=np.int64)
-            target = model_grid_target(prediction.ggo[chosen], size)
+            target = model_grid_target(
+                explained[chosen], size, planes=planes, channel=self.channel
+            )
             active = np.flatnonzero(target.reshape(len(chosen), -1).any(axis=1))
             if active.size:
                 image = preprocess_hu(
@@ -392,4 +506,6 @@ class OnnxExplainer(OnnxSessionBase):
             cam=cam,
             mask=mask,
             layer=self.layer,
+            target=self.target.value,
+            labels=labels,
         )

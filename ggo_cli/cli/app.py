@@ -22,7 +22,7 @@ from typing import Annotated, ParamSpec
 import typer
 
 from .. import __version__
-from ..analysis.explainer import ExplainSlices
+from ..analysis.explainer import ExplainSlices, ExplainTarget
 from ..config import (
     AXIAL_TOLERANCE_DEG,
     MIN_SLICES,
@@ -96,6 +96,7 @@ from .options import (
     SlicesOpt,
     SpacingToleranceOpt,
     SrOpt,
+    TargetOpt,
     ThresholdOpt,
 )
 from .report import report_after_run, report_command
@@ -349,7 +350,8 @@ def segment(
     epilog=(
         "Examples:\n\n"
         "  ggo-cli explain /data/studies --out results\n\n"
-        "  ggo-cli explain /data/studies --out results --slices all --layer decoder.2"
+        "  ggo-cli explain /data/studies --out results --slices all --layer decoder.2\n\n"
+        "  ggo-cli explain /data/studies --out results --target consolidation"
     )
 )
 @guarded
@@ -361,7 +363,8 @@ def explain(
     batch_size: BatchOpt = None,
     threshold: ThresholdOpt = None,
     layer: LayerOpt = None,
-    slices: SlicesOpt = ExplainSlices.GGO,
+    target: TargetOpt = ExplainTarget.GGO,
+    slices: SlicesOpt = ExplainSlices.TARGET,
     series: SeriesOpt = None,
     min_slices: MinSlicesOpt = MIN_SLICES,
     settle: SettleOpt = SETTLE_MINUTES,
@@ -371,7 +374,8 @@ def explain(
     no_progress: NoProgressOpt = False,
     as_json: JsonOpt = False,
 ) -> int:
-    """Draw GradCAM++ heat maps of what drove each GGO call, with ONNX Runtime alone.
+    """Draw GradCAM++ heat maps of what drove each GGO call (or consolidation call, with
+    --target consolidation), with ONNX Runtime alone.
 
     Writes per series <out>/<StudyInstanceUID>/<SeriesInstanceUID>/gradcam.npz (cam, mask,
     sop_instance_uids) and gradcam/slice_NNNN.png (CT | segmentation | GradCAM++). Needs
@@ -391,6 +395,7 @@ def explain(
         explain=ExplainMode.ONLY,
         layer=layer,
         slices=slices,
+        target=target,
         lung_mask=lung_mask,
         jobs=jobs,
         group_readable=group_readable,

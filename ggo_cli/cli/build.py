@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..analysis.explainer import ExplainSlices
+from ..analysis.explainer import ExplainSlices, ExplainTarget
 from ..config import (
     ENV_MODEL,
     ENV_PSEUDONYM_SALT,
@@ -63,6 +63,7 @@ def build_run_config(
     explain: ExplainMode = ExplainMode.OFF,
     layer: str | None = None,
     slices: ExplainSlices = ExplainSlices.GGO,
+    target: ExplainTarget = ExplainTarget.GGO,
     lung_mask: bool = True,
     precision: Precision = Precision.AUTO,
     decode_workers: int | None = None,
@@ -95,6 +96,7 @@ def build_run_config(
         explain: whether GradCAM++ maps are written, besides the SEG or alone.
         layer: ``--layer``.
         slices: ``--slices``.
+        target: ``--target`` (``ggo-cli explain``).
         lung_mask: ``--lung-mask/--no-lung-mask``.
         precision: ``--precision``.
         decode_workers: ``--decode-workers``.
@@ -145,6 +147,7 @@ def build_run_config(
         explain=explain,
         explain_layer=layer,
         explain_slices=slices.value,
+        explain_target=target.value,
         lung_mask=lung_mask,
         precision=precision,
         decode_workers=decode_workers,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..analysis.explainer import ExplainSlices
+from ..analysis.explainer import ExplainSlices, ExplainTarget
 from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode, ScMode, SegFrames
 from ..onnx.precision import Precision
 
@@ -55,7 +55,19 @@ LayerOpt = Annotated[
 ]
 SlicesOpt = Annotated[
     ExplainSlices,
-    typer.Option("--slices", help="ggo: slices with predicted GGO; all: every slice."),
+    typer.Option(
+        "--slices",
+        help="ggo: slices with predicted GGO; target: slices with the explained class "
+        "(--target); all: every slice.",
+    ),
+]
+TargetOpt = Annotated[
+    ExplainTarget,
+    typer.Option(
+        "--target",
+        help="Class whose predicted voxels the heat map explains: ggo, or consolidation (a "
+        "model with a consolidation channel and an explain graph exported for it).",
+    ),
 ]
 PrecisionOpt = Annotated[
     Precision,

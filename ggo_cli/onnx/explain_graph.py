@@ -6,10 +6,13 @@ never here. The graph ``explain.onnx`` lives beside ``model.onnx`` and carries i
 backward pass:
 
 - inputs ``image`` float32 ``[N, 1, S, S]`` (the model's preprocessing) and ``target`` float32
-  ``[N, 1, S, S]`` (the binary GGO mask on the model grid);
+  ``[N, T, S, S]``: one plane per model channel (``T = C``), the binary mask of the explained
+  class on the model grid in its channel's plane and zeros elsewhere; graphs exported before
+  issue 20 have ``T = 1`` (GGO only) and stay valid for GGO;
 - outputs, in order: ``logits`` ``[N, C, S, S]``, then for each layer ``L`` of the metadata's
   ``layers``: ``activations.L`` ``[N, K, h, w]`` and ``gradients.L`` ``[N, K, h, w]``, the
-  gradient of ``Score_n = sum(sigmoid(logits[n, 0]) * target[n, 0])`` with respect to them;
+  gradient of ``Score_n = sum_c sum(sigmoid(logits[n, c]) * target[n, c])`` with respect to
+  them (for ``T = 1`` the GGO channel's term alone);
 - ``metadata_props`` key ``ggo_cli_explain``: JSON with ``model_sha256`` (equal to the paired
   model's recorded digest), ``layers``, ``default_layer``, ``score``, ``sha256`` (graph digest as
   in :mod:`ggo_cli.onnx.model_info`) and ``faithfulness`` (how the default layer was chosen).
@@ -66,6 +69,8 @@ class ExplainInfo:
         file_sha256: SHA-256 of the file's bytes (for manifests).
         faithfulness: the measurement behind ``default_layer``, as recorded.
         metadata: the whole ``ggo_cli_explain`` object.
+        target_channels: planes of the ``target`` input: the model's channel count, or 1 for
+            a graph that explains GGO only.
     """
 
     path: Path
@@ -77,6 +82,11 @@ class ExplainInfo:
     file_sha256: str
     faithfulness: Any = field(repr=False)
     metadata: Mapping[str, Any] = field(repr=False)
+    target_channels: int = 1
+
+    def explains_channel(self, channel: int) -> bool:
+        """Whether the graph's score can target model channel ``channel``."""
+        return 0 <= channel < self.target_channels
 
 
 def _fail(path: Path, message: str) -> ModelError:
@@ -127,8 +137,9 @@ def _dims(value_info: Any) -> list[int | str]:
     ]
 
 
-def _check_io(graph: Any, layers: Sequence[str], model: ModelInfo, path: Path) -> None:
-    """Check input and output names, order, types and the static dimensions against the model."""
+def _check_io(graph: Any, layers: Sequence[str], model: ModelInfo, path: Path) -> int:
+    """Check input and output names, order, types and the static dimensions against the model;
+    return the planes of ``target`` (1, or the model's channels)."""
     initializers = {init.name for init in graph.initializer}
     inputs = {vi.name: vi for vi in graph.input if vi.name not in initializers}
     if sorted(inputs) != sorted([INPUT_NAME, TARGET_NAME]):
@@ -144,10 +155,19 @@ def _check_io(graph: Any, layers: Sequence[str], model: ModelInfo, path: Path) -
             f"outputs must be {expected} (metadata layers order)"
             + (f"; missing {missing}" if missing else f", got {list(outputs)}"),
         )
+    target_dims = _dims(inputs[TARGET_NAME])
+    planes = target_dims[1] if len(target_dims) == 4 else 1  # a bad rank fails below
+    if planes not in (1, model.n_channels):
+        raise _fail(
+            path,
+            f"{TARGET_NAME!r} has {planes} planes; expected 1 (GGO only) or one per model "
+            f"channel ({model.n_channels})",
+        )
+    target_planes = int(planes)
     # (value, channels, spatial size S); layer outputs have free channels and resolution.
     checks: list[tuple[Any, int | None, bool]] = [
         (inputs[INPUT_NAME], 1, True),
-        (inputs[TARGET_NAME], 1, True),
+        (inputs[TARGET_NAME], target_planes, True),
         (outputs[OUTPUT_NAME], model.n_channels, True),
     ]
     checks += [(outputs[name], None, False) for name in expected[1:]]
@@ -169,6 +189,7 @@ def _check_io(graph: Any, layers: Sequence[str], model: ModelInfo, path: Path) -
             isinstance(x, int) and isinstance(y, int) and x != y for x, y in zip(a, g, strict=True)
         ):
             raise _fail(path, f"layer {layer!r}: activations {a} and gradients {g} differ")
+    return target_planes
 
 
 def load_explain_info(path: Path, model: ModelInfo) -> ExplainInfo:
@@ -203,7 +224,7 @@ def load_explain_info(path: Path, model: ModelInfo) -> ExplainInfo:
     if not isinstance(meta, dict):
         raise _fail(path, f"{EXPLAIN_METADATA_KEY!r} metadata must be a JSON object")
     fields = _parse_metadata(meta, model, path)
-    _check_io(proto.graph, fields["layers"], model, path)
+    target_channels = _check_io(proto.graph, fields["layers"], model, path)
     actual = graph_sha256(proto.graph.SerializeToString(deterministic=True))
     if actual != fields["recorded_sha256"]:
         raise _fail(
@@ -211,7 +232,13 @@ def load_explain_info(path: Path, model: ModelInfo) -> ExplainInfo:
             f"graph sha256 {actual[:12]}... does not match the recorded "
             f"{fields['recorded_sha256'][:12]}...; the file was altered or is corrupt",
         )
-    return ExplainInfo(path=path, file_sha256=file_sha256(path), metadata=meta, **fields)
+    return ExplainInfo(
+        path=path,
+        file_sha256=file_sha256(path),
+        metadata=meta,
+        target_channels=target_channels,
+        **fields,
+    )
 
 
 def layer_subgraph(path: Path, layer: str) -> bytes:

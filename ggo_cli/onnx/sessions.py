@@ -69,6 +69,7 @@ class Sessions:
                 device=self.device,
                 batch_size=self.cfg.batch_size,
                 layer=self.cfg.explain_layer,
+                target=self.cfg.explain_target,
                 intra_op_threads=self.limits.intra_op_threads,
             )
         return self._explainer

@@ -29,8 +29,6 @@ from ..analysis.lungs import LungMasks
 from ..analysis.measurements import consolidation_channel
 from ..analysis.segmenter import OnnxSegmenter
 from ..config import (
-    GRADCAM_FOLDER,
-    GRADCAM_NPZ_NAME,
     OVERLAY_NAME,
     SC_FOLDER,
     SC_GRADCAM_FOLDER,
@@ -40,6 +38,7 @@ from ..config import (
     RunConfig,
     ScMode,
     SegFrames,
+    gradcam_names,
 )
 from ..domain import (
     ConsolidationMeasurement,
@@ -306,18 +305,25 @@ def explain_series(
         OutputError: a file cannot be written.
     """
     explanation = explainer.explain(volume, prediction, slices=slices)
-    npz = write_gradcam_npz(folder / GRADCAM_NPZ_NAME, explanation, tree=tree)
+    npz_name, figures_name = gradcam_names(explanation.target)
+    npz = write_gradcam_npz(folder / npz_name, explanation, tree=tree)
+    figures_folder = folder / figures_name
     pngs = write_gradcam_pngs(
         volume,
         explanation,
-        folder / GRADCAM_FOLDER,
+        figures_folder,
         window_center_hu=explainer.model.window_center_hu,
         window_width_hu=explainer.model.window_width_hu,
         tree=tree,
     )
+    # Figures of slices this run did not explain (an earlier run's other selection) would
+    # mix with this run's maps.
+    if figures_folder.is_dir() and not figures_folder.is_symlink():
+        _remove_stale(sorted(figures_folder.glob("slice_*.png")), keep=pngs)
     log.info(
-        "series %s: GradCAM++ (%s) on %d slices",
+        "series %s: GradCAM++ of %s (%s) on %d slices",
         volume.series.series_instance_uid,
+        explanation.target,
         explanation.layer,
         len(explanation.slice_indices),
     )

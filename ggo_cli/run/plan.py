@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from ..analysis.explainer import target_channel
 from ..config import (
     CSV_NAME,
     ExplainMode,
@@ -230,12 +231,15 @@ class RunPlan:
             scrubbed = store.scrub_patient_keys(_stale_patient_keys(cfg.patient_column))
             if scrubbed:
                 log.info("erased the patient IDs of %d series from the state store", scrubbed)
-        # Validate the explain graph before any work (a missing explain.onnx fails at once).
+        # Validate the explain graph and the explained class before any work (a missing
+        # explain.onnx, or --target consolidation of a GGO-only model, fails at once).
         explain_info = (
             None
             if cfg.explain is ExplainMode.OFF
             else load_explain_info(default_explain_path(model.path), model)
         )
+        if explain_info is not None:
+            target_channel(model, explain_info, cfg.explain_target)
         self.sessions = Sessions(cfg, model, explain_info, limits=limits)
 
     def record(self, outcome: SeriesOutcome, fingerprint: str) -> None:

@@ -42,7 +42,10 @@ def output_options(cfg: RunConfig, model: ModelInfo) -> dict[str, Any]:
         "seg_series_description": cfg.seg_series_description,
         "spacing_tolerance": cfg.selection.spacing_tolerance,
         "explain": (
-            None if cfg.explain is ExplainMode.OFF else [cfg.explain_layer, cfg.explain_slices]
+            None
+            if cfg.explain is ExplainMode.OFF
+            else [cfg.explain_layer, cfg.explain_slices]
+            + ([] if cfg.explain_target == "ggo" else [cfg.explain_target])
         ),
         "lung_mask": cfg.lung_mask,
         "precision": cfg.precision.value,

@@ -8,10 +8,17 @@ label bar on top ("slice k/n", the layer). Panels are the slice at its native si
 stored (no flips). Nothing identifying is drawn: no names, IDs, dates or UIDs. Pillow only; the
 colour map is a numpy table.
 
+For a model with a consolidation channel the middle panel shows both classes (GGO red,
+consolidation blue, :func:`ggo_cli.writers.overlay_png.render_classes`) under a legend naming
+them, and the label bar and the map's title name the explained class (``--target``); the
+figures of ``--target consolidation`` go to ``gradcam_consolidation/`` and
+``gradcam_consolidation.npz`` (:func:`ggo_cli.config.gradcam_names`).
+
 ``gradcam.npz`` holds ``cam`` float32 ``[k, rows, cols]`` in ``[0, 1]`` on the source grid,
-``mask`` uint8 ``[k, rows, cols]`` (the predicted GGO used as the target), ``sop_instance_uids``
-``[k]`` (unicode), ``slice_indices`` int64 ``[k]`` (0-based; the PNG number is index + 1) and
-``layer`` (0-d unicode).
+``mask`` uint8 ``[k, rows, cols]`` (the predicted class used as the target), ``sop_instance_uids``
+``[k]`` (unicode), ``slice_indices`` int64 ``[k]`` (0-based; the PNG number is index + 1),
+``layer`` and ``target`` (0-d unicode: ``ggo`` or ``consolidation``), and for a two-class model
+``labels`` uint8 ``[k, rows, cols]`` (1 GGO, 2 consolidation, 0 neither).
 
 The same figures also become a DICOM Secondary Capture series
 (:mod:`ggo_cli.writers.gradcam_sc`), written after the SEG it references. Between the two, a
@@ -29,16 +36,19 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from ..analysis.explainer import Explanation
+from ..analysis.explainer import LABEL_CONSOLIDATION, LABEL_GGO, ExplainTarget, Explanation
 from ..analysis.preprocessing import window_hu
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
 from ..fsutil import OutputTree, ensure_folder
+from .overlay_legend import CONSOLIDATION_RGB, draw_legend
 from .overlay_png import (
     BACKGROUND_RGB,
+    GGO_RGB,
     LABEL_PX,
     PNG_COMPRESS_LEVEL,
     TEXT_RGB,
+    render_classes,
     render_slice,
 )
 from .slice_png import slice_png_name
@@ -156,12 +166,17 @@ class GradcamFigures:
         mask_bits: the target masks, ``np.packbits`` of each slice's flattened mask. Shape:
             ``(k, ceil(rows * cols / 8))``, uint8.
         layer: the explained layer.
+        target: the explained class.
+        other_bits: for a two-class model, the other class's masks packed alike (GGO when
+            the target is consolidation and vice versa); ``None`` for a one-channel model.
     """
 
     slice_indices: tuple[int, ...]
     cam_index: npt.NDArray[np.uint8]
     mask_bits: npt.NDArray[np.uint8]
     layer: str
+    target: str = ExplainTarget.GGO.value
+    other_bits: npt.NDArray[np.uint8] | None = None
 
     @classmethod
     def from_explanation(cls, explanation: Explanation) -> GradcamFigures:
@@ -170,19 +185,39 @@ class GradcamFigures:
         cam_index = np.empty((k, rows, cols), dtype=np.uint8)
         for position in range(k):  # slice by slice: no float temporaries of the whole maps
             cam_index[position] = lut_index(explanation.cam[position])
+        other = _other_class(explanation)
         return cls(
             slice_indices=tuple(explanation.slice_indices),
             cam_index=cam_index,
             mask_bits=np.packbits(explanation.mask.reshape(k, rows * cols).astype(bool), axis=1),
             layer=explanation.layer,
+            target=explanation.target,
+            other_bits=None if other is None else np.packbits(other.reshape(k, -1), axis=1),
         )
+
+    def _unpack(self, bits: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+        rows, cols = self.cam_index.shape[1:]
+        result: npt.NDArray[np.bool_] = (
+            np.unpackbits(bits, count=rows * cols).reshape(rows, cols).astype(bool)
+        )
+        return result
 
     def mask(self, position: int) -> npt.NDArray[np.bool_]:
         """The target mask of explained slice ``position``. Shape: ``(rows, cols)``."""
-        rows, cols = self.cam_index.shape[1:]
-        bits = np.unpackbits(self.mask_bits[position], count=rows * cols)
-        result: npt.NDArray[np.bool_] = bits.reshape(rows, cols).astype(bool)
-        return result
+        return self._unpack(self.mask_bits[position])
+
+    def other(self, position: int) -> npt.NDArray[np.bool_] | None:
+        """The other class's mask of explained slice ``position`` (``None``: one class)."""
+        return None if self.other_bits is None else self._unpack(self.other_bits[position])
+
+
+def _other_class(explanation: Explanation) -> npt.NDArray[np.bool_] | None:
+    """The class not explained (from the label map), ``None`` for a one-channel model."""
+    if explanation.labels is None:
+        return None
+    other = LABEL_GGO if explanation.target == ExplainTarget.CONSOLIDATION else LABEL_CONSOLIDATION
+    result: npt.NDArray[np.bool_] = explanation.labels == other
+    return result
 
 
 def _grey(hu: npt.NDArray[np.float32], center_hu: float, width_hu: float) -> Rgb:
@@ -210,7 +245,11 @@ def _check(volume: CtVolume, explanation: Explanation) -> None:
     """Raise ``ValueError`` when the explanation does not fit the volume."""
     n, rows, cols = volume.hu.shape
     k = len(explanation.slice_indices)
-    if explanation.cam.shape != (k, rows, cols) or explanation.mask.shape != (k, rows, cols):
+    if (
+        explanation.cam.shape != (k, rows, cols)
+        or explanation.mask.shape != (k, rows, cols)
+        or (explanation.labels is not None and explanation.labels.shape != (k, rows, cols))
+    ):
         raise ValueError(
             f"explanation arrays {explanation.cam.shape}, {explanation.mask.shape} do not match "
             f"{k} slices of {rows} x {cols}"
@@ -243,12 +282,15 @@ def render_gradcam_png(
         The RGB image, ``3 * cols + 4 * GAP_PX + COLOURBAR_PX + COLOURBAR_LABEL_PX`` wide and
         ``2 * LABEL_PX + rows + GAP_PX`` high.
     """
+    other = _other_class(explanation)
     return _draw_figure(
         volume,
         explanation.slice_indices[position],
         explanation.mask[position].astype(bool),
         colourise(explanation.cam[position]),
         explanation.layer,
+        target=explanation.target,
+        other=None if other is None else other[position],
         window_center_hu=window_center_hu,
         window_width_hu=window_width_hu,
     )
@@ -281,6 +323,8 @@ def render_gradcam_figure(
         figures.mask(position),
         JET_LUT[figures.cam_index[position]],
         figures.layer,
+        target=figures.target,
+        other=figures.other(position),
         window_center_hu=window_center_hu,
         window_width_hu=window_width_hu,
     )
@@ -293,16 +337,29 @@ def _draw_figure(
     jet: Rgb,
     layer: str,
     *,
+    target: str,
+    other: npt.NDArray[np.bool_] | None,
     window_center_hu: float,
     window_width_hu: float,
 ) -> Image.Image:
-    """The three-panel figure of slice ``index`` with its mask and its coloured map."""
+    """The three-panel figure of slice ``index`` with its target mask (and, for a two-class
+    model, the other class's) and its coloured map."""
     n_slices, rows, cols = volume.hu.shape
     hu = volume.hu[index]
     window = {"window_center_hu": window_center_hu, "window_width_hu": window_width_hu}
+    if other is None:
+        segmentation = render_slice(hu, mask, **window)
+        titles: tuple[str, ...] = (*PANEL_TITLES, "")
+        label = f"slice {index + 1}/{n_slices}  layer {layer}  {CAPTION}"
+    else:
+        explains_ggo = target != ExplainTarget.CONSOLIDATION
+        ggo, consolidation = (mask, other) if explains_ggo else (other, mask)
+        segmentation = render_classes(hu, ggo, consolidation, **window)
+        titles = (PANEL_TITLES[0], "", f"GradCAM++ of {target}", "")
+        label = f"slice {index + 1}/{n_slices}  target {target}  layer {layer}  {CAPTION}"
     panels = (
         _grey(hu, window_center_hu, window_width_hu),
-        render_slice(hu, mask, **window),
+        segmentation,
         _blend(hu, jet, window_center_hu, window_width_hu),
         _colour_bar(rows),
     )
@@ -310,13 +367,14 @@ def _draw_figure(
     image = Image.new("RGB", (width, 2 * LABEL_PX + rows + GAP_PX), BACKGROUND_RGB)
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
-    label = f"slice {index + 1}/{n_slices}  layer {layer}  {CAPTION}"
     draw.text((GAP_PX, 2), label, fill=TEXT_RGB, font=font)
-    for (x, y), panel, title in zip(
-        panel_origins(rows, cols), panels, (*PANEL_TITLES, ""), strict=True
-    ):
+    origins = panel_origins(rows, cols)
+    for (x, y), panel, title in zip(origins, panels, titles, strict=True):
         image.paste(Image.fromarray(panel, mode="RGB"), (x, y))
         draw.text((x + 2, LABEL_PX + 2), title, fill=TEXT_RGB, font=font)
+    if other is not None:  # the middle panel's title: the two classes and their colours
+        legend = [("GGO", GGO_RGB), ("consolidation", CONSOLIDATION_RGB)]
+        draw_legend(draw, (origins[1][0] + 2, LABEL_PX + 2), legend, fill=TEXT_RGB)
     bar_x = panel_origins(rows, cols)[3][0] + COLOURBAR_PX + 2
     draw.text((bar_x, 2 * LABEL_PX), "1", fill=TEXT_RGB, font=font)
     draw.text((bar_x, 2 * LABEL_PX + rows - 12), "0", fill=TEXT_RGB, font=font)
@@ -392,7 +450,10 @@ def write_gradcam_npz(
         "sop_instance_uids": np.array(explanation.sop_instance_uids, dtype=np.str_),
         "slice_indices": np.array(explanation.slice_indices, dtype=np.int64),
         "layer": np.array(explanation.layer, dtype=np.str_),
+        "target": np.array(explanation.target, dtype=np.str_),
     }
+    if explanation.labels is not None:
+        arrays["labels"] = np.asarray(explanation.labels, dtype=np.uint8)
     # A file object, not a name: numpy would append ".npz" to the temporary file's name.
     with atomic_write_path(path, tree=tree) as temp, temp.open("wb") as fh:
         np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]

@@ -119,3 +119,55 @@ def test_explain_runs_with_torch_unimportable(tmp_path: Path, study) -> None:  #
     )
     assert done.returncode == 0, done.stderr
     assert list((tmp_path / "o").rglob("gradcam.npz"))
+
+
+def test_target_consolidation_writes_its_own_maps_beside_ggo(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
+    model, _ = write_conv_explain_pair(tmp_path / "model", channels=2)
+    out = tmp_path / "out"
+    args = _explain_args(study, out, model, "--no-progress", "--target", "consolidation")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    folder = out / study.study_instance_uid / study.series_instance_uid
+    with np.load(folder / "gradcam_consolidation.npz") as maps:
+        assert str(maps["target"]) == "consolidation"
+        labels, mask, cam = maps["labels"], maps["mask"].astype(bool), maps["cam"]
+    np.testing.assert_array_equal(mask, labels == 2)
+    assert mask.any() and (labels == 1).any()  # the block's core, and its GGO rim
+    assert cam[mask].mean() >= 2 * cam[~mask].mean()
+    assert len(list((folder / "gradcam_consolidation").glob("slice_*.png"))) == 4
+    assert not (folder / "gradcam").exists() and not (folder / "gradcam.npz").exists()
+    # Explaining GGO afterwards adds its own maps and leaves consolidation's alone.
+    result = runner.invoke(app, _explain_args(study, out, model, "--no-progress"))
+    assert result.exit_code == 0, result.output
+    with np.load(folder / "gradcam.npz") as maps:
+        assert str(maps["target"]) == "ggo"
+        np.testing.assert_array_equal(maps["mask"].astype(bool), maps["labels"] == 1)
+    assert (folder / "gradcam_consolidation.npz").is_file()
+
+
+def test_target_consolidation_of_a_ggo_only_model_is_refused_before_any_work(
+    tmp_path: Path, study  # type: ignore[no-untyped-def]
+) -> None:
+    model, _ = write_conv_explain_pair(tmp_path / "model")
+    out = tmp_path / "out"
+    result = runner.invoke(app, _explain_args(study, out, model, "--target", "consolidation"))
+    assert result.exit_code == 2, result.output
+    assert "no consolidation channel" in result.stderr
+    assert not list(out.rglob("*.npz")) and not list(out.rglob("*.png"))
+
+
+def test_target_consolidation_with_a_ggo_only_explain_graph_is_a_model_error(
+    tmp_path: Path, study  # type: ignore[no-untyped-def]
+) -> None:
+    model, _ = write_conv_explain_pair(tmp_path / "model", channels=2, explain_channels=1)
+    out = tmp_path / "out"
+    result = runner.invoke(app, _explain_args(study, out, model, "--target", "consolidation"))
+    assert result.exit_code == 5, result.output
+    assert "explains GGO only" in result.stderr and "export-explain" in result.stderr
+    assert not list(out.rglob("*.npz"))
+
+
+def test_unknown_target_is_a_usage_error(tmp_path: Path, study) -> None:  # type: ignore[no-untyped-def]
+    model, _ = write_conv_explain_pair(tmp_path / "model", channels=2)
+    result = runner.invoke(app, _explain_args(study, tmp_path / "o", model, "--target", "lesion"))
+    assert result.exit_code == 2, result.output

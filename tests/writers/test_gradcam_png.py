@@ -68,7 +68,10 @@ def test_npz_holds_the_documented_keys_types_and_shapes(tmp_path: Path) -> None:
     assert path == tmp_path / "gradcam.npz"
     assert [p.name for p in tmp_path.iterdir()] == ["gradcam.npz"]  # no temporary file left
     with np.load(path, allow_pickle=False) as data:
-        assert set(data.files) == {"cam", "mask", "sop_instance_uids", "slice_indices", "layer"}
+        assert set(data.files) == {
+            "cam", "mask", "sop_instance_uids", "slice_indices", "layer", "target"
+        }
+        assert str(data["target"]) == "ggo"
         assert data["cam"].dtype == np.float32 and data["cam"].shape == (2, ROWS, COLS)
         assert data["mask"].dtype == np.uint8 and data["mask"].shape == (2, ROWS, COLS)
         assert data["sop_instance_uids"].dtype.kind == "U"
