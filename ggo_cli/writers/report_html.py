@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 from ..atomic_output import atomic_write_text
-from ..config import CSV_NAME, GRADCAM_FOLDER, MANIFEST_NAME, OVERLAY_NAME, TREND_NAME
+from ..config import CSV_NAME, MANIFEST_NAME, OVERLAY_NAME, TREND_NAME, gradcam_names
 from ..errors import InputError
 from ..fsutil import OutputTree
 from .report_csv import CSV_ENCODING
@@ -168,12 +168,15 @@ def series_links(out_dir: Path, row: Mapping[str, str]) -> SeriesLinks:
     overlay = _address(study, series, OVERLAY_NAME)
     trend = _address(study, series, TREND_NAME)
     panels: list[tuple[str, str]] = []
-    if _real_folder(folder / GRADCAM_FOLDER):
-        names = sorted(os.listdir(folder / GRADCAM_FOLDER))
-        panels = [
-            (_slice_label(name), _address(study, series, GRADCAM_FOLDER, name))
-            for name in names
-            if GRADCAM_PANEL_PATTERN.match(name) and _regular_file(folder / GRADCAM_FOLDER / name)
+    # GGO's panels, then consolidation's (``ggo-cli explain --target consolidation``).
+    for target, suffix in (("ggo", ""), ("consolidation", " cons.")):
+        figures = gradcam_names(target)[1]
+        if not _real_folder(folder / figures):
+            continue
+        panels += [
+            (_slice_label(name) + suffix, _address(study, series, figures, name))
+            for name in sorted(os.listdir(folder / figures))
+            if GRADCAM_PANEL_PATTERN.match(name) and _regular_file(folder / figures / name)
         ]
     return SeriesLinks(
         overlay=overlay if _regular_file(folder / OVERLAY_NAME) else None,

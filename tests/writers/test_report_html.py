@@ -285,3 +285,19 @@ def test_missing_folder_or_csv_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="cannot read"):
         write_report(tmp_path)
     assert not (tmp_path / REPORT_NAME).exists()
+
+
+def test_consolidation_heat_maps_are_listed_after_ggo(out: Path) -> None:
+    folder = _series_folder(out, OK_UID)
+    (folder / "gradcam_consolidation").mkdir()
+    (folder / "gradcam_consolidation" / "slice_0005.png").write_bytes(PNG_BYTES)
+    write_report(out)
+    page, parsed = _parse(out)
+    prefix = f"{STUDY}/{OK_UID}"
+    panels = [a for a in parsed.addresses if "/gradcam" in a]
+    assert panels == [
+        f"{prefix}/gradcam/slice_0003.png",
+        f"{prefix}/gradcam/slice_0011.png",
+        f"{prefix}/gradcam_consolidation/slice_0005.png",
+    ]
+    assert ">5 cons.</a>" in page and "GradCAM++ (3)" in page
