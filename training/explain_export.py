@@ -3,11 +3,16 @@
 Contract (read by ``ggo_cli.onnx.explain_graph``; written next to the paired ``model.onnx``):
 
 - inputs ``image`` float32 ``[N, 1, S, S]`` (preprocessed as for model.onnx) and ``target``
-  float32 ``[N, 1, S, S]`` (the binary GGO mask on the model grid, the explanation target);
+  float32 ``[N, C, S, S]`` with C the model's number of output channels (static in the graph:
+  the runtime reads it from the input's shape): one plane per channel, the explanation target.
+  To explain class k, plane k holds the binary mask of class k on the model grid and the other
+  planes are zero (channel 0 is GGO, channel 1 consolidation in a two-class model);
 - outputs, in order: ``logits`` ``[N, C, S, S]``, then per exported layer ``L`` (the order of
   the metadata's ``layers``) ``activations.L`` ``[N, K, h, w]`` and ``gradients.L``
-  ``[N, K, h, w]`` = dScore/dA with Score = sum(sigmoid(logits[:, 0]) * target) summed per
-  sample (samples are independent in eval mode, so sample n's gradient depends on sample n only);
+  ``[N, K, h, w]`` = dScore/dA with Score_n = sum over channels c and pixels of
+  sigmoid(logits[n, c]) * target[n, c] (the metadata's ``score``: SCORE); samples are
+  independent in eval mode, so sample n's gradient depends on sample n only. For a one-channel
+  model (C = 1) this is sum(sigmoid(logits[:, 0]) * target), as before issue 20;
 - dynamic batch axis ``N``;
 - ``metadata_props`` key ``ggo_cli_explain``: JSON with ``model_sha256`` (the ``sha256`` of the
   paired model.onnx's ``ggo_cli`` metadata), ``layers``, ``default_layer``, ``score``,
@@ -19,7 +24,8 @@ decompositions); ``aten.convolution_backward`` (input gradient only) is rewritte
 (transposed) convolution it is, and the resulting ``GraphModule`` is exported with the
 TorchScript exporter (opset 17). Before tracing, BatchNorm (eval) becomes an explicit
 ``x * scale + shift`` and ReLUs are made out-of-place, so the graph holds only ops the exporter
-knows. The gradients are checked against float64 PyTorch autograd.
+knows. The gradients are checked against float64 PyTorch autograd, once per output channel
+with only that channel's target plane set.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ log = logging.getLogger(__name__)
 OPSET = 17
 EXPLAIN_NAME = "explain.onnx"
 METADATA_KEY = "ggo_cli_explain"
-SCORE = "sum(sigmoid(logits[:, 0]) * target)"
+SCORE = "sum(sigmoid(logits) * target)"
 TRACE_BATCH = 2
 """Symbolic tracing specialises sizes 0 and 1, so the trace uses 2 and the check 1 or 3."""
 GRADIENT_TOLERANCE = 1e-4
@@ -124,8 +130,9 @@ def explain_function(
 ) -> Callable[[Tensor, Tensor], tuple[Tensor, ...]]:
     """``fn(image, target) -> (logits, A_1, dS/dA_1, ...)`` by forward hooks and autograd.
 
-    The vector-Jacobian product with ``target`` as the output gradient of sigmoid(logits[:, :1])
-    is exactly d/dA of sum(sigmoid(logits[:, 0]) * target), without a scalar reduction node.
+    The vector-Jacobian product with ``target`` ``[N, C, S, S]`` as the output gradient of
+    sigmoid(logits) (all C channels) is exactly d/dA of sum(sigmoid(logits) * target) summed
+    over channels and pixels, without a scalar reduction node.
 
     Raises:
         InputError: a layer name is not a module of the model.
@@ -148,7 +155,7 @@ def explain_function(
         try:
             with torch.enable_grad():
                 logits = model(image.detach().requires_grad_(True))
-                prob = torch.sigmoid(logits[:, 0:1])
+                prob = torch.sigmoid(logits)
                 activations = [captured[name] for name in layers]
                 grads = torch.autograd.grad(prob, activations, grad_outputs=target)
         finally:
@@ -165,7 +172,14 @@ def explain_function(
 def reference_outputs(
     model: nn.Module, layers: Sequence[str], image: np.ndarray, target: np.ndarray
 ) -> list[np.ndarray]:
-    """The contract's outputs by float64 PyTorch autograd on the unmodified model (eval)."""
+    """The contract's outputs by float64 PyTorch autograd on the unmodified model (eval).
+
+    Args:
+        model: the model (not modified).
+        layers: layer names.
+        image: ``[N, 1, S, S]``.
+        target: ``[N, C, S, S]``, C the model's output channels.
+    """
     model64 = copy.deepcopy(model).double().eval()
     model64.requires_grad_(False)
     fn = explain_function(model64, layers)
@@ -250,15 +264,31 @@ def rewrite_convolution_backward(gm: fx.GraphModule) -> int:
     return count
 
 
-def trace_explain(model: nn.Module, layers: Sequence[str], size: int) -> fx.GraphModule:
-    """Joint forward + backward trace of :func:`explain_function` on a prepared model copy."""
+def output_channels(model: nn.Module, size: int) -> int:
+    """The model's number of output channels C (one float32 forward pass of one sample)."""
+    with torch.no_grad():
+        logits = prepare_model(model)(torch.zeros(1, 1, size, size))
+    return int(logits.shape[1])
+
+
+def trace_explain(
+    model: nn.Module, layers: Sequence[str], size: int, channels: int
+) -> fx.GraphModule:
+    """Joint forward + backward trace of :func:`explain_function` on a prepared model copy.
+
+    Args:
+        model: the model (not modified).
+        layers: layer names.
+        size: input side S.
+        channels: the model's output channels C (the target's planes).
+    """
     from torch._decomp import core_aten_decompositions
     from torch.fx.experimental.proxy_tensor import make_fx
 
     fn = explain_function(prepare_model(model), layers)
     decompositions: Any = core_aten_decompositions()
     image = torch.rand(TRACE_BATCH, 1, size, size)
-    target = torch.ones(TRACE_BATCH, 1, size, size)
+    target = torch.ones(TRACE_BATCH, channels, size, size)
     # The weights are real tensors closed over by fn: they become graph constants.
     gm = make_fx(
         fn,
@@ -275,14 +305,30 @@ def trace_explain(model: nn.Module, layers: Sequence[str], size: int) -> fx.Grap
     return gm
 
 
-def export_explain_proto(model: nn.Module, layers: Sequence[str], size: int) -> Any:
-    """Trace and export the float32 explain graph; returns the checked ``onnx.ModelProto``."""
+def export_explain_proto(
+    model: nn.Module, layers: Sequence[str], size: int, *, channels: int | None = None
+) -> Any:
+    """Trace and export the float32 explain graph; returns the checked ``onnx.ModelProto``.
+
+    Args:
+        model: the model (not modified).
+        layers: layer names.
+        size: input side S.
+        channels: the model's output channels C (default: measured by a forward pass); the
+            graph's ``target`` input is ``[N, C, S, S]`` with C static.
+
+    Raises:
+        ModelError: ``channels`` differs from the model's output channels.
+    """
     import onnx
 
-    gm = trace_explain(model, layers, size)
+    measured = output_channels(model, size)
+    if channels is not None and channels != measured:
+        raise ModelError(f"the model has {measured} output channels, not {channels}")
+    gm = trace_explain(model, layers, size, measured)
     names = output_names(layers)
     image = torch.rand(TRACE_BATCH, 1, size, size)
-    target = torch.ones(TRACE_BATCH, 1, size, size)
+    target = torch.ones(TRACE_BATCH, measured, size, size)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / EXPLAIN_NAME
         with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
@@ -300,11 +346,14 @@ def export_explain_proto(model: nn.Module, layers: Sequence[str], size: int) -> 
             )
         proto = onnx.load(str(path))
     onnx.checker.check_model(proto)
+    dims = [d.dim_value or d.dim_param for d in proto.graph.input[1].type.tensor_type.shape.dim]
+    if dims != ["N", measured, size, size]:
+        raise ModelError(f"the explain graph's target is {dims}, not [N, {measured}, S, S]")
     return proto
 
 
 def run_explain(session: Any, image: np.ndarray, target: np.ndarray) -> list[np.ndarray]:
-    """Run an explain session; image and target ``[N, 1, S, S]``."""
+    """Run an explain session; image ``[N, 1, S, S]``, target ``[N, C, S, S]``."""
     feeds = {
         "image": np.ascontiguousarray(image, np.float32),
         "target": np.ascontiguousarray(target, np.float32),
@@ -376,7 +425,8 @@ def export_explain(
 
     from .explain_checks import check_pairing, fp16_cam_diff, gradient_errors
     from .export import cast_initializers_fp16
-    from .faithfulness import measure_faithfulness, model_grid_slices
+    from .faithfulness import FAITHFULNESS_TARGET, measure_faithfulness, model_grid_slices
+    from .multiclass import class_values
 
     info = load_model_info(model_path)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -388,9 +438,10 @@ def export_explain(
     layers = tuple(layers or EXPLAIN_LAYERS.get(config.arch, ()))
     if not layers:
         raise InputError(f"no explain layers known for {config.arch}; pass layers")
-    proto = export_explain_proto(model, layers, config.size)
+    channels = config.out_channels
+    proto = export_explain_proto(model, layers, config.size, channels=channels)
     fp32_bytes = proto.SerializeToString()
-    errors = gradient_errors(fp32_bytes, model, layers, config.size)
+    errors = gradient_errors(fp32_bytes, model, layers, config.size, channels=channels)
     worst = max(errors.values())
     log.info("explain graph vs float64 autograd: max relative error %.3g", worst)
     if worst > GRADIENT_TOLERANCE:
@@ -402,14 +453,17 @@ def export_explain(
     data_path = data if data is not None else (Path(config.data) if config.data else None)
     grid = None
     if data_path is not None and data_path.exists():
-        grid = model_grid_slices(data_path, config.size, max_slices=max_slices)
+        labels = class_values(config.classes, config.label) if channels > 1 else None
+        grid = model_grid_slices(data_path, config.size, max_slices=max_slices, labels=labels)
     model_session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     check_pairing(fp32_bytes, model_session, grid, config.size, info.threshold)
 
     fp16_diff: dict[str, float] = {}
     if fp16_weights:
         cast_initializers_fp16(proto, keep_per_channel=True)
-        fp16_diff = fp16_cam_diff(proto.SerializeToString(), fp32_bytes, layers, grid, config.size)
+        fp16_diff = fp16_cam_diff(
+            proto.SerializeToString(), fp32_bytes, layers, grid, config.size, channels=channels
+        )
         log.info("float16 vs float32 weights: max |CAM diff| %s", fp16_diff)
         if max(fp16_diff.values()) > FP16_CAM_TOLERANCE:
             raise ModelError(
@@ -422,7 +476,7 @@ def export_explain(
         default_layer = str(faith["best_layer"])
     else:
         log.warning("no data at %s: faithfulness not measured", data_path)
-        faith = {"measured": False}
+        faith = {"measured": False, "target": FAITHFULNESS_TARGET}
         default_layer = FALLBACK_DEFAULT_LAYER if FALLBACK_DEFAULT_LAYER in layers else layers[-1]
 
     digest = graph_sha256(proto.graph.SerializeToString(deterministic=True))
@@ -434,7 +488,10 @@ def export_explain(
         "sha256": digest,
         "faithfulness": faith,
         "gradient_check": {
-            "reference": "float64 PyTorch autograd, batch 1, seeded random image and target",
+            "reference": (
+                "float64 PyTorch autograd, batch 1, seeded random image; one random 0/1 target "
+                "per output channel with only that channel's plane set"
+            ),
             "max_relative_error": worst,
             "per_output": errors,
         },

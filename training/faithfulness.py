@@ -14,6 +14,10 @@ mask of the dark but not black regions, holes filled, closed) joined with the
 predicted GGO; where no plausible lung is found, the whole image. A faithful CAM points at the
 pixels the score depends on, so its drop exceeds the random drop; the layer with the largest
 ratio mean drop(top) / mean drop(random) is the default.
+
+The measurement explains GGO (channel 0) for every model: the explain graph has one default
+layer, not one per class, and GGO is every model's first class (a two-class model's target has
+the predicted GGO mask in plane 0 and zeros in plane 1). The record says so (``target``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from .data import GridData, load_slices, to_grid
 log = logging.getLogger(__name__)
 
 NORM_EPS = 1e-7
+FAITHFULNESS_TARGET = "ggo"
+"""The class whose CAMs the faithfulness measurement scores (channel 0)."""
 FRACTION = 0.10
 SEED = 0
 LUNG_THRESHOLD = 0.45
@@ -151,9 +157,15 @@ def gaussian_blur(image: Array, sigma: float) -> Array:
     return out.astype(np.float32)
 
 
-def model_grid_slices(path: Path, size: int, *, max_slices: int | None = None) -> GridData:
-    """Labelled slices on the model grid (``training.data``: display images as pixel / 255)."""
-    slices = load_slices(path)
+def model_grid_slices(
+    path: Path, size: int, *, max_slices: int | None = None, labels: Sequence[int] | None = None
+) -> GridData:
+    """Labelled slices on the model grid (``training.data``: display images as pixel / 255).
+
+    ``labels``: one mask value per class for several classes (masks become class maps, see
+    :func:`training.data.load_slices`); None: GGO masks.
+    """
+    slices = load_slices(path, labels=labels)
     if max_slices is not None:
         slices = slices[:max_slices]
     return to_grid(slices, size)
@@ -190,7 +202,7 @@ def measure_faithfulness(
         model_session: session of the paired model.onnx (scores are measured with it).
         grid: slices on the model grid.
         layers: the explain graph's layers, in order.
-        threshold: the model's probability threshold (predicted mask = target).
+        threshold: the model's probability threshold (predicted GGO mask = target plane 0).
         fraction: share of region pixels replaced.
         seed: seed of the random replacement (per slice: seed + slice index).
 
@@ -203,6 +215,7 @@ def measure_faithfulness(
     probs0 = _sigmoid(_logits(model_session, grid.images))
     preds = probs0 > threshold
     used = [i for i in range(len(grid.images)) if preds[i].any()]
+    planes = int(explain_session.get_inputs()[1].shape[1])
     drops_top: dict[str, list[float]] = {layer: [] for layer in layers}
     drops_random: list[float] = []
     in_out: dict[str, list[float]] = {layer: [] for layer in layers}
@@ -210,10 +223,9 @@ def measure_faithfulness(
     for start in range(0, len(used), BATCH):
         idx = used[start : start + BATCH]
         images = grid.images[idx]
-        targets = preds[idx].astype(np.float32)
-        outputs = explain_session.run(
-            None, {"image": images[:, None].copy(), "target": targets[:, None].copy()}
-        )
+        targets = np.zeros((len(idx), planes, size, size), dtype=np.float32)
+        targets[:, 0] = preds[idx]
+        outputs = explain_session.run(None, {"image": images[:, None].copy(), "target": targets})
         cams = cams_from_outputs(outputs, layers, size)
         perturbed, base = [], []
         for j, i in enumerate(idx):
@@ -266,6 +278,7 @@ def measure_faithfulness(
     best = max(layers, key=lambda layer: per_layer[layer]["ratio"])
     return {
         "measured": True,
+        "target": FAITHFULNESS_TARGET,
         "method": (
             "deletion by blurring: replace the top 10 % GradCAM++ pixels of the region (lung "
             "mask joined with the predicted GGO; the whole image where no lung is found) by a "

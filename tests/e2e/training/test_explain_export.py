@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +29,7 @@ from training.explain_export import (
 from training.export import ExportResult
 from training.faithfulness import cams_from_outputs, gradcam_plusplus, upsample_bilinear
 from training.loop import TrainResult
+from training.models import build_model
 
 LAYERS = EXPLAIN_LAYERS["resnet50-unet"]
 SIZE = 64
@@ -168,11 +170,12 @@ def test_explain_graph_meets_the_contract(explained: Path, exported_model: Expor
     assert meta["model_sha256"] == model_info.recorded_sha256
     assert meta["layers"] == list(LAYERS)
     assert meta["default_layer"] in LAYERS
-    assert meta["score"] == SCORE
+    assert meta["score"] == SCORE == "sum(sigmoid(logits) * target)"
     assert meta["sha256"] == graph_sha256(proto.graph.SerializeToString(deterministic=True))
     faith = meta["faithfulness"]
     assert faith["measured"] and set(faith["per_layer"]) == set(LAYERS)
     assert faith["best_layer"] == meta["default_layer"]
+    assert faith["target"] == "ggo"
     assert max(meta["fp16_max_abs_cam_diff"].values()) <= 0.02
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
 
@@ -261,3 +264,86 @@ def test_cam_matches_pytorch_grad_cam(
         # on decoder layers of this tiny model |g| is often ~1e-3 and the epsilon shows.
         exact = gradcam_plusplus(outs[1 + 2 * i], outs[2 + 2 * i], SIZE)
         assert np.max(np.abs(theirs - exact)) <= 1e-3
+
+
+UNET_LAYERS = EXPLAIN_LAYERS["unet"]
+
+
+@pytest.fixture(scope="module")
+def unet_graphs() -> dict[int, tuple[torch.nn.Module, onnx.ModelProto]]:
+    """Seeded random U-Nets with 1 and 2 output channels (random BatchNorm statistics, so the
+    exported ``x * scale + shift`` matters) and their float32 explain graphs."""
+    graphs = {}
+    for channels in (1, 2):
+        torch.manual_seed(channels)
+        model = build_model("unet", out_channels=channels).eval()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                assert module.running_mean is not None and module.running_var is not None
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 2.0)
+        graphs[channels] = (model, export_explain_proto(model, UNET_LAYERS, SIZE))
+    return graphs
+
+
+def class_score_gradients(
+    model: torch.nn.Module, image: np.ndarray, mask: np.ndarray, channel: int
+) -> list[np.ndarray]:
+    """logits and d/dA of sum(sigmoid(logits[:, channel]) * mask) per UNET_LAYERS layer, by
+    float64 autograd of the scalar score (independent of the exporter's explain_function)."""
+    model64 = copy.deepcopy(model).double().eval()
+    modules = dict(model64.named_modules())
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda _m, _i, out, name=name: captured.__setitem__(name, out)
+        )
+        for name in UNET_LAYERS
+    ]
+    try:
+        logits = model64(torch.from_numpy(image).double())
+        score = (torch.sigmoid(logits[:, channel]) * torch.from_numpy(mask).double()).sum()
+        grads = torch.autograd.grad(score, [captured[name] for name in UNET_LAYERS])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [logits.detach().numpy()] + [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize(("channels", "plane"), [(1, 0), (2, 0), (2, 1)])
+def test_target_plane_selects_the_explained_channel(
+    channels: int,
+    plane: int,
+    unet_graphs: dict[int, tuple[torch.nn.Module, onnx.ModelProto]],
+) -> None:
+    model, proto = unet_graphs[channels]
+    image_input, target_input = proto.graph.input
+    dims = [d.dim_param or d.dim_value for d in target_input.type.tensor_type.shape.dim]
+    assert (target_input.name, dims) == ("target", ["N", channels, SIZE, SIZE])
+    assert [d.dim_param or d.dim_value for d in image_input.type.tensor_type.shape.dim] == [
+        "N",
+        1,
+        SIZE,
+        SIZE,
+    ]
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(10 + plane)
+    images = rng.random((3, 1, SIZE, SIZE), dtype=np.float32)  # the trace used batch 2
+    masks = (rng.random((3, SIZE, SIZE)) > 0.7).astype(np.float32)
+    target = np.zeros((3, channels, SIZE, SIZE), np.float32)
+    target[:, plane] = masks
+    got = run_explain(session, images, target)
+    expected = class_score_gradients(model, images, masks, plane)
+    assert got[0].shape == (3, channels, SIZE, SIZE)
+    assert np.max(np.abs(got[0] - expected[0])) <= 1e-4 * np.max(np.abs(expected[0]))
+    for i, layer in enumerate(UNET_LAYERS):
+        a, b = got[2 + 2 * i], expected[1 + i]
+        assert a.shape == b.shape and np.max(np.abs(b)) > 0, layer
+        rel = np.max(np.abs(a - b)) / np.max(np.abs(b))
+        assert rel <= GRADIENT_TOLERANCE, (layer, rel)
+    if channels == 2:
+        # The two classes' gradients differ, so matching one is no accident of the other.
+        other = class_score_gradients(model, images, masks, 1 - plane)
+        for i, layer in enumerate(UNET_LAYERS):
+            b, c = expected[1 + i], other[1 + i]
+            assert np.max(np.abs(b - c)) > 0.1 * np.max(np.abs(b)), layer
