@@ -447,15 +447,20 @@ def _cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         recipe=args.recipe,
     )
     validation = result.recipe["validation"]
-    return {
+    summary: dict[str, Any] = {
         "recipe": args.recipe,
         "int8_recipe": str(result.spec_path),
         "pooled_dice_fp32": validation["test_fp32"]["dice"],
         "pooled_dice_int8": validation["test_int8"]["dice"],
         "pooled_dice_change": validation["pooled_dice_change"],
-        "cpu_speedup": validation["speed_cpu"]["speedup"],
-        "int8_graph_sha256": result.recipe["int8_graph_sha256"],
     }
+    for name, figures in validation.get("classes", {}).items():  # consolidation, ...
+        summary[f"{name}_pooled_dice_fp32"] = figures["test_fp32"]["dice"]
+        summary[f"{name}_pooled_dice_int8"] = figures["test_int8"]["dice"]
+        summary[f"{name}_pooled_dice_change"] = figures["pooled_dice_change"]
+    summary["cpu_speedup"] = validation["speed_cpu"]["speedup"]
+    summary["int8_graph_sha256"] = result.recipe["int8_graph_sha256"]
+    return summary
 
 
 def _cmd_reference_set(args: argparse.Namespace) -> dict[str, Any]:

@@ -17,6 +17,12 @@ weights) calibrated on slices of the model card's *train* split, then
 ``ggo-cli`` rebuilds the int8 model from that file at run time and uses it on the CPU only when
 its graph digest matches and the pooled Dice changed by at most 0.01.
 
+A model with several classes (GGO, consolidation: the card's ``training_data.class_labels``) is
+measured per class on the test split's class maps: GGO keeps the keys above (``test_fp32``,
+``test_int8``, ``pooled_dice_change``, ``pixels_changed``, ``pixel_agreement``) and every
+further class has the same keys under ``validation["classes"][name]``; ggo-cli's 0.01 limit
+applies to every class (:attr:`ggo_cli.onnx.int8_recipes.Int8Recipe.dice_change`).
+
 Defaults (chosen on the shipped model, docs/training.md): Percentile calibration at 99.999 %
 (MinMax lost 0.0016 Dice, Percentile none), unsigned 8-bit activations, the 1 x 1 output
 convolution (``/head/Conv``) left in float (it would otherwise quantize the logits).
@@ -53,6 +59,7 @@ from ggo_cli.onnx.precision import graph_digest, quantize_int8
 from . import data as training_data
 from .evaluate import OnnxPredictor, predict_probabilities
 from .metrics import confusion, summarize
+from .multiclass import class_mask, class_values
 from .splits import Split
 
 log = logging.getLogger(__name__)
@@ -119,13 +126,36 @@ def _session(source: str | bytes) -> Any:
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"])
 
 
-def _accuracy(
-    model_path: Path, int8: bytes, slices: Sequence[training_data.SourceSlice]
+def _class_accuracy(
+    masks: dict[str, list[np.ndarray]], slices: Sequence[training_data.SourceSlice], k: int
 ) -> dict[str, Any]:
-    """Pooled Dice of the float and int8 models on ``slices``, and how their masks differ."""
-    info = load_model_info(model_path)
-    masks: dict[str, list[np.ndarray]] = {}
+    """Pooled Dice of the float and int8 masks of class ``k``, and how they differ."""
     result: dict[str, Any] = {}
+    for name, predicted in masks.items():
+        matrices = [
+            confusion(m, class_mask(s.mask, k) if s.mask.dtype != bool else s.mask)
+            for m, s in zip(predicted, slices, strict=True)
+        ]
+        result[f"test_{name}"] = summarize(matrices).to_dict()
+    changed = sum(int((a != b).sum()) for a, b in zip(masks["fp32"], masks["int8"], strict=True))
+    total = sum(m.size for m in masks["fp32"])
+    result["pooled_dice_change"] = result["test_int8"]["dice"] - result["test_fp32"]["dice"]
+    result["pixels_changed"] = changed
+    result["pixel_agreement"] = 1.0 - changed / total
+    return result
+
+
+def _accuracy(
+    model_path: Path,
+    int8: bytes,
+    slices: Sequence[training_data.SourceSlice],
+    classes: Sequence[str] = ("ggo",),
+) -> dict[str, Any]:
+    """Pooled Dice of the float and int8 models on ``slices``, and how their masks differ,
+    per class (GGO's at the top level, the others' under ``classes``)."""
+    info = load_model_info(model_path)
+    n = len(classes)
+    masks: list[dict[str, list[np.ndarray]]] = [{} for _ in classes]
     for name, source in (("fp32", str(model_path)), ("int8", int8)):
         predictor = OnnxPredictor(
             _session(source),
@@ -134,15 +164,16 @@ def _accuracy(
             window_center=info.window_center_hu,
             window_width=info.window_width_hu,
         )
-        probabilities = predict_probabilities(predictor, slices)
-        masks[name] = [p > info.threshold for p in probabilities]
-        matrices = [confusion(m, s.mask) for m, s in zip(masks[name], slices, strict=True)]
-        result[f"test_{name}"] = summarize(matrices).to_dict()
-    changed = sum(int((a != b).sum()) for a, b in zip(masks["fp32"], masks["int8"], strict=True))
-    total = sum(m.size for m in masks["fp32"])
-    result["pooled_dice_change"] = result["test_int8"]["dice"] - result["test_fp32"]["dice"]
-    result["pixels_changed"] = changed
-    result["pixel_agreement"] = 1.0 - changed / total
+        probabilities = list(predict_probabilities(predictor, slices, channels=n))
+        for k in range(n):
+            masks[k][name] = [(p if n == 1 else p[k]) > info.threshold for p in probabilities]
+    result = _class_accuracy(masks[0], slices, 0)
+    if n > 1:
+        result["classes"] = {
+            name: _class_accuracy(masks[k], slices, k)
+            for k, name in enumerate(classes)
+            if k > 0
+        }
     result["test_ids"] = [s.id for s in slices]
     return result
 
@@ -258,7 +289,15 @@ def make_int8_recipe(
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{card_path} with a training_data.split is needed: {exc}") from exc
     info = load_model_info(model_path)
-    slices = {s.id: s for s in training_data.load_slices(data, label=1)}
+    # The card's classes in channel order (export writes training_data.class_labels).
+    classes = tuple(card["training_data"].get("class_labels") or ("ggo",))
+    if len(classes) != info.n_channels:
+        raise InputError(
+            f"{card_path} names classes {list(classes)} for a model of {info.n_channels} "
+            "channels"
+        )
+    labels = class_values(classes) if len(classes) > 1 else None
+    slices = {s.id: s for s in training_data.load_slices(data, label=1, labels=labels)}
     missing = [i for i in (*split.ids("train"), *split.ids("test")) if i not in slices]
     if missing:
         raise InputError(f"{data} lacks slices of the model's split: {missing[:5]}")
@@ -292,7 +331,7 @@ def make_int8_recipe(
         if previous is None
         else {**previous["calibration"], "ranges_reused": True}
     )
-    validation = _accuracy(model_path, int8, test)
+    validation = _accuracy(model_path, int8, test, classes)
     test_images = training_data.to_grid(test, info.input_size).images
     validation["speed_cpu"] = _speed(model_path, int8, test_images, batch, runs)
     validation["cpu"] = _cpu()

@@ -51,7 +51,8 @@ class Int8Recipe:
         settings: quantizer settings (``quantize_static`` arguments and ``upsampling``).
         int8_graph_sha256: SHA-256 of the int8 graph these settings made when validated.
         onnxruntime: ONNX Runtime version that made and measured it.
-        validation: accuracy (``pooled_dice_change`` on the test split), speed, and the CPU.
+        validation: accuracy (``pooled_dice_change`` on the test split; for a model with
+            several classes each further class's under ``classes``), speed, and the CPU.
     """
 
     name: str
@@ -63,9 +64,19 @@ class Int8Recipe:
 
     @property
     def dice_change(self) -> float:
-        """Pooled test Dice of int8 minus float32 (nan when not measured)."""
+        """Pooled test Dice of int8 minus float32, the class that moved most (GGO, and every
+        further class measured, e.g. consolidation); nan when GGO's was not measured."""
         value = self.validation.get("pooled_dice_change")
-        return float(value) if isinstance(value, int | float) else math.nan
+        if not isinstance(value, int | float):
+            return math.nan
+        changes = [float(value)]
+        classes = self.validation.get("classes")
+        for figures in classes.values() if isinstance(classes, dict) else ():
+            change = figures.get("pooled_dice_change") if isinstance(figures, dict) else None
+            changes.append(float(change) if isinstance(change, int | float) else math.nan)
+        if any(math.isnan(c) for c in changes):
+            return math.nan
+        return max(changes, key=abs)
 
     @property
     def acceptable(self) -> bool:

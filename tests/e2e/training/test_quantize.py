@@ -61,3 +61,55 @@ def test_int8_recipe_rebuilds_in_ggo_cli_and_reuses_its_ranges(
     other = {**recipe["settings"], "calibrate_method": "MinMax"}
     with pytest.raises(InputError, match="calibrated with other"):
         make_int8_recipe(model_path, tiny_npz, settings=other, runs=1, reuse_ranges=True)
+
+
+def test_two_class_int8_recipe_measures_each_class_and_rebuilds_in_ggo_cli(
+    tmp_path: Path,
+) -> None:
+    """GGO and consolidation (issue 20): the recipe's validation has consolidation's pooled
+    Dice beside GGO's, ggo-cli's limit reads both, and the int8 graph keeps two channels."""
+    import numpy as np
+
+    from ggo_cli.onnx.int8_recipes import MAX_INT8_DICE_CHANGE
+    from tests.shared_data import COVID_SLICES_DIR, require_shared
+    from tests.training.conftest import tiny_config
+    from training.data import load_slices, pack
+    from training.export import export_checkpoint
+    from training.loop import train
+
+    slices = load_slices(require_shared(COVID_SLICES_DIR), labels=(1, 2))
+    slices.sort(key=lambda s: -int((s.mask == 2).sum()))  # those with most consolidation
+    data = tmp_path / "two64.npz"
+    pack(slices[:10], data, size=64, label=1, classes=("ggo", "consolidation"))
+    config = tiny_config(
+        data, tmp_path / "run", epochs=1, classes=("ggo", "consolidation"), out_channels=2
+    )
+    run = train(config, progress=False)
+    exported = export_checkpoint(run.best_path, tmp_path / "model", data=data, name="two-test")
+    result = make_int8_recipe(
+        exported.model_path, data, n_calibration=4, runs=1, batch=2, recipe="u8u8"
+    )
+    validation = result.recipe["validation"]
+    consolidation = validation["classes"]["consolidation"]
+    for figures in (validation, consolidation):
+        assert figures["pooled_dice_change"] == (
+            figures["test_int8"]["dice"] - figures["test_fp32"]["dice"]
+        )
+        assert 0.0 <= figures["pixel_agreement"] <= 1.0
+    info = load_model_info(exported.model_path)
+    assert info.n_channels == 2
+    loaded = load_int8_spec(info)
+    assert loaded is not None
+    (recipe,) = loaded.recipes
+    assert recipe.dice_change in (
+        validation["pooled_dice_change"], consolidation["pooled_dice_change"]
+    )
+    assert abs(recipe.dice_change) >= abs(validation["pooled_dice_change"])
+    assert recipe.acceptable == (abs(recipe.dice_change) <= MAX_INT8_DICE_CHANGE)
+    data_bytes, validated = int8_model_bytes(info, loaded, recipe)
+    assert validated
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data_bytes, providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], {"image": np.zeros((1, 1, 64, 64), np.float32)})[0]
+    assert logits.shape == (1, 2, 64, 64)
