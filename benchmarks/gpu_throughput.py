@@ -176,7 +176,7 @@ def bench_torch(batch_sizes: list[int], size: int, repeats: int) -> list[dict[st
 def bench_explain(explain_path: Path, model_path: Path, repeats: int) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from ggo_cli.analysis.explainer import cam_to_source, gradcam_plus_plus, normalise_per_slice
+    from ggo_cli.analysis.gradcam_maths import cam_to_source, gradcam_plus_plus, normalise_per_slice
     from ggo_cli.onnx.explain_graph import layer_subgraph
 
     sub = layer_subgraph(explain_path, "decoder.2")

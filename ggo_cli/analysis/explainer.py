@@ -1,7 +1,9 @@
 """GradCAM++ heat maps for the predicted GGO, computed by ONNX Runtime and numpy alone.
 
 The explain graph and its contract (inputs, outputs, metadata) are in
-:mod:`ggo_cli.onnx.explain_graph`; PyTorch is needed only to export it, never here.
+:mod:`ggo_cli.onnx.explain_graph`; PyTorch is needed only to export it, never here. The
+GradCAM++ arithmetic is in :mod:`ggo_cli.analysis.gradcam_maths`, the target (class, channel,
+slices) in :mod:`ggo_cli.analysis.explain_target`; their names are re-exported here.
 
 The CAM of a slice is GradCAM++ (Chattopadhyay et al., WACV 2018, equation 19) at the chosen
 layer, mapped to the source pixel grid and min-max normalised per slice (:func:`cam_to_source`).
@@ -15,7 +17,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 import numpy as np
 import numpy.typing as npt
@@ -32,247 +33,47 @@ from ..onnx.explain_graph import (
 )
 from ..onnx.model_info import INPUT_NAME, ModelInfo
 from ..onnx.runtime import create_session
+from .explain_target import (
+    LABEL_CONSOLIDATION,
+    LABEL_GGO,
+    TARGET_THRESHOLD,
+    ExplainSlices,
+    ExplainTarget,
+    label_map,
+    model_grid_target,
+    select_slices,
+    target_channel,
+)
+from .gradcam_maths import cam_matrices, cam_to_source, gradcam_plus_plus, normalise_per_slice
 from .measurements import consolidation_channel
 from .onnx_session import OnnxSessionBase, check_batch_size
-from .preprocessing import GridMapping, bilinear_matrix, preprocess_hu, to_model_grid
+from .preprocessing import preprocess_hu
+
+__all__ = [
+    "CUDA_OPTIONS",
+    "LABEL_CONSOLIDATION",
+    "LABEL_GGO",
+    "TARGET_THRESHOLD",
+    "ExplainSlices",
+    "ExplainTarget",
+    "Explanation",
+    "OnnxExplainer",
+    "cam_matrices",
+    "cam_to_source",
+    "gradcam_plus_plus",
+    "label_map",
+    "model_grid_target",
+    "normalise_per_slice",
+    "select_slices",
+    "target_channel",
+]
 
 log = logging.getLogger(__name__)
 
-TARGET_THRESHOLD = 0.5
-"""A model-grid pixel is target when more than half of its bilinear weight lies on GGO."""
 CUDA_OPTIONS = {"use_tf32": 0}
 """TF32 convolutions moved raw gradients by up to 9 % relative (STYLE.md section 12)."""
-_FLOAT32_SAFE_SCALE = 1e30
 
 FloatArray = npt.NDArray[np.float32]
-
-
-class ExplainSlices(StrEnum):
-    """Which slices :meth:`OnnxExplainer.explain` explains: those with predicted GGO, those
-    with the explained class (``target``: GGO or consolidation), or all."""
-
-    GGO = "ggo"
-    TARGET = "target"
-    ALL = "all"
-
-
-class ExplainTarget(StrEnum):
-    """The class whose predicted voxels the GradCAM++ score sums."""
-
-    GGO = "ggo"
-    CONSOLIDATION = "consolidation"
-
-
-LABEL_GGO = 1
-LABEL_CONSOLIDATION = 2
-"""Values of :attr:`Explanation.labels` (those of the COVID-SemiSeg masks: 1 GGO, 2
-consolidation)."""
-
-
-def target_channel(model: ModelInfo, explain: ExplainInfo, target: str) -> int:
-    """The model channel that ``target`` explains, checked against the model and the graph.
-
-    Args:
-        model: the validated segmentation model.
-        explain: its validated explain graph.
-        target: ``ggo`` or ``consolidation``.
-
-    Returns:
-        The channel index (0 for GGO).
-
-    Raises:
-        InputError: an unknown target, or consolidation asked of a model without that channel.
-        ModelError: the explain graph's score cannot target that channel (a graph exported
-            before two-class models, whose ``target`` has one plane).
-    """
-    try:
-        choice = ExplainTarget(target.lower())
-    except ValueError:
-        raise InputError(f"invalid --target {target!r}; use ggo or consolidation") from None
-    if choice is ExplainTarget.GGO:
-        return 0
-    channel = consolidation_channel(model.segments)
-    if channel is None:
-        raise InputError(
-            f"--target consolidation: model {model.name} has no consolidation channel "
-            f"(its segments: {', '.join(spec.label for spec in model.segments)})"
-        )
-    if not explain.explains_channel(channel):
-        raise ModelError(
-            f"explain graph {explain.path.name} explains GGO only (its target has "
-            f"{explain.target_channels} plane); export it again with `python -m training "
-            "export-explain` to explain consolidation"
-        )
-    return channel
-
-
-def gradcam_plus_plus(
-    activations: FloatArray, gradients: FloatArray, *, eps: float = 0.0
-) -> FloatArray:
-    """GradCAM++ maps from a layer's activations and the score's gradient.
-
-    Chattopadhyay et al., "Grad-CAM++", WACV 2018, equation 19 (exponential score, so the
-    higher derivatives are powers of the gradient g)::
-
-        alpha = g^2 / (2 g^2 + sum_xy(A) g^3)     (0 where g = 0 or the denominator is 0)
-        w_k   = sum_xy(relu(g) * alpha)
-        cam   = relu(sum_k w_k A_k)
-
-    With ``eps == 0`` alpha is evaluated as ``1 / (2 + sum_xy(A) g)`` where ``g != 0``, the same
-    value without the underflow of ``g^3`` in float32 for tiny gradients. ``eps > 0`` adds
-    ``eps`` to the denominator as pytorch-grad-cam does (1e-6), for comparisons with it.
-
-    Args:
-        activations: A. Shape: ``(n, K, h, w)``.
-        gradients: dScore/dA. Shape: ``(n, K, h, w)``.
-        eps: added to the denominator (0: equation 19 exactly).
-
-    Returns:
-        float32 maps, not normalised, >= 0. Shape: ``(n, h, w)``.
-
-    Raises:
-        ValueError: shapes differ or are not 4-D.
-    """
-    if activations.shape != gradients.shape or activations.ndim != 4:
-        raise ValueError(
-            f"activations and gradients must share a (n, K, h, w) shape, got "
-            f"{activations.shape} and {gradients.shape}"
-        )
-    cam = np.empty((activations.shape[0], *activations.shape[2:]), dtype=np.float32)
-    for i in range(activations.shape[0]):  # one slice at a time: K x h x w temporaries only
-        a = np.asarray(activations[i], dtype=np.float32)
-        g = np.asarray(gradients[i], dtype=np.float32)
-        sum_a = a.sum(axis=(1, 2), dtype=np.float64).astype(np.float32)[:, None, None]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if eps == 0.0:
-                denominator = 2.0 + sum_a * g
-                alpha = np.where((g != 0) & (denominator != 0), 1.0 / denominator, 0.0)
-            else:
-                g2 = g * g
-                denominator = 2.0 * g2 + sum_a * g2 * g + np.float32(eps)
-                alpha = np.where((g != 0) & (denominator != 0), g2 / denominator, 0.0)
-        weights = (np.maximum(g, 0.0) * alpha).sum(axis=(1, 2), dtype=np.float32)
-        cam[i] = np.maximum(np.tensordot(weights, a, axes=1), 0.0)
-    return cam
-
-
-def cam_matrices(
-    h: int, w: int, *, size: int, rows: int, cols: int
-) -> tuple[FloatArray, FloatArray]:
-    """Matrices ``(R, C)`` with ``source = R @ cam @ C.T`` for an ``h x w`` layer map.
-
-    ``R`` is the bilinear (half-pixel) upsampling from ``h`` to the model grid ``size`` followed
-    by :func:`ggo_cli.analysis.preprocessing.to_source_grid`'s map from the model grid to the source
-    rows (likewise ``C`` for columns); composing the matrices gives the same result as the two
-    resamplings in turn, without the ``size x size`` intermediate.
-
-    Shapes: ``(rows, h)``, ``(cols, w)``.
-    """
-    up_r, up_c = bilinear_matrix(h, size), bilinear_matrix(w, size)
-    mapping = GridMapping(rows, cols, size)
-    if mapping.is_identity:
-        return np.ascontiguousarray(up_r), np.ascontiguousarray(up_c)
-    back_r, back_c = mapping.inverse_matrices()
-    return (back_r @ up_r).astype(np.float32), (back_c @ up_c).astype(np.float32)
-
-
-def normalise_per_slice(maps: FloatArray) -> FloatArray:
-    """Min-max normalise each slice to ``[0, 1]``: ``(x - min) / (max - min)``, 0 if constant.
-
-    The per-slice minimum and span are taken in float64; the pixels are mapped in float32
-    unless a span is too small for a float32 scale (raw CAMs from vanishing gradients).
-
-    Args:
-        maps: float maps. Shape: ``(n, rows, cols)``.
-
-    Returns:
-        float32 maps in ``[0, 1]``. Shape: as ``maps``.
-    """
-    if maps.size == 0:
-        return np.zeros(maps.shape, dtype=np.float32)
-    flat = maps.reshape(maps.shape[0], -1)
-    low = flat.min(axis=1, keepdims=True).astype(np.float64)
-    span = flat.max(axis=1, keepdims=True).astype(np.float64) - low
-    scale = np.divide(1.0, span, out=np.zeros_like(span), where=span > 0)
-    dtype = np.float32 if scale.max() < _FLOAT32_SAFE_SCALE else np.float64
-    out = (flat.astype(dtype, copy=False) - low.astype(dtype)) * scale.astype(dtype)
-    result: FloatArray = np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
-    return result.reshape(maps.shape)
-
-
-def cam_to_source(cam: FloatArray, *, size: int, rows: int, cols: int) -> FloatArray:
-    """Bring layer-resolution CAMs onto the source grid, normalised to ``[0, 1]`` per slice.
-
-    Order: min-max per slice at the layer's resolution; bilinear (half-pixel) upsampling
-    ``h x w -> size x size`` (the model grid) and the model-to-source mapping of
-    :func:`ggo_cli.analysis.preprocessing.to_source_grid` (one pair of composed matrices,
-    :func:`cam_matrices`); min-max per slice again (:func:`normalise_per_slice`).
-
-    Every resampling weight row is convex (non-negative, sum 1), so resampling commutes with
-    any affine map of the values, and min-max is invariant under positive affine maps: the
-    result equals, up to float rounding, "resample the raw CAM, then min-max" and also
-    pytorch-grad-cam's "min-max, then resize" normalised once more. The first min-max only
-    makes the float32 resampling scale-free and keeps a constant slice exactly 0 (instead of
-    rounding noise stretched to ``[0, 1]``); the last one makes every non-constant slice span
-    exactly ``[0, 1]`` on the grid the user sees.
-
-    Args:
-        cam: raw CAMs from :func:`gradcam_plus_plus`. Shape: ``(n, h, w)``.
-        size: the model's input size S.
-        rows: source rows.
-        cols: source columns.
-
-    Returns:
-        float32 maps in ``[0, 1]``. Shape: ``(n, rows, cols)``.
-    """
-    r, c = cam_matrices(cam.shape[1], cam.shape[2], size=size, rows=rows, cols=cols)
-    on_source = np.matmul(r, np.matmul(normalise_per_slice(cam), c.T))
-    return normalise_per_slice(on_source)
-
-
-def model_grid_target(
-    mask: npt.NDArray[np.bool_], size: int, *, planes: int = 1, channel: int = 0
-) -> FloatArray:
-    """A predicted class (source grid) as the graph's binary ``target`` on the model grid.
-
-    The mask is letterboxed and resized exactly like the image (:func:`to_model_grid`) and
-    thresholded at :data:`TARGET_THRESHOLD`; when the slice already has the model's size this
-    is the predicted class pixel for pixel. It fills plane ``channel``; the other planes
-    (other classes) are zero.
-
-    Args:
-        mask: the predicted class on the source grid. Shape: ``(n, rows, cols)``.
-        size: the model's input size S.
-        planes: planes of the graph's ``target`` (:attr:`ExplainInfo.target_channels`).
-        channel: the explained class's model channel.
-
-    Returns:
-        float32 0/1 target. Shape: ``(n, planes, size, size)``.
-    """
-    on_grid = to_model_grid(mask.astype(np.float32), size)
-    target = np.zeros((mask.shape[0], planes, size, size), dtype=np.float32)
-    target[:, channel] = on_grid > TARGET_THRESHOLD
-    return target
-
-
-def label_map(
-    prediction: Prediction, indices: Sequence[int], channel: int
-) -> npt.NDArray[np.uint8]:
-    """GGO (1) and consolidation (2) of some slices as one label map (0: neither).
-
-    Args:
-        prediction: the masks (GGO and consolidation exclusive, as the pipeline leaves them;
-            a voxel in both would be labelled consolidation).
-        indices: the slices.
-        channel: the consolidation channel.
-
-    Returns:
-        uint8 labels. Shape: ``(len(indices), rows, cols)``.
-    """
-    chosen = list(indices)
-    labels = prediction.ggo[chosen].astype(np.uint8) * np.uint8(LABEL_GGO)
-    labels[prediction.masks[chosen, ..., channel]] = LABEL_CONSOLIDATION
-    return labels
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,46 +99,6 @@ class Explanation:
     layer: str
     target: str = ExplainTarget.GGO.value
     labels: npt.NDArray[np.uint8] | None = None
-
-
-def select_slices(
-    ggo: npt.NDArray[np.bool_],
-    slices: str | Sequence[int],
-    *,
-    target: npt.NDArray[np.bool_] | None = None,
-) -> tuple[int, ...]:
-    """Resolve a slice selection to sorted 0-based indices.
-
-    Args:
-        ggo: the predicted GGO. Shape: ``(slices, rows, cols)``.
-        slices: ``"ggo"`` (slices with predicted GGO), ``"target"`` (slices with the explained
-            class), ``"all"``, or 0-based indices.
-        target: the explained class's mask for ``"target"`` (``None``: the GGO).
-
-    Returns:
-        Sorted unique indices.
-
-    Raises:
-        InputError: an unknown keyword or an index out of range.
-    """
-    n = ggo.shape[0]
-    if isinstance(slices, str):
-        try:
-            choice = ExplainSlices(slices.lower())
-        except ValueError:
-            raise InputError(
-                f"invalid slice selection {slices!r}; use ggo, target, all or slice indices"
-            ) from None
-        if choice is ExplainSlices.ALL:
-            return tuple(range(n))
-        chosen = target if choice is ExplainSlices.TARGET and target is not None else ggo
-        return tuple(np.flatnonzero(chosen.reshape(n, -1).any(axis=1)).tolist())
-    indices = sorted({int(i) for i in slices})
-    bad = [i for i in indices if not 0 <= i < n]
-    if bad:
-        raise InputError(f"slice indices {bad} are outside the volume's 0..{n - 1}")
-    return tuple(indices)
-
 
 class OnnxExplainer(OnnxSessionBase):
     """Runs an explain graph over CT volumes and returns GradCAM++ maps of a predicted class.

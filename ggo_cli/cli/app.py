@@ -22,7 +22,7 @@ from typing import Annotated, ParamSpec
 import typer
 
 from .. import __version__
-from ..analysis.explainer import ExplainSlices, ExplainTarget
+from ..analysis.explain_target import ExplainSlices, ExplainTarget
 from ..config import (
     AXIAL_TOLERANCE_DEG,
     MIN_SLICES,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..analysis.explainer import ExplainSlices, ExplainTarget
+from ..analysis.explain_target import ExplainSlices, ExplainTarget
 from ..config import (
     ENV_MODEL,
     ENV_PSEUDONYM_SALT,

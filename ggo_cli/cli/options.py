@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from ..analysis.explainer import ExplainSlices, ExplainTarget
+from ..analysis.explain_target import ExplainSlices, ExplainTarget
 from ..config import ENV_DEVICE, ENV_MODEL, ENV_PSEUDONYM_SALT, PngMode, ScMode, SegFrames
 from ..onnx.precision import Precision
 

@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from ..analysis.explainer import target_channel
+from ..analysis.explain_target import target_channel
 from ..config import (
     CSV_NAME,
     ExplainMode,

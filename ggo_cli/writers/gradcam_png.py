@@ -6,7 +6,7 @@ overlay PNGs) follows the paper's Figure 3: the CT in a lung window | the segmen
 GradCAM++ map in a jet colour map blended on the CT, with a 0..1 colour bar on the right and a
 label bar on top ("slice k/n", the layer). Panels are the slice at its native size, drawn as
 stored (no flips). Nothing identifying is drawn: no names, IDs, dates or UIDs. Pillow only; the
-colour map is a numpy table.
+colour map is a numpy table (:mod:`ggo_cli.writers.cam_colours`).
 
 For a model with a consolidation channel the middle panel shows both classes (GGO red,
 consolidation blue, :func:`ggo_cli.writers.overlay_png.render_classes`) under a legend naming
@@ -36,11 +36,13 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-from ..analysis.explainer import LABEL_CONSOLIDATION, LABEL_GGO, ExplainTarget, Explanation
+from ..analysis.explain_target import LABEL_CONSOLIDATION, LABEL_GGO, ExplainTarget
+from ..analysis.explainer import Explanation
 from ..analysis.preprocessing import window_hu
 from ..atomic_output import atomic_write_path
 from ..domain import CtVolume
 from ..fsutil import OutputTree, ensure_folder
+from .cam_colours import JET_LUT, blend, colourise, lut_index
 from .overlay_legend import CONSOLIDATION_RGB, draw_legend
 from .overlay_png import (
     BACKGROUND_RGB,
@@ -55,8 +57,6 @@ from .slice_png import slice_png_name
 
 log = logging.getLogger(__name__)
 
-CAM_ALPHA = 0.5
-"""Weight of the colour map over the grey CT (pytorch-grad-cam's ``show_cam_on_image``)."""
 GAP_PX = 4
 """Black gap between panels and before the colour bar."""
 COLOURBAR_PX = 12
@@ -66,92 +66,7 @@ COLOURBAR_LABEL_PX = 24
 PANEL_TITLES = ("CT (lung window)", "predicted GGO", "GradCAM++")
 CAPTION = "AI research output, not for diagnosis"
 
-# Jet-like colour map: (position, red, green, blue) anchors, linearly interpolated.
-_JET_ANCHORS = np.array(
-    [
-        [0.000, 0.0, 0.0, 0.5],
-        [0.125, 0.0, 0.0, 1.0],
-        [0.375, 0.0, 1.0, 1.0],
-        [0.625, 1.0, 1.0, 0.0],
-        [0.875, 1.0, 0.0, 0.0],
-        [1.000, 0.5, 0.0, 0.0],
-    ],
-    dtype=np.float64,
-)
-_LUT_SIZE = 256
-JET_LUT: npt.NDArray[np.uint8] = np.rint(
-    255.0
-    * np.stack(
-        [
-            np.interp(np.linspace(0.0, 1.0, _LUT_SIZE), _JET_ANCHORS[:, 0], _JET_ANCHORS[:, ch])
-            for ch in (1, 2, 3)
-        ],
-        axis=1,
-    )
-).astype(np.uint8)
-"""256 x 3 uint8 RGB table: index ``round(255 * v)`` for a value ``v`` in ``[0, 1]``."""
-JET_LUT.setflags(write=False)
-
 Rgb = npt.NDArray[np.uint8]
-
-
-def colourise(values: npt.NDArray[np.float32]) -> Rgb:
-    """Map values in ``[0, 1]`` through :data:`JET_LUT`.
-
-    Args:
-        values: float values (clipped to ``[0, 1]``). Shape: any ``(...)``.
-
-    Returns:
-        uint8 RGB. Shape: ``(..., 3)``.
-    """
-    result: Rgb = JET_LUT[lut_index(values)]
-    return result
-
-
-def lut_index(values: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
-    """The :data:`JET_LUT` index of values in ``[0, 1]`` (clipped): ``round(255 * v)``.
-
-    Args:
-        values: float values. Shape: any ``(...)``.
-
-    Returns:
-        uint8 indices, ``JET_LUT[lut_index(v)] == colourise(v)``. Shape: as ``values``.
-    """
-    index: npt.NDArray[np.uint8] = np.rint(np.clip(values, 0.0, 1.0) * (_LUT_SIZE - 1)).astype(
-        np.uint8
-    )
-    return index
-
-
-def _blend(
-    hu: npt.NDArray[np.float32], jet: Rgb, window_center_hu: float, window_width_hu: float
-) -> Rgb:
-    """``(1 - a) * grey + a * jet`` on the lung-window CT."""
-    grey = window_hu(hu, center_hu=window_center_hu, width_hu=window_width_hu) * 255.0
-    blended = (1.0 - CAM_ALPHA) * grey[..., None] + CAM_ALPHA * jet
-    result: Rgb = np.rint(blended).astype(np.uint8)
-    return result
-
-
-def render_cam(
-    hu: npt.NDArray[np.float32],
-    cam: npt.NDArray[np.float32],
-    *,
-    window_center_hu: float,
-    window_width_hu: float,
-) -> Rgb:
-    """Blend a CAM's colour map on the lung-window CT: ``(1 - a) * grey + a * jet(cam)``.
-
-    Args:
-        hu: Hounsfield units. Shape: ``(rows, cols)``.
-        cam: map in ``[0, 1]``. Shape: ``(rows, cols)``.
-        window_center_hu: window centre in HU.
-        window_width_hu: window width in HU.
-
-    Returns:
-        uint8 RGB image. Shape: ``(rows, cols, 3)``.
-    """
-    return _blend(hu, colourise(cam), window_center_hu, window_width_hu)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +275,7 @@ def _draw_figure(
     panels = (
         _grey(hu, window_center_hu, window_width_hu),
         segmentation,
-        _blend(hu, jet, window_center_hu, window_width_hu),
+        blend(hu, jet, window_center_hu, window_width_hu),
         _colour_bar(rows),
     )
     width = 4 * GAP_PX + 3 * cols + COLOURBAR_PX + COLOURBAR_LABEL_PX

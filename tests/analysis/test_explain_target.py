@@ -12,14 +12,14 @@ import onnxruntime as ort
 import pytest
 from pydicom.dataset import Dataset
 
-from ggo_cli.analysis.explainer import (
+from ggo_cli.analysis.explain_target import (
     LABEL_CONSOLIDATION,
     LABEL_GGO,
-    OnnxExplainer,
     model_grid_target,
     select_slices,
     target_channel,
 )
+from ggo_cli.analysis.explainer import OnnxExplainer
 from ggo_cli.analysis.measurements import resolve_overlap
 from ggo_cli.analysis.segmenter import OnnxSegmenter
 from ggo_cli.domain import CtVolume, Prediction, SeriesInfo

@@ -14,14 +14,9 @@ import onnx
 import pytest
 from pydicom.dataset import Dataset
 
-from ggo_cli.analysis.explainer import (
-    OnnxExplainer,
-    cam_to_source,
-    gradcam_plus_plus,
-    model_grid_target,
-    normalise_per_slice,
-    select_slices,
-)
+from ggo_cli.analysis.explain_target import model_grid_target, select_slices
+from ggo_cli.analysis.explainer import OnnxExplainer
+from ggo_cli.analysis.gradcam_maths import cam_to_source, gradcam_plus_plus, normalise_per_slice
 from ggo_cli.analysis.preprocessing import preprocess_hu
 from ggo_cli.analysis.segmenter import OnnxSegmenter
 from ggo_cli.domain import CtVolume, Prediction, SeriesInfo

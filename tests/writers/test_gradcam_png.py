@@ -12,12 +12,11 @@ from pydicom.dataset import Dataset
 
 from ggo_cli.analysis.explainer import Explanation
 from ggo_cli.domain import CtVolume, SeriesInfo
+from ggo_cli.writers.cam_colours import JET_LUT, colourise
 from ggo_cli.writers.gradcam_png import (
     COLOURBAR_LABEL_PX,
     COLOURBAR_PX,
     GAP_PX,
-    JET_LUT,
-    colourise,
     panel_origins,
     write_gradcam_npz,
     write_gradcam_pngs,
