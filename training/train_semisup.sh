@@ -13,7 +13,8 @@
 #      RUNS/table1_classes.md, RUNS/compare.json: `compare` (threshold chosen on validation,
 #      Table 1 per class with bootstrap intervals; the shipped one-class model beside them)
 #   4. RUNS/best.txt: the run with the higher mean per-class pooled Dice on VALIDATION (the
-#      test split only reports); exported (float16 weights, no explain graph) to
+#      test split only reports); exported (float16 weights, with its explain graph, whose target
+#      has a plane per class: `ggo-cli explain --target consolidation`) to
 #      RUNS/export/ggo-consolidation-resnet50-unet/ when onnx, onnxruntime and pydicom are
 #      importable, else RUNS/export_command.txt holds the command to run on a CPU machine.
 # Epochs: TEACHER_EPOCHS (300, as the shipped model) and STUDENT_EPOCHS (200; the student starts
@@ -77,7 +78,7 @@ stamp "better on validation: $best"
 
 model_dir="$runs/export/ggo-consolidation-resnet50-unet"
 export_cmd=(python3 -m training export --checkpoint "$best/best.pt" --out "$model_dir"
-  --data "$data" --fp16-weights --no-explain --name ggo-consolidation-resnet50-unet --json)
+  --data "$data" --fp16-weights --name ggo-consolidation-resnet50-unet --json)
 if python3 -c "import onnx, onnxruntime, pydicom" 2>/dev/null; then
   "${export_cmd[@]}" >"$runs/export.json" 2>"$runs/export.log" || status=1
 else
