@@ -7,44 +7,73 @@ the export's (rtol 1e-3, atol 1e-4; for float16 weights against the same fp16-ro
 plus agreement of the binary masks with the float32 model, >= 99.9 %); (4) the threshold chosen
 on the validation split and per-split metrics, measured with the exported file itself; (5) the
 ``ggo_cli`` metadata via :func:`ggo_cli.onnx.model_info.stamp_metadata`, checked by
-``load_model_info``; (6) the model card ``model.json`` and ``SHA256SUMS``.
+``load_model_info``; (6) the model card ``model.json`` and ``SHA256SUMS``. Steps 1 to 3 are in
+:mod:`training.onnx_export`, the metadata and the card in :mod:`training.model_card`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from ggo_cli.errors import ModelError, OutputError
 
-from .checkpoints import git_commit, load_checkpoint, model_from_checkpoint
-from .config import ARCH_DISPLAY_NAMES, TrainConfig
+from .checkpoints import load_checkpoint, model_from_checkpoint
 from .data import load_slices
 from .evaluate import OnnxPredictor, evaluate_splits
 from .metrics import SegMetrics
-from .multiclass import class_values, per_class_metrics, segment_metadata
+from .model_card import (
+    SHARED_TRAINING_DATA,
+    UNLABELED_TRAINING_DATA,
+    build_metadata,
+    model_card,
+)
+from .multiclass import class_values, per_class_metrics
+from .onnx_export import (
+    EXPORT_BATCH,
+    OPSET,
+    PARITY_ATOL,
+    PARITY_BATCH,
+    PARITY_RTOL,
+    _agreement_images,
+    _export_onnx,
+    _mask_agreement,
+    _parity,
+    cast_initializers_fp16,
+)
 from .splits import Split
+
+__all__ = [
+    "AGREEMENT_SLICES",
+    "CARD_NAME",
+    "DEFAULT_VERSION",
+    "EXPORT_BATCH",
+    "FP16_MASK_AGREEMENT",
+    "MODEL_NAME",
+    "OPSET",
+    "PARITY_ATOL",
+    "PARITY_BATCH",
+    "PARITY_RTOL",
+    "SHARED_TRAINING_DATA",
+    "SIZE_LIMIT_BYTES",
+    "SUMS_NAME",
+    "UNLABELED_TRAINING_DATA",
+    "ExportResult",
+    "build_metadata",
+    "cast_initializers_fp16",
+    "export_checkpoint",
+    "model_card",
+    "write_sums",
+]
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
-EXPORT_BATCH = 1
-PARITY_BATCH = 2
-PARITY_RTOL = 1e-3
-PARITY_ATOL = 1e-4
 FP16_MASK_AGREEMENT = 0.999
 AGREEMENT_SLICES = 16
 """Slices on which float16 and float32 masks are compared (enough pixels, bounded time)."""
@@ -53,37 +82,6 @@ SIZE_LIMIT_BYTES = 100 * 1024 * 1024
 MODEL_NAME = "model.onnx"
 CARD_NAME = "model.json"
 SUMS_NAME = "SHA256SUMS"
-
-SHARED_TRAINING_DATA: dict[str, str] = {
-    "name": "COVID-SemiSeg training slices (MedSeg COVID-19 CT segmentation dataset)",
-    "source": (
-        "Inf-Net (github.com/DengPingFan/Inf-Net, commit fb3a03b5), "
-        "Dataset/TrainingSet/MultiClassInfection-Train; 8-bit display images, GGO = label 1"
-    ),
-    "licence": "research and non-commercial use only (Inf-Net / MedSeg)",
-    "citation": (
-        "Fan D.-P. et al., Inf-Net: Automatic COVID-19 Lung Infection Segmentation from CT "
-        "Images, IEEE TMI 39(8), 2020; MedSeg COVID-19 CT segmentation dataset "
-        "(medicalsegmentation.com/covid19)"
-    ),
-}
-
-
-UNLABELED_TRAINING_DATA: dict[str, str] = {
-    "name": "COVID-SemiSeg unlabelled slices (1600 slices of 20 COVID-19 CT volumes)",
-    "source": (
-        "Inf-Net (github.com/DengPingFan/Inf-Net, commit fb3a03b5), "
-        "Dataset/TrainingSet/LungInfection-Train/Pseudo-label/Imgs (images only; pseudo-labels "
-        "made by our own teacher)"
-    ),
-    "licence": (
-        "research and non-commercial use only (COVID-SemiSeg; Radiopaedia cases CC BY-NC-SA 3.0)"
-    ),
-    "citation": (
-        "Fan D.-P. et al., IEEE TMI 39(8), 2020; Ma J. et al., COVID-19 CT Lung and Infection "
-        "Segmentation Dataset, Zenodo 2020"
-    ),
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,263 +105,6 @@ class ExportResult:
     parity_max_abs: float
     mask_agreement: float
     size_bytes: int
-
-
-def _export_onnx(model: nn.Module, size: int, path: Path) -> None:
-    """torch.onnx.export with the legacy exporter, the dynamo exporter as fallback."""
-    dummy = torch.rand(EXPORT_BATCH, 1, size, size)
-    # Exporters print progress to stdout; stdout carries only the command's result.
-    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
-        # The TorchScript exporter is chosen deliberately (mature, folds BatchNorm into convs).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            torch.onnx.export(
-                model,
-                (dummy,),
-                str(path),
-                input_names=["image"],
-                output_names=["logits"],
-                dynamic_axes={"image": {0: "N"}, "logits": {0: "N"}},
-                opset_version=OPSET,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-            return
-        except (RuntimeError, TypeError, ValueError, NotImplementedError) as exc:
-            log.warning("legacy ONNX exporter failed (%s); trying the dynamo exporter", exc)
-        program = torch.onnx.export(
-            model,
-            (dummy,),
-            input_names=["image"],
-            output_names=["logits"],
-            dynamic_shapes=({0: torch.export.Dim("N", min=1, max=4096)},),
-            opset_version=max(OPSET, 18),
-            dynamo=True,
-        )
-        if program is None:
-            raise ModelError("the dynamo ONNX exporter returned no program")
-        program.save(str(path))
-
-
-def cast_initializers_fp16(proto: Any, *, keep_per_channel: bool = False) -> int:
-    """Store float32 weights as float16 initializers, cast back to float32 inside the graph.
-
-    Halves the file; ONNX Runtime computes in float32 as before.
-
-    Args:
-        proto: an ``onnx.ModelProto`` (modified in place).
-        keep_per_channel: keep float32 for tensors with one non-unit dimension (per-channel
-            scales and shifts, e.g. unfolded BatchNorm): tiny, and not float16-exact.
-
-    Returns:
-        The number of initializers converted.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = proto.graph
-    kept, casts, converted = [], [], 0
-    for init in graph.initializer:
-        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < 16:
-            kept.append(init)
-            continue
-        if keep_per_channel and sum(int(d) != 1 for d in init.dims) <= 1:
-            kept.append(init)
-            continue
-        values = numpy_helper.to_array(init)
-        if not np.all(np.abs(values) < 65504.0):
-            kept.append(init)
-            continue
-        half = numpy_helper.from_array(values.astype(np.float16), name=init.name + "__fp16")
-        kept.append(half)
-        casts.append(helper.make_node("Cast", [half.name], [init.name], to=TensorProto.FLOAT))
-        converted += 1
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    nodes = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(casts + nodes)
-    onnx.checker.check_model(proto)
-    return converted
-
-
-def _parity(proto_bytes: bytes, model: nn.Module, size: int) -> float:
-    """ORT vs PyTorch on a batch of PARITY_BATCH random slices; returns max |diff|.
-
-    Raises:
-        ModelError: outside rtol 1e-3 / atol 1e-4.
-    """
-    import onnxruntime as ort
-
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(PARITY_BATCH, 1, size, size, generator=generator)
-    with torch.no_grad():
-        expected = model(x).numpy()
-    session = ort.InferenceSession(proto_bytes, providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"image": x.numpy()})[0]
-    diff = float(np.max(np.abs(got - expected)))
-    try:
-        np.testing.assert_allclose(got, expected, rtol=PARITY_RTOL, atol=PARITY_ATOL)
-    except AssertionError as exc:
-        raise ModelError(
-            f"ONNX Runtime output differs from PyTorch at batch {PARITY_BATCH} (max |diff| "
-            f"{diff:.3g}); the export is wrong, do not ship it"
-        ) from exc
-    return diff
-
-
-def _mask_agreement(
-    fp16_bytes: bytes, fp32_bytes: bytes, images: np.ndarray, threshold: float
-) -> tuple[float, float]:
-    """Fraction of equal binary-mask pixels and max |logit diff| between two ONNX models."""
-    import onnxruntime as ort
-
-    logit_t = float(np.log(threshold / (1.0 - threshold)))
-    a = ort.InferenceSession(fp16_bytes, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(fp32_bytes, providers=["CPUExecutionProvider"])
-    equal = total = 0
-    max_diff = 0.0
-    for start in range(0, images.shape[0], 4):
-        batch = np.ascontiguousarray(images[start : start + 4, None], dtype=np.float32)
-        la = a.run(["logits"], {"image": batch})[0][:, 0]
-        lb = b.run(["logits"], {"image": batch})[0][:, 0]
-        max_diff = max(max_diff, float(np.max(np.abs(la - lb))))
-        equal += int(np.count_nonzero((la > logit_t) == (lb > logit_t)))
-        total += la.size
-    return (equal / total if total else 1.0), max_diff
-
-
-def build_metadata(
-    *,
-    config: TrainConfig,
-    checkpoint: Mapping[str, Any],
-    name: str,
-    version: str,
-    threshold: float,
-    metrics: Mapping[str, SegMetrics],
-    val_search: Mapping[float, float],
-    training_data: Mapping[str, str],
-    fp16: bool,
-    class_metrics: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The ``ggo_cli`` metadata object of the model contract (without sha256).
-
-    Args:
-        config: the training configuration.
-        checkpoint: the checkpoint (split, git commit, epochs).
-        name: model name.
-        version: model version.
-        threshold: probability threshold.
-        metrics: per-split metrics.
-        val_search: validation pooled Dice per searched threshold.
-        training_data: name, source, licence, citation of the data.
-        fp16: whether weights are stored as float16.
-        class_metrics: class -> split -> metrics with bootstrap intervals.
-
-    Returns:
-        The metadata dict.
-    """
-    if config.out_channels != len(config.classes):
-        raise ModelError(
-            f"the model has {config.out_channels} output channels for classes {config.classes}; "
-            "export needs one channel per class"
-        )
-    semi = checkpoint.get("semi_supervised")
-    return {
-        "name": name,
-        "version": version,
-        "architecture": config.arch,
-        "architecture_display": ARCH_DISPLAY_NAMES[config.arch],
-        "input_size": config.size,
-        "window_center": config.window_center,
-        "window_width": config.window_width,
-        "threshold": threshold,
-        "threshold_rule": "probability > threshold, chosen on the validation split",
-        "segments": segment_metadata(config.classes),
-        "classes": list(config.classes),
-        "training_data": {
-            **training_data,
-            "label": config.label,
-            "class_labels": dict(
-                zip(config.classes, class_values(config.classes, config.label), strict=True)
-            ),
-            "split": checkpoint["split"],
-            **({"unlabeled": {**UNLABELED_TRAINING_DATA, **semi}} if semi else {}),
-        },
-        "metrics": {
-            "definition": (
-                "pixel level at each slice's own resolution; dice/precision/recall/accuracy "
-                "pooled over the split, dice_mean = mean per-slice Dice (empty vs empty = 1)"
-            ),
-            **{k: v.to_dict() for k, v in metrics.items()},
-            "per_class": dict(class_metrics or {}),
-            "interval": (
-                "dice_ci95: 2.5 and 97.5 percentiles of the pooled Dice over 2000 bootstrap "
-                "resamples of the split's slices (numpy default_rng seed 0)"
-            ),
-            "val_threshold_search": {f"{t:.2f}": d for t, d in val_search.items()},
-        },
-        "training": {
-            "loss": config.loss,
-            "epochs_run": int(checkpoint.get("epoch", 0)),
-            "best_epoch": int(checkpoint.get("best_epoch", 0)),
-            "best_val_dice_model_grid": float(checkpoint.get("best_val_dice", 0.0)),
-            "batch_size": config.batch_size,
-            "lr": config.lr,
-            "seed": config.seed,
-            "pretrained": config.pretrained,
-        },
-        "weights": "float16 initializers cast to float32" if fp16 else "float32",
-        "opset": OPSET,
-        "git_commit": checkpoint.get("git_commit", "unknown"),
-        "export_git_commit": git_commit(),
-    }
-
-
-def model_card(meta: Mapping[str, Any], file_sha256: str) -> dict[str, Any]:
-    """The ``model.json`` model card (intended use, data licence, metrics, limitations)."""
-    return {
-        "name": meta["name"],
-        "version": meta["version"],
-        "architecture": meta["architecture_display"],
-        "intended_use": (
-            "Research: segmentation of "
-            + " and ".join(s["label"].lower() for s in meta["segments"])
-            + " on axial chest CT slices (lung window, 2-D per slice; one sigmoid channel per "
-            "class, channel 0 ground-glass opacity), for volumetry and method comparison."
-        ),
-        "not_intended_for": (
-            "Clinical diagnosis or treatment decisions; it is not a medical device. Not for "
-            "commercial use: the training data are licensed for research and non-commercial "
-            "use only."
-        ),
-        "training_data": meta["training_data"],
-        "input": {
-            "name": "image",
-            "shape": ["N", 1, meta["input_size"], meta["input_size"]],
-            "window_center_hu": meta["window_center"],
-            "window_width_hu": meta["window_width"],
-        },
-        "output": {
-            "name": "logits",
-            "channels": [s["label"] for s in meta["segments"]],
-            "threshold": meta["threshold"],
-        },
-        "metrics": meta["metrics"],
-        "limitations": [
-            "Trained on few slices (COVID-19 pneumonia, mostly one data source); performance "
-            "on other diseases, scanners, kernels and slice thicknesses is unknown.",
-            "Training images were 8-bit display renderings (window about W1300/L-480), not "
-            "Hounsfield units; intensity augmentation bridges to the W1500/L-600 inference "
-            "window, but results on real DICOM must be checked locally.",
-            "Slice-wise 2-D model: no 3-D context; GGO versus consolidation boundaries are "
-            "uncertain at the pixel level.",
-            "Test-split metrics come from a handful of slices; their uncertainty is large.",
-        ],
-        "git_commit": meta["git_commit"],
-        "sha256_graph": meta["sha256"],
-        "sha256_file": file_sha256,
-    }
 
 
 def export_checkpoint(
@@ -517,15 +258,6 @@ def export_checkpoint(
         mask_agreement=agreement,
         size_bytes=size,
     )
-
-
-def _agreement_images(slices: Any, size: int) -> np.ndarray:
-    """Model-grid images for the fp16 check: the data when known, else seeded noise."""
-    from ggo_cli.analysis.preprocessing import to_model_grid
-
-    if slices:
-        return np.stack([to_model_grid(s.image_float(), size) for s in slices])
-    return np.random.default_rng(0).random((PARITY_BATCH, size, size), dtype=np.float32)
 
 
 def write_sums(folder: Path) -> None:
