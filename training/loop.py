@@ -17,22 +17,20 @@ pydicom and SimpleITK; train there from a packed ``.npz``).
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
-import random
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 from tqdm import tqdm
 
-from ggo_cli.errors import DeviceError, InputError
+from ggo_cli.errors import InputError
 
 from .augment import Augmenter
 from .checkpoints import (
@@ -47,156 +45,42 @@ from .checkpoints import (
     unwrap,
 )
 from .config import TrainConfig
-from .data import GridData, data_classes, load_grid
+from .data import GridData
+from .device import autocast, autocast_dtype, place_model, seed_everything, select_device
 from .losses import make_loss
 from .metrics import Confusion, summarize
 from .models import build_model, load_pretrained_encoder
-from .multiclass import class_values, one_hot
-from .splits import Split, check_split_ids, load_split, make_split, save_split
+from .run_data import choose_split, device_slices, index_batches, load_training_grid
+from .run_records import (
+    METRICS_NAME,
+    EpochRecord,
+    RunProgress,
+    TrainResult,
+    append_metrics_row,
+    write_metrics,
+)
+from .splits import Split, save_split
+from .validation import VAL_BATCH, validation_pass
+
+__all__ = [
+    "METRICS_NAME",
+    "SPLIT_NAME",
+    "VAL_BATCH",
+    "EpochRecord",
+    "TrainResult",
+    "Trainer",
+    "autocast",
+    "autocast_dtype",
+    "load_training_grid",
+    "seed_everything",
+    "select_device",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
 SPLIT_NAME = "split.json"
-METRICS_NAME = "metrics.csv"
-VAL_BATCH = 16
 _IMPROVEMENT = 1e-6
-
-
-@dataclass(frozen=True, slots=True)
-class EpochRecord:
-    """One row of ``metrics.csv``.
-
-    Attributes:
-        epoch: 1-based epoch number.
-        lr: learning rate used in the epoch.
-        train_loss: mean training loss (augmented batches).
-        val_loss: validation loss (pooled over the validation set).
-        val_dice: validation pooled Dice at probability 0.5 on the model grid.
-        val_dice_mean: validation mean per-slice Dice.
-        val_precision: validation pooled precision.
-        val_recall: validation pooled recall.
-        seconds: wall time of the epoch.
-    """
-
-    epoch: int
-    lr: float
-    train_loss: float
-    val_loss: float
-    val_dice: float
-    val_dice_mean: float
-    val_precision: float
-    val_recall: float
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
-class TrainResult:
-    """What a finished run produced.
-
-    Attributes:
-        run_dir: the run folder.
-        best_path: best weights (float32).
-        best_fp16_path: best weights as float16 (small enough to copy off a GPU machine).
-        last_path: the resumable last checkpoint.
-        best_epoch: epoch of the best validation Dice.
-        best_val_dice: that Dice.
-        epochs_run: last finished epoch.
-        stopped_early: whether early stopping ended the run.
-        history: all epoch records.
-    """
-
-    run_dir: Path
-    best_path: Path
-    best_fp16_path: Path
-    last_path: Path
-    best_epoch: int
-    best_val_dice: float
-    epochs_run: int
-    stopped_early: bool
-    history: tuple[EpochRecord, ...]
-
-    def summary(self, seconds: float) -> dict[str, Any]:
-        """The JSON summary a training command prints, with its wall ``seconds``."""
-        return {
-            "seconds": round(seconds, 1),
-            "run_dir": str(self.run_dir),
-            "best": str(self.best_path),
-            "best_fp16": str(self.best_fp16_path),
-            "best_epoch": self.best_epoch,
-            "best_val_dice": self.best_val_dice,
-            "epochs_run": self.epochs_run,
-            "stopped_early": self.stopped_early,
-        }
-
-
-def select_device(name: str = "auto") -> torch.device:
-    """The one device-selection function: ``auto`` (CUDA if present), ``cpu``, ``cuda[:N]``.
-
-    Raises:
-        DeviceError: CUDA asked for but unavailable, or a bad device name.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise DeviceError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} GPUs visible")
-    elif device.type != "cpu":
-        raise DeviceError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``--amp`` mode on a device (None: full float32)."""
-    if mode == "off":
-        return None
-    if mode == "bf16":
-        return torch.bfloat16
-    if mode == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None  # CPU: opt in with --amp bf16 (about 3x faster on CPUs with AMX)
-
-
-def autocast(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[Any]:
-    """An autocast context, or a no-op when ``dtype`` is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _batches(order: Tensor, batch_size: int) -> Iterator[Tensor]:
-    """Consecutive index batches of a permutation (the last may be smaller)."""
-    for start in range(0, order.numel(), batch_size):
-        yield order[start : start + batch_size]
-
-
-@dataclass(slots=True)
-class _State:
-    """Mutable progress of a run (restored on resume)."""
-
-    epoch: int = 0
-    best_val_dice: float = -1.0
-    best_epoch: int = 0
-    wait: int = 0
-    history: list[EpochRecord] | None = None
-    best_state: dict[str, Tensor] | None = None
-    best_written: int = -1
 
 
 class Trainer:
@@ -247,27 +131,19 @@ class Trainer:
         self.augmenter = Augmenter(config.augment, self.device, seed=config.seed + 1)
         self.shuffle = torch.Generator()
         self.shuffle.manual_seed(config.seed + 2)
-        self.state = _State(history=[])
+        self.state = RunProgress(history=[])
         self.val_class_dice: list[float] = []
         self.commit = git_commit()
         if checkpoint is not None:
             self._restore(checkpoint)
         else:
-            self._rewrite_csv()  # a fresh run starts a fresh metrics.csv
+            write_metrics(self.run_dir / METRICS_NAME, [])  # a fresh run starts a fresh metrics.csv
 
     # ------------------------------------------------------------------ setup
 
     def _split(self, grid: GridData, checkpoint: Mapping[str, Any] | None) -> Split:
         """The split: from the checkpoint, from --split-file, or a new seeded one."""
-        if checkpoint is not None:
-            split = Split.from_dict(dict(checkpoint["split"]))
-        elif self.config.split_file:
-            split = load_split(Path(self.config.split_file))
-        else:
-            split = make_split(grid.ids, grid.groups, seed=self.config.seed)
-        check_split_ids(split, grid.ids)
-        if not split.train or not split.val:
-            raise InputError("training needs non-empty train and validation splits")
+        split = choose_split(self.config, grid, checkpoint)
         log.info(
             "split: %d train, %d val, %d test slices (seed %d, grouped %s)",
             len(split.train),
@@ -280,16 +156,13 @@ class Trainer:
 
     def _to_device(self, grid: GridData) -> None:
         """Put train and validation slices on the device as float32 tensors."""
-        index = {sid: i for i, sid in enumerate(grid.ids)}
-
-        def stack(ids: tuple[str, ...]) -> tuple[Tensor, Tensor]:
-            rows = [index[i] for i in ids]
-            images = torch.from_numpy(np.ascontiguousarray(grid.images[rows]))[:, None]
-            masks = torch.from_numpy(one_hot(grid.masks[rows], len(self.config.classes)))
-            return images.to(self.device), masks.to(self.device, torch.float32)
-
-        self.train_images, self.train_masks = stack(self.split.train)
-        self.val_images, self.val_masks = stack(self.split.val)
+        n_classes = len(self.config.classes)
+        self.train_images, self.train_masks = device_slices(
+            grid, self.split.train, n_classes, self.device
+        )
+        self.val_images, self.val_masks = device_slices(
+            grid, self.split.val, n_classes, self.device
+        )
         if not bool(self.train_masks.any()):
             raise InputError(
                 f"no training mask contains label {self.config.label}; check --label "
@@ -301,15 +174,9 @@ class Trainer:
         model = build_model(self.config.arch, out_channels=self.config.out_channels)
         if self.config.pretrained:
             load_pretrained_encoder(model, self.config.arch, self.config.pretrained)
-        model = model.to(self.device)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")
-        if self.config.compile:
-            model = torch.compile(model)  # type: ignore[assignment]
-        return model
+        return place_model(
+            model, self.device, channels_last=self.channels_last, compiled=self.config.compile
+        )
 
     def _restore(self, ckpt: Mapping[str, Any]) -> None:
         """Continue from a ``last.pt``."""
@@ -326,7 +193,7 @@ class Trainer:
             self.augmenter.load_state(rng["augment"].to(self.augmenter.state().device))
         history = [EpochRecord(**row) for row in ckpt["history"]]
         best = ckpt.get("best_state")
-        self.state = _State(
+        self.state = RunProgress(
             epoch=int(ckpt["epoch"]),
             best_val_dice=float(ckpt["best_val_dice"]),
             best_epoch=int(ckpt["best_epoch"]),
@@ -334,7 +201,7 @@ class Trainer:
             history=history,
             best_state=dict(best) if best is not None else None,
         )
-        self._rewrite_csv()
+        write_metrics(self.run_dir / METRICS_NAME, history)
         log.info("resumed at epoch %d (best Dice %.4f)", self.state.epoch, self.state.best_val_dice)
 
     # ------------------------------------------------------------------ epochs
@@ -344,7 +211,7 @@ class Trainer:
         self.model.train()
         order = torch.randperm(self.train_images.shape[0], generator=self.shuffle).to(self.device)
         total = torch.zeros((), device=self.device)
-        for idx in _batches(order, self.config.batch_size):
+        for idx in index_batches(order, self.config.batch_size):
             images, masks = self.augmenter(self.train_images[idx], self.train_masks[idx])
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -365,29 +232,16 @@ class Trainer:
         With several classes, ``self.val_class_dice`` holds each class's pooled Dice and the
         model is selected on their mean (:meth:`_selection_dice`).
         """
-        n_classes = len(self.config.classes)
-        self.model.eval()
-        logits_all, counts = [], []
-        for start in range(0, self.val_images.shape[0], VAL_BATCH):
-            images = self.val_images[start : start + VAL_BATCH]
-            masks = self.val_masks[start : start + VAL_BATCH] > 0.5
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast(self.device, self.amp):
-                logits = self.model(images)[:, :n_classes].float()
-            logits_all.append(logits)
-            pred = logits > 0  # sigmoid(x) > 0.5
-            tp = (pred & masks).sum((2, 3))
-            fp = (pred & ~masks).sum((2, 3))
-            fn = (~pred & masks).sum((2, 3))
-            counts.append(torch.stack([tp, fp, fn], 2))  # (n, C, 3)
-        loss = float(self.loss_fn(torch.cat(logits_all), self.val_masks))
-        table = torch.cat(counts).cpu().tolist()
-        pixels = self.config.size * self.config.size
-        per_class = [
-            [Confusion(tp, fp, fn, pixels - tp - fp - fn) for tp, fp, fn in (r[k] for r in table)]
-            for k in range(n_classes)
-        ]
+        loss, per_class = validation_pass(
+            self.model,
+            self.val_images,
+            self.val_masks,
+            self.loss_fn,
+            n_classes=len(self.config.classes),
+            size=self.config.size,
+            amp=self.amp,
+            channels_last=self.channels_last,
+        )
         self.val_class_dice = [summarize(c).dice for c in per_class]
         return loss, per_class[0]
 
@@ -429,7 +283,7 @@ class Trainer:
                 time.perf_counter() - started,
             )
             history.append(record)
-            self._append_csv(record)
+            append_metrics_row(self.run_dir / METRICS_NAME, record)
             st.epoch = epoch
             if selection > st.best_val_dice + _IMPROVEMENT:
                 st.best_val_dice, st.best_epoch, st.wait = selection, epoch, 0
@@ -523,57 +377,6 @@ class Trainer:
                     {**self._common(), "model_state": to_fp16_state(st.best_state)},
                 )
             st.best_written = st.best_epoch
-
-    def _append_csv(self, record: EpochRecord) -> None:
-        """Append one row to metrics.csv (header on a new file)."""
-        path = self.run_dir / METRICS_NAME
-        new = not path.exists()
-        with path.open("a", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            if new:
-                writer.writerow([f.name for f in fields(EpochRecord)])
-            writer.writerow(_csv_row(record))
-
-    def _rewrite_csv(self) -> None:
-        """Rewrite metrics.csv from the checkpoint's history (on resume)."""
-        path = self.run_dir / METRICS_NAME
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow([f.name for f in fields(EpochRecord)])
-            for record in self.state.history or []:
-                writer.writerow(_csv_row(record))
-
-
-def load_training_grid(config: TrainConfig) -> GridData:
-    """The labelled data of a run on the model grid, with one class map value per class.
-
-    Raises:
-        InputError: a packed file that lacks one of ``config.classes``.
-    """
-    path = Path(config.data)
-    packed = data_classes(path) if path.exists() else None
-    if packed is not None and tuple(packed[: len(config.classes)]) != config.classes:
-        raise InputError(
-            f"{path} was packed with classes {packed}, not {config.classes}; "
-            "re-run `training pack --classes " + ",".join(config.classes) + "`"
-        )
-    several = len(config.classes) > 1
-    return load_grid(
-        path,
-        size=config.size,
-        label=config.label,
-        window_center=config.window_center,
-        window_width=config.window_width,
-        workers=config.workers,
-        groups_file=Path(config.groups_file) if config.groups_file else None,
-        **({"labels": class_values(config.classes, config.label)} if several else {}),
-    )
-
-
-def _csv_row(record: EpochRecord) -> list[str]:
-    """Format a record for the CSV (6 significant digits)."""
-    return [f"{v:.6g}" if isinstance(v, float) else str(v) for v in asdict(record).values()]
 
 
 def train(config: TrainConfig, *, resume: Path | None = None, progress: bool = True) -> TrainResult:
