@@ -77,8 +77,11 @@ echo "$best" >"$runs/best.txt"
 stamp "better on validation: $best"
 
 model_dir="$runs/export/ggo-consolidation-resnet50-unet"
+# EXPORT_WEIGHTS: --fp16-weights (default, as the shipped model) or empty for float32 weights
+# (a barely trained smoke-test model fails the float16 CAM check of the explain graph)
+weights=${EXPORT_WEIGHTS---fp16-weights}
 export_cmd=(python3 -m training export --checkpoint "$best/best.pt" --out "$model_dir"
-  --data "$data" --fp16-weights --name ggo-consolidation-resnet50-unet --json)
+  --data "$data" ${weights:+"$weights"} --name ggo-consolidation-resnet50-unet --json)
 if python3 -c "import onnx, onnxruntime, pydicom" 2>/dev/null; then
   "${export_cmd[@]}" >"$runs/export.json" 2>"$runs/export.log" || status=1
 else
