@@ -133,8 +133,7 @@ def _class_accuracy(
     result: dict[str, Any] = {}
     for name, predicted in masks.items():
         matrices = [
-            confusion(m, class_mask(s.mask, k) if s.mask.dtype != bool else s.mask)
-            for m, s in zip(predicted, slices, strict=True)
+            confusion(m, class_mask(s.mask, k)) for m, s in zip(predicted, slices, strict=True)
         ]
         result[f"test_{name}"] = summarize(matrices).to_dict()
     changed = sum(int((a != b).sum()) for a, b in zip(masks["fp32"], masks["int8"], strict=True))

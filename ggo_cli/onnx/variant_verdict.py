@@ -162,11 +162,9 @@ class CheckFigures:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable record; a one-channel model's has no ``channels`` (as before
         issue 20)."""
-        record = asdict(self)
+        record = asdict(self)  # nested ChannelFigures become dicts
         if not self.channels:
             del record["channels"]
-        else:
-            record["channels"] = [dict(channel) for channel in record["channels"]]
         return record
 
     @classmethod
